@@ -1,0 +1,146 @@
+"""``FusedRMSNorm`` and ``FusedLayerNorm``: drop-in nn.Modules on the fused kernels.
+
+Their parameters are called ``weight`` and ``bias`` with shape ``normalized_shape``, like
+``nn.LayerNorm`` and the HF norm classes, so state_dict keys and shapes are unchanged when one
+replaces the other (and ``patch_model`` can hand them the very same ``nn.Parameter`` objects).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .ops import layer_norm, rms_norm
+from .ops._norm import CAST_MODES
+
+_Shape = Union[int, Sequence[int]]
+
+
+class _FusedNorm(nn.Module):
+    """Shared body: the last ``len(normalized_shape)`` dims are normalised as one row."""
+
+    _fn = None  # the functional op, set by subclasses
+
+    def __init__(
+        self,
+        normalized_shape: _Shape,
+        eps: float,
+        elementwise_affine: bool,
+        bias: bool,
+        offset: float,
+        cast_mode: str,
+        follow_autocast: bool,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        if not shape or any(not isinstance(d, int) or d < 0 for d in shape):
+            raise ValueError(f"normalized_shape must be a positive int or a tuple of them, got {normalized_shape!r}.")
+        if cast_mode not in CAST_MODES:
+            raise ValueError(f"cast_mode must be one of {CAST_MODES}, got {cast_mode!r}.")
+        if offset and not elementwise_affine:
+            raise ValueError("offset is added to the weight; it needs elementwise_affine=True.")
+        self.normalized_shape = shape
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        self.offset = offset
+        self.cast_mode = cast_mode
+        self.follow_autocast = follow_autocast
+        factory = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(shape, **factory))
+            self.bias = nn.Parameter(torch.empty(shape, **factory)) if bias else None
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            # identity at initialisation: (offset + w) == 1
+            nn.init.constant_(self.weight, 1.0 - self.offset)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = len(self.normalized_shape)
+        if tuple(x.shape[x.dim() - k:]) != self.normalized_shape:
+            raise ValueError(
+                f"{type(self).__name__} normalises the last dims {self.normalized_shape}, "
+                f"but got an input of shape {tuple(x.shape)}."
+            )
+        lead = x.shape[: x.dim() - k]
+        flat = x.reshape(*lead, math.prod(self.normalized_shape)) if k > 1 else x
+        weight = self.weight.reshape(-1) if self.weight is not None and k > 1 else self.weight
+        bias = self.bias.reshape(-1) if self.bias is not None and k > 1 else self.bias
+        y = type(self)._fn(
+            flat, weight, bias, self.eps, self.offset, self.cast_mode, follow_autocast=self.follow_autocast
+        )
+        return y.reshape(*lead, *self.normalized_shape) if k > 1 else y
+
+    def extra_repr(self) -> str:
+        shape = self.normalized_shape[0] if len(self.normalized_shape) == 1 else self.normalized_shape
+        parts = [f"{shape}", f"eps={self.eps}", f"elementwise_affine={self.elementwise_affine}"]
+        parts.append(f"bias={self.bias is not None}")
+        if self.offset:
+            parts.append(f"offset={self.offset}")
+        parts.append(f"cast_mode={self.cast_mode}")
+        if not self.follow_autocast:
+            parts.append("follow_autocast=False")
+        return ", ".join(parts)
+
+
+class FusedRMSNorm(_FusedNorm):
+    """RMSNorm on the fused kernels: ``y = x / sqrt(mean(x²) + eps) · (offset + weight) + bias``.
+
+    Defaults match an HF Llama-style RMSNorm's parameters (weight, no bias). ``cast_mode`` and
+    ``offset`` reproduce the HF flavours: ``cast_mode="input"`` for Llama's order of casts,
+    ``offset=1.0, cast_mode="float32"`` for Gemma. ``bias=True`` gives the RMSNorm-with-bias
+    that an exact LayerNorm conversion produces.
+    """
+
+    _fn = staticmethod(rms_norm)
+
+    def __init__(
+        self,
+        normalized_shape: _Shape,
+        eps: float = 1e-6,
+        elementwise_affine: bool = True,
+        bias: bool = False,
+        *,
+        offset: float = 0.0,
+        cast_mode: str = "float32",
+        follow_autocast: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, offset, cast_mode, follow_autocast, device, dtype)
+
+
+class FusedLayerNorm(_FusedNorm):
+    """LayerNorm on the fused kernels, a drop-in for ``nn.LayerNorm`` (same arguments, same
+    state_dict, same behaviour under autocast)."""
+
+    _fn = staticmethod(layer_norm)
+
+    def __init__(
+        self,
+        normalized_shape: _Shape,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        *,
+        offset: float = 0.0,
+        cast_mode: str = "float32",
+        follow_autocast: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, offset, cast_mode, follow_autocast, device, dtype)
+
+
+__all__ = ["FusedRMSNorm", "FusedLayerNorm"]

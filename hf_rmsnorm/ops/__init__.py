@@ -1,0 +1,7 @@
+"""Functional, autograd-aware fused norms. ``HF_RMSNORM_BACKEND=auto|triton|torch`` picks
+the implementation (see ``_norm.py``)."""
+
+from .layer_norm import layer_norm, layer_norm_ref
+from .rms_norm import rms_norm, rms_norm_ref
+
+__all__ = ["rms_norm", "layer_norm", "rms_norm_ref", "layer_norm_ref"]

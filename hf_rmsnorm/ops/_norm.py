@@ -1,0 +1,279 @@
+"""The machinery shared by ``rms_norm`` and ``layer_norm``: input checks, backend choice,
+autocast policy, and the torch custom ops (forward, backward, autograd) around the Triton
+launchers.
+
+The two public functions differ only in their torch implementation and in ``is_rms``; all
+the rest lives here once. Nothing here imports Triton: ``_triton_norm`` is imported the first
+time the Triton backend actually runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+BACKEND_ENV = "HF_RMSNORM_BACKEND"
+BACKENDS = ("auto", "triton", "torch")
+CAST_MODES = ("float32", "input")
+# dtypes the Triton kernels read and write; anything else (float64, ...) takes the torch path
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# mirrors _triton_norm.MAX_FUSED_N without importing Triton
+_MAX_FUSED_N = 65536
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def selected_backend() -> str:
+    """The value of ``HF_RMSNORM_BACKEND`` (default ``auto``), validated."""
+    backend = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"{BACKEND_ENV}={backend!r} is not a backend; use one of {', '.join(BACKENDS)}."
+        )
+    return backend
+
+
+def _use_triton(x: Tensor, params: tuple[Optional[Tensor], ...]) -> bool:
+    backend = selected_backend()
+    if backend == "torch":
+        return False
+    if backend == "triton" and not triton_available():
+        raise RuntimeError(
+            f"{BACKEND_ENV}=triton but Triton is not installed; "
+            "install it (pip install triton) or set HF_RMSNORM_BACKEND=auto."
+        )
+    if not triton_available():
+        return False
+    # Triton compiles for GPUs; on a CPU tensor only its interpreter can run the kernels, and
+    # only when asked for explicitly (it is far slower than torch there).
+    if x.device.type != "cuda" and not (backend == "triton" and _interpreting()):
+        return False
+    dtypes_ok = all(t.dtype in _KERNEL_DTYPES for t in (x, *params) if t is not None)
+    return dtypes_ok and 0 < x.shape[-1] <= _MAX_FUSED_N
+
+
+def _autocast_to_float32(device_type: str) -> bool:
+    # torch's autocast runs layer_norm and rms_norm in float32 on CUDA (and the other
+    # accelerators); on the CPU it leaves them in the input dtype. Follow the same policy.
+    return (
+        device_type != "cpu"
+        and torch.amp.is_autocast_available(device_type)
+        and torch.is_autocast_enabled(device_type)
+    )
+
+
+def check_inputs(
+    name: str,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    offset: float,
+    cast_mode: str,
+) -> None:
+    """One clear error for each way the arguments can be wrong, before any kernel runs."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name}: x must be a floating-point tensor, got dtype {x.dtype}; "
+            "convert it first, e.g. x.float()."
+        )
+    if x.dim() == 0:
+        raise ValueError(f"{name}: x must have at least one dimension (the normalised one), got a scalar.")
+    hidden = x.shape[-1]
+    for pname, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{name}: {pname} must be a torch.Tensor or None, got {type(p).__name__}.")
+        if not p.is_floating_point():
+            raise TypeError(f"{name}: {pname} must be floating point, got dtype {p.dtype}.")
+        if tuple(p.shape) != (hidden,):
+            raise ValueError(
+                f"{name}: {pname} has shape {tuple(p.shape)} but x's last dimension is {hidden}; "
+                f"{pname} must have shape ({hidden},)."
+            )
+        if p.device != x.device:
+            raise ValueError(
+                f"{name}: {pname} is on {p.device} but x is on {x.device}; "
+                f"move them to the same device (e.g. {pname}.to(x.device))."
+            )
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"{name}: eps must be a non-negative number, got {eps!r}.")
+    if offset and weight is None:
+        raise ValueError(f"{name}: offset is added to the weight, but weight is None; pass a weight or offset=0.")
+    if cast_mode not in CAST_MODES:
+        raise ValueError(f"{name}: cast_mode must be one of {CAST_MODES}, got {cast_mode!r}.")
+
+
+def affine_torch(
+    n: Tensor, x_dtype: torch.dtype, weight: Optional[Tensor], bias: Optional[Tensor], offset: float, cast_input: bool
+) -> Tensor:
+    """The affine step of the torch path, in the same order of casts as the kernels.
+
+    ``n`` is the normalised row in the compute dtype (fp32, or fp64 for fp64 input). The
+    affine runs in that dtype and the result is rounded once, to ``output_dtype``.
+    """
+    out_dtype = output_dtype(x_dtype, weight, bias, cast_input)
+    if cast_input:
+        n = n.to(x_dtype).to(n.dtype)
+    if weight is not None:
+        n = n * (weight.to(n.dtype) + offset)
+    if bias is not None:
+        n = n + bias.to(n.dtype)
+    return n.to(out_dtype)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def output_dtype(dtype: torch.dtype, weight: Optional[Tensor], bias: Optional[Tensor], cast_input: bool) -> torch.dtype:
+    """float32 mode returns x's dtype (like torch's norms); input mode promotes like ``w * y``."""
+    if cast_input:
+        for p in (weight, bias):
+            if p is not None:
+                dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile (no graph breaks), with fake implementations for tracing.
+# Optional outputs cannot be None in a custom op, so absent statistics/gradients are empty.
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("hf_rmsnorm::norm_fwd", mutates_args=())
+def _norm_fwd_op(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    offset: float,
+    is_rms: bool,
+    cast_input: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from . import _triton_norm
+
+    out_dtype = output_dtype(x.dtype, weight, bias, cast_input)
+    return _triton_norm.norm_fwd(x, weight, bias, eps, offset, is_rms, cast_input, out_dtype)
+
+
+@_norm_fwd_op.register_fake
+def _(x, weight, bias, eps, offset, is_rms, cast_input):
+    M, N = x.shape
+    y = x.new_empty((M, N), dtype=output_dtype(x.dtype, weight, bias, cast_input))
+    mean = x.new_empty((0 if is_rms else M,), dtype=torch.float32)
+    return y, mean, x.new_empty((M,), dtype=torch.float32)
+
+
+@torch.library.custom_op("hf_rmsnorm::norm_bwd", mutates_args=())
+def _norm_bwd_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    offset: float,
+    is_rms: bool,
+    cast_input: bool,
+    has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from . import _triton_norm
+
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    dx, dw_part, db_part = _triton_norm.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_input, has_bias)
+    # Partial rows summed in a fixed order: deterministic, unlike atomics. Both sums stay
+    # fp32 here; the autograd wrapper casts them to the parameters' dtypes.
+    empty = x.new_empty((0,), dtype=torch.float32)
+    dw = dw_part.sum(0) if dw_part is not None else empty
+    db = db_part.sum(0) if db_part is not None else empty
+    return dx, dw, db
+
+
+@_norm_bwd_op.register_fake
+def _(dy, x, weight, mean, rstd, offset, is_rms, cast_input, has_bias):
+    N = x.shape[1]
+    dw = x.new_empty((N if weight is not None else 0,), dtype=torch.float32)
+    db = x.new_empty((N if has_bias else 0,), dtype=torch.float32)
+    return x.new_empty(x.shape), dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps, offset, is_rms, cast_input = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.offset, ctx.is_rms, ctx.cast_input = offset, is_rms, cast_input
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _norm_bwd_op(dy, x, weight, mean, rstd, ctx.offset, ctx.is_rms, ctx.cast_input, ctx.has_bias)
+    dw = dw.to(weight.dtype) if weight is not None else None
+    db = db.to(ctx.bias_dtype) if ctx.has_bias else None
+    return dx, dw, db, None, None, None, None
+
+
+_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# The one entry point behind rms_norm and layer_norm.
+# --------------------------------------------------------------------------------------------
+
+
+def normalize(
+    name: str,
+    torch_impl: Callable[..., Tensor],
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    offset: float,
+    is_rms: bool,
+    cast_mode: str,
+    follow_autocast: bool,
+) -> Tensor:
+    """Check the inputs, apply the autocast policy, then run Triton or ``torch_impl``.
+
+    ``torch_impl(x, weight, bias, eps, offset, cast_mode)`` is the op's torch reference; it
+    also serves every case the kernels do not cover (CPU tensors, float64, huge rows).
+    """
+    check_inputs(name, x, weight, bias, eps, offset, cast_mode)
+    device_type = x.device.type
+    autocasting = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if follow_autocast and _autocast_to_float32(device_type):
+        x, weight, bias = (t.float() if t is not None else None for t in (x, weight, bias))
+    if autocasting:
+        # The policy is decided above (or deliberately ignored by modules that replace code
+        # which autocast does not touch); nothing inside may re-cast.
+        with torch.autocast(device_type, enabled=False):
+            return _dispatch(torch_impl, x, weight, bias, eps, offset, is_rms, cast_mode)
+    return _dispatch(torch_impl, x, weight, bias, eps, offset, is_rms, cast_mode)
+
+
+def _dispatch(torch_impl, x, weight, bias, eps, offset, is_rms, cast_mode):
+    if not _use_triton(x, (weight, bias)):
+        return torch_impl(x, weight, bias, eps, offset, cast_mode)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.shape[1] > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    y, _, _ = _norm_fwd_op(x2, weight, bias, float(eps), float(offset), is_rms, cast_mode == "input")
+    return y.view(shape)

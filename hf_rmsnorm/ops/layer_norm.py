@@ -1,0 +1,60 @@
+"""LayerNorm: y = (x − mean(x)) / sqrt(var(x) + eps) · (offset + weight) + bias, over the last
+dimension.
+
+Read top to bottom: the torch reference (also the CPU path and the fallback), then the public
+function. The Triton kernels it shares with RMSNorm live in ``_triton_norm.py`` (one
+``IS_RMS`` flag apart), the custom ops and autograd in ``_norm.py``.
+
+Reference: Ba, Kiros & Hinton, "Layer Normalization", 2016.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._norm import affine_torch, compute_dtype, normalize
+
+
+def layer_norm_ref(
+    x: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    offset: float = 0.0,
+    cast_mode: str = "float32",
+) -> Tensor:
+    """Plain-torch LayerNorm with the kernels' semantics (see ``rms_norm_ref`` for the cast
+    modes); ``cast_mode="float32"`` with ``offset=0`` is exactly ``F.layer_norm``."""
+    cast_input = cast_mode == "input"
+    same_dtype = all(p is None or p.dtype in (x.dtype, torch.float32) for p in (weight, bias))
+    if not cast_input and offset == 0.0 and same_dtype:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    xc = x.to(compute_dtype(x))
+    n = F.layer_norm(xc, (x.shape[-1],), None, None, eps)
+    return affine_torch(n, x.dtype, weight, bias, offset, cast_input)
+
+
+def layer_norm(
+    x: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    offset: float = 0.0,
+    cast_mode: str = "float32",
+    *,
+    follow_autocast: bool = True,
+) -> Tensor:
+    """Fused LayerNorm over the last dimension of ``x``, differentiable in x, weight and bias.
+
+    Same arguments and backends as :func:`hf_rmsnorm.ops.rms_norm`; with the defaults it
+    computes what ``F.layer_norm(x, (x.shape[-1],), weight, bias, eps)`` computes, under
+    autocast too.
+    """
+    return normalize(
+        "layer_norm", layer_norm_ref, x, weight, bias, eps, offset,
+        is_rms=False, cast_mode=cast_mode, follow_autocast=follow_autocast,
+    )
