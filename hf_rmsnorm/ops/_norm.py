@@ -56,9 +56,16 @@ def _use_triton(x: Tensor, params: tuple[Optional[Tensor], ...]) -> bool:
         )
     if not triton_available():
         return False
-    # Triton compiles for GPUs; on a CPU tensor only its interpreter can run the kernels, and
-    # only when asked for explicitly (it is far slower than torch there).
-    if x.device.type != "cuda" and not (backend == "triton" and _interpreting()):
+    if x.device.type != "cuda" and not _interpreting():
+        if backend == "triton":
+            raise RuntimeError(
+                f"{BACKEND_ENV}=triton but x is on {x.device}: Triton kernels need a CUDA device, "
+                "or TRITON_INTERPRET=1 to run them on the CPU (slowly; meant for tests). "
+                "Use HF_RMSNORM_BACKEND=auto to take the torch path there."
+            )
+        return False
+    # With auto, the interpreter is never picked for CPU tensors: it is far slower than torch.
+    if x.device.type != "cuda" and backend == "auto":
         return False
     dtypes_ok = all(t.dtype in _KERNEL_DTYPES for t in (x, *params) if t is not None)
     return dtypes_ok and 0 < x.shape[-1] <= _MAX_FUSED_N
@@ -199,9 +206,8 @@ def _norm_bwd_op(
     dx, dw_part, db_part = _triton_norm.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_input, has_bias)
     # Partial rows summed in a fixed order: deterministic, unlike atomics. Both sums stay
     # fp32 here; the autograd wrapper casts them to the parameters' dtypes.
-    empty = x.new_empty((0,), dtype=torch.float32)
-    dw = dw_part.sum(0) if dw_part is not None else empty
-    db = db_part.sum(0) if db_part is not None else empty
+    dw = dw_part.sum(0) if dw_part is not None else x.new_empty((0,), dtype=torch.float32)
+    db = db_part.sum(0) if db_part is not None else x.new_empty((0,), dtype=torch.float32)
     return dx, dw, db
 
 

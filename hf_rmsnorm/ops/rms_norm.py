@@ -34,7 +34,7 @@ def rms_norm_ref(
     multiply by the weight in the promoted dtype (Llama).
     """
     cast_input = cast_mode == "input"
-    same_dtype = weight is None or weight.dtype in (x.dtype, torch.float32)
+    same_dtype = weight is None or weight.dtype == x.dtype
     if not cast_input and bias is None and offset == 0.0 and same_dtype:
         # torch's own kernel computes exactly this (fp32 statistics and affine, one rounding)
         # and is the fastest path on the CPU.

@@ -1,0 +1,53 @@
+"""Independent references for the tests: the norms written from their definitions in float64,
+and the error-budget rule from STYLE.md.
+
+The float64 maths is the ground truth; the "PyTorch same-dtype" implementation is the
+yardstick for how much error a given dtype makes unavoidable. A result passes when its error
+against float64 is within 2x the yardstick's error plus a small atol (flash-attention's rule).
+"""
+
+import torch
+import torch.nn.functional as F
+
+# small absolute slack on top of 2x the yardstick's error, per dtype (about 1/64 of an ulp at 1.0)
+ATOL = {torch.float32: 1e-6, torch.float16: 2e-5, torch.bfloat16: 1e-4, torch.float64: 1e-12}
+
+
+def norm_fp64(kind, x, weight=None, bias=None, eps=1e-6, offset=0.0):
+    """y = (x - [mean]) / sqrt(mean((x - [mean])²) + eps) * (offset + w) + b, in float64."""
+    x = x.double()
+    if kind == "layer":
+        x = x - x.mean(-1, keepdim=True)
+    y = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * (weight.double() + offset)
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+def norm_torch_same_dtype(kind, x, weight=None, bias=None, eps=1e-6, offset=0.0, cast_mode="float32"):
+    """What plain PyTorch computes in the input's own dtype: its native op where one computes
+    this function, otherwise the eager composition that HF modules use."""
+    native_dtypes = all(p is None or p.dtype == x.dtype for p in (weight, bias))
+    if cast_mode == "float32" and offset == 0.0 and native_dtypes:
+        if kind == "layer":
+            return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+        if bias is None:
+            return F.rms_norm(x, x.shape[-1:], weight, eps)
+    n = F.layer_norm(x, x.shape[-1:], None, None, eps) if kind == "layer" else F.rms_norm(x, x.shape[-1:], None, eps)
+    if cast_mode == "input":  # Llama: w * n, promoted
+        y = n * (weight + offset) if weight is not None else n
+        return y + bias if bias is not None else y
+    y = n * (weight.to(x.dtype) + offset) if weight is not None else n
+    return y + bias.to(x.dtype) if bias is not None else y
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_to_fp64(got, yardstick, truth, dtype, what):
+    """|got - truth| <= 2 |yardstick - truth| + atol, elementwise max."""
+    err, budget = max_err(got, truth), 2 * max_err(yardstick, truth) + ATOL[dtype]
+    assert err <= budget, f"{what}: error {err:.3g} vs fp64 exceeds budget {budget:.3g} (2x PyTorch's same-dtype error + atol)"
