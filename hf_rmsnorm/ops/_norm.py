@@ -9,7 +9,6 @@ time the Triton backend actually runs.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import Callable, Optional
@@ -26,9 +25,8 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_FUSED_N = 65536
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# find_spec does not import Triton; a constant (not a cached function) keeps torch.compile quiet
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 def _interpreting() -> bool:
@@ -49,12 +47,12 @@ def _use_triton(x: Tensor, params: tuple[Optional[Tensor], ...]) -> bool:
     backend = selected_backend()
     if backend == "torch":
         return False
-    if backend == "triton" and not triton_available():
+    if backend == "triton" and not TRITON_AVAILABLE:
         raise RuntimeError(
             f"{BACKEND_ENV}=triton but Triton is not installed; "
             "install it (pip install triton) or set HF_RMSNORM_BACKEND=auto."
         )
-    if not triton_available():
+    if not TRITON_AVAILABLE:
         return False
     if x.device.type != "cuda" and not _interpreting():
         if backend == "triton":

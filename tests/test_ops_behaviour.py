@@ -1,0 +1,180 @@
+"""Everything about the ops that is not raw numerics: determinism, the custom-op
+registration, torch.compile, autocast, backend selection and the error messages."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_rmsnorm.ops import layer_norm, rms_norm
+from hf_rmsnorm.ops import _norm
+from reference import norm_fp64
+
+FNS = {"rms": rms_norm, "layer": layer_norm}
+
+
+def _inputs(m=64, n=300, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, n, generator=g).to(dtype).requires_grad_(True)
+    w = (1 + 0.1 * torch.randn(n, generator=g)).to(dtype).requires_grad_(True)
+    b = (0.1 * torch.randn(n, generator=g)).to(dtype).requires_grad_(True)
+    dy = torch.randn(m, n, generator=g).to(dtype)
+    return x, w, b, dy
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_gradients_are_bit_identical_across_runs(kind, backend, launches):
+    # 64 rows over several backward programs: the weight gradient is a cross-program sum
+    runs = []
+    for _ in range(2):
+        x, w, b, dy = _inputs()
+        FNS[kind](x, w, b).backward(dy)
+        runs.append((x.grad, w.grad, b.grad))
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_)
+    if backend == "triton":
+        assert launches() == 4
+
+
+@pytest.mark.parametrize("is_rms", [True, False])
+@pytest.mark.parametrize("cast_input", [False, True])
+def test_custom_op_registration_passes_opcheck(is_rms, cast_input, monkeypatch):
+    """Schema, fake (meta) implementation and autograd registration agree with the real op."""
+    pytest.importorskip("triton")
+    from conftest import INTERPRETING
+
+    if not INTERPRETING:
+        pytest.skip("the op runs Triton; on CPU tensors that needs TRITON_INTERPRET=1")
+    x, w, b, _ = _inputs(m=9, n=33)
+    for weight, bias in ((w, b), (w, None), (None, None)):
+        torch.library.opcheck(
+            _norm._norm_fwd_op, (x.detach().requires_grad_(), weight, bias, 1e-5, 0.0, is_rms, cast_input)
+        )
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, n=48):
+        super().__init__()
+        self.lin = torch.nn.Linear(n, n)
+        self.w1 = torch.nn.Parameter(torch.rand(n) + 0.5)
+        self.w2 = torch.nn.Parameter(torch.rand(n) + 0.5)
+        self.b2 = torch.nn.Parameter(torch.randn(n) * 0.1)
+
+    def forward(self, x):
+        h = rms_norm(self.lin(x), self.w1, cast_mode="input")
+        return layer_norm(h + x, self.w2, self.b2).sum(-1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_traces_without_graph_breaks(compiler, backend, launches):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Block()
+    x = torch.randn(2, 5, 48)
+
+    eager = model(x)
+    eager.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)  # fullgraph: a break raises
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+    if backend == "triton":
+        assert launches() >= 4, "the compiled graph did not call the Triton kernels"
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_behaves_like_torchs_own_norm(kind, dtype, backend):
+    """On the CPU, torch's autocast leaves layer_norm/rms_norm alone; so must we (the CUDA
+    policy, float32, is covered by tests/test_gpu.py)."""
+    x, w, b, _ = _inputs(m=8, n=40, dtype=dtype)
+    w32 = w.detach().float()
+    ours = {"rms": lambda: rms_norm(x, w32), "layer": lambda: layer_norm(x, w32, b.detach().float())}[kind]
+    theirs = {"rms": lambda: F.rms_norm(x, (40,), w32, 1e-6), "layer": lambda: F.layer_norm(x, (40,), w32, b.detach().float(), 1e-5)}[kind]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_torch = ours(), theirs()
+    assert y.dtype == y_torch.dtype
+    torch.testing.assert_close(y.float(), y_torch.float(), rtol=1.6e-2, atol=1e-2)
+
+
+def test_autocast_to_float32_policy_only_applies_off_cpu():
+    assert not _norm._autocast_to_float32("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _norm._autocast_to_float32("cpu")
+
+
+@pytest.mark.parametrize("value", ["torch", "TORCH", " auto "])
+def test_backend_env_is_case_and_space_insensitive(value, monkeypatch):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", value)
+    assert _norm.selected_backend() == value.strip().lower()
+
+
+def test_torch_backend_never_launches_kernels(monkeypatch, launches):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    x, w, b, dy = _inputs()
+    layer_norm(x, w, b).backward(dy)
+    if launches is not None:
+        assert launches() == 0
+
+
+def test_auto_backend_uses_torch_on_cpu_tensors(monkeypatch, launches):
+    """auto never picks the (slow) interpreter for CPU tensors, even when it is enabled."""
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")
+    x, w, b, _ = _inputs()
+    rms_norm(x, w)
+    if launches is not None:
+        assert launches() == 0
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="HF_RMSNORM_BACKEND='cuda' is not a backend; use one of auto, triton, torch"):
+        rms_norm(torch.randn(2, 4))
+
+
+def test_triton_backend_on_cpu_without_interpreter_says_what_to_do(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        rms_norm(torch.randn(2, 4))
+
+
+def test_triton_backend_without_triton_says_how_to_install(monkeypatch):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    monkeypatch.setattr(_norm, "TRITON_AVAILABLE", False)
+    with pytest.raises(RuntimeError, match="pip install triton"):
+        layer_norm(torch.randn(2, 4))
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")  # auto quietly takes the torch path
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(layer_norm(x), norm_fp64("layer", x, eps=1e-5).float(), rtol=1e-5, atol=1e-5)
+
+
+BAD_INPUTS = [
+    ("integer x", dict(x=torch.arange(8).reshape(2, 4)), TypeError, "floating-point tensor, got dtype torch.int64"),
+    ("scalar x", dict(x=torch.tensor(1.0)), ValueError, "at least one dimension"),
+    ("wrong weight shape", dict(weight=torch.ones(5)), ValueError, r"weight has shape \(5,\) but x's last dimension is 4"),
+    ("2-d weight", dict(weight=torch.ones(1, 4)), ValueError, r"must have shape \(4,\)"),
+    ("wrong bias shape", dict(bias=torch.ones(3)), ValueError, r"bias has shape \(3,\)"),
+    ("integer weight", dict(weight=torch.ones(4, dtype=torch.int32)), TypeError, "weight must be floating point"),
+    ("weight on another device", dict(weight=torch.ones(4, device="meta")), ValueError, "weight is on meta but x is on cpu"),
+    ("negative eps", dict(eps=-1.0), ValueError, "eps must be a non-negative number"),
+    ("unknown cast mode", dict(cast_mode="bf16"), ValueError, r"cast_mode must be one of \('float32', 'input'\)"),
+    ("offset without weight", dict(weight=None, offset=1.0), ValueError, "offset is added to the weight"),
+    ("not a tensor", dict(x=[[1.0, 2.0]]), TypeError, "x must be a torch.Tensor, got list"),
+]
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("case,kwargs,exc,message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_gets_one_clear_error(kind, case, kwargs, exc, message, backend):
+    args = dict(x=torch.randn(2, 4), weight=torch.ones(4), bias=None, eps=1e-5)
+    args.update(kwargs)
+    with pytest.raises(exc, match=message) as info:
+        FNS[kind](**args)
+    assert str(info.value).startswith(f"{kind}_norm: ")
