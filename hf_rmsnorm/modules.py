@@ -37,8 +37,8 @@ class _FusedNorm(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-        if not shape or any(not isinstance(d, int) or d < 0 for d in shape):
+        shape = (normalized_shape,) if isinstance(normalized_shape, (int, float)) else tuple(normalized_shape)
+        if not shape or any(not isinstance(d, int) or d <= 0 for d in shape):
             raise ValueError(f"normalized_shape must be a positive int or a tuple of them, got {normalized_shape!r}.")
         if cast_mode not in CAST_MODES:
             raise ValueError(f"cast_mode must be one of {CAST_MODES}, got {cast_mode!r}.")

@@ -1,0 +1,148 @@
+"""FusedRMSNorm / FusedLayerNorm: drop-in state_dicts and the same function as the modules
+they stand in for (nn.LayerNorm and the HF RMSNorm flavours), on both backends."""
+
+import pytest
+import torch
+from torch import nn
+
+from hf_rmsnorm import FusedLayerNorm, FusedRMSNorm
+from reference import assert_close_to_fp64, norm_fp64
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
+
+
+def _randomize(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + 1.0)
+    return module
+
+
+def _same_keys_and_shapes(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    assert all(sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype for k in sa)
+
+
+def _check_same_function(ours, theirs, x, dtype, kind, eps, offset=0.0):
+    """Output and parameter gradients of ``ours`` against ``theirs`` (both in dtype), with the
+    float64 definition (not ``theirs`` in float64: HF modules cast to fp32 internally) as
+    the ground truth."""
+    params64 = {n: p.detach().double().requires_grad_(True) for n, p in theirs.named_parameters()}
+    shape = tuple(getattr(theirs, "normalized_shape", x.shape[-1:]))
+
+    def truth(inp):
+        flat = inp.reshape(*inp.shape[: inp.dim() - len(shape)], -1)
+        w, b = (params64[k].reshape(-1) if k in params64 else None for k in ("weight", "bias"))
+        return norm_fp64(kind, flat, w, b, eps, offset).reshape(inp.shape)
+
+    dy = torch.randn(x.shape).to(dtype)
+    results = []
+    for fn, inp, params in ((ours, x, list(ours.parameters())), (theirs, x, list(theirs.parameters())), (truth, x.double(), list(params64.values()))):
+        inp = inp.detach().clone().requires_grad_(True)
+        y = fn(inp)
+        y.backward(dy.to(y.dtype))
+        results.append((y.detach(), inp.grad, [p.grad for p in params]))
+    (y, gx, gp), (y_pt, gx_pt, gp_pt), (y64, gx64, gp64) = results
+    assert y.dtype == y_pt.dtype
+    assert_close_to_fp64(y, y_pt, y64, dtype, "output")
+    assert_close_to_fp64(gx, gx_pt, gx64, dtype, "grad of x")
+    assert len(gp) == len(gp_pt) == len(gp64)
+    for g, g_pt, g64 in zip(gp, gp_pt, gp64):
+        assert_close_to_fp64(g, g_pt, g64, dtype, "parameter grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(bias=False), dict(elementwise_affine=False), dict(normalized_shape=(3, 16))],
+    ids=["affine", "no_bias", "no_affine", "two_dims"],
+)
+def test_fused_layernorm_is_a_drop_in_for_nn_layernorm(kwargs, dtype, backend):
+    shape = kwargs.pop("normalized_shape", 48)
+    ln = _randomize(nn.LayerNorm(shape, eps=1e-5, **kwargs)).to(dtype)
+    fused = FusedLayerNorm(shape, eps=1e-5, **kwargs).to(dtype)
+    _same_keys_and_shapes(fused, ln)
+    fused.load_state_dict(ln.state_dict())
+    x = (torch.randn(4, 7, *((shape,) if isinstance(shape, int) else shape)) * 3 + 1).to(dtype)
+    _check_same_function(fused, ln, x, dtype, "layer", 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fused_rmsnorm_matches_llama_rmsnorm(dtype, backend):
+    hf = _randomize(LlamaRMSNorm(64, eps=1e-6)).to(dtype)
+    fused = FusedRMSNorm(64, eps=1e-6, cast_mode="input", follow_autocast=False).to(dtype)
+    _same_keys_and_shapes(fused, hf)
+    fused.load_state_dict(hf.state_dict())
+    _check_same_function(fused, hf, torch.randn(3, 5, 64).to(dtype), dtype, "rms", 1e-6)
+
+
+def test_fused_rmsnorm_matches_llama_with_fp32_weight_and_bf16_activations(backend):
+    """Mixed precision: the output dtype is promoted exactly as Llama's ``w * x.to(dtype)``."""
+    hf = _randomize(LlamaRMSNorm(64))
+    fused = FusedRMSNorm(64, cast_mode="input", follow_autocast=False)
+    fused.load_state_dict(hf.state_dict())
+    x = torch.randn(6, 64).to(torch.bfloat16)
+    y, y_hf = fused(x), hf(x)
+    assert y.dtype == y_hf.dtype == torch.float32
+    # same casts in the same order: equal up to fp32 rounding of the statistics
+    torch.testing.assert_close(y, y_hf, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_rmsnorm_matches_gemma_rmsnorm(dtype, backend):
+    hf = GemmaRMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        hf.weight.normal_(0.0, 0.3)  # Gemma stores w and multiplies by (1 + w)
+    hf = hf.to(dtype)
+    fused = FusedRMSNorm(64, eps=1e-6, offset=1.0, cast_mode="float32", follow_autocast=False).to(dtype)
+    _same_keys_and_shapes(fused, hf)
+    fused.load_state_dict(hf.state_dict())
+    _check_same_function(fused, hf, torch.randn(2, 9, 64).to(dtype), dtype, "rms", 1e-6, offset=1.0)
+
+
+def test_fresh_modules_start_as_identity_affine():
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(FusedRMSNorm(32)(x), FusedRMSNorm(32, elementwise_affine=False)(x))
+    torch.testing.assert_close(FusedRMSNorm(32, offset=1.0)(x), FusedRMSNorm(32, elementwise_affine=False)(x))
+    assert torch.equal(FusedRMSNorm(32, offset=1.0).weight, torch.zeros(32))
+    torch.testing.assert_close(FusedLayerNorm(32)(x), nn.LayerNorm(32)(x))
+
+
+def test_device_and_dtype_arguments_and_parameters_are_ordinary():
+    m = FusedRMSNorm(16, bias=True, dtype=torch.bfloat16, device="cpu")
+    assert m.weight.dtype == m.bias.dtype == torch.bfloat16
+    assert [n for n, _ in m.named_parameters()] == ["weight", "bias"]
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    m(torch.randn(3, 16, dtype=torch.bfloat16)).float().pow(2).sum().backward()
+    before = m.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, m.weight)
+
+
+def test_extra_repr_is_readable():
+    assert repr(FusedLayerNorm(768)) == "FusedLayerNorm(768, eps=1e-05, elementwise_affine=True, bias=True, cast_mode=float32)"
+    r = repr(FusedRMSNorm(2048, eps=1e-6, offset=1.0, cast_mode="float32", follow_autocast=False))
+    assert r == "FusedRMSNorm(2048, eps=1e-06, elementwise_affine=True, bias=False, offset=1.0, cast_mode=float32, follow_autocast=False)"
+    assert "(3, 16)" in repr(FusedLayerNorm((3, 16)))
+
+
+@pytest.mark.parametrize(
+    "ctor,message",
+    [
+        (lambda: FusedRMSNorm(0.5), "normalized_shape must be a positive int"),
+        (lambda: FusedRMSNorm(8, cast_mode="llama"), "cast_mode must be one of"),
+        (lambda: FusedRMSNorm(8, elementwise_affine=False, offset=1.0), "needs elementwise_affine=True"),
+    ],
+)
+def test_bad_construction_is_a_clear_error(ctor, message):
+    with pytest.raises(ValueError, match=message):
+        ctor()
+
+
+def test_wrong_input_shape_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"normalises the last dims \(3, 16\), but got an input of shape \(2, 16, 3\)"):
+        FusedLayerNorm((3, 16))(torch.randn(2, 16, 3))
