@@ -1,0 +1,300 @@
+"""How close do the norm kernels get to the memory-bandwidth floor, next to their peers?
+
+For each shape and mode (forward, forward+backward) every provider is timed (median of
+``triton.testing.do_bench`` on a GPU, of a wall-clock loop on the CPU), and the time is turned
+into achieved GB/s over the byte floor (each element of x and y read/written once forward; x
+and dy read and dx written backward: 4 B and 10 B per element in bf16) and into the fraction
+of the device's copy bandwidth measured in the same run (a large ``y.copy_(x)``, bytes read
+plus written). See ../shared/PERF.md.
+
+    python scripts/benchmark_kernels.py                  # full table on a GPU
+    python scripts/benchmark_kernels.py --quick          # tiny shapes; runs anywhere (CI)
+
+Writes ``<out>/kernels.json`` (every number, device and versions) and ``<out>/kernels.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from hf_rmsnorm.ops import layer_norm, rms_norm
+
+FULL_SHAPES = [(65536, 768), (16384, 2048), (16384, 4096), (16384, 8192)]
+QUICK_SHAPES = [(256, 768), (64, 2048)]
+MODES = ("fwd", "fwd+bwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------- providers
+# Each setup takes (x, w, b) and returns a function of x computing the norm (weights bound).
+
+
+def _hf_rmsnorm_math(x, w, eps=1e-6):
+    # the body of transformers' LlamaRMSNorm.forward, the eager baseline users start from
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def _setup_hf_rmsnorm_rms(x, w, b):
+    return lambda x: rms_norm(x, w)
+
+
+def _setup_hf_rmsnorm_rms_bias(x, w, b):
+    return lambda x: rms_norm(x, w, b)
+
+
+def _setup_hf_rmsnorm_layer(x, w, b):
+    return lambda x: layer_norm(x, w, b)
+
+
+def _setup_torch_layer_norm(x, w, b):
+    return lambda x: F.layer_norm(x, x.shape[-1:], w, b, 1e-5)
+
+
+def _setup_torch_rms_norm(x, w, b):
+    return lambda x: F.rms_norm(x, x.shape[-1:], w, 1e-6)
+
+
+def _setup_hf_eager(x, w, b):
+    return lambda x: _hf_rmsnorm_math(x, w)
+
+
+def _compiled(setup):
+    def compiled_setup(x, w, b):
+        # dynamic=False: one specialised graph per shape, as a training loop would get
+        return torch.compile(setup(x, w, b), dynamic=False)
+
+    return compiled_setup
+
+
+def _setup_liger_rms(x, w, b):
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+
+    m = LigerRMSNorm(x.shape[-1], eps=1e-6).to(device=x.device, dtype=w.dtype)
+    m.weight = torch.nn.Parameter(w.detach())
+    return m
+
+
+def _setup_liger_layer(x, w, b):
+    from liger_kernel.transformers.layer_norm import LigerLayerNorm
+
+    m = LigerLayerNorm(x.shape[-1], eps=1e-5).to(device=x.device, dtype=w.dtype)
+    m.weight, m.bias = torch.nn.Parameter(w.detach()), torch.nn.Parameter(b.detach())
+    return m
+
+
+# name -> (setup, which norm it computes, needs)
+PROVIDERS: dict[str, tuple[Callable, str, Optional[str]]] = {
+    "hf_rmsnorm RMSNorm": (_setup_hf_rmsnorm_rms, "rms", None),
+    "hf_rmsnorm RMSNorm+bias": (_setup_hf_rmsnorm_rms_bias, "rms", None),
+    "hf_rmsnorm LayerNorm": (_setup_hf_rmsnorm_layer, "layer", None),
+    "torch F.layer_norm": (_setup_torch_layer_norm, "layer", None),
+    "torch F.rms_norm": (_setup_torch_rms_norm, "rms", None),
+    "HF eager RMSNorm": (_setup_hf_eager, "rms", None),
+    "torch.compile LayerNorm": (_compiled(_setup_torch_layer_norm), "layer", "compile"),
+    "torch.compile HF RMSNorm": (_compiled(_setup_hf_eager), "rms", "compile"),
+    "Liger RMSNorm": (_setup_liger_rms, "rms", "liger_kernel"),
+    "Liger LayerNorm": (_setup_liger_layer, "layer", "liger_kernel"),
+}
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+def _bench(fn: Callable[[], object], device: torch.device, grad_to_none=None, quick=False) -> float:
+    """Median milliseconds of ``fn``."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    reps = 5 if quick else 30
+    fn()  # warm-up (and compilation)
+    times = []
+    for _ in range(reps):
+        for t in grad_to_none or ():
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: torch.device, quick: bool) -> float:
+    """Device copy bandwidth, counting bytes read plus bytes written."""
+    numel = (16 if quick else 512) * 2**20  # 512 Mi bf16 elements = 1 GiB each way
+    src = torch.randn(numel, device=device).to(torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = _bench(lambda: dst.copy_(src), device, quick=quick)
+    return 2 * numel * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def floor_bytes(m: int, n: int, x_dtype: torch.dtype, mode: str) -> int:
+    """Fewest bytes a norm moves: fwd reads x and writes y; bwd reads x and dy, writes dx."""
+    e = torch.empty((), dtype=x_dtype).element_size()
+    fwd = 2 * m * n * e
+    return fwd if mode == "fwd" else fwd + 3 * m * n * e
+
+
+def _available(need: Optional[str], device: torch.device) -> Optional[str]:
+    """None when the provider can run here, else the reason it cannot."""
+    if need == "liger_kernel":
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            return "liger-kernel not installed"
+        if device.type != "cuda":
+            return "Liger kernels need a GPU"
+    return None
+
+
+def run_case(name, m, n, mode, x_dtype, w_dtype, device, quick):
+    setup, kind, need = PROVIDERS[name]
+    g = torch.Generator(device=device).manual_seed(0)
+    # random data, never zeros; each tensor here is larger than a GPU's L2 at full size, so
+    # repeated calls read from memory rather than cache
+    x = torch.randn(m, n, device=device, generator=g).to(x_dtype)
+    w = (1 + 0.1 * torch.randn(n, device=device, generator=g)).to(w_dtype).requires_grad_(mode != "fwd")
+    b = (0.1 * torch.randn(n, device=device, generator=g)).to(w_dtype).requires_grad_(mode != "fwd")
+    fn = setup(x, w, b)
+    if mode == "fwd":
+        with torch.no_grad():
+            ms = _bench(lambda: fn(x), device, quick=quick)
+    else:
+        x.requires_grad_(True)
+        dy = torch.randn(m, n, device=device, generator=g).to(fn(x).dtype)
+
+        def step():
+            fn(x).backward(dy)
+
+        ms = _bench(step, device, grad_to_none=[x, w, b], quick=quick)
+    gbps = floor_bytes(m, n, x_dtype, mode) / (ms * 1e-3) / 1e9
+    return {"time_us": ms * 1e3, "gbps": gbps, "kind": kind}
+
+
+def _versions() -> dict:
+    out = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for pkg in ("triton", "transformers", "liger-kernel", "hf_rmsnorm"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def to_markdown(result: dict) -> str:
+    env = result["environment"]
+    shapes = [tuple(s) for s in result["shapes"]]
+    lines = [
+        f"# Norm kernels: {env['device']} — {env['x_dtype']} x, {env['w_dtype']} weights",
+        "",
+        f"copy bandwidth {env['copy_gbps']:.0f} GB/s (read + write); torch {env['torch']}, "
+        f"triton {env['triton']}, transformers {env['transformers']}, liger-kernel {env['liger-kernel']}; "
+        f"{env['date']}. Percent = achieved GB/s over the byte floor / copy bandwidth.",
+        "",
+    ]
+    header = "| impl | " + " | ".join(f"{m}×{n} {mode}" for m, n in shapes for mode in result["modes"]) + " |"
+    lines += [header, "|---" * (1 + len(shapes) * len(result["modes"])) + "|"]
+    for name, per in result["results"].items():
+        cells = []
+        for m, n in shapes:
+            for mode in result["modes"]:
+                r = per.get(f"{m}x{n}", {}).get(mode)
+                if r is None:
+                    cells.append("—")
+                elif "error" in r:
+                    cells.append("error")
+                else:
+                    cells.append(f"{r['time_us']:.0f} µs ({100 * r['frac_copy']:.0f}%)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if result["skipped"]:
+        lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items()) + "."]
+    if result["errors"]:
+        lines += ["", "Errors: " + "; ".join(f"{k}: {v}" for k, v in result["errors"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (CI, CPU)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
+    parser.add_argument("--x-dtype", choices=DTYPES, default="bf16", help="activation dtype")
+    parser.add_argument("--w-dtype", choices=DTYPES, default=None, help="weight/bias dtype (default: the x dtype)")
+    parser.add_argument("--providers", default=None, help="comma-separated subset of: " + ", ".join(PROVIDERS))
+    parser.add_argument("--modes", default=",".join(MODES), help="fwd, fwd+bwd or both")
+    parser.add_argument("--name", default="kernels", help="basename of the JSON and markdown files")
+    args = parser.parse_args(argv)
+
+    names = list(PROVIDERS) if args.providers is None else [p.strip() for p in args.providers.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PROVIDERS]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown or not names:
+        parser.error(f"unknown provider(s) {unknown}; choose from: {', '.join(PROVIDERS)}")
+    if not modes or any(m not in MODES for m in modes):
+        parser.error(f"--modes takes {' and/or '.join(MODES)}, got {args.modes!r}")
+
+    # every (provider, shape, mode) compiles its own graph; the default limit (8) would
+    # silently fall back to eager for the later shapes
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 256)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x_dtype = DTYPES[args.x_dtype]
+    w_dtype = DTYPES[args.w_dtype or args.x_dtype]
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    copy_gbps = copy_bandwidth_gbps(device, args.quick)
+    result = {
+        "environment": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+            "copy_gbps": copy_gbps,
+            "x_dtype": args.x_dtype,
+            "w_dtype": args.w_dtype or args.x_dtype,
+            "quick": args.quick,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            **_versions(),
+        },
+        "shapes": shapes,
+        "modes": modes,
+        "results": {},
+        "skipped": {},
+        "errors": {},
+    }
+    for name in names:
+        reason = _available(PROVIDERS[name][2], device)
+        if reason:
+            result["skipped"][name] = reason
+            continue
+        per = result["results"].setdefault(name, {})
+        for m, n in shapes:
+            for mode in modes:
+                try:
+                    r = run_case(name, m, n, mode, x_dtype, w_dtype, device, args.quick)
+                    r["frac_copy"] = r["gbps"] / copy_gbps
+                except Exception as exc:  # one provider failing must not lose the others' numbers
+                    r = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+                    result["errors"][f"{name} {m}x{n} {mode}"] = r["error"]
+                per.setdefault(f"{m}x{n}", {})[mode] = r
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    markdown = to_markdown(result)
+    (args.out / f"{args.name}.md").write_text(markdown)
+    print(markdown)
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""GPU-only checks: the compiled (not interpreted) kernels at full size, the CUDA autocast
+policy, and torch.compile with Inductor on CUDA. Skipped with a reason on a CPU-only machine;
+scripts/gpu_check.sh runs them on a GPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_rmsnorm.ops import layer_norm, rms_norm
+from reference import assert_close_to_fp64, norm_fp64, norm_torch_same_dtype
+
+pytestmark = pytest.mark.gpu
+FNS = {"rms": rms_norm, "layer": layer_norm}
+EPS = {"rms": 1e-6, "layer": 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def _auto_backend(monkeypatch):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")  # auto must pick Triton for CUDA tensors
+
+
+def _leaf(t):
+    return None if t is None else t.detach().clone().requires_grad_(True)
+
+
+def _fwd_bwd(fn, x, w, b, dy):
+    x, w, b = _leaf(x), _leaf(w), _leaf(b)
+    y = fn(x, w, b)
+    y.backward(dy.to(y.dtype))
+    return [y.detach()] + [None if t is None else t.grad for t in (x, w, b)]
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("shape", [(65536, 768), (16384, 2048), (16384, 4096), (16384, 8192), (8, 65536), (4, 3, 1000, 999)])
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32], ids=["w_bf16", "w_fp32"])
+def test_full_size_kernels_against_float64(kind, shape, w_dtype, launches):
+    torch.manual_seed(0)
+    x = (torch.randn(shape, device="cuda") * 2 + 0.5).to(torch.bfloat16)
+    n = shape[-1]
+    w = (1 + 0.3 * torch.randn(n, device="cuda")).to(w_dtype)
+    b = (0.1 * torch.randn(n, device="cuda")).to(w_dtype)
+    dy = torch.randn(shape, device="cuda").to(torch.bfloat16)
+    eps = EPS[kind]
+    got = _fwd_bwd(lambda x, w, b: FNS[kind](x, w, b, eps), x, w, b, dy)
+    assert launches() == 2, "auto did not run the Triton kernels on CUDA"
+    pt = _fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps), x, w, b, dy)
+    truth = _fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps), x.double(), w.double(), b.double(), dy)
+    assert got[0].dtype == pt[0].dtype
+    for what, g, p, t in zip(["output", "grad x", "grad w", "grad b"], got, pt, truth):
+        assert_close_to_fp64(g, p, t, torch.bfloat16, what)
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_weight_gradient_is_deterministic_on_the_gpu(kind):
+    torch.manual_seed(0)
+    x = torch.randn(16384, 2048, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(2048, device="cuda", dtype=torch.float32)
+    b = torch.zeros(2048, device="cuda", dtype=torch.float32)
+    dy = torch.randn_like(x)
+    first = _fwd_bwd(lambda x, w, b: FNS[kind](x, w, b), x, w, b, dy)
+    for _ in range(3):
+        again = _fwd_bwd(lambda x, w, b: FNS[kind](x, w, b), x, w, b, dy)
+        assert all(torch.equal(a, c) for a, c in zip(first, again))
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_cuda_autocast_follows_torch(kind):
+    x = torch.randn(64, 512, device="cuda")
+    w = torch.rand(512, device="cuda") + 0.5
+    torch_fn = {"rms": lambda: F.rms_norm(x.bfloat16(), (512,), w, 1e-6), "layer": lambda: F.layer_norm(x.bfloat16(), (512,), w, None, 1e-5)}[kind]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, y_torch = FNS[kind](x.bfloat16(), w, eps=EPS[kind]), torch_fn()
+        y_off = FNS[kind](x.bfloat16(), w.bfloat16(), eps=EPS[kind], follow_autocast=False)
+    assert y.dtype == y_torch.dtype == torch.float32
+    torch.testing.assert_close(y, y_torch, rtol=1e-5, atol=1e-5)
+    assert y_off.dtype == torch.bfloat16  # modules replacing autocast-blind HF code opt out
+
+
+def test_torch_compile_inductor_fullgraph_on_cuda(launches):
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(256, 256, device="cuda")
+    w = torch.nn.Parameter(torch.rand(256, device="cuda") + 0.5)
+
+    def f(x):
+        return layer_norm(rms_norm(lin(x), w, cast_mode="input") + x, w).sum()
+
+    x = torch.randn(32, 256, device="cuda")
+    eager = f(x)
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager, rtol=1e-4, atol=1e-3)
+    assert launches() >= 2

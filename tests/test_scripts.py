@@ -1,0 +1,42 @@
+"""The benchmark entry points run end to end (tiny shapes on the CPU) and write what they
+promise; the numbers themselves are not asserted (benchmarks are not tests)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_kernels.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+@pytest.mark.slow
+def test_benchmark_kernels_quick_writes_json_and_markdown(tmp_path):
+    proc = _run("--quick", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "kernels.json").read_text())
+    env = result["environment"]
+    assert env["device"] and env["copy_gbps"] > 0 and env["torch"]
+    assert result["modes"] == ["fwd", "fwd+bwd"]
+    ours = [p for p in result["results"] if p.startswith("hf_rmsnorm")]
+    assert len(ours) == 3 and "torch F.layer_norm" in result["results"] and "HF eager RMSNorm" in result["results"]
+    for name, per in result["results"].items():
+        for m, n in result["shapes"]:
+            for mode in result["modes"]:
+                r = per[f"{m}x{n}"][mode]
+                assert r["time_us"] > 0 and r["gbps"] > 0 and 0 < r["frac_copy"], (name, m, n, mode)
+    markdown = (tmp_path / "kernels.md").read_text()
+    assert "| hf_rmsnorm LayerNorm |" in markdown and "copy bandwidth" in markdown
+    assert markdown.strip() in proc.stdout
+
+
+def test_benchmark_rejects_an_unknown_provider(tmp_path):
+    proc = _run("--quick", "--out", str(tmp_path), "--providers", "apex")
+    assert proc.returncode == 2
+    assert "unknown provider(s) ['apex']" in proc.stderr
+    assert not (tmp_path / "kernels.json").exists()
