@@ -43,6 +43,14 @@ def norm_torch_same_dtype(kind, x, weight=None, bias=None, eps=1e-6, offset=0.0,
     return y + bias.to(x.dtype) if bias is not None else y
 
 
+def fwd_bwd(fn, x, w, b, dy):
+    """Forward + backward of ``fn(x, w, b)`` on fresh leaves; returns [y, dx, dw, db]."""
+    x, w, b = (None if t is None else t.detach().clone().requires_grad_(True) for t in (x, w, b))
+    y = fn(x, w, b)
+    y.backward(dy.to(y.dtype))
+    return [y.detach()] + [None if t is None else t.grad for t in (x, w, b)]
+
+
 def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

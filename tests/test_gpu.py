@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_rmsnorm.ops import layer_norm, rms_norm
-from reference import assert_close_to_fp64, norm_fp64, norm_torch_same_dtype
+from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_torch_same_dtype
 
 pytestmark = pytest.mark.gpu
 FNS = {"rms": rms_norm, "layer": layer_norm}
@@ -17,17 +17,6 @@ EPS = {"rms": 1e-6, "layer": 1e-5}
 @pytest.fixture(autouse=True)
 def _auto_backend(monkeypatch):
     monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")  # auto must pick Triton for CUDA tensors
-
-
-def _leaf(t):
-    return None if t is None else t.detach().clone().requires_grad_(True)
-
-
-def _fwd_bwd(fn, x, w, b, dy):
-    x, w, b = _leaf(x), _leaf(w), _leaf(b)
-    y = fn(x, w, b)
-    y.backward(dy.to(y.dtype))
-    return [y.detach()] + [None if t is None else t.grad for t in (x, w, b)]
 
 
 @pytest.mark.parametrize("kind", ["rms", "layer"])
@@ -41,10 +30,10 @@ def test_full_size_kernels_against_float64(kind, shape, w_dtype, launches):
     b = (0.1 * torch.randn(n, device="cuda")).to(w_dtype)
     dy = torch.randn(shape, device="cuda").to(torch.bfloat16)
     eps = EPS[kind]
-    got = _fwd_bwd(lambda x, w, b: FNS[kind](x, w, b, eps), x, w, b, dy)
+    got = fwd_bwd(lambda x, w, b: FNS[kind](x, w, b, eps), x, w, b, dy)
     assert launches() == 2, "auto did not run the Triton kernels on CUDA"
-    pt = _fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps), x, w, b, dy)
-    truth = _fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps), x.double(), w.double(), b.double(), dy)
+    pt = fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps), x, w, b, dy)
+    truth = fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps), x.double(), w.double(), b.double(), dy)
     assert got[0].dtype == pt[0].dtype
     for what, g, p, t in zip(["output", "grad x", "grad w", "grad b"], got, pt, truth):
         assert_close_to_fp64(g, p, t, torch.bfloat16, what)
@@ -57,9 +46,9 @@ def test_weight_gradient_is_deterministic_on_the_gpu(kind):
     w = torch.ones(2048, device="cuda", dtype=torch.float32)
     b = torch.zeros(2048, device="cuda", dtype=torch.float32)
     dy = torch.randn_like(x)
-    first = _fwd_bwd(lambda x, w, b: FNS[kind](x, w, b), x, w, b, dy)
+    first = fwd_bwd(lambda x, w, b: FNS[kind](x, w, b), x, w, b, dy)
     for _ in range(3):
-        again = _fwd_bwd(lambda x, w, b: FNS[kind](x, w, b), x, w, b, dy)
+        again = fwd_bwd(lambda x, w, b: FNS[kind](x, w, b), x, w, b, dy)
         assert all(torch.equal(a, c) for a, c in zip(first, again))
 
 

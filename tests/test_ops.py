@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_rmsnorm.ops import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
-from reference import assert_close_to_fp64, norm_fp64, norm_torch_same_dtype
+from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_torch_same_dtype
 
 FNS = {"rms": rms_norm, "layer": layer_norm}
 REFS = {"rms": rms_norm_ref, "layer": layer_norm_ref}
@@ -60,18 +60,6 @@ def make_inputs(shape, dtype, affine, seed=0):
     return x, w, b, offset, cast_mode
 
 
-def leaf(t):
-    return None if t is None else t.detach().clone().requires_grad_(True)
-
-
-def run(fn, x, w, b, dy):
-    """Forward + backward; returns the output and the gradients of x, w, b."""
-    x, w, b = leaf(x), leaf(w), leaf(b)
-    y = fn(x, w, b)
-    y.backward(dy.to(y.dtype))
-    return y.detach(), [None if t is None else t.grad for t in (x, w, b)]
-
-
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,shape_id,affine", CASES, ids=[f"{i}-{a}" for _, i, a in CASES])
@@ -81,9 +69,9 @@ def test_forward_and_gradients_against_float64(kind, dtype, shape, shape_id, aff
     # every implementation and the fp64 truth see the same dy: representable in x's dtype
     dy = torch.randn(x.shape).to(dtype)
 
-    y, grads = run(lambda x, w, b: FNS[kind](x, w, b, eps, offset, cast_mode), x, w, b, dy)
-    y64, grads64 = run(lambda x, w, b: norm_fp64(kind, x, w, b, eps, offset), x.double(), w.double() if w is not None else None, b.double() if b is not None else None, dy)
-    y_pt, grads_pt = run(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps, offset, cast_mode), x, w, b, dy)
+    y, *grads = fwd_bwd(lambda x, w, b: FNS[kind](x, w, b, eps, offset, cast_mode), x, w, b, dy)
+    y64, *grads64 = fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps, offset), x.double(), w.double() if w is not None else None, b.double() if b is not None else None, dy)
+    y_pt, *grads_pt = fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps, offset, cast_mode), x, w, b, dy)
 
     assert y.shape == x.shape
     assert y.dtype == y_pt.dtype, "output dtype differs from PyTorch's for the same inputs"
