@@ -36,7 +36,9 @@ def norm_torch_same_dtype(kind, x, weight=None, bias=None, eps=1e-6, offset=0.0,
         if bias is None:
             return F.rms_norm(x, x.shape[-1:], weight, eps)
     n = F.layer_norm(x, x.shape[-1:], None, None, eps) if kind == "layer" else F.rms_norm(x, x.shape[-1:], None, eps)
-    if cast_mode == "input":  # Llama: w * n, promoted
+    if cast_mode == "weight":  # T5: w * n.to(w.dtype)
+        n = n.to(weight.dtype)
+    if cast_mode in ("input", "weight"):  # Llama: w * n, promoted
         y = n * (weight + offset) if weight is not None else n
         return y + bias if bias is not None else y
     y = n * (weight.to(x.dtype) + offset) if weight is not None else n

@@ -11,6 +11,7 @@ from reference import assert_close_to_fp64, norm_fp64
 transformers = pytest.importorskip("transformers")
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
+from transformers.models.t5.modeling_t5 import T5LayerNorm  # noqa: E402
 
 
 def _randomize(module, seed=0):
@@ -102,6 +103,28 @@ def test_fused_rmsnorm_matches_gemma_rmsnorm(dtype, backend):
     _same_keys_and_shapes(fused, hf)
     fused.load_state_dict(hf.state_dict())
     _check_same_function(fused, hf, torch.randn(2, 9, 64).to(dtype), dtype, "rms", 1e-6, offset=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_rmsnorm_matches_t5_layernorm(dtype, backend):
+    hf = _randomize(T5LayerNorm(64, eps=1e-6)).to(dtype)
+    fused = FusedRMSNorm(64, eps=1e-6, cast_mode="weight", follow_autocast=False).to(dtype)
+    _same_keys_and_shapes(fused, hf)
+    fused.load_state_dict(hf.state_dict())
+    _check_same_function(fused, hf, torch.randn(2, 9, 64).to(dtype), dtype, "rms", 1e-6)
+
+
+def test_fused_rmsnorm_matches_t5_with_mixed_dtypes(backend):
+    """T5 rounds to the weight's dtype: fp32 weight + bf16 input gives an unrounded fp32 output;
+    bf16 weight + fp32 input gives bf16."""
+    for w_dtype, x_dtype in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        hf = _randomize(T5LayerNorm(64)).to(w_dtype)
+        fused = FusedRMSNorm(64, cast_mode="weight", follow_autocast=False).to(w_dtype)
+        fused.load_state_dict(hf.state_dict())
+        x = torch.randn(6, 64).to(x_dtype)
+        y, y_hf = fused(x), hf(x)
+        assert y.dtype == y_hf.dtype == w_dtype
+        torch.testing.assert_close(y, y_hf)
 
 
 def test_fresh_modules_start_as_identity_affine():

@@ -38,6 +38,8 @@ AFFINES = {
     "w_fp32": (True, True, 0.0, torch.float32, "float32"),
     "llama": (True, False, 0.0, None, "input"),
     "llama_w_fp32": (True, False, 0.0, torch.float32, "input"),
+    "t5": (True, False, 0.0, None, "weight"),
+    "t5_w_fp32": (True, False, 0.0, torch.float32, "weight"),
 }
 
 # every shape with weight+bias; every affine variant on two representative shapes

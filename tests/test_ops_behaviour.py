@@ -36,8 +36,8 @@ def test_gradients_are_bit_identical_across_runs(kind, backend, launches):
 
 
 @pytest.mark.parametrize("is_rms", [True, False])
-@pytest.mark.parametrize("cast_input", [False, True])
-def test_custom_op_registration_passes_opcheck(is_rms, cast_input, monkeypatch):
+@pytest.mark.parametrize("rounding", [0, 1, 2])
+def test_custom_op_registration_passes_opcheck(is_rms, rounding, monkeypatch):
     """Schema, fake (meta) implementation and autograd registration agree with the real op."""
     pytest.importorskip("triton")
     from conftest import INTERPRETING
@@ -46,8 +46,10 @@ def test_custom_op_registration_passes_opcheck(is_rms, cast_input, monkeypatch):
         pytest.skip("the op runs Triton; on CPU tensors that needs TRITON_INTERPRET=1")
     x, w, b, _ = _inputs(m=9, n=33)
     for weight, bias in ((w, b), (w, None), (None, None)):
+        if weight is None and rounding == 2:
+            continue  # rounding to the weight's dtype needs a weight
         torch.library.opcheck(
-            _norm._norm_fwd_op, (x.detach().requires_grad_(), weight, bias, 1e-5, 0.0, is_rms, cast_input)
+            _norm._norm_fwd_op, (x.detach().requires_grad_(), weight, bias, 1e-5, 0.0, is_rms, rounding)
         )
 
 
@@ -164,7 +166,8 @@ BAD_INPUTS = [
     ("integer weight", dict(weight=torch.ones(4, dtype=torch.int32)), TypeError, "weight must be floating point"),
     ("weight on another device", dict(weight=torch.ones(4, device="meta")), ValueError, "weight is on meta but x is on cpu"),
     ("negative eps", dict(eps=-1.0), ValueError, "eps must be a non-negative number"),
-    ("unknown cast mode", dict(cast_mode="bf16"), ValueError, r"cast_mode must be one of \('float32', 'input'\)"),
+    ("unknown cast mode", dict(cast_mode="bf16"), ValueError, r"cast_mode must be one of \('float32', 'input', 'weight'\)"),
+    ("weight cast mode without weight", dict(weight=None, cast_mode="weight"), ValueError, "rounds to the weight's dtype"),
     ("offset without weight", dict(weight=None, offset=1.0), ValueError, "offset is added to the weight"),
     ("not a tensor", dict(x=[[1.0, 2.0]]), TypeError, "x must be a torch.Tensor, got list"),
 ]

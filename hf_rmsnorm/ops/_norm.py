@@ -18,7 +18,9 @@ from torch import Tensor
 
 BACKEND_ENV = "HF_RMSNORM_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
-CAST_MODES = ("float32", "input")
+# cast_mode -> which dtype the normalised row is rounded to before the affine (kernel code)
+ROUNDING = {"float32": 0, "input": 1, "weight": 2}
+CAST_MODES = tuple(ROUNDING)
 # dtypes the Triton kernels read and write; anything else (float64, ...) takes the torch path
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # mirrors _triton_norm.MAX_FUSED_N without importing Triton
@@ -120,21 +122,24 @@ def check_inputs(
         raise ValueError(f"{name}: eps must be a non-negative number, got {eps!r}.")
     if offset and weight is None:
         raise ValueError(f"{name}: offset is added to the weight, but weight is None; pass a weight or offset=0.")
+    if cast_mode == "weight" and weight is None:
+        raise ValueError(f'{name}: cast_mode="weight" rounds to the weight\'s dtype, but weight is None.')
     if cast_mode not in CAST_MODES:
         raise ValueError(f"{name}: cast_mode must be one of {CAST_MODES}, got {cast_mode!r}.")
 
 
 def affine_torch(
-    n: Tensor, x_dtype: torch.dtype, weight: Optional[Tensor], bias: Optional[Tensor], offset: float, cast_input: bool
+    n: Tensor, x_dtype: torch.dtype, weight: Optional[Tensor], bias: Optional[Tensor], offset: float, cast_mode: str
 ) -> Tensor:
     """The affine step of the torch path, in the same order of casts as the kernels.
 
     ``n`` is the normalised row in the compute dtype (fp32, or fp64 for fp64 input). The
     affine runs in that dtype and the result is rounded once, to ``output_dtype``.
     """
-    out_dtype = output_dtype(x_dtype, weight, bias, cast_input)
-    if cast_input:
-        n = n.to(x_dtype).to(n.dtype)
+    out_dtype = output_dtype(x_dtype, weight, bias, cast_mode)
+    rounding = ROUNDING[cast_mode]
+    if rounding:
+        n = n.to(x_dtype if rounding == 1 else weight.dtype).to(n.dtype)
     if weight is not None:
         n = n * (weight.to(n.dtype) + offset)
     if bias is not None:
@@ -146,12 +151,16 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def output_dtype(dtype: torch.dtype, weight: Optional[Tensor], bias: Optional[Tensor], cast_input: bool) -> torch.dtype:
-    """float32 mode returns x's dtype (like torch's norms); input mode promotes like ``w * y``."""
-    if cast_input:
-        for p in (weight, bias):
-            if p is not None:
-                dtype = torch.promote_types(dtype, p.dtype)
+def output_dtype(dtype: torch.dtype, weight: Optional[Tensor], bias: Optional[Tensor], cast_mode: str) -> torch.dtype:
+    """``float32``: x's dtype (like torch's norms); ``input``: promoted like Llama's
+    ``w * y.to(x.dtype)``; ``weight``: the parameters' dtype, like T5's ``w * y.to(w.dtype)``."""
+    if cast_mode == "float32":
+        return dtype
+    if cast_mode == "weight":
+        dtype = weight.dtype
+    for p in (weight, bias):
+        if p is not None:
+            dtype = torch.promote_types(dtype, p.dtype)
     return dtype
 
 
@@ -169,18 +178,18 @@ def _norm_fwd_op(
     eps: float,
     offset: float,
     is_rms: bool,
-    cast_input: bool,
+    rounding: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from . import _triton_norm
 
-    out_dtype = output_dtype(x.dtype, weight, bias, cast_input)
-    return _triton_norm.norm_fwd(x, weight, bias, eps, offset, is_rms, cast_input, out_dtype)
+    out_dtype = output_dtype(x.dtype, weight, bias, CAST_MODES[rounding])
+    return _triton_norm.norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype)
 
 
 @_norm_fwd_op.register_fake
-def _(x, weight, bias, eps, offset, is_rms, cast_input):
+def _(x, weight, bias, eps, offset, is_rms, rounding):
     M, N = x.shape
-    y = x.new_empty((M, N), dtype=output_dtype(x.dtype, weight, bias, cast_input))
+    y = x.new_empty((M, N), dtype=output_dtype(x.dtype, weight, bias, CAST_MODES[rounding]))
     mean = x.new_empty((0 if is_rms else M,), dtype=torch.float32)
     return y, mean, x.new_empty((M,), dtype=torch.float32)
 
@@ -194,14 +203,14 @@ def _norm_bwd_op(
     rstd: Tensor,
     offset: float,
     is_rms: bool,
-    cast_input: bool,
+    rounding: int,
     has_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from . import _triton_norm
 
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
-    dx, dw_part, db_part = _triton_norm.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_input, has_bias)
+    dx, dw_part, db_part = _triton_norm.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias)
     # Partial rows summed in a fixed order: deterministic, unlike atomics. Both sums stay
     # fp32 here; the autograd wrapper casts them to the parameters' dtypes.
     dw = dw_part.sum(0) if dw_part is not None else x.new_empty((0,), dtype=torch.float32)
@@ -210,7 +219,7 @@ def _norm_bwd_op(
 
 
 @_norm_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd, offset, is_rms, cast_input, has_bias):
+def _(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias):
     N = x.shape[1]
     dw = x.new_empty((N if weight is not None else 0,), dtype=torch.float32)
     db = x.new_empty((N if has_bias else 0,), dtype=torch.float32)
@@ -218,17 +227,17 @@ def _(dy, x, weight, mean, rstd, offset, is_rms, cast_input, has_bias):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, eps, offset, is_rms, cast_input = inputs
+    x, weight, bias, eps, offset, is_rms, rounding = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.offset, ctx.is_rms, ctx.cast_input = offset, is_rms, cast_input
+    ctx.offset, ctx.is_rms, ctx.rounding = offset, is_rms, rounding
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _norm_bwd_op(dy, x, weight, mean, rstd, ctx.offset, ctx.is_rms, ctx.cast_input, ctx.has_bias)
+    dx, dw, db = _norm_bwd_op(dy, x, weight, mean, rstd, ctx.offset, ctx.is_rms, ctx.rounding, ctx.has_bias)
     dw = dw.to(weight.dtype) if weight is not None else None
     db = db.to(ctx.bias_dtype) if ctx.has_bias else None
     return dx, dw, db, None, None, None, None
@@ -279,5 +288,5 @@ def _dispatch(torch_impl, x, weight, bias, eps, offset, is_rms, cast_mode):
     x2 = x.reshape(-1, shape[-1])
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    y, _, _ = _norm_fwd_op(x2, weight, bias, float(eps), float(offset), is_rms, cast_mode == "input")
+    y, _, _ = _norm_fwd_op(x2, weight, bias, float(eps), float(offset), is_rms, ROUNDING[cast_mode])
     return y.view(shape)

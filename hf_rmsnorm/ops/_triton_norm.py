@@ -45,7 +45,7 @@ def _norm_fwd_kernel(
     IS_RMS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    CAST_INPUT: tl.constexpr,  # round the normalised row to X's dtype before the affine
+    ROUNDING: tl.constexpr,  # round the normalised row before the affine: 0 no, 1 to X's dtype, 2 to W's
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -67,9 +67,12 @@ def _norm_fwd_kernel(
     rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(Rstd + rows, rstd, mask=row_mask)
     y = xc * rstd[:, None]
-    if CAST_INPUT:
-        # Llama order of casts: normalise in fp32, cast to the input dtype, then the affine.
+    # HF orders of casts: Llama rounds the normalised row to the input dtype before the
+    # affine, T5 to the weight's dtype; Gemma and torch's norms round only the output.
+    if ROUNDING == 1:
         y = y.to(X.dtype.element_ty).to(tl.float32)
+    if ROUNDING == 2:
+        y = y.to(W.dtype.element_ty).to(tl.float32)
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
         y = y * w[None, :]
@@ -98,7 +101,7 @@ def _norm_bwd_kernel(
     IS_RMS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    CAST_INPUT: tl.constexpr,
+    ROUNDING: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -126,9 +129,11 @@ def _norm_bwd_kernel(
             mean = tl.load(Mean + row)
             xhat = tl.where(mask, (x - mean) * rstd, 0.0)
         if HAS_WEIGHT:
-            if CAST_INPUT:
-                # the weight multiplied the rounded row, so its gradient sees the rounded row
+            # the weight multiplied the rounded row, so its gradient sees the rounded row
+            if ROUNDING == 1:
                 dw += dy * xhat.to(X.dtype.element_ty).to(tl.float32)
+            elif ROUNDING == 2:
+                dw += dy * xhat.to(W.dtype.element_ty).to(tl.float32)
             else:
                 dw += dy * xhat
             wdy = dy * w
@@ -167,7 +172,7 @@ def _backward_programs(device: torch.device) -> int:
     return 4  # TRITON_INTERPRET=1 on the CPU: a few programs still exercise the reduction
 
 
-def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_input, out_dtype):
+def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype):
     """Launch the forward kernel on ``x`` (M, N) with unit column stride."""
     M, N = x.shape
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
@@ -184,7 +189,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_input, out_dtype):
         IS_RMS=is_rms,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
-        CAST_INPUT=cast_input,
+        ROUNDING=rounding,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=_warps(block_m * block_n),
@@ -193,7 +198,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_input, out_dtype):
     return y, mean, rstd
 
 
-def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_input, has_bias):
+def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias):
     """Launch the backward kernel; returns dx and the fp32 (programs, N) partial sums."""
     M, N = x.shape
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -209,7 +214,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_input, has_bias):
         IS_RMS=is_rms,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=has_bias,
-        CAST_INPUT=cast_input,
+        ROUNDING=rounding,
         BLOCK_N=block_n,
         num_warps=_warps(block_n),
     )

@@ -29,15 +29,14 @@ def layer_norm_ref(
 ) -> Tensor:
     """Plain-torch LayerNorm with the kernels' semantics (see ``rms_norm_ref`` for the cast
     modes); ``cast_mode="float32"`` with ``offset=0`` is exactly ``F.layer_norm``."""
-    cast_input = cast_mode == "input"
     same_dtype = all(p is None or p.dtype == x.dtype for p in (weight, bias))
-    if not cast_input and offset == 0.0 and same_dtype:
+    if cast_mode == "float32" and offset == 0.0 and same_dtype:
         # torch's kernel, fastest on the CPU. Not for fp32 parameters with half inputs: its
         # mixed-dtype CPU backward loses precision there (caught by tests/test_ops.py).
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     xc = x.to(compute_dtype(x))
     n = F.layer_norm(xc, (x.shape[-1],), None, None, eps)
-    return affine_torch(n, x.dtype, weight, bias, offset, cast_input)
+    return affine_torch(n, x.dtype, weight, bias, offset, cast_mode)
 
 
 def layer_norm(

@@ -31,17 +31,17 @@ def rms_norm_ref(
 
     ``cast_mode="float32"``: everything in fp32, cast to x's dtype at the end (torch's
     ``F.rms_norm``, Gemma). ``cast_mode="input"``: normalise in fp32, cast to x's dtype, then
-    multiply by the weight in the promoted dtype (Llama).
+    multiply by the weight in the promoted dtype (Llama). ``cast_mode="weight"``: the same but
+    cast to the weight's dtype (T5).
     """
-    cast_input = cast_mode == "input"
     same_dtype = weight is None or weight.dtype == x.dtype
-    if not cast_input and bias is None and offset == 0.0 and same_dtype:
+    if cast_mode == "float32" and bias is None and offset == 0.0 and same_dtype:
         # torch's own kernel computes exactly this (fp32 statistics and affine, one rounding)
         # and is the fastest path on the CPU.
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xc = x.to(compute_dtype(x))
     n = F.rms_norm(xc, (x.shape[-1],), None, eps)
-    return affine_torch(n, x.dtype, weight, bias, offset, cast_input)
+    return affine_torch(n, x.dtype, weight, bias, offset, cast_mode)
 
 
 def rms_norm(
@@ -61,9 +61,10 @@ def rms_norm(
         weight, bias: optional ``(hidden,)`` tensors; their dtype may differ from x's.
         eps: added to the mean square before the square root.
         offset: added to the weight, in fp32 (``offset=1.0`` is Gemma's ``1 + w``).
-        cast_mode: ``"float32"`` (all fp32, output in x's dtype, like ``F.rms_norm``) or
+        cast_mode: ``"float32"`` (all fp32, output in x's dtype, like ``F.rms_norm``),
             ``"input"`` (Llama: round the normalised row to x's dtype, then the affine; the
-            output dtype is promoted with the weight's).
+            output dtype is promoted with the weight's) or ``"weight"`` (T5: round to the
+            weight's dtype; the output has the weight's dtype).
         follow_autocast: under ``torch.autocast``, do what torch's ``rms_norm`` does (float32
             on CUDA, unchanged on the CPU). Modules replacing code that autocast leaves alone
             (HF's RMSNorm classes) pass ``False``.
