@@ -1,0 +1,235 @@
+"""Find normalization modules in any model and work out, by probing, which fused module
+computes the same function.
+
+Nothing here is keyed on model names. A module is *norm-like* when its class says so
+(``nn.LayerNorm``, ``nn.RMSNorm``, or "Norm" in the class name). Its semantics are then
+*measured*: a randomised copy of it is run on probe tensors and every fused candidate (LayerNorm
+or RMSNorm; each HF order of casts; Gemma's ``1 + w``; each plausible eps) is run on the same
+tensors with the same parameters. The candidate that reproduces the output (dtype included)
+best, within the dtype's tolerance, is chosen; if none does, the module is left alone and the
+reason is reported. Results are cached per class and parameter signature.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..modules import FusedLayerNorm, FusedRMSNorm, _FusedNorm
+from ..ops._norm import CAST_MODES
+
+# Attributes HF and torch norm classes keep their epsilon in.
+_EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps", "layer_norm_epsilon")
+# Tried, and told apart by a small-magnitude probe, when a class keeps eps nowhere (OLMo).
+_COMMON_EPS = (1e-5, 1e-6, 1e-12, 1e-8)
+# Max |candidate - original| / max |original| accepted per output dtype: about two ulps.
+_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}
+# Ops that CUDA autocast runs in float32: a norm that hands them a half-precision tensor
+# changes under autocast (nn.LayerNorm); one that upcasts first does not (HF's RMSNorms).
+_AUTOCAST_FP32_OPS = {"layer_norm", "rms_norm", "group_norm", "pow", "rsqrt", "reciprocal", "exp", "log", "sum"}
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+    """What a fused module needs to compute what the original computes."""
+
+    kind: str  # "layer" or "rms"
+    eps: float
+    cast_mode: str
+    offset: float
+    follow_autocast: bool
+
+    def describe(self) -> str:
+        name = "LayerNorm" if self.kind == "layer" else "RMSNorm"
+        extra = f", offset={self.offset:g}" if self.offset else ""
+        autocast = "follows autocast" if self.follow_autocast else "ignores autocast"
+        return f"{name}(eps={self.eps:g}, cast_mode={self.cast_mode}{extra}, {autocast})"
+
+
+@dataclasses.dataclass
+class Match:
+    spec: Optional[NormSpec]
+    error: Optional[float]  # max relative error of the chosen candidate on the probes
+    reason: str
+
+
+def is_norm_like(module: nn.Module) -> bool:
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm, _FusedNorm)):
+        return True
+    return "norm" in type(module).__name__.lower()
+
+
+def _param_signature(module: nn.Module):
+    """(normalized_shape, has_weight, has_bias) or a reason why this is no LayerNorm/RMSNorm."""
+    if any(True for _ in module.children()):
+        return "has submodules: a composite block, not a single norm"
+    if any(True for _ in module.buffers()):
+        return "has buffers (e.g. running statistics): not a LayerNorm/RMSNorm"
+    params = dict(module.named_parameters(recurse=False))
+    extra = sorted(set(params) - {"weight", "bias"})
+    if extra:
+        return f"has parameters other than weight/bias: {extra}"
+    shapes = {tuple(p.shape) for p in params.values()}
+    if len(shapes) > 1:
+        return f"weight and bias shapes differ: {sorted(shapes)}"
+    if shapes:
+        shape = shapes.pop()
+    else:
+        shape = getattr(module, "normalized_shape", None)
+        shape = (shape,) if isinstance(shape, int) else tuple(shape) if shape else None
+        if not shape:
+            return "has no parameters and no normalized_shape: cannot tell its hidden size"
+    if not shape or math.prod(shape) == 0:
+        return f"empty normalized shape {shape}"
+    if "bias" in params and "weight" not in params:
+        return "has a bias but no weight: no fused equivalent"
+    for name, p in params.items():
+        if not p.is_floating_point():
+            return f"{name} is {p.dtype} (quantized?)"
+    return shape, "weight" in params, "bias" in params
+
+
+def _eps_candidates(module: nn.Module) -> tuple[float, ...]:
+    found = []
+    for attr in _EPS_ATTRS:
+        value = getattr(module, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+            found.append(float(value))
+    return tuple(dict.fromkeys(found)) or _COMMON_EPS
+
+
+def _specs(module, has_weight, follow_autocast):
+    for eps in _eps_candidates(module):
+        for kind in ("layer", "rms"):
+            for cast_mode in CAST_MODES:
+                if cast_mode != "float32" and not has_weight:
+                    continue
+                for offset in (0.0, 1.0) if has_weight else (0.0,):
+                    yield NormSpec(kind, eps, cast_mode, offset, follow_autocast)
+
+
+def build_fused(spec: NormSpec, module: nn.Module, shape: tuple) -> _FusedNorm:
+    """A fused module for ``spec`` holding the very same Parameter objects as ``module``."""
+    cls = FusedLayerNorm if spec.kind == "layer" else FusedRMSNorm
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    weight = weight if isinstance(weight, nn.Parameter) else None
+    bias = bias if isinstance(bias, nn.Parameter) else None
+    new = cls(
+        shape, eps=spec.eps, elementwise_affine=weight is not None, bias=bias is not None,
+        offset=spec.offset, cast_mode=spec.cast_mode, follow_autocast=spec.follow_autocast, device="meta",
+    )
+    if weight is not None:
+        new.weight = weight
+    if bias is not None:
+        new.bias = bias
+    return new
+
+
+class _OpRecorder(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.half_inputs_to_fp32_ops = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _AUTOCAST_FP32_OPS:
+            first = args[0] if args else None
+            if isinstance(first, torch.Tensor) and first.dtype in (torch.float16, torch.bfloat16):
+                self.half_inputs_to_fp32_ops = True
+        return func(*args, **(kwargs or {}))
+
+
+def _follows_autocast(module: nn.Module, x: torch.Tensor) -> bool:
+    """Would CUDA autocast change this module's maths? True when it feeds a half-precision
+    tensor to an op autocast runs in float32 (nn.LayerNorm does; HF RMSNorms upcast first)."""
+    recorder = _OpRecorder()
+    with torch.no_grad(), recorder:
+        module(x.to(torch.bfloat16))
+    return recorder.half_inputs_to_fp32_ops
+
+
+def _probes(shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(3, 5, *shape, generator=g)
+    probes = [base * 2 + 0.7, (base + 0.3) * 1e-3]  # a non-zero mean; a tiny scale where eps matters
+    out = [p.to(device=device, dtype=dtype) for p in probes]
+    other = torch.bfloat16 if dtype == torch.float32 else torch.float32  # mixed precision
+    out.append(probes[0].to(device=device, dtype=other))
+    return out
+
+
+def _randomised(module: nn.Module) -> nn.Module:
+    """A copy with random parameters, so that no candidate matches by accident of the
+    current values (all-ones weights would hide Gemma's 1 + w)."""
+    probe = copy.deepcopy(module)
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in probe.named_parameters(recurse=False):
+            centre = 1.0 if name == "weight" else 0.0
+            p.copy_((torch.randn(p.shape, generator=g) * 0.3 + centre).to(p.dtype))
+    return probe
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = want.detach().abs().max().double().clamp_min(1e-30)
+    return ((got.detach().double() - want.detach().double()).abs().max() / scale).item()
+
+
+def match_norm(module: nn.Module) -> Match:
+    """Probe ``module`` and return the fused spec that computes the same function, or why not."""
+    sig = _param_signature(module)
+    if isinstance(sig, str):
+        return Match(None, None, sig)
+    shape, has_weight, has_bias = sig
+    params = list(module.parameters(recurse=False))
+    dtype = params[0].dtype if params else torch.float32
+    device = params[0].device if params else torch.device("cpu")
+    if device.type == "meta":
+        return Match(None, None, "parameters are on the meta device")
+    probe_module = _randomised(module)
+    try:
+        follow = _follows_autocast(probe_module, _probes(shape, dtype, device)[0])
+    except Exception as exc:  # noqa: BLE001 - any failure means we cannot vouch for it
+        return Match(None, None, f"raised on a probe input of shape (3, 5, {', '.join(map(str, shape))}): {type(exc).__name__}: {exc}")
+
+    references = []
+    with torch.no_grad():
+        for x in _probes(shape, dtype, device):
+            try:
+                references.append((x, probe_module(x)))
+            except Exception:  # noqa: BLE001 - e.g. a mixed-dtype probe it does not support
+                continue
+    if not references or not isinstance(references[0][1], torch.Tensor):
+        return Match(None, None, "does not map a tensor to a tensor on the probe input")
+
+    best: Optional[tuple[float, NormSpec]] = None
+    for spec in _specs(module, has_weight, follow):
+        candidate = build_fused(spec, probe_module, shape)
+        worst = 0.0
+        with torch.no_grad():
+            for x, want in references:
+                try:
+                    got = candidate(x)
+                except Exception:  # noqa: BLE001
+                    worst = math.inf
+                    break
+                if got.dtype != want.dtype or got.shape != want.shape:
+                    worst = math.inf
+                    break
+                err = _rel_err(got, want)
+                if err > _TOLERANCE.get(want.dtype, 1e-5):
+                    worst = math.inf
+                    break
+                worst = max(worst, err)
+        if worst < math.inf and (best is None or worst < best[0]):
+            best = (worst, spec)
+    if best is None:
+        return Match(None, None, "no fused LayerNorm/RMSNorm reproduces its output on the probe inputs")
+    return Match(best[1], best[0], f"same function as {best[1].describe()}")

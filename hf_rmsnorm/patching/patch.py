@@ -1,0 +1,240 @@
+"""``patch_model`` / ``unpatch_model``: one small walker over any ``nn.Module``.
+
+The walker visits a module before its children, builds the dotted name as it goes, replaces
+a child with ``setattr(parent, name, new)`` only when something changed, and never descends
+into what it just replaced. Replacements hold the very same ``nn.Parameter`` objects, so the
+optimizer, tied weights and state_dict keys are untouched. The originals are kept (outside
+the module tree) so that ``unpatch_model`` can put them back.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..modules import _FusedNorm
+from .discovery import (
+    _TOLERANCE,
+    _eps_candidates,
+    _param_signature,
+    _probes,
+    _rel_err,
+    build_fused,
+    is_norm_like,
+    match_norm,
+)
+from .report import FUSED, SKIPPED, PatchReport
+
+TARGETS = ("layernorm", "rmsnorm")
+NOT_SELECTED = "not selected by include/exclude"
+_STATE_ATTR = "_hf_rmsnorm_state"
+_Patterns = Optional[Union[str, Sequence[str]]]
+
+
+def _patterns(value: _Patterns, arg: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{arg} takes a dotted-name pattern or a list of them, got {value!r}.")
+    return tuple(value)
+
+
+def _selected(name: str, include: tuple, exclude: tuple) -> bool:
+    """fnmatch patterns on the dotted name: 'model.layers.*.input_layernorm', '*ln_f'."""
+    if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+def _refuse_wrapped_or_unmaterialised(model: nn.Module) -> None:
+    """Patching must happen on the plain model, before wrapping or sharding."""
+    before = "Patch the plain model before accelerator.prepare / wrapping, e.g. patch_model(model) then accelerator.prepare(model)."
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    if isinstance(model, wrappers):
+        raise TypeError(f"patch_model got a {type(model).__name__}-wrapped model. {before}")
+    names = {c.__name__ for c in type(model).__mro__}
+    if names & {"FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine", "PipelineEngine"}:
+        raise TypeError(f"patch_model got a {type(model).__name__} (FSDP / DeepSpeed) model. {before}")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError("patch_model got a torch.compile'd model; patch first, then call torch.compile(model).")
+    for name, p in model.named_parameters():
+        if hasattr(p, "ds_id") or type(p).__name__ == "DTensor":
+            raise TypeError(f"parameter {name} is sharded (DeepSpeed ZeRO-3 / FSDP). {before}")
+
+
+def _find_state(model: nn.Module):
+    for prefix, module in model.named_modules():
+        state = module.__dict__.get(_STATE_ATTR)
+        if state is not None:
+            return prefix, module, state
+    return None
+
+
+def _walk(module: nn.Module, prefix: str, visit, seen: dict) -> None:
+    for name, child in list(module.named_children()):
+        fqn = f"{prefix}.{name}" if prefix else name
+        if id(child) in seen:  # a module shared at two paths gets the same replacement
+            if seen[id(child)] is not None:
+                setattr(module, name, seen[id(child)])
+            continue
+        new = visit(fqn, child)
+        seen[id(child)] = new
+        if new is not None:
+            setattr(module, name, new)
+        else:
+            _walk(child, fqn, visit, seen)
+
+
+def _verify_instance(module: nn.Module, new: _FusedNorm, shape) -> float:
+    """The chosen fused module against this very instance (its real parameters)."""
+    params = list(module.parameters(recurse=False))
+    dtype = params[0].dtype if params else torch.float32
+    device = params[0].device if params else torch.device("cpu")
+    x = _probes(shape, dtype, device, seed=1)[0]
+    with torch.no_grad():
+        want, got = module(x), new(x)
+    if got.dtype != want.dtype:
+        return float("inf")
+    err = _rel_err(got, want)
+    return err if err <= _TOLERANCE.get(want.dtype, 1e-5) else float("inf")
+
+
+def patch_model(
+    model: nn.Module,
+    target: str = "layernorm",
+    include: _Patterns = None,
+    exclude: _Patterns = None,
+    strict: bool = True,
+    dry_run: bool = False,
+) -> PatchReport:
+    """Swap every normalization module of ``model`` (in place) for a fused module that
+    computes the same function, and return a :class:`PatchReport`.
+
+    Args:
+        model: any ``nn.Module`` (a transformers model, a PEFT model, ...), not yet wrapped by
+            DDP / FSDP / DeepSpeed / torch.compile.
+        target: ``"layernorm"``: keep each norm's function on the fused kernels (LayerNorm ->
+            FusedLayerNorm, every RMSNorm flavour -> FusedRMSNorm). ``"rmsnorm"`` (exact
+            LayerNorm -> RMSNorm conversion) is not available yet.
+        include / exclude: fnmatch patterns on dotted module names (``"*.ln_f"``,
+            ``"model.layers.*.input_layernorm"``); only names matching ``include`` (when given)
+            and no ``exclude`` pattern are touched.
+        strict: raise, leaving the model unchanged, if a swapped module fails its
+            verification on its own parameters (never expected; it guards against instances
+            that behave unlike their class).
+        dry_run: report what would change without changing anything.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_model expects a torch.nn.Module, got {type(model).__name__}.")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}.")
+    if target == "rmsnorm":
+        raise NotImplementedError(
+            'target="rmsnorm" (exact LayerNorm -> RMSNorm conversion) is not implemented yet; '
+            'use target="layernorm" to run every norm, unchanged, on the fused kernels.'
+        )
+    include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
+    _refuse_wrapped_or_unmaterialised(model)
+
+    found = _find_state(model)
+    if found is not None:
+        prefix, _, state = found
+        where = f" (at {prefix})" if prefix else ""
+        note = f"already patched{where} with target={state['target']}: nothing changed. Call unpatch_model(model) first to patch again."
+        warnings.warn(f"patch_model: {type(model).__name__} {note}", stacklevel=2)
+        return PatchReport(type(model).__name__, target, note=note)
+
+    report = PatchReport(type(model).__name__, target, dry_run=dry_run)
+    originals: dict[str, nn.Module] = {}
+    cache: dict = {}
+
+    def visit(fqn: str, module: nn.Module) -> Optional[nn.Module]:
+        """The replacement for ``module``, or None to leave it (and look inside it)."""
+        if not is_norm_like(module):
+            return None
+        old = type(module).__name__
+        if isinstance(module, _FusedNorm):
+            report.add(fqn, old, None, SKIPPED, "already a fused module")
+            return None
+        if not _selected(fqn, include_p, exclude_p):
+            report.add(fqn, old, None, SKIPPED, NOT_SELECTED)
+            return None
+        sig = _param_signature(module)
+        if isinstance(sig, str) and "quantized" in sig:
+            raise TypeError(
+                f"{fqn} ({old}) {sig}: patch the model before quantizing it (or load it unquantized), then quantize."
+            )
+        if any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+            raise ValueError(
+                f"{fqn} ({old}) has parameters on the meta device: load the real weights first "
+                "(not init_empty_weights / a device_map still to be dispatched), then patch."
+            )
+        # one probe per class and parameter signature; each instance is still verified below
+        key = (type(module), repr(sig), tuple((p.dtype, p.device) for p in module.parameters(recurse=False)), _eps_candidates(module))
+        match = cache.get(key)
+        if match is None:
+            match = cache[key] = match_norm(module)
+        if match.spec is None:
+            report.add(fqn, old, None, SKIPPED, match.reason)
+            return None
+        shape = sig[0]
+        new = build_fused(match.spec, module, shape)
+        err = _verify_instance(module, new, shape)
+        if err == float("inf"):
+            reason = f"class probe matched {match.spec.describe()}, but this instance does not"
+            if strict:
+                raise RuntimeError(f"patch_model: {fqn} ({old}): {reason}; nothing was changed. Use exclude=[{fqn!r}] to leave it out.")
+            report.add(fqn, old, None, SKIPPED, reason)
+            return None
+        report.add(fqn, old, type(new).__name__, FUSED, match.reason, max(err, match.error or 0.0))
+        if dry_run:
+            return None
+        originals[fqn] = module
+        return new
+
+    try:
+        _walk(model, "", visit, {})
+    except Exception:
+        _restore(model, originals)  # strict: nothing changed
+        raise
+    asked = f"target={target!r}" + (f", include={list(include_p)}" if include_p else "") + (f", exclude={list(exclude_p)}" if exclude_p else "")
+    if not report:
+        raise ValueError(f"patch_model found no normalization modules in {type(model).__name__} ({asked}).")
+    if all(e["reason"] == NOT_SELECTED for e in report):
+        raise ValueError(
+            f"patch_model: no normalization module of {type(model).__name__} matched {asked}; "
+            f"they are named like {report[0]['name']!r}."
+        )
+    if originals:
+        model.__dict__[_STATE_ATTR] = {"target": target, "originals": originals, "report": report}
+    return report
+
+
+def _restore(model: nn.Module, originals: dict) -> None:
+    for fqn, module in originals.items():
+        parent_name, _, child = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module)
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Put back the original modules (holding the same, possibly trained, parameters) and
+    return ``model``."""
+    found = _find_state(model)
+    if found is None:
+        raise ValueError(f"unpatch_model: {type(model).__name__} was not patched by hf_rmsnorm (nothing to undo).")
+    _, owner, state = found
+    _restore(owner, state["originals"])
+    del owner.__dict__[_STATE_ATTR]
+    return model
+
+
+def patched_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """(name, fused module) for every module patch_model swapped in."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _FusedNorm)]
