@@ -76,19 +76,22 @@ def _find_state(model: nn.Module):
     return None
 
 
-def _walk(module: nn.Module, prefix: str, visit, seen: dict) -> None:
-    for name, child in list(module.named_children()):
-        fqn = f"{prefix}.{name}" if prefix else name
-        if id(child) in seen:  # a module shared at two paths gets the same replacement
-            if seen[id(child)] is not None:
-                setattr(module, name, seen[id(child)])
+def _walk(module: nn.Module, prefix: str, visit, seen: dict, replaced: dict) -> None:
+    """Visit children before grandchildren; swap a child only when ``visit`` returns a new
+    module, and then do not descend into it. ``replaced`` collects ``{fqn: original}``."""
+    # _modules, not named_children(): that one hides a module registered under two names
+    for name, child in list(module._modules.items()):
+        if child is None:
             continue
-        new = visit(fqn, child)
-        seen[id(child)] = new
+        fqn = f"{prefix}.{name}" if prefix else name
+        if id(child) not in seen:
+            seen[id(child)] = visit(fqn, child)
+            if seen[id(child)] is None:
+                _walk(child, fqn, visit, seen, replaced)
+        new = seen[id(child)]  # a module shared at two paths gets the same replacement
         if new is not None:
             setattr(module, name, new)
-        else:
-            _walk(child, fqn, visit, seen)
+            replaced[fqn] = child
 
 
 def _verify_instance(module: nn.Module, new: _FusedNorm, shape) -> float:
@@ -193,13 +196,10 @@ def patch_model(
             report.add(fqn, old, None, SKIPPED, reason)
             return None
         report.add(fqn, old, type(new).__name__, FUSED, match.reason, max(err, match.error or 0.0))
-        if dry_run:
-            return None
-        originals[fqn] = module
-        return new
+        return None if dry_run else new
 
     try:
-        _walk(model, "", visit, {})
+        _walk(model, "", visit, {}, originals)
     except Exception:
         _restore(model, originals)  # strict: nothing changed
         raise

@@ -1,0 +1,308 @@
+"""patch_model / unpatch_model over a table of tiny random transformers models: one shared
+tester (PEFT's TEST_CASES style), plus the report, the guards and the ecosystem checks."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from hf_rmsnorm import FusedLayerNorm, FusedRMSNorm, PatchReport, patch_model, unpatch_model
+from conftest import HAS_TRITON, INTERPRETING
+from tiny_models import MODELS, build, norm_modules, run
+
+TRITON_SUBSET = ["gpt2", "llama", "gemma", "t5", "cohere", "olmo"]
+TRAIN_SUBSET = ["gpt2", "llama", "gemma2", "t5", "bloom", "olmo"]
+
+
+def check_patch_roundtrip(name, dtype=torch.float32):
+    model, inputs = build(name, dtype)
+    ref = run(model, inputs)
+    norms_before = {n: type(m) for n, m in norm_modules(model).items()}
+    params_before = dict(model.named_parameters(remove_duplicate=False))
+    keys_before = list(model.state_dict())
+
+    report = patch_model(model, target="layernorm")
+
+    # every norm either swapped or reported with a reason; these models have no exotic norms
+    assert sorted(e["name"] for e in report) == sorted(norms_before)
+    assert report.skipped == [], report.skipped
+    for e in report:
+        new = model.get_submodule(e["name"])
+        assert isinstance(new, (FusedLayerNorm, FusedRMSNorm)) and type(new).__name__ == e["new"]
+        assert e["reason"].startswith("same function as")
+    # the same Parameter objects under the same names; state_dict unchanged
+    params_after = dict(model.named_parameters(remove_duplicate=False))
+    assert params_after.keys() == params_before.keys()
+    assert all(params_after[k] is params_before[k] for k in params_before)
+    assert list(model.state_dict()) == keys_before
+
+    out = run(model, inputs)
+    assert out.keys() == ref.keys()
+    for k in ref:
+        assert out[k].dtype == ref[k].dtype, k
+        if dtype == torch.float32:
+            torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-5, msg=f"{name}: {k}")
+        else:  # a one-ulp difference in a norm may flip roundings downstream: dtype tolerance
+            scale = ref[k].float().abs().max().item()
+            torch.testing.assert_close(out[k].float(), ref[k].float(), rtol=3e-2, atol=3e-2 * scale, msg=f"{name}: {k}")
+
+    unpatch_model(model)
+    assert {n: type(m) for n, m in norm_modules(model).items()} == norms_before
+    assert all(dict(model.named_parameters(remove_duplicate=False))[k] is params_before[k] for k in params_before)
+    restored = run(model, inputs)
+    assert all(torch.equal(restored[k], ref[k]) for k in ref), "unpatch_model did not restore the original function"
+    return report
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_patches_to_the_same_function_fp32(name, monkeypatch):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    check_patch_roundtrip(name)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_patches_to_the_same_function_bf16(name, monkeypatch):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    check_patch_roundtrip(name, torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", TRITON_SUBSET)
+def test_interpreted_triton_kernels_in_patched_models(name, monkeypatch, launches):
+    if not (HAS_TRITON and INTERPRETING):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 (the GPU suite covers CUDA)")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    check_patch_roundtrip(name)
+    assert launches() > 0
+
+
+@pytest.mark.parametrize("name", TRAIN_SUBSET)
+def test_training_follows_the_same_loss_curve(name, monkeypatch):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    base, inputs = build(name)
+    base.train()
+    patched = copy.deepcopy(base)
+    patch_model(patched)
+    labels = inputs.get("decoder_input_ids", inputs["input_ids"]).contiguous()
+    curves = []
+    for model in (base, patched):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        torch.manual_seed(0)
+        losses = []
+        for _ in range(4):
+            loss = model(**inputs, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        curves.append(losses)
+    assert curves[0][-1] < curves[0][0]  # it trains at all
+    torch.testing.assert_close(curves[1], curves[0], rtol=1e-4, atol=1e-5)
+
+
+def test_optimizer_built_before_patching_still_trains_the_model(monkeypatch):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    model, inputs = build("llama")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    patch_model(model)
+    norm = model.model.norm
+    before = norm.weight.detach().clone()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    opt.step()
+    assert not torch.equal(norm.weight, before)
+
+
+def test_report_prints_iterates_and_serialises():
+    model, _ = build("gemma")
+    report = patch_model(model)
+    assert isinstance(report, PatchReport) and len(report) == 5
+    text = str(report)
+    assert text.splitlines()[0] == "hf_rmsnorm: GemmaForCausalLM, target=layernorm: 5 fused, 0 exact, 0 approximate, 0 skipped (changed 5 of 5 norm modules)"
+    assert "model.layers.0.input_layernorm" in text and "GemmaRMSNorm → FusedRMSNorm" in text
+    assert "offset=1" in text  # Gemma's (1 + w) was recognised, not guessed
+    entries = json.loads(json.dumps(report))
+    assert entries[0]["change"] == "fused" and entries[0]["old"] == "GemmaRMSNorm"
+    assert [e["name"] for e in report] == [e["name"] for e in entries]
+
+
+def test_include_and_exclude_select_by_dotted_name():
+    model, _ = build("llama")
+    report = patch_model(model, include="model.layers.*", exclude=["*.post_attention_layernorm"])
+    fused = {e["name"] for e in report.changed}
+    assert fused == {"model.layers.0.input_layernorm", "model.layers.1.input_layernorm"}
+    assert {e["reason"] for e in report.skipped} == {"not selected by include/exclude"}
+    assert type(model.model.norm).__name__ == "LlamaRMSNorm"
+
+
+def test_matching_nothing_repeats_what_was_asked():
+    model, _ = build("llama")
+    with pytest.raises(ValueError, match=r"matched target='layernorm', include=\['decoder\.\*'\]"):
+        patch_model(model, include="decoder.*")
+    with pytest.raises(ValueError, match="found no normalization modules in Sequential"):
+        patch_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+
+
+def test_patching_twice_is_a_no_op_that_says_so():
+    model, _ = build("gpt2")
+    patch_model(model)
+    with pytest.warns(UserWarning, match="already patched"):
+        again = patch_model(model)
+    assert len(again) == 0 and "already patched" in str(again)
+    unpatch_model(model)
+    assert len(patch_model(model)) == 5  # and after an undo it patches again
+
+
+def test_unpatching_an_unpatched_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="was not patched by hf_rmsnorm"):
+        unpatch_model(build("gpt2")[0])
+
+
+def test_dry_run_reports_without_changing_anything():
+    model, _ = build("t5")
+    report = patch_model(model, dry_run=True)
+    assert report.count("fused") == 12 and "would change 12 of 12" in str(report)
+    assert not any(isinstance(m, (FusedLayerNorm, FusedRMSNorm)) for m in model.modules())
+    assert len(patch_model(model)) == 12  # a dry run leaves no "already patched" mark
+
+
+class _WeirdNorm(nn.Module):
+    """Norm-like by name, but computes something no fused module does (max-abs scaling)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return self.weight * x / x.abs().amax(-1, keepdim=True)
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.ln = nn.LayerNorm(8)
+        self.weird_norm = _WeirdNorm(8)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.weird_norm(self.ln(self.lin(x)))
+
+
+def test_unmatched_norms_are_left_alone_with_the_reason():
+    model = _Toy()
+    report = patch_model(model)
+    by_name = {e["name"]: e for e in report}
+    assert by_name["ln"]["change"] == "fused"
+    assert by_name["weird_norm"]["change"] == "skipped"
+    assert "no fused LayerNorm/RMSNorm reproduces its output" in by_name["weird_norm"]["reason"]
+    assert "running statistics" in by_name["bn"]["reason"]
+    assert isinstance(model.weird_norm, _WeirdNorm) and isinstance(model.bn, nn.BatchNorm1d)
+
+
+def test_shared_norm_module_is_replaced_once_and_stays_shared():
+    model = _Toy()
+    model.ln2 = model.ln  # the same module at two paths
+    report = patch_model(model)
+    assert [e["name"] for e in report.changed] == ["ln"]
+    assert model.ln is model.ln2 and isinstance(model.ln, FusedLayerNorm)
+    unpatch_model(model)
+    assert model.ln is model.ln2 and type(model.ln) is nn.LayerNorm
+
+
+def test_tied_weights_stay_tied():
+    model, _ = build("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    patch_model(model)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@pytest.mark.parametrize(
+    "wrap,message",
+    [
+        (lambda m: nn.DataParallel(m), "DataParallel-wrapped model"),
+        (lambda m: torch.compile(m), "torch.compile'd model; patch first"),
+    ],
+)
+def test_wrapped_models_are_refused_with_what_to_do(wrap, message):
+    model, _ = build("gpt2")
+    with pytest.raises(TypeError, match=message):
+        patch_model(wrap(model))
+
+
+def test_meta_device_is_refused_with_what_to_do():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with pytest.raises(ValueError, match="meta device: load the real weights first"):
+        patch_model(model)
+    assert isinstance(model[1], nn.LayerNorm)
+
+
+def test_quantized_norm_is_refused_with_what_to_do():
+    model = nn.Sequential(nn.LayerNorm(4))
+    model[0].weight = nn.Parameter(torch.ones(4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="patch the model before quantizing it"):
+        patch_model(model)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="expects a torch.nn.Module, got str"):
+        patch_model("gpt2")
+    with pytest.raises(ValueError, match="target must be one of"):
+        patch_model(build("gpt2")[0], target="batchnorm")
+    with pytest.raises(NotImplementedError, match='target="rmsnorm"'):
+        patch_model(build("gpt2")[0], target="rmsnorm")
+
+
+def test_generate_gradient_checkpointing_and_save_pretrained(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    from transformers import AutoModelForCausalLM
+
+    model, inputs = build("llama")
+    reference = model.generate(inputs["input_ids"], max_new_tokens=5, do_sample=False)
+    patch_model(model)
+    assert torch.equal(model.generate(inputs["input_ids"], max_new_tokens=5, do_sample=False), reference)
+
+    model.save_pretrained(tmp_path)  # a plain checkpoint of the original architecture
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded.model.norm).__name__ == "LlamaRMSNorm"
+    torch.testing.assert_close(run(loaded, inputs), run(model, inputs))
+
+    model.train()
+    model.gradient_checkpointing_enable()
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    assert model.model.norm.weight.grad is not None
+
+
+@pytest.mark.slow
+def test_torch_compile_of_a_patched_model_has_no_graph_breaks_in_the_norms(monkeypatch):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    torch._dynamo.reset()
+    model, inputs = build("llama")
+    ref = run(model, inputs)
+    patch_model(model)
+    # the norms alone compiled with fullgraph: a graph break inside them raises
+    norm = torch.compile(model.model.layers[0].input_layernorm, fullgraph=True)
+    x = torch.randn(2, 9, 32)
+    torch.testing.assert_close(norm(x), model.model.layers[0].input_layernorm(x))
+    compiled = torch.compile(model)
+    torch.testing.assert_close(run(compiled, inputs), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_peft_before_or_after_patching(monkeypatch):
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    for order in ("patch_first", "peft_first"):
+        model, inputs = build("llama")
+        ref = run(model, inputs)
+        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=True)
+        if order == "patch_first":
+            patch_model(model)
+            model = peft.get_peft_model(model, config)
+        else:
+            model = peft.get_peft_model(model, config)
+            patch_model(model)
+        torch.testing.assert_close(run(model, inputs), ref, rtol=1e-5, atol=1e-5)
+        unpatch_model(model)
+        assert not any(isinstance(m, FusedRMSNorm) for m in model.modules())

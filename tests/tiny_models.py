@@ -1,0 +1,123 @@
+"""Tiny random transformers models built from configs (no downloads), with a matching probe
+input each: the shared table the patching tests iterate over."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    CLIPConfig,
+    CLIPModel,
+)
+
+VOCAB = 128
+_DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64)
+_LLAMA_LIKE = dict(_DECODER, num_key_value_heads=2, head_dim=8)
+_ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64)
+
+# name -> (model_type, config kwargs, auto class, inputs kind)
+MODELS = {
+    "gpt2": ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64), AutoModelForCausalLM, "text"),
+    "gpt_neo": ("gpt_neo", dict(hidden_size=32, num_layers=2, num_heads=4, vocab_size=VOCAB, max_position_embeddings=64, attention_types=[[["global", "local"], 1]], window_size=8), AutoModelForCausalLM, "text"),
+    "gptj": ("gptj", dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, vocab_size=VOCAB, n_positions=64), AutoModelForCausalLM, "text"),
+    "codegen": ("codegen", dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, vocab_size=VOCAB, n_positions=64, n_ctx=64), AutoModelForCausalLM, "text"),
+    "gpt_neox": ("gpt_neox", dict(_DECODER, use_parallel_residual=True), AutoModelForCausalLM, "text"),
+    "gpt_neox_sequential": ("gpt_neox", dict(_DECODER, use_parallel_residual=False), AutoModelForCausalLM, "text"),
+    "opt": ("opt", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32, vocab_size=VOCAB, max_position_embeddings=64), AutoModelForCausalLM, "text"),
+    "bloom": ("bloom", dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=VOCAB), AutoModelForCausalLM, "text"),
+    "falcon": ("falcon", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, new_decoder_architecture=False), AutoModelForCausalLM, "text"),
+    "falcon_new": ("falcon", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2, vocab_size=VOCAB, new_decoder_architecture=True), AutoModelForCausalLM, "text"),
+    "phi": ("phi", _DECODER, AutoModelForCausalLM, "text"),
+    "biogpt": ("biogpt", _DECODER, AutoModelForCausalLM, "text"),
+    "mpt": ("mpt", dict(d_model=32, n_layers=2, n_heads=4, expansion_ratio=2, max_seq_len=64, vocab_size=VOCAB), AutoModelForCausalLM, "text"),
+    "stablelm": ("stablelm", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
+    "persimmon": ("persimmon", _DECODER, AutoModelForCausalLM, "text"),
+    "llama": ("llama", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
+    "mistral": ("mistral", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
+    "qwen2": ("qwen2", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
+    "qwen3": ("qwen3", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
+    "gemma": ("gemma", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
+    "gemma2": ("gemma2", dict(_LLAMA_LIKE, query_pre_attn_scalar=8, sliding_window=16), AutoModelForCausalLM, "text"),
+    "olmo": ("olmo", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
+    "olmo2": ("olmo2", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
+    "cohere": ("cohere", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
+    "bert": ("bert", _ENCODER, AutoModel, "text"),
+    "roberta": ("roberta", dict(_ENCODER, max_position_embeddings=80), AutoModel, "text"),
+    "electra": ("electra", dict(_ENCODER, embedding_size=32), AutoModel, "text"),
+    "distilbert": ("distilbert", dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=VOCAB, max_position_embeddings=64), AutoModel, "text"),
+    "bart": ("bart", dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB, max_position_embeddings=64), AutoModelForSeq2SeqLM, "seq2seq"),
+    "t5": ("t5", dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=VOCAB, decoder_start_token_id=0), AutoModelForSeq2SeqLM, "seq2seq"),
+    "vit": ("vit", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8), AutoModel, "image"),
+    "clip": ("clip", None, CLIPModel, "text+image"),
+    "whisper": ("whisper", dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16, max_target_positions=32, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1), AutoModel, "audio"),
+}
+
+
+def build(name: str, dtype=torch.float32, seed: int = 0):
+    """A tiny random model in eval mode and a matching probe input."""
+    model_type, kwargs, auto, kind = MODELS[name]
+    torch.manual_seed(seed)
+    if model_type == "clip":
+        config = CLIPConfig(
+            text_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64, projection_dim=16),
+            vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8, projection_dim=16),
+            projection_dim=16,
+        )
+    else:
+        config = AutoConfig.for_model(model_type, **kwargs)
+    config.use_cache = False
+    model = auto(config) if auto is CLIPModel else auto.from_config(config, attn_implementation="eager")
+    model = model.to(dtype).eval()
+    randomize_norms(model, seed)
+    inputs = probe_inputs(config, kind, seed)
+    return model, {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def probe_inputs(config, kind, seed=0, batch=2, length=9):
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    if kind == "text":
+        return {"input_ids": ids}
+    if kind == "seq2seq":
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+    if kind == "image":
+        return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
+    if kind == "text+image":
+        return {"input_ids": ids, "pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
+    if kind == "audio":
+        return {"input_features": torch.randn(batch, 16, 32, generator=g), "decoder_input_ids": ids[:, :5]}
+    raise ValueError(kind)
+
+
+def norm_modules(model):
+    """Norm-like modules, by the tests' own (name-based) definition."""
+    return {n: m for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
+
+
+def randomize_norms(model, seed=0):
+    """Non-default norm weights and biases, so that a swap that dropped or mis-read one shows."""
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for _, m in norm_modules(model).items():
+            for pname, p in m.named_parameters(recurse=False):
+                centre = 1.0 if pname == "weight" else 0.0
+                p.copy_((torch.randn(p.shape, generator=g) * 0.3 + centre).to(p.dtype))
+
+
+def tensor_outputs(out) -> dict:
+    """Every tensor a model returned, by name (caches and Nones left out)."""
+    found = {}
+    for key, value in out.items():
+        if isinstance(value, torch.Tensor):
+            found[key] = value
+        elif hasattr(value, "items"):
+            found.update({f"{key}.{k}": v for k, v in tensor_outputs(value).items()})
+    return found
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return tensor_outputs(model(**inputs))
