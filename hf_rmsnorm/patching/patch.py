@@ -27,10 +27,9 @@ from .discovery import (
     is_norm_like,
     match_norm,
 )
-from .report import FUSED, SKIPPED, PatchReport
+from .report import FUSED, NOT_SELECTED, SKIPPED, PatchReport
 
 TARGETS = ("layernorm", "rmsnorm")
-NOT_SELECTED = "not selected by include/exclude"
 _STATE_ATTR = "_hf_rmsnorm_state"
 _Patterns = Optional[Union[str, Sequence[str]]]
 

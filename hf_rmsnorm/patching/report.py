@@ -11,6 +11,7 @@ EXACT = "exact"  # LayerNorm converted to RMSNorm with the model's function pres
 APPROXIMATE = "approximate"  # converted on request; the function changed (by a reported amount)
 SKIPPED = "skipped"  # left as it was, with the reason
 CHANGES = (FUSED, EXACT, APPROXIMATE, SKIPPED)
+NOT_SELECTED = "not selected by include/exclude"
 
 
 class PatchReport(list):
@@ -51,8 +52,12 @@ class PatchReport(list):
             lines.append(self.note)
         if not self:
             return "\n".join(lines)
+        # modules left out by include/exclude are kept in the list but summed up in the table
+        unselected = [e for e in self if e["reason"] == NOT_SELECTED]
         rows = [("module", "old → new", "change", "reason")]
         for e in self:
+            if e["reason"] == NOT_SELECTED:
+                continue
             err = "" if e["max_rel_error"] is None else f" [probe max rel err {e['max_rel_error']:.1e}]"
             rows.append((e["name"], f"{e['old']} → {e['new'] or '(unchanged)'}", e["change"], e["reason"] + err))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
@@ -60,6 +65,8 @@ class PatchReport(list):
             lines.append("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
+        if unselected:
+            lines.append(f"({len(unselected)} more norm modules {NOT_SELECTED}, e.g. {unselected[0]['name']})")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

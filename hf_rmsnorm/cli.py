@@ -1,0 +1,114 @@
+"""The ``hf-rmsnorm`` command.
+
+    hf-rmsnorm inspect MODEL [--target layernorm] [--include P] [--exclude P] [--json]
+
+MODEL is a local Hugging Face model directory (its weights are loaded), a config.json file,
+or a ``model_type`` such as ``llama`` (a default config; built on the meta device, only the
+norms are materialised, so even a large configuration inspects in seconds). It prints the
+report ``patch_model`` would produce, without changing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .patching import patch_model
+from .patching.discovery import is_norm_like
+from .patching.patch import TARGETS
+
+_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CliError(Exception):
+    """A bad argument or input: printed as one line on stderr, exit status 2."""
+
+
+def _model_class(config):
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def _from_config(config, dtype):
+    """Build on the meta device, then materialise only the norms (they are all that is probed)."""
+    cls = _model_class(config)
+    with torch.device("meta"):
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    for module in model.modules():
+        if is_norm_like(module) and not any(True for _ in module.children()):
+            module.to_empty(device="cpu", recurse=False)
+            with torch.no_grad():
+                for name, p in module.named_parameters(recurse=False):
+                    p.fill_(1.0 if name == "weight" else 0.0)
+    return model.to(dtype) if dtype is not None else model
+
+
+def load_for_inspection(spec: str, dtype=None, trust_remote_code: bool = False):
+    import transformers
+
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CliError(f"{spec} is a directory without config.json: not a Hugging Face model directory.")
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        cls = _model_class(config)
+        kwargs = {"trust_remote_code": trust_remote_code} if trust_remote_code else {}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        try:
+            return cls.from_pretrained(path, **kwargs)
+        except OSError as exc:  # no weights: inspect the architecture alone
+            if "no file named" not in str(exc).lower() and "does not appear to have" not in str(exc).lower():
+                raise CliError(f"could not load {spec}: {exc}") from exc
+            return _from_config(config, dtype)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise CliError(f"{spec}: no such file.")
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return _from_config(config, dtype)
+    if "/" in spec or spec.startswith("."):
+        raise CliError(f"{spec}: no such directory (hub ids are not fetched by inspect; download the model first).")
+    try:
+        config = transformers.AutoConfig.for_model(spec)
+    except ValueError as exc:
+        raise CliError(f"{spec!r} is neither a local model directory, a config.json, nor a known model_type.") from exc
+    return _from_config(config, dtype)
+
+
+def _inspect(args) -> int:
+    model = load_for_inspection(args.model, _DTYPES[args.dtype], args.trust_remote_code)
+    report = patch_model(model, target=args.target, include=args.include, exclude=args.exclude, dry_run=True)
+    print(json.dumps({"model": report.model_class, "target": report.target, "entries": list(report)}, indent=2) if args.json else report)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-rmsnorm", description="Fused norms for Hugging Face models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="print the report patch_model would produce, changing nothing")
+    p.add_argument("model", help="local model directory, config.json, or model_type (e.g. llama)")
+    p.add_argument("--target", choices=TARGETS, default="layernorm")
+    p.add_argument("--include", action="append", help="fnmatch pattern on dotted module names (repeatable)")
+    p.add_argument("--exclude", action="append", help="fnmatch pattern on dotted module names (repeatable)")
+    p.add_argument("--dtype", choices=list(_DTYPES), default="auto", help="dtype to load the model in")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code to run (off by default)")
+    args = parser.parse_args(argv)
+    try:
+        return _inspect(args)
+    except (CliError, ValueError, TypeError, NotImplementedError) as exc:
+        print(f"hf-rmsnorm {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
