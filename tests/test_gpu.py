@@ -78,3 +78,26 @@ def test_torch_compile_inductor_fullgraph_on_cuda(launches):
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(x), eager, rtol=1e-4, atol=1e-3)
     assert launches() >= 2
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma", "t5", "olmo", "cohere"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_patched_models_on_cuda_under_autocast(name, dtype, launches):
+    """Each norm's autocast behaviour (nn.LayerNorm: float32; HF RMSNorms: unaffected) is
+    reproduced, so a patched model under AMP computes what the original did."""
+    from hf_rmsnorm import patch_model
+    from tiny_models import build, run
+
+    model, inputs = build(name, dtype)
+    model, inputs = model.cuda(), {k: v.cuda() for k, v in inputs.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = run(model, inputs)
+    report = patch_model(model, probe_autocast=torch.bfloat16)
+    assert not report.skipped
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = run(model, inputs)
+    assert launches() > 0
+    for k in ref:
+        assert out[k].dtype == ref[k].dtype, k
+        scale = ref[k].float().abs().max().item()
+        torch.testing.assert_close(out[k].float(), ref[k].float(), rtol=3e-2, atol=3e-2 * scale)

@@ -306,3 +306,28 @@ def test_peft_before_or_after_patching(monkeypatch):
         torch.testing.assert_close(run(model, inputs), ref, rtol=1e-5, atol=1e-5)
         unpatch_model(model)
         assert not any(isinstance(m, FusedRMSNorm) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "olmo"])
+def test_probe_under_autocast_keeps_the_same_swaps(name):
+    """On the CPU autocast leaves norms alone, so the swaps must agree with and without it
+    (the CUDA case, where it matters, is in tests/test_gpu.py)."""
+    plain, _ = build(name)
+    amp, inputs = build(name)
+    expected = [(e["name"], e["reason"]) for e in patch_model(plain)]
+    assert [(e["name"], e["reason"]) for e in patch_model(amp, probe_autocast=torch.bfloat16)] == expected
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = run(build(name)[0], inputs)
+        out = run(amp, inputs)
+    for k in ref:
+        assert out[k].dtype == ref[k].dtype
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["DeepSpeedEngine", "FullyShardedDataParallel", "FSDPModule"])
+def test_deepspeed_and_fsdp_wrappers_are_refused(engine):
+    """Recognised by class name, so neither package needs importing (or installing)."""
+    wrapper = type(engine, (nn.Module,), {})()
+    wrapper.module = build("gpt2")[0]
+    with pytest.raises(TypeError, match="FSDP / DeepSpeed.*before accelerator.prepare"):
+        patch_model(wrapper)

@@ -12,6 +12,7 @@ reason is reported. Results are cached per class and parameter signature.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -182,8 +183,18 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.detach().double() - want.detach().double()).abs().max() / scale).item()
 
 
-def match_norm(module: nn.Module) -> Match:
-    """Probe ``module`` and return the fused spec that computes the same function, or why not."""
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def match_norm(module: nn.Module, autocast_dtype: Optional[torch.dtype] = None) -> Match:
+    """Probe ``module`` and return the fused spec that computes the same function, or why not.
+
+    With ``autocast_dtype``, every probe also runs under ``torch.autocast`` of the module's
+    device, and a candidate must match there too (what it proves depends on the device: on
+    the CPU torch's autocast leaves norms alone; on CUDA it runs LayerNorm in float32)."""
     sig = _param_signature(module)
     if isinstance(sig, str):
         return Match(None, None, sig)
@@ -201,12 +212,14 @@ def match_norm(module: nn.Module) -> Match:
 
     references = []
     with torch.no_grad():
-        for x in _probes(shape, dtype, device):
-            try:
-                references.append((x, probe_module(x)))
-            except Exception:  # noqa: BLE001 - e.g. a mixed-dtype probe it does not support
-                continue
-    if not references or not isinstance(references[0][1], torch.Tensor):
+        for amp in (None, autocast_dtype) if autocast_dtype is not None else (None,):
+            for x in _probes(shape, dtype, device):
+                try:
+                    with _autocast(device, amp):
+                        references.append((x, amp, probe_module(x)))
+                except Exception:  # noqa: BLE001 - e.g. a mixed-dtype probe it does not support
+                    continue
+    if not references or not isinstance(references[0][2], torch.Tensor):
         return Match(None, None, "does not map a tensor to a tensor on the probe input")
 
     best: Optional[tuple[float, NormSpec]] = None
@@ -214,9 +227,10 @@ def match_norm(module: nn.Module) -> Match:
         candidate = build_fused(spec, probe_module, shape)
         worst = 0.0
         with torch.no_grad():
-            for x, want in references:
+            for x, amp, want in references:
                 try:
-                    got = candidate(x)
+                    with _autocast(device, amp):
+                        got = candidate(x)
                 except Exception:  # noqa: BLE001
                     worst = math.inf
                     break

@@ -114,6 +114,7 @@ def patch_model(
     exclude: _Patterns = None,
     strict: bool = True,
     dry_run: bool = False,
+    probe_autocast: Optional[torch.dtype] = None,
 ) -> PatchReport:
     """Swap every normalization module of ``model`` (in place) for a fused module that
     computes the same function, and return a :class:`PatchReport`.
@@ -131,6 +132,9 @@ def patch_model(
             verification on its own parameters (never expected; it guards against instances
             that behave unlike their class).
         dry_run: report what would change without changing anything.
+        probe_autocast: also probe each norm under ``torch.autocast(device, probe_autocast)``
+            (e.g. ``torch.bfloat16`` for a model that trains under AMP on a GPU) and keep a
+            swap only if it matches there too.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_model expects a torch.nn.Module, got {type(model).__name__}.")
@@ -181,7 +185,7 @@ def patch_model(
         key = (type(module), repr(sig), tuple((p.dtype, p.device) for p in module.parameters(recurse=False)), _eps_candidates(module))
         match = cache.get(key)
         if match is None:
-            match = cache[key] = match_norm(module)
+            match = cache[key] = match_norm(module, probe_autocast)
         if match.spec is None:
             report.add(fqn, old, None, SKIPPED, match.reason)
             return None
