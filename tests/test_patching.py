@@ -78,17 +78,24 @@ def test_interpreted_triton_kernels_in_patched_models(name, monkeypatch, launche
 
 
 @pytest.mark.parametrize("name", TRAIN_SUBSET)
-def test_training_follows_the_same_loss_curve(name, monkeypatch):
+@pytest.mark.parametrize("target", ["layernorm", "rmsnorm"])
+def test_training_follows_the_same_loss_curve(name, target, monkeypatch):
+    """AdamW steps on the patched model follow the original's loss curve. For the exact
+    conversion with keep_centered, the writers' updates are re-centred, which the original's
+    LayerNorms could not see anyway. Dropout is off (eval mode): with it, the stream's mean is
+    random and no conversion is exact."""
     monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
     base, inputs = build(name)
-    base.train()
     patched = copy.deepcopy(base)
-    patch_model(patched)
+    if target == "rmsnorm":
+        report = patch_model(patched, keep_centered=True)
+        assert report.count("exact") > 0 or name in ("llama", "gemma2", "t5")  # RMSNorm models: fused only
+    else:
+        patch_model(patched, target="layernorm")
     labels = inputs.get("decoder_input_ids", inputs["input_ids"]).contiguous()
     curves = []
     for model in (base, patched):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        torch.manual_seed(0)
         losses = []
         for _ in range(4):
             loss = model(**inputs, labels=labels).loss
@@ -115,7 +122,7 @@ def test_optimizer_built_before_patching_still_trains_the_model(monkeypatch):
 
 def test_report_prints_iterates_and_serialises():
     model, _ = build("gemma")
-    report = patch_model(model)
+    report = patch_model(model, target="layernorm")
     assert isinstance(report, PatchReport) and len(report) == 5
     text = str(report)
     assert text.splitlines()[0] == "hf_rmsnorm: GemmaForCausalLM, target=layernorm: 5 fused, 0 exact, 0 approximate, 0 skipped (changed 5 of 5 norm modules)"
@@ -137,7 +144,7 @@ def test_include_and_exclude_select_by_dotted_name():
 
 def test_matching_nothing_repeats_what_was_asked():
     model, _ = build("llama")
-    with pytest.raises(ValueError, match=r"matched target='layernorm', include=\['decoder\.\*'\]"):
+    with pytest.raises(ValueError, match=r"matched target='rmsnorm', include=\['decoder\.\*'\]"):
         patch_model(model, include="decoder.*")
     with pytest.raises(ValueError, match="found no normalization modules in Sequential"):
         patch_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
@@ -250,8 +257,8 @@ def test_bad_arguments():
         patch_model("gpt2")
     with pytest.raises(ValueError, match="target must be one of"):
         patch_model(build("gpt2")[0], target="batchnorm")
-    with pytest.raises(NotImplementedError, match='target="rmsnorm"'):
-        patch_model(build("gpt2")[0], target="rmsnorm")
+    with pytest.raises(ValueError, match='only apply to target="rmsnorm"'):
+        patch_model(build("gpt2")[0], target="layernorm", allow_approximate=True)
 
 
 def test_generate_gradient_checkpointing_and_save_pretrained(tmp_path, monkeypatch):
@@ -314,8 +321,8 @@ def test_probe_under_autocast_keeps_the_same_swaps(name):
     (the CUDA case, where it matters, is in tests/test_gpu.py)."""
     plain, _ = build(name)
     amp, inputs = build(name)
-    expected = [(e["name"], e["reason"]) for e in patch_model(plain)]
-    assert [(e["name"], e["reason"]) for e in patch_model(amp, probe_autocast=torch.bfloat16)] == expected
+    expected = [(e["name"], e["reason"]) for e in patch_model(plain, target="layernorm")]
+    assert [(e["name"], e["reason"]) for e in patch_model(amp, target="layernorm", probe_autocast=torch.bfloat16)] == expected
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = run(build(name)[0], inputs)
         out = run(amp, inputs)

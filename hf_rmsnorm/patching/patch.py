@@ -27,6 +27,7 @@ from .discovery import (
     is_norm_like,
     match_norm,
 )
+from .convert import _Conversion
 from .report import FUSED, NOT_SELECTED, SKIPPED, PatchReport
 
 TARGETS = ("layernorm", "rmsnorm")
@@ -109,29 +110,42 @@ def _verify_instance(module: nn.Module, new: _FusedNorm, shape) -> float:
 
 def patch_model(
     model: nn.Module,
-    target: str = "layernorm",
+    target: str = "rmsnorm",
     include: _Patterns = None,
     exclude: _Patterns = None,
     strict: bool = True,
     dry_run: bool = False,
+    allow_approximate: bool = False,
+    keep_centered: bool = False,
+    probe_inputs: Optional[dict] = None,
     probe_autocast: Optional[torch.dtype] = None,
 ) -> PatchReport:
-    """Swap every normalization module of ``model`` (in place) for a fused module that
-    computes the same function, and return a :class:`PatchReport`.
+    """Swap the normalization modules of ``model`` (in place) for fused ones and return a
+    :class:`PatchReport` saying, per module, what changed and why.
 
     Args:
         model: any ``nn.Module`` (a transformers model, a PEFT model, ...), not yet wrapped by
             DDP / FSDP / DeepSpeed / torch.compile.
-        target: ``"layernorm"``: keep each norm's function on the fused kernels (LayerNorm ->
-            FusedLayerNorm, every RMSNorm flavour -> FusedRMSNorm). ``"rmsnorm"`` (exact
-            LayerNorm -> RMSNorm conversion) is not available yet.
+        target: ``"rmsnorm"`` (default): every LayerNorm that reads the residual stream of a
+            pre-LN model becomes an RMSNorm computing the same function (the stream writers are
+            centred, see ``convert.py``); every other norm keeps its function on the fused
+            kernels. ``"layernorm"``: no conversion, every norm keeps its function (LayerNorm ->
+            FusedLayerNorm, every RMSNorm flavour -> FusedRMSNorm).
         include / exclude: fnmatch patterns on dotted module names (``"*.ln_f"``,
             ``"model.layers.*.input_layernorm"``); only names matching ``include`` (when given)
             and no ``exclude`` pattern are touched.
-        strict: raise, leaving the model unchanged, if a swapped module fails its
-            verification on its own parameters (never expected; it guards against instances
-            that behave unlike their class).
+        strict: if verification fails (a swapped norm that does not match its instance, or a
+            conversion whose outputs differ from the original's), restore the model exactly as
+            it was and raise, naming the module.
         dry_run: report what would change without changing anything.
+        allow_approximate: with ``target="rmsnorm"``, also turn the LayerNorms that cannot be
+            converted exactly (post-LN models: BERT, BART, ...) into RMSNorms with the same
+            weight and bias; they are reported as approximate with the measured deviation.
+        keep_centered: keep the centred stream writers centred while training (their weights
+            are re-projected before each forward), so that a fine-tuned converted model stays
+            exactly exportable to the original LayerNorm architecture.
+        probe_inputs: the keyword arguments of one forward call used to verify a conversion
+            (default: a small batch built from the model's config and signature).
         probe_autocast: also probe each norm under ``torch.autocast(device, probe_autocast)``
             (e.g. ``torch.bfloat16`` for a model that trains under AMP on a GPU) and keep a
             swap only if it matches there too.
@@ -140,11 +154,8 @@ def patch_model(
         raise TypeError(f"patch_model expects a torch.nn.Module, got {type(model).__name__}.")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}.")
-    if target == "rmsnorm":
-        raise NotImplementedError(
-            'target="rmsnorm" (exact LayerNorm -> RMSNorm conversion) is not implemented yet; '
-            'use target="layernorm" to run every norm, unchanged, on the fused kernels.'
-        )
+    if (allow_approximate or keep_centered) and target != "rmsnorm":
+        raise ValueError('allow_approximate and keep_centered only apply to target="rmsnorm".')
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
     _refuse_wrapped_or_unmaterialised(model)
 
@@ -157,11 +168,53 @@ def patch_model(
         return PatchReport(type(model).__name__, target, note=note)
 
     report = PatchReport(type(model).__name__, target, dry_run=dry_run)
+    planned = _plan(model, report, include_p, exclude_p, strict, probe_autocast)
+    asked = f"target={target!r}" + (f", include={list(include_p)}" if include_p else "") + (f", exclude={list(exclude_p)}" if exclude_p else "")
+    if not report:
+        raise ValueError(f"patch_model found no normalization modules in {type(model).__name__} ({asked}).")
+    if all(e["reason"] == NOT_SELECTED for e in report):
+        raise ValueError(
+            f"patch_model: no normalization module of {type(model).__name__} matched {asked}; "
+            f"they are named like {report[0]['name']!r}."
+        )
+    replacements = {fqn: new for fqn, (_, _, new) in planned.items()}
+    conversion = None
+    if target == "rmsnorm":
+        conversion = _Conversion(model, planned, report, probe_inputs, allow_approximate, keep_centered, strict)
+        replacements.update(conversion.replacements)
+    if dry_run:
+        return report
+
+    by_id = {id(planned[fqn][0]): new for fqn, new in replacements.items()}
     originals: dict[str, nn.Module] = {}
+    hooks: list = []
+    try:
+        if conversion is not None:
+            hooks = conversion.apply()
+        _walk(model, "", lambda fqn, module: by_id.get(id(module)), {}, originals)
+        if conversion is not None:
+            conversion.verify()
+    except Exception:
+        _restore(model, originals)  # strict: the model is left exactly as it was
+        for h in hooks:
+            h.remove()
+        if conversion is not None:
+            conversion.undo_centring()
+        raise
+    if conversion is not None:
+        conversion.drop_backups()
+    if originals:
+        model.__dict__[_STATE_ATTR] = {"target": target, "originals": originals, "report": report, "hooks": hooks}
+    return report
+
+
+def _plan(model, report, include_p, exclude_p, strict, probe_autocast) -> dict:
+    """Match every norm-like module (nothing is changed yet): ``{fqn: (module, spec, fused)}``
+    for the ones that have a fused equivalent; report entries for all of them."""
+    planned: dict = {}
     cache: dict = {}
 
-    def visit(fqn: str, module: nn.Module) -> Optional[nn.Module]:
-        """The replacement for ``module``, or None to leave it (and look inside it)."""
+    def visit(fqn: str, module: nn.Module) -> None:
         if not is_norm_like(module):
             return None
         old = type(module).__name__
@@ -189,9 +242,8 @@ def patch_model(
         if match.spec is None:
             report.add(fqn, old, None, SKIPPED, match.reason)
             return None
-        shape = sig[0]
-        new = build_fused(match.spec, module, shape)
-        err = _verify_instance(module, new, shape)
+        new = build_fused(match.spec, module, sig[0])
+        err = _verify_instance(module, new, sig[0])
         if err == float("inf"):
             reason = f"class probe matched {match.spec.describe()}, but this instance does not"
             if strict:
@@ -199,24 +251,11 @@ def patch_model(
             report.add(fqn, old, None, SKIPPED, reason)
             return None
         report.add(fqn, old, type(new).__name__, FUSED, match.reason, max(err, match.error or 0.0))
-        return None if dry_run else new
+        planned[fqn] = (module, match.spec, new)
+        return None
 
-    try:
-        _walk(model, "", visit, {}, originals)
-    except Exception:
-        _restore(model, originals)  # strict: nothing changed
-        raise
-    asked = f"target={target!r}" + (f", include={list(include_p)}" if include_p else "") + (f", exclude={list(exclude_p)}" if exclude_p else "")
-    if not report:
-        raise ValueError(f"patch_model found no normalization modules in {type(model).__name__} ({asked}).")
-    if all(e["reason"] == NOT_SELECTED for e in report):
-        raise ValueError(
-            f"patch_model: no normalization module of {type(model).__name__} matched {asked}; "
-            f"they are named like {report[0]['name']!r}."
-        )
-    if originals:
-        model.__dict__[_STATE_ATTR] = {"target": target, "originals": originals, "report": report}
-    return report
+    _walk(model, "", visit, {}, {})
+    return planned
 
 
 def _restore(model: nn.Module, originals: dict) -> None:
@@ -234,6 +273,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         raise ValueError(f"unpatch_model: {type(model).__name__} was not patched by hf_rmsnorm (nothing to undo).")
     _, owner, state = found
     _restore(owner, state["originals"])
+    for handle in state.get("hooks", ()):
+        handle.remove()  # run-time centring and keep_centered projections
     del owner.__dict__[_STATE_ATTR]
     return model
 

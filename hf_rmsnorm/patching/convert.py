@@ -1,0 +1,452 @@
+"""Exact LayerNorm -> RMSNorm conversion of pre-LN models (DESIGN.md §2), found by measuring
+the model rather than by reading its name.
+
+1. **Stream writers.** A module writes the residual stream when shifting its output along the
+   all-ones direction changes nothing downstream (the stream is only read by shift-invariant
+   LayerNorms). One float64 forward/backward with a zero shift added to the output of every
+   Linear / Conv1D of hidden width measures exactly that: the gradient of the output with
+   respect to the shift is zero for writers and not for anything else (q/k/v, up-projections).
+2. **Centre them**: W <- C W, b <- b - mean(b), in float64, cast back. The model's function is
+   unchanged.
+3. **Centre each stream's start at run time**: a forward pre-hook subtracts the mean of the
+   first block's input (one subtraction per forward). This covers every way a stream can begin
+   — token embeddings tied to the LM head, position and token-type tables, an embedding
+   LayerNorm, a convolutional stem — without rewriting any of them.
+4. **Measure**: every LayerNorm whose input now has zero mean (to float64 rounding) reads the
+   centred stream and becomes an RMSNorm with the same weight, bias and eps. The rest (post-LN
+   norms, norms on heads, embedding norms) keep their function on the fused LayerNorm — or,
+   with ``allow_approximate``, become RMSNorms anyway, with the deviation reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+import dataclasses
+import inspect
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+# |mean| / rms of a norm's input at or below this (in float64) counts as centred
+_CENTRED_FP64 = 1e-6
+# a writer's shift gradient relative to its output gradient at or below this (float64). Not
+# float64 rounding: some HF norms cast to float32 inside (OLMo, Cohere), which leaves ~1e-8;
+# anything that is not a writer measures ~1/sqrt(width) or more.
+_INVARIANT_FP64 = 1e-6
+# max |converted - original| / max |original| of the model outputs accepted as exact
+EXACT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+CENTRED_ATTR = "_hf_rmsnorm_centred_input"
+
+
+# ------------------------------------------------------------------------------- probe inputs
+
+
+def _config_value(config, name):
+    """A value from the config or any of its sub-configs (CLIP keeps image_size in one)."""
+    if hasattr(config, name) and getattr(config, name) is not None:
+        return getattr(config, name)
+    for value in vars(config).values():
+        if hasattr(value, "to_dict") and hasattr(value, name):
+            found = _config_value(value, name)
+            if found is not None:
+                return found
+    return None
+
+
+def probe_inputs(model: nn.Module, batch: int = 2, length: int = 12, seed: int = 0) -> dict:
+    """A probe batch for the model's forward: token ids, pixel values or audio features (and
+    decoder ids for encoder-decoders), chosen from its signature and config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} has no config to build a probe input from; pass probe_inputs={{...}} to convert it")
+    params = inspect.signature(model.forward).parameters
+    param = next(iter(model.parameters()))
+    g = torch.Generator().manual_seed(seed)
+    inputs = {}
+    vocab = _config_value(config, "vocab_size")
+    if "input_ids" in params and vocab:
+        inputs["input_ids"] = torch.randint(min(3, vocab - 1), vocab, (batch, length), generator=g)
+    if "pixel_values" in params and _config_value(config, "image_size"):
+        size = _config_value(config, "image_size")
+        size = size if isinstance(size, int) else size[0]
+        channels = _config_value(config, "num_channels") or 3
+        inputs["pixel_values"] = torch.randn(batch, channels, size, size, generator=g)
+    if "input_features" in params and _config_value(config, "num_mel_bins"):
+        frames = 2 * (_config_value(config, "max_source_positions") or 1500)
+        inputs["input_features"] = torch.randn(batch, _config_value(config, "num_mel_bins"), frames, generator=g)
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params and vocab:
+        inputs["decoder_input_ids"] = torch.randint(min(3, vocab - 1), vocab, (batch, max(2, length // 2)), generator=g)
+    if not inputs:
+        raise ValueError(f"cannot build a probe input for {type(model).__name__}; pass probe_inputs={{...}} to convert it")
+    return {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+
+
+def model_outputs(model: nn.Module, inputs: dict) -> dict:
+    """Every floating tensor the model returns, by dotted name (caches left out)."""
+    return _tensors(model(**inputs), "")
+
+
+def _tensors(value, prefix: str) -> dict:
+    if isinstance(value, torch.Tensor):
+        return {prefix: value} if value.is_floating_point() else {}
+    if isinstance(value, dict):  # ModelOutput is a dict
+        items = value.items()
+    elif isinstance(value, (tuple, list)):
+        items = enumerate(value)
+    else:
+        return {}  # a KV cache or anything else that is not an output tensor
+    found = {}
+    for key, item in items:
+        found.update(_tensors(item, f"{prefix}.{key}" if prefix else str(key)))
+    return found
+
+
+def compare_outputs(before: dict, after: dict) -> tuple[float, list[str]]:
+    """Max relative difference over the outputs, and the outputs that differ only by a
+    per-position mean: those expose the raw residual stream, whose mean the conversion removes
+    by design (LayerNorms downstream never saw it)."""
+    worst, stream_outputs = 0.0, []
+    for key, ref in before.items():
+        got = after[key].double()
+        ref = ref.double()
+        scale = ref.abs().max().clamp_min(1e-30)
+        err = ((got - ref).abs().max() / scale).item()
+        if err > 1e-6:
+            centred = ((got - got.mean(-1, keepdim=True)) - (ref - ref.mean(-1, keepdim=True))).abs().max() / scale
+            if centred.item() <= max(1e-6, err * 1e-3):
+                stream_outputs.append(key)
+                continue
+        worst = max(worst, err)
+    return worst, stream_outputs
+
+
+# ------------------------------------------------------------------------------------ writers
+
+
+def _out_dim(module: nn.Module) -> Optional[int]:
+    """The weight dimension that indexes the module's output features."""
+    if isinstance(module, nn.Linear):
+        return 0
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+        return 1  # GPT-2's Conv1D stores (in, out)
+    return None
+
+
+def _out_features(module: nn.Module) -> Optional[int]:
+    dim = _out_dim(module)
+    return None if dim is None else module.weight.shape[dim]
+
+
+def _shift(x: torch.Tensor, shifts: dict, outputs: dict, name: str) -> torch.Tensor:
+    """x plus a zero, per-position shift along the ones direction that autograd can see."""
+    shift = torch.zeros(x.shape[:-1] + (1,), dtype=x.dtype, device=x.device, requires_grad=True)
+    shifted = x + shift
+    shifts.setdefault(name, []).append(shift)
+    outputs.setdefault(name, []).append(shifted)
+    return shifted
+
+
+def shift_invariant(model64: nn.Module, inputs: dict, outputs_of: list[str], inputs_of: list[str]) -> set[str]:
+    """Which of the named modules' outputs (``outputs_of``) or hidden-state inputs
+    (``inputs_of``) can be shifted along the ones direction, per position, without changing
+    any model output: one float64 forward and backward through ``model64`` (eval mode)."""
+    shifts, shifted, handles = {}, {}, []
+
+    def post_hook(name):
+        return lambda mod, args, out: _shift(out, shifts, shifted, name) if isinstance(out, torch.Tensor) else None
+
+    def pre_hook(name):
+        def hook(mod, args, kwargs):
+            if args and isinstance(args[0], torch.Tensor):
+                return (_shift(args[0], shifts, shifted, name), *args[1:]), kwargs
+            if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+                return args, {**kwargs, "hidden_states": _shift(kwargs["hidden_states"], shifts, shifted, name)}
+            return None
+
+        return hook
+
+    for name in outputs_of:
+        handles.append(model64.get_submodule(name).register_forward_hook(post_hook(name)))
+    for name in inputs_of:
+        handles.append(model64.get_submodule(name).register_forward_pre_hook(pre_hook(name), with_kwargs=True))
+    try:
+        results = model_outputs(model64, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    if not shifts:
+        return set()
+    # A random projection of every output, blind to per-position mean shifts: outputs that
+    # expose the raw residual stream (CLIP's vision last_hidden_state) carry the stream's mean,
+    # which the conversion removes by design; only what the LayerNorms see must be unchanged.
+    g = torch.Generator().manual_seed(7)
+    loss = 0.0
+    for t in results.values():
+        r = torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
+        loss = loss + (t * (r - r.mean(-1, keepdim=True))).sum()
+    names = list(shifts)
+    flat = [t for n in names for t in shifts[n]] + [t for n in names for t in shifted[n]]
+    grads = torch.autograd.grad(loss, flat, allow_unused=True)
+    count = len(flat) // 2
+    invariant, i = set(), 0
+    for n in names:
+        k = len(shifts[n])
+        gs, go = grads[i : i + k], grads[count + i : count + i + k]
+        i += k
+        if any(g is None for g in go + gs) or all(float(g.abs().max()) == 0.0 for g in go):
+            continue  # unused: nothing to centre, nothing proven
+        ratio = max(
+            (s.abs() / (o.norm(dim=-1, keepdim=True) * math.sqrt(o.shape[-1])).clamp_min(1e-300)).max().item()
+            for s, o in zip(gs, go)
+        )
+        if ratio <= _INVARIANT_FP64:
+            invariant.add(n)
+    return invariant
+
+
+@torch.no_grad()
+def centre_writer_(module: nn.Module) -> None:
+    """W <- C W and b <- b - mean(b) over the output features, in float64, cast back."""
+    dim = _out_dim(module)
+    w64 = module.weight.double()
+    module.weight.copy_((w64 - w64.mean(dim, keepdim=True)).to(module.weight.dtype))
+    if getattr(module, "bias", None) is not None:
+        b64 = module.bias.double()
+        module.bias.copy_((b64 - b64.mean()).to(module.bias.dtype))
+
+
+def _keep_centred(module: nn.Module) -> list:
+    """Hooks that make a converted model train exactly like the LayerNorm original: the
+    writer's gradients are centred (the LayerNorm model's gradient is the centred part of the
+    RMSNorm model's, since LN(x) = RMS(Cx)), and its weights are re-centred before each
+    forward (Adam's elementwise step does not keep them centred; the LayerNorms never saw the
+    difference). The weights stay exactly exportable to the original architecture."""
+    dim = _out_dim(module)
+    hooks = [module.weight.register_hook(lambda g: g - g.mean(dim, keepdim=True))]
+    if getattr(module, "bias", None) is not None:
+        hooks.append(module.bias.register_hook(lambda g: g - g.mean()))
+    hooks.append(module.register_forward_pre_hook(lambda mod, args: centre_writer_(mod)))
+    return hooks
+
+
+# ----------------------------------------------------------------------- run-time centring
+
+
+def _centre_first_input(module, args, kwargs):
+    """Forward pre-hook: subtract the per-position mean of the block's hidden states."""
+    if args and isinstance(args[0], torch.Tensor):
+        x = args[0]
+        return (x - x.mean(-1, keepdim=True), *args[1:]), kwargs
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        x = kwargs["hidden_states"]
+        return args, {**kwargs, "hidden_states": x - x.mean(-1, keepdim=True)}
+    return None
+
+
+def block_lists(model: nn.Module) -> dict[str, str]:
+    """{outermost ModuleList: its first block}: where each stream of blocks enters (an
+    encoder's and a decoder's layers are two; experts inside a block are not a stream)."""
+    chosen: dict[str, str] = {}
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0 and n]
+    for name, module in sorted(lists, key=lambda item: item[0].count(".")):
+        if not any(name.startswith(f"{c}.") for c in chosen):
+            chosen[name] = f"{name}.{next(iter(module._modules))}"
+    return chosen
+
+
+def add_start_hooks(model: nn.Module, starts: list[str]) -> list:
+    return [model.get_submodule(s).register_forward_pre_hook(_centre_first_input, with_kwargs=True) for s in starts]
+
+
+def input_centring(model: nn.Module, names: list[str], inputs: dict) -> dict[str, float]:
+    """max |mean| / rms of each named module's input over the probe batch."""
+    ratios, handles = {}, []
+    for name in names:
+
+        def hook(mod, args, name=name):
+            x = args[0].detach().double()
+            mean = x.mean(-1)
+            rms = x.pow(2).mean(-1).sqrt().clamp_min(1e-300)
+            ratios[name] = max(ratios.get(name, 0.0), (mean.abs() / rms).max().item())
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model_outputs(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return ratios
+
+
+# ------------------------------------------------------------------------------------- plan
+
+
+@dataclasses.dataclass
+class ConversionPlan:
+    writers: list[str]
+    starts: list[str]
+    centring: dict[str, float]  # |mean|/rms of each LayerNorm's input after centring (fp64)
+    exact: list[str]
+
+
+def plan_conversion(model: nn.Module, layer_norms: dict[str, int], inputs: dict) -> ConversionPlan:
+    """Measure, on a float64 copy of ``model``, which of ``layer_norms`` ({name: width}) read
+    a stream that centring its writers (and its start) makes zero-mean."""
+    model64 = copy.deepcopy(model).double().eval()
+    inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    widths = set(layer_norms.values())
+    candidates = [n for n, m in model64.named_modules() if _out_features(m) in widths]
+    lists = block_lists(model64)
+    invariant = shift_invariant(model64, inputs64, candidates, list(lists.values()))
+    writers = [n for n in candidates if n in invariant]
+    # a stream's start may be centred only where nothing but LayerNorms reads it (pre-LN);
+    # in a post-LN block the input also feeds q/k/v directly, and the test above says so
+    starts = sorted(first for name, first in lists.items() if first in invariant and any(w.startswith(f"{name}.") for w in writers))
+    for name in writers:
+        centre_writer_(model64.get_submodule(name))
+    handles = add_start_hooks(model64, starts)
+    try:
+        centring = input_centring(model64, list(layer_norms), inputs64)
+    finally:
+        for h in handles:
+            h.remove()
+    exact = [n for n in layer_norms if centring.get(n, math.inf) <= _CENTRED_FP64]
+    del model64
+    return ConversionPlan(writers, starts, centring, exact)
+
+
+# ----------------------------------------------------------------------------- the conversion
+
+
+def _update(report, fqn: str, **fields) -> None:
+    for entry in report:
+        if entry["name"] == fqn:
+            entry.update(fields)
+            return
+
+
+class _Conversion:
+    """The exact conversion of one model, in the order patch_model needs it: planned at
+    construction (nothing changed), then ``apply`` (centre writers, start hooks), ``verify``
+    (raise if not exact), and on failure ``undo_centring``."""
+
+    def __init__(self, model, planned: dict, report, probe: Optional[dict], allow_approximate: bool, keep_centered: bool, strict: bool):
+        from .discovery import build_fused
+
+        self.model, self.report, self.strict, self.keep_centered = model, report, strict, keep_centered
+        self.replacements: dict[str, nn.Module] = {}
+        self.backups: dict[str, tuple] = {}
+        layer_norms = {
+            fqn: math.prod(new.normalized_shape)
+            for fqn, (_, spec, new) in planned.items()
+            if spec.kind == "layer" and len(new.normalized_shape) == 1
+        }
+        self.plan = None
+        if not layer_norms:
+            return
+        try:
+            self.inputs = probe if probe is not None else probe_inputs(model)
+        except ValueError as exc:  # no config / unknown inputs: cannot verify, so do not convert
+            for fqn in layer_norms:
+                _update(report, fqn, reason=f"kept as LayerNorm (fused): {exc}")
+            return
+        was_training = model.training
+        model.eval()  # dropout would make the stream's mean random
+        try:
+            with torch.no_grad():
+                self.before = model_outputs(model, self.inputs)
+            self.plan = plan_conversion(model, layer_norms, self.inputs)
+        finally:
+            model.train(was_training)
+        self.approximate = [n for n in layer_norms if n not in self.plan.exact] if allow_approximate else []
+        for fqn in self.plan.exact + self.approximate:
+            module, spec, _ = planned[fqn]
+            self.replacements[fqn] = build_fused(dataclasses.replace(spec, kind="rms"), module, (layer_norms[fqn],))
+        for fqn in layer_norms:
+            ratio = self.plan.centring.get(fqn, math.inf)
+            if fqn in self.plan.exact:
+                reason = f"reads the centred residual stream (input |mean|/rms {ratio:.0e} in float64): RMSNorm with the same weight, bias and eps"
+                _update(report, fqn, change="exact", new="FusedRMSNorm", reason=reason)
+            elif fqn in self.approximate:
+                _update(report, fqn, change="approximate", new="FusedRMSNorm", reason=f"converted on request; its input is not centred (|mean|/rms {ratio:.2g})")
+            else:
+                reason = (
+                    f"kept as LayerNorm (fused): its input is not centred (|mean|/rms {ratio:.2g}) even with the stream "
+                    "writers centred (a post-LN norm, an embedding norm or a norm on heads); allow_approximate=True converts it anyway"
+                )
+                _update(report, fqn, reason=reason)
+        if not self.replacements:
+            report.note = "no LayerNorm reads a stream that can be centred (post-LN?): nothing converted."
+        else:
+            note = [f"centred {len(self.plan.writers)} stream writers" + (f" (e.g. {self.plan.writers[0]})" if self.plan.writers else "")]
+            if self.plan.starts:
+                note.append(f"stream start centred at run time at: {', '.join(self.plan.starts)}")
+            report.note = "; ".join(note) + "."
+        report.conversion = {"writers": self.plan.writers, "runtime_centring": self.plan.starts}
+
+    def apply(self) -> list:
+        """Centre the writers (keeping backups until verified) and hook the stream starts."""
+        if not self.plan or not self.replacements:
+            return []
+        hooks = add_start_hooks(self.model, self.plan.starts)
+        for name in self.plan.writers:
+            module = self.model.get_submodule(name)
+            self.backups[name] = tuple(p.detach().clone() for p in (module.weight, getattr(module, "bias", None)) if p is not None)
+            centre_writer_(module)
+            if self.keep_centered:
+                hooks += _keep_centred(module)
+        return hooks
+
+    def undo_centring(self) -> None:
+        with torch.no_grad():
+            for name, saved in self.backups.items():
+                module = self.model.get_submodule(name)
+                for p, value in zip((module.weight, getattr(module, "bias", None)), saved):
+                    p.copy_(value)
+        self.backups.clear()
+
+    def drop_backups(self) -> None:
+        self.backups.clear()
+
+    def verify(self) -> None:
+        """Outputs against the unconverted model's, and the centring of every converted
+        norm's input, on the probe batch."""
+        if not self.plan or not self.replacements:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                after = model_outputs(self.model, self.inputs)
+            exact = [n for n in self.plan.exact if n in self.replacements]
+            ratios = input_centring(self.model, exact, self.inputs)
+        finally:
+            self.model.train(was_training)
+        err, stream_outputs = compare_outputs(self.before, after)
+        dtype = next(iter(self.before.values())).dtype
+        tolerance = EXACT_TOLERANCE.get(dtype, 1e-4)
+        self.report.verification = {"max_rel_diff": err, "outputs_exposing_the_stream": stream_outputs, "input_centring": ratios}
+        line = f"verified on a probe batch: outputs differ from the original's by {err:.1e} (max relative)"
+        if stream_outputs:
+            line += f"; {', '.join(stream_outputs)} expose the raw residual stream and differ only by its mean, as designed"
+        self.report.note = f"{self.report.note} {line}."
+        for fqn in exact:
+            _update(self.report, fqn, max_rel_error=err)
+        if self.approximate:
+            for fqn in self.approximate:
+                _update(self.report, fqn, max_rel_error=err, reason=f"converted on request; model outputs deviate by {err:.2e} (max relative) with all {len(self.approximate)} approximated")
+            return
+        if err > tolerance:
+            worst = max(ratios, key=ratios.get) if ratios else "?"
+            message = (
+                f"patch_model: exact conversion failed verification: outputs differ by {err:.2e} "
+                f"(> {tolerance:g} for {dtype}); the least centred converted norm is {worst} "
+                f"(input |mean|/rms {ratios.get(worst, float('nan')):.2g})"
+            )
+            if self.strict:
+                raise RuntimeError(message + '; the model was restored. Use target="layernorm" or exclude=[...] for that module.')
+            warnings.warn(message, stacklevel=3)
