@@ -1,6 +1,6 @@
 """The ``hf-rmsnorm`` command.
 
-    hf-rmsnorm inspect MODEL [--target layernorm] [--include P] [--exclude P] [--json]
+    hf-rmsnorm inspect MODEL [--target rmsnorm|layernorm] [--include P] [--exclude P] [--json]
 
 MODEL is a local Hugging Face model directory (its weights are loaded), a config.json file,
 or a ``model_type`` such as ``llama`` (a default config; built on the meta device, only the
@@ -38,11 +38,39 @@ def _model_class(config):
     return transformers.AutoModel
 
 
-def _from_config(config, dtype):
-    """Build on the meta device, then materialise only the norms (they are all that is probed)."""
+# The exact conversion is measured on real (random) weights; above this a config is not
+# instantiated for inspection, a model directory is needed instead.
+_MAX_RANDOM_PARAMS = 300_000_000
+
+
+def _from_config(config, dtype, target="layernorm"):
+    """For target=layernorm: build on the meta device and materialise only the norms (all
+    that is probed). For target=rmsnorm: a real random model, if it is small enough."""
     cls = _model_class(config)
+
+    def build():
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+
     with torch.device("meta"):
-        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+        model = build()
+    layer_norms = any("layernorm" in type(m).__name__.lower() and "rms" not in type(m).__name__.lower() for m in model.modules())
+    if target == "rmsnorm" and layer_norms:
+        size = sum(p.numel() for p in model.parameters())
+        if size > _MAX_RANDOM_PARAMS:
+            raise CliError(
+                f"this configuration has {size / 1e6:.0f}M parameters; inspecting the exact conversion needs real weights: "
+                "pass a model directory, or --target layernorm"
+            )
+        model = build()
+        # A fresh model's norms are weight 1, bias 0, whose outputs happen to be centred; a
+        # trained model's are not. Random norm parameters make the report speak for the latter.
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in model.modules():
+                if is_norm_like(m):
+                    for name, p in m.named_parameters(recurse=False):
+                        p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.1)
+        return model.to(dtype) if dtype is not None else model
     for module in model.modules():
         if is_norm_like(module) and not any(True for _ in module.children()):
             module.to_empty(device="cpu", recurse=False)
@@ -52,7 +80,7 @@ def _from_config(config, dtype):
     return model.to(dtype) if dtype is not None else model
 
 
-def load_for_inspection(spec: str, dtype=None, trust_remote_code: bool = False):
+def load_for_inspection(spec: str, dtype=None, trust_remote_code: bool = False, target: str = "layernorm"):
     import transformers
 
     path = Path(spec)
@@ -69,24 +97,27 @@ def load_for_inspection(spec: str, dtype=None, trust_remote_code: bool = False):
         except OSError as exc:  # no weights: inspect the architecture alone
             if "no file named" not in str(exc).lower() and "does not appear to have" not in str(exc).lower():
                 raise CliError(f"could not load {spec}: {exc}") from exc
-            return _from_config(config, dtype)
+            return _from_config(config, dtype, target)
     if path.suffix == ".json":
         if not path.is_file():
             raise CliError(f"{spec}: no such file.")
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return _from_config(config, dtype)
+        return _from_config(config, dtype, target)
     if "/" in spec or spec.startswith("."):
         raise CliError(f"{spec}: no such directory (hub ids are not fetched by inspect; download the model first).")
     try:
         config = transformers.AutoConfig.for_model(spec)
     except ValueError as exc:
         raise CliError(f"{spec!r} is neither a local model directory, a config.json, nor a known model_type.") from exc
-    return _from_config(config, dtype)
+    return _from_config(config, dtype, target)
 
 
 def _inspect(args) -> int:
-    model = load_for_inspection(args.model, _DTYPES[args.dtype], args.trust_remote_code)
-    report = patch_model(model, target=args.target, include=args.include, exclude=args.exclude, dry_run=True)
+    model = load_for_inspection(args.model, _DTYPES[args.dtype], args.trust_remote_code, args.target)
+    report = patch_model(
+        model, target=args.target, include=args.include, exclude=args.exclude, dry_run=True,
+        allow_approximate=args.allow_approximate,
+    )
     print(json.dumps({"model": report.model_class, "target": report.target, "entries": list(report)}, indent=2) if args.json else report)
     return 0
 
@@ -96,7 +127,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="print the report patch_model would produce, changing nothing")
     p.add_argument("model", help="local model directory, config.json, or model_type (e.g. llama)")
-    p.add_argument("--target", choices=TARGETS, default="layernorm")
+    p.add_argument("--target", choices=TARGETS, default="rmsnorm", help="rmsnorm: exact conversion where provable (default)")
+    p.add_argument("--allow-approximate", action="store_true", help="with --target rmsnorm: also convert post-LN norms")
     p.add_argument("--include", action="append", help="fnmatch pattern on dotted module names (repeatable)")
     p.add_argument("--exclude", action="append", help="fnmatch pattern on dotted module names (repeatable)")
     p.add_argument("--dtype", choices=list(_DTYPES), default="auto", help="dtype to load the model in")

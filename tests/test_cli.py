@@ -4,6 +4,7 @@ model_type, changing nothing; bad input gets one line on stderr and exit status 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ def test_inspect_a_saved_model_directory(tmp_path, capsys):
     model.save_pretrained(tmp_path)
     assert main(["inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("hf_rmsnorm: GemmaForCausalLM, target=layernorm: 5 fused")
+    assert out.startswith("hf_rmsnorm: GemmaForCausalLM, target=rmsnorm: 5 fused")
     assert "would change 5 of 5" in out and "offset=1" in out
 
 
@@ -29,9 +30,21 @@ def test_inspect_a_config_file_and_a_model_type_as_json(tmp_path, capsys):
     assert report["model"] == "T5Model" and len(report["entries"]) == 12
     assert {e["change"] for e in report["entries"]} == {"fused"}
     # a default (full-size) config: built on the meta device, only the norms materialised
-    assert main(["inspect", "olmo", "--include", "layers.0.*"]) == 0
+    assert main(["inspect", "olmo", "--target", "layernorm", "--include", "layers.0.*"]) == 0
     out = capsys.readouterr().out
     assert "OlmoLayerNorm → FusedLayerNorm" in out and "2 fused" in out
+    # the exact conversion is measured on real weights: a 7B default config is refused
+    assert main(["inspect", "olmo"]) == 2
+    assert "needs real weights: pass a model directory, or --target layernorm" in capsys.readouterr().err
+
+
+def test_inspect_shows_the_exact_conversion_of_a_saved_pre_ln_model(tmp_path, capsys):
+    model, _ = build("gpt_neox")
+    model.save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "target=rmsnorm: 0 fused, 5 exact" in out and "LayerNorm → FusedRMSNorm" in out
+    assert "stream start centred at run time at: gpt_neox.layers.0" in out
 
 
 @pytest.mark.parametrize(
@@ -54,6 +67,8 @@ def test_directory_without_config(tmp_path, capsys):
 
 
 def test_console_script_is_installed():
-    proc = subprocess.run([sys.executable, "-m", "hf_rmsnorm.cli", "inspect", "gpt2", "--include", "h.0.*"], capture_output=True, text=True)
+    script = Path(sys.executable).parent / "hf-rmsnorm"  # installed by pip as a console script
+    assert script.exists(), "the hf-rmsnorm console script is not installed"
+    proc = subprocess.run([str(script), "inspect", "gpt2", "--target", "layernorm", "--include", "h.0.*"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "h.0.ln_1" in proc.stdout and "LayerNorm → FusedLayerNorm" in proc.stdout

@@ -101,3 +101,19 @@ def test_patched_models_on_cuda_under_autocast(name, dtype, launches):
         assert out[k].dtype == ref[k].dtype, k
         scale = ref[k].float().abs().max().item()
         torch.testing.assert_close(out[k].float(), ref[k].float(), rtol=3e-2, atol=3e-2 * scale)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "whisper"])
+def test_exact_conversion_on_cuda(name, launches):
+    from hf_rmsnorm import patch_model
+    from tiny_models import build, run
+
+    model, inputs = build(name)
+    model, inputs = model.cuda(), {k: v.cuda() for k, v in inputs.items()}
+    ref = run(model, inputs)
+    report = patch_model(model)
+    assert report.count("exact") > 0 and report.verification["max_rel_diff"] <= 1e-5
+    out = run(model, inputs)
+    assert launches() > 0
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-5)

@@ -151,8 +151,10 @@ def _follows_autocast(module: nn.Module, x: torch.Tensor) -> bool:
     """Would CUDA autocast change this module's maths? True when it feeds a half-precision
     tensor to an op autocast runs in float32 (nn.LayerNorm does; HF RMSNorms upcast first)."""
     recorder = _OpRecorder()
+    # a bf16 copy, so that modules whose parameters must match the input dtype run too
+    half = copy.deepcopy(module).to(torch.bfloat16)
     with torch.no_grad(), recorder:
-        module(x.to(torch.bfloat16))
+        half(x.to(torch.bfloat16))
     return recorder.half_inputs_to_fp32_ops
 
 
