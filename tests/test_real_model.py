@@ -36,7 +36,7 @@ def test_minilm_embeddings_unchanged_by_patching(minilm, backend_name, monkeypat
     monkeypatch.setenv("HF_RMSNORM_BACKEND", backend_name)
     model, batch = minilm
     reference = _embeddings(model, batch)
-    report = patch_model(model)
+    report = patch_model(model, target="layernorm")
     try:
         assert report.count("fused") == 13 and not report.skipped
         patched = _embeddings(model, batch)
@@ -47,3 +47,15 @@ def test_minilm_embeddings_unchanged_by_patching(minilm, backend_name, monkeypat
     assert (patched[0] @ patched[1]).item() < 0.9
     if backend_name == "triton":
         assert launches() > 0
+
+
+def test_minilm_is_post_ln_so_the_default_target_keeps_its_layernorms(minilm):
+    model, batch = minilm
+    reference = _embeddings(model, batch)
+    report = patch_model(model)  # target="rmsnorm"
+    try:
+        assert report.count("exact") == 0 and report.count("fused") == 13
+        assert all("allow_approximate=True" in e["reason"] for e in report)
+        torch.testing.assert_close(_embeddings(model, batch), reference, rtol=1e-5, atol=1e-6)
+    finally:
+        unpatch_model(model)

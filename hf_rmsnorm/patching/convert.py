@@ -429,7 +429,8 @@ class _Conversion:
         tolerance = EXACT_TOLERANCE.get(dtype, 1e-4)
         err, stream_outputs = compare_outputs(self.before, after, tolerance)
         self.report.verification = {"max_rel_diff": err, "outputs_exposing_the_stream": stream_outputs, "input_centring": ratios}
-        line = f"verified on a probe batch: outputs differ from the original's by {err:.1e} (max relative)"
+        verb = "measured" if self.approximate else "verified"
+        line = f"{verb} on a probe batch: outputs differ from the original's by {err:.1e} (max relative)"
         if stream_outputs:
             line += f"; {', '.join(stream_outputs)} expose the raw residual stream and differ only by its mean, as designed"
         self.report.note = f"{self.report.note} {line}."
