@@ -11,7 +11,8 @@ import torch
 
 from hf_rmsnorm import FusedLayerNorm, FusedRMSNorm, patch_model, unpatch_model
 from hf_rmsnorm.patching import convert
-from tiny_models import build, norm_modules, run
+from tiny_models import build as build_tiny
+from tiny_models import randomize_for_conversion, run
 
 # family -> number of norms converted exactly; the rest (embedding norms, norms on heads) must
 # say why they stay LayerNorm
@@ -23,12 +24,19 @@ PRE_LN = {
 POST_LN = ["bert", "roberta", "electra", "distilbert", "bart"]
 # outputs that are the raw residual stream (no norm after them): they differ by their mean
 STREAM_OUTPUTS = {"clip": {"vision_model_output.last_hidden_state"}}
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
+# on top of 2x the original's error; bf16 also pays one extra rounding of each centred weight
+ATOL = {torch.float64: 1e-10, torch.float32: 1e-6, torch.bfloat16: 2e-2}
+TOLERANCE = ATOL  # for the raw-stream outputs, compared once centred
 
 
 @pytest.fixture(autouse=True)
 def _torch_backend(monkeypatch):
     monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+
+
+def build(name, dtype=torch.float32):
+    model, inputs = build_tiny(name)
+    return randomize_for_conversion(model).to(dtype), {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
 
 
 def _max_rel(out, ref, skip=()):
@@ -42,6 +50,7 @@ def test_pre_ln_families_convert_exactly(name, dtype):
         pytest.skip("their LayerNorms compute in float32 inside (x.to(float32)): a float64 model of them is float32-exact at best, covered by fp32")
     model, inputs = build(name, dtype)
     ref = run(model, inputs)
+    truth = run(copy.deepcopy(model).double(), {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
     params_before = dict(model.named_parameters(remove_duplicate=False))
     report = patch_model(model)
 
@@ -56,7 +65,14 @@ def test_pre_ln_families_convert_exactly(name, dtype):
 
     out = run(model, inputs)
     stream = STREAM_OUTPUTS.get(name, set())
-    assert _max_rel(out, ref, skip=stream) <= TOLERANCE[dtype]
+    if dtype == torch.float64:
+        assert _max_rel(out, ref, skip=stream) <= 1e-10
+    # STYLE.md's rule: no further from the float64 truth than 2x the original model's own
+    # rounding error in this dtype, plus a small atol. (Two fp32 evaluations of the same
+    # function differ by up to ~1.2e-5 here, the original alone being ~6e-6 from the truth.)
+    for k in set(ref) - stream:
+        own = _max_rel({k: ref[k]}, {k: truth[k]})
+        assert _max_rel({k: out[k]}, {k: truth[k]}) <= 2 * own + ATOL[dtype], k
     for k in stream:  # the raw stream lost exactly its mean, nothing else
         centred = lambda t: t.double() - t.double().mean(-1, keepdim=True)  # noqa: E731
         torch.testing.assert_close(centred(out[k]), centred(ref[k]), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
@@ -67,7 +83,10 @@ def test_pre_ln_families_convert_exactly(name, dtype):
     assert max(ratios.values()) <= {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "opt", "bloom", "falcon_new", "phi", "mpt"])
+DECODERS = [n for n in PRE_LN if n not in ("vit", "clip", "whisper")]
+
+
+@pytest.mark.parametrize("name", DECODERS)
 def test_greedy_generate_gives_identical_tokens(name):
     model, inputs = build(name)
     reference = model.generate(inputs["input_ids"], max_new_tokens=8, do_sample=False)

@@ -121,3 +121,18 @@ def tensor_outputs(out) -> dict:
 def run(model, inputs):
     with torch.no_grad():
         return tensor_outputs(model(**inputs))
+
+
+def randomize_for_conversion(model, seed=0):
+    """What a trained model has and a fresh one lacks: non-zero biases everywhere and
+    embedding tables with a non-zero mean, so that centring biases and the stream's start is
+    really exercised."""
+    g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        for m in model.modules():
+            bias = getattr(m, "bias", None)
+            if isinstance(bias, torch.nn.Parameter) and "norm" not in type(m).__name__.lower():
+                bias.copy_((torch.randn(bias.shape, generator=g) * 0.1).to(bias.dtype))
+            if isinstance(m, torch.nn.Embedding):
+                m.weight.add_((0.2 + 0.05 * torch.randn(m.weight.shape[0], 1, generator=g)).to(m.weight.dtype))
+    return model

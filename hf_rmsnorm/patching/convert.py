@@ -33,11 +33,15 @@ from torch import nn
 # |mean| / rms of a norm's input at or below this (in float64) counts as centred
 _CENTRED_FP64 = 1e-6
 # a writer's shift gradient relative to its output gradient at or below this (float64). Not
-# float64 rounding: some HF norms cast to float32 inside (OLMo, Cohere), which leaves ~1e-8;
-# anything that is not a writer measures ~1/sqrt(width) or more.
-_INVARIANT_FP64 = 1e-6
-# max |converted - original| / max |original| of the model outputs accepted as exact
-EXACT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+# float64 rounding: some HF norms cast to float32 inside (OLMo, Cohere), which leaves up to
+# ~1e-6 when the stream's mean dominates; anything that is not a writer measures
+# ~1/sqrt(width) (1e-2 at width 8192) or more. The final verification backs this up.
+_INVARIANT_FP64 = 1e-4
+# Verification (STYLE.md's rule): the converted model's error against the float64 original
+# must be within 2x the original's own error in its dtype, plus this (relative to the output).
+# Half precision gets more: every centred weight is rounded once more than the original's
+# (bf16: 2^-9 relative per weight), which the original's own error does not include.
+EXACT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-6, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 CENTRED_ATTR = "_hf_rmsnorm_centred_input"
 
 
@@ -104,22 +108,28 @@ def _tensors(value, prefix: str) -> dict:
     return found
 
 
-def compare_outputs(before: dict, after: dict, tolerance: float) -> tuple[float, list[str]]:
-    """Max relative difference over the outputs, leaving out those that differ only by a
-    per-position mean (within ``tolerance`` once centred): they expose the raw residual
-    stream, whose mean the conversion removes by design (no LayerNorm downstream saw it)."""
-    worst, stream_outputs = 0.0, []
+def _rel(a: torch.Tensor, b: torch.Tensor, centre: bool = False) -> float:
+    a, b = a.double(), b.double().to(a.device)
+    if centre:
+        a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def compare_outputs(before: dict, after: dict, truth: dict, tolerance: float) -> tuple[float, float, list[str]]:
+    """(max relative difference converted vs original, the largest excess of the converted
+    model's error against the float64 truth over 2x the original's own error, the outputs
+    left out). Left out are outputs that differ only by a per-position mean: they expose the
+    raw residual stream, whose mean the conversion removes by design (no LayerNorm saw it)."""
+    diff, excess, stream_outputs = 0.0, -math.inf, []
     for key, ref in before.items():
-        got, ref = after[key].double(), ref.double()
-        scale = ref.abs().max().clamp_min(1e-30)
-        err = ((got - ref).abs().max() / scale).item()
-        if err > tolerance:
-            centred = ((got - got.mean(-1, keepdim=True)) - (ref - ref.mean(-1, keepdim=True))).abs().max() / scale
-            if centred.item() <= tolerance:
-                stream_outputs.append(key)
-                continue
-        worst = max(worst, err)
-    return worst, stream_outputs
+        got = after[key]
+        own = _rel(ref, truth[key])
+        if _rel(got, truth[key]) > 2 * own + tolerance and _rel(got, truth[key], centre=True) <= 2 * _rel(ref, truth[key], centre=True) + tolerance:
+            stream_outputs.append(key)
+            continue
+        diff = max(diff, _rel(got, ref))
+        excess = max(excess, _rel(got, truth[key]) - (2 * own + tolerance))
+    return diff, excess, stream_outputs
 
 
 # ------------------------------------------------------------------------------------ writers
@@ -234,14 +244,19 @@ def _keep_centred(module: nn.Module) -> list:
 # ----------------------------------------------------------------------- run-time centring
 
 
+def _centred(x: torch.Tensor) -> torch.Tensor:
+    # in at least fp32: in bf16, x - mean(x) cancels catastrophically when the mean dominates
+    # (embedding tables often have one); the small centred values then round well
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xf - xf.mean(-1, keepdim=True)).to(x.dtype)
+
+
 def _centre_first_input(module, args, kwargs):
     """Forward pre-hook: subtract the per-position mean of the block's hidden states."""
     if args and isinstance(args[0], torch.Tensor):
-        x = args[0]
-        return (x - x.mean(-1, keepdim=True), *args[1:]), kwargs
+        return (_centred(args[0]), *args[1:]), kwargs
     if isinstance(kwargs.get("hidden_states"), torch.Tensor):
-        x = kwargs["hidden_states"]
-        return args, {**kwargs, "hidden_states": x - x.mean(-1, keepdim=True)}
+        return args, {**kwargs, "hidden_states": _centred(kwargs["hidden_states"])}
     return None
 
 
@@ -290,6 +305,7 @@ class ConversionPlan:
     starts: list[str]
     centring: dict[str, float]  # |mean|/rms of each LayerNorm's input after centring (fp64)
     exact: list[str]
+    truth: dict  # the original model's outputs on the probe batch, in float64
 
 
 def plan_conversion(model: nn.Module, layer_norms: dict[str, int], inputs: dict) -> ConversionPlan:
@@ -297,6 +313,8 @@ def plan_conversion(model: nn.Module, layer_norms: dict[str, int], inputs: dict)
     a stream that centring its writers (and its start) makes zero-mean."""
     model64 = copy.deepcopy(model).double().eval()
     inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.no_grad():
+        truth = model_outputs(model64, inputs64)
     widths = set(layer_norms.values())
     candidates = [n for n, m in model64.named_modules() if _out_features(m) in widths]
     lists = block_lists(model64)
@@ -315,7 +333,7 @@ def plan_conversion(model: nn.Module, layer_norms: dict[str, int], inputs: dict)
             h.remove()
     exact = [n for n in layer_norms if centring.get(n, math.inf) <= _CENTRED_FP64]
     del model64
-    return ConversionPlan(writers, starts, centring, exact)
+    return ConversionPlan(writers, starts, centring, exact, truth)
 
 
 # ----------------------------------------------------------------------------- the conversion
@@ -427,7 +445,7 @@ class _Conversion:
             self.model.train(was_training)
         dtype = next(iter(self.before.values())).dtype
         tolerance = EXACT_TOLERANCE.get(dtype, 1e-4)
-        err, stream_outputs = compare_outputs(self.before, after, tolerance)
+        err, excess, stream_outputs = compare_outputs(self.before, after, self.plan.truth, tolerance)
         self.report.verification = {"max_rel_diff": err, "outputs_exposing_the_stream": stream_outputs, "input_centring": ratios}
         verb = "measured" if self.approximate else "verified"
         line = f"{verb} on a probe batch: outputs differ from the original's by {err:.1e} (max relative)"
@@ -440,11 +458,11 @@ class _Conversion:
             for fqn in self.approximate:
                 _update(self.report, fqn, max_rel_error=err, reason=f"converted on request; model outputs deviate by {err:.2e} (max relative) with all {len(self.approximate)} approximated")
             return
-        if err > tolerance:
+        if excess > 0:
             worst = max(ratios, key=ratios.get) if ratios else "?"
             message = (
-                f"patch_model: exact conversion failed verification: outputs differ by {err:.2e} "
-                f"(> {tolerance:g} for {dtype}); the least centred converted norm is {worst} "
+                f"patch_model: exact conversion failed verification: outputs differ by {err:.2e}, more than "
+                f"rounding in {dtype} explains; the least centred converted norm is {worst} "
                 f"(input |mean|/rms {ratios.get(worst, float('nan')):.2g})"
             )
             if self.strict:
