@@ -1,0 +1,97 @@
+"""The one architecture table: for each pre-LN ``config.model_type``, which modules write the
+residual stream, which LayerNorms read it, and where each stream starts.
+
+``patch_model`` does not need it: it measures all of this on the model itself
+(``convert.py``). The table is what lets a checkpoint be converted on disk, tensor by tensor,
+without instantiating the model (``checkpoint.py``). Every entry was derived by that
+measurement on a tiny model of the family, and ``tests/test_architectures.py`` re-derives it
+on every run, so the table cannot drift from what the model computes.
+
+Patterns are fnmatch patterns on module names relative to the base model (``h.*.attn.c_proj``
+for GPT-2, whose checkpoints name it ``transformer.h.0.attn.c_proj``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Callable, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    writers: tuple[str, ...]  # modules whose output is added to the residual stream: centred
+    norms: tuple[str, ...]  # LayerNorms that read the stream: converted to RMSNorm
+    starts: tuple[str, ...]  # blocks whose input is centred at run time
+    # a reason when a configuration of this model_type is not the pre-LN layout
+    not_pre_ln: Optional[Callable[[object], Optional[str]]] = None
+
+    def refusal(self, config) -> Optional[str]:
+        return self.not_pre_ln(config) if self.not_pre_ln else None
+
+
+def _opt_layout(config) -> Optional[str]:
+    return None if getattr(config, "do_layer_norm_before", True) else "post-LN (do_layer_norm_before=False, as in OPT-350m)"
+
+
+_DECODER_LN = ("layers.*.input_layernorm", "layers.*.post_attention_layernorm")
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "gpt2": Architecture(("h.*.attn.c_proj", "h.*.mlp.c_proj"), ("h.*.ln_1", "h.*.ln_2", "ln_f"), ("h.0",)),
+    "gpt_neo": Architecture(("h.*.attn.attention.out_proj", "h.*.mlp.c_proj"), ("h.*.ln_1", "h.*.ln_2", "ln_f"), ("h.0",)),
+    "gptj": Architecture(("h.*.attn.out_proj", "h.*.mlp.fc_out"), ("h.*.ln_1", "ln_f"), ("h.0",)),
+    "codegen": Architecture(("h.*.attn.out_proj", "h.*.mlp.fc_out"), ("h.*.ln_1", "ln_f"), ("h.0",)),
+    "gpt_neox": Architecture(("layers.*.attention.dense", "layers.*.mlp.dense_4h_to_h"), (*_DECODER_LN, "final_layer_norm"), ("layers.0",)),
+    "opt": Architecture(
+        ("decoder.layers.*.self_attn.out_proj", "decoder.layers.*.fc2"),
+        ("decoder.layers.*.self_attn_layer_norm", "decoder.layers.*.final_layer_norm", "decoder.final_layer_norm"),
+        ("decoder.layers.0",),
+        _opt_layout,
+    ),
+    "bloom": Architecture(("h.*.self_attention.dense", "h.*.mlp.dense_4h_to_h"), ("h.*.input_layernorm", "h.*.post_attention_layernorm", "ln_f"), ("h.0",)),
+    # both decoder layouts: input_layernorm (+ post_attention_layernorm), or ln_attn / ln_mlp
+    "falcon": Architecture(
+        ("h.*.self_attention.dense", "h.*.mlp.dense_4h_to_h"),
+        ("h.*.input_layernorm", "h.*.post_attention_layernorm", "h.*.ln_attn", "h.*.ln_mlp", "ln_f"),
+        ("h.0",),
+    ),
+    "phi": Architecture(("layers.*.self_attn.dense", "layers.*.mlp.fc2"), ("layers.*.input_layernorm", "final_layernorm"), ("layers.0",)),
+    "biogpt": Architecture(("layers.*.self_attn.out_proj", "layers.*.fc2"), ("layers.*.self_attn_layer_norm", "layers.*.final_layer_norm", "layer_norm"), ("layers.0",)),
+    "mpt": Architecture(("blocks.*.attn.out_proj", "blocks.*.ffn.down_proj"), ("blocks.*.norm_1", "blocks.*.norm_2", "norm_f"), ("blocks.0",)),
+    "stablelm": Architecture(("layers.*.self_attn.o_proj", "layers.*.mlp.down_proj"), (*_DECODER_LN, "norm"), ("layers.0",)),
+    "persimmon": Architecture(("layers.*.self_attn.dense", "layers.*.mlp.dense_4h_to_h"), (*_DECODER_LN, "final_layernorm"), ("layers.0",)),
+    "olmo": Architecture(("layers.*.self_attn.o_proj", "layers.*.mlp.down_proj"), (*_DECODER_LN, "norm"), ("layers.0",)),
+    "cohere": Architecture(("layers.*.self_attn.o_proj", "layers.*.mlp.down_proj"), ("layers.*.input_layernorm", "norm"), ("layers.0",)),
+    "vit": Architecture(("layers.*.attention.o_proj", "layers.*.mlp.fc2"), ("layers.*.layernorm_before", "layers.*.layernorm_after", "layernorm"), ("layers.0",)),
+    "clip": Architecture(
+        tuple(f"{tower}.encoder.layers.*.{m}" for tower in ("text_model", "vision_model") for m in ("self_attn.out_proj", "mlp.fc2")),
+        (
+            *(f"{tower}.encoder.layers.*.{n}" for tower in ("text_model", "vision_model") for n in ("layer_norm1", "layer_norm2")),
+            "text_model.final_layer_norm",
+            "vision_model.post_layernorm",
+        ),
+        ("text_model.encoder.layers.0", "vision_model.encoder.layers.0"),
+    ),
+    "whisper": Architecture(
+        (
+            "encoder.layers.*.self_attn.out_proj", "encoder.layers.*.fc2",
+            "decoder.layers.*.self_attn.out_proj", "decoder.layers.*.encoder_attn.out_proj", "decoder.layers.*.fc2",
+        ),
+        (
+            "encoder.layers.*.self_attn_layer_norm", "encoder.layers.*.final_layer_norm", "encoder.layer_norm",
+            "decoder.layers.*.self_attn_layer_norm", "decoder.layers.*.encoder_attn_layer_norm",
+            "decoder.layers.*.final_layer_norm", "decoder.layer_norm",
+        ),
+        ("encoder.layers.0", "decoder.layers.0"),
+    ),
+}
+
+
+def relative_name(name: str, base_prefix: str) -> str:
+    """A module name relative to the base model (checkpoints of heads prefix it)."""
+    return name[len(base_prefix) + 1 :] if base_prefix and name.startswith(base_prefix + ".") else name
+
+
+def matches(name: str, patterns, base_prefix: str = "") -> bool:
+    rel = relative_name(name, base_prefix)
+    return any(fnmatch.fnmatchcase(rel, p) for p in patterns)
