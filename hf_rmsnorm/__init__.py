@@ -1,7 +1,19 @@
-"""hf_rmsnorm: fused RMSNorm / LayerNorm kernels for Hugging Face transformers models."""
-
-from .modules import FusedLayerNorm, FusedRMSNorm
-from .patching import PatchReport, patch_model, unpatch_model
+"""hf_rmsnorm: fused RMSNorm / LayerNorm kernels for Hugging Face transformers models, and
+exact LayerNorm -> RMSNorm conversion of pre-LN models."""
 
 __version__ = "0.1.0"
-__all__ = ["patch_model", "unpatch_model", "PatchReport", "FusedRMSNorm", "FusedLayerNorm", "__version__"]
+
+from .checkpoint import convert_checkpoint, from_pretrained  # noqa: E402
+from .modules import FusedLayerNorm, FusedRMSNorm  # noqa: E402
+from .patching import PatchReport, patch_model, unpatch_model  # noqa: E402
+
+__all__ = [
+    "patch_model",
+    "unpatch_model",
+    "PatchReport",
+    "FusedRMSNorm",
+    "FusedLayerNorm",
+    "convert_checkpoint",
+    "from_pretrained",
+    "__version__",
+]

@@ -122,9 +122,42 @@ def _inspect(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from .checkpoint import REPORT, convert_checkpoint
+
+    block = convert_checkpoint(
+        args.input, args.output, target=args.target, allow_approximate=args.allow_approximate, dtype=args.dtype,
+        force=args.force, verify=not args.no_verify, max_shard_size=args.max_shard_size,
+        allow_pickle=args.allow_pickle, to_original=args.to_original, trust_remote_code=args.trust_remote_code,
+    )
+    print((Path(args.output) / REPORT).read_text(), end="")
+    verification = block.get("verification")
+    if verification:
+        print(f"verification: {verification}")
+    print(f"written: {args.output}")
+    return 0
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="a local Hugging Face model directory (from save_pretrained)")
+    p.add_argument("output", help="the directory to write (must not exist or be empty, unless --force)")
+    p.add_argument("--target", choices=TARGETS, default="rmsnorm", help="rmsnorm: exact conversion where provable (default)")
+    p.add_argument("--allow-approximate", action="store_true", help="also convert post-LN norms (changes the function)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="dtype of the written weights")
+    p.add_argument("--max-shard-size", default=None, help="re-shard the output (e.g. 2GB); default: as the input")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--no-verify", action="store_true", help="skip loading both models to compare outputs")
+    p.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (unpickling can run code)")
+    p.add_argument("--to-original", action="store_true", help="export a converted checkpoint back to the original architecture")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code to run (off by default)")
+
+
 def main(argv=None) -> int:
+    from .checkpoint import ConversionError
+
     parser = argparse.ArgumentParser(prog="hf-rmsnorm", description="Fused norms for Hugging Face models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_convert_arguments(sub.add_parser("convert", help="convert a checkpoint on disk, in bounded memory"))
     p = sub.add_parser("inspect", help="print the report patch_model would produce, changing nothing")
     p.add_argument("model", help="local model directory, config.json, or model_type (e.g. llama)")
     p.add_argument("--target", choices=TARGETS, default="rmsnorm", help="rmsnorm: exact conversion where provable (default)")
@@ -136,8 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code to run (off by default)")
     args = parser.parse_args(argv)
     try:
-        return _inspect(args)
-    except (CliError, ValueError, TypeError, NotImplementedError) as exc:
+        return _convert(args) if args.command == "convert" else _inspect(args)
+    except (CliError, ConversionError, ValueError, TypeError, NotImplementedError) as exc:
         print(f"hf-rmsnorm {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,397 @@
+"""Convert checkpoints on disk, and load converted ones.
+
+``convert_checkpoint(IN, OUT)`` streams the safetensors shards of a Hugging Face model
+directory tensor by tensor: the residual-stream writers named by the architecture table are
+centred (in float64, cast back), everything else is copied. The model is never instantiated
+for the conversion (only, optionally, to verify it), so peak memory is about one shard. The
+output is a checkpoint of the *original* architecture — vanilla ``transformers`` loads it and
+computes what the input computed — whose ``config.json`` carries an ``hf_rmsnorm`` block
+saying how to run it converted: ``hf_rmsnorm.from_pretrained(OUT)``.
+
+Everything is written to a temporary directory beside OUT and renamed at the very end: a
+failed or interrupted conversion never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import __version__
+from .patching.architectures import ARCHITECTURES, matches
+from .patching.patch import TARGETS
+
+CONFIG = "config.json"
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+PICKLE_SINGLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+REPORT = "hf_rmsnorm_conversion.txt"
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_WEIGHT_FILES = {SAFE_SINGLE, SAFE_INDEX, PICKLE_SINGLE, PICKLE_INDEX}
+
+
+class ConversionError(Exception):
+    """Bad input or a failed check: one line for the user, nothing left behind."""
+
+
+@dataclasses.dataclass
+class _Source:
+    config: object
+    config_dict: dict
+    shards: list[Path]  # weight files in order
+    index: Optional[dict]  # the index's weight_map, when sharded
+    pickle: bool
+
+
+def _read_source(src: Path, allow_pickle: bool, trust_remote_code: bool) -> _Source:
+    from transformers import AutoConfig
+
+    if not src.exists():
+        raise ConversionError(f"{src}: no such directory.")
+    if not src.is_dir():
+        raise ConversionError(f"{src} is not a directory; pass a Hugging Face model directory (from save_pretrained).")
+    if not (src / CONFIG).is_file():
+        raise ConversionError(f"{src} has no config.json: not a Hugging Face model directory.")
+    try:
+        config_dict = json.loads((src / CONFIG).read_text())
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ConversionError(f"{src}/config.json: {str(exc).splitlines()[0]}") from exc
+    pickle = False
+    if (src / SAFE_INDEX).is_file():
+        index = json.loads((src / SAFE_INDEX).read_text())["weight_map"]
+        shards = [src / f for f in dict.fromkeys(index.values())]
+    elif (src / SAFE_SINGLE).is_file():
+        index, shards = None, [src / SAFE_SINGLE]
+    elif (src / PICKLE_INDEX).is_file() or (src / PICKLE_SINGLE).is_file():
+        if not allow_pickle:
+            raise ConversionError(
+                f"{src} holds pickle (.bin) weights, and unpickling can run arbitrary code; "
+                "pass --allow-pickle if you trust this checkpoint (it is then written as safetensors)."
+            )
+        pickle = True
+        if (src / PICKLE_INDEX).is_file():
+            index = json.loads((src / PICKLE_INDEX).read_text())["weight_map"]
+            shards = [src / f for f in dict.fromkeys(index.values())]
+        else:
+            index, shards = None, [src / PICKLE_SINGLE]
+    else:
+        raise ConversionError(f"{src} has no weights (model.safetensors, its index, or pytorch_model.bin).")
+    for shard in shards:
+        if not shard.is_file():
+            raise ConversionError(f"{shard} is listed in the index but missing.")
+    return _Source(config, config_dict, shards, index, pickle)
+
+
+def _meta_model(config, trust_remote_code: bool):
+    """The architecture on the meta device: module names, classes and parameter shapes, no
+    memory."""
+    import transformers
+
+    cls = None
+    for arch in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            break
+    with torch.device("meta"):
+        if cls is not None:
+            return cls(config)
+        return transformers.AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _norm_kinds(meta_model) -> dict[str, str]:
+    """{module: "layer" | "rms" | reason} for every norm, by probing a materialised copy of
+    each norm alone (they are tiny)."""
+    import copy
+
+    from .patching.discovery import is_norm_like, match_norm
+
+    kinds = {}
+    for name, module in meta_model.named_modules():
+        if not is_norm_like(module) or any(True for _ in module.children()):
+            continue
+        probe = copy.deepcopy(module).to_empty(device="cpu")
+        with torch.no_grad():
+            for pname, p in probe.named_parameters(recurse=False):
+                p.fill_(1.0 if pname == "weight" else 0.0)
+        match = match_norm(probe)
+        kinds[name] = match.spec.kind if match.spec else match.reason
+    return kinds
+
+
+def _plan(source: _Source, meta_model, target: str, allow_approximate: bool):
+    """(writers {module: output dim}, metadata block) for this checkpoint."""
+    from .patching.convert import _out_dim
+
+    model_type = getattr(source.config, "model_type", None)
+    kinds = _norm_kinds(meta_model)
+    layer_norms = [n for n, k in kinds.items() if k == "layer"]
+    block = {"version": __version__, "target": target, "allow_approximate": allow_approximate, "model_type": model_type}
+    modules = {}
+    writers: dict[str, int] = {}
+    if target == "rmsnorm" and layer_norms:
+        arch = ARCHITECTURES.get(model_type)
+        refusal = arch.refusal(source.config) if arch else None
+        prefix = meta_model.base_model_prefix
+        if arch is None and not allow_approximate:
+            raise ConversionError(
+                f"model_type {model_type!r} has LayerNorms but no entry in the architecture table, so it cannot be "
+                "converted on disk; use --target layernorm, or convert it in memory (patch_model) and save that."
+            )
+        if arch is not None and refusal is None:
+            for name, module in meta_model.named_modules():
+                dim = _out_dim(module)
+                if dim is not None and matches(name, arch.writers, prefix):
+                    writers[name] = dim
+            found = (_absolute(meta_model, s) for s in arch.starts)
+            block["runtime_centring"] = [s for s in found if s is not None]
+        for name in layer_norms:
+            exact = arch is not None and refusal is None and matches(name, arch.norms, prefix)
+            modules[name] = "exact" if exact else ("approximate" if allow_approximate else "fused")
+    for name, kind in kinds.items():
+        modules.setdefault(name, "fused" if kind in ("layer", "rms") else "skipped")
+    block["modules"] = modules
+    block["centred_writers"] = len(writers)
+    return writers, block
+
+
+def _absolute(model, relative: str) -> Optional[str]:
+    """The full module name of a name relative to the base model, if the model has it."""
+    for name in (f"{model.base_model_prefix}.{relative}", relative):
+        try:
+            model.get_submodule(name)
+            return name
+        except AttributeError:
+            continue
+    return None
+
+
+def _open_shard(path: Path, pickle: bool):
+    """{name: tensor} of one shard, loaded whole (one shard is the memory bound)."""
+    try:
+        if pickle:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    except Exception as exc:  # noqa: BLE001 - any read failure means a bad file
+        raise ConversionError(f"{path.name} is corrupt or truncated ({type(exc).__name__}: {str(exc).splitlines()[0]}).") from exc
+
+
+def _parse_size(text: Optional[str]) -> Optional[int]:
+    if text is None:
+        return None
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * factor)
+    try:
+        return int(t)
+    except ValueError:
+        raise ConversionError(f"--max-shard-size {text!r}: use a size like 500MB or 2GB.") from None
+
+
+def convert_checkpoint(
+    src,
+    dst,
+    target: str = "rmsnorm",
+    allow_approximate: bool = False,
+    dtype: str = "auto",
+    force: bool = False,
+    verify: bool = True,
+    max_shard_size: Optional[str] = None,
+    allow_pickle: bool = False,
+    to_original: bool = False,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Convert the model directory ``src`` into ``dst``; returns the ``hf_rmsnorm`` block.
+
+    Raises :class:`ConversionError` (nothing written) on bad input or a failed check."""
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    if target not in TARGETS:
+        raise ConversionError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}.")
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    if allow_approximate and target != "rmsnorm":
+        raise ConversionError("--allow-approximate only applies to --target rmsnorm.")
+    shard_limit = _parse_size(max_shard_size)
+    source = _read_source(src, allow_pickle, trust_remote_code)
+    if dst.resolve() == src.resolve():
+        raise ConversionError("OUT is IN: write the conversion to a new directory.")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
+        raise ConversionError(f"{dst} exists and is not empty; pass --force to replace it.")
+    parent = dst.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConversionError(f"cannot write to {parent}: it does not exist or is not writable.")
+
+    meta_model = _meta_model(source.config, trust_remote_code)
+    expected = {n: tuple(p.shape) for n, p in meta_model.state_dict().items()}
+    if to_original:
+        block = source.config_dict.get("hf_rmsnorm")
+        if block is None:
+            raise ConversionError(f"{src} is not an hf_rmsnorm conversion (its config.json has no hf_rmsnorm block).")
+        writers, _ = _plan(source, meta_model, "rmsnorm", False)
+        block = dict(block, target="original")
+    else:
+        writers, block = _plan(source, meta_model, target, allow_approximate)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
+    try:
+        weight_map, total, shard_names = {}, 0, []
+        pending: dict = {}
+        pending_bytes = 0
+
+        def flush(name: Optional[str] = None):
+            nonlocal pending, pending_bytes
+            if not pending:
+                return
+            fname = name or f"model-{len(shard_names) + 1:05d}.safetensors"
+            save_file(pending, tmp / fname, metadata={"format": "pt"})
+            shard_names.append(fname)
+            weight_map.update({k: fname for k in pending})
+            pending, pending_bytes = {}, 0
+
+        for shard in source.shards:
+            tensors = _open_shard(shard, source.pickle)
+            for key, tensor in tensors.items():
+                module, _, leaf = key.rpartition(".")
+                if key in expected and tuple(tensor.shape) != expected[key]:
+                    raise ConversionError(f"{key} has shape {tuple(tensor.shape)} in {shard.name}, but the config implies {expected[key]}.")
+                if module in writers and leaf in ("weight", "bias"):
+                    t64 = tensor.double()
+                    dim = writers[module] if leaf == "weight" else 0
+                    centred = t64 - t64.mean(dim, keepdim=True)
+                    if to_original:
+                        if (t64.mean(dim).abs().max() > 1e-3 * t64.abs().max().clamp_min(1e-30)).item():
+                            raise ConversionError(
+                                f"{key} is no longer centred (fine-tuned without keep_centered?): the checkpoint cannot be "
+                                "exported exactly to the original architecture."
+                            )
+                    tensor = centred.to(tensor.dtype)
+                if DTYPES[dtype] is not None and tensor.is_floating_point():
+                    tensor = tensor.to(DTYPES[dtype])
+                pending[key] = tensor.contiguous()
+                pending_bytes += tensor.numel() * tensor.element_size()
+                total += tensor.numel() * tensor.element_size()
+                if shard_limit is not None and pending_bytes >= shard_limit:
+                    flush()
+            del tensors
+            if shard_limit is None:  # keep the input's shard boundaries
+                flush(SAFE_SINGLE if len(source.shards) == 1 else f"model-{len(shard_names) + 1:05d}-of-{len(source.shards):05d}.safetensors")
+        flush()
+        if len(shard_names) == 1 and shard_names[0] != SAFE_SINGLE:
+            (tmp / shard_names[0]).rename(tmp / SAFE_SINGLE)
+            weight_map = {k: SAFE_SINGLE for k in weight_map}
+            shard_names = [SAFE_SINGLE]
+        if len(shard_names) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+        config_dict = dict(source.config_dict)
+        config_dict.pop("hf_rmsnorm", None)
+        if DTYPES[dtype] is not None:
+            config_dict["dtype"] = dtype
+        if not to_original:
+            config_dict["hf_rmsnorm"] = block
+        (tmp / CONFIG).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        for item in src.iterdir():  # tokenizer, processor, generation config: unchanged
+            if item.is_file() and item.name not in _WEIGHT_FILES | {CONFIG, REPORT} and not item.name.endswith((".safetensors", ".bin")):
+                shutil.copy2(item, tmp / item.name)
+        (tmp / REPORT).write_text(_report_text(src, block, writers, to_original))
+
+        if verify and not to_original:
+            block["verification"] = _verify(src, tmp, source, block)
+            config_dict["hf_rmsnorm"] = block
+            (tmp / CONFIG).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+
+        if dst.exists():
+            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return block
+
+
+def _report_text(src, block, writers, to_original) -> str:
+    counts = {}
+    for kind in block.get("modules", {}).values():
+        counts[kind] = counts.get(kind, 0) + 1
+    lines = [
+        f"hf_rmsnorm {__version__}: {'exported back to the original architecture' if to_original else 'conversion'} of {src}",
+        f"target: {block['target']}; model_type: {block.get('model_type')}",
+        "norms: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
+        f"stream writers centred: {len(writers)}",
+    ]
+    if block.get("runtime_centring"):
+        lines.append("centred at run time (by hf_rmsnorm.from_pretrained): " + ", ".join(block["runtime_centring"]))
+    lines.append("")
+    lines += [f"{name}: {kind}" for name, kind in block.get("modules", {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+def _verify(src: Path, out: Path, source: _Source, block: dict) -> dict:
+    """Load the input, the output run converted, and the output in plain transformers (only
+    when the model fits in memory three times over) and compare their outputs on a probe
+    batch, by STYLE.md's rule against the float64 input."""
+    import psutil
+
+    from .patching.convert import EXACT_TOLERANCE, compare_outputs, model_outputs, probe_inputs
+
+    size = sum(s.stat().st_size for s in source.shards)
+    if 3 * size > psutil.virtual_memory().available:
+        return {"skipped": f"the model ({size / 2**30:.1f} GiB) does not fit in memory three times over"}
+    cls = type(_meta_model(source.config, False))
+    original = cls.from_pretrained(src, use_safetensors=not source.pickle).eval()
+    models = {"converted": from_pretrained(out, model_class=cls).eval(), "plain transformers": cls.from_pretrained(out).eval()}
+    inputs = probe_inputs(original)
+    with torch.no_grad():
+        ref = model_outputs(original, inputs)
+        truth = model_outputs(original.double(), {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
+        results = {label: model_outputs(m, inputs) for label, m in models.items()}
+    tolerance = EXACT_TOLERANCE.get(next(iter(ref.values())).dtype, 1e-4)
+    approximate = "approximate" in block.get("modules", {}).values()
+    diffs = {}
+    for label, got in results.items():
+        diffs[label], excess, _ = compare_outputs(ref, got, truth, tolerance)
+        if excess > 0 and not (approximate and label == "converted"):
+            raise ConversionError(f"verification failed: the {label} model's outputs differ from the input's by {diffs[label]:.2e}.")
+    return {"max_rel_diff": diffs}
+
+
+def from_pretrained(path, model_class=None, **kwargs):
+    """Load a checkpoint written by ``convert_checkpoint`` and run it converted: the model
+    class named in its config (or ``model_class``, e.g. ``AutoModelForCausalLM``), patched as
+    its ``hf_rmsnorm`` block says. Keyword arguments go to ``from_pretrained``."""
+    import transformers
+
+    from .patching import patch_model
+
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        raise ConversionError(f"{path} has no config.json: not a Hugging Face model directory.")
+    config_dict = json.loads((path / CONFIG).read_text())
+    block = config_dict.get("hf_rmsnorm")
+    if block is None:
+        raise ConversionError(f"{path} was not written by hf_rmsnorm (no hf_rmsnorm block in config.json); load it with transformers.")
+    cls = model_class
+    if cls is None:
+        for arch in config_dict.get("architectures") or ():
+            cls = getattr(transformers, arch, None)
+            if cls is not None:
+                break
+    cls = cls or transformers.AutoModel
+    model = cls.from_pretrained(path, **kwargs)
+    target = block["target"] if block["target"] in TARGETS else "layernorm"
+    report = patch_model(model, target=target, allow_approximate=bool(block.get("allow_approximate")) and target == "rmsnorm")
+    model.hf_rmsnorm_report = report
+    return model
