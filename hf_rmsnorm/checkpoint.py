@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from . import __version__
-from .patching.architectures import ARCHITECTURES, matches
+from .patching.architectures import ARCHITECTURES, matches, relative_name
 from .patching.patch import TARGETS
 
 CONFIG = "config.json"
@@ -139,21 +139,26 @@ def _plan(source: _Source, meta_model, target: str, allow_approximate: bool):
         arch = ARCHITECTURES.get(model_type)
         refusal = arch.refusal(source.config) if arch else None
         prefix = meta_model.base_model_prefix
-        if arch is None and not allow_approximate:
-            raise ConversionError(
-                f"model_type {model_type!r} has LayerNorms but no entry in the architecture table, so it cannot be "
-                "converted on disk; use --target layernorm, or convert it in memory (patch_model) and save that."
-            )
+        if arch is None:
+            # not in the table: the weights are copied as they are, and hf_rmsnorm.from_pretrained
+            # converts in memory at load time, where the writers are measured (convert.py)
+            block["note"] = f"model_type {model_type!r} is not in the architecture table: converted when loaded, not on disk"
+        elif refusal is not None:
+            block["note"] = f"not converted exactly: {refusal}"
         if arch is not None and refusal is None:
             for name, module in meta_model.named_modules():
                 dim = _out_dim(module)
                 if dim is not None and matches(name, arch.writers, prefix):
-                    writers[name] = dim
+                    writers[relative_name(name, prefix)] = dim  # checkpoints may or may not carry the prefix
             found = (_absolute(meta_model, s) for s in arch.starts)
             block["runtime_centring"] = [s for s in found if s is not None]
         for name in layer_norms:
-            exact = arch is not None and refusal is None and matches(name, arch.norms, prefix)
-            modules[name] = "exact" if exact else ("approximate" if allow_approximate else "fused")
+            if arch is None:
+                modules[name] = "at load"
+            elif refusal is None and matches(name, arch.norms, prefix):
+                modules[name] = "exact"
+            else:
+                modules[name] = "approximate" if allow_approximate else "fused"
     for name, kind in kinds.items():
         modules.setdefault(name, "fused" if kind in ("layer", "rms") else "skipped")
     block["modules"] = modules
@@ -234,7 +239,8 @@ def convert_checkpoint(
         raise ConversionError(f"cannot write to {parent}: it does not exist or is not writable.")
 
     meta_model = _meta_model(source.config, trust_remote_code)
-    expected = {n: tuple(p.shape) for n, p in meta_model.state_dict().items()}
+    prefix = meta_model.base_model_prefix
+    expected = {relative_name(n, prefix): tuple(p.shape) for n, p in meta_model.state_dict().items()}
     if to_original:
         block = source.config_dict.get("hf_rmsnorm")
         if block is None:
@@ -263,9 +269,10 @@ def convert_checkpoint(
         for shard in source.shards:
             tensors = _open_shard(shard, source.pickle)
             for key, tensor in tensors.items():
-                module, _, leaf = key.rpartition(".")
-                if key in expected and tuple(tensor.shape) != expected[key]:
-                    raise ConversionError(f"{key} has shape {tuple(tensor.shape)} in {shard.name}, but the config implies {expected[key]}.")
+                rel = relative_name(key, prefix)
+                module, _, leaf = rel.rpartition(".")
+                if rel in expected and tuple(tensor.shape) != expected[rel]:
+                    raise ConversionError(f"{key} has shape {tuple(tensor.shape)} in {shard.name}, but the config implies {expected[rel]}.")
                 if module in writers and leaf in ("weight", "bias"):
                     t64 = tensor.double()
                     dim = writers[module] if leaf == "weight" else 0
@@ -332,6 +339,8 @@ def _report_text(src, block, writers, to_original) -> str:
         "norms: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
         f"stream writers centred: {len(writers)}",
     ]
+    if block.get("note"):
+        lines.append(block["note"])
     if block.get("runtime_centring"):
         lines.append("centred at run time (by hf_rmsnorm.from_pretrained): " + ", ".join(block["runtime_centring"]))
     lines.append("")

@@ -24,8 +24,9 @@ PRE_LN = {
 POST_LN = ["bert", "roberta", "electra", "distilbert", "bart"]
 # outputs that are the raw residual stream (no norm after them): they differ by their mean
 STREAM_OUTPUTS = {"clip": {"vision_model_output.last_hidden_state"}}
-# on top of 2x the original's error; bf16 also pays one extra rounding of each centred weight
-ATOL = {torch.float64: 1e-10, torch.float32: 1e-6, torch.bfloat16: 2e-2}
+# on top of 2x the original's error: the converted model pays one extra rounding of each
+# centred weight (2^-24 relative in fp32, 2^-9 in bf16)
+ATOL = {torch.float64: 1e-10, torch.float32: 5e-6, torch.bfloat16: 2e-2}
 TOLERANCE = ATOL  # for the raw-stream outputs, compared once centred
 
 

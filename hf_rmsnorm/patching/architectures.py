@@ -34,6 +34,13 @@ def _opt_layout(config) -> Optional[str]:
     return None if getattr(config, "do_layer_norm_before", True) else "post-LN (do_layer_norm_before=False, as in OPT-350m)"
 
 
+def _post_ln(config) -> Optional[str]:
+    return "post-LN (gamma * n + beta rides the residual stream)"
+
+
+# Post-LN families: listed so that they are refused for what they are, not as unknown.
+_POST_LN = Architecture((), (), (), _post_ln)
+
 _DECODER_LN = ("layers.*.input_layernorm", "layers.*.post_attention_layernorm")
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -72,6 +79,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         ("text_model.encoder.layers.0", "vision_model.encoder.layers.0"),
     ),
+    **{t: _POST_LN for t in ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "bart", "mbart", "camembert")},
     "whisper": Architecture(
         (
             "encoder.layers.*.self_attn.out_proj", "encoder.layers.*.fc2",

@@ -1,0 +1,261 @@
+"""Checkpoint conversion on disk: convert -> load both ways -> the original's outputs; shards,
+the memory bound, every bad input failing cleanly, pickle refusal, and the way back."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_rmsnorm
+from hf_rmsnorm.checkpoint import ConversionError, convert_checkpoint
+from hf_rmsnorm.cli import main
+from test_convert import build
+from tiny_models import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(monkeypatch):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+
+
+def _save(name, path, **kwargs):
+    model, inputs = build(name)
+    model.save_pretrained(path, **kwargs)
+    (path / "tokenizer.json").write_text('{"stand-in": "a tokenizer file, copied unchanged"}')
+    return model, inputs
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _close(got, ref, model=None, inputs=None):
+    """Equal to the original's outputs: no further from the float64 original than 2x the
+    original's own fp32 rounding plus 5e-6 (STYLE.md's rule; the atol covers the one extra
+    rounding of each centred weight), when the model is given; else within 1e-5."""
+    truth = None
+    if model is not None:
+        import copy
+
+        truth = run(copy.deepcopy(model).double(), {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
+    for k in ref:
+        if truth is None:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
+        else:
+            assert _rel(got[k], truth[k]) <= 2 * _rel(ref[k], truth[k]) + 5e-6, k
+
+
+# family -> how its norms end up (exact conversion, fused only, approximate)
+FAMILIES = {"gpt2": {"exact"}, "opt": {"exact"}, "gpt_neox": {"exact"}, "bloom": {"exact", "fused"}, "falcon": {"exact"}, "phi": {"exact"}, "llama": {"fused"}, "bert": {"approximate"}}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_convert_then_load_both_ways(name, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    model, inputs = _save(name, src)
+    ref = run(model, inputs)
+    approximate = FAMILIES[name] == {"approximate"}
+    if approximate:  # post-LN: refused unless asked for
+        block = convert_checkpoint(src, out)
+        assert set(block["modules"].values()) == {"fused"}
+        out = tmp_path / "out_approx"
+    block = convert_checkpoint(src, out, allow_approximate=approximate)
+
+    assert set(block["modules"].values()) == FAMILIES[name]
+    config = json.loads((out / "config.json").read_text())
+    assert config["hf_rmsnorm"]["target"] == "rmsnorm" and config["hf_rmsnorm"]["version"] == hf_rmsnorm.__version__
+    assert (out / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()
+    assert (out / "hf_rmsnorm_conversion.txt").read_text().startswith("hf_rmsnorm ")
+
+    plain = type(model).from_pretrained(out).eval()  # vanilla transformers: the original function
+    _close(run(plain, inputs), ref, model, inputs)
+    converted = hf_rmsnorm.from_pretrained(out).eval()
+    assert {e["name"]: e["change"] for e in converted.hf_rmsnorm_report} == block["modules"]
+    if not approximate:
+        _close(run(converted, inputs), ref, model, inputs)
+        in_memory, _ = build(name)
+        hf_rmsnorm.patch_model(in_memory)
+        _close(run(converted, inputs), run(in_memory, inputs))
+
+
+def test_sharded_input_stays_sharded_and_can_be_resharded(tmp_path):
+    src = tmp_path / "in"
+    model, inputs = _save("gpt2", src, max_shard_size="40KB")
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    assert len(shards) > 2
+    convert_checkpoint(src, tmp_path / "same", verify=False)
+    assert len(list((tmp_path / "same").glob("*.safetensors"))) == len(shards)
+    index = json.loads((tmp_path / "same" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in (tmp_path / "same").glob("*.safetensors")}
+    convert_checkpoint(src, tmp_path / "one", verify=False, max_shard_size="100MB")
+    assert [p.name for p in (tmp_path / "one").glob("*.safetensors")] == ["model.safetensors"]
+    assert not (tmp_path / "one" / "model.safetensors.index.json").exists()
+    for d in ("same", "one"):
+        _close(run(hf_rmsnorm.from_pretrained(tmp_path / d).eval(), inputs), run(model, inputs))
+
+
+_MEMORY_PROBE = """
+import resource, sys, torch
+from hf_rmsnorm.checkpoint import convert_checkpoint
+torch.zeros(1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+convert_checkpoint(sys.argv[1], sys.argv[2], verify=False)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024)
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_stays_near_one_shard(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    src = tmp_path / "in"
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=512, n_layer=12, n_head=8, vocab_size=512, n_positions=64))
+    model.save_pretrained(src, max_shard_size="10MB")
+    total = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    largest = max(p.stat().st_size for p in src.glob("*.safetensors"))
+    assert total > 8 * largest  # enough shards for the bound to mean something
+    # the probe imports the meta model & probes norms; measured growth of the peak RSS
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(src), str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    growth = int(proc.stdout.strip().splitlines()[-1])
+    # one shard read, its centred copy being written, plus a small constant
+    assert growth < 3 * largest + 64 * 2**20, f"peak grew by {growth / 2**20:.0f} MiB; shards are {largest / 2**20:.0f} MiB, total {total / 2**20:.0f} MiB"
+    assert growth < total / 2
+
+
+def _cli(*args):
+    return main(["convert", *map(str, args)])
+
+
+def _no_leftovers(parent: Path, out: Path):
+    assert not out.exists() or not any(out.iterdir()) or out.name == "busy"
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
+
+
+def _truncate(src):
+    shard = next(src.glob("*.safetensors"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+
+
+def _wrong_shape(src):
+    config = json.loads((src / "config.json").read_text())
+    config["n_embd"] = 48
+    (src / "config.json").write_text(json.dumps(config))
+
+
+def _unknown_type(src):
+    config = json.loads((src / "config.json").read_text())
+    config["model_type"] = "no_such_model"
+    (src / "config.json").write_text(json.dumps(config))
+
+
+def _no_config(src):
+    (src / "config.json").unlink()
+
+
+BAD = [
+    ("missing input", lambda src: src.rename(src.with_name("gone")), "no such directory"),
+    ("no config.json", _no_config, "has no config.json"),
+    ("unknown model type", _unknown_type, "config.json"),
+    ("truncated shard", _truncate, "corrupt or truncated"),
+    ("mismatched shapes", _wrong_shape, "but the config implies"),
+]
+
+
+@pytest.mark.parametrize("case,break_it,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_fails_cleanly(case, break_it, message, tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    _save("gpt2", src)
+    break_it(src)
+    capsys.readouterr()
+    assert _cli(src, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-rmsnorm convert: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+    _no_leftovers(tmp_path, out)
+
+
+def test_output_rules(tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    _save("gpt2", src)
+    capsys.readouterr()
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert _cli(src, out) == 2 and "exists and is not empty; pass --force" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"  # untouched
+    assert _cli(src, out, "--force", "--no-verify") == 0 and not (out / "keep.txt").exists()
+    capsys.readouterr()
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    assert _cli(src, blocked / "out") == 2 and "not writable" in capsys.readouterr().err
+    assert _cli(src, src) == 2 and "OUT is IN" in capsys.readouterr().err
+
+
+def test_a_layernorm_model_type_outside_the_table_is_converted_when_loaded(tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tiny_models import randomize_for_conversion, randomize_norms
+
+    config = AutoConfig.for_model("gpt_bigcode", n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    randomize_norms(model)
+    randomize_for_conversion(model)
+    model.eval().save_pretrained(tmp_path / "in")
+    capsys.readouterr()
+    assert _cli(tmp_path / "in", tmp_path / "out") == 0
+    assert "not in the architecture table: converted when loaded" in capsys.readouterr().out
+    loaded = hf_rmsnorm.from_pretrained(tmp_path / "out").eval()
+    assert loaded.hf_rmsnorm_report.count("exact") == 5  # measured at load: gpt_bigcode is pre-LN
+    inputs = {"input_ids": torch.randint(3, 128, (2, 9))}
+    _close(run(loaded, inputs), run(model, inputs))
+
+
+def test_pickle_checkpoints_need_allow_pickle(tmp_path, capsys):
+    src = tmp_path / "in"
+    model, inputs = build("gpt2")
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(src)  # an old-style checkpoint: config plus a pickled state_dict
+    torch.save({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, src / "pytorch_model.bin")
+    capsys.readouterr()
+    assert _cli(src, tmp_path / "out") == 2
+    assert "pass --allow-pickle if you trust this checkpoint" in capsys.readouterr().err
+    assert _cli(src, tmp_path / "out", "--allow-pickle") == 0
+    assert (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / "pytorch_model.bin").exists()
+    _close(run(hf_rmsnorm.from_pretrained(tmp_path / "out").eval(), inputs), run(model, inputs))
+
+
+def test_to_original_round_trip_and_refusal(tmp_path, capsys):
+    src = tmp_path / "in"
+    model, inputs = _save("gpt2", src)
+    convert_checkpoint(src, tmp_path / "conv")
+    capsys.readouterr()
+    assert _cli(tmp_path / "conv", tmp_path / "back", "--to-original") == 0
+    capsys.readouterr()
+    assert "hf_rmsnorm" not in json.loads((tmp_path / "back" / "config.json").read_text())
+    _close(run(type(model).from_pretrained(tmp_path / "back").eval(), inputs), run(model, inputs))
+    # a writer that lost its centring (trained without keep_centered) cannot go back exactly
+    from safetensors.torch import load_file, save_file
+
+    shard = tmp_path / "conv" / "model.safetensors"
+    tensors = load_file(shard)
+    tensors["transformer.h.0.mlp.c_proj.weight"] += 0.5
+    save_file(tensors, shard, metadata={"format": "pt"})
+    assert _cli(tmp_path / "conv", tmp_path / "back2", "--to-original") == 2
+    assert "is no longer centred" in capsys.readouterr().err
+    assert not (tmp_path / "back2").exists()
+    assert _cli(src, tmp_path / "x", "--to-original") == 2 and "not an hf_rmsnorm conversion" in capsys.readouterr().err
+
+
+def test_from_pretrained_of_a_plain_checkpoint_says_what_to_do(tmp_path):
+    _save("gpt2", tmp_path)
+    with pytest.raises(ConversionError, match="was not written by hf_rmsnorm"):
+        hf_rmsnorm.from_pretrained(tmp_path)
