@@ -1,0 +1,127 @@
+"""recipes/finetune.py end to end on the CPU: the offline default, 2 processes against 1,
+kill-and-resume, the exact variant's equality and the approximate one's recovery, and bad
+input failing before any training."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "finetune.py"
+TINY = ["--model", "offline:tiny-gpt2", "--per-device-batch-size", "8", "--max-eval-texts", "32", "--quiet", "--cpu"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A private cache, so the tiny decoder is pretrained once for these tests."""
+    return {**os.environ, "HF_RMSNORM_CACHE": str(tmp_path_factory.mktemp("cache")), "HF_RMSNORM_BACKEND": "torch"}
+
+
+def _recipe(env, *args, launcher=(sys.executable,), timeout=600):
+    proc = subprocess.run([*launcher, str(RECIPE), *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    return proc
+
+
+def _runs(out):
+    return json.loads((Path(out) / "results.json").read_text())["runs"]
+
+
+def test_offline_default_writes_all_outputs_with_finite_numbers(env, tmp_path):
+    import torch
+
+    import hf_rmsnorm
+
+    proc = _recipe(env, "--max-steps", 2, "--eval-steps", 1, "--max-eval-texts", 16, "--max-length", 32, "--quiet", "--cpu", "--output-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = _runs(tmp_path)
+    assert [(r["model"], r["variant"]) for r in runs] == [(m, v) for m in ("offline:tiny-gpt2", "offline:minilm") for v in ("baseline", "layernorm", "rmsnorm")]
+    for r in runs:
+        m = r["metrics"]
+        for key in ("eval_before_conversion", "eval_after_conversion", "eval_after_finetune", "tokens_per_second", "step_time_ms_median", "peak_memory_bytes"):
+            assert math.isfinite(m[key]) and (key.startswith("eval") or m[key] > 0), (r["variant"], key, m[key])
+        assert len(r["curve"]) == 3
+    by = {(r["model"], r["variant"]): r for r in runs}
+    # the exact conversion costs nothing: after conversion == the baseline before it
+    exact = by[("offline:tiny-gpt2", "rmsnorm")]
+    assert "5 exact" in exact["report"]
+    before = by[("offline:tiny-gpt2", "baseline")]["metrics"]["eval_before_conversion"]
+    assert abs(exact["metrics"]["eval_after_conversion"] - before) <= 1e-6 * before
+    assert exact["metrics"]["recovery"] is None
+    # the post-LN encoder takes the approximate path: it costs something, and recovery is reported
+    approx = by[("offline:minilm", "rmsnorm")]
+    assert "13 approximate" in approx["report"]
+    assert approx["metrics"]["eval_after_conversion"] < approx["metrics"]["eval_before_conversion"]
+    assert math.isfinite(approx["metrics"]["recovery"])
+    assert (tmp_path / "results.md").read_text().count("| offline:") == 6
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+    # the fine-tuned converted model reloads with its conversion
+    model = hf_rmsnorm.from_pretrained(tmp_path / "models" / "tiny-gpt2" / "rmsnorm")
+    assert model.hf_rmsnorm_report.count("exact") == 5
+    assert isinstance(model.transformer.ln_f, hf_rmsnorm.FusedRMSNorm)
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_two_processes_follow_one_process(env, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    common = ["--model", "offline:tiny-gpt2", "--variants", "baseline,rmsnorm", "--max-steps", 4, "--eval-steps", 2, "--max-eval-texts", 32, "--quiet", "--cpu"]
+    one = _recipe(env, *common, "--per-device-batch-size", 8, "--output-dir", tmp_path / "one")
+    two = _recipe(env, *common, "--per-device-batch-size", 4, "--output-dir", tmp_path / "two", launcher=(torchrun, "--nproc_per_node", "2"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in (tmp_path / "two" / "results.md").read_text()
+    for a, b in zip(_runs(tmp_path / "one"), _runs(tmp_path / "two")):
+        # same global batch; per-process token means averaged by DDP differ from one global
+        # token mean only through unequal padding: 1e-3 relative
+        for ca, cb in zip(a["curve"], b["curve"]):
+            assert abs(ca["eval_loss"] - cb["eval_loss"]) <= 1e-3 * ca["eval_loss"], (a["variant"], ca, cb)
+
+
+def test_kill_and_resume_reaches_the_same_loss(env, tmp_path):
+    common = [*TINY, "--variants", "rmsnorm", "--max-steps", 6, "--eval-steps", 3, "--checkpointing-steps", 3]
+    whole = _recipe(env, *common, "--output-dir", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stopped = _recipe(env, *common, "--stop-after-steps", 3, "--output-dir", tmp_path / "cut")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert not (tmp_path / "cut" / "results.json").exists()
+    assert (tmp_path / "cut" / "checkpoints" / "tiny-gpt2" / "rmsnorm" / "step_3" / "progress.json").is_file()
+    resumed = _recipe(env, *common, "--resume-from-checkpoint", "latest", "--output-dir", tmp_path / "cut")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed rmsnorm" in resumed.stdout + resumed.stderr
+    a, b = _runs(tmp_path / "whole")[0], _runs(tmp_path / "cut")[0]
+    assert [c["step"] for c in a["curve"]] == [c["step"] for c in b["curve"]]
+    for ca, cb in zip(a["curve"], b["curve"]):
+        assert abs(ca["eval_loss"] - cb["eval_loss"]) <= 1e-6 * ca["eval_loss"]
+
+
+def _json_without_text(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"body": f"sentence number {i} is long enough to use"}) + "\n" for i in range(30)))
+    return path
+
+
+BAD = [
+    ("unknown model path", lambda p: ["--model", "./no/such/model"], "no such local path"),
+    ("dataset without a text column", lambda p: [*TINY, "--dataset", _json_without_text(p)], "no 'text' column"),
+    ("zero steps", lambda p: ["--max-steps", 0], "--max-steps must be positive"),
+    ("approximate without rmsnorm", lambda p: ["--variants", "baseline", "--allow-approximate"], "apply to the rmsnorm variant"),
+    ("unknown variant", lambda p: ["--variants", "baseline,fp8"], "--variants takes"),
+    ("stop without checkpoints", lambda p: ["--stop-after-steps", 2], "needs --checkpointing-steps"),
+]
+
+
+@pytest.mark.parametrize("case,args,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_fails_fast_with_a_clear_message(case, args, message, env, tmp_path):
+    proc = _recipe(env, *args(tmp_path), "--output-dir", tmp_path / "out", timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "pretraining" not in proc.stdout and not (tmp_path / "out" / "checkpoints").exists()
