@@ -207,7 +207,9 @@ def _run_variant(accelerator, args, base, task, variant, train_set, eval_set, sl
         model.gradient_checkpointing_enable()
     model.train()
     lr = args.learning_rate or (5e-4 if task == "causal-lm" else 2e-5)  # a tiny LM from scratch-ish vs a pretrained encoder
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # eps 1e-6: at the teacher the distillation gradient is rounding noise, which Adam's
+    # default eps (1e-8) would normalise into full-size steps away from it
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, eps=1e-6)
     train_loader = DataLoader(train_set, batch_size=args.per_device_batch_size, shuffle=False)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
 
@@ -247,7 +249,6 @@ def _run_variant(accelerator, args, base, task, variant, train_set, eval_set, sl
             step_tokens.append(tokens)
             step += 1
             bar.update(1)
-            started, tokens = time.perf_counter(), 0
             if step % args.eval_steps == 0 or step == args.max_steps:
                 curve.append({"step": step, metric_name(task): evaluate(model, eval_loader, task, accelerator, teacher),
                               "train_loss": accelerator.gather(loss.detach().float()).mean().item()})
@@ -259,6 +260,7 @@ def _run_variant(accelerator, args, base, task, variant, train_set, eval_set, sl
                     sys.exit(0)
             if step >= args.max_steps:
                 break
+            started, tokens = time.perf_counter(), 0  # evaluation and checkpoints are not step time
     bar.close()
     after_finetune = curve[-1][metric_name(task)]
 

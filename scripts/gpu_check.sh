@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: the GPU tests, then the kernel benchmark (bf16, and bf16
-# activations with fp32 weights), a short table printed last, full JSON/markdown in $OUT.
-# Made to finish inside five minutes on one H100/H200.
+# One call on a GPU machine: the GPU tests, the kernel benchmark (bf16, and bf16 activations
+# with fp32 weights) and the training-step benchmark; tables printed last, full JSON/markdown
+# in $OUT. Made to finish inside eight minutes on one H100/H200.
 #
 #   bash scripts/gpu_check.sh            # on the GPU machine ($OUT defaults to benchmarks/results/gpu)
 #   bash scripts/gpu_check.sh --quick    # dry run of the same steps on a CPU (tiny shapes)
@@ -32,9 +32,12 @@ bench_rc=0
   --providers "hf_rmsnorm RMSNorm,hf_rmsnorm LayerNorm,torch F.layer_norm,torch F.rms_norm,HF eager RMSNorm" \
   > "$OUT/bench_bf16_fp32w.log" 2>&1 || bench_rc=$?
 
+"$PY" scripts/benchmark_training.py $quick --out "$OUT" > "$OUT/bench_training.log" 2>&1 || bench_rc=$?
+
 echo
 echo "== gpu tests: $(tail -n 1 "$OUT/gpu_tests.log")"
 echo "== benchmark exit codes: $bench_rc (logs in $OUT)"
 cat "$OUT/kernels_bf16_fp32w.md" 2>/dev/null
 cat "$OUT/kernels_bf16.md" 2>/dev/null
+cat "$OUT/training.md" 2>/dev/null
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

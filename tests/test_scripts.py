@@ -40,3 +40,18 @@ def test_benchmark_rejects_an_unknown_provider(tmp_path):
     assert proc.returncode == 2
     assert "unknown provider(s) ['apex']" in proc.stderr
     assert not (tmp_path / "kernels.json").exists()
+
+
+@pytest.mark.slow
+def test_benchmark_training_quick_writes_json_and_markdown(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_training.py"), "--quick", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "training.json").read_text())
+    rows = {(r["model"], r["precision"], r["variant"]) for r in result["results"]}
+    for precision in ("bf16 params", "fp32 params + bf16 autocast"):
+        assert {("gpt2-medium", precision, v) for v in ("as shipped", "layernorm", "rmsnorm", "norms -> Identity")} <= rows
+        assert ("llama-1b", precision, "rmsnorm") not in rows  # nothing to convert in an RMSNorm model
+    gpt2_rms = next(r for r in result["results"] if r["model"] == "gpt2-medium" and r["variant"] == "rmsnorm")
+    assert " 5 exact" in gpt2_rms["report"]
+    assert all(r["step_ms"] > 0 for r in result["results"])
+    assert "| gpt2-medium | bf16 params | rmsnorm |" in (tmp_path / "training.md").read_text()

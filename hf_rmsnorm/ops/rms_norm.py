@@ -39,6 +39,11 @@ def rms_norm_ref(
         # torch's own kernel computes exactly this (fp32 statistics and affine, one rounding)
         # and is the fastest path on the CPU.
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    if x.dtype == torch.float32 and all(p is None or p.dtype == torch.float32 for p in (weight, bias)):
+        # all fp32: no rounding to order, so every cast mode is torch's kernel plus the bias
+        # (the converted LayerNorms of an fp32 model take this path on the CPU)
+        y = F.rms_norm(x, (x.shape[-1],), weight + offset if offset and weight is not None else weight, eps)
+        return y + bias if bias is not None else y
     xc = x.to(compute_dtype(x))
     n = F.rms_norm(xc, (x.shape[-1],), None, eps)
     return affine_torch(n, x.dtype, weight, bias, offset, cast_mode)

@@ -1,0 +1,177 @@
+"""What do the norms cost in a training step, and how much does patching win back?
+
+For a GPT-2-medium-sized model (24 x 1024, LayerNorm) and a Llama-style 1B model (16 x 2048,
+RMSNorm), both random, times an AdamW training step (SDPA attention, batch 8 x 1024) as
+shipped, patched (target="layernorm": fused same-function; target="rmsnorm": the exact
+conversion, where the model has LayerNorms), and with every norm replaced by Identity (the
+ceiling no norm implementation can beat). Two precisions: bf16 parameters, and fp32
+parameters under bf16 autocast. See ../shared/PERF.md for the targets.
+
+    python scripts/benchmark_training.py            # on a GPU
+    python scripts/benchmark_training.py --quick    # tiny configs, runs anywhere (CI)
+
+Writes ``<out>/training.json`` and ``<out>/training.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hf_rmsnorm import patch_model
+from hf_rmsnorm.patching.discovery import is_norm_like
+
+MODELS = {
+    "gpt2-medium": ("gpt2", dict(n_embd=1024, n_layer=24, n_head=16, vocab_size=50257, n_positions=1024)),
+    "llama-1b": ("llama", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192, vocab_size=32000, max_position_embeddings=2048)),
+}
+QUICK = {
+    "gpt2-medium": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)),
+    "llama-1b": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=256, max_position_embeddings=64)),
+}
+VARIANTS = ("as shipped", "layernorm", "rmsnorm", "norms -> Identity")
+PRECISIONS = ("bf16 params", "fp32 params + bf16 autocast")
+
+
+def build(name, table, precision, device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, kwargs = table[name]
+    config = AutoConfig.for_model(model_type, **kwargs)
+    config.use_cache = False
+    for attr in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout"):
+        if hasattr(config, attr):
+            setattr(config, attr, 0.0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    dtype = torch.bfloat16 if precision == "bf16 params" else torch.float32
+    return model.to(device=device, dtype=dtype).train()
+
+
+def apply_variant(model, variant, batch) -> str:
+    if variant == "as shipped":
+        return ""
+    if variant == "norms -> Identity":
+        for name, module in list(model.named_modules()):
+            if is_norm_like(module) and name:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+        return ""
+    target = "layernorm" if variant == "layernorm" else "rmsnorm"
+    report = patch_model(model, target=target, probe_inputs={"input_ids": batch[:1, :16]})
+    return report.summary()
+
+
+def time_steps(model, batch, precision, device, warmup, steps) -> tuple[float, int]:
+    """Median step time (ms) and peak memory (bytes) of forward + backward + AdamW."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision != "bf16 params")
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with amp:
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    return statistics.median(times), peak
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny configs, few steps (CI, CPU)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args(argv)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if any(n not in MODELS for n in names):
+        parser.error(f"--models takes a subset of {', '.join(MODELS)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    table = QUICK if args.quick else MODELS
+    batch_shape = (2, 32) if args.quick else (8, 1024)
+    warmup, steps = (1, args.steps or 2) if args.quick else (3, args.steps or 10)
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for name in names:
+        vocab = table[name][1]["vocab_size"]
+        batch = torch.randint(0, vocab, batch_shape, generator=g).to(device)
+        for precision in PRECISIONS:
+            for variant in VARIANTS:
+                model = build(name, table, precision, device)
+                try:
+                    summary = apply_variant(model, variant, batch)
+                    if variant == "rmsnorm" and " 0 exact" in summary:
+                        continue  # nothing to convert (an RMSNorm model): same as "layernorm"
+                    ms, peak = time_steps(model, batch, precision, device, warmup, steps)
+                    results.append({"model": name, "precision": precision, "variant": variant, "step_ms": ms,
+                                    "tokens_per_second": batch.numel() / (ms / 1e3), "peak_memory_bytes": peak, "report": summary})
+                except Exception as exc:  # keep the other rows
+                    results.append({"model": name, "precision": precision, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    env = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+        "batch": list(batch_shape), "quick": args.quick,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        **{p: _version(p) for p in ("triton", "transformers", "hf_rmsnorm")},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "training.json").write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
+    md = _markdown(env, results)
+    (args.out / "training.md").write_text(md)
+    print(md)
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _version(pkg):
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _markdown(env, results) -> str:
+    lines = [
+        f"# Training step: {env['device']}, batch {env['batch'][0]} x {env['batch'][1]}, AdamW, SDPA",
+        "", f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}; {env['date']}.", "",
+        "| model | precision | variant | step ms (median) | vs as shipped | vs Identity | tokens/s | peak memory GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base = {(r["model"], r["precision"]): r.get("step_ms") for r in results if r["variant"] == "as shipped"}
+    ceiling = {(r["model"], r["precision"]): r.get("step_ms") for r in results if r["variant"] == "norms -> Identity"}
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | error: {r['error'][:80]} | | | | |")
+            continue
+        key = (r["model"], r["precision"])
+        rel = lambda ref: f"{r['step_ms'] / ref:.3f}×" if ref else "—"  # noqa: E731
+        lines.append(
+            f"| {r['model']} | {r['precision']} | {r['variant']} | {r['step_ms']:.1f} | {rel(base.get(key))} | {rel(ceiling.get(key))} | "
+            f"{r['tokens_per_second']:.0f} | {r['peak_memory_bytes'] / 2**30:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
