@@ -86,6 +86,19 @@ def test_two_processes_follow_one_process(env, tmp_path):
             assert abs(ca["eval_loss"] - cb["eval_loss"]) <= 1e-3 * ca["eval_loss"], (a["variant"], ca, cb)
 
 
+def test_accelerate_launch_with_two_mpi_processes(env, tmp_path):
+    """The documented CPU multi-process path: accelerate launch through MPI (gloo)."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if shutil.which("mpirun") is None or accelerate is None:
+        pytest.skip("needs mpirun (Debian's openmpi-bin; .ci/run installs it) and accelerate")
+    mpi_env = {**env, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    proc = _recipe(mpi_env, *TINY, "--variants", "baseline,rmsnorm", "--max-steps", 2, "--eval-steps", 1, "--output-dir", tmp_path,
+                   launcher=(accelerate, "launch", "--config_file", ROOT / "recipes" / "configs" / "cpu_2proc.yaml"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in (tmp_path / "results.md").read_text()
+    assert all(math.isfinite(r["metrics"]["eval_after_finetune"]) for r in _runs(tmp_path))
+
+
 def test_kill_and_resume_reaches_the_same_loss(env, tmp_path):
     common = [*TINY, "--variants", "rmsnorm", "--max-steps", 6, "--eval-steps", 3, "--checkpointing-steps", 3]
     whole = _recipe(env, *common, "--output-dir", tmp_path / "whole")
