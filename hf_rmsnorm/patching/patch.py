@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -277,8 +277,3 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         handle.remove()  # run-time centring and keep_centered projections
     del owner.__dict__[_STATE_ATTR]
     return model
-
-
-def patched_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    """(name, fused module) for every module patch_model swapped in."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _FusedNorm)]
