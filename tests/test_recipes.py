@@ -116,6 +116,18 @@ def test_kill_and_resume_reaches_the_same_loss(env, tmp_path):
         assert abs(ca["eval_loss"] - cb["eval_loss"]) <= 1e-6 * ca["eval_loss"]
 
 
+def test_bf16_gradient_accumulation_and_checkpointing_flags(env, tmp_path):
+    proc = _recipe(env, *TINY, "--variants", "rmsnorm", "--max-steps", 2, "--eval-steps", 1, "--mixed-precision", "bf16",
+                   "--gradient-accumulation-steps", 2, "--gradient-checkpointing", "--keep-centered", "--output-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mixed precision bf16" in (tmp_path / "results.md").read_text()
+    assert "total batch 16" in proc.stdout  # 8 per device x 2 accumulation steps
+    run = _runs(tmp_path)[0]
+    assert all(math.isfinite(c["eval_loss"]) for c in run["curve"])
+    config = json.loads((tmp_path / "models" / "tiny-gpt2" / "rmsnorm" / "config.json").read_text())
+    assert config["hf_rmsnorm"]["keep_centered"] is True
+
+
 def _json_without_text(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps({"body": f"sentence number {i} is long enough to use"}) + "\n" for i in range(30)))
