@@ -72,13 +72,29 @@ def test_fused_layernorm_is_a_drop_in_for_nn_layernorm(kwargs, dtype, backend):
     _check_same_function(fused, ln, x, dtype, "layer", 1e-5)
 
 
+def _gemma_weights(module):
+    with torch.no_grad():
+        module.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(0))  # Gemma multiplies by (1 + w)
+    return module
+
+
+# HF RMSNorm flavour -> (how its weights are randomised, the FusedRMSNorm arguments, offset)
+HF_RMSNORMS = {
+    "llama": (LlamaRMSNorm, _randomize, dict(cast_mode="input"), 0.0),
+    "gemma": (GemmaRMSNorm, _gemma_weights, dict(offset=1.0, cast_mode="float32"), 1.0),
+    "t5": (T5LayerNorm, _randomize, dict(cast_mode="weight"), 0.0),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_fused_rmsnorm_matches_llama_rmsnorm(dtype, backend):
-    hf = _randomize(LlamaRMSNorm(64, eps=1e-6)).to(dtype)
-    fused = FusedRMSNorm(64, eps=1e-6, cast_mode="input", follow_autocast=False).to(dtype)
+@pytest.mark.parametrize("flavour", list(HF_RMSNORMS))
+def test_fused_rmsnorm_matches_the_hf_rmsnorm_flavours(flavour, dtype, backend):
+    cls, randomise, kwargs, offset = HF_RMSNORMS[flavour]
+    hf = randomise(cls(64, eps=1e-6)).to(dtype)
+    fused = FusedRMSNorm(64, eps=1e-6, follow_autocast=False, **kwargs).to(dtype)
     _same_keys_and_shapes(fused, hf)
     fused.load_state_dict(hf.state_dict())
-    _check_same_function(fused, hf, torch.randn(3, 5, 64).to(dtype), dtype, "rms", 1e-6)
+    _check_same_function(fused, hf, torch.randn(3, 5, 64).to(dtype), dtype, "rms", 1e-6, offset=offset)
 
 
 def test_fused_rmsnorm_matches_llama_with_fp32_weight_and_bf16_activations(backend):
@@ -91,27 +107,6 @@ def test_fused_rmsnorm_matches_llama_with_fp32_weight_and_bf16_activations(backe
     assert y.dtype == y_hf.dtype == torch.float32
     # same casts in the same order: equal up to fp32 rounding of the statistics
     torch.testing.assert_close(y, y_hf, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_fused_rmsnorm_matches_gemma_rmsnorm(dtype, backend):
-    hf = GemmaRMSNorm(64, eps=1e-6)
-    with torch.no_grad():
-        hf.weight.normal_(0.0, 0.3)  # Gemma stores w and multiplies by (1 + w)
-    hf = hf.to(dtype)
-    fused = FusedRMSNorm(64, eps=1e-6, offset=1.0, cast_mode="float32", follow_autocast=False).to(dtype)
-    _same_keys_and_shapes(fused, hf)
-    fused.load_state_dict(hf.state_dict())
-    _check_same_function(fused, hf, torch.randn(2, 9, 64).to(dtype), dtype, "rms", 1e-6, offset=1.0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_fused_rmsnorm_matches_t5_layernorm(dtype, backend):
-    hf = _randomize(T5LayerNorm(64, eps=1e-6)).to(dtype)
-    fused = FusedRMSNorm(64, eps=1e-6, cast_mode="weight", follow_autocast=False).to(dtype)
-    _same_keys_and_shapes(fused, hf)
-    fused.load_state_dict(hf.state_dict())
-    _check_same_function(fused, hf, torch.randn(2, 9, 64).to(dtype), dtype, "rms", 1e-6)
 
 
 def test_fused_rmsnorm_matches_t5_with_mixed_dtypes(backend):
