@@ -25,6 +25,9 @@ class PatchReport(list):
         self.target = target
         self.note = note
         self.dry_run = dry_run
+        # target="rmsnorm" only: {"writers", "runtime_centring"} and the probe verification
+        self.conversion: Optional[dict] = None
+        self.verification: Optional[dict] = None
 
     def add(self, name: str, old: str, new: Optional[str], change: str, reason: str, max_rel_error: Optional[float] = None):
         assert change in CHANGES, change
