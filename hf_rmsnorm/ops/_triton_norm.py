@@ -172,6 +172,20 @@ def _backward_programs(device: torch.device) -> int:
     return 4  # TRITON_INTERPRET=1 on the CPU: a few programs still exercise the reduction
 
 
+def fwd_config(N: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the forward kernel for rows of N elements."""
+    block_n = triton.next_power_of_2(N)
+    # several short rows per program so each program moves a useful amount of memory
+    block_m = max(1, min(16, 4096 // block_n))
+    return block_m, block_n, _warps(block_m * block_n)
+
+
+def bwd_config(N: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the backward kernel for rows of N elements."""
+    block_n = triton.next_power_of_2(N)
+    return block_n, _warps(block_n)
+
+
 def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype):
     """Launch the forward kernel on ``x`` (M, N) with unit column stride."""
     M, N = x.shape
@@ -180,9 +194,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype):
     mean = torch.empty((0 if is_rms else M,), dtype=torch.float32, device=x.device)
     if M == 0:
         return y, mean, rstd
-    block_n = triton.next_power_of_2(N)
-    # several short rows per program so each program moves a useful amount of memory
-    block_m = max(1, min(16, 4096 // block_n))
+    block_m, block_n, warps = fwd_config(N)
     _norm_fwd_kernel[(triton.cdiv(M, block_m),)](
         x, y, weight, bias, mean, rstd,
         x.stride(0), M, N, eps, offset,
@@ -192,7 +204,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype):
         ROUNDING=rounding,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        num_warps=_warps(block_m * block_n),
+        num_warps=warps,
     )
     LAUNCHES["norm_fwd"] += 1
     return y, mean, rstd
@@ -207,7 +219,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias):
     db_part = torch.zeros((programs, N), dtype=torch.float32, device=x.device) if has_bias else None
     if M == 0:
         return dx, dw_part, db_part
-    block_n = triton.next_power_of_2(N)
+    block_n, warps = bwd_config(N)
     _norm_bwd_kernel[(programs,)](
         x, weight, dy, dx, dw_part, db_part, mean, rstd,
         x.stride(0), dy.stride(0), M, N, offset, triton.cdiv(M, programs),
@@ -216,7 +228,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias):
         HAS_BIAS=has_bias,
         ROUNDING=rounding,
         BLOCK_N=block_n,
-        num_warps=_warps(block_n),
+        num_warps=warps,
     )
     LAUNCHES["norm_bwd"] += 1
     return dx, dw_part, db_part

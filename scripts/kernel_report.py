@@ -1,0 +1,112 @@
+"""Compile the norm kernels for a GPU architecture without a GPU and report what the compiler
+made of them: registers, stack, local memory (spills), shared memory, and how wide the global
+loads and stores are. Same launch parameters as the launchers pick for the benchmark shapes.
+
+    python scripts/kernel_report.py [--arch 90] [--out benchmarks/results]
+
+Needs Triton with its NVIDIA backend (it ships ptxas and cuobjdump); no CUDA device. This is
+the cheap half of tuning (see benchmarks/NOTES.md): what to expect before a GPU is lent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not for the interpreter
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # FMA contraction, Triton's default until 3.10
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from hf_rmsnorm.ops import _triton_norm as kernels  # noqa: E402
+
+SHAPES = [(65536, 768), (16384, 2048), (16384, 4096), (16384, 8192), (8, 65536)]
+VARIANTS = {  # name -> (IS_RMS, HAS_WEIGHT, HAS_BIAS)
+    "RMSNorm": (True, True, False),
+    "RMSNorm+bias": (True, True, True),
+    "LayerNorm": (False, True, True),
+}
+
+
+def _compile(fn, signature: dict, constexprs: dict, num_warps: int, arch: int, aligned: set):
+    """Compile as a launch would: at run time Triton specialises pointers that are 16-byte
+    aligned and integers divisible by 16 (``aligned``), which is what lets it vectorise."""
+    names = list(fn.arg_names)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = triton.compiler.ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def _resources(cubin: bytes) -> dict:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+
+
+def _vector_widths(ptx: str) -> str:
+    loads = re.findall(r"ld\.global(?:\.[a-z]+)*?(\.v[248])?\.b(\d+)", ptx)
+    stores = re.findall(r"st\.global(?:\.[a-z]+)*?(\.v[248])?\.b(\d+)", ptx)
+
+    def widest(ops):
+        bits = [int(b) * (int(v[2:]) if v else 1) for v, b in ops]
+        return f"{max(bits) // 8} B" if bits else "—"
+
+    return f"{len(loads)} loads (≤{widest(loads)}), {len(stores)} stores (≤{widest(stores)})"
+
+
+def report(arch: int) -> list[dict]:
+    rows = []
+    pointers = {"X": "*bf16", "Y": "*bf16", "W": "*bf16", "B": "*bf16", "Mean": "*fp32", "Rstd": "*fp32"}
+    for name, (is_rms, has_w, has_b) in VARIANTS.items():
+        for m, n in SHAPES:
+            block_m, block_n, warps = kernels.fwd_config(n)
+            sig = {**pointers, "stride_x": "i32", "M": "i32", "N": "i32", "eps": "fp32", "offset": "fp32"}
+            const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n}
+            aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "N"} if n % 16 == 0 else set())
+            c = _compile(kernels._norm_fwd_kernel, sig, const, warps, arch, aligned)
+            rows.append({"kernel": "fwd", "norm": name, "shape": f"{m}×{n}", "tile": f"{block_m}×{block_n}", "warps": warps,
+                         **_resources(c.asm["cubin"]), "memory ops": _vector_widths(c.asm["ptx"])})
+            block_n, warps = kernels.bwd_config(n)
+            sig = {"X": "*bf16", "W": "*bf16", "DY": "*bf16", "DX": "*bf16", "DW": "*fp32", "DB": "*fp32", "Mean": "*fp32", "Rstd": "*fp32",
+                   "stride_x": "i32", "stride_dy": "i32", "M": "i32", "N": "i32", "offset": "fp32", "rows_per_program": "i32"}
+            const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_N": block_n}
+            aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "stride_dy", "N"} if n % 16 == 0 else set())
+            c = _compile(kernels._norm_bwd_kernel, sig, const, warps, arch, aligned)
+            rows.append({"kernel": "bwd", "norm": name, "shape": f"{m}×{n}", "tile": f"1×{block_n}", "warps": warps,
+                         **_resources(c.asm["cubin"]), "memory ops": _vector_widths(c.asm["ptx"])})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
+    parser.add_argument("--out", type=Path, default=None, help="also write kernel_report.md here")
+    args = parser.parse_args(argv)
+    rows = report(args.arch)
+    lines = [
+        f"# Kernel compiler report: sm_{args.arch}, bf16, triton {triton.__version__}", "",
+        "| kernel | norm | shape | tile | warps | registers | stack | local (spills) | shared | global memory ops |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['kernel']} | {r['norm']} | {r['shape']} | {r['tile']} | {r['warps']} | {r.get('reg')} | {r.get('stack')} | "
+                     f"{r.get('local')} | {r.get('shared')} | {r['memory ops']} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "kernel_report.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
