@@ -89,39 +89,49 @@ def _read_source(src: Path, allow_pickle: bool, trust_remote_code: bool) -> _Sou
     return _Source(config, config_dict, shards, index, pickle)
 
 
-def _meta_model(config, trust_remote_code: bool):
-    """The architecture on the meta device: module names, classes and parameter shapes, no
-    memory."""
+def architecture_class(architectures):
+    """The transformers class a config's ``architectures`` names, else ``AutoModel``."""
     import transformers
 
-    cls = None
-    for arch in getattr(config, "architectures", None) or ():
-        cls = getattr(transformers, arch, None)
+    for name in architectures or ():
+        cls = getattr(transformers, name, None)
         if cls is not None:
-            break
+            return cls
+    return transformers.AutoModel
+
+
+def build_meta(config, trust_remote_code: bool = False):
+    """The architecture on the meta device: module names, classes and shapes, no memory."""
+    cls = architecture_class(getattr(config, "architectures", None))
     with torch.device("meta"):
-        if cls is not None:
-            return cls(config)
-        return transformers.AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+        if hasattr(cls, "from_config"):  # an Auto class
+            return cls.from_config(config, trust_remote_code=trust_remote_code)
+        return cls(config)
+
+
+def materialise_norms_(meta_model) -> None:
+    """Give every norm of a meta-device model real (CPU) parameters, weight 1 and bias 0:
+    norms are tiny, and they are all that discovery probes."""
+    from .patching.discovery import is_norm_like
+
+    for module in meta_model.modules():
+        if is_norm_like(module) and not any(True for _ in module.children()):
+            module.to_empty(device="cpu", recurse=False)
+            with torch.no_grad():
+                for name, p in module.named_parameters(recurse=False):
+                    p.fill_(1.0 if name == "weight" else 0.0)
 
 
 def _norm_kinds(meta_model) -> dict[str, str]:
-    """{module: "layer" | "rms" | reason} for every norm, by probing a materialised copy of
-    each norm alone (they are tiny)."""
-    import copy
-
+    """{module: "layer" | "rms" | reason} for every norm, by probing it."""
     from .patching.discovery import is_norm_like, match_norm
 
+    materialise_norms_(meta_model)
     kinds = {}
     for name, module in meta_model.named_modules():
-        if not is_norm_like(module) or any(True for _ in module.children()):
-            continue
-        probe = copy.deepcopy(module).to_empty(device="cpu")
-        with torch.no_grad():
-            for pname, p in probe.named_parameters(recurse=False):
-                p.fill_(1.0 if pname == "weight" else 0.0)
-        match = match_norm(probe)
-        kinds[name] = match.spec.kind if match.spec else match.reason
+        if is_norm_like(module) and not any(True for _ in module.children()):
+            match = match_norm(module)
+            kinds[name] = match.spec.kind if match.spec else match.reason
     return kinds
 
 
@@ -238,7 +248,7 @@ def convert_checkpoint(
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConversionError(f"cannot write to {parent}: it does not exist or is not writable.")
 
-    meta_model = _meta_model(source.config, trust_remote_code)
+    meta_model = build_meta(source.config, trust_remote_code)
     prefix = meta_model.base_model_prefix
     expected = {relative_name(n, prefix): tuple(p.shape) for n, p in meta_model.state_dict().items()}
     if to_original:
@@ -359,7 +369,7 @@ def _verify(src: Path, out: Path, source: _Source, block: dict) -> dict:
     size = sum(s.stat().st_size for s in source.shards)
     if 3 * size > psutil.virtual_memory().available:
         return {"skipped": f"the model ({size / 2**30:.1f} GiB) does not fit in memory three times over"}
-    cls = type(_meta_model(source.config, False))
+    cls = architecture_class(getattr(source.config, "architectures", None))
     original = cls.from_pretrained(src, use_safetensors=not source.pickle).eval()
     models = {"converted": from_pretrained(out, model_class=cls).eval(), "plain transformers": cls.from_pretrained(out).eval()}
     inputs = probe_inputs(original)
@@ -392,13 +402,7 @@ def from_pretrained(path, model_class=None, **kwargs):
     block = config_dict.get("hf_rmsnorm")
     if block is None:
         raise ConversionError(f"{path} was not written by hf_rmsnorm (no hf_rmsnorm block in config.json); load it with transformers.")
-    cls = model_class
-    if cls is None:
-        for arch in config_dict.get("architectures") or ():
-            cls = getattr(transformers, arch, None)
-            if cls is not None:
-                break
-    cls = cls or transformers.AutoModel
+    cls = model_class or architecture_class(config_dict.get("architectures"))
     model = cls.from_pretrained(path, **kwargs)
     target = block["target"] if block["target"] in TARGETS else "layernorm"
     report = patch_model(model, target=target, allow_approximate=bool(block.get("allow_approximate")) and target == "rmsnorm")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import architecture_class, build_meta, materialise_norms_
 from .patching import patch_model
 from .patching.discovery import is_norm_like
 from .patching.patch import TARGETS
@@ -28,16 +29,6 @@ class CliError(Exception):
     """A bad argument or input: printed as one line on stderr, exit status 2."""
 
 
-def _model_class(config):
-    import transformers
-
-    for arch in getattr(config, "architectures", None) or ():
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModel
-
-
 # The exact conversion is measured on real (random) weights; above this a config is not
 # instantiated for inspection, a model directory is needed instead.
 _MAX_RANDOM_PARAMS = 300_000_000
@@ -46,13 +37,7 @@ _MAX_RANDOM_PARAMS = 300_000_000
 def _from_config(config, dtype, target="layernorm"):
     """For target=layernorm: build on the meta device and materialise only the norms (all
     that is probed). For target=rmsnorm: a real random model, if it is small enough."""
-    cls = _model_class(config)
-
-    def build():
-        return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-
-    with torch.device("meta"):
-        model = build()
+    model = build_meta(config)
     layer_norms = any("layernorm" in type(m).__name__.lower() and "rms" not in type(m).__name__.lower() for m in model.modules())
     if target == "rmsnorm" and layer_norms:
         size = sum(p.numel() for p in model.parameters())
@@ -61,22 +46,18 @@ def _from_config(config, dtype, target="layernorm"):
                 f"this configuration has {size / 1e6:.0f}M parameters; inspecting the exact conversion needs real weights: "
                 "pass a model directory, or --target layernorm"
             )
-        model = build()
+        cls = architecture_class(getattr(config, "architectures", None))
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
         # A fresh model's norms are weight 1, bias 0, whose outputs happen to be centred; a
         # trained model's are not. Random norm parameters make the report speak for the latter.
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for m in model.modules():
                 if is_norm_like(m):
-                    for name, p in m.named_parameters(recurse=False):
+                    for p in m.parameters(recurse=False):
                         p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.1)
-        return model.to(dtype) if dtype is not None else model
-    for module in model.modules():
-        if is_norm_like(module) and not any(True for _ in module.children()):
-            module.to_empty(device="cpu", recurse=False)
-            with torch.no_grad():
-                for name, p in module.named_parameters(recurse=False):
-                    p.fill_(1.0 if name == "weight" else 0.0)
+    else:
+        materialise_norms_(model)
     return model.to(dtype) if dtype is not None else model
 
 
@@ -88,7 +69,7 @@ def load_for_inspection(spec: str, dtype=None, trust_remote_code: bool = False, 
         if not (path / "config.json").is_file():
             raise CliError(f"{spec} is a directory without config.json: not a Hugging Face model directory.")
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        cls = _model_class(config)
+        cls = architecture_class(getattr(config, "architectures", None))
         kwargs = {"trust_remote_code": trust_remote_code} if trust_remote_code else {}
         if dtype is not None:
             kwargs["dtype"] = dtype
