@@ -238,8 +238,18 @@ def _keep_centred(module: nn.Module) -> list:
     hooks = [module.weight.register_hook(lambda g: g - g.mean(dim, keepdim=True))]
     if getattr(module, "bias", None) is not None:
         hooks.append(module.bias.register_hook(lambda g: g - g.mean()))
-    hooks.append(module.register_forward_pre_hook(lambda mod, args: centre_writer_(mod)))
+    hooks.append(module.register_forward_pre_hook(lambda mod, args: _recentre_(mod)))
     return hooks
+
+
+@torch.no_grad()
+def _recentre_(module: nn.Module) -> None:
+    """Per-step re-projection (keep_centered), in place: the mean in fp32, no float64 copy of
+    the weight on every forward (the weight is centred already, up to one optimizer step)."""
+    dim = _out_dim(module)
+    module.weight.sub_(module.weight.mean(dim, keepdim=True, dtype=torch.float32).to(module.weight.dtype))
+    if getattr(module, "bias", None) is not None:
+        module.bias.sub_(module.bias.mean(dtype=torch.float32).to(module.bias.dtype))
 
 
 # ----------------------------------------------------------------------- run-time centring
