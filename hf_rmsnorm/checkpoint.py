@@ -391,8 +391,6 @@ def from_pretrained(path, model_class=None, **kwargs):
     """Load a checkpoint written by ``convert_checkpoint`` and run it converted: the model
     class named in its config (or ``model_class``, e.g. ``AutoModelForCausalLM``), patched as
     its ``hf_rmsnorm`` block says. Keyword arguments go to ``from_pretrained``."""
-    import transformers
-
     from .patching import patch_model
 
     path = Path(path)

@@ -53,6 +53,11 @@ def fwd_bwd(fn, x, w, b, dy):
     return [y.detach()] + [None if t is None else t.grad for t in (x, w, b)]
 
 
+def rel_err(a, b):
+    """max |a - b| / max |b|, in float64."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
 def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

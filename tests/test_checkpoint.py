@@ -12,6 +12,7 @@ import torch
 import hf_rmsnorm
 from hf_rmsnorm.checkpoint import ConversionError, convert_checkpoint
 from hf_rmsnorm.cli import main
+from reference import rel_err
 from test_convert import build
 from tiny_models import run
 
@@ -30,10 +31,6 @@ def _save(name, path, **kwargs):
     return model, inputs
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
 def _close(got, ref, model=None, inputs=None):
     """Equal to the original's outputs: no further from the float64 original than 2x the
     original's own fp32 rounding plus 5e-6 (STYLE.md's rule; the atol covers the one extra
@@ -47,7 +44,7 @@ def _close(got, ref, model=None, inputs=None):
         if truth is None:
             torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
         else:
-            assert _rel(got[k], truth[k]) <= 2 * _rel(ref[k], truth[k]) + 5e-6, k
+            assert rel_err(got[k], truth[k]) <= 2 * rel_err(ref[k], truth[k]) + 5e-6, k
 
 
 # family -> how its norms end up (exact conversion, fused only, approximate)

@@ -23,7 +23,8 @@ ROUNDING = {"float32": 0, "input": 1, "weight": 2}
 CAST_MODES = tuple(ROUNDING)
 # dtypes the Triton kernels read and write; anything else (float64, ...) takes the torch path
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# mirrors _triton_norm.MAX_FUSED_N without importing Triton
+# Largest hidden size a kernel program holds in registers as one row (it spills beyond that:
+# scripts/kernel_report.py). Longer rows take the torch path: slower, never wrong.
 _MAX_FUSED_N = 65536
 
 

@@ -20,10 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-# Largest hidden size handled by one program holding a whole row in registers. Beyond it the
-# caller falls back to the torch implementation (slower, never wrong).
-MAX_FUSED_N = 65536
-
 # Number of kernel launches per kernel name; lets tests prove that the Triton code really ran
 # (under TRITON_INTERPRET=1 on a CPU the results alone cannot tell the two backends apart).
 LAUNCHES: collections.Counter = collections.Counter()

@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .discovery import _rel_err, build_fused
+
 # |mean| / rms of a norm's input at or below this (in float64) counts as centred
 _CENTRED_FP64 = 1e-6
 # a writer's shift gradient relative to its output gradient at or below this (float64). Not
@@ -109,13 +111,6 @@ def _tensors(value, prefix: str) -> dict:
     return found
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor, centre: bool = False) -> float:
-    a, b = a.double(), b.double().to(a.device)
-    if centre:
-        a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
 def compare_outputs(before: dict, after: dict, truth: dict, tolerance: float) -> tuple[float, float, list[str]]:
     """(max relative difference converted vs original, the largest excess of the converted
     model's error against the float64 truth over 2x the original's own error, the outputs
@@ -124,12 +119,12 @@ def compare_outputs(before: dict, after: dict, truth: dict, tolerance: float) ->
     diff, excess, stream_outputs = 0.0, -math.inf, []
     for key, ref in before.items():
         got = after[key]
-        own = _rel(ref, truth[key])
-        if _rel(got, truth[key]) > 2 * own + tolerance and _rel(got, truth[key], centre=True) <= 2 * _rel(ref, truth[key], centre=True) + tolerance:
+        over = _rel_err(got, truth[key]) - (2 * _rel_err(ref, truth[key]) + tolerance)
+        if over > 0 and _rel_err(got, truth[key], centre=True) <= 2 * _rel_err(ref, truth[key], centre=True) + tolerance:
             stream_outputs.append(key)
             continue
-        diff = max(diff, _rel(got, ref))
-        excess = max(excess, _rel(got, truth[key]) - (2 * own + tolerance))
+        diff = max(diff, _rel_err(got, ref))
+        excess = max(excess, over)
     return diff, excess, stream_outputs
 
 
@@ -363,8 +358,6 @@ class _Conversion:
     (raise if not exact), and on failure ``undo_centring``."""
 
     def __init__(self, model, planned: dict, report, probe: Optional[dict], allow_approximate: bool, keep_centered: bool, strict: bool):
-        from .discovery import build_fused
-
         self.model, self.report, self.strict, self.keep_centered = model, report, strict, keep_centered
         self.replacements: dict[str, nn.Module] = {}
         self.backups: dict[str, tuple] = {}

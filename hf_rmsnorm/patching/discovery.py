@@ -180,9 +180,12 @@ def _randomised(module: nn.Module) -> nn.Module:
     return probe
 
 
-def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    scale = want.detach().abs().max().double().clamp_min(1e-30)
-    return ((got.detach().double() - want.detach().double()).abs().max() / scale).item()
+def _rel_err(got: torch.Tensor, want: torch.Tensor, centre: bool = False) -> float:
+    """max |got - want| / max |want|, in float64; ``centre`` first removes each row's mean."""
+    got, want = got.detach().double(), want.detach().double().to(got.device)
+    if centre:
+        got, want = got - got.mean(-1, keepdim=True), want - want.mean(-1, keepdim=True)
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
