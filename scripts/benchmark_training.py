@@ -52,7 +52,8 @@ def build(name, table, precision, device):
         if hasattr(config, attr):
             setattr(config, attr, 0.0)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    with torch.device(device):  # initialised where it runs: a 1B model's init on the CPU takes seconds
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     dtype = torch.bfloat16 if precision == "bf16 params" else torch.float32
     return model.to(device=device, dtype=dtype).train()
 
@@ -109,6 +110,13 @@ def main(argv=None) -> int:
     table = QUICK if args.quick else MODELS
     batch_shape = (2, 32) if args.quick else (8, 1024)
     warmup, steps = (1, args.steps or 2) if args.quick else (3, args.steps or 10)
+    env = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+        "batch": list(batch_shape), "quick": args.quick,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        **{p: _version(p) for p in ("triton", "transformers", "hf_rmsnorm")},
+    }
     g = torch.Generator().manual_seed(0)
     results = []
     for name in names:
@@ -127,21 +135,19 @@ def main(argv=None) -> int:
                 except Exception as exc:  # keep the other rows
                     results.append({"model": name, "precision": precision, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:300]})
                 del model
+                _write(args.out, env, results)  # after each row: a run cut short keeps what it measured
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    env = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
-        "batch": list(batch_shape), "quick": args.quick,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch": torch.__version__,
-        **{p: _version(p) for p in ("triton", "transformers", "hf_rmsnorm")},
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "training.json").write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
-    md = _markdown(env, results)
-    (args.out / "training.md").write_text(md)
-    print(md)
+    print(_write(args.out, env, results))
     return 1 if any("error" in r for r in results) else 0
+
+
+def _write(out: Path, env: dict, results: list) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "training.json").write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
+    md = _markdown(env, results)
+    (out / "training.md").write_text(md)
+    return md
 
 
 def _version(pkg):

@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: the GPU tests, the kernel benchmark (bf16, and bf16 activations
-# with fp32 weights) and the training-step benchmark; tables printed last, full JSON/markdown
-# in $OUT. Made to finish inside eight minutes on one H100/H200.
+# One call on a GPU machine: the GPU tests, the kernel benchmark (bf16; bf16 activations with
+# fp32 weights; fp32), the launch-parameter sweep and the training-step benchmark; tables
+# printed last, full JSON/markdown in $OUT. Each step has its own time limit, so the whole
+# call ends inside eight minutes on one H100/H200 even when a step hangs.
 #
 #   bash scripts/gpu_check.sh            # on the GPU machine ($OUT defaults to benchmarks/results/gpu)
 #   bash scripts/gpu_check.sh --quick    # dry run of the same steps on a CPU (tiny shapes)
+#   STEPS=bench,tune bash scripts/gpu_check.sh   # a subset of: tests,bench,tune,training,mixed
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick=""
 [ "${1:-}" = "--quick" ] && quick="--quick"
 OUT="${OUT:-benchmarks/results/gpu}"
+STEPS=",${STEPS:-tests,bench,tune,training,mixed},"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
+status=0
 
 # Extra wheels (e.g. liger-kernel for the peer column) travel in .whl/, see the device notes.
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -20,24 +24,32 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"; \
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null || echo "no GPU"; \
   "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } | tee "$OUT/device.txt"
 
-"$PY" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
-tests_rc=${PIPESTATUS[0]}
+# step NAME SECONDS COMMAND...: run COMMAND when NAME is in $STEPS, log in $OUT/NAME.log
+step() {
+  local name=$1 limit=$2; shift 2
+  case "$STEPS" in *",$name,"*) ;; *) return 0 ;; esac
+  local start=$SECONDS rc=0
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
+  echo "== $name: exit $rc in $((SECONDS - start)) s$([ "$rc" -eq 124 ] && echo " (time limit ${limit} s)")" | tee -a "$OUT/steps.txt"
+  [ "$rc" -eq 0 ] || status=1
+}
 
-bench_rc=0
-"$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16 > "$OUT/bench_bf16.log" 2>&1 || bench_rc=$?
-"$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16_fp32w --w-dtype fp32 \
-  --providers "hf_rmsnorm RMSNorm,hf_rmsnorm LayerNorm,torch F.layer_norm,torch F.rms_norm,HF eager RMSNorm" \
-  > "$OUT/bench_bf16_fp32w.log" 2>&1 || bench_rc=$?
-
-"$PY" scripts/benchmark_training.py $quick --out "$OUT" > "$OUT/bench_training.log" 2>&1 || bench_rc=$?
+PEERS="torch F.layer_norm,torch F.rms_norm,HF eager RMSNorm"
+OURS="hf_rmsnorm RMSNorm,hf_rmsnorm RMSNorm+bias,hf_rmsnorm LayerNorm"
+step tests 100 "$PY" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider
+step bench 160 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16
+step tune 60 "$PY" scripts/tune_kernels.py $quick --out "$OUT"
+step training 100 "$PY" scripts/benchmark_training.py $quick --out "$OUT"
+step mixed 60 bash -c "'$PY' scripts/benchmark_kernels.py $quick --out '$OUT' --name kernels_bf16_fp32w --w-dtype fp32 --providers '$OURS,$PEERS' \
+  && '$PY' scripts/benchmark_kernels.py $quick --out '$OUT' --name kernels_fp32 --x-dtype fp32 --providers '$OURS,$PEERS'"
 
 echo
-echo "== gpu tests: $(tail -n 1 "$OUT/gpu_tests.log")"
-echo "== benchmark exit codes: $bench_rc (logs in $OUT)"
-cat "$OUT/kernels_bf16_fp32w.md" 2>/dev/null
-cat "$OUT/kernels_bf16.md" 2>/dev/null
-cat "$OUT/training.md" 2>/dev/null
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+tail -n 3 "$OUT/tests.log" 2>/dev/null
+for f in tuning kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
+  [ -f "$OUT/$f.md" ] && sed -n '/^# /p;/^copy/p;/^torch/p;/^|/p' "$OUT/$f.md"
+done
+cat "$OUT/steps.txt" 2>/dev/null
+exit $status

@@ -53,6 +53,26 @@ def test_custom_op_registration_passes_opcheck(is_rms, rounding, monkeypatch):
         )
 
 
+@pytest.mark.parametrize("is_rms", [True, False])
+def test_eager_function_and_custom_op_are_the_same_computation(is_rms):
+    """Eager mode takes the autograd.Function, torch.compile the custom op: both must give
+    bit-identical outputs and gradients, so compiling a model never changes its numbers."""
+    pytest.importorskip("triton")
+    from conftest import INTERPRETING
+
+    if not INTERPRETING:
+        pytest.skip("the op runs Triton; on CPU tensors that needs TRITON_INTERPRET=1")
+    x, w, b, dy = _inputs(m=37, n=72)
+    results = []
+    for op in (_norm._NormFunction.apply, _norm._norm_fwd_op):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        y, _, _ = op(*leaves, 1e-5, 0.0, is_rms, 0)
+        y.backward(dy)
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for a, b_ in zip(*results):
+        assert torch.equal(a, b_)
+
+
 class _Block(torch.nn.Module):
     def __init__(self, n=48):
         super().__init__()

@@ -166,9 +166,32 @@ def output_dtype(dtype: torch.dtype, weight: Optional[Tensor], bias: Optional[Te
 
 
 # --------------------------------------------------------------------------------------------
-# Custom ops: opaque to torch.compile (no graph breaks), with fake implementations for tracing.
+# The Triton forward and backward, wrapped twice around the same two functions: as torch custom
+# ops (opaque to torch.compile, so no graph breaks, with fake implementations for tracing) and
+# as a plain autograd.Function for eager mode, where a custom op's dispatch would cost more CPU
+# time per call than a small norm kernel takes on the GPU.
 # Optional outputs cannot be None in a custom op, so absent statistics/gradients are empty.
 # --------------------------------------------------------------------------------------------
+
+
+def _fwd_impl(x, weight, bias, eps, offset, is_rms, rounding):
+    from . import _triton_norm
+
+    out_dtype = output_dtype(x.dtype, weight, bias, CAST_MODES[rounding])
+    return _triton_norm.norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype)
+
+
+def _bwd_impl(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias):
+    from . import _triton_norm
+
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    dx, dw_part, db_part = _triton_norm.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias)
+    # Partial rows summed in a fixed order: deterministic, unlike atomics. Both sums stay
+    # fp32 here; the autograd wrappers cast them to the parameters' dtypes.
+    dw = dw_part.sum(0) if dw_part is not None else x.new_empty((0,), dtype=torch.float32)
+    db = db_part.sum(0) if db_part is not None else x.new_empty((0,), dtype=torch.float32)
+    return dx, dw, db
 
 
 @torch.library.custom_op("hf_rmsnorm::norm_fwd", mutates_args=())
@@ -181,10 +204,7 @@ def _norm_fwd_op(
     is_rms: bool,
     rounding: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from . import _triton_norm
-
-    out_dtype = output_dtype(x.dtype, weight, bias, CAST_MODES[rounding])
-    return _triton_norm.norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype)
+    return _fwd_impl(x, weight, bias, eps, offset, is_rms, rounding)
 
 
 @_norm_fwd_op.register_fake
@@ -207,16 +227,7 @@ def _norm_bwd_op(
     rounding: int,
     has_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from . import _triton_norm
-
-    if dy.stride(-1) != 1:
-        dy = dy.contiguous()
-    dx, dw_part, db_part = _triton_norm.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias)
-    # Partial rows summed in a fixed order: deterministic, unlike atomics. Both sums stay
-    # fp32 here; the autograd wrapper casts them to the parameters' dtypes.
-    dw = dw_part.sum(0) if dw_part is not None else x.new_empty((0,), dtype=torch.float32)
-    db = db_part.sum(0) if db_part is not None else x.new_empty((0,), dtype=torch.float32)
-    return dx, dw, db
+    return _bwd_impl(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias)
 
 
 @_norm_bwd_op.register_fake
@@ -236,15 +247,35 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _backward(ctx, dy, _dmean, _drstd):
+def _backward_with(bwd, ctx, dy):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _norm_bwd_op(dy, x, weight, mean, rstd, ctx.offset, ctx.is_rms, ctx.rounding, ctx.has_bias)
+    dx, dw, db = bwd(dy, x, weight, mean, rstd, ctx.offset, ctx.is_rms, ctx.rounding, ctx.has_bias)
     dw = dw.to(weight.dtype) if weight is not None else None
     db = db.to(ctx.bias_dtype) if ctx.has_bias else None
     return dx, dw, db, None, None, None, None
 
 
+def _backward(ctx, dy, _dmean, _drstd):
+    return _backward_with(_norm_bwd_op, ctx, dy)
+
+
 _norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _NormFunction(torch.autograd.Function):
+    """The eager twin of ``_norm_fwd_op``: same launches, same saved tensors, same backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, offset, is_rms, rounding):
+        inputs = (x, weight, bias, eps, offset, is_rms, rounding)
+        output = _fwd_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1], output[2])
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _drstd):
+        return _backward_with(_bwd_impl, ctx, dy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,5 +320,7 @@ def _dispatch(torch_impl, x, weight, bias, eps, offset, is_rms, cast_mode):
     x2 = x.reshape(-1, shape[-1])
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    y, _, _ = _norm_fwd_op(x2, weight, bias, float(eps), float(offset), is_rms, ROUNDING[cast_mode])
+    # under torch.compile the custom op (traceable, opaque); in eager mode the cheaper Function
+    op = _norm_fwd_op if torch.compiler.is_compiling() else _NormFunction.apply
+    y, _, _ = op(x2, weight, bias, float(eps), float(offset), is_rms, ROUNDING[cast_mode])
     return y.view(shape)

@@ -93,37 +93,39 @@ def _norm_bwd_kernel(
     M,
     N,
     offset,
-    rows_per_program,
     IS_RMS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ROUNDING: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # A persistent grid: program p takes the tiles p, p + P, p + 2P, ... of BLOCK_M rows each
+    # (P = the number of programs, fixed per device and shape), so the weight gradient needs
+    # one partial row per program instead of one per tile, and every SM keeps several
+    # independent tiles in flight.
     pid = tl.program_id(0)
+    programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    row_start = pid * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, M)
+    col_mask = cols < N
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
-        dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
+        dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_BIAS:
-        db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    # row pointers advance by their strides; int64 because M * N can exceed 2**31
-    start64 = row_start.to(tl.int64)
-    x_ptr = X + start64 * stride_x
-    dy_ptr = DY + start64 * stride_dy
-    dx_ptr = DX + start64 * N
-    for row in range(row_start, row_end):
-        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(Rstd + row)
+        db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tile in range(pid, tl.cdiv(M, BLOCK_M), programs):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)  # M * N can exceed 2**31
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
         if IS_RMS:
-            xhat = x * rstd
+            xhat = x * rstd[:, None]
         else:
-            mean = tl.load(Mean + row)
-            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         if HAS_WEIGHT:
             # the weight multiplied the rounded row, so its gradient sees the rounded row
             if ROUNDING == 1:
@@ -132,40 +134,28 @@ def _norm_bwd_kernel(
                 dw += dy * xhat.to(W.dtype.element_ty).to(tl.float32)
             else:
                 dw += dy * xhat
-            wdy = dy * w
+            wdy = dy * w[None, :]
         else:
             wdy = dy
         if HAS_BIAS:
             db += dy
         # d/dx of (x - mean) * rstd, projected: dx = rstd * (g - mean(g * xhat) * xhat [- mean(g)])
-        c1 = tl.sum(xhat * wdy, axis=0) / N
+        c1 = tl.sum(xhat * wdy, axis=1) / N
         if IS_RMS:
-            dx = (wdy - xhat * c1) * rstd
+            dx = (wdy - xhat * c1[:, None]) * rstd[:, None]
         else:
-            c2 = tl.sum(wdy, axis=0) / N
-            dx = (wdy - (xhat * c1 + c2)) * rstd
-        tl.store(dx_ptr + cols, dx.to(DX.dtype.element_ty), mask=mask)
-        x_ptr += stride_x
-        dy_ptr += stride_dy
-        dx_ptr += N
+            c2 = tl.sum(wdy, axis=1) / N
+            dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     if HAS_WEIGHT:
-        tl.store(DW + pid * N + cols, dw, mask=mask)
+        tl.store(DW + pid * N + cols, tl.sum(dw, axis=0), mask=col_mask)
     if HAS_BIAS:
-        tl.store(DB + pid * N + cols, db, mask=mask)
+        tl.store(DB + pid * N + cols, tl.sum(db, axis=0), mask=col_mask)
 
 
-def _warps(elements: int) -> int:
-    # about 256 fp32 values per warp keeps a row in registers without spilling
-    return max(1, min(32, triton.next_power_of_2(elements) // 256))
-
-
-@functools.lru_cache(maxsize=None)
-def _backward_programs(device: torch.device) -> int:
-    # A fixed number of programs per device (not per run) keeps the partial-sum layout, and
-    # therefore the weight gradient, identical from one run to the next.
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # TRITON_INTERPRET=1 on the CPU: a few programs still exercise the reduction
+def _warps(elements: int, per_thread: int) -> int:
+    # per_thread fp32 values per thread keeps the tile in registers without spilling
+    return max(1, min(32, triton.next_power_of_2(elements) // (32 * per_thread)))
 
 
 def fwd_config(N: int) -> tuple[int, int, int]:
@@ -173,24 +163,51 @@ def fwd_config(N: int) -> tuple[int, int, int]:
     block_n = triton.next_power_of_2(N)
     # several short rows per program so each program moves a useful amount of memory
     block_m = max(1, min(16, 4096 // block_n))
-    return block_m, block_n, _warps(block_m * block_n)
+    return block_m, block_n, _warps(block_m * block_n, 8)
 
 
-def bwd_config(N: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) of the backward kernel for rows of N elements."""
+def bwd_config(N: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the backward kernel for rows of N elements."""
     block_n = triton.next_power_of_2(N)
-    return block_n, _warps(block_n)
+    block_m = max(1, min(16, 4096 // block_n))
+    # the backward holds x, dy, the weight and two accumulators per element: 16 elements a
+    # thread leaves room for two or more programs per SM
+    return block_m, block_n, max(4, _warps(block_m * block_n, 16))
 
 
-def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype):
-    """Launch the forward kernel on ``x`` (M, N) with unit column stride."""
+# Registers and threads of one SM on every NVIDIA GPU Triton supports (sm_80 to sm_120).
+_SM_REGISTERS = 65536
+_SM_THREADS = 2048
+_MAX_PROGRAMS_PER_SM = 8
+# programs per SM of each compiled backward variant (see norm_bwd)
+_OCCUPANCY: dict = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _programs_per_sm(compiled, num_warps: int) -> int:
+    """How many programs of a compiled kernel fit on one SM at once (registers, threads)."""
+    threads = 32 * num_warps
+    # the hardware hands out registers in blocks of 8 per thread (256 per warp)
+    regs = -(-max(1, compiled.n_regs) // 8) * 8
+    by_registers = _SM_REGISTERS // (regs * threads)
+    return max(1, min(by_registers, _SM_THREADS // threads, _MAX_PROGRAMS_PER_SM))
+
+
+def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=None):
+    """Launch the forward kernel on ``x`` (M, N) with unit column stride.
+
+    ``config`` overrides ``fwd_config(N)`` (the tuning sweep uses it)."""
     M, N = x.shape
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
     mean = torch.empty((0 if is_rms else M,), dtype=torch.float32, device=x.device)
     if M == 0:
         return y, mean, rstd
-    block_m, block_n, warps = fwd_config(N)
+    block_m, block_n, warps = config or fwd_config(N)
     _norm_fwd_kernel[(triton.cdiv(M, block_m),)](
         x, y, weight, bias, mean, rstd,
         x.stride(0), M, N, eps, offset,
@@ -206,25 +223,45 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype):
     return y, mean, rstd
 
 
-def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias):
-    """Launch the backward kernel; returns dx and the fp32 (programs, N) partial sums."""
+def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, config=None, programs_per_sm=None):
+    """Launch the backward kernel; returns dx and the fp32 (programs, N) partial sums of the
+    weight and bias gradients (None where there is no such parameter).
+
+    ``config`` overrides ``bwd_config(N)`` and ``programs_per_sm`` the occupancy the compiled
+    kernel allows (the tuning sweep uses both)."""
     M, N = x.shape
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    programs = max(1, min(_backward_programs(x.device), M))
-    dw_part = torch.zeros((programs, N), dtype=torch.float32, device=x.device) if weight is not None else None
-    db_part = torch.zeros((programs, N), dtype=torch.float32, device=x.device) if has_bias else None
     if M == 0:
-        return dx, dw_part, db_part
-    block_n, warps = bwd_config(N)
-    _norm_bwd_kernel[(programs,)](
-        x, weight, dy, dx, dw_part, db_part, mean, rstd,
-        x.stride(0), dy.stride(0), M, N, offset, triton.cdiv(M, programs),
-        IS_RMS=is_rms,
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=has_bias,
-        ROUNDING=rounding,
-        BLOCK_N=block_n,
-        num_warps=warps,
-    )
+        zeros = lambda: torch.zeros((1, N), dtype=torch.float32, device=x.device)  # noqa: E731
+        return dx, zeros() if weight is not None else None, zeros() if has_bias else None
+    block_m, block_n, warps = config or bwd_config(N)
+    meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    args = (x, weight, dy, dx, mean, rstd, x.stride(0), dy.stride(0), M, N, offset)
+
+    if x.device.type == "cuda":
+        if programs_per_sm is None:
+            key = (x.device, x.dtype, dy.dtype, weight.dtype if weight is not None else None, x.stride(0) % 16,
+                   dy.stride(0) % 16, N % 16, tuple(sorted(meta.items())))
+            programs_per_sm = _OCCUPANCY.get(key)
+            if programs_per_sm is None:
+                # compile (or fetch from Triton's cache) without launching, to read the registers
+                # one program needs; the rstd buffer stands in for the partial-sum pointers
+                compiled = _norm_bwd_kernel.warmup(
+                    *args[:4], rstd if weight is not None else None, rstd if has_bias else None, *args[4:],
+                    grid=(1,), **meta,
+                )
+                compiled._init_handles()
+                programs_per_sm = _OCCUPANCY[key] = _programs_per_sm(compiled, warps)
+        programs = _sm_count(x.device) * programs_per_sm
+    else:
+        programs = 4  # TRITON_INTERPRET=1 on the CPU: a few programs still exercise the reduction
+    # A fixed number of programs per device and shape keeps the partial-sum layout, and so
+    # the weight gradient, identical from one run to the next. Every program owns at least
+    # one tile, so every partial row is written.
+    programs = min(programs, triton.cdiv(M, block_m))
+    dw_part = torch.empty((programs, N), dtype=torch.float32, device=x.device) if weight is not None else None
+    db_part = torch.empty((programs, N), dtype=torch.float32, device=x.device) if has_bias else None
+    _norm_bwd_kernel[(programs,)](*args[:4], dw_part, db_part, *args[4:], **meta)
     LAUNCHES["norm_bwd"] += 1
     return dx, dw_part, db_part

@@ -1,0 +1,146 @@
+"""Sweep the launch parameters of the norm kernels on a GPU, next to the shipped heuristic.
+
+For each benchmark shape (bf16), times the raw launchers (no autograd, no partial-sum
+reduction) with the configuration ``fwd_config``/``bwd_config`` picks and with its
+neighbours: half and twice the rows per tile, more or fewer elements per thread, and, for the
+backward, 1 to 8 programs per SM instead of the occupancy the compiler's register count
+allows. The result says whether the heuristic leaves time on the table and which way to move
+it (benchmarks/NOTES.md keeps the decisions). The shipped code never reads this output.
+
+    python scripts/tune_kernels.py            # on a GPU
+    python scripts/tune_kernels.py --quick    # tiny shapes under TRITON_INTERPRET=1 (CI)
+
+Writes ``<out>/tuning.json`` and ``<out>/tuning.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmark_kernels import FULL_SHAPES, _bench, _versions, copy_bandwidth_gbps, floor_bytes
+
+ELEMENTS_PER_THREAD = (8, 16, 32)
+PROGRAMS_PER_SM = (None, 1, 2, 4, 8)  # None: what the launcher computes from the registers
+QUICK_SHAPES = [(40, 96)]  # interpreted: small enough for CI
+
+
+def _candidates(default: tuple[int, int, int], max_tile: int, warps_floor: int) -> list[tuple[int, int, int]]:
+    """The default (BLOCK_M, BLOCK_N, warps) first, then its neighbours, without repeats."""
+    block_m, block_n, _ = default
+    out = [default]
+    for bm in (block_m, max(1, block_m // 2), block_m * 2):
+        tile = bm * block_n
+        if tile > max_tile:
+            continue
+        for per_thread in ELEMENTS_PER_THREAD:
+            warps = tile // (32 * per_thread)
+            if warps_floor <= warps <= 32 and (bm, block_n, warps) not in out:
+                out.append((bm, block_n, warps))
+    return out
+
+
+def _row(pass_, kind, m, n, config, programs_per_sm, ms, copy_gbps, x_dtype):
+    bytes_ = floor_bytes(m, n, x_dtype, "fwd")
+    if pass_ == "bwd":  # the backward alone: read x and dy, write dx
+        bytes_ = floor_bytes(m, n, x_dtype, "fwd+bwd") - bytes_
+    gbps = bytes_ / (ms * 1e-3) / 1e9
+    return {"pass": pass_, "kind": kind, "shape": f"{m}x{n}", "config": list(config), "programs_per_sm": programs_per_sm,
+            "time_us": ms * 1e3, "gbps": gbps, "frac_copy": gbps / copy_gbps}
+
+
+def sweep(shapes, device, quick, copy_gbps):
+    from hf_rmsnorm.ops import _triton_norm as k
+
+    x_dtype = torch.bfloat16
+    rows = []
+    for m, n in shapes:
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(m, n, device=device, generator=g).to(x_dtype)
+        dy = torch.randn(m, n, device=device, generator=g).to(x_dtype)
+        w = (1 + 0.1 * torch.randn(n, device=device, generator=g)).to(x_dtype)
+        b = (0.1 * torch.randn(n, device=device, generator=g)).to(x_dtype)
+        # forward: RMSNorm with a weight (LayerNorm's forward has the same memory traffic)
+        for config in _candidates(k.fwd_config(n), 16384, 1):
+            ms = _bench(lambda: k.norm_fwd(x, w, None, 1e-6, 0.0, True, 0, x_dtype, config=config), device, quick=quick)
+            rows.append(_row("fwd", "rms", m, n, config, None, ms, copy_gbps, x_dtype))
+        # backward: RMSNorm (weight) over the whole neighbourhood, LayerNorm (weight + bias)
+        # over the default and the best RMSNorm configuration
+        for kind, is_rms, bias in (("rms", True, None), ("layer", False, b)):
+            _, mean, rstd = k.norm_fwd(x, w, bias, 1e-5, 0.0, is_rms, 0, x_dtype)
+            configs = _candidates(k.bwd_config(n), 16384, 4)
+            if kind == "layer":
+                rms_rows = [r for r in rows if r["pass"] == "bwd" and r["kind"] == "rms" and r["shape"] == f"{m}x{n}"]
+                best = tuple(min(rms_rows, key=lambda r: r["time_us"])["config"])
+                configs = list(dict.fromkeys([k.bwd_config(n), best]))
+            for config in configs:
+                for pps in PROGRAMS_PER_SM if device.type == "cuda" else (None,):
+                    def run():
+                        return k.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, bias is not None,
+                                          config=config, programs_per_sm=pps)
+
+                    try:
+                        ms = _bench(run, device, quick=quick)
+                    except Exception as exc:  # a configuration that does not compile or fit
+                        rows.append({"pass": "bwd", "kind": kind, "shape": f"{m}x{n}", "config": list(config),
+                                     "programs_per_sm": pps, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                        continue
+                    rows.append(_row("bwd", kind, m, n, config, pps, ms, copy_gbps, x_dtype))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def to_markdown(env, rows) -> str:
+    lines = [
+        f"# Launch-parameter sweep: {env['device']}, bf16", "",
+        f"copy bandwidth {env['copy_gbps']:.0f} GB/s; torch {env['torch']}, triton {env['triton']}; {env['date']}. "
+        "Raw launcher times (median); backward = read x, dy and write dx (6 B/element); "
+        "config = (BLOCK_M, BLOCK_N, warps); programs/SM `auto` = from the compiled register count.", "",
+        "| pass | norm | shape | shipped config | time | % copy | best config | programs/SM | time | % copy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault((r["pass"], r["kind"], r["shape"]), []).append(r)
+    for (pass_, kind, shape), rs in groups.items():
+        shipped = rs[0]  # the first candidate is always the shipped configuration, auto programs
+        best = min(rs, key=lambda r: r["time_us"])
+        fmt = lambda r: f"{r['time_us']:.0f} µs | {100 * r['frac_copy']:.0f}%"  # noqa: E731
+        lines.append(f"| {pass_} | {kind} | {shape} | {tuple(shipped['config'])} | {fmt(shipped)} | {tuple(best['config'])} | "
+                     f"{best['programs_per_sm'] or 'auto'} | {fmt(best)} |")
+    errors = [r for r in rows if "error" in r]
+    if errors:
+        lines += ["", f"{len(errors)} configurations failed, e.g. {errors[0]['config']}: {errors[0]['error']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (CI; CPU needs TRITON_INTERPRET=1)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.quick:
+        parser.error("the sweep times GPU kernels: run it on a GPU, or with --quick under TRITON_INTERPRET=1")
+    copy_gbps = copy_bandwidth_gbps(device, args.quick)
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)",
+           "copy_gbps": copy_gbps, "quick": args.quick,
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **_versions()}
+    rows = sweep(QUICK_SHAPES if args.quick else FULL_SHAPES, device, args.quick, copy_gbps)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tuning.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
+    md = to_markdown(env, rows)
+    (args.out / "tuning.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
