@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: the GPU tests, the kernel benchmark (bf16; bf16 activations with
 # fp32 weights; fp32), the launch-parameter sweep and the training-step benchmark; tables
-# printed last, full JSON/markdown in $OUT. Each step has its own time limit, so the whole
-# call ends inside eight minutes on one H100/H200 even when a step hangs.
+# printed last, full JSON/markdown in $OUT. Each step has its own time limit (460 s in all),
+# so the whole call ends inside eight minutes on one H100/H200 even when a step hangs.
 #
 #   bash scripts/gpu_check.sh            # on the GPU machine ($OUT defaults to benchmarks/results/gpu)
 #   bash scripts/gpu_check.sh --quick    # dry run of the same steps on a CPU (tiny shapes)
-#   STEPS=bench,tune bash scripts/gpu_check.sh   # a subset of: tests,bench,tune,training,mixed
+#   STEPS=bench,tune bash scripts/gpu_check.sh   # a subset of: tests,bench,tune,training,mixed,fp32,profile
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick=""
 [ "${1:-}" = "--quick" ] && quick="--quick"
 OUT="${OUT:-benchmarks/results/gpu}"
-STEPS=",${STEPS:-tests,bench,tune,training,mixed},"
+STEPS=",${STEPS:-tests,bench,tune,training,mixed,fp32,profile},"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
@@ -35,21 +35,25 @@ step() {
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
   echo "== $name: exit $rc in $((SECONDS - start)) s$([ "$rc" -eq 124 ] && echo " (time limit ${limit} s)")" | tee -a "$OUT/steps.txt"
   [ "$rc" -eq 0 ] || status=1
+  # the device call returns at most 8 files: everything also travels as one archive, renewed
+  # after each step so that a call cut short still brings back what finished
+  tar -czf "$OUT/all.tgz.part" -C "$OUT" --exclude 'all.tgz*' . 2>/dev/null && mv "$OUT/all.tgz.part" "$OUT/all.tgz"
 }
 
 PEERS="torch F.layer_norm,torch F.rms_norm,HF eager RMSNorm"
 OURS="hf_rmsnorm RMSNorm,hf_rmsnorm RMSNorm+bias,hf_rmsnorm LayerNorm"
-step tests 100 "$PY" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider
-step bench 160 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16
+step tests 80 "$PY" -m pytest tests/test_gpu.py -q -rfEs -p no:cacheprovider
+step bench 120 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16 ${BENCH_PROVIDERS:+--providers "$BENCH_PROVIDERS"}
+step training 90 "$PY" scripts/benchmark_training.py $quick --out "$OUT"
+step mixed 40 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16_fp32w --w-dtype fp32 --providers "$OURS,$PEERS"
+step fp32 40 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_fp32 --x-dtype fp32 --providers "$OURS,$PEERS"
 step tune 60 "$PY" scripts/tune_kernels.py $quick --out "$OUT"
-step training 100 "$PY" scripts/benchmark_training.py $quick --out "$OUT"
-step mixed 60 bash -c "'$PY' scripts/benchmark_kernels.py $quick --out '$OUT' --name kernels_bf16_fp32w --w-dtype fp32 --providers '$OURS,$PEERS' \
-  && '$PY' scripts/benchmark_kernels.py $quick --out '$OUT' --name kernels_fp32 --x-dtype fp32 --providers '$OURS,$PEERS'"
+[ -z "$quick" ] && step profile 30 "$PY" scripts/profile_norms.py --shapes 65536x768 --out "$OUT"
 
 echo
-tail -n 3 "$OUT/tests.log" 2>/dev/null
-for f in tuning kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
-  [ -f "$OUT/$f.md" ] && sed -n '/^# /p;/^copy/p;/^torch/p;/^|/p' "$OUT/$f.md"
+grep -E "^(FAILED|ERROR)|passed|failed|skipped" "$OUT/tests.log" 2>/dev/null | cut -c1-400
+for f in tuning profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
+  [ -f "$OUT/$f.md" ] && sed -n '/^# /p;/^copy/p;/^torch/p;/^|/p;/^- /p;/^`do_bench`/p;/^CUDA-graph/p' "$OUT/$f.md"
 done
 cat "$OUT/steps.txt" 2>/dev/null
 exit $status

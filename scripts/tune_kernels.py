@@ -73,11 +73,11 @@ def sweep(shapes, device, quick, copy_gbps):
         # over the default and the best RMSNorm configuration
         for kind, is_rms, bias in (("rms", True, None), ("layer", False, b)):
             _, mean, rstd = k.norm_fwd(x, w, bias, 1e-5, 0.0, is_rms, 0, x_dtype)
-            configs = _candidates(k.bwd_config(n), 16384, 4)
+            configs = _candidates(k.bwd_config(n, bias is not None), 16384, 4)
             if kind == "layer":
                 rms_rows = [r for r in rows if r["pass"] == "bwd" and r["kind"] == "rms" and r["shape"] == f"{m}x{n}"]
                 best = tuple(min(rms_rows, key=lambda r: r["time_us"])["config"])
-                configs = list(dict.fromkeys([k.bwd_config(n), best]))
+                configs = list(dict.fromkeys([k.bwd_config(n, True), best]))
             for config in configs:
                 for pps in PROGRAMS_PER_SM if device.type == "cuda" else (None,):
                     def run():
@@ -109,12 +109,17 @@ def to_markdown(env, rows) -> str:
     for r in rows:
         if "error" not in r:
             groups.setdefault((r["pass"], r["kind"], r["shape"]), []).append(r)
+    runners_up = []
     for (pass_, kind, shape), rs in groups.items():
         shipped = rs[0]  # the first candidate is always the shipped configuration, auto programs
-        best = min(rs, key=lambda r: r["time_us"])
+        ranked = sorted(rs, key=lambda r: r["time_us"])
+        best = ranked[0]
         fmt = lambda r: f"{r['time_us']:.0f} µs | {100 * r['frac_copy']:.0f}%"  # noqa: E731
         lines.append(f"| {pass_} | {kind} | {shape} | {tuple(shipped['config'])} | {fmt(shipped)} | {tuple(best['config'])} | "
                      f"{best['programs_per_sm'] or 'auto'} | {fmt(best)} |")
+        runners_up.append(f"- {pass_} {kind} {shape}: " + ", ".join(
+            f"{tuple(r['config'])}/{r['programs_per_sm'] or 'auto'} {100 * r['frac_copy']:.0f}%" for r in ranked[1:5]))
+    lines += ["", "Next best (config/programs per SM, % copy):", *runners_up]
     errors = [r for r in rows if "error" in r]
     if errors:
         lines += ["", f"{len(errors)} configurations failed, e.g. {errors[0]['config']}: {errors[0]['error']}"]

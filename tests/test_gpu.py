@@ -60,8 +60,13 @@ def test_cuda_autocast_follows_torch(kind):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y, y_torch = FNS[kind](x.bfloat16(), w, eps=EPS[kind]), torch_fn()
         y_off = FNS[kind](x.bfloat16(), w.bfloat16(), eps=EPS[kind], follow_autocast=False)
-    assert y.dtype == y_torch.dtype == torch.float32
-    torch.testing.assert_close(y, y_torch, rtol=1e-5, atol=1e-5)
+    # torch's policy is the reference: float32 for layer_norm; rms_norm depends on the version
+    # (2.11 leaves it in the input dtype)
+    assert y.dtype == y_torch.dtype
+    if y.dtype == torch.float32:
+        torch.testing.assert_close(y, y_torch, rtol=1e-5, atol=1e-5)
+    else:  # one rounding to bf16 each, possibly on different sides of a tie
+        torch.testing.assert_close(y.float(), y_torch.float(), rtol=1.6e-2, atol=1e-5)
     assert y_off.dtype == torch.bfloat16  # modules replacing autocast-blind HF code opt out
 
 

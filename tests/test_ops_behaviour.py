@@ -124,10 +124,12 @@ def test_autocast_behaves_like_torchs_own_norm(kind, dtype, backend):
     torch.testing.assert_close(y.float(), y_torch.float(), rtol=1.6e-2, atol=1e-2)
 
 
-def test_autocast_to_float32_policy_only_applies_off_cpu():
-    assert not _norm._autocast_to_float32("cpu")
+@pytest.mark.parametrize("is_rms", [True, False])
+def test_autocast_to_float32_policy_only_applies_off_cpu(is_rms):
+    assert not _norm._autocast_to_float32("cpu", is_rms)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not _norm._autocast_to_float32("cpu")
+        assert not _norm._autocast_to_float32("cpu", is_rms)
+    assert not _norm._autocast_to_float32("meta", is_rms)  # no autocast there at all
 
 
 @pytest.mark.parametrize("value", ["torch", "TORCH", " auto "])

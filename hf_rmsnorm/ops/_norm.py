@@ -72,14 +72,31 @@ def _use_triton(x: Tensor, params: tuple[Optional[Tensor], ...]) -> bool:
     return dtypes_ok and 0 < x.shape[-1] <= _MAX_FUSED_N
 
 
-def _autocast_to_float32(device_type: str) -> bool:
-    # torch's autocast runs layer_norm and rms_norm in float32 on CUDA (and the other
-    # accelerators); on the CPU it leaves them in the input dtype. Follow the same policy.
-    return (
-        device_type != "cpu"
-        and torch.amp.is_autocast_available(device_type)
-        and torch.is_autocast_enabled(device_type)
-    )
+# Device types torch's autocast knows. A constant set, not torch.amp.is_autocast_available:
+# torch.compile (2.11) cannot trace that call and would break the graph.
+_AUTOCAST_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu"})
+# (device type, is_rms) -> whether torch's own norm computes in float32 under autocast there
+_FLOAT32_UNDER_AUTOCAST: dict = {}
+
+
+def _autocasting(device_type: str) -> bool:
+    return device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type)
+
+
+def _autocast_to_float32(device_type: str, is_rms: bool) -> bool:
+    """Whether torch's autocast, active now, runs its own layer_norm / rms_norm in float32.
+
+    The CPU's autocast leaves both alone. On CUDA it depends on the torch version (2.11 lists
+    layer_norm among the float32 ops, rms_norm not), so torch is asked once, with a 1×2 probe
+    run under the active autocast, and the answer is kept."""
+    if device_type == "cpu" or not _autocasting(device_type):
+        return False
+    key = (device_type, is_rms)
+    if key not in _FLOAT32_UNDER_AUTOCAST:
+        probe = torch.ones(1, 2, device=device_type, dtype=torch.get_autocast_dtype(device_type))
+        out = torch.rms_norm(probe, (2,)) if is_rms else torch.layer_norm(probe, (2,))
+        _FLOAT32_UNDER_AUTOCAST[key] = out.dtype == torch.float32
+    return _FLOAT32_UNDER_AUTOCAST[key]
 
 
 def check_inputs(
@@ -302,8 +319,8 @@ def normalize(
     """
     check_inputs(name, x, weight, bias, eps, offset, cast_mode)
     device_type = x.device.type
-    autocasting = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    if follow_autocast and _autocast_to_float32(device_type):
+    autocasting = _autocasting(device_type)
+    if follow_autocast and autocasting and _autocast_to_float32(device_type, is_rms):
         x, weight, bias = (t.float() if t is not None else None for t in (x, weight, bias))
     if autocasting:
         # The policy is decided above (or deliberately ignored by modules that replace code

@@ -79,6 +79,11 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
+def _add_pair(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def _norm_bwd_kernel(
     X,  # saved input rows, (M, N), row stride stride_x
     W,  # weight (N,); unused when HAS_WEIGHT is False
@@ -140,12 +145,13 @@ def _norm_bwd_kernel(
         if HAS_BIAS:
             db += dy
         # d/dx of (x - mean) * rstd, projected: dx = rstd * (g - mean(g * xhat) * xhat [- mean(g)])
-        c1 = tl.sum(xhat * wdy, axis=1) / N
         if IS_RMS:
+            c1 = tl.sum(xhat * wdy, axis=1) / N
             dx = (wdy - xhat * c1[:, None]) * rstd[:, None]
         else:
-            c2 = tl.sum(wdy, axis=1) / N
-            dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+            # both row sums in one reduction: one exchange between warps instead of two
+            s1, s2 = tl.reduce((xhat * wdy, wdy), 1, _add_pair)
+            dx = (wdy - (xhat * (s1 / N)[:, None] + (s2 / N)[:, None])) * rstd[:, None]
         tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     if HAS_WEIGHT:
         tl.store(DW + pid * N + cols, tl.sum(dw, axis=0), mask=col_mask)
@@ -158,21 +164,29 @@ def _warps(elements: int, per_thread: int) -> int:
     return max(1, min(32, triton.next_power_of_2(elements) // (32 * per_thread)))
 
 
+def _tile(N: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of N elements: at least 2048 elements per program
+    (two rows of ≤ 1024), 16 fp32 values per thread. Measured on an H200 (benchmarks/NOTES.md,
+    v1 sweep): bigger tiles or more warps per tile lost up to 28 % at every benchmark shape."""
+    block_n = triton.next_power_of_2(N)
+    block_m = max(1, min(16, 2048 // block_n))
+    return block_m, block_n, _warps(block_m * block_n, 16)
+
+
 def fwd_config(N: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the forward kernel for rows of N elements."""
-    block_n = triton.next_power_of_2(N)
-    # several short rows per program so each program moves a useful amount of memory
-    block_m = max(1, min(16, 4096 // block_n))
-    return block_m, block_n, _warps(block_m * block_n, 8)
+    return _tile(N)
 
 
-def bwd_config(N: int) -> tuple[int, int, int]:
+def bwd_config(N: int, has_bias: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the backward kernel for rows of N elements."""
-    block_n = triton.next_power_of_2(N)
-    block_m = max(1, min(16, 4096 // block_n))
-    # the backward holds x, dy, the weight and two accumulators per element: 16 elements a
-    # thread leaves room for two or more programs per SM
-    return block_m, block_n, max(4, _warps(block_m * block_n, 16))
+    block_m, block_n, warps = _tile(N)
+    if block_n == 8192 and not has_bias:
+        # measured (v1 sweep, H200, twice): two rows at 32 values a thread beat one row at 16
+        # by 5 %. With a bias-gradient accumulator as well that tile spills (kernel_report.py),
+        # and wider rows would need 64 values a thread.
+        return 2, block_n, 16
+    return block_m, block_n, warps
 
 
 # Registers and threads of one SM on every NVIDIA GPU Triton supports (sm_80 to sm_120).
@@ -234,7 +248,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     if M == 0:
         zeros = lambda: torch.zeros((1, N), dtype=torch.float32, device=x.device)  # noqa: E731
         return dx, zeros() if weight is not None else None, zeros() if has_bias else None
-    block_m, block_n, warps = config or bwd_config(N)
+    block_m, block_n, warps = config or bwd_config(N, has_bias)
     meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     args = (x, weight, dy, dx, mean, rstd, x.stride(0), dy.stride(0), M, N, offset)

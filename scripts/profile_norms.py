@@ -1,0 +1,117 @@
+"""Where does a norm call's time go: the host (Python, allocations, launches) or the kernels?
+
+For a few providers of ``benchmark_kernels.py`` at one shape, measures per call:
+- host: the Python thread's time to issue the call (no synchronisation inside the loop);
+- wall: the same loop's time including the wait for the GPU to finish;
+- kernels: the sum of the kernel durations the profiler records, and each kernel's share.
+When host ≥ kernels, a ``do_bench`` number measures the launches, not the kernels.
+
+    python scripts/profile_norms.py --shapes 65536x768,16384x8192    # on a GPU
+
+Writes ``<out>/profile.json`` and ``<out>/profile.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+
+from benchmark_kernels import PROVIDERS, _available, _versions
+
+DEFAULT_PROVIDERS = "hf_rmsnorm RMSNorm,hf_rmsnorm LayerNorm,torch F.rms_norm,torch F.layer_norm,Liger RMSNorm,Liger LayerNorm"
+
+
+def make_step(name, m, n, mode, dtype, device):
+    setup, _, _ = PROVIDERS[name]
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(m, n, device=device, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(n, device=device, generator=g)).to(dtype).requires_grad_(mode != "fwd")
+    b = (0.1 * torch.randn(n, device=device, generator=g)).to(dtype).requires_grad_(mode != "fwd")
+    fn = setup(x, w, b)
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                fn(x)
+        return step
+    x.requires_grad_(True)
+    dy = torch.randn(m, n, device=device, generator=g).to(dtype)
+
+    def step():
+        for t in (x, w, b):
+            t.grad = None
+        fn(x).backward(dy)
+    return step
+
+
+def measure(step, iters: int) -> dict:
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    issued = time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    kernels = defaultdict(list)
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            kernels[e.name].append(e.time_range.elapsed_us())
+    per_kernel = {k: {"calls_per_step": len(v) / iters, "us_per_call": sum(v) / len(v)} for k, v in kernels.items()}
+    return {
+        "host_us": (issued - start) / iters * 1e6,
+        "wall_us": (done - start) / iters * 1e6,
+        "kernel_us": sum(sum(v) for v in kernels.values()) / iters,
+        "launches_per_step": sum(len(v) for v in kernels.values()) / iters,
+        "kernels": per_kernel,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="16384x2048", help="comma-separated MxN")
+    parser.add_argument("--providers", default=DEFAULT_PROVIDERS)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("this profiles GPU kernels; run it on a GPU")
+    shapes = [tuple(int(v) for v in s.strip().lower().split("x")) for s in args.shapes.split(",") if s.strip()]
+    device = torch.device("cuda")
+    rows = []
+    for m, n in shapes:
+        for name in [p.strip() for p in args.providers.split(",") if p.strip()]:
+            if _available(PROVIDERS[name][2], device):
+                continue
+            for mode in ("fwd", "fwd+bwd"):
+                r = measure(make_step(name, m, n, mode, torch.bfloat16, device), args.iters)
+                rows.append({"shape": f"{m}x{n}", "provider": name, "mode": mode, **r})
+    lines = [f"# Host vs kernel time per call, {torch.cuda.get_device_name()}, bf16", "",
+             f"{_versions()}", "",
+             "| shape | provider | mode | host µs | wall µs | kernels µs | launches | kernels (µs each) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ks = "; ".join(f"{k[:40]} ×{v['calls_per_step']:.0f} {v['us_per_call']:.1f}" for k, v in
+                       sorted(r["kernels"].items(), key=lambda kv: -kv[1]["us_per_call"] * kv[1]["calls_per_step"]))
+        lines.append(f"| {r['shape']} | {r['provider']} | {r['mode']} | {r['host_us']:.0f} | {r['wall_us']:.0f} | {r['kernel_us']:.0f} | "
+                     f"{r['launches_per_step']:.0f} | {ks} |")
+    md = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / "profile.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
