@@ -37,7 +37,9 @@ step() {
   [ "$rc" -eq 0 ] || status=1
   # the device call returns at most 8 files: everything also travels as one archive, renewed
   # after each step so that a call cut short still brings back what finished
-  tar -czf "$OUT/all.tgz.part" -C "$OUT" --exclude 'all.tgz*' . 2>/dev/null && mv "$OUT/all.tgz.part" "$OUT/all.tgz"
+  # (written beside $OUT first: tar fails when the folder it reads changes under it)
+  tar -czf "${TMPDIR:-/tmp}/gpu_check_all.tgz" -C "$OUT" --exclude all.tgz . 2>/dev/null \
+    && mv "${TMPDIR:-/tmp}/gpu_check_all.tgz" "$OUT/all.tgz"
 }
 
 PEERS="torch F.layer_norm,torch F.rms_norm,HF eager RMSNorm"
