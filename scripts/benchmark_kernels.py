@@ -159,8 +159,10 @@ def _available(need: Optional[str], device: torch.device) -> Optional[str]:
     return None
 
 
-def run_case(name, m, n, mode, x_dtype, w_dtype, device, quick):
-    setup, kind, need = PROVIDERS[name]
+def make_step(name, m, n, mode, x_dtype, w_dtype, device) -> Callable[[], object]:
+    """One call of provider ``name`` on fresh random (m, n) inputs: the forward under
+    no_grad, or the forward and every gradient (``mode="fwd+bwd"``)."""
+    setup = PROVIDERS[name][0]
     g = torch.Generator(device=device).manual_seed(0)
     # random data, never zeros; each tensor here is larger than a GPU's L2 at full size, so
     # repeated calls read from memory rather than cache
@@ -182,6 +184,12 @@ def run_case(name, m, n, mode, x_dtype, w_dtype, device, quick):
         def step():
             return torch.autograd.grad(fn(x), inputs, dy, allow_unused=True)
 
+    return step
+
+
+def run_case(name, m, n, mode, x_dtype, w_dtype, device, quick):
+    kind = PROVIDERS[name][1]
+    step = make_step(name, m, n, mode, x_dtype, w_dtype, device)
     ms = _bench(step, device, quick=quick)
     out = {"time_us": ms * 1e3, "gbps": floor_bytes(m, n, x_dtype, mode) / (ms * 1e-3) / 1e9, "kind": kind}
     if device.type == "cuda":

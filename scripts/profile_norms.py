@@ -23,31 +23,9 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
-from benchmark_kernels import PROVIDERS, _available, _versions
+from benchmark_kernels import PROVIDERS, _available, _versions, make_step
 
 DEFAULT_PROVIDERS = "hf_rmsnorm RMSNorm,hf_rmsnorm LayerNorm,torch F.rms_norm,torch F.layer_norm,Liger RMSNorm,Liger LayerNorm"
-
-
-def make_step(name, m, n, mode, dtype, device):
-    setup, _, _ = PROVIDERS[name]
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(m, n, device=device, generator=g).to(dtype)
-    w = (1 + 0.1 * torch.randn(n, device=device, generator=g)).to(dtype).requires_grad_(mode != "fwd")
-    b = (0.1 * torch.randn(n, device=device, generator=g)).to(dtype).requires_grad_(mode != "fwd")
-    fn = setup(x, w, b)
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fn(x)
-        return step
-    x.requires_grad_(True)
-    dy = torch.randn(m, n, device=device, generator=g).to(dtype)
-
-    def step():
-        for t in (x, w, b):
-            t.grad = None
-        fn(x).backward(dy)
-    return step
 
 
 def measure(step, iters: int) -> dict:
@@ -95,7 +73,7 @@ def main(argv=None) -> int:
             if _available(PROVIDERS[name][2], device):
                 continue
             for mode in ("fwd", "fwd+bwd"):
-                r = measure(make_step(name, m, n, mode, torch.bfloat16, device), args.iters)
+                r = measure(make_step(name, m, n, mode, torch.bfloat16, torch.bfloat16, device), args.iters)
                 rows.append({"shape": f"{m}x{n}", "provider": name, "mode": mode, **r})
     lines = [f"# Host vs kernel time per call, {torch.cuda.get_device_name()}, bf16", "",
              f"{_versions()}", "",
