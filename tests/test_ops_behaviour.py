@@ -73,6 +73,21 @@ def test_eager_function_and_custom_op_are_the_same_computation(is_rms):
         assert torch.equal(a, b_)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("cast_mode", ["input", "weight"])
+def test_torch_path_inference_shortcut_is_bit_identical(dtype, cast_mode, monkeypatch):
+    """Without gradients the torch path multiplies in HF's order (w * y.to(dtype)) in one
+    pass; it must round exactly like the general path that training takes."""
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    x, w, _, _ = _inputs(m=64, n=300, dtype=dtype)
+    x, w = (x.detach() * 3 + 0.5), w.detach().requires_grad_(True)
+    trained = rms_norm(x, w, cast_mode=cast_mode)  # w requires grad: the general path
+    with torch.no_grad():
+        inferred = rms_norm(x, w, cast_mode=cast_mode)
+    assert trained.dtype == inferred.dtype == dtype
+    assert torch.equal(trained.detach(), inferred)
+
+
 class _Block(torch.nn.Module):
     def __init__(self, n=48):
         super().__init__()
