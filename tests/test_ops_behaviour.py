@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from hf_rmsnorm.ops import layer_norm, rms_norm
 from hf_rmsnorm.ops import _norm
-from reference import norm_fp64
+from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_torch_same_dtype
 
 FNS = {"rms": rms_norm, "layer": layer_norm}
 
@@ -218,3 +218,29 @@ def test_bad_input_gets_one_clear_error(kind, case, kwargs, exc, message, backen
     with pytest.raises(exc, match=message) as info:
         FNS[kind](**args)
     assert str(info.value).startswith(f"{kind}_norm: ")
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block_m,warps", [(1, 1), (2, 4), (4, 2), (16, 4)])
+def test_every_launch_configuration_computes_the_same_norm(kind, dtype, block_m, warps):
+    """The launch parameters are tuned per GPU (scripts/tune_kernels.py sweeps them); every
+    tile shape must compute the norm and its gradients, masked rows and columns included."""
+    pytest.importorskip("triton")
+    from conftest import INTERPRETING
+
+    if not INTERPRETING:
+        pytest.skip("calls the launchers on CPU tensors; that needs TRITON_INTERPRET=1")
+    from hf_rmsnorm.ops import _triton_norm
+
+    is_rms, eps = kind == "rms", 1e-5
+    x, w, b, dy = _inputs(m=37, n=40, dtype=dtype)
+    x, w, b = x.detach() * 2 + 0.5, w.detach(), b.detach()
+    config = (block_m, 64, warps)  # 40 columns in a 64-wide tile, 37 rows in tiles of block_m
+    y, mean, rstd = _triton_norm.norm_fwd(x, w, b, eps, 0.0, is_rms, 0, dtype, config=config)
+    dx, dw_part, db_part = _triton_norm.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, True, config=config)
+    ours = [y, dx, dw_part.sum(0), db_part.sum(0)]
+    truth = fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps), x.double(), w.double(), b.double(), dy.double())
+    yardstick = fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps), x, w, b, dy)
+    for name, got, ref, truth_ in zip(("y", "dx", "dw", "db"), ours, yardstick, truth):
+        assert_close_to_fp64(got.to(dtype) if name in ("dw", "db") else got, ref, truth_, dtype, f"{name} with tile {config}")

@@ -2,6 +2,7 @@
 promise; the numbers themselves are not asserted (benchmarks are not tests)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,44 @@ def test_kernels_compile_for_hopper_vectorised_and_without_spills():
         assert "(≤16 B)" in memory and memory.count("≤16 B") == 2, (kernel, norm, shape, memory)
         if not shape.endswith("65536"):
             assert stack == "0", (kernel, norm, shape, stack)
+
+
+def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
+    """Under the interpreter: every candidate runs, the shipped tile comes first in each group
+    and the table says which one was fastest."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_kernels.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "tuning.json").read_text())["results"]
+    assert not [r for r in rows if "error" in r]
+    from hf_rmsnorm.ops._triton_norm import bwd_config, fwd_config
+
+    m, n = (int(v) for v in rows[0]["shape"].split("x"))
+    firsts = {}
+    for r in rows:
+        firsts.setdefault((r["pass"], r["kind"]), r)
+    assert firsts[("fwd", "rms")]["config"] == list(fwd_config(n))
+    assert firsts[("bwd", "rms")]["config"] == list(bwd_config(n))
+    assert firsts[("bwd", "layer")]["config"] == list(bwd_config(n, True))
+    assert len({tuple(r["config"]) for r in rows if r["pass"] == "bwd"}) > 2  # a real sweep
+    assert "| bwd | layer |" in (tmp_path / "tuning.md").read_text()
+
+
+@pytest.mark.parametrize("script", ["tune_kernels.py", "profile_norms.py"])
+def test_gpu_only_scripts_refuse_a_cpu_run_with_one_clear_message(script, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the scripts would run")
+    if script == "tune_kernels.py":
+        args = []  # without --quick the sweep needs a GPU
+    else:
+        args = ["--shapes", "64x64"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args, "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert proc.returncode == 2
+    assert "GPU" in proc.stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.iterdir())
