@@ -47,7 +47,7 @@ def _candidates(default: tuple[int, int, int], max_tile: int, warps_floor: int) 
 
 def _row(pass_, kind, m, n, config, programs_per_sm, ms, copy_gbps, x_dtype):
     bytes_ = floor_bytes(m, n, x_dtype, "fwd")
-    if pass_ == "bwd":  # the backward alone: read x and dy, write dx
+    if pass_ != "fwd":  # the backward: read x and dy, write dx
         bytes_ = floor_bytes(m, n, x_dtype, "fwd+bwd") - bytes_
     gbps = bytes_ / (ms * 1e-3) / 1e9
     return {"pass": pass_, "kind": kind, "shape": f"{m}x{n}", "config": list(config), "programs_per_sm": programs_per_sm,
@@ -80,17 +80,23 @@ def sweep(shapes, device, quick, copy_gbps):
                 configs = list(dict.fromkeys([k.bwd_config(n, True), best]))
             for config in configs:
                 for pps in PROGRAMS_PER_SM if device.type == "cuda" else (None,):
-                    def run():
-                        return k.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, bias is not None,
-                                          config=config, programs_per_sm=pps)
+                    def run(sums):
+                        dx, *parts = k.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, bias is not None,
+                                                config=config, programs_per_sm=pps)
+                        if sums:  # what autograd also pays: the partial rows summed, cast to w's dtype
+                            parts = [p.sum(0).to(w.dtype) for p in parts if p is not None]
+                        return dx, parts
 
-                    try:
-                        ms = _bench(run, device, quick=quick)
-                    except Exception as exc:  # a configuration that does not compile or fit
-                        rows.append({"pass": "bwd", "kind": kind, "shape": f"{m}x{n}", "config": list(config),
-                                     "programs_per_sm": pps, "error": f"{type(exc).__name__}: {exc}"[:200]})
-                        continue
-                    rows.append(_row("bwd", kind, m, n, config, pps, ms, copy_gbps, x_dtype))
+                    # "bwd": the kernel alone; "bwd+sums": with the partial-row reduction, whose
+                    # cost grows with the number of programs
+                    for pass_, sums in (("bwd", False), ("bwd+sums", True)):
+                        try:
+                            ms = _bench(lambda: run(sums), device, quick=quick)
+                        except Exception as exc:  # a configuration that does not compile or fit
+                            rows.append({"pass": pass_, "kind": kind, "shape": f"{m}x{n}", "config": list(config),
+                                         "programs_per_sm": pps, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                            continue
+                        rows.append(_row(pass_, kind, m, n, config, pps, ms, copy_gbps, x_dtype))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -100,7 +106,8 @@ def to_markdown(env, rows) -> str:
     lines = [
         f"# Launch-parameter sweep: {env['device']}, bf16", "",
         f"copy bandwidth {env['copy_gbps']:.0f} GB/s; torch {env['torch']}, triton {env['triton']}; {env['date']}. "
-        "Raw launcher times (median); backward = read x, dy and write dx (6 B/element); "
+        "Raw launcher times (median); backward = read x, dy and write dx (6 B/element), "
+        "alone (bwd) and with the partial-row sums autograd also runs (bwd+sums); "
         "config = (BLOCK_M, BLOCK_N, warps); programs/SM `auto` = from the compiled register count.", "",
         "| pass | norm | shape | shipped config | time | % copy | best config | programs/SM | time | % copy |",
         "|---|---|---|---|---|---|---|---|---|---|",
