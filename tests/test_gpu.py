@@ -122,3 +122,39 @@ def test_exact_conversion_on_cuda(name, launches):
     assert launches() > 0
     for k in ref:
         torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [768, 2048, 8192])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_backward_grid_is_sized_from_the_compiled_kernel(n, has_bias):
+    """The backward's persistent grid is SMs x the programs per SM the compiled kernel's
+    registers allow (1 to 8), and no program is left without a row of partial sums."""
+    from hf_rmsnorm.ops import _triton_norm
+
+    m = 16384
+    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(n, device="cuda", dtype=torch.bfloat16) + 0.5
+    _, mean, rstd = _triton_norm.norm_fwd(x, w, None, 1e-5, 0.0, not has_bias, 0, torch.bfloat16)
+    dx, dw_part, db_part = _triton_norm.norm_bwd(torch.randn_like(x), x, w, mean, rstd, 0.0, not has_bias, 0, has_bias)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    programs = dw_part.shape[0]
+    assert programs % sms == 0 and 1 <= programs // sms <= 8
+    assert torch.isfinite(dw_part).all() and (db_part is None or torch.isfinite(db_part).all())
+
+
+@pytest.mark.parametrize("is_rms", [True, False])
+def test_eager_function_and_custom_op_agree_bit_for_bit_on_cuda(is_rms):
+    from hf_rmsnorm.ops import _norm
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 1024, device="cuda", generator=g).bfloat16()
+    w = (torch.rand(1024, device="cuda", generator=g) + 0.5).bfloat16()
+    b = (0.1 * torch.randn(1024, device="cuda", generator=g)).bfloat16()
+    dy = torch.randn(4096, 1024, device="cuda", generator=g).bfloat16()
+    results = []
+    for op in (_norm._NormFunction.apply, _norm._norm_fwd_op):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y, _, _ = op(*leaves, 1e-5, 0.0, is_rms, 0)
+        results.append([y.detach(), *torch.autograd.grad(y, leaves, dy)])
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
