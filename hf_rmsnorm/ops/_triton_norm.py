@@ -252,7 +252,9 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     block_m, block_n, warps = config or bwd_config(N, has_bias)
     meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
-    args = (x, weight, dy, dx, mean, rstd, x.stride(0), dy.stride(0), M, N, offset)
+
+    def args(dw_part, db_part):
+        return (x, weight, dy, dx, dw_part, db_part, mean, rstd, x.stride(0), dy.stride(0), M, N, offset)
 
     if x.device.type == "cuda":
         if programs_per_sm is None:
@@ -262,10 +264,8 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
             if programs_per_sm is None:
                 # compile (or fetch from Triton's cache) without launching, to read the registers
                 # one program needs; the rstd buffer stands in for the partial-sum pointers
-                compiled = _norm_bwd_kernel.warmup(
-                    *args[:4], rstd if weight is not None else None, rstd if has_bias else None, *args[4:],
-                    grid=(1,), **meta,
-                )
+                stand_in = (rstd if weight is not None else None, rstd if has_bias else None)
+                compiled = _norm_bwd_kernel.warmup(*args(*stand_in), grid=(1,), **meta)
                 compiled._init_handles()
                 programs_per_sm = _OCCUPANCY[key] = _programs_per_sm(compiled, warps)
         programs = _sm_count(x.device) * programs_per_sm
@@ -277,6 +277,6 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     programs = min(programs, triton.cdiv(M, block_m))
     dw_part = torch.empty((programs, N), dtype=torch.float32, device=x.device) if weight is not None else None
     db_part = torch.empty((programs, N), dtype=torch.float32, device=x.device) if has_bias else None
-    _norm_bwd_kernel[(programs,)](*args[:4], dw_part, db_part, *args[4:], **meta)
+    _norm_bwd_kernel[(programs,)](*args(dw_part, db_part), **meta)
     LAUNCHES["norm_bwd"] += 1
     return dx, dw_part, db_part

@@ -70,8 +70,9 @@ def rms_norm(
             ``"input"`` (Llama: round the normalised row to x's dtype, then the affine; the
             output dtype is promoted with the weight's) or ``"weight"`` (T5: round to the
             weight's dtype; the output has the weight's dtype).
-        follow_autocast: under ``torch.autocast``, do what torch's ``rms_norm`` does (float32
-            on CUDA, unchanged on the CPU). Modules replacing code that autocast leaves alone
+        follow_autocast: under ``torch.autocast``, do what torch's ``rms_norm`` does there
+            (asked of torch once: unchanged on the CPU, and on CUDA before torch lists it
+            among the float32 ops). Modules replacing code that autocast leaves alone
             (HF's RMSNorm classes) pass ``False``.
 
     The Triton kernels run on CUDA tensors (``HF_RMSNORM_BACKEND=auto``), or on CPU tensors
