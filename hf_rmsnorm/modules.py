@@ -67,20 +67,24 @@ class _FusedNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        k = len(self.normalized_shape)
-        if tuple(x.shape[x.dim() - k:]) != self.normalized_shape:
+        shape = self.normalized_shape
+        k = len(shape)
+        if x.shape[x.dim() - k:] != shape:  # torch.Size compares equal to a tuple
             raise ValueError(
-                f"{type(self).__name__} normalises the last dims {self.normalized_shape}, "
+                f"{type(self).__name__} normalises the last dims {shape}, "
                 f"but got an input of shape {tuple(x.shape)}."
             )
+        if k == 1:  # the usual case: called once per norm per step, so kept lean
+            return self._fn(x, self.weight, self.bias, self.eps, self.offset, self.cast_mode,
+                            follow_autocast=self.follow_autocast)
         lead = x.shape[: x.dim() - k]
-        flat = x.reshape(*lead, math.prod(self.normalized_shape)) if k > 1 else x
-        weight = self.weight.reshape(-1) if self.weight is not None and k > 1 else self.weight
-        bias = self.bias.reshape(-1) if self.bias is not None and k > 1 else self.bias
-        y = type(self)._fn(
-            flat, weight, bias, self.eps, self.offset, self.cast_mode, follow_autocast=self.follow_autocast
+        weight = self.weight.reshape(-1) if self.weight is not None else None
+        bias = self.bias.reshape(-1) if self.bias is not None else None
+        y = self._fn(
+            x.reshape(*lead, math.prod(shape)), weight, bias, self.eps, self.offset, self.cast_mode,
+            follow_autocast=self.follow_autocast,
         )
-        return y.reshape(*lead, *self.normalized_shape) if k > 1 else y
+        return y.reshape(*lead, *shape)
 
     def extra_repr(self) -> str:
         shape = self.normalized_shape[0] if len(self.normalized_shape) == 1 else self.normalized_shape

@@ -244,3 +244,60 @@ def test_every_launch_configuration_computes_the_same_norm(kind, dtype, block_m,
     yardstick = fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps), x, w, b, dy)
     for name, got, ref, truth_ in zip(("y", "dx", "dw", "db"), ours, yardstick, truth):
         assert_close_to_fp64(got.to(dtype) if name in ("dw", "db") else got, ref, truth_, dtype, f"{name} with tile {config}")
+
+
+# (weight, bias, offset, cast_mode) for the CPU path's hand-written backward
+GRADCHECK_AFFINES = [
+    (False, False, 0.0, "float32"),
+    (True, False, 0.0, "float32"),
+    (True, True, 0.0, "float32"),
+    (True, True, 1.0, "float32"),
+    (True, False, 0.0, "input"),
+    (True, True, 0.5, "weight"),
+]
+
+
+@pytest.mark.parametrize("affine", GRADCHECK_AFFINES, ids=lambda a: f"w{a[0]:d}b{a[1]:d}o{a[2]:g}-{a[3]}")
+@pytest.mark.parametrize("grads", ["all", "x only", "parameters only"])
+def test_cpu_rms_path_backward_passes_gradcheck(affine, grads, monkeypatch):
+    """The CPU torch path differentiates RMSNorm by a closed form, not by autograd: checked
+    against finite differences in float64 (3-D input, a frozen weight as with LoRA, frozen x)."""
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    has_w, has_b, offset, cast_mode = affine
+    if grads == "parameters only" and not has_w:
+        pytest.skip("no parameters to differentiate")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 7, generator=g, dtype=torch.float64) * 2 + 0.3
+    w = 1 + 0.3 * torch.randn(7, generator=g, dtype=torch.float64) if has_w else None
+    b = 0.1 * torch.randn(7, generator=g, dtype=torch.float64) if has_b else None
+    x.requires_grad_(grads != "parameters only")
+    for p in (w, b):
+        if p is not None:
+            p.requires_grad_(grads != "x only")
+    assert torch.autograd.gradcheck(lambda x, w, b: rms_norm(x, w, b, 1e-3, offset, cast_mode), (x, w, b))
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_inference_builds_no_graph_and_matches_the_training_path(kind, backend, launches):
+    """Under no_grad no autograd node is made (less host time per call); the numbers are the
+    ones training computes, bit for bit."""
+    x, w, b, _ = _inputs(m=19, n=40)
+    trained = FNS[kind](x, w, b)
+    with torch.no_grad():
+        inferred = FNS[kind](x, w, b)
+    assert trained.grad_fn is not None and inferred.grad_fn is None
+    assert torch.equal(trained.detach(), inferred)
+    if backend == "triton":
+        assert launches() == 2
+
+
+def test_host_side_tile_arithmetic_matches_triton():
+    """The launchers size grids with plain-Python integer helpers (Triton's are slow to call
+    from host code); they must agree with Triton's own."""
+    triton = pytest.importorskip("triton")
+    from hf_rmsnorm.ops import _triton_norm
+
+    for n in [1, 2, 3, 5, 8, 9, 100, 767, 768, 1024, 1025, 4097, 65535, 65536]:
+        assert _triton_norm._pow2_at_least(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 3, 16):
+            assert _triton_norm._ceil_div(n, d) == triton.cdiv(n, d), (n, d)

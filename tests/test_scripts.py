@@ -115,3 +115,32 @@ def test_gpu_only_scripts_refuse_a_cpu_run_with_one_clear_message(script, tmp_pa
     assert proc.returncode == 2
     assert "GPU" in proc.stderr.strip().splitlines()[-1]
     assert not list(tmp_path.iterdir())
+
+
+def _run_cpu_benchmark(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_cpu.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+@pytest.mark.slow
+def test_benchmark_cpu_quick_times_every_replacement_and_the_host_path(tmp_path):
+    pytest.importorskip("triton")  # --host runs the Triton path's launchers (stubbed)
+    proc = _run_cpu_benchmark("--quick", "--host", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "cpu.json").read_text())
+    assert result["environment"]["threads"] >= 1 and result["environment"]["torch"]
+    cases = {r["case"] for r in result["modules"]}
+    assert len(cases) == 5 and "LayerNorm → RMSNorm+bias (exact conversion)" in cases
+    for r in result["modules"]:
+        assert r["original_us"] > 0 and r["patched_us"] > 0
+        assert r["ratio"] == pytest.approx(r["patched_us"] / r["original_us"])
+    assert len(result["modules"]) == 5 * 2 * 2 * 2  # cases × dtypes × shapes × modes
+    host = {(r["call"], r["mode"]) for r in result["host"]}
+    assert ("layer_norm(x, w, b)", "forward + backward") in host and len(host) == 10
+    markdown = (tmp_path / "cpu.md").read_text()
+    assert "| LlamaRMSNorm → FusedRMSNorm | bf16 |" in markdown and "kernel launches stubbed" in markdown
+
+
+def test_benchmark_cpu_rejects_an_unknown_dtype(tmp_path):
+    proc = _run_cpu_benchmark("--quick", "--dtypes", "fp8", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "--dtypes: unknown ['fp8']" in proc.stderr
+    assert not (tmp_path / "cpu.json").exists()

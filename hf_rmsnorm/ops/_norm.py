@@ -37,39 +37,55 @@ def _interpreting() -> bool:
 
 
 def selected_backend() -> str:
-    """The value of ``HF_RMSNORM_BACKEND`` (default ``auto``), validated."""
-    backend = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"{BACKEND_ENV}={backend!r} is not a backend; use one of {', '.join(BACKENDS)}."
-        )
+    """The value of ``HF_RMSNORM_BACKEND`` (default ``auto``), validated.
+
+    Read on every call, so that setting the variable after import takes effect; each value
+    seen is validated once."""
+    value = os.environ.get(BACKEND_ENV, "auto")
+    backend = _BACKEND_OF.get(value)
+    if backend is None:
+        backend = value.strip().lower() or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"{BACKEND_ENV}={backend!r} is not a backend; use one of {', '.join(BACKENDS)}."
+            )
+        _BACKEND_OF[value] = backend
     return backend
 
 
-def _use_triton(x: Tensor, params: tuple[Optional[Tensor], ...]) -> bool:
+# raw value of the environment variable -> the backend it names (a dict, not lru_cache, which
+# torch.compile would warn about when it traces the call)
+_BACKEND_OF: dict = {}
+
+
+def _use_triton(x: Tensor, device_type: str, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    # Called on every norm call: the common cases (auto on CPU, auto on CUDA) are decided
+    # first and with the fewest lookups, since this is host time that the GPU waits for.
     backend = selected_backend()
     if backend == "torch":
         return False
-    if backend == "triton" and not TRITON_AVAILABLE:
-        raise RuntimeError(
-            f"{BACKEND_ENV}=triton but Triton is not installed; "
-            "install it (pip install triton) or set HF_RMSNORM_BACKEND=auto."
-        )
-    if not TRITON_AVAILABLE:
-        return False
-    if x.device.type != "cuda" and not _interpreting():
-        if backend == "triton":
+    if backend == "auto":
+        # With auto, the interpreter is never picked for CPU tensors: it is far slower than torch.
+        if device_type != "cuda" or not TRITON_AVAILABLE:
+            return False
+    else:
+        if not TRITON_AVAILABLE:
+            raise RuntimeError(
+                f"{BACKEND_ENV}=triton but Triton is not installed; "
+                "install it (pip install triton) or set HF_RMSNORM_BACKEND=auto."
+            )
+        if device_type != "cuda" and not _interpreting():
             raise RuntimeError(
                 f"{BACKEND_ENV}=triton but x is on {x.device}: Triton kernels need a CUDA device, "
                 "or TRITON_INTERPRET=1 to run them on the CPU (slowly; meant for tests). "
                 "Use HF_RMSNORM_BACKEND=auto to take the torch path there."
             )
-        return False
-    # With auto, the interpreter is never picked for CPU tensors: it is far slower than torch.
-    if x.device.type != "cuda" and backend == "auto":
-        return False
-    dtypes_ok = all(t.dtype in _KERNEL_DTYPES for t in (x, *params) if t is not None)
-    return dtypes_ok and 0 < x.shape[-1] <= _MAX_FUSED_N
+    return (
+        x.dtype in _KERNEL_DTYPES
+        and (weight is None or weight.dtype in _KERNEL_DTYPES)
+        and (bias is None or bias.dtype in _KERNEL_DTYPES)
+        and 0 < x.shape[-1] <= _MAX_FUSED_N
+    )
 
 
 # Device types torch's autocast knows. A constant set, not torch.amp.is_autocast_available:
@@ -169,8 +185,10 @@ def affine_torch(
             return weight * n.to(rounded)
         n = n.to(rounded).to(n.dtype)
     if weight is not None:
-        n = n * (weight.to(n.dtype) + offset)
-    if bias is not None:
+        w = weight.to(n.dtype) + offset if offset else weight.to(n.dtype)
+        # with a bias, one pass (addcmul) instead of two
+        n = torch.addcmul(bias.to(n.dtype), n, w) if bias is not None else n * w
+    elif bias is not None:
         n = n + bias.to(n.dtype)
     return n.to(out_dtype)
 
@@ -215,10 +233,9 @@ def _bwd_impl(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias):
         dy = dy.contiguous()
     dx, dw_part, db_part = _triton_norm.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias)
     # Partial rows summed in a fixed order: deterministic, unlike atomics. Both sums stay
-    # fp32 here; the autograd wrappers cast them to the parameters' dtypes.
-    dw = dw_part.sum(0) if dw_part is not None else x.new_empty((0,), dtype=torch.float32)
-    db = db_part.sum(0) if db_part is not None else x.new_empty((0,), dtype=torch.float32)
-    return dx, dw, db
+    # fp32 here; the autograd wrappers cast them to the parameters' dtypes. None where there
+    # is no such parameter (the custom op turns that into an empty tensor).
+    return dx, (dw_part.sum(0) if dw_part is not None else None), (db_part.sum(0) if db_part is not None else None)
 
 
 @torch.library.custom_op("hf_rmsnorm::norm_fwd", mutates_args=())
@@ -254,7 +271,9 @@ def _norm_bwd_op(
     rounding: int,
     has_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _bwd_impl(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias)
+    dx, dw, db = _bwd_impl(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias)
+    empty = lambda: x.new_empty((0,), dtype=torch.float32)  # noqa: E731
+    return dx, dw if dw is not None else empty(), db if db is not None else empty()
 
 
 @_norm_bwd_op.register_fake
@@ -336,18 +355,26 @@ def normalize(
         # The policy is decided above (or deliberately ignored by modules that replace code
         # which autocast does not touch); nothing inside may re-cast.
         with torch.autocast(device_type, enabled=False):
-            return _dispatch(torch_impl, x, weight, bias, eps, offset, is_rms, cast_mode)
-    return _dispatch(torch_impl, x, weight, bias, eps, offset, is_rms, cast_mode)
+            return _dispatch(torch_impl, x, device_type, weight, bias, eps, offset, is_rms, cast_mode)
+    return _dispatch(torch_impl, x, device_type, weight, bias, eps, offset, is_rms, cast_mode)
 
 
-def _dispatch(torch_impl, x, weight, bias, eps, offset, is_rms, cast_mode):
-    if not _use_triton(x, (weight, bias)):
+def _dispatch(torch_impl, x, device_type, weight, bias, eps, offset, is_rms, cast_mode):
+    if not _use_triton(x, device_type, weight, bias):
         return torch_impl(x, weight, bias, eps, offset, cast_mode)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    # under torch.compile the custom op (traceable, opaque); in eager mode the cheaper Function
-    op = _norm_fwd_op if torch.compiler.is_compiling() else _NormFunction.apply
-    y, _, _ = op(x2, weight, bias, float(eps), float(offset), is_rms, ROUNDING[cast_mode])
+    args = (x2, weight, bias, float(eps), float(offset), is_rms, ROUNDING[cast_mode])
+    if torch.compiler.is_compiling():
+        y = _norm_fwd_op(*args)[0]  # traceable and opaque to the compiler
+    elif torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        y = _NormFunction.apply(*args)[0]  # eager: cheaper than the custom op's dispatch
+    else:
+        y = _fwd_impl(*args)[0]  # nothing to differentiate: no autograd node at all
     return y.view(shape)

@@ -159,9 +159,20 @@ def _norm_bwd_kernel(
         tl.store(DB + pid * N + cols, tl.sum(db, axis=0), mask=col_mask)
 
 
+# Host-side integer helpers in plain Python: in recent Triton (3.9 in CI) ``triton.cdiv`` and
+# ``triton.next_power_of_2`` are constexpr functions whose call from host code costs ≈ 5 µs
+# each on the CI CPU, and a launch needed several.
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _warps(elements: int, per_thread: int) -> int:
     # per_thread fp32 values per thread keeps the tile in registers without spilling
-    return max(1, min(32, triton.next_power_of_2(elements) // (32 * per_thread)))
+    return max(1, min(32, _pow2_at_least(elements) // (32 * per_thread)))
 
 
 def _tile(N: int) -> tuple[int, int, int]:
@@ -169,16 +180,18 @@ def _tile(N: int) -> tuple[int, int, int]:
     (two rows of ≤ 1024), 16 fp32 values per thread. Measured on an H200 (benchmarks/NOTES.md,
     sweeps of runs 1–3): v1's 4096-element tiles at 8 values a thread were 1–28 % slower in the
     forward, and no neighbour of these tiles was more than 2 % faster at any benchmark shape."""
-    block_n = triton.next_power_of_2(N)
+    block_n = _pow2_at_least(N)
     block_m = max(1, min(16, 2048 // block_n))
     return block_m, block_n, _warps(block_m * block_n, 16)
 
 
+@functools.lru_cache(maxsize=None)
 def fwd_config(N: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the forward kernel for rows of N elements."""
     return _tile(N)
 
 
+@functools.lru_cache(maxsize=None)
 def bwd_config(N: int, has_bias: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the backward kernel for rows of N elements."""
     block_m, block_n, warps = _tile(N)
@@ -223,7 +236,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
     if M == 0:
         return y, mean, rstd
     block_m, block_n, warps = config or fwd_config(N)
-    _norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+    _norm_fwd_kernel[(_ceil_div(M, block_m),)](
         x, y, weight, bias, mean, rstd,
         x.stride(0), M, N, eps, offset,
         IS_RMS=is_rms,
@@ -258,8 +271,9 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
 
     if x.device.type == "cuda":
         if programs_per_sm is None:
+            # everything the compiled variant depends on (Triton specialises on 16-divisibility)
             key = (x.device, x.dtype, dy.dtype, weight.dtype if weight is not None else None, x.stride(0) % 16,
-                   dy.stride(0) % 16, N % 16, tuple(sorted(meta.items())))
+                   dy.stride(0) % 16, N % 16, is_rms, has_bias, rounding, block_m, block_n, warps)
             programs_per_sm = _OCCUPANCY.get(key)
             if programs_per_sm is None:
                 # compile (or fetch from Triton's cache) without launching, to read the registers
@@ -274,7 +288,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     # A fixed number of programs per device and shape keeps the partial-sum layout, and so
     # the weight gradient, identical from one run to the next. Every program owns at least
     # one tile, so every partial row is written.
-    programs = min(programs, triton.cdiv(M, block_m))
+    programs = min(programs, _ceil_div(M, block_m))
     dw_part = torch.empty((programs, N), dtype=torch.float32, device=x.device) if weight is not None else None
     db_part = torch.empty((programs, N), dtype=torch.float32, device=x.device) if has_bias else None
     _norm_bwd_kernel[(programs,)](*args(dw_part, db_part), **meta)

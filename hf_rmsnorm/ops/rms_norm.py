@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._norm import affine_torch, compute_dtype, normalize
+from ._norm import ROUNDING, affine_torch, compute_dtype, normalize
 
 
 def rms_norm_ref(
@@ -34,19 +34,86 @@ def rms_norm_ref(
     multiply by the weight in the promoted dtype (Llama). ``cast_mode="weight"``: the same but
     cast to the weight's dtype (T5).
     """
+    if x.device.type == "cpu":
+        if torch.is_grad_enabled() and (
+            x.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        ):
+            return _RMSNormCPU.apply(x, weight, bias, eps, offset, cast_mode)
+        return affine_torch(_normalized(x, eps)[0], x.dtype, weight, bias, offset, cast_mode)
+    # Elsewhere (CUDA without Triton, float64, rows beyond the kernels' limit) torch's own
+    # rms_norm is one fused kernel: use it for the statistics and let autograd differentiate.
     same_dtype = weight is None or weight.dtype == x.dtype
     if cast_mode == "float32" and bias is None and offset == 0.0 and same_dtype:
-        # torch's own kernel computes exactly this (fp32 statistics and affine, one rounding)
-        # and is the fastest path on the CPU.
+        # torch's kernel computes exactly this (fp32 statistics and affine, one rounding)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     if x.dtype == torch.float32 and all(p is None or p.dtype == torch.float32 for p in (weight, bias)):
         # all fp32: no rounding to order, so every cast mode is torch's kernel plus the bias
-        # (the converted LayerNorms of an fp32 model take this path on the CPU)
         y = F.rms_norm(x, (x.shape[-1],), weight + offset if offset and weight is not None else weight, eps)
         return y + bias if bias is not None else y
     xc = x.to(compute_dtype(x))
     n = F.rms_norm(xc, (x.shape[-1],), None, eps)
     return affine_torch(n, x.dtype, weight, bias, offset, cast_mode)
+
+
+# --------------------------------------------------------------------------------------------
+# The CPU path. torch has no fused RMSNorm kernel for the CPU: F.rms_norm there is a chain of
+# elementwise ops (an fp32 copy, square, mean, rsqrt, products), and autograd differentiates
+# each. Below, the sum of squares is one pass (vector_norm accumulates in fp32 without an fp32
+# copy of x) and the backward is the closed form in a few passes, saving only x and rstd.
+# Measured on the CI CPU (scripts/benchmark_cpu.py): 1.3–2.5× faster than F.rms_norm or HF's
+# eager modules in training, and faster in inference.
+# --------------------------------------------------------------------------------------------
+
+
+def _normalized(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x / sqrt(mean(x²) + eps), 1 / sqrt(mean(x²) + eps)), both in the compute dtype.
+
+    The first is a new tensor that the caller may overwrite."""
+    c = compute_dtype(x)
+    # one conversion up front: torch's CPU ops on mixed dtypes (bf16 · fp32) take a slow,
+    # unvectorised loop, 1.7× the time of the same op on two fp32 tensors
+    xc = x.to(c)
+    rstd = torch.linalg.vector_norm(xc, dim=-1, keepdim=True)
+    rstd = rstd.square_().div_(max(x.shape[-1], 1)).add_(eps).rsqrt_()
+    return (xc * rstd if xc is x else xc.mul_(rstd)), rstd
+
+
+class _RMSNormCPU(torch.autograd.Function):
+    """RMSNorm with a hand-written backward: with n = x·rstd and g = dy·(offset + w),
+    dx = rstd · (g − n · mean(g·n)), dw = Σ_rows dy·round(n), db = Σ_rows dy."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, offset, cast_mode):
+        n, rstd = _normalized(x, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.offset, ctx.cast_mode = offset, cast_mode
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return affine_torch(n, x.dtype, weight, bias, offset, cast_mode)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        lead = tuple(range(x.dim() - 1))  # the dims summed over for the parameter gradients
+        c = rstd.dtype
+        dyc = dy.to(c)
+        xc = x.to(c)
+        n = xc * rstd if xc is x else xc.mul_(rstd)  # recomputed: cheaper than saving a copy
+        dx = dw = db = None
+        if need_b:
+            db = dyc.sum(lead).to(ctx.bias_dtype)
+        if need_w:
+            rounded = ROUNDING[ctx.cast_mode]
+            # the weight multiplied the row as rounded in the forward
+            nr = n.to(x.dtype if rounded == 1 else weight.dtype).to(c) if rounded else n
+            dw = (dyc * nr).sum(lead).to(weight.dtype)
+        if need_x:
+            g = dyc * (weight.to(c) + ctx.offset) if weight is not None else dyc
+            mean_gn = (g * n).sum(-1, keepdim=True).div_(-max(x.shape[-1], 1))
+            dx = torch.addcmul(g, n, mean_gn).mul_(rstd).to(x.dtype)
+        return dx, dw, db, None, None, None
 
 
 def rms_norm(

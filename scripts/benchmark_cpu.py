@@ -1,0 +1,297 @@
+"""On the CPU, is each patched module at least as fast as the module it replaces?
+
+PERF.md's CPU target: without a GPU a patched model runs the torch path, and every swapped
+module must be no slower than the one it replaced. For each HF norm class the replacement is
+the module ``patch_model`` would install, found by the same probe
+(``hf_rmsnorm.patching.discovery.match_norm``; for the exact LayerNorm conversion, the
+RMSNorm-with-bias it builds). Both are timed on the same input, alternately, in inference
+(forward under ``no_grad``) and training (forward, then the gradients of the input and every
+parameter); the time is the median of ``torch.utils.benchmark``'s blocked measurements.
+
+``--host`` adds a second table: the host time of the *Triton* path per call, with the kernel
+launches replaced by no-ops, i.e. the Python this package runs around every GPU launch (the
+time Triton's own launcher takes comes on top and needs a GPU: ``profile_norms.py``).
+
+    python scripts/benchmark_cpu.py --host               # full table
+    python scripts/benchmark_cpu.py --quick              # tiny shapes, short timings (tests)
+
+Writes ``<out>/cpu.json`` (every number, the machine and versions) and ``<out>/cpu.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils import benchmark as tbench
+
+from benchmark_kernels import _versions
+
+FULL_SHAPES = [(1, 768), (128, 768), (2048, 768), (512, 2048)]
+QUICK_SHAPES = [(1, 64), (32, 64)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("inference", "training")
+# Small on purpose: the host cost of a GPU call does not depend on the shape, while on the CPU
+# allocating (and freeing) large stand-in tensors would add malloc time no GPU run has.
+HOST_SHAPE = (16, 1024)
+
+
+def _hf_class(module: str, name: str):
+    return getattr(__import__(f"transformers.models.{module}.modeling_{module}", fromlist=[name]), name)
+
+
+# name -> (builds the original module for a hidden size, whether the replacement is the exact
+# LayerNorm -> RMSNorm conversion rather than the same-function fused module)
+CASES = {
+    "LayerNorm → FusedLayerNorm": (lambda n: nn.LayerNorm(n), False),
+    "LayerNorm → RMSNorm+bias (exact conversion)": (lambda n: nn.LayerNorm(n), True),
+    "LlamaRMSNorm → FusedRMSNorm": (lambda n: _hf_class("llama", "LlamaRMSNorm")(n, eps=1e-6), False),
+    "GemmaRMSNorm → FusedRMSNorm": (lambda n: _hf_class("gemma", "GemmaRMSNorm")(n, eps=1e-6), False),
+    "T5LayerNorm → FusedRMSNorm": (lambda n: _hf_class("t5", "T5LayerNorm")(n, eps=1e-6), False),
+}
+
+
+def replacement(original: nn.Module, convert: bool) -> nn.Module:
+    """What patch_model puts in ``original``'s place (sharing its parameters)."""
+    import dataclasses
+
+    from hf_rmsnorm.patching.discovery import _param_signature, build_fused, match_norm
+
+    match = match_norm(original)
+    if match.spec is None:
+        raise RuntimeError(f"{type(original).__name__}: no fused replacement ({match.reason})")
+    spec = dataclasses.replace(match.spec, kind="rms") if convert else match.spec
+    return build_fused(spec, original, _param_signature(original)[0])
+
+
+def _median_us(fn, min_run_time: float) -> float:
+    return tbench.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e6
+
+
+def _step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str):
+    if mode == "inference":
+        def run():
+            with torch.no_grad():
+                module(x)
+    else:
+        inputs = (x, *module.parameters())
+
+        def run():
+            torch.autograd.grad(module(x), inputs, dy)
+    return run
+
+
+def time_pair(original, patched, x, dy, mode, rounds: int, min_run_time: float) -> tuple[float, float]:
+    """Medians over ``rounds`` alternating measurements, so that drift hits both alike."""
+    steps = (_step(original, x, dy, mode), _step(patched, x, dy, mode))
+    for step in steps:
+        step()  # first-call work (allocator, lazy init) outside the timing
+    times: tuple[list, list] = ([], [])
+    for _ in range(rounds):
+        for step, out in zip(steps, times):
+            out.append(_median_us(step, min_run_time))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def module_rows(shapes, dtypes, rounds: int, min_run_time: float) -> list[dict]:
+    rows = []
+    for case, (build, convert) in CASES.items():
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            for m, n in shapes:
+                torch.manual_seed(0)
+                original = build(n).to(dtype)
+                with torch.no_grad():
+                    for p in original.parameters():
+                        p.normal_(1.0, 0.1)
+                patched = replacement(original, convert)
+                x = torch.randn(m, n, dtype=dtype)
+                if convert:
+                    x = x - x.float().mean(-1, keepdim=True).to(dtype)  # what a converted model's norms see
+                x.requires_grad_(True)
+                dy = torch.randn(m, n, dtype=dtype)
+                for mode in MODES:
+                    base, ours = time_pair(original, patched, x, dy, mode, rounds, min_run_time)
+                    rows.append({
+                        "case": case, "dtype": dname, "shape": [m, n], "mode": mode,
+                        "original_us": base, "patched_us": ours, "ratio": ours / base,
+                    })
+                    print(f"{case:45s} {dname} {m}x{n} {mode:9s} {base:9.1f} {ours:9.1f} µs  ×{ours / base:.2f}",
+                          flush=True)
+    return rows
+
+
+@contextlib.contextmanager
+def _launches_stubbed():
+    """Run the Triton path on CPU tensors with every kernel launch a no-op (host time only)."""
+    from hf_rmsnorm.ops import _triton_norm
+
+    def nop(*args, **kwargs):
+        return None
+
+    class Stub:
+        def __getitem__(self, grid):
+            return nop
+
+    saved = {k: os.environ.get(k) for k in ("HF_RMSNORM_BACKEND", "TRITON_INTERPRET")}
+    kernels = (_triton_norm._norm_fwd_kernel, _triton_norm._norm_bwd_kernel)
+    os.environ.update(HF_RMSNORM_BACKEND="triton", TRITON_INTERPRET="1")
+    _triton_norm._norm_fwd_kernel, _triton_norm._norm_bwd_kernel = Stub(), Stub()
+    try:
+        yield
+    finally:
+        _triton_norm._norm_fwd_kernel, _triton_norm._norm_bwd_kernel = kernels
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def host_rows(shape, min_run_time: float) -> list[dict]:
+    from hf_rmsnorm.ops import layer_norm, rms_norm
+
+    m, n = shape
+    x = torch.randn(m, n, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(n, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(n, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(m, n, dtype=torch.bfloat16)
+    calls = {
+        "rms_norm(x, w)": (lambda: rms_norm(x, w), (x, w)),
+        "rms_norm(x, w, b)": (lambda: rms_norm(x, w, b), (x, w, b)),
+        "layer_norm(x, w, b)": (lambda: layer_norm(x, w, b), (x, w, b)),
+    }
+    rows = []
+    with _launches_stubbed():
+        for name, (call, inputs) in calls.items():
+            def inference():
+                with torch.no_grad():
+                    call()
+
+            steps = {
+                "forward, no grad": inference,
+                "forward, with grad": call,
+                "forward + backward": lambda: torch.autograd.grad(call(), inputs, dy),
+            }
+            for mode, step in steps.items():
+                step()
+                rows.append({"call": name, "mode": mode, "shape": [m, n], "host_us": _median_us(step, min_run_time)})
+                print(f"{name:22s} {mode:20s} {rows[-1]['host_us']:7.1f} µs", flush=True)
+    # what autograd alone costs for a Python-defined op with one saved tensor (the floor of
+    # the forward + backward rows above, whatever this package does)
+    class _Nothing(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, dy):
+            return dy
+
+    floor = _median_us(lambda: torch.autograd.grad(_Nothing.apply(x), (x,), dy), min_run_time)
+    rows.append({"call": "empty autograd.Function", "mode": "forward + backward", "shape": [m, n], "host_us": floor})
+    return rows
+
+
+def _machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
+        "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **_versions(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def to_markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [
+        f"# CPU: patched modules vs the modules they replace — {env['cpu_model']}, {env['threads']} threads",
+        "",
+        f"torch {env['torch']}, transformers {env['transformers']}; {env['date']}. "
+        "Median µs per call (torch.utils.benchmark), the two modules timed alternately; "
+        "ratio = patched / original (target ≤ 1).",
+        "",
+    ]
+    if result["modules"]:
+        lines += ["| replacement | dtype | shape | mode | original µs | patched µs | ratio |", "|---|---|---|---|---|---|---|"]
+    for r in result["modules"]:
+        lines.append(
+            f"| {r['case']} | {r['dtype']} | {r['shape'][0]}×{r['shape'][1]} | {r['mode']} | "
+            f"{r['original_us']:.1f} | {r['patched_us']:.1f} | {r['ratio']:.2f} |"
+        )
+    if result.get("host"):
+        lines += [
+            "",
+            "## Host time of the Triton path per call, kernel launches stubbed (bf16)",
+            "",
+            "What this package's Python costs around each GPU launch; Triton's launcher comes on top.",
+            "",
+            "| call | mode | shape | host µs |",
+            "|---|---|---|---|",
+        ]
+        for r in result["host"]:
+            lines.append(f"| {r['call']} | {r['mode']} | {r['shape'][0]}×{r['shape'][1]} | {r['host_us']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and short timings (for tests)")
+    parser.add_argument("--host", action="store_true", help="also time the Triton path's host code, launches stubbed")
+    parser.add_argument("--no-modules", action="store_true", help="skip the module table (with --host: host times only)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {sorted(DTYPES)}")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating measurements per pair (default 5, quick 1)")
+    parser.add_argument("--out", default="benchmarks/results/cpu", help="output folder")
+    args = parser.parse_args(argv)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown or not dtypes:
+        parser.error(f"--dtypes: unknown {unknown or 'empty list'}; choose from {sorted(DTYPES)}")
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 5)
+    if rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.host:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            parser.error("--host times the Triton path's host code and needs Triton installed")
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    min_run_time = 0.01 if args.quick else 0.2
+
+    result = {"environment": _machine(), "shapes": shapes, "rounds": rounds}
+    if args.no_modules and not args.host:
+        parser.error("--no-modules leaves nothing to measure without --host")
+    result["modules"] = [] if args.no_modules else module_rows(shapes, dtypes, rounds, min_run_time)
+    if args.host:
+        result["host"] = host_rows(HOST_SHAPE, min_run_time)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "cpu.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
