@@ -41,7 +41,7 @@ def rms_norm_ref(
             or (bias is not None and bias.requires_grad)
         ):
             return _RMSNormCPU.apply(x, weight, bias, eps, offset, cast_mode)
-        return affine_torch(_normalized(x, eps)[0], x.dtype, weight, bias, offset, cast_mode)
+        return affine_torch(_normalized(x, eps)[0], x.dtype, weight, bias, offset, cast_mode, overwrite=True)
     # Elsewhere (CUDA without Triton, float64, rows beyond the kernels' limit) torch's own
     # rms_norm is one fused kernel: use it for the statistics and let autograd differentiate.
     same_dtype = weight is None or weight.dtype == x.dtype
@@ -90,7 +90,7 @@ class _RMSNormCPU(torch.autograd.Function):
         ctx.save_for_backward(x, weight, rstd)
         ctx.offset, ctx.cast_mode = offset, cast_mode
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return affine_torch(n, x.dtype, weight, bias, offset, cast_mode)
+        return affine_torch(n, x.dtype, weight, bias, offset, cast_mode, overwrite=True)
 
     @staticmethod
     def backward(ctx, dy):
@@ -98,9 +98,13 @@ class _RMSNormCPU(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         lead = tuple(range(x.dim() - 1))  # the dims summed over for the parameter gradients
         c = rstd.dtype
+        # Every activation-sized temporary is written in place where it is ours to overwrite
+        # (see affine_torch's ``overwrite``): fewer allocations, fewer page faults on the CPU.
         dyc = dy.to(c)
+        own_dyc = dyc is not dy
         xc = x.to(c)
         n = xc * rstd if xc is x else xc.mul_(rstd)  # recomputed: cheaper than saving a copy
+        scratch = torch.empty_like(n)
         dx = dw = db = None
         if need_b:
             db = dyc.sum(lead).to(ctx.bias_dtype)
@@ -108,11 +112,14 @@ class _RMSNormCPU(torch.autograd.Function):
             rounded = ROUNDING[ctx.cast_mode]
             # the weight multiplied the row as rounded in the forward
             nr = n.to(x.dtype if rounded == 1 else weight.dtype).to(c) if rounded else n
-            dw = (dyc * nr).sum(lead).to(weight.dtype)
+            dw = torch.mul(dyc, nr, out=scratch).sum(lead).to(weight.dtype)
         if need_x:
-            g = dyc * (weight.to(c) + ctx.offset) if weight is not None else dyc
-            mean_gn = (g * n).sum(-1, keepdim=True).div_(-max(x.shape[-1], 1))
-            dx = torch.addcmul(g, n, mean_gn).mul_(rstd).to(x.dtype)
+            g = dyc
+            if weight is not None:
+                w = weight.to(c) + ctx.offset if ctx.offset else weight.to(c)
+                g = dyc.mul_(w) if own_dyc else torch.mul(dyc, w)
+            mean_gn = torch.mul(g, n, out=scratch).sum(-1, keepdim=True).div_(-max(x.shape[-1], 1))
+            dx = torch.addcmul(g, n, mean_gn, out=g if g is not dy else scratch).mul_(rstd).to(x.dtype)
         return dx, dw, db, None, None, None
 
 
