@@ -91,14 +91,15 @@ def _step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str):
 
 
 def time_pair(original, patched, x, dy, mode, rounds: int, min_run_time: float) -> tuple[float, float]:
-    """Medians over ``rounds`` alternating measurements, so that drift hits both alike."""
+    """Medians over ``rounds`` alternating measurements, so that drift hits both alike; the
+    order flips every round, so that going first or second is no advantage either."""
     steps = (_step(original, x, dy, mode), _step(patched, x, dy, mode))
     for step in steps:
         step()  # first-call work (allocator, lazy init) outside the timing
     times: tuple[list, list] = ([], [])
-    for _ in range(rounds):
-        for step, out in zip(steps, times):
-            out.append(_median_us(step, min_run_time))
+    for i in range(rounds):
+        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            times[j].append(_median_us(steps[j], min_run_time))
     return statistics.median(times[0]), statistics.median(times[1])
 
 
