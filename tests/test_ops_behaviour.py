@@ -63,8 +63,11 @@ def test_eager_function_and_custom_op_are_the_same_computation(is_rms):
     if not INTERPRETING:
         pytest.skip("the op runs Triton; on CPU tensors that needs TRITON_INTERPRET=1")
     x, w, b, dy = _inputs(m=37, n=72)
+    from hf_rmsnorm.ops import layer_norm_ref, rms_norm_ref
+
     results = []
-    for op in (_norm._NormFunction.apply, _norm._norm_fwd_op):
+    reference = rms_norm_ref if is_rms else layer_norm_ref  # used only for second derivatives
+    for op in (lambda *args: _norm._NormFunction.apply(*args, reference), _norm._norm_fwd_op):
         leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
         y, _, _ = op(*leaves, 1e-5, 0.0, is_rms, 0)
         y.backward(dy)
@@ -301,3 +304,39 @@ def test_host_side_tile_arithmetic_matches_triton():
         assert _triton_norm._pow2_at_least(n) == triton.next_power_of_2(n), n
         for d in (1, 2, 3, 16):
             assert _triton_norm._ceil_div(n, d) == triton.cdiv(n, d), (n, d)
+
+
+def _second_order(fn, x, w, b, dy):
+    """Gradients of x and w, as a graph, then the gradient of their squared norm: what a
+    gradient penalty computes. Returns [dx, dw, d²/dx, d²/dw] on fresh leaves."""
+    x, w, b = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+    gx, gw = torch.autograd.grad((fn(x, w, b) * dy).sum(), (x, w), create_graph=True)
+    ((gx**2).sum() + (gw**2).sum()).backward()
+    return [gx.detach(), gw.detach(), x.grad, w.grad]
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_second_derivatives_are_right_on_every_path(kind, backend, launches):
+    """The backward passes are hand-written (kernels, and the CPU's closed form); asked for
+    create_graph=True they must still give the right second derivatives, not drop the norm's."""
+    x, w, b, dy = _inputs(m=6, n=24, dtype=torch.float32)
+    x = x.detach() * 2 + 0.5
+    dy = dy.float()
+    fn = lambda x, w, b: FNS[kind](x, w, b, 1e-5)  # noqa: E731
+    got = _second_order(fn, x, w, b, dy)
+    truth = _second_order(lambda x, w, b: norm_fp64(kind, x, w, b, 1e-5), x.double(), w.double(), b.double(), dy.double())
+    yardstick = _second_order(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, 1e-5), x, w, b, dy)
+    for name, g, y_, t in zip(("dx", "dw", "d2x", "d2w"), got, yardstick, truth):
+        assert_close_to_fp64(g, y_, t, torch.float32, name)
+    if backend == "triton":
+        assert launches() == 1, "the forward should still run on the kernel"
+
+
+@pytest.mark.parametrize("cast_mode", ["float32", "input", "weight"])
+def test_cpu_rms_path_second_derivatives_pass_gradgradcheck(cast_mode, monkeypatch):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(2, 3, 6, generator=g, dtype=torch.float64) + 0.2).requires_grad_()
+    w = (1 + 0.3 * torch.randn(6, generator=g, dtype=torch.float64)).requires_grad_()
+    b = (0.1 * torch.randn(6, generator=g, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x, w, b: rms_norm(x, w, b, 1e-3, 0.5, cast_mode), (x, w, b))

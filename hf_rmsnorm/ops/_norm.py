@@ -294,14 +294,14 @@ def _(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias):
 def _setup_context(ctx, inputs, output):
     x, weight, bias, eps, offset, is_rms, rounding = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.offset, ctx.is_rms, ctx.rounding = offset, is_rms, rounding
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.eps, ctx.offset, ctx.is_rms, ctx.rounding = eps, offset, is_rms, rounding
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _backward_with(bwd, ctx, dy):
-    x, weight, mean, rstd = ctx.saved_tensors
+    x, weight, _, mean, rstd = ctx.saved_tensors
     dx, dw, db = bwd(dy, x, weight, mean, rstd, ctx.offset, ctx.is_rms, ctx.rounding, ctx.has_bias)
     dw = dw.to(weight.dtype) if weight is not None else None
     db = db.to(ctx.bias_dtype) if ctx.has_bias else None
@@ -319,16 +319,36 @@ class _NormFunction(torch.autograd.Function):
     """The eager twin of ``_norm_fwd_op``: same launches, same saved tensors, same backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, offset, is_rms, rounding):
+    def forward(ctx, x, weight, bias, eps, offset, is_rms, rounding, torch_impl):
         inputs = (x, weight, bias, eps, offset, is_rms, rounding)
         output = _fwd_impl(*inputs)
         _setup_context(ctx, inputs, output)
+        ctx.torch_impl = torch_impl
         ctx.mark_non_differentiable(output[1], output[2])
         return output
 
     @staticmethod
     def backward(ctx, dy, _dmean, _drstd):
-        return _backward_with(_bwd_impl, ctx, dy)
+        if torch.is_grad_enabled():  # create_graph=True: the kernels have no second derivative
+            x, weight, bias, _, _ = ctx.saved_tensors
+            grads = backward_by_autograd(
+                ctx.torch_impl, dy, (x, weight, bias), ctx.needs_input_grad[:3],
+                ctx.eps, ctx.offset, CAST_MODES[ctx.rounding],
+            )
+            return (*grads, None, None, None, None, None)
+        return (*_backward_with(_bwd_impl, ctx, dy), None)
+
+
+def backward_by_autograd(torch_impl, dy, inputs, needs, eps, offset, cast_mode) -> tuple:
+    """Gradients of ``torch_impl`` (a torch composition autograd can differentiate to any
+    order) for ``inputs`` (x, weight, bias), as a graph: the backward of a hand-written
+    backward when asked for ``create_graph=True``, so that second derivatives (gradient
+    penalties, meta-learning) come out right instead of silently missing the norm's part."""
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    with torch.enable_grad():
+        y = torch_impl(*inputs, eps, offset, cast_mode)
+        grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
+    return tuple(next(grads) if need else None for need in needs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,7 +401,7 @@ def _dispatch(torch_impl, x, device_type, weight, bias, eps, offset, is_rms, cas
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     ):
-        y = _NormFunction.apply(*args)[0]  # eager: cheaper than the custom op's dispatch
+        y = _NormFunction.apply(*args, torch_impl)[0]  # eager: cheaper than the custom op's dispatch
     else:
         y = _fwd_impl(*args)[0]  # nothing to differentiate: no autograd node at all
     return y.view(shape)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._norm import ROUNDING, affine_torch, compute_dtype, normalize
+from ._norm import ROUNDING, affine_torch, backward_by_autograd, compute_dtype, normalize
 
 
 def rms_norm_ref(
@@ -42,8 +42,13 @@ def rms_norm_ref(
         ):
             return _RMSNormCPU.apply(x, weight, bias, eps, offset, cast_mode)
         return affine_torch(_normalized(x, eps)[0], x.dtype, weight, bias, offset, cast_mode, overwrite=True)
-    # Elsewhere (CUDA without Triton, float64, rows beyond the kernels' limit) torch's own
+    return _rms_norm_composite(x, weight, bias, eps, offset, cast_mode)
+
+
+def _rms_norm_composite(x, weight, bias, eps, offset, cast_mode):
+    # Off the CPU (CUDA without Triton, float64, rows beyond the kernels' limit) torch's own
     # rms_norm is one fused kernel: use it for the statistics and let autograd differentiate.
+    # Also what second derivatives are taken of, on every path (backward_by_autograd).
     same_dtype = weight is None or weight.dtype == x.dtype
     if cast_mode == "float32" and bias is None and offset == 0.0 and same_dtype:
         # torch's kernel computes exactly this (fp32 statistics and affine, one rounding)
@@ -87,15 +92,19 @@ class _RMSNormCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, offset, cast_mode):
         n, rstd = _normalized(x, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.offset, ctx.cast_mode = offset, cast_mode
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(x, weight, bias, rstd)
+        ctx.eps, ctx.offset, ctx.cast_mode = eps, offset, cast_mode
         return affine_torch(n, x.dtype, weight, bias, offset, cast_mode, overwrite=True)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
+        x, weight, bias, rstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: the closed form below is not differentiable
+            grads = backward_by_autograd(
+                _rms_norm_composite, dy, (x, weight, bias), (need_x, need_w, need_b), ctx.eps, ctx.offset, ctx.cast_mode
+            )
+            return (*grads, None, None, None)
         lead = tuple(range(x.dim() - 1))  # the dims summed over for the parameter gradients
         c = rstd.dtype
         # Every activation-sized temporary is written in place where it is ours to overwrite
@@ -107,7 +116,7 @@ class _RMSNormCPU(torch.autograd.Function):
         scratch = torch.empty_like(n)
         dx = dw = db = None
         if need_b:
-            db = dyc.sum(lead).to(ctx.bias_dtype)
+            db = dyc.sum(lead).to(bias.dtype)
         if need_w:
             rounded = ROUNDING[ctx.cast_mode]
             # the weight multiplied the row as rounded in the forward
