@@ -53,6 +53,15 @@ def fwd_bwd(fn, x, w, b, dy):
     return [y.detach()] + [None if t is None else t.grad for t in (x, w, b)]
 
 
+def second_order(fn, x, w, b, dy):
+    """Gradients of x and w, as a graph, then the gradient of their squared norm: what a
+    gradient penalty computes. Returns [dx, dw, d²/dx, d²/dw] on fresh leaves."""
+    x, w, b = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+    gx, gw = torch.autograd.grad((fn(x, w, b) * dy).sum(), (x, w), create_graph=True)
+    ((gx**2).sum() + (gw**2).sum()).backward()
+    return [gx.detach(), gw.detach(), x.grad, w.grad]
+
+
 def rel_err(a, b):
     """max |a - b| / max |b|, in float64."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()

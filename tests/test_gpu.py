@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_rmsnorm.ops import layer_norm, rms_norm
-from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_torch_same_dtype
+from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_torch_same_dtype, second_order
 
 pytestmark = pytest.mark.gpu
 FNS = {"rms": rms_norm, "layer": layer_norm}
@@ -161,3 +161,21 @@ def test_eager_function_and_custom_op_agree_bit_for_bit_on_cuda(is_rms):
         results.append([y.detach(), *torch.autograd.grad(y, leaves, dy)])
     for a, c in zip(*results):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_second_derivatives_on_cuda(kind, launches):
+    """create_graph=True on CUDA: the forward on the kernel, the gradients through torch's
+    CUDA norms (which autograd must be able to differentiate again)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(64, 512, device="cuda", generator=g) * 2 + 0.5
+    w = 1 + 0.3 * torch.randn(512, device="cuda", generator=g)
+    b = 0.1 * torch.randn(512, device="cuda", generator=g)
+    dy = torch.randn(64, 512, device="cuda", generator=g)
+    fn = lambda x, w, b: FNS[kind](x, w, b, 1e-5)  # noqa: E731
+    got = second_order(fn, x, w, b, dy)
+    assert launches() == 1
+    truth = second_order(lambda x, w, b: norm_fp64(kind, x, w, b, 1e-5), x.double(), w.double(), b.double(), dy.double())
+    yardstick = second_order(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, 1e-5), x, w, b, dy)
+    for name, got_, y_, t in zip(("dx", "dw", "d2x", "d2w"), got, yardstick, truth):
+        assert_close_to_fp64(got_, y_, t, torch.float32, name)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from hf_rmsnorm.ops import layer_norm, rms_norm
 from hf_rmsnorm.ops import _norm
-from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_torch_same_dtype
+from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_torch_same_dtype, second_order
 
 FNS = {"rms": rms_norm, "layer": layer_norm}
 
@@ -306,15 +306,6 @@ def test_host_side_tile_arithmetic_matches_triton():
             assert _triton_norm._ceil_div(n, d) == triton.cdiv(n, d), (n, d)
 
 
-def _second_order(fn, x, w, b, dy):
-    """Gradients of x and w, as a graph, then the gradient of their squared norm: what a
-    gradient penalty computes. Returns [dx, dw, d²/dx, d²/dw] on fresh leaves."""
-    x, w, b = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
-    gx, gw = torch.autograd.grad((fn(x, w, b) * dy).sum(), (x, w), create_graph=True)
-    ((gx**2).sum() + (gw**2).sum()).backward()
-    return [gx.detach(), gw.detach(), x.grad, w.grad]
-
-
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 def test_second_derivatives_are_right_on_every_path(kind, backend, launches):
     """The backward passes are hand-written (kernels, and the CPU's closed form); asked for
@@ -323,9 +314,9 @@ def test_second_derivatives_are_right_on_every_path(kind, backend, launches):
     x = x.detach() * 2 + 0.5
     dy = dy.float()
     fn = lambda x, w, b: FNS[kind](x, w, b, 1e-5)  # noqa: E731
-    got = _second_order(fn, x, w, b, dy)
-    truth = _second_order(lambda x, w, b: norm_fp64(kind, x, w, b, 1e-5), x.double(), w.double(), b.double(), dy.double())
-    yardstick = _second_order(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, 1e-5), x, w, b, dy)
+    got = second_order(fn, x, w, b, dy)
+    truth = second_order(lambda x, w, b: norm_fp64(kind, x, w, b, 1e-5), x.double(), w.double(), b.double(), dy.double())
+    yardstick = second_order(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, 1e-5), x, w, b, dy)
     for name, g, y_, t in zip(("dx", "dw", "d2x", "d2w"), got, yardstick, truth):
         assert_close_to_fp64(g, y_, t, torch.float32, name)
     if backend == "triton":
