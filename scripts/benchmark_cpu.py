@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -46,7 +48,7 @@ HOST_SHAPE = (16, 1024)
 
 
 def _hf_class(module: str, name: str):
-    return getattr(__import__(f"transformers.models.{module}.modeling_{module}", fromlist=[name]), name)
+    return getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
 
 
 # name -> (builds the original module for a hidden size, whether the replacement is the exact
@@ -62,8 +64,6 @@ CASES = {
 
 def replacement(original: nn.Module, convert: bool) -> nn.Module:
     """What patch_model puts in ``original``'s place (sharing its parameters)."""
-    import dataclasses
-
     from hf_rmsnorm.patching.discovery import _param_signature, build_fused, match_norm
 
     match = match_norm(original)
