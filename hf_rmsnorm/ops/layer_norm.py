@@ -28,7 +28,7 @@ def layer_norm_ref(
 ) -> Tensor:
     """Plain-torch LayerNorm with the kernels' semantics (see ``rms_norm_ref`` for the cast
     modes); ``cast_mode="float32"`` with ``offset=0`` is exactly ``F.layer_norm``."""
-    same_dtype = all(p is None or p.dtype == x.dtype for p in (weight, bias))
+    same_dtype = (weight is None or weight.dtype == x.dtype) and (bias is None or bias.dtype == x.dtype)
     if cast_mode == "float32" and offset == 0.0 and same_dtype:
         # torch's kernel, fastest on the CPU. Not for fp32 parameters with half inputs: its
         # mixed-dtype CPU backward loses precision there (caught by tests/test_ops.py).
