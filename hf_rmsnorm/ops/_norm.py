@@ -162,6 +162,17 @@ def check_inputs(
         raise ValueError(f"{name}: cast_mode must be one of {CAST_MODES}, got {cast_mode!r}.")
 
 
+def needs_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd will differentiate through a call on ``tensors`` (None entries ignored)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def weight_plus_offset(weight: Tensor, dtype: torch.dtype, offset: float) -> Tensor:
+    """The multiplier the affine applies, ``offset + weight``, in ``dtype``."""
+    w = weight.to(dtype)
+    return w + offset if offset else w
+
+
 def affine_torch(
     n: Tensor, x_dtype: torch.dtype, weight: Optional[Tensor], bias: Optional[Tensor], offset: float, cast_mode: str,
     overwrite: bool = False,
@@ -180,7 +191,7 @@ def affine_torch(
         rounded = x_dtype if rounding == 1 else weight.dtype
         if (
             weight is not None and bias is None and not offset and weight.dtype == rounded == out_dtype
-            and not (torch.is_grad_enabled() and (n.requires_grad or weight.requires_grad))
+            and not needs_grad(n, weight)
         ):
             # Inference in HF's own order, w * y.to(dtype): one pass over the row instead of
             # four (casts, product, cast). Bit-identical to the path below: the product of two
@@ -189,7 +200,7 @@ def affine_torch(
             return weight * n.to(rounded)
         n = n.to(rounded).to(n.dtype)
     if weight is not None:
-        w = weight.to(n.dtype) + offset if offset else weight.to(n.dtype)
+        w = weight_plus_offset(weight, n.dtype, offset)
         # with a bias, one pass (addcmul) instead of two
         if bias is not None:
             n = torch.addcmul(bias.to(n.dtype), n, w, out=n if overwrite else None)
@@ -296,15 +307,13 @@ def _setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.eps, ctx.offset, ctx.is_rms, ctx.rounding = eps, offset, is_rms, rounding
-    ctx.has_bias = bias is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _backward_with(bwd, ctx, dy):
-    x, weight, _, mean, rstd = ctx.saved_tensors
-    dx, dw, db = bwd(dy, x, weight, mean, rstd, ctx.offset, ctx.is_rms, ctx.rounding, ctx.has_bias)
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = bwd(dy, x, weight, mean, rstd, ctx.offset, ctx.is_rms, ctx.rounding, bias is not None)
     dw = dw.to(weight.dtype) if weight is not None else None
-    db = db.to(ctx.bias_dtype) if ctx.has_bias else None
+    db = db.to(bias.dtype) if bias is not None else None
     return dx, dw, db, None, None, None, None
 
 
@@ -396,11 +405,7 @@ def _dispatch(torch_impl, x, device_type, weight, bias, eps, offset, is_rms, cas
     args = (x2, weight, bias, float(eps), float(offset), is_rms, ROUNDING[cast_mode])
     if torch.compiler.is_compiling():
         y = _norm_fwd_op(*args)[0]  # traceable and opaque to the compiler
-    elif torch.is_grad_enabled() and (
-        x.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    ):
+    elif needs_grad(x, weight, bias):
         y = _NormFunction.apply(*args, torch_impl)[0]  # eager: cheaper than the custom op's dispatch
     else:
         y = _fwd_impl(*args)[0]  # nothing to differentiate: no autograd node at all
