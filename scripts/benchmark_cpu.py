@@ -144,13 +144,16 @@ def _launches_stubbed():
             return nop
 
     saved = {k: os.environ.get(k) for k in ("HF_RMSNORM_BACKEND", "TRITON_INTERPRET")}
-    kernels = (_triton_norm._norm_fwd_kernel, _triton_norm._norm_bwd_kernel)
+    names = ("_norm_fwd_kernel", "_norm_bwd_kernel", "_sum_rows_kernel")
+    kernels = {name: getattr(_triton_norm, name) for name in names}
     os.environ.update(HF_RMSNORM_BACKEND="triton", TRITON_INTERPRET="1")
-    _triton_norm._norm_fwd_kernel, _triton_norm._norm_bwd_kernel = Stub(), Stub()
+    for name in names:
+        setattr(_triton_norm, name, Stub())
     try:
         yield
     finally:
-        _triton_norm._norm_fwd_kernel, _triton_norm._norm_bwd_kernel = kernels
+        for name, kernel in kernels.items():
+            setattr(_triton_norm, name, kernel)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

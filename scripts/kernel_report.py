@@ -76,7 +76,7 @@ def report(arch: int) -> list[dict]:
             rows.append({"kernel": "fwd", "norm": name, "shape": f"{m}×{n}", "tile": f"{block_m}×{block_n}", "warps": warps,
                          **_resources(c.asm["cubin"]), "memory ops": _vector_widths(c.asm["ptx"])})
             block_m, block_n, warps = kernels.bwd_config(n, has_b)
-            sig = {"X": "*bf16", "W": "*bf16", "DY": "*bf16", "DX": "*bf16", "DW": "*fp32", "DB": "*fp32", "Mean": "*fp32", "Rstd": "*fp32",
+            sig = {"X": "*bf16", "W": "*bf16", "DY": "*bf16", "DX": "*bf16", "Part": "*fp32", "Mean": "*fp32", "Rstd": "*fp32",
                    "stride_x": "i32", "stride_dy": "i32", "M": "i32", "N": "i32", "offset": "fp32"}
             const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n}
             aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "stride_dy", "N"} if n % 16 == 0 else set())

@@ -81,11 +81,11 @@ def sweep(shapes, device, quick, copy_gbps):
             for config in configs:
                 for pps in PROGRAMS_PER_SM if device.type == "cuda" else (None,):
                     def run(sums):
-                        dx, *parts = k.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, bias is not None,
-                                                config=config, programs_per_sm=pps)
-                        if sums:  # what autograd also pays: the partial rows summed, cast to w's dtype
-                            parts = [p.sum(0).to(w.dtype) for p in parts if p is not None]
-                        return dx, parts
+                        dx, part = k.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, bias is not None,
+                                              config=config, programs_per_sm=pps)
+                        if sums:  # what autograd also pays: the partial rows summed in w's dtype
+                            part = k.sum_partials(part, [w.dtype] * (1 if bias is None else 2))
+                        return dx, part
 
                     # "bwd": the kernel alone; "bwd+sums": with the partial-row reduction, whose
                     # cost grows with the number of programs

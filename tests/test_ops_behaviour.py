@@ -241,12 +241,38 @@ def test_every_launch_configuration_computes_the_same_norm(kind, dtype, block_m,
     x, w, b = x.detach() * 2 + 0.5, w.detach(), b.detach()
     config = (block_m, 64, warps)  # 40 columns in a 64-wide tile, 37 rows in tiles of block_m
     y, mean, rstd = _triton_norm.norm_fwd(x, w, b, eps, 0.0, is_rms, 0, dtype, config=config)
-    dx, dw_part, db_part = _triton_norm.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, True, config=config)
-    ours = [y, dx, dw_part.sum(0), db_part.sum(0)]
+    dx, part = _triton_norm.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, True, config=config)
+    ours = [y, dx, *_triton_norm.sum_partials(part, [torch.float32, torch.float32])]
     truth = fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps), x.double(), w.double(), b.double(), dy.double())
     yardstick = fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps), x, w, b, dy)
     for name, got, ref, truth_ in zip(("y", "dx", "dw", "db"), ours, yardstick, truth):
         assert_close_to_fp64(got.to(dtype) if name in ("dw", "db") else got, ref, truth_, dtype, f"{name} with tile {config}")
+
+
+@pytest.mark.parametrize("rows,n", [(1, 5), (37, 13), (300, 40), (5, 1100)])
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.bfloat16, torch.float32), (torch.float32, torch.float16)], ids=str)
+def test_partial_sums_are_column_sums_in_each_parameters_dtype(rows, n, dtypes):
+    """The backward's second kernel: column sums of the (programs, N or 2N) fp32 partials,
+    the weight's half and the bias's half each in its parameter's dtype, strips that straddle
+    the boundary between the halves (N not a multiple of the strip) included."""
+    pytest.importorskip("triton")
+    from conftest import INTERPRETING
+
+    if not INTERPRETING:
+        pytest.skip("calls the launcher on CPU tensors; that needs TRITON_INTERPRET=1")
+    from hf_rmsnorm.ops import _triton_norm
+
+    part = torch.randn(rows, n * len(dtypes), generator=torch.Generator().manual_seed(rows + n))
+    sums = _triton_norm.sum_partials(part, list(dtypes))
+    truth = part.double().sum(0).split(n)
+    # Higham's bound for fp32 summation in any order, (rows - 1) u sum|x| with u = 2**-24,
+    # plus one rounding to the parameter's dtype (at most half its eps, relative)
+    bound = ((rows - 1) * 2.0**-24 * part.double().abs().sum(0)).split(n)
+    for got, truth_, bound_, dtype in zip(sums, truth, bound, dtypes):
+        assert got.dtype == dtype and got.shape == (n,)
+        err = (got.double() - truth_).abs()
+        # the fp32 sum is within bound_ of the truth; rounding it moves it by half an eps at most
+        assert (err <= bound_ + torch.finfo(dtype).eps / 2 * (truth_.abs() + bound_)).all(), f"column sums of {rows}x{n}: error {err.max():.3g}"
 
 
 # (weight, bias, offset, cast_mode) for the CPU path's hand-written backward

@@ -244,16 +244,19 @@ def _fwd_impl(x, weight, bias, eps, offset, is_rms, rounding):
     return _triton_norm.norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype)
 
 
-def _bwd_impl(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias):
+def _bwd_impl(dy, x, weight, bias, mean, rstd, offset, is_rms, rounding):
     from . import _triton_norm
 
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
-    dx, dw_part, db_part = _triton_norm.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias)
-    # Partial rows summed in a fixed order: deterministic, unlike atomics. Both sums stay
-    # fp32 here; the autograd wrappers cast them to the parameters' dtypes. None where there
-    # is no such parameter (the custom op turns that into an empty tensor).
-    return dx, (dw_part.sum(0) if dw_part is not None else None), (db_part.sum(0) if db_part is not None else None)
+    dx, part = _triton_norm.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, bias is not None)
+    if part is None:
+        return dx, None, None
+    # Partial rows summed in a fixed order (deterministic, unlike atomics), each gradient in
+    # its parameter's dtype. None where there is no such parameter (the custom op turns that
+    # into an empty tensor).
+    grads = iter(_triton_norm.sum_partials(part, [p.dtype for p in (weight, bias) if p is not None]))
+    return dx, next(grads) if weight is not None else None, next(grads) if bias is not None else None
 
 
 @torch.library.custom_op("hf_rmsnorm::norm_fwd", mutates_args=())
@@ -282,24 +285,24 @@ def _norm_bwd_op(
     dy: Tensor,
     x: Tensor,
     weight: Optional[Tensor],
+    bias: Optional[Tensor],
     mean: Tensor,
     rstd: Tensor,
     offset: float,
     is_rms: bool,
     rounding: int,
-    has_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = _bwd_impl(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias)
+    dx, dw, db = _bwd_impl(dy, x, weight, bias, mean, rstd, offset, is_rms, rounding)
     empty = lambda: x.new_empty((0,), dtype=torch.float32)  # noqa: E731
     return dx, dw if dw is not None else empty(), db if db is not None else empty()
 
 
 @_norm_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias):
-    N = x.shape[1]
-    dw = x.new_empty((N if weight is not None else 0,), dtype=torch.float32)
-    db = x.new_empty((N if has_bias else 0,), dtype=torch.float32)
-    return x.new_empty(x.shape), dw, db
+def _(dy, x, weight, bias, mean, rstd, offset, is_rms, rounding):
+    def grad_like(p):
+        return p.new_empty(p.shape) if p is not None else x.new_empty((0,), dtype=torch.float32)
+
+    return x.new_empty(x.shape), grad_like(weight), grad_like(bias)
 
 
 def _setup_context(ctx, inputs, output):
@@ -311,10 +314,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_with(bwd, ctx, dy):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = bwd(dy, x, weight, mean, rstd, ctx.offset, ctx.is_rms, ctx.rounding, bias is not None)
-    dw = dw.to(weight.dtype) if weight is not None else None
-    db = db.to(bias.dtype) if bias is not None else None
-    return dx, dw, db, None, None, None, None
+    dx, dw, db = bwd(dy, x, weight, bias, mean, rstd, ctx.offset, ctx.is_rms, ctx.rounding)
+    # already in the parameters' dtypes; the custom op's empty stand-ins become None
+    return dx, dw if weight is not None else None, db if bias is not None else None, None, None, None, None
 
 
 def _backward(ctx, dy, _dmean, _drstd):

@@ -6,9 +6,10 @@ This module imports Triton at the top and is therefore only imported once the Tr
 has been chosen (see ``_norm.py``); the package itself never needs Triton.
 
 Statistics and accumulation are always fp32. The weight/bias gradients are reduced
-deterministically: every backward program owns a fixed contiguous range of rows, accumulates
-its partial sums in registers and writes one fp32 row to a ``(programs, N)`` buffer, which
-the caller sums in a fixed order. No atomics, so two runs give bit-identical gradients.
+deterministically: every backward program owns a fixed set of rows, accumulates its partial
+sums in registers and writes one fp32 row to a ``(programs, N)`` buffer (weight and bias side
+by side in one buffer), which a second kernel sums in a fixed order. No atomics, so two runs
+give bit-identical gradients.
 """
 
 from __future__ import annotations
@@ -89,8 +90,7 @@ def _norm_bwd_kernel(
     W,  # weight (N,); unused when HAS_WEIGHT is False
     DY,  # output gradient, (M, N), row stride stride_dy
     DX,  # input gradient, (M, N), contiguous, X's dtype
-    DW,  # weight-gradient partials, (programs, N) fp32, one row per program
-    DB,  # bias-gradient partials, (programs, N) fp32, one row per program
+    Part,  # gradient partials, (programs, [N weight][N bias]) fp32, one row per program
     Mean,  # per-row mean (M,) fp32 (LayerNorm only)
     Rstd,  # per-row 1 / sqrt(var + eps) (M,) fp32
     stride_x,
@@ -154,9 +154,28 @@ def _norm_bwd_kernel(
             dx = (wdy - (xhat * (s1 / N)[:, None] + (s2 / N)[:, None])) * rstd[:, None]
         tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     if HAS_WEIGHT:
-        tl.store(DW + pid * N + cols, tl.sum(dw, axis=0), mask=col_mask)
+        tl.store(Part + pid * (1 + HAS_BIAS) * N + cols, tl.sum(dw, axis=0), mask=col_mask)
     if HAS_BIAS:
-        tl.store(DB + pid * N + cols, tl.sum(db, axis=0), mask=col_mask)
+        tl.store(Part + (pid * (1 + HAS_WEIGHT) + HAS_WEIGHT) * N + cols, tl.sum(db, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _sum_rows_kernel(Part, OutW, OutB, rows, cols, N, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Column sums of the (rows, cols) fp32 partials in a fixed order: columns [0, N) into OutW,
+    # [N, 2N) into OutB (when given), each in its own dtype. Narrow column strips give many
+    # programs: the buffer is small (rows = SMs x occupancy), so its sum is bound by the loads
+    # in flight, not by bandwidth; torch's ``sum(0)`` of it ran 10-15 us on an H200
+    # (results/h200/profile.md), 10 % of a forward+backward at 768 columns.
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < cols
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, rows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        acc += tl.load(Part + r[:, None] * cols + c[None, :], mask=(r < rows)[:, None] & c_mask[None, :], other=0.0)
+    total = tl.sum(acc, axis=0)
+    tl.store(OutW + c, total.to(OutW.dtype.element_ty), mask=c < N)
+    if OutB is not None:
+        tl.store(OutB + (c - N), total.to(OutB.dtype.element_ty), mask=(c >= N) & c_mask)
 
 
 # Host-side integer helpers in plain Python: in recent Triton (3.9 in CI) ``triton.cdiv`` and
@@ -237,7 +256,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
         return y, mean, rstd
     block_m, block_n, warps = config or fwd_config(N)
     _norm_fwd_kernel[(_ceil_div(M, block_m),)](
-        x, y, weight, bias, mean, rstd,
+        x, y, weight, bias, None if is_rms else mean, rstd,  # None: no pointer for the launcher to check
         x.stride(0), M, N, eps, offset,
         IS_RMS=is_rms,
         HAS_WEIGHT=weight is not None,
@@ -252,22 +271,26 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
 
 
 def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, config=None, programs_per_sm=None):
-    """Launch the backward kernel; returns dx and the fp32 (programs, N) partial sums of the
-    weight and bias gradients (None where there is no such parameter).
+    """Launch the backward kernel; returns dx and the fp32 ``(programs, C)`` partial sums of the
+    parameter gradients: C = N for one parameter, 2N for weight and bias (weight first), None
+    without parameters. ``sum_partials`` reduces them.
 
     ``config`` overrides ``bwd_config(N)`` and ``programs_per_sm`` the occupancy the compiled
     kernel allows (the tuning sweep uses both)."""
     M, N = x.shape
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    columns = ((weight is not None) + has_bias) * N
     if M == 0:
-        zeros = lambda: torch.zeros((1, N), dtype=torch.float32, device=x.device)  # noqa: E731
-        return dx, zeros() if weight is not None else None, zeros() if has_bias else None
+        return dx, torch.zeros((1, columns), dtype=torch.float32, device=x.device) if columns else None
     block_m, block_n, warps = config or bwd_config(N, has_bias)
     meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    # Absent buffers go to the kernel as None: Triton's launcher asks the driver about every
+    # pointer argument, which costs host time on each launch.
+    mean = None if is_rms else mean
 
-    def args(dw_part, db_part):
-        return (x, weight, dy, dx, dw_part, db_part, mean, rstd, x.stride(0), dy.stride(0), M, N, offset)
+    def args(part):
+        return (x, weight, dy, dx, part, mean, rstd, x.stride(0), dy.stride(0), M, N, offset)
 
     if x.device.type == "cuda":
         if programs_per_sm is None:
@@ -277,9 +300,8 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
             programs_per_sm = _OCCUPANCY.get(key)
             if programs_per_sm is None:
                 # compile (or fetch from Triton's cache) without launching, to read the registers
-                # one program needs; the rstd buffer stands in for the partial-sum pointers
-                stand_in = (rstd if weight is not None else None, rstd if has_bias else None)
-                compiled = _norm_bwd_kernel.warmup(*args(*stand_in), grid=(1,), **meta)
+                # one program needs; the rstd buffer stands in for the partial-sum pointer
+                compiled = _norm_bwd_kernel.warmup(*args(rstd if columns else None), grid=(1,), **meta)
                 compiled._init_handles()
                 programs_per_sm = _OCCUPANCY[key] = _programs_per_sm(compiled, warps)
         programs = _sm_count(x.device) * programs_per_sm
@@ -289,8 +311,27 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     # the weight gradient, identical from one run to the next. Every program owns at least
     # one tile, so every partial row is written.
     programs = min(programs, _ceil_div(M, block_m))
-    dw_part = torch.empty((programs, N), dtype=torch.float32, device=x.device) if weight is not None else None
-    db_part = torch.empty((programs, N), dtype=torch.float32, device=x.device) if has_bias else None
-    _norm_bwd_kernel[(programs,)](*args(dw_part, db_part), **meta)
+    part = torch.empty((programs, columns), dtype=torch.float32, device=x.device) if columns else None
+    _norm_bwd_kernel[(programs,)](*args(part), **meta)
     LAUNCHES["norm_bwd"] += 1
-    return dx, dw_part, db_part
+    return dx, part
+
+
+@functools.lru_cache(maxsize=None)
+def _sum_config(rows: int, cols: int) -> tuple[int, int]:
+    # strips of 8 to 64 columns: ≈ 100-250 programs at the benchmark widths, 2048-element tiles
+    block_c = max(8, min(64, _pow2_at_least(cols) // 256))
+    return min(2048 // block_c, _pow2_at_least(rows)), block_c
+
+
+def sum_partials(part, dtypes):
+    """Column sums of ``norm_bwd``'s fp32 partials in a fixed order: one tensor of N sums per
+    parameter, in that parameter's dtype (``dtypes``: one or two, weight first)."""
+    rows, cols = part.shape
+    n = cols // len(dtypes)
+    outs = [torch.empty((n,), dtype=dtype, device=part.device) for dtype in dtypes]
+    block_r, block_c = _sum_config(rows, cols)
+    _sum_rows_kernel[(_ceil_div(cols, block_c),)](
+        part, outs[0], outs[1] if len(outs) > 1 else None, rows, cols, n, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    LAUNCHES["sum_partials"] += 1
+    return outs
