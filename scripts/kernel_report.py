@@ -68,7 +68,7 @@ def report(arch: int) -> list[dict]:
     pointers = {"X": "*bf16", "Y": "*bf16", "W": "*bf16", "B": "*bf16", "Mean": "*fp32", "Rstd": "*fp32"}
     for name, (is_rms, has_w, has_b) in VARIANTS.items():
         for m, n in SHAPES:
-            block_m, block_n, warps = kernels.fwd_config(n)
+            block_m, block_n, warps = kernels.fwd_config(n, is_rms)
             sig = {**pointers, "stride_x": "i32", "M": "i32", "N": "i32", "eps": "fp32", "offset": "fp32"}
             const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n}
             aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "N"} if n % 16 == 0 else set())

@@ -69,7 +69,7 @@ def sweep(shapes, device, quick, copy_gbps):
         # but LayerNorm's two row reductions (mean, then variance) each cross the warps that
         # share a row, so the best tile can differ (run 4 on the H200: 62 vs 52 us at 768).
         for kind, is_rms, bias in (("rms", True, None), ("layer", False, b)):
-            for config in _candidates(k.fwd_config(n), 16384, 1):
+            for config in _candidates(k.fwd_config(n, is_rms), 16384, 1):
                 ms = _bench(lambda: k.norm_fwd(x, w, bias, 1e-6, 0.0, is_rms, 0, x_dtype, config=config), device, quick=quick)
                 rows.append(_row("fwd", kind, m, n, config, None, ms, copy_gbps, x_dtype))
         # backward: RMSNorm (weight) over the whole neighbourhood, LayerNorm (weight + bias)

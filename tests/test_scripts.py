@@ -93,6 +93,7 @@ def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
     for r in rows:
         firsts.setdefault((r["pass"], r["kind"]), r)
     assert firsts[("fwd", "rms")]["config"] == list(fwd_config(n))
+    assert firsts[("fwd", "layer")]["config"] == list(fwd_config(n, False))
     assert firsts[("bwd", "rms")]["config"] == list(bwd_config(n))
     assert firsts[("bwd", "layer")]["config"] == list(bwd_config(n, True))
     assert len({tuple(r["config"]) for r in rows if r["pass"] == "bwd"}) > 2  # a real sweep
