@@ -165,7 +165,7 @@ def _sum_rows_kernel(Part, OutW, OutB, rows, cols, N, BLOCK_R: tl.constexpr, BLO
     # [N, 2N) into OutB (when given), each in its own dtype. Narrow column strips give many
     # programs: the buffer is small (rows = SMs x occupancy), so its sum is bound by the loads
     # in flight, not by bandwidth; torch's ``sum(0)`` of it ran 10-15 us on an H200
-    # (results/h200/profile.md), 10 % of a forward+backward at 768 columns.
+    # (results/h200/earlier/run3_fbad916/profile.md), 10 % of a forward+backward at 768 columns.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < cols
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
