@@ -27,6 +27,10 @@ from benchmark_kernels import FULL_SHAPES, _bench, _versions, copy_bandwidth_gbp
 
 ELEMENTS_PER_THREAD = (8, 16, 32)
 PROGRAMS_PER_SM = (None, 1, 2, 4, 8)  # None: what the launcher computes from the registers
+# registers a thread may use in the backward (ptxas `maxnreg`): the LayerNorm/bias backward
+# compiles to 115-127, so 4 programs of 4 warps per SM; capped at 96 it fits 5 without
+# spilling at 768 columns (scripts/kernel_report.py), at 80 it spills
+REGISTER_CAPS = (96, 80, 64)
 QUICK_SHAPES = [(40, 96)]  # interpreted: small enough for CI
 
 
@@ -81,28 +85,36 @@ def sweep(shapes, device, quick, copy_gbps):
                 rms_rows = [r for r in rows if r["pass"] == "bwd" and r["kind"] == "rms" and r["shape"] == f"{m}x{n}"]
                 best = tuple(min(rms_rows, key=lambda r: r["time_us"])["config"])
                 configs = list(dict.fromkeys([k.bwd_config(n, True), best]))
-            for config in configs:
-                for pps in PROGRAMS_PER_SM if device.type == "cuda" else (None,):
-                    def run(sums):
-                        dx, part = k.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, bias is not None,
-                                              config=config, programs_per_sm=pps)
-                        if sums:  # what autograd also pays: the partial rows summed in w's dtype
-                            part = k.sum_partials(part, [w.dtype] * (1 if bias is None else 2))
-                        return dx, part
+            # (config, programs per SM, register cap): every occupancy for each config, and the
+            # shipped config with its registers capped (more programs per SM, maybe spills)
+            variants = [(c, p, None) for c in configs for p in (PROGRAMS_PER_SM if device.type == "cuda" else (None,))]
+            variants += [(configs[0], None, cap) for cap in REGISTER_CAPS]
+            for config, pps, cap in variants:
+                def run(sums):
+                    dx, part = k.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, bias is not None,
+                                          config=config, programs_per_sm=pps, maxnreg=cap)
+                    if sums:  # what autograd also pays: the partial rows summed in w's dtype
+                        part = k.sum_partials(part, [w.dtype] * (1 if bias is None else 2))
+                    return dx, part
 
-                    # "bwd": the kernel alone; "bwd+sums": with the partial-row reduction, whose
-                    # cost grows with the number of programs
-                    for pass_, sums in (("bwd", False), ("bwd+sums", True)):
-                        try:
-                            ms = _bench(lambda: run(sums), device, quick=quick)
-                        except Exception as exc:  # a configuration that does not compile or fit
-                            rows.append({"pass": pass_, "kind": kind, "shape": f"{m}x{n}", "config": list(config),
-                                         "programs_per_sm": pps, "error": f"{type(exc).__name__}: {exc}"[:200]})
-                            continue
-                        rows.append(_row(pass_, kind, m, n, config, pps, ms, copy_gbps, x_dtype))
+                # "bwd": the kernel alone; "bwd+sums": with the partial-row reduction, whose
+                # cost grows with the number of programs
+                for pass_, sums in (("bwd", False), ("bwd+sums", True)):
+                    try:
+                        ms = _bench(lambda: run(sums), device, quick=quick)
+                    except Exception as exc:  # a configuration that does not compile or fit
+                        rows.append({"pass": pass_, "kind": kind, "shape": f"{m}x{n}", "config": list(config),
+                                     "programs_per_sm": pps, "maxnreg": cap, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                        continue
+                    rows.append({**_row(pass_, kind, m, n, config, pps, ms, copy_gbps, x_dtype), "maxnreg": cap})
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _label(r) -> str:
+    cap = r.get("maxnreg")
+    return f"{tuple(r['config'])}" + (f" ≤{cap} regs" if cap else "")
 
 
 def to_markdown(env, rows) -> str:
@@ -111,7 +123,8 @@ def to_markdown(env, rows) -> str:
         f"copy bandwidth {env['copy_gbps']:.0f} GB/s; torch {env['torch']}, triton {env['triton']}; {env['date']}. "
         "Raw launcher times (median); backward = read x, dy and write dx (6 B/element), "
         "alone (bwd) and with the partial-row sums autograd also runs (bwd+sums); "
-        "config = (BLOCK_M, BLOCK_N, warps); programs/SM `auto` = from the compiled register count.", "",
+        "config = (BLOCK_M, BLOCK_N, warps), `≤R regs` = registers capped at R (ptxas maxnreg); "
+        "programs/SM `auto` = from the compiled register count.", "",
         "| pass | norm | shape | shipped config | time | % copy | best config | programs/SM | time | % copy |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -125,10 +138,10 @@ def to_markdown(env, rows) -> str:
         ranked = sorted(rs, key=lambda r: r["time_us"])
         best = ranked[0]
         fmt = lambda r: f"{r['time_us']:.0f} µs | {100 * r['frac_copy']:.0f}%"  # noqa: E731
-        lines.append(f"| {pass_} | {kind} | {shape} | {tuple(shipped['config'])} | {fmt(shipped)} | {tuple(best['config'])} | "
+        lines.append(f"| {pass_} | {kind} | {shape} | {_label(shipped)} | {fmt(shipped)} | {_label(best)} | "
                      f"{best['programs_per_sm'] or 'auto'} | {fmt(best)} |")
         runners_up.append(f"- {pass_} {kind} {shape}: " + ", ".join(
-            f"{tuple(r['config'])}/{r['programs_per_sm'] or 'auto'} {100 * r['frac_copy']:.0f}%" for r in ranked[1:5]))
+            f"{_label(r)}/{r['programs_per_sm'] or 'auto'} {100 * r['frac_copy']:.0f}%" for r in ranked[1:5]))
     lines += ["", "Next best (config/programs per SM, % copy):", *runners_up]
     errors = [r for r in rows if "error" in r]
     if errors:

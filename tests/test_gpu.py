@@ -142,6 +142,25 @@ def test_backward_grid_is_sized_from_the_compiled_kernel(n, has_bias):
     assert part.shape[1] == (2 if has_bias else 1) * n and torch.isfinite(part).all()
 
 
+@pytest.mark.parametrize("n", [768, 2048])
+@pytest.mark.parametrize("cap", [96, 64])
+def test_register_capped_backward_computes_the_same_bits(n, cap):
+    """The tuning sweep caps the backward's registers (ptxas maxnreg, spilling below what the
+    kernel needs); with the same grid it must compute the very same dx and partial sums."""
+    from hf_rmsnorm.ops import _triton_norm
+
+    g = torch.Generator(device="cuda").manual_seed(n + cap)
+    x = torch.randn(4096, n, device="cuda", generator=g).bfloat16()
+    dy = torch.randn(4096, n, device="cuda", generator=g).bfloat16()
+    w = (torch.rand(n, device="cuda", generator=g) + 0.5).bfloat16()
+    b = (0.1 * torch.randn(n, device="cuda", generator=g)).bfloat16()
+    _, mean, rstd = _triton_norm.norm_fwd(x, w, b, 1e-5, 0.0, False, 0, torch.bfloat16)
+    runs = [_triton_norm.norm_bwd(dy, x, w, mean, rstd, 0.0, False, 0, True, programs_per_sm=4, maxnreg=c)
+            for c in (None, cap)]
+    for plain, capped in zip(*runs):
+        assert torch.equal(plain, capped)
+
+
 @pytest.mark.parametrize("is_rms", [True, False])
 def test_eager_function_and_custom_op_agree_bit_for_bit_on_cuda(is_rms):
     from hf_rmsnorm.ops import _norm

@@ -277,13 +277,15 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
     return y, mean, rstd
 
 
-def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, config=None, programs_per_sm=None):
+def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, config=None, programs_per_sm=None,
+             maxnreg=None):
     """Launch the backward kernel; returns dx and the fp32 ``(programs, C)`` partial sums of the
     parameter gradients: C = N for one parameter, 2N for weight and bias (weight first), None
     without parameters. ``sum_partials`` reduces them.
 
-    ``config`` overrides ``bwd_config(N)`` and ``programs_per_sm`` the occupancy the compiled
-    kernel allows (the tuning sweep uses both)."""
+    ``config`` overrides ``bwd_config(N)``, ``programs_per_sm`` the occupancy the compiled
+    kernel allows, and ``maxnreg`` caps the registers a thread may use (ptxas spills beyond it;
+    fewer registers, more programs per SM). The tuning sweep uses all three."""
     M, N = x.shape
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
     columns = ((weight is not None) + has_bias) * N
@@ -292,6 +294,8 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     block_m, block_n, warps = config or bwd_config(N, has_bias)
     meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    if maxnreg is not None:
+        meta["maxnreg"] = maxnreg
     # Absent buffers go to the kernel as None: Triton's launcher asks the driver about every
     # pointer argument, which costs host time on each launch.
     mean = None if is_rms else mean
@@ -303,7 +307,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
         if programs_per_sm is None:
             # everything the compiled variant depends on (Triton specialises on 16-divisibility)
             key = (x.device, x.dtype, dy.dtype, weight.dtype if weight is not None else None, x.stride(0) % 16,
-                   dy.stride(0) % 16, N % 16, is_rms, has_bias, rounding, block_m, block_n, warps)
+                   dy.stride(0) % 16, N % 16, is_rms, has_bias, rounding, block_m, block_n, warps, maxnreg)
             programs_per_sm = _OCCUPANCY.get(key)
             if programs_per_sm is None:
                 # compile (or fetch from Triton's cache) without launching, to read the registers
