@@ -72,8 +72,8 @@ def apply_variant(model, variant, batch) -> str:
     return report.summary()
 
 
-def time_steps(model, batch, precision, device, warmup, steps) -> tuple[float, int]:
-    """Median step time (ms) and peak memory (bytes) of forward + backward + AdamW."""
+def time_steps(model, batch, precision, device, warmup, steps) -> tuple[list, int]:
+    """Step times (ms, after warm-up) and peak memory (bytes) of forward + backward + AdamW."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision != "bf16 params")
     times = []
@@ -93,7 +93,7 @@ def time_steps(model, batch, precision, device, warmup, steps) -> tuple[float, i
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    return statistics.median(times), peak
+    return times, peak
 
 
 def main(argv=None) -> int:
@@ -101,11 +101,16 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny configs, few steps (CI, CPU)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated subset of: " + ", ".join(VARIANTS) + " (e.g. to re-time one row)")
     parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     if any(n not in MODELS for n in names):
         parser.error(f"--models takes a subset of {', '.join(MODELS)}")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or any(v not in VARIANTS for v in variants):
+        parser.error(f"--variants takes a subset of {', '.join(VARIANTS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     table = QUICK if args.quick else MODELS
     batch_shape = (2, 32) if args.quick else (8, 1024)
@@ -123,14 +128,18 @@ def main(argv=None) -> int:
         vocab = table[name][1]["vocab_size"]
         batch = torch.randint(0, vocab, batch_shape, generator=g).to(device)
         for precision in PRECISIONS:
-            for variant in VARIANTS:
+            for variant in variants:
                 model = build(name, table, precision, device)
                 try:
                     summary = apply_variant(model, variant, batch)
                     if variant == "rmsnorm" and " 0 exact" in summary:
                         continue  # nothing to convert (an RMSNorm model): same as "layernorm"
-                    ms, peak = time_steps(model, batch, precision, device, warmup, steps)
+                    times, peak = time_steps(model, batch, precision, device, warmup, steps)
+                    ms = statistics.median(times)
+                    # the spread shows a row disturbed by the host (steps synchronise, so a slow
+                    # moment of the host's Python shows up as a slow step)
                     results.append({"model": name, "precision": precision, "variant": variant, "step_ms": ms,
+                                    "step_ms_min": min(times), "step_ms_max": max(times), "steps": len(times),
                                     "tokens_per_second": batch.numel() / (ms / 1e3), "peak_memory_bytes": peak, "report": summary})
                 except Exception as exc:  # keep the other rows
                     results.append({"model": name, "precision": precision, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:300]})
@@ -161,19 +170,20 @@ def _markdown(env, results) -> str:
     lines = [
         f"# Training step: {env['device']}, batch {env['batch'][0]} x {env['batch'][1]}, AdamW, SDPA",
         "", f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}; {env['date']}.", "",
-        "| model | precision | variant | step ms (median) | vs as shipped | vs Identity | tokens/s | peak memory GiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | precision | variant | step ms (median) | min–max ms | vs as shipped | vs Identity | tokens/s | peak memory GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     base = {(r["model"], r["precision"]): r.get("step_ms") for r in results if r["variant"] == "as shipped"}
     ceiling = {(r["model"], r["precision"]): r.get("step_ms") for r in results if r["variant"] == "norms -> Identity"}
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | error: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | error: {r['error'][:80]} | | | | | |")
             continue
         key = (r["model"], r["precision"])
         rel = lambda ref: f"{r['step_ms'] / ref:.3f}×" if ref else "—"  # noqa: E731
         lines.append(
-            f"| {r['model']} | {r['precision']} | {r['variant']} | {r['step_ms']:.1f} | {rel(base.get(key))} | {rel(ceiling.get(key))} | "
+            f"| {r['model']} | {r['precision']} | {r['variant']} | {r['step_ms']:.1f} | {r['step_ms_min']:.1f}–{r['step_ms_max']:.1f} | "
+            f"{rel(base.get(key))} | {rel(ceiling.get(key))} | "
             f"{r['tokens_per_second']:.0f} | {r['peak_memory_bytes'] / 2**30:.2f} |"
         )
     return "\n".join(lines) + "\n"

@@ -54,8 +54,20 @@ def test_benchmark_training_quick_writes_json_and_markdown(tmp_path):
         assert ("llama-1b", precision, "rmsnorm") not in rows  # nothing to convert in an RMSNorm model
     gpt2_rms = next(r for r in result["results"] if r["model"] == "gpt2-medium" and r["variant"] == "rmsnorm")
     assert " 5 exact" in gpt2_rms["report"]
-    assert all(r["step_ms"] > 0 for r in result["results"])
+    assert all(0 < r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"] and r["steps"] == 2 for r in result["results"])
     assert "| gpt2-medium | bf16 params | rmsnorm |" in (tmp_path / "training.md").read_text()
+
+
+def test_benchmark_training_times_only_the_rows_asked_for(tmp_path):
+    script = str(ROOT / "scripts" / "benchmark_training.py")
+    proc = subprocess.run([sys.executable, script, "--quick", "--models", "gpt2-medium", "--variants", "layernorm",
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "training.json").read_text())["results"]
+    assert {(r["model"], r["variant"]) for r in rows} == {("gpt2-medium", "layernorm")} and len(rows) == 2
+    bad = subprocess.run([sys.executable, script, "--quick", "--variants", "fused", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert bad.returncode == 2 and "--variants takes a subset of" in bad.stderr and not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow
