@@ -49,13 +49,13 @@ def _candidates(default: tuple[int, int, int], max_tile: int, warps_floor: int) 
     return out
 
 
-def _row(pass_, kind, m, n, config, programs_per_sm, ms, copy_gbps, x_dtype):
+def _row(pass_, kind, m, n, config, programs_per_sm, ms, copy_gbps, x_dtype, maxnreg=None):
     bytes_ = floor_bytes(m, n, x_dtype, "fwd")
     if pass_ != "fwd":  # the backward: read x and dy, write dx
         bytes_ = floor_bytes(m, n, x_dtype, "fwd+bwd") - bytes_
     gbps = bytes_ / (ms * 1e-3) / 1e9
     return {"pass": pass_, "kind": kind, "shape": f"{m}x{n}", "config": list(config), "programs_per_sm": programs_per_sm,
-            "time_us": ms * 1e3, "gbps": gbps, "frac_copy": gbps / copy_gbps}
+            "maxnreg": maxnreg, "time_us": ms * 1e3, "gbps": gbps, "frac_copy": gbps / copy_gbps}
 
 
 def sweep(shapes, device, quick, copy_gbps):
@@ -106,7 +106,7 @@ def sweep(shapes, device, quick, copy_gbps):
                         rows.append({"pass": pass_, "kind": kind, "shape": f"{m}x{n}", "config": list(config),
                                      "programs_per_sm": pps, "maxnreg": cap, "error": f"{type(exc).__name__}: {exc}"[:200]})
                         continue
-                    rows.append({**_row(pass_, kind, m, n, config, pps, ms, copy_gbps, x_dtype), "maxnreg": cap})
+                    rows.append(_row(pass_, kind, m, n, config, pps, ms, copy_gbps, x_dtype, cap))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

@@ -12,6 +12,15 @@ from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_torch_same_
 FNS = {"rms": rms_norm, "layer": layer_norm}
 
 
+def _needs_interpreter(what):
+    """Skip unless Triton runs here on CPU tensors (TRITON_INTERPRET=1); ``what`` says why."""
+    pytest.importorskip("triton")
+    from conftest import INTERPRETING
+
+    if not INTERPRETING:
+        pytest.skip(what)
+
+
 def _inputs(m=64, n=300, dtype=torch.bfloat16, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, n, generator=g).to(dtype).requires_grad_(True)
@@ -39,11 +48,7 @@ def test_gradients_are_bit_identical_across_runs(kind, backend, launches):
 @pytest.mark.parametrize("rounding", [0, 1, 2])
 def test_custom_op_registration_passes_opcheck(is_rms, rounding, monkeypatch):
     """Schema, fake (meta) implementation and autograd registration agree with the real op."""
-    pytest.importorskip("triton")
-    from conftest import INTERPRETING
-
-    if not INTERPRETING:
-        pytest.skip("the op runs Triton; on CPU tensors that needs TRITON_INTERPRET=1")
+    _needs_interpreter("the op runs Triton; on CPU tensors that needs TRITON_INTERPRET=1")
     x, w, b, _ = _inputs(m=9, n=33)
     for weight, bias in ((w, b), (w, None), (None, None)):
         if weight is None and rounding == 2:
@@ -57,11 +62,7 @@ def test_custom_op_registration_passes_opcheck(is_rms, rounding, monkeypatch):
 def test_eager_function_and_custom_op_are_the_same_computation(is_rms):
     """Eager mode takes the autograd.Function, torch.compile the custom op: both must give
     bit-identical outputs and gradients, so compiling a model never changes its numbers."""
-    pytest.importorskip("triton")
-    from conftest import INTERPRETING
-
-    if not INTERPRETING:
-        pytest.skip("the op runs Triton; on CPU tensors that needs TRITON_INTERPRET=1")
+    _needs_interpreter("the op runs Triton; on CPU tensors that needs TRITON_INTERPRET=1")
     x, w, b, dy = _inputs(m=37, n=72)
     from hf_rmsnorm.ops import layer_norm_ref, rms_norm_ref
 
@@ -229,11 +230,7 @@ def test_bad_input_gets_one_clear_error(kind, case, kwargs, exc, message, backen
 def test_every_launch_configuration_computes_the_same_norm(kind, dtype, block_m, warps):
     """The launch parameters are tuned per GPU (scripts/tune_kernels.py sweeps them); every
     tile shape must compute the norm and its gradients, masked rows and columns included."""
-    pytest.importorskip("triton")
-    from conftest import INTERPRETING
-
-    if not INTERPRETING:
-        pytest.skip("calls the launchers on CPU tensors; that needs TRITON_INTERPRET=1")
+    _needs_interpreter("calls the launchers on CPU tensors; that needs TRITON_INTERPRET=1")
     from hf_rmsnorm.ops import _triton_norm
 
     is_rms, eps = kind == "rms", 1e-5
@@ -255,11 +252,7 @@ def test_partial_sums_are_column_sums_in_each_parameters_dtype(rows, n, dtypes):
     """The backward's second kernel: column sums of the (programs, N or 2N) fp32 partials,
     the weight's half and the bias's half each in its parameter's dtype, strips that straddle
     the boundary between the halves (N not a multiple of the strip) included."""
-    pytest.importorskip("triton")
-    from conftest import INTERPRETING
-
-    if not INTERPRETING:
-        pytest.skip("calls the launcher on CPU tensors; that needs TRITON_INTERPRET=1")
+    _needs_interpreter("calls the launcher on CPU tensors; that needs TRITON_INTERPRET=1")
     from hf_rmsnorm.ops import _triton_norm
 
     part = torch.randn(rows, n * len(dtypes), generator=torch.Generator().manual_seed(rows + n))

@@ -173,6 +173,12 @@ def weight_plus_offset(weight: Tensor, dtype: torch.dtype, offset: float) -> Ten
     return w + offset if offset else w
 
 
+def rounding_dtype(rounding: int, x_dtype: torch.dtype, weight: Optional[Tensor]) -> torch.dtype:
+    """The dtype a ``ROUNDING`` mode rounds the normalised row to before the affine: x's
+    (1, Llama) or the weight's (2, T5)."""
+    return x_dtype if rounding == 1 else weight.dtype
+
+
 def affine_torch(
     n: Tensor, x_dtype: torch.dtype, weight: Optional[Tensor], bias: Optional[Tensor], offset: float, cast_mode: str,
     overwrite: bool = False,
@@ -188,7 +194,7 @@ def affine_torch(
     out_dtype = output_dtype(x_dtype, weight, bias, cast_mode)
     rounding = ROUNDING[cast_mode]
     if rounding:
-        rounded = x_dtype if rounding == 1 else weight.dtype
+        rounded = rounding_dtype(rounding, x_dtype, weight)
         if (
             weight is not None and bias is None and not offset and weight.dtype == rounded == out_dtype
             and not needs_grad(n, weight)

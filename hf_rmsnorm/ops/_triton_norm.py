@@ -7,9 +7,9 @@ has been chosen (see ``_norm.py``); the package itself never needs Triton.
 
 Statistics and accumulation are always fp32. The weight/bias gradients are reduced
 deterministically: every backward program owns a fixed set of rows, accumulates its partial
-sums in registers and writes one fp32 row to a ``(programs, N)`` buffer (weight and bias side
-by side in one buffer), which a second kernel sums in a fixed order. No atomics, so two runs
-give bit-identical gradients.
+sums in registers and writes one fp32 row of them, weight's N then bias's N, to a
+``(programs, N or 2N)`` buffer, which a second kernel sums in a fixed order. No atomics, so
+two runs give bit-identical gradients.
 """
 
 from __future__ import annotations
@@ -153,10 +153,12 @@ def _norm_bwd_kernel(
             s1, s2 = tl.reduce((xhat * wdy, wdy), 1, _add_pair)
             dx = (wdy - (xhat * (s1 / N)[:, None] + (s2 / N)[:, None])) * rstd[:, None]
         tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-    if HAS_WEIGHT:
-        tl.store(Part + pid * (1 + HAS_BIAS) * N + cols, tl.sum(dw, axis=0), mask=col_mask)
-    if HAS_BIAS:
-        tl.store(Part + (pid * (1 + HAS_WEIGHT) + HAS_WEIGHT) * N + cols, tl.sum(db, axis=0), mask=col_mask)
+    if HAS_WEIGHT or HAS_BIAS:
+        part = Part + pid * (HAS_WEIGHT + HAS_BIAS) * N + cols  # this program's row: weight's N, then bias's N
+        if HAS_WEIGHT:
+            tl.store(part, tl.sum(dw, axis=0), mask=col_mask)
+        if HAS_BIAS:
+            tl.store(part + HAS_WEIGHT * N, tl.sum(db, axis=0), mask=col_mask)
 
 
 @triton.jit

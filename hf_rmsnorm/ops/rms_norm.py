@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._norm import ROUNDING, affine_torch, backward_by_autograd, compute_dtype, needs_grad, normalize, weight_plus_offset
+from ._norm import (
+    ROUNDING, affine_torch, backward_by_autograd, compute_dtype, needs_grad, normalize, rounding_dtype, weight_plus_offset,
+)
 
 
 def rms_norm_ref(
@@ -131,7 +133,7 @@ class _RMSNormCPU(torch.autograd.Function):
         if need_w:
             rounded = ROUNDING[ctx.cast_mode]
             # the weight multiplied the row as rounded in the forward
-            nr = n.to(x.dtype if rounded == 1 else weight.dtype).to(c) if rounded else n
+            nr = n.to(rounding_dtype(rounded, x.dtype, weight)).to(c) if rounded else n
             dw = torch.mul(dyc, nr, out=scratch).sum(lead).to(weight.dtype)
         if need_x:
             g = dyc
