@@ -27,10 +27,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from hf_rmsnorm.ops import _triton_norm as kernels  # noqa: E402
 
 SHAPES = [(65536, 768), (16384, 2048), (16384, 4096), (16384, 8192), (8, 65536)]
-VARIANTS = {  # name -> (IS_RMS, HAS_WEIGHT, HAS_BIAS)
-    "RMSNorm": (True, True, False),
-    "RMSNorm+bias": (True, True, True),
-    "LayerNorm": (False, True, True),
+VARIANTS = {  # name -> (IS_RMS, HAS_WEIGHT, HAS_BIAS, parameter dtype); activations bf16
+    "RMSNorm": (True, True, False, "bf16"),
+    "RMSNorm+bias": (True, True, True, "bf16"),
+    "LayerNorm": (False, True, True, "bf16"),
+    "LayerNorm, fp32 w+b": (False, True, True, "fp32"),  # mixed precision: several tiles a forward program
 }
 
 
@@ -65,18 +66,21 @@ def _vector_widths(ptx: str) -> str:
 
 def report(arch: int) -> list[dict]:
     rows = []
-    pointers = {"X": "*bf16", "Y": "*bf16", "W": "*bf16", "B": "*bf16", "Mean": "*fp32", "Rstd": "*fp32"}
-    for name, (is_rms, has_w, has_b) in VARIANTS.items():
+    for name, (is_rms, has_w, has_b, p_dtype) in VARIANTS.items():
+        pointers = {"X": "*bf16", "Y": "*bf16", "W": f"*{p_dtype}", "B": f"*{p_dtype}", "Mean": "*fp32", "Rstd": "*fp32"}
+        p_size = {"bf16": 2, "fp32": 4}[p_dtype]
         for m, n in SHAPES:
             block_m, block_n, warps = kernels.fwd_config(n, is_rms)
             sig = {**pointers, "stride_x": "i32", "M": "i32", "N": "i32", "eps": "fp32", "offset": "fp32"}
-            const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n}
+            tiles = kernels.fwd_tiles(m, block_m, 2, p_size * (has_w + has_b))  # what the launcher picks
+            const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                     "TILES": tiles}
             aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "N"} if n % 16 == 0 else set())
             c = _compile(kernels._norm_fwd_kernel, sig, const, warps, arch, aligned)
-            rows.append({"kernel": "fwd", "norm": name, "shape": f"{m}×{n}", "tile": f"{block_m}×{block_n}", "warps": warps,
+            rows.append({"kernel": "fwd", "norm": name, "shape": f"{m}×{n}", "tile": f"{block_m}×{block_n}" + (f" ×{tiles}" if tiles > 1 else ""), "warps": warps,
                          **_resources(c.asm["cubin"]), "memory ops": _vector_widths(c.asm["ptx"])})
             block_m, block_n, warps = kernels.bwd_config(n, has_b)
-            sig = {"X": "*bf16", "W": "*bf16", "DY": "*bf16", "DX": "*bf16", "Part": "*fp32", "Mean": "*fp32", "Rstd": "*fp32",
+            sig = {"X": "*bf16", "W": f"*{p_dtype}", "DY": "*bf16", "DX": "*bf16", "Part": "*fp32", "Mean": "*fp32", "Rstd": "*fp32",
                    "stride_x": "i32", "stride_dy": "i32", "M": "i32", "N": "i32", "offset": "fp32"}
             const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n}
             aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "stride_dy", "N"} if n % 16 == 0 else set())
@@ -93,8 +97,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = report(args.arch)
     lines = [
-        f"# Kernel compiler report: sm_{args.arch}, bf16, triton {triton.__version__}", "",
-        "| kernel | norm | shape | tile | warps | registers | stack | local (spills) | shared | global memory ops |",
+        f"# Kernel compiler report: sm_{args.arch}, bf16 activations, triton {triton.__version__}", "",
+        "Tile = BLOCK_M×BLOCK_N (×T: T tiles per forward program); spilled registers show as stack bytes.", "",
+        "| kernel | norm | shape | tile | warps | registers | stack (spills) | local | shared | global memory ops |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -2,9 +2,10 @@
 
 For each benchmark shape (bf16), times the raw launchers (no autograd, no partial-sum
 reduction) with the configuration ``fwd_config``/``bwd_config`` picks and with its
-neighbours: half and twice the rows per tile, more or fewer elements per thread, and, for the
+neighbours: half and twice the rows per tile, more or fewer elements per thread; for the
+forward, 1 to 8 tiles per program, also with fp32 parameters on the bf16 rows; for the
 backward, 1 to 8 programs per SM instead of the occupancy the compiler's register count
-allows. The result says whether the heuristic leaves time on the table and which way to move
+allows, and registers capped. The result says whether the heuristic leaves time on the table and which way to move
 it (benchmarks/NOTES.md keeps the decisions). The shipped code never reads this output.
 
     python scripts/tune_kernels.py            # on a GPU
@@ -28,9 +29,13 @@ from benchmark_kernels import FULL_SHAPES, _bench, _versions, copy_bandwidth_gbp
 ELEMENTS_PER_THREAD = (8, 16, 32)
 PROGRAMS_PER_SM = (None, 1, 2, 4, 8)  # None: what the launcher computes from the registers
 # registers a thread may use in the backward (ptxas `maxnreg`): the LayerNorm/bias backward
-# compiles to 115-127, so 4 programs of 4 warps per SM; capped at 96 it fits 5 without
-# spilling at 768 columns (scripts/kernel_report.py), at 80 it spills
-REGISTER_CAPS = (96, 80, 64)
+# compiles to 96-127 (one-row tiles 127: 4 programs of 4 warps per SM). Capped at 96 these
+# spill 16 B, at 80 88 B, at 64 176 B (scripts/kernel_report.py; 64 left out, it only spills)
+REGISTER_CAPS = (96, 80)
+# tiles per forward program (the weight and bias loaded once for all of them); the shipped rule
+# takes several only for parameters much wider than the rows (``fwd_tiles``), swept here on the
+# shipped tile with bf16 parameters and with fp32 ones (bf16 rows: the mixed-precision forward)
+FWD_TILES = (1, 2, 4, 8)
 QUICK_SHAPES = [(40, 96)]  # interpreted: small enough for CI
 
 
@@ -49,13 +54,13 @@ def _candidates(default: tuple[int, int, int], max_tile: int, warps_floor: int) 
     return out
 
 
-def _row(pass_, kind, m, n, config, programs_per_sm, ms, copy_gbps, x_dtype, maxnreg=None):
+def _row(pass_, kind, m, n, config, programs_per_sm, ms, copy_gbps, x_dtype, maxnreg=None, tiles=None):
     bytes_ = floor_bytes(m, n, x_dtype, "fwd")
     if pass_ != "fwd":  # the backward: read x and dy, write dx
         bytes_ = floor_bytes(m, n, x_dtype, "fwd+bwd") - bytes_
     gbps = bytes_ / (ms * 1e-3) / 1e9
     return {"pass": pass_, "kind": kind, "shape": f"{m}x{n}", "config": list(config), "programs_per_sm": programs_per_sm,
-            "maxnreg": maxnreg, "time_us": ms * 1e3, "gbps": gbps, "frac_copy": gbps / copy_gbps}
+            "maxnreg": maxnreg, "tiles": tiles, "time_us": ms * 1e3, "gbps": gbps, "frac_copy": gbps / copy_gbps}
 
 
 def sweep(shapes, device, quick, copy_gbps):
@@ -75,7 +80,22 @@ def sweep(shapes, device, quick, copy_gbps):
         for kind, is_rms, bias in (("rms", True, None), ("layer", False, b)):
             for config in _candidates(k.fwd_config(n, is_rms), 16384, 1):
                 ms = _bench(lambda: k.norm_fwd(x, w, bias, 1e-6, 0.0, is_rms, 0, x_dtype, config=config), device, quick=quick)
-                rows.append(_row("fwd", kind, m, n, config, None, ms, copy_gbps, x_dtype))
+                rows.append(_row("fwd", kind, m, n, config, None, ms, copy_gbps, x_dtype, tiles=_fwd_tiles(k, x, w, bias, config)))
+        # Then the shipped tile with 1-8 tiles per program, with bf16 parameters (rows joining
+        # the groups above) and with fp32 ones (groups of their own, "/fp32w": the weight, or
+        # weight and bias, in fp32 on bf16 rows), the shipped number of tiles first.
+        for p_dtype in (x_dtype, torch.float32):
+            for kind, is_rms, bias in (("rms", True, None), ("layer", False, b)):
+                wp, bp = w.to(p_dtype), None if bias is None else bias.to(p_dtype)
+                config = k.fwd_config(n, is_rms)
+                shipped = _fwd_tiles(k, x, wp, bp, config)
+                for tiles in dict.fromkeys([shipped, *FWD_TILES]):
+                    if p_dtype == x_dtype and tiles == shipped:
+                        continue  # measured above
+                    ms = _bench(lambda: k.norm_fwd(x, wp, bp, 1e-6, 0.0, is_rms, 0, x_dtype, config=config, tiles=tiles),
+                                device, quick=quick)
+                    rows.append(_row("fwd", kind if p_dtype == x_dtype else f"{kind}/fp32w", m, n, config, None, ms,
+                                     copy_gbps, x_dtype, tiles=tiles))
         # backward: RMSNorm (weight) over the whole neighbourhood, LayerNorm (weight + bias)
         # over the default and the best RMSNorm configuration
         for kind, is_rms, bias in (("rms", True, None), ("layer", False, b)):
@@ -112,9 +132,15 @@ def sweep(shapes, device, quick, copy_gbps):
     return rows
 
 
+def _fwd_tiles(k, x, w, b, config) -> int:
+    """The tiles per program the shipped rule gives this forward."""
+    param_size = sum(t.element_size() for t in (w, b) if t is not None)
+    return k.fwd_tiles(x.shape[0], config[0], x.element_size(), param_size)
+
+
 def _label(r) -> str:
-    cap = r.get("maxnreg")
-    return f"{tuple(r['config'])}" + (f" ≤{cap} regs" if cap else "")
+    cap, tiles = r.get("maxnreg"), r.get("tiles")
+    return f"{tuple(r['config'])}" + (f" ≤{cap} regs" if cap else "") + (f" ×{tiles} tiles" if tiles and tiles > 1 else "")
 
 
 def to_markdown(env, rows) -> str:
@@ -123,7 +149,8 @@ def to_markdown(env, rows) -> str:
         f"copy bandwidth {env['copy_gbps']:.0f} GB/s; torch {env['torch']}, triton {env['triton']}; {env['date']}. "
         "Raw launcher times (median); backward = read x, dy and write dx (6 B/element), "
         "alone (bwd) and with the partial-row sums autograd also runs (bwd+sums); "
-        "config = (BLOCK_M, BLOCK_N, warps), `≤R regs` = registers capped at R (ptxas maxnreg); "
+        "config = (BLOCK_M, BLOCK_N, warps), `≤R regs` = registers capped at R (ptxas maxnreg), "
+        "`×T tiles` = T tiles per forward program; norm `/fp32w` = fp32 weight (and bias) on bf16 rows; "
         "programs/SM `auto` = from the compiled register count.", "",
         "| pass | norm | shape | shipped config | time | % copy | best config | programs/SM | time | % copy |",
         "|---|---|---|---|---|---|---|---|---|---|",

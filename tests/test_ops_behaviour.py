@@ -226,10 +226,11 @@ def test_bad_input_gets_one_clear_error(kind, case, kwargs, exc, message, backen
 
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("block_m,warps", [(1, 1), (2, 4), (4, 2), (16, 4)])
-def test_every_launch_configuration_computes_the_same_norm(kind, dtype, block_m, warps):
+@pytest.mark.parametrize("block_m,warps,tiles", [(1, 1, 1), (2, 4, 1), (4, 2, 1), (16, 4, 1), (1, 2, 4), (2, 4, 3)])
+def test_every_launch_configuration_computes_the_same_norm(kind, dtype, block_m, warps, tiles):
     """The launch parameters are tuned per GPU (scripts/tune_kernels.py sweeps them); every
-    tile shape must compute the norm and its gradients, masked rows and columns included."""
+    tile shape must compute the norm and its gradients, masked rows and columns included, and
+    so must a forward program that takes several tiles (the last program's partly past M)."""
     _needs_interpreter("calls the launchers on CPU tensors; that needs TRITON_INTERPRET=1")
     from hf_rmsnorm.ops import _triton_norm
 
@@ -237,13 +238,66 @@ def test_every_launch_configuration_computes_the_same_norm(kind, dtype, block_m,
     x, w, b, dy = _inputs(m=37, n=40, dtype=dtype)
     x, w, b = x.detach() * 2 + 0.5, w.detach(), b.detach()
     config = (block_m, 64, warps)  # 40 columns in a 64-wide tile, 37 rows in tiles of block_m
-    y, mean, rstd = _triton_norm.norm_fwd(x, w, b, eps, 0.0, is_rms, 0, dtype, config=config)
+    y, mean, rstd = _triton_norm.norm_fwd(x, w, b, eps, 0.0, is_rms, 0, dtype, config=config, tiles=tiles)
     dx, part = _triton_norm.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, True, config=config)
     ours = [y, dx, *_triton_norm.sum_partials(part, [torch.float32, torch.float32])]
     truth = fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps), x.double(), w.double(), b.double(), dy.double())
     yardstick = fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps), x, w, b, dy)
     for name, got, ref, truth_ in zip(("y", "dx", "dw", "db"), ours, yardstick, truth):
         assert_close_to_fp64(got.to(dtype) if name in ("dw", "db") else got, ref, truth_, dtype, f"{name} with tile {config}")
+
+
+def test_forward_tiles_per_program_follow_the_parameter_bytes():
+    """Several tiles per forward program exactly where a one-tile program would read more than
+    twice as many parameter bytes (weight + bias, per column) as row bytes, and only while the
+    grid keeps enough programs to fill the GPU."""
+    pytest.importorskip("triton")
+    from hf_rmsnorm.ops import _triton_norm
+
+    many = 1 << 20  # rows: enough programs at any tile
+    tiles = _triton_norm._FWD_TILES
+    assert tiles > 1
+    # (rows per tile, bytes of an x element, parameter bytes per column) -> tiles per program
+    cases = {
+        (1, 2, 2 + 2): 1,  # bf16 rows, bf16 weight and bias: twice the row bytes
+        (1, 2, 4): 1,  # bf16 rows, fp32 weight alone: twice
+        (1, 2, 4 + 4): tiles,  # bf16 rows, fp32 weight and bias: four times
+        (2, 2, 4 + 4): 1,  # two-row tiles: twice
+        (1, 4, 4 + 4): 1,  # fp32 rows and parameters: twice
+        (1, 2, 0): 1,  # no parameters
+    }
+    for (block_m, x_size, param_size), expected in cases.items():
+        assert _triton_norm.fwd_tiles(many, block_m, x_size, param_size) == expected, (block_m, x_size, param_size)
+    # a short batch keeps one tile a program: too few programs otherwise
+    smallest = _triton_norm._MIN_FWD_PROGRAMS * tiles
+    assert _triton_norm.fwd_tiles(smallest, 1, 2, 8) == tiles
+    assert _triton_norm.fwd_tiles(smallest - 1, 1, 2, 8) == 1
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_mixed_precision_parameters_take_several_tiles_per_program(kind, monkeypatch, launches):
+    """bf16 rows with fp32 weight and bias, through the public function: the launcher picks
+    several tiles per forward program (the grid minimum lowered so that 37 rows qualify) and
+    the result is still the norm, forward and gradients."""
+    _needs_interpreter("calls the launchers on CPU tensors; that needs TRITON_INTERPRET=1")
+    from hf_rmsnorm.ops import _triton_norm
+
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    monkeypatch.setattr(_triton_norm, "_MIN_FWD_PROGRAMS", 1)
+    picked = []
+    fwd_tiles = _triton_norm.fwd_tiles
+    monkeypatch.setattr(_triton_norm, "fwd_tiles", lambda *a: picked.append(fwd_tiles(*a)) or picked[-1])
+    x, _, _, dy = _inputs(m=37, n=1100, dtype=torch.bfloat16)  # 1100 columns: one-row tiles
+    _, w, b, _ = _inputs(m=1, n=1100, dtype=torch.float32, seed=1)
+    x = (x.detach() * 2 + 0.5).requires_grad_(True)
+    eps = 1e-5
+    ours = fwd_bwd(lambda x, w, b: FNS[kind](x, w, b, eps), x, w, b, dy)
+    assert picked == [_triton_norm._FWD_TILES] and launches() == 2
+    truth = fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps), x.double(), w.double(), b.double(), dy.double())
+    yardstick = fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps), x, w, b, dy)
+    for name, got, ref, truth_ in zip(("y", "dx", "dw", "db"), ours, yardstick, truth):
+        assert got.dtype == ref.dtype, name
+        assert_close_to_fp64(got, ref, truth_, torch.bfloat16, name)
 
 
 @pytest.mark.parametrize("rows,n", [(1, 5), (37, 13), (300, 40), (5, 1100)])

@@ -80,7 +80,7 @@ def test_kernels_compile_for_hopper_vectorised_and_without_spills():
         pytest.skip("this Triton build ships no NVIDIA tools")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| fwd") or line.startswith("| bwd")]
-    assert len(rows) == 30
+    assert len(rows) == 40  # 4 variants x 5 shapes x forward and backward
     for r in rows:
         kernel, norm, shape, stack, memory = r[0].strip("| "), r[1], r[2], r[6], r[9]
         assert "(≤16 B)" in memory and memory.count("≤16 B") == 2, (kernel, norm, shape, memory)
@@ -109,6 +109,11 @@ def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
     assert firsts[("bwd", "rms")]["config"] == list(bwd_config(n))
     assert firsts[("bwd", "layer")]["config"] == list(bwd_config(n, True))
     assert len({tuple(r["config"]) for r in rows if r["pass"] == "bwd"}) > 2  # a real sweep
+    # tiles per forward program: every count swept, bf16 and fp32 parameters, shipped count first
+    for kind in ("rms", "layer", "rms/fp32w", "layer/fp32w"):
+        group = [r for r in rows if r["pass"] == "fwd" and r["kind"] == kind]
+        assert group[0]["tiles"] == 1  # what the launcher picks for 40 rows: too few for more programs
+        assert {r["tiles"] for r in group} >= {1, 2, 4, 8}, kind
     assert "| bwd | layer |" in (tmp_path / "tuning.md").read_text()
 
 

@@ -27,6 +27,11 @@ LAUNCHES: collections.Counter = collections.Counter()
 
 
 @triton.jit
+def _load_f32(P, cols, col_mask):
+    return tl.load(P + cols, mask=col_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _norm_fwd_kernel(
     X,  # input rows, (M, N), row stride stride_x, unit column stride
     Y,  # output rows, (M, N), contiguous
@@ -45,38 +50,59 @@ def _norm_fwd_kernel(
     ROUNDING: tl.constexpr,  # round the normalised row before the affine: 0 no, 1 to X's dtype, 2 to W's
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TILES: tl.constexpr,  # tiles per program
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
-    mask = row_mask[:, None] & col_mask[None, :]
-    # int64 offsets: M * N can exceed 2**31 for large activations.
-    rows64 = rows.to(tl.int64)
-    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if IS_RMS:
-        xc = x
-    else:
-        mean = tl.sum(x, axis=1) / N
-        tl.store(Mean + rows, mean, mask=row_mask)
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / N
-    rstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(Rstd + rows, rstd, mask=row_mask)
-    y = xc * rstd[:, None]
-    # HF orders of casts: Llama rounds the normalised row to the input dtype before the
-    # affine, T5 to the weight's dtype; Gemma and torch's norms round only the output.
-    if ROUNDING == 1:
-        y = y.to(X.dtype.element_ty).to(tl.float32)
-    if ROUNDING == 2:
-        y = y.to(W.dtype.element_ty).to(tl.float32)
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
-        y = y * w[None, :]
-    if HAS_BIAS:
-        b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
-        y = y + b[None, :]
-    tl.store(Y + rows64[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    # A program normalises TILES consecutive tiles of BLOCK_M rows and, with several, loads the
+    # weight and bias once for all of them: with parameters wider than the activations (bf16
+    # rows, fp32 weight and bias) a one-row program reads 4x more parameter bytes from L2 than
+    # row bytes from memory. A loop rather than unrolled tiles: the unrolled ones kept more
+    # registers (LayerNorm at 8192 columns, fp32 parameters: 136 against 121, half the programs
+    # per SM). TILES = 1 compiles to the one-tile kernel, which loads the parameters after the
+    # row's statistics: loaded first they would be live across the row's load and reduction
+    # (RMSNorm at 768 columns: 32 -> 39 registers a thread).
+    if TILES > 1:
+        cols = tl.arange(0, BLOCK_N)
+        if HAS_WEIGHT:
+            w = _load_f32(W, cols, cols < N) + offset
+        if HAS_BIAS:
+            b = _load_f32(B, cols, cols < N)
+    for t in range(TILES):
+        # (this order of the index lines and the parameters loaded where they are used make the
+        # one-tile kernel what it was before TILES: other orders cost registers, e.g. RMSNorm at
+        # 8192 columns 34 instead of 32, 3 programs per SM instead of 4)
+        rows = (tl.program_id(0) * TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        row_mask = rows < M
+        col_mask = cols < N
+        mask = row_mask[:, None] & col_mask[None, :]
+        # int64 offsets: M * N can exceed 2**31 for large activations.
+        rows64 = rows.to(tl.int64)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if IS_RMS:
+            xc = x
+        else:
+            mean = tl.sum(x, axis=1) / N
+            tl.store(Mean + rows, mean, mask=row_mask)
+            xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / N
+        rstd = 1.0 / tl.sqrt(var + eps)
+        tl.store(Rstd + rows, rstd, mask=row_mask)
+        y = xc * rstd[:, None]
+        # HF orders of casts: Llama rounds the normalised row to the input dtype before the
+        # affine, T5 to the weight's dtype; Gemma and torch's norms round only the output.
+        if ROUNDING == 1:
+            y = y.to(X.dtype.element_ty).to(tl.float32)
+        if ROUNDING == 2:
+            y = y.to(W.dtype.element_ty).to(tl.float32)
+        if HAS_WEIGHT:
+            if TILES == 1:
+                w = _load_f32(W, cols, col_mask) + offset
+            y = y * w[None, :]
+        if HAS_BIAS:
+            if TILES == 1:
+                b = _load_f32(B, cols, col_mask)
+            y = y + b[None, :]
+        tl.store(Y + rows64[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -257,10 +283,36 @@ def _programs_per_sm(compiled, num_warps: int) -> int:
     return max(1, min(by_registers, _SM_THREADS // threads, _MAX_PROGRAMS_PER_SM))
 
 
-def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=None):
+# Tiles per forward program where the parameters would otherwise cost more L2 reads than the
+# rows cost memory reads. Measured on an H200 (runs 4 and 6, forward, one row per program from
+# 2048 columns): bf16 LayerNorm, whose program reads twice as many parameter bytes as row bytes,
+# runs at 90-95 % of the copy bandwidth; bf16 rows with fp32 weight and bias (four times) at
+# 60-76 %, and there a persistent grid that loads the parameters once per program took
+# LayerNorm from 49 to 39 us at 2048 columns and from 218 to 164 us at 8192 (branch
+# v3-candidates). Consecutive tiles per program instead of a persistent grid keep as many
+# programs per SM as the one-tile grid (the persistent grid lost in bf16 by capping them).
+# The tiled grid itself is not measured yet (written without a GPU; benchmarks/NOTES.md has the
+# prediction). bf16 rows with an fp32 weight alone (twice) stay one tile: 90 % at 2048 and 4096
+# columns, but 71 % at 8192, which the sweep (scripts/tune_kernels.py) is to settle.
+_FWD_TILES = 4
+# ... but only while the grid keeps this many programs (≈ 8 per SM of an H100/H200): a short
+# batch needs programs to spread over the SMs more than it needs fewer parameter reads
+_MIN_FWD_PROGRAMS = 1024
+
+
+def fwd_tiles(M: int, block_m: int, x_size: int, param_size: int) -> int:
+    """Tiles of ``block_m`` rows per forward program for M rows of ``x_size``-byte elements and
+    parameters of ``param_size`` bytes a column (weight and bias together)."""
+    if param_size > 2 * block_m * x_size and M >= _MIN_FWD_PROGRAMS * block_m * _FWD_TILES:
+        return _FWD_TILES
+    return 1
+
+
+def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=None, tiles=None):
     """Launch the forward kernel on ``x`` (M, N) with unit column stride.
 
-    ``config`` overrides ``fwd_config(N, is_rms)`` (the tuning sweep uses it)."""
+    ``config`` overrides ``fwd_config(N, is_rms)`` and ``tiles`` the tiles per program
+    ``fwd_tiles`` picks (the tuning sweep uses both)."""
     M, N = x.shape
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
@@ -268,7 +320,10 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
     if M == 0:
         return y, mean, rstd
     block_m, block_n, warps = config or fwd_config(N, is_rms)
-    _norm_fwd_kernel[(_ceil_div(M, block_m),)](
+    if tiles is None:
+        param_size = (weight.element_size() if weight is not None else 0) + (bias.element_size() if bias is not None else 0)
+        tiles = fwd_tiles(M, block_m, x.element_size(), param_size)
+    _norm_fwd_kernel[(_ceil_div(M, block_m * tiles),)](
         x, y, weight, bias, None if is_rms else mean, rstd,  # None: no pointer for the launcher to check
         x.stride(0), M, N, eps, offset,
         IS_RMS=is_rms,
@@ -277,6 +332,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
         ROUNDING=rounding,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        TILES=tiles,
         num_warps=warps,
     )
     LAUNCHES["norm_fwd"] += 1
