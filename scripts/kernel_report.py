@@ -54,8 +54,9 @@ def _resources(cubin: bytes) -> dict:
 
 
 def _vector_widths(ptx: str) -> str:
-    loads = re.findall(r"ld\.global(?:\.[a-z]+)*?(\.v[248])?\.b(\d+)", ptx)
-    stores = re.findall(r"st\.global(?:\.[a-z]+)*?(\.v[248])?\.b(\d+)", ptx)
+    # qualifiers such as .L1::evict_first.L2::cache_hint (cache hints) may precede the width
+    loads = re.findall(r"ld\.global[\w.:]*?(\.v[248])?\.b(\d+)\s", ptx)
+    stores = re.findall(r"st\.global[\w.:]*?(\.v[248])?\.b(\d+)\s", ptx)
 
     def widest(ops):
         bits = [int(b) * (int(v[2:]) if v else 1) for v, b in ops]
@@ -74,7 +75,7 @@ def report(arch: int) -> list[dict]:
             sig = {**pointers, "stride_x": "i32", "M": "i32", "N": "i32", "eps": "fp32", "offset": "fp32"}
             tiles = kernels.fwd_tiles(m, block_m, 2, p_size * (has_w + has_b))  # what the launcher picks
             const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                     "TILES": tiles}
+                     "TILES": tiles, "STREAM": ""}
             aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "N"} if n % 16 == 0 else set())
             c = _compile(kernels._norm_fwd_kernel, sig, const, warps, arch, aligned)
             rows.append({"kernel": "fwd", "norm": name, "shape": f"{m}×{n}", "tile": f"{block_m}×{block_n}" + (f" ×{tiles}" if tiles > 1 else ""), "warps": warps,
@@ -82,7 +83,8 @@ def report(arch: int) -> list[dict]:
             block_m, block_n, warps = kernels.bwd_config(n, has_b)
             sig = {"X": "*bf16", "W": f"*{p_dtype}", "DY": "*bf16", "DX": "*bf16", "Part": "*fp32", "Mean": "*fp32", "Rstd": "*fp32",
                    "stride_x": "i32", "stride_dy": "i32", "M": "i32", "N": "i32", "offset": "fp32"}
-            const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n}
+            const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                     "STREAM": ""}
             aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "stride_dy", "N"} if n % 16 == 0 else set())
             c = _compile(kernels._norm_bwd_kernel, sig, const, warps, arch, aligned)
             rows.append({"kernel": "bwd", "norm": name, "shape": f"{m}×{n}", "tile": f"{block_m}×{block_n}", "warps": warps,

@@ -5,7 +5,7 @@ reduction) with the configuration ``fwd_config``/``bwd_config`` picks and with i
 neighbours: half and twice the rows per tile, more or fewer elements per thread; for the
 forward, 1 to 8 tiles per program, also with fp32 parameters on the bf16 rows; for the
 backward, 1 to 8 programs per SM instead of the occupancy the compiler's register count
-allows, and registers capped. The result says whether the heuristic leaves time on the table and which way to move
+allows, and registers capped; for both, the row loads with an evict-first cache hint. The result says whether the heuristic leaves time on the table and which way to move
 it (benchmarks/NOTES.md keeps the decisions). The shipped code never reads this output.
 
     python scripts/tune_kernels.py            # on a GPU
@@ -54,13 +54,13 @@ def _candidates(default: tuple[int, int, int], max_tile: int, warps_floor: int) 
     return out
 
 
-def _row(pass_, kind, m, n, config, programs_per_sm, ms, copy_gbps, x_dtype, maxnreg=None, tiles=None):
+def _row(pass_, kind, m, n, config, programs_per_sm, ms, copy_gbps, x_dtype, maxnreg=None, tiles=None, stream=""):
     bytes_ = floor_bytes(m, n, x_dtype, "fwd")
     if pass_ != "fwd":  # the backward: read x and dy, write dx
         bytes_ = floor_bytes(m, n, x_dtype, "fwd+bwd") - bytes_
     gbps = bytes_ / (ms * 1e-3) / 1e9
     return {"pass": pass_, "kind": kind, "shape": f"{m}x{n}", "config": list(config), "programs_per_sm": programs_per_sm,
-            "maxnreg": maxnreg, "tiles": tiles, "time_us": ms * 1e3, "gbps": gbps, "frac_copy": gbps / copy_gbps}
+            "maxnreg": maxnreg, "tiles": tiles, "stream": stream, "time_us": ms * 1e3, "gbps": gbps, "frac_copy": gbps / copy_gbps}
 
 
 def sweep(shapes, device, quick, copy_gbps):
@@ -81,21 +81,23 @@ def sweep(shapes, device, quick, copy_gbps):
             for config in _candidates(k.fwd_config(n, is_rms), 16384, 1):
                 ms = _bench(lambda: k.norm_fwd(x, w, bias, 1e-6, 0.0, is_rms, 0, x_dtype, config=config), device, quick=quick)
                 rows.append(_row("fwd", kind, m, n, config, None, ms, copy_gbps, x_dtype, tiles=_fwd_tiles(k, x, w, bias, config)))
-        # Then the shipped tile with 1-8 tiles per program, with bf16 parameters (rows joining
-        # the groups above) and with fp32 ones (groups of their own, "/fp32w": the weight, or
-        # weight and bias, in fp32 on bf16 rows), the shipped number of tiles first.
-        for p_dtype in (x_dtype, torch.float32):
-            for kind, is_rms, bias in (("rms", True, None), ("layer", False, b)):
+        # Then variants of the shipped tile: 1-8 tiles per program with bf16 parameters (rows
+        # joining the groups above) and with fp32 ones (groups of their own, "/fp32w": the
+        # weight, or weight and bias, in fp32 on bf16 rows), the shipped number first; and the
+        # row loads hinted evict_first, as torch.compile's generated kernels load them.
+        for kind, is_rms, bias in (("rms", True, None), ("layer", False, b)):
+            config = k.fwd_config(n, is_rms)
+            for p_dtype in (x_dtype, torch.float32):
                 wp, bp = w.to(p_dtype), None if bias is None else bias.to(p_dtype)
-                config = k.fwd_config(n, is_rms)
                 shipped = _fwd_tiles(k, x, wp, bp, config)
-                for tiles in dict.fromkeys([shipped, *FWD_TILES]):
-                    if p_dtype == x_dtype and tiles == shipped:
-                        continue  # measured above
-                    ms = _bench(lambda: k.norm_fwd(x, wp, bp, 1e-6, 0.0, is_rms, 0, x_dtype, config=config, tiles=tiles),
-                                device, quick=quick)
+                variants = [(tiles, "") for tiles in dict.fromkeys([shipped, *FWD_TILES])]
+                if p_dtype == x_dtype:  # the shipped variant is measured above
+                    variants = variants[1:] + [(shipped, "evict_first")]
+                for tiles, stream in variants:
+                    ms = _bench(lambda: k.norm_fwd(x, wp, bp, 1e-6, 0.0, is_rms, 0, x_dtype, config=config, tiles=tiles,
+                                                   stream=stream), device, quick=quick)
                     rows.append(_row("fwd", kind if p_dtype == x_dtype else f"{kind}/fp32w", m, n, config, None, ms,
-                                     copy_gbps, x_dtype, tiles=tiles))
+                                     copy_gbps, x_dtype, tiles=tiles, stream=stream))
         # backward: RMSNorm (weight) over the whole neighbourhood, LayerNorm (weight + bias)
         # over the default and the best RMSNorm configuration
         for kind, is_rms, bias in (("rms", True, None), ("layer", False, b)):
@@ -105,14 +107,15 @@ def sweep(shapes, device, quick, copy_gbps):
                 rms_rows = [r for r in rows if r["pass"] == "bwd" and r["kind"] == "rms" and r["shape"] == f"{m}x{n}"]
                 best = tuple(min(rms_rows, key=lambda r: r["time_us"])["config"])
                 configs = list(dict.fromkeys([k.bwd_config(n, True), best]))
-            # (config, programs per SM, register cap): every occupancy for each config, and the
-            # shipped config with its registers capped (more programs per SM, maybe spills)
-            variants = [(c, p, None) for c in configs for p in (PROGRAMS_PER_SM if device.type == "cuda" else (None,))]
-            variants += [(configs[0], None, cap) for cap in REGISTER_CAPS]
-            for config, pps, cap in variants:
+            # (config, programs per SM, register cap, cache hint): every occupancy for each
+            # config, the shipped config with its registers capped (more programs per SM, maybe
+            # spills), and with the x and dy loads hinted evict_first
+            variants = [(c, p, None, "") for c in configs for p in (PROGRAMS_PER_SM if device.type == "cuda" else (None,))]
+            variants += [(configs[0], None, cap, "") for cap in REGISTER_CAPS] + [(configs[0], None, None, "evict_first")]
+            for config, pps, cap, stream in variants:
                 def run(sums):
                     dx, part = k.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, bias is not None,
-                                          config=config, programs_per_sm=pps, maxnreg=cap)
+                                          config=config, programs_per_sm=pps, maxnreg=cap, stream=stream)
                     if sums:  # what autograd also pays: the partial rows summed in w's dtype
                         part = k.sum_partials(part, [w.dtype] * (1 if bias is None else 2))
                     return dx, part
@@ -124,9 +127,10 @@ def sweep(shapes, device, quick, copy_gbps):
                         ms = _bench(lambda: run(sums), device, quick=quick)
                     except Exception as exc:  # a configuration that does not compile or fit
                         rows.append({"pass": pass_, "kind": kind, "shape": f"{m}x{n}", "config": list(config),
-                                     "programs_per_sm": pps, "maxnreg": cap, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                                     "programs_per_sm": pps, "maxnreg": cap, "stream": stream,
+                                     "error": f"{type(exc).__name__}: {exc}"[:200]})
                         continue
-                    rows.append(_row(pass_, kind, m, n, config, pps, ms, copy_gbps, x_dtype, cap))
+                    rows.append(_row(pass_, kind, m, n, config, pps, ms, copy_gbps, x_dtype, cap, stream=stream))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -139,8 +143,9 @@ def _fwd_tiles(k, x, w, b, config) -> int:
 
 
 def _label(r) -> str:
-    cap, tiles = r.get("maxnreg"), r.get("tiles")
-    return f"{tuple(r['config'])}" + (f" ≤{cap} regs" if cap else "") + (f" ×{tiles} tiles" if tiles and tiles > 1 else "")
+    cap, tiles, stream = r.get("maxnreg"), r.get("tiles"), r.get("stream")
+    return (f"{tuple(r['config'])}" + (f" ≤{cap} regs" if cap else "") + (f" ×{tiles} tiles" if tiles and tiles > 1 else "")
+            + (f" {stream}" if stream else ""))
 
 
 def to_markdown(env, rows) -> str:
@@ -150,7 +155,8 @@ def to_markdown(env, rows) -> str:
         "Raw launcher times (median); backward = read x, dy and write dx (6 B/element), "
         "alone (bwd) and with the partial-row sums autograd also runs (bwd+sums); "
         "config = (BLOCK_M, BLOCK_N, warps), `≤R regs` = registers capped at R (ptxas maxnreg), "
-        "`×T tiles` = T tiles per forward program; norm `/fp32w` = fp32 weight (and bias) on bf16 rows; "
+        "`×T tiles` = T tiles per forward program, `evict_first` = row loads hinted to leave the cache; "
+        "norm `/fp32w` = fp32 weight (and bias) on bf16 rows; "
         "programs/SM `auto` = from the compiled register count.", "",
         "| pass | norm | shape | shipped config | time | % copy | best config | programs/SM | time | % copy |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -188,11 +194,14 @@ def main(argv=None) -> int:
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)",
            "copy_gbps": copy_gbps, "quick": args.quick,
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **_versions()}
-    rows = sweep(QUICK_SHAPES if args.quick else FULL_SHAPES, device, args.quick, copy_gbps)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tuning.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
-    md = to_markdown(env, rows)
-    (args.out / "tuning.md").write_text(md)
+    rows = []
+    # written after every shape: a sweep cut short by a time limit still leaves what it measured
+    for shape in QUICK_SHAPES if args.quick else FULL_SHAPES:
+        rows += sweep([shape], device, args.quick, copy_gbps)
+        (args.out / "tuning.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
+        md = to_markdown(env, rows)
+        (args.out / "tuning.md").write_text(md)
     print(md)
     return 0
 

@@ -161,6 +161,25 @@ def test_register_capped_backward_computes_the_same_bits(n, cap):
         assert torch.equal(plain, capped)
 
 
+@pytest.mark.parametrize("n", [768, 2048])
+def test_cache_hinted_loads_compute_the_same_bits(n):
+    """The sweep times the row loads with an evict-first cache hint: a hint to the memory
+    system only, so forward and backward must give the very same bits."""
+    from hf_rmsnorm.ops import _triton_norm
+
+    g = torch.Generator(device="cuda").manual_seed(n)
+    x = torch.randn(4096, n, device="cuda", generator=g).bfloat16()
+    dy = torch.randn(4096, n, device="cuda", generator=g).bfloat16()
+    w = (torch.rand(n, device="cuda", generator=g) + 0.5).bfloat16()
+    b = (0.1 * torch.randn(n, device="cuda", generator=g)).bfloat16()
+    runs = []
+    for stream in ("", "evict_first"):
+        y, mean, rstd = _triton_norm.norm_fwd(x, w, b, 1e-5, 0.0, False, 0, torch.bfloat16, stream=stream)
+        runs.append([y, mean, rstd, *_triton_norm.norm_bwd(dy, x, w, mean, rstd, 0.0, False, 0, True, stream=stream)])
+    for plain, hinted in zip(*runs):
+        assert torch.equal(plain, hinted)
+
+
 @pytest.mark.parametrize("n", [768, 2048, 8192])
 @pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_forward_with_several_tiles_per_program_computes_the_same_bits(n, p_dtype):

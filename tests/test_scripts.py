@@ -114,6 +114,10 @@ def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
         group = [r for r in rows if r["pass"] == "fwd" and r["kind"] == kind]
         assert group[0]["tiles"] == 1  # what the launcher picks for 40 rows: too few for more programs
         assert {r["tiles"] for r in group} >= {1, 2, 4, 8}, kind
+    for pass_ in ("fwd", "bwd", "bwd+sums"):  # the cache-hinted loads, on the shipped tile
+        hinted = [r for r in rows if r["pass"] == pass_ and r["stream"] == "evict_first"]
+        assert {r["kind"] for r in hinted} == {"rms", "layer"}, pass_
+        assert all(r["config"] == firsts[(pass_.replace("+sums", ""), r["kind"])]["config"] for r in hinted), pass_
     assert "| bwd | layer |" in (tmp_path / "tuning.md").read_text()
 
 

@@ -51,6 +51,7 @@ def _norm_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TILES: tl.constexpr,  # tiles per program
+    STREAM: tl.constexpr,  # cache eviction policy of the row loads: "" (default) or "evict_first"
 ):
     # A program normalises TILES consecutive tiles of BLOCK_M rows and, with several, loads the
     # weight and bias once for all of them: with parameters wider than the activations (bf16
@@ -77,7 +78,8 @@ def _norm_fwd_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         # int64 offsets: M * N can exceed 2**31 for large activations.
         rows64 = rows.to(tl.int64)
-        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0,
+                    eviction_policy=STREAM).to(tl.float32)
         if IS_RMS:
             xc = x
         else:
@@ -130,6 +132,7 @@ def _norm_bwd_kernel(
     ROUNDING: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    STREAM: tl.constexpr,  # cache eviction policy of the x and dy loads (see the forward)
 ):
     # A persistent grid: program p takes the tiles p, p + P, p + 2P, ... of BLOCK_M rows each
     # (P = the number of programs, fixed per device and shape), so the weight gradient needs
@@ -153,8 +156,10 @@ def _norm_bwd_kernel(
         row_mask = rows < M
         mask = row_mask[:, None] & col_mask[None, :]
         rows64 = rows.to(tl.int64)  # M * N can exceed 2**31
-        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0,
+                    eviction_policy=STREAM).to(tl.float32)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0,
+                     eviction_policy=STREAM).to(tl.float32)
         rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
         if IS_RMS:
             xhat = x * rstd[:, None]
@@ -308,11 +313,12 @@ def fwd_tiles(M: int, block_m: int, x_size: int, param_size: int) -> int:
     return 1
 
 
-def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=None, tiles=None):
+def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=None, tiles=None, stream=""):
     """Launch the forward kernel on ``x`` (M, N) with unit column stride.
 
-    ``config`` overrides ``fwd_config(N, is_rms)`` and ``tiles`` the tiles per program
-    ``fwd_tiles`` picks (the tuning sweep uses both)."""
+    ``config`` overrides ``fwd_config(N, is_rms)``, ``tiles`` the tiles per program
+    ``fwd_tiles`` picks, and ``stream`` (``"evict_first"``) hints the cache to drop the rows
+    after reading them, as torch.compile's kernels do; the tuning sweep uses all three."""
     M, N = x.shape
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
@@ -333,6 +339,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         TILES=tiles,
+        STREAM=stream,
         num_warps=warps,
     )
     LAUNCHES["norm_fwd"] += 1
@@ -340,14 +347,15 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
 
 
 def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, config=None, programs_per_sm=None,
-             maxnreg=None):
+             maxnreg=None, stream=""):
     """Launch the backward kernel; returns dx and the fp32 ``(programs, C)`` partial sums of the
     parameter gradients: C = N for one parameter, 2N for weight and bias (weight first), None
     without parameters. ``sum_partials`` reduces them.
 
     ``config`` overrides ``bwd_config(N)``, ``programs_per_sm`` the occupancy the compiled
-    kernel allows, and ``maxnreg`` caps the registers a thread may use (ptxas spills beyond it;
-    fewer registers, more programs per SM). The tuning sweep uses all three."""
+    kernel allows, ``maxnreg`` caps the registers a thread may use (ptxas spills beyond it;
+    fewer registers, more programs per SM), and ``stream`` is the forward's cache hint for the
+    x and dy loads. The tuning sweep uses all four."""
     M, N = x.shape
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
     columns = ((weight is not None) + has_bias) * N
@@ -355,7 +363,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
         return dx, torch.zeros((1, columns), dtype=torch.float32, device=x.device) if columns else None
     block_m, block_n, warps = config or bwd_config(N, has_bias)
     meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
-                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+                BLOCK_M=block_m, BLOCK_N=block_n, STREAM=stream, num_warps=warps)
     if maxnreg is not None:
         meta["maxnreg"] = maxnreg
     # Absent buffers go to the kernel as None: Triton's launcher asks the driver about every
@@ -369,7 +377,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
         if programs_per_sm is None:
             # everything the compiled variant depends on (Triton specialises on 16-divisibility)
             key = (x.device, x.dtype, dy.dtype, weight.dtype if weight is not None else None, x.stride(0) % 16,
-                   dy.stride(0) % 16, N % 16, is_rms, has_bias, rounding, block_m, block_n, warps, maxnreg)
+                   dy.stride(0) % 16, N % 16, is_rms, has_bias, rounding, block_m, block_n, warps, maxnreg, stream)
             programs_per_sm = _OCCUPANCY.get(key)
             if programs_per_sm is None:
                 # compile (or fetch from Triton's cache) without launching, to read the registers
