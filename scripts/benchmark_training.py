@@ -9,8 +9,12 @@ parameters under bf16 autocast. See ../shared/PERF.md for the targets.
 
     python scripts/benchmark_training.py            # on a GPU
     python scripts/benchmark_training.py --quick    # tiny configs, runs anywhere (CI)
+    python scripts/benchmark_training.py --profile  # also: where each row's kernel time goes
 
-Writes ``<out>/training.json`` and ``<out>/training.md``.
+Writes ``<out>/training.json`` and ``<out>/training.md``. With ``--profile`` each row also runs
+two steps under the profiler and the table gains the kernel time per step by kind, and, per
+model and precision, the kernels whose time differs most from the Identity row: what a
+variant costs beyond the ceiling, kernel by kernel.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -72,17 +77,37 @@ def apply_variant(model, variant, batch) -> str:
     return report.summary()
 
 
-def time_steps(model, batch, precision, device, warmup, steps) -> tuple[list, int]:
-    """Step times (ms, after warm-up) and peak memory (bytes) of forward + backward + AdamW."""
+# Kernel kinds by name (lower-cased), first match wins: norms (ours, torch's, HF's on the CPU),
+# attention (SDPA's kernels; before matmul, their names often say cutlass), matrix multiplies
+# (cuBLAS/CUTLASS names), the fused AdamW.
+KINDS = (
+    ("norm", ("_norm_fwd_kernel", "_norm_bwd_kernel", "_sum_rows_kernel", "layer_norm", "rms_norm", "layernorm", "rmsnorm")),
+    ("attention", ("flash", "fmha", "attention", "efficient")),
+    ("matmul", ("gemm", "xmma", "nvjet", "cutlass", "cublas", "splitk", "kernel2")),
+    ("optimizer", ("adam", "multi_tensor")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a profiled kernel (or, on the CPU, top-level op) by its name; else "other"."""
+    name = name.lower()
+    for kind, marks in KINDS:
+        if any(mark in name for mark in marks):
+            return kind
+    return "other"
+
+
+def time_steps(model, batch, precision, device, warmup, steps, profile_steps=0) -> tuple[list, int, dict]:
+    """Step times (ms, after warm-up) and peak memory (bytes) of forward + backward + AdamW, and
+    with ``profile_steps`` the time per step (µs) of each kernel in that many more steps under
+    the profiler (on the CPU: of each top-level op)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision != "bf16 params")
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def step():
         with amp:
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -90,10 +115,27 @@ def time_steps(model, batch, precision, device, warmup, steps) -> tuple[list, in
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    return times, peak
+    kernels = defaultdict(float)
+    if profile_steps:
+        activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
+        with torch.profiler.profile(activities=[activity]) as prof:
+            for _ in range(profile_steps):
+                step()
+        for e in prof.events():
+            if device.type == "cuda" and e.device_type == torch.autograd.DeviceType.CUDA:
+                kernels[e.name] += e.time_range.elapsed_us() / profile_steps
+            elif device.type != "cuda" and e.cpu_parent is None:
+                kernels[e.name] += e.cpu_time_total / profile_steps
+    return times, peak, dict(kernels)
 
 
 def main(argv=None) -> int:
@@ -104,6 +146,8 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated subset of: " + ", ".join(VARIANTS) + " (e.g. to re-time one row)")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile two steps a row: kernel time by kind, and what differs from the Identity row")
     args = parser.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     if any(n not in MODELS for n in names):
@@ -117,7 +161,7 @@ def main(argv=None) -> int:
     warmup, steps = (1, args.steps or 2) if args.quick else (3, args.steps or 10)
     env = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
-        "batch": list(batch_shape), "quick": args.quick,
+        "batch": list(batch_shape), "quick": args.quick, "profile": args.profile,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         **{p: _version(p) for p in ("triton", "transformers", "hf_rmsnorm")},
@@ -134,13 +178,14 @@ def main(argv=None) -> int:
                     summary = apply_variant(model, variant, batch)
                     if variant == "rmsnorm" and " 0 exact" in summary:
                         continue  # nothing to convert (an RMSNorm model): same as "layernorm"
-                    times, peak = time_steps(model, batch, precision, device, warmup, steps)
+                    times, peak, kernels = time_steps(model, batch, precision, device, warmup, steps, 2 if args.profile else 0)
                     ms = statistics.median(times)
                     # the spread shows a row disturbed by the host (steps synchronise, so a slow
                     # moment of the host's Python shows up as a slow step)
                     results.append({"model": name, "precision": precision, "variant": variant, "step_ms": ms,
                                     "step_ms_min": min(times), "step_ms_max": max(times), "steps": len(times),
-                                    "tokens_per_second": batch.numel() / (ms / 1e3), "peak_memory_bytes": peak, "report": summary})
+                                    "tokens_per_second": batch.numel() / (ms / 1e3), "peak_memory_bytes": peak, "report": summary,
+                                    **({"kernel_us_per_step": kernels} if args.profile else {})})
                 except Exception as exc:  # keep the other rows
                     results.append({"model": name, "precision": precision, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:300]})
                 del model
@@ -186,7 +231,36 @@ def _markdown(env, results) -> str:
             f"{rel(base.get(key))} | {rel(ceiling.get(key))} | "
             f"{r['tokens_per_second']:.0f} | {r['peak_memory_bytes'] / 2**30:.2f} |"
         )
+    profiled = [r for r in results if "kernel_us_per_step" in r]
+    if profiled:
+        lines += _profile_markdown(profiled, ceiling)
     return "\n".join(lines) + "\n"
+
+
+def _profile_markdown(rows, ceiling) -> list:
+    kinds = [k for k, _ in KINDS] + ["other"]
+    lines = ["", "Kernel time per step by kind (ms; two profiled steps a row; on a CPU, top-level ops):", "",
+             "| model | precision | variant | " + " | ".join(kinds) + " | all kernels | step ms |",
+             "|---|---|---|" + "---|" * (len(kinds) + 2)]
+    for r in rows:
+        by_kind = defaultdict(float)
+        for name, us in r["kernel_us_per_step"].items():
+            by_kind[kernel_kind(name)] += us
+        lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | "
+                     + " | ".join(f"{by_kind[k] / 1e3:.2f}" for k in kinds)
+                     + f" | {sum(by_kind.values()) / 1e3:.2f} | {r['step_ms']:.1f} |")
+    identity = {(r["model"], r["precision"]): r["kernel_us_per_step"] for r in rows if r["variant"] == "norms -> Identity"}
+    for r in rows:
+        ref = identity.get((r["model"], r["precision"]))
+        if ref is None or r["variant"] == "norms -> Identity":
+            continue
+        ours = r["kernel_us_per_step"]
+        diff = {k: ours.get(k, 0.0) - ref.get(k, 0.0) for k in set(ours) | set(ref)}
+        top = sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:8]
+        lines += ["", f"{r['model']}, {r['precision']}, {r['variant']}: {sum(diff.values()) / 1e3:+.2f} ms of kernels a step "
+                  "against the Identity row; the largest differences (µs a step):", ""]
+        lines += [f"- {us:+.0f} {kernel_kind(name)}: `{name[:110]}`" for name, us in top]
+    return lines
 
 
 if __name__ == "__main__":

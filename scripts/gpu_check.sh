@@ -7,6 +7,8 @@
 #   bash scripts/gpu_check.sh            # on the GPU machine ($OUT defaults to benchmarks/results/gpu)
 #   bash scripts/gpu_check.sh --quick    # dry run of the same steps on a CPU (tiny shapes)
 #   STEPS=bench,tune bash scripts/gpu_check.sh   # a subset of: tests,bench,tune,training,mixed,fp32,profile
+#   STEPS=trainprof bash scripts/gpu_check.sh     # not in the default set: the Llama training step profiled
+#                                                  # (patched vs Identity, kernel by kernel), in $OUT/trainprof/
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick=""
@@ -51,11 +53,12 @@ step mixed 40 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kern
 step fp32 50 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_fp32 --x-dtype fp32 --providers "$OURS,$PEERS"
 step tune 120 "$PY" scripts/tune_kernels.py $quick --out "$OUT"
 [ -z "$quick" ] && step profile 20 "$PY" scripts/profile_norms.py --shapes 65536x768 --out "$OUT"
+step trainprof 60 "$PY" scripts/benchmark_training.py $quick --profile --models llama-1b --variants "layernorm,norms -> Identity" --out "$OUT/trainprof"
 
 echo
 grep -E "^(FAILED|ERROR)|passed|failed|skipped" "$OUT/tests.log" 2>/dev/null | cut -c1-400
-for f in tuning profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
-  [ -f "$OUT/$f.md" ] && sed -n '/^# /p;/^copy/p;/^torch/p;/^|/p;/^- /p;/^`do_bench`/p;/^CUDA-graph/p' "$OUT/$f.md"
+for f in trainprof/training tuning profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
+  [ -f "$OUT/$f.md" ] && sed -n '/^# /p;/^copy/p;/^torch/p;/^|/p;/^- /p;/^`do_bench`/p;/^CUDA-graph/p;/against the Identity row/p' "$OUT/$f.md"
 done
 cat "$OUT/steps.txt" 2>/dev/null
 exit $status

@@ -58,6 +58,46 @@ def test_benchmark_training_quick_writes_json_and_markdown(tmp_path):
     assert "| gpt2-medium | bf16 params | rmsnorm |" in (tmp_path / "training.md").read_text()
 
 
+@pytest.mark.slow
+def test_benchmark_training_profile_attributes_the_norms(tmp_path):
+    """--profile: each row's profiled time by kind; the patched row spends time in norms that the
+    Identity row does not have, and its difference list against the Identity row shows them."""
+    script = str(ROOT / "scripts" / "benchmark_training.py")
+    proc = subprocess.run([sys.executable, script, "--quick", "--profile", "--models", "llama-1b", "--variants",
+                           "layernorm,norms -> Identity", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark_training import kernel_kind
+
+    rows = json.loads((tmp_path / "training.json").read_text())["results"]
+    norm_us = {(r["precision"], r["variant"]): sum(us for name, us in r["kernel_us_per_step"].items() if kernel_kind(name) == "norm")
+               for r in rows}
+    for precision in ("bf16 params", "fp32 params + bf16 autocast"):
+        assert norm_us[(precision, "layernorm")] > 0 and norm_us[(precision, "norms -> Identity")] == 0
+    md = (tmp_path / "training.md").read_text()
+    assert "Kernel time per step by kind" in md and md.count("against the Identity row") == 2
+    section = md.split("llama-1b, bf16 params, layernorm:")[1].split("\n\n")[1]
+    assert " norm: `" in section  # among the largest differences
+
+
+def test_kernel_kinds_of_typical_gpu_kernel_names():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark_training import kernel_kind
+
+    cases = {
+        "_norm_bwd_kernel": "norm",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>": "norm",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel": "matmul",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<128, 64>>": "attention",
+        "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention",
+        "void at::native::multi_tensor_apply_kernel<TensorListMetadata<4>, FusedAdamMathFunctor<float, 4>>": "optimizer",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>": "other",
+    }
+    for name, kind in cases.items():
+        assert kernel_kind(name) == kind, name
+
+
 def test_benchmark_training_times_only_the_rows_asked_for(tmp_path):
     script = str(ROOT / "scripts" / "benchmark_training.py")
     proc = subprocess.run([sys.executable, script, "--quick", "--models", "gpt2-medium", "--variants", "layernorm",
