@@ -5,7 +5,8 @@ reduction) with the configuration ``fwd_config``/``bwd_config`` picks and with i
 neighbours: half and twice the rows per tile, more or fewer elements per thread; for the
 forward, 1 to 8 tiles per program, also with fp32 parameters on the bf16 rows; for the
 backward, 1 to 8 programs per SM instead of the occupancy the compiler's register count
-allows, and registers capped; for both, the row loads with an evict-first cache hint. The result says whether the heuristic leaves time on the table and which way to move
+allows, registers capped and the weight loaded per tile; for both, the row loads with an
+evict-first cache hint. The result says whether the heuristic leaves time on the table and which way to move
 it (benchmarks/NOTES.md keeps the decisions). The shipped code never reads this output.
 
     python scripts/tune_kernels.py            # on a GPU
@@ -54,13 +55,14 @@ def _candidates(default: tuple[int, int, int], max_tile: int, warps_floor: int) 
     return out
 
 
-def _row(pass_, kind, m, n, config, programs_per_sm, ms, copy_gbps, x_dtype, maxnreg=None, tiles=None, stream=""):
+def _row(pass_, kind, m, n, config, programs_per_sm, ms, copy_gbps, x_dtype, maxnreg=None, tiles=None, stream="",
+         reload_w=False):
     bytes_ = floor_bytes(m, n, x_dtype, "fwd")
     if pass_ != "fwd":  # the backward: read x and dy, write dx
         bytes_ = floor_bytes(m, n, x_dtype, "fwd+bwd") - bytes_
     gbps = bytes_ / (ms * 1e-3) / 1e9
     return {"pass": pass_, "kind": kind, "shape": f"{m}x{n}", "config": list(config), "programs_per_sm": programs_per_sm,
-            "maxnreg": maxnreg, "tiles": tiles, "stream": stream, "time_us": ms * 1e3, "gbps": gbps, "frac_copy": gbps / copy_gbps}
+            "maxnreg": maxnreg, "tiles": tiles, "stream": stream, "reload_w": reload_w, "time_us": ms * 1e3, "gbps": gbps, "frac_copy": gbps / copy_gbps}
 
 
 def sweep(shapes, device, quick, copy_gbps):
@@ -107,15 +109,20 @@ def sweep(shapes, device, quick, copy_gbps):
                 rms_rows = [r for r in rows if r["pass"] == "bwd" and r["kind"] == "rms" and r["shape"] == f"{m}x{n}"]
                 best = tuple(min(rms_rows, key=lambda r: r["time_us"])["config"])
                 configs = list(dict.fromkeys([k.bwd_config(n, True), best]))
-            # (config, programs per SM, register cap, cache hint): every occupancy for each
-            # config, the shipped config with its registers capped (more programs per SM, maybe
-            # spills), and with the x and dy loads hinted evict_first
-            variants = [(c, p, None, "") for c in configs for p in (PROGRAMS_PER_SM if device.type == "cuda" else (None,))]
-            variants += [(configs[0], None, cap, "") for cap in REGISTER_CAPS] + [(configs[0], None, None, "evict_first")]
-            for config, pps, cap, stream in variants:
+            # (config, programs per SM, register cap, cache hint, weight per tile): every
+            # occupancy for each config; the shipped config with its registers capped (more
+            # programs per SM, maybe spills), with the x and dy loads hinted evict_first, and
+            # with the weight loaded per tile instead of held in registers, alone and capped at
+            # 96 (kernel_report: LayerNorm's one-row tiles 127 -> 118 registers, 8 B of spill at
+            # 96; RMSNorm+bias 95 -> 80, no spill)
+            variants = [(c, p, None, "", False) for c in configs for p in (PROGRAMS_PER_SM if device.type == "cuda" else (None,))]
+            variants += [(configs[0], None, cap, "", False) for cap in REGISTER_CAPS]
+            variants += [(configs[0], None, None, "evict_first", False), (configs[0], None, None, "", True),
+                         (configs[0], None, 96, "", True)]
+            for config, pps, cap, stream, reload_w in variants:
                 def run(sums):
-                    dx, part = k.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, bias is not None,
-                                          config=config, programs_per_sm=pps, maxnreg=cap, stream=stream)
+                    dx, part = k.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, bias is not None, config=config,
+                                          programs_per_sm=pps, maxnreg=cap, stream=stream, reload_w=reload_w)
                     if sums:  # what autograd also pays: the partial rows summed in w's dtype
                         part = k.sum_partials(part, [w.dtype] * (1 if bias is None else 2))
                     return dx, part
@@ -127,10 +134,11 @@ def sweep(shapes, device, quick, copy_gbps):
                         ms = _bench(lambda: run(sums), device, quick=quick)
                     except Exception as exc:  # a configuration that does not compile or fit
                         rows.append({"pass": pass_, "kind": kind, "shape": f"{m}x{n}", "config": list(config),
-                                     "programs_per_sm": pps, "maxnreg": cap, "stream": stream,
+                                     "programs_per_sm": pps, "maxnreg": cap, "stream": stream, "reload_w": reload_w,
                                      "error": f"{type(exc).__name__}: {exc}"[:200]})
                         continue
-                    rows.append(_row(pass_, kind, m, n, config, pps, ms, copy_gbps, x_dtype, cap, stream=stream))
+                    rows.append(_row(pass_, kind, m, n, config, pps, ms, copy_gbps, x_dtype, cap, stream=stream,
+                                     reload_w=reload_w))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -145,7 +153,7 @@ def _fwd_tiles(k, x, w, b, config) -> int:
 def _label(r) -> str:
     cap, tiles, stream = r.get("maxnreg"), r.get("tiles"), r.get("stream")
     return (f"{tuple(r['config'])}" + (f" ≤{cap} regs" if cap else "") + (f" ×{tiles} tiles" if tiles and tiles > 1 else "")
-            + (f" {stream}" if stream else ""))
+            + (f" {stream}" if stream else "") + (" w per tile" if r.get("reload_w") else ""))
 
 
 def to_markdown(env, rows) -> str:
@@ -155,7 +163,8 @@ def to_markdown(env, rows) -> str:
         "Raw launcher times (median); backward = read x, dy and write dx (6 B/element), "
         "alone (bwd) and with the partial-row sums autograd also runs (bwd+sums); "
         "config = (BLOCK_M, BLOCK_N, warps), `≤R regs` = registers capped at R (ptxas maxnreg), "
-        "`×T tiles` = T tiles per forward program, `evict_first` = row loads hinted to leave the cache; "
+        "`×T tiles` = T tiles per forward program, `evict_first` = row loads hinted to leave the cache, "
+        "`w per tile` = the backward loads the weight per tile instead of holding it; "
         "norm `/fp32w` = fp32 weight (and bias) on bf16 rows; "
         "programs/SM `auto` = from the compiled register count.", "",
         "| pass | norm | shape | shipped config | time | % copy | best config | programs/SM | time | % copy |",

@@ -162,9 +162,10 @@ def test_register_capped_backward_computes_the_same_bits(n, cap):
 
 
 @pytest.mark.parametrize("n", [768, 2048])
-def test_cache_hinted_loads_compute_the_same_bits(n):
-    """The sweep times the row loads with an evict-first cache hint: a hint to the memory
-    system only, so forward and backward must give the very same bits."""
+def test_cache_hints_and_weight_reloads_compute_the_same_bits(n):
+    """The sweep times the row loads with an evict-first cache hint (a hint to the memory system
+    only) and a backward that loads the weight per tile: forward and backward must give the
+    very same bits as the shipped kernels."""
     from hf_rmsnorm.ops import _triton_norm
 
     g = torch.Generator(device="cuda").manual_seed(n)
@@ -173,11 +174,13 @@ def test_cache_hinted_loads_compute_the_same_bits(n):
     w = (torch.rand(n, device="cuda", generator=g) + 0.5).bfloat16()
     b = (0.1 * torch.randn(n, device="cuda", generator=g)).bfloat16()
     runs = []
-    for stream in ("", "evict_first"):
+    for stream, reload_w in (("", False), ("evict_first", False), ("", True)):
         y, mean, rstd = _triton_norm.norm_fwd(x, w, b, 1e-5, 0.0, False, 0, torch.bfloat16, stream=stream)
-        runs.append([y, mean, rstd, *_triton_norm.norm_bwd(dy, x, w, mean, rstd, 0.0, False, 0, True, stream=stream)])
-    for plain, hinted in zip(*runs):
-        assert torch.equal(plain, hinted)
+        runs.append([y, mean, rstd, *_triton_norm.norm_bwd(dy, x, w, mean, rstd, 0.0, False, 0, True, programs_per_sm=4,
+                                                             stream=stream, reload_w=reload_w)])
+    for other in runs[1:]:
+        for shipped, variant in zip(runs[0], other):
+            assert torch.equal(shipped, variant)
 
 
 @pytest.mark.parametrize("n", [768, 2048, 8192])

@@ -226,13 +226,15 @@ def test_bad_input_gets_one_clear_error(kind, case, kwargs, exc, message, backen
 
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("block_m,warps,tiles,stream",
-                         [(1, 1, 1, ""), (2, 4, 1, ""), (4, 2, 1, ""), (16, 4, 1, ""), (1, 2, 4, ""), (2, 4, 3, "evict_first")])
-def test_every_launch_configuration_computes_the_same_norm(kind, dtype, block_m, warps, tiles, stream):
+@pytest.mark.parametrize("block_m,warps,tiles,stream,reload_w", [
+    (1, 1, 1, "", False), (2, 4, 1, "", False), (4, 2, 1, "", False), (16, 4, 1, "", False),
+    (1, 2, 4, "", False), (2, 4, 3, "evict_first", False), (4, 2, 1, "", True),
+])
+def test_every_launch_configuration_computes_the_same_norm(kind, dtype, block_m, warps, tiles, stream, reload_w):
     """The launch parameters are tuned per GPU (scripts/tune_kernels.py sweeps them); every
     tile shape must compute the norm and its gradients, masked rows and columns included, and
-    so must a forward program that takes several tiles (the last program's partly past M) and
-    the loads with a cache hint."""
+    so must a forward program that takes several tiles (the last program's partly past M), the
+    loads with a cache hint and a backward that loads the weight per tile."""
     _needs_interpreter("calls the launchers on CPU tensors; that needs TRITON_INTERPRET=1")
     from hf_rmsnorm.ops import _triton_norm
 
@@ -241,7 +243,8 @@ def test_every_launch_configuration_computes_the_same_norm(kind, dtype, block_m,
     x, w, b = x.detach() * 2 + 0.5, w.detach(), b.detach()
     config = (block_m, 64, warps)  # 40 columns in a 64-wide tile, 37 rows in tiles of block_m
     y, mean, rstd = _triton_norm.norm_fwd(x, w, b, eps, 0.0, is_rms, 0, dtype, config=config, tiles=tiles, stream=stream)
-    dx, part = _triton_norm.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, True, config=config, stream=stream)
+    dx, part = _triton_norm.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, True, config=config, stream=stream,
+                                     reload_w=reload_w)
     ours = [y, dx, *_triton_norm.sum_partials(part, [torch.float32, torch.float32])]
     truth = fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps), x.double(), w.double(), b.double(), dy.double())
     yardstick = fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps), x, w, b, dy)

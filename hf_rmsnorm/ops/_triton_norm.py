@@ -133,6 +133,7 @@ def _norm_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     STREAM: tl.constexpr,  # cache eviction policy of the x and dy loads (see the forward)
+    RELOAD_W: tl.constexpr,  # load the weight per tile (from cache) instead of holding it in registers
 ):
     # A persistent grid: program p takes the tiles p, p + P, p + 2P, ... of BLOCK_M rows each
     # (P = the number of programs, fixed per device and shape), so the weight gradient needs
@@ -147,7 +148,8 @@ def _norm_bwd_kernel(
     # halves the accumulators' registers with two-row tiles (LayerNorm at 768 columns: 115 -> 96
     # registers a thread, 5 programs per SM instead of 4; scripts/kernel_report.py).
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
+        if not RELOAD_W:
+            w = _load_f32(W, cols, col_mask) + offset
         dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if HAS_BIAS:
         db = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -174,6 +176,8 @@ def _norm_bwd_kernel(
                 dw += tl.sum(dy * xhat.to(W.dtype.element_ty).to(tl.float32), axis=0)
             else:
                 dw += tl.sum(dy * xhat, axis=0)
+            if RELOAD_W:
+                w = _load_f32(W, cols, col_mask) + offset
             wdy = dy * w[None, :]
         else:
             wdy = dy
@@ -347,15 +351,16 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
 
 
 def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, config=None, programs_per_sm=None,
-             maxnreg=None, stream=""):
+             maxnreg=None, stream="", reload_w=False):
     """Launch the backward kernel; returns dx and the fp32 ``(programs, C)`` partial sums of the
     parameter gradients: C = N for one parameter, 2N for weight and bias (weight first), None
     without parameters. ``sum_partials`` reduces them.
 
     ``config`` overrides ``bwd_config(N)``, ``programs_per_sm`` the occupancy the compiled
     kernel allows, ``maxnreg`` caps the registers a thread may use (ptxas spills beyond it;
-    fewer registers, more programs per SM), and ``stream`` is the forward's cache hint for the
-    x and dy loads. The tuning sweep uses all four."""
+    fewer registers, more programs per SM), ``stream`` is the forward's cache hint for the
+    x and dy loads, and ``reload_w`` loads the weight for every tile instead of keeping it in
+    registers (fewer registers, more loads). The tuning sweep uses all five."""
     M, N = x.shape
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
     columns = ((weight is not None) + has_bias) * N
@@ -363,7 +368,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
         return dx, torch.zeros((1, columns), dtype=torch.float32, device=x.device) if columns else None
     block_m, block_n, warps = config or bwd_config(N, has_bias)
     meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
-                BLOCK_M=block_m, BLOCK_N=block_n, STREAM=stream, num_warps=warps)
+                BLOCK_M=block_m, BLOCK_N=block_n, STREAM=stream, RELOAD_W=reload_w, num_warps=warps)
     if maxnreg is not None:
         meta["maxnreg"] = maxnreg
     # Absent buffers go to the kernel as None: Triton's launcher asks the driver about every
@@ -377,7 +382,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
         if programs_per_sm is None:
             # everything the compiled variant depends on (Triton specialises on 16-divisibility)
             key = (x.device, x.dtype, dy.dtype, weight.dtype if weight is not None else None, x.stride(0) % 16,
-                   dy.stride(0) % 16, N % 16, is_rms, has_bias, rounding, block_m, block_n, warps, maxnreg, stream)
+                   dy.stride(0) % 16, N % 16, is_rms, has_bias, rounding, block_m, block_n, warps, maxnreg, stream, reload_w)
             programs_per_sm = _OCCUPANCY.get(key)
             if programs_per_sm is None:
                 # compile (or fetch from Triton's cache) without launching, to read the registers
