@@ -6,8 +6,9 @@ neighbours: half and twice the rows per tile, more or fewer elements per thread;
 forward, 1 to 8 tiles per program, also with fp32 parameters on the bf16 rows; for the
 backward, 1 to 8 programs per SM instead of the occupancy the compiler's register count
 allows, registers capped and the weight loaded per tile; for both, the row loads with an
-evict-first cache hint. The result says whether the heuristic leaves time on the table and which way to move
-it (benchmarks/NOTES.md keeps the decisions). The shipped code never reads this output.
+evict-first cache hint. The result says whether the heuristic leaves time on the table and
+which way to move it (benchmarks/NOTES.md keeps the decisions). The shipped code never reads
+this output.
 
     python scripts/tune_kernels.py            # on a GPU
     python scripts/tune_kernels.py --quick    # tiny shapes under TRITON_INTERPRET=1 (CI)
@@ -62,7 +63,8 @@ def _row(pass_, kind, m, n, config, programs_per_sm, ms, copy_gbps, x_dtype, max
         bytes_ = floor_bytes(m, n, x_dtype, "fwd+bwd") - bytes_
     gbps = bytes_ / (ms * 1e-3) / 1e9
     return {"pass": pass_, "kind": kind, "shape": f"{m}x{n}", "config": list(config), "programs_per_sm": programs_per_sm,
-            "maxnreg": maxnreg, "tiles": tiles, "stream": stream, "reload_w": reload_w, "time_us": ms * 1e3, "gbps": gbps, "frac_copy": gbps / copy_gbps}
+            "maxnreg": maxnreg, "tiles": tiles, "stream": stream, "reload_w": reload_w, "time_us": ms * 1e3, "gbps": gbps,
+            "frac_copy": gbps / copy_gbps}
 
 
 def sweep(shapes, device, quick, copy_gbps):
@@ -146,8 +148,7 @@ def sweep(shapes, device, quick, copy_gbps):
 
 def _fwd_tiles(k, x, w, b, config) -> int:
     """The tiles per program the shipped rule gives this forward."""
-    param_size = sum(t.element_size() for t in (w, b) if t is not None)
-    return k.fwd_tiles(x.shape[0], config[0], x.element_size(), param_size)
+    return k.fwd_tiles(x.shape[0], config[0], x.element_size(), k.param_bytes(w, b))
 
 
 def _label(r) -> str:

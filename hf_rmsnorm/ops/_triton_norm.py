@@ -309,6 +309,11 @@ _FWD_TILES = 4
 _MIN_FWD_PROGRAMS = 1024
 
 
+def param_bytes(weight, bias) -> int:
+    """Bytes of the weight and bias elements of one column (0 for an absent one)."""
+    return sum(p.element_size() for p in (weight, bias) if p is not None)
+
+
 def fwd_tiles(M: int, block_m: int, x_size: int, param_size: int) -> int:
     """Tiles of ``block_m`` rows per forward program for M rows of ``x_size``-byte elements and
     parameters of ``param_size`` bytes a column (weight and bias together)."""
@@ -331,8 +336,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
         return y, mean, rstd
     block_m, block_n, warps = config or fwd_config(N, is_rms)
     if tiles is None:
-        param_size = (weight.element_size() if weight is not None else 0) + (bias.element_size() if bias is not None else 0)
-        tiles = fwd_tiles(M, block_m, x.element_size(), param_size)
+        tiles = fwd_tiles(M, block_m, x.element_size(), param_bytes(weight, bias))
     _norm_fwd_kernel[(_ceil_div(M, block_m * tiles),)](
         x, y, weight, bias, None if is_rms else mean, rstd,  # None: no pointer for the launcher to check
         x.stride(0), M, N, eps, offset,
