@@ -31,6 +31,33 @@ def _inputs(m=64, n=300, dtype=torch.bfloat16, seed=0):
 
 
 @pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_backward_runs_no_fill_for_the_statistics(kind, launches, monkeypatch):
+    """The forward also returns the per-row statistics, which nobody differentiates; autograd
+    must not materialise zero gradients for them (on a GPU each is a fill kernel of M floats,
+    one per norm per training step)."""
+    _needs_interpreter("runs the Triton path on CPU tensors; that needs TRITON_INTERPRET=1")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    x, w, b, dy = _inputs(m=8, n=40)
+    y = FNS[kind](x, w, b if kind == "layer" else None)
+    with Ops() as ops:
+        y.backward(dy)
+    assert launches() == 2 and x.grad is not None and w.grad is not None
+    fills = [name for name in ops.names if name in ("zeros", "zeros_like", "fill_", "zero_", "full", "new_zeros")]
+    assert not fills, fills
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
 def test_gradients_are_bit_identical_across_runs(kind, backend, launches):
     # 64 rows over several backward programs: the weight gradient is a cross-program sum
     runs = []

@@ -316,9 +316,14 @@ def _setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.eps, ctx.offset, ctx.is_rms, ctx.rounding = eps, offset, is_rms, rounding
+    # The statistics are outputs nobody differentiates; by default autograd would still hand
+    # the backward a zero tensor for each, one fill kernel of M floats per norm per step.
+    ctx.set_materialize_grads(False)
 
 
 def _backward_with(bwd, ctx, dy):
+    if dy is None:  # no gradient reached the output (grads are not materialised): none to pass on
+        return None, None, None, None, None, None, None
     x, weight, bias, mean, rstd = ctx.saved_tensors
     dx, dw, db = bwd(dy, x, weight, bias, mean, rstd, ctx.offset, ctx.is_rms, ctx.rounding)
     # already in the parameters' dtypes; the custom op's empty stand-ins become None
@@ -346,7 +351,7 @@ class _NormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dmean, _drstd):
-        if torch.is_grad_enabled():  # create_graph=True: the kernels have no second derivative
+        if dy is not None and torch.is_grad_enabled():  # create_graph=True: the kernels have no second derivative
             x, weight, bias, _, _ = ctx.saved_tensors
             grads = backward_by_autograd(
                 ctx.torch_impl, dy, (x, weight, bias), ctx.needs_input_grad[:3],
