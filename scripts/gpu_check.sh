@@ -46,11 +46,11 @@ step() {
 
 PEERS="torch F.layer_norm,torch F.rms_norm,HF eager RMSNorm"
 OURS="hf_rmsnorm RMSNorm,hf_rmsnorm RMSNorm+bias,hf_rmsnorm LayerNorm"
-step tests 70 "$PY" -m pytest tests/test_gpu.py -q -rfEs -p no:cacheprovider
-step bench 100 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16 ${BENCH_PROVIDERS:+--providers "$BENCH_PROVIDERS"}
+step tests 80 "$PY" -m pytest tests/test_gpu.py -q -rfEs -p no:cacheprovider
+step bench 95 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16 ${BENCH_PROVIDERS:+--providers "$BENCH_PROVIDERS"}
 step training 60 "$PY" scripts/benchmark_training.py $quick --out "$OUT"
 step mixed 40 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16_fp32w --w-dtype fp32 --providers "$OURS,$PEERS"
-step fp32 50 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_fp32 --x-dtype fp32 --providers "$OURS,$PEERS"
+step fp32 45 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_fp32 --x-dtype fp32 --providers "$OURS,$PEERS"
 step tune 120 "$PY" scripts/tune_kernels.py $quick --out "$OUT"
 [ -z "$quick" ] && step profile 20 "$PY" scripts/profile_norms.py --shapes 65536x768 --out "$OUT"
 step trainprof 60 "$PY" scripts/benchmark_training.py $quick --profile --models llama-1b --variants "layernorm,norms -> Identity" --out "$OUT/trainprof"

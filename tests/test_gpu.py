@@ -183,12 +183,12 @@ def test_cache_hints_and_weight_reloads_compute_the_same_bits(n):
             assert torch.equal(shipped, variant)
 
 
-@pytest.mark.parametrize("n", [768, 2048, 8192])
+@pytest.mark.parametrize("n", [768, 8192])
 @pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_forward_with_several_tiles_per_program_computes_the_same_bits(n, p_dtype):
     """Tiles per forward program only change which program normalises a row (and how often the
     parameters are loaded): y and the saved statistics must be the very same bits, rows past
-    the end of the last program's tiles included (4097 rows)."""
+    the end of the last program's tiles included (4097 rows: the last program has one)."""
     from hf_rmsnorm.ops import _triton_norm
 
     g = torch.Generator(device="cuda").manual_seed(n)
@@ -196,7 +196,7 @@ def test_forward_with_several_tiles_per_program_computes_the_same_bits(n, p_dtyp
     w = (torch.rand(n, device="cuda", generator=g) + 0.5).to(p_dtype)
     b = (0.1 * torch.randn(n, device="cuda", generator=g)).to(p_dtype)
     for is_rms, bias in ((True, None), (False, b)):
-        runs = [_triton_norm.norm_fwd(x, w, bias, 1e-5, 0.0, is_rms, 0, torch.bfloat16, tiles=t) for t in (1, 3, 4)]
+        runs = [_triton_norm.norm_fwd(x, w, bias, 1e-5, 0.0, is_rms, 0, torch.bfloat16, tiles=t) for t in (1, 4)]
         for other in runs[1:]:
             for a, c in zip(runs[0], other):
                 assert torch.equal(a, c)
