@@ -45,6 +45,7 @@ QUICK = {
 }
 VARIANTS = ("as shipped", "layernorm", "rmsnorm", "norms -> Identity")
 PRECISIONS = ("bf16 params", "fp32 params + bf16 autocast")
+PROFILE_STEPS = 2  # steps a row runs under the profiler with --profile
 
 
 def build(name, table, precision, device):
@@ -178,7 +179,8 @@ def main(argv=None) -> int:
                     summary = apply_variant(model, variant, batch)
                     if variant == "rmsnorm" and " 0 exact" in summary:
                         continue  # nothing to convert (an RMSNorm model): same as "layernorm"
-                    times, peak, kernels = time_steps(model, batch, precision, device, warmup, steps, 2 if args.profile else 0)
+                    times, peak, kernels = time_steps(model, batch, precision, device, warmup, steps,
+                                                      PROFILE_STEPS if args.profile else 0)
                     ms = statistics.median(times)
                     # the spread shows a row disturbed by the host (steps synchronise, so a slow
                     # moment of the host's Python shows up as a slow step)
@@ -233,11 +235,11 @@ def _markdown(env, results) -> str:
         )
     profiled = [r for r in results if "kernel_us_per_step" in r]
     if profiled:
-        lines += _profile_markdown(profiled, ceiling)
+        lines += _profile_markdown(profiled)
     return "\n".join(lines) + "\n"
 
 
-def _profile_markdown(rows, ceiling) -> list:
+def _profile_markdown(rows) -> list:
     kinds = [k for k, _ in KINDS] + ["other"]
     lines = ["", "Kernel time per step by kind (ms; two profiled steps a row; on a CPU, top-level ops):", "",
              "| model | precision | variant | " + " | ".join(kinds) + " | all kernels | step ms |",

@@ -78,18 +78,18 @@ def sweep(shapes, device, quick, copy_gbps):
         dy = torch.randn(m, n, device=device, generator=g).to(x_dtype)
         w = (1 + 0.1 * torch.randn(n, device=device, generator=g)).to(x_dtype)
         b = (0.1 * torch.randn(n, device=device, generator=g)).to(x_dtype)
-        # forward: RMSNorm (weight) and LayerNorm (weight + bias). Nearly the same memory traffic,
-        # but LayerNorm's two row reductions (mean, then variance) each cross the warps that
-        # share a row, so the best tile can differ (run 4 on the H200: 62 vs 52 us at 768).
-        for kind, is_rms, bias in (("rms", True, None), ("layer", False, b)):
+        norms = (("rms", True, None), ("layer", False, b))  # RMSNorm with a weight, LayerNorm with both
+        # forward: RMSNorm and LayerNorm. Nearly the same memory traffic, but LayerNorm's two row
+        # reductions (mean, then variance) each cross the warps that share a row, so the best
+        # tile can differ (run 4 on the H200: 62 vs 52 us at 768). First the shipped tile and its
+        # neighbours; then variants of the shipped tile: 1-8 tiles per program with bf16
+        # parameters (rows joining the same group) and with fp32 ones (groups of their own,
+        # "/fp32w": the weight, or weight and bias, in fp32 on bf16 rows), the shipped number
+        # first; and the row loads hinted evict_first, as torch.compile's generated kernels load them.
+        for kind, is_rms, bias in norms:
             for config in _candidates(k.fwd_config(n, is_rms), 16384, 1):
                 ms = _bench(lambda: k.norm_fwd(x, w, bias, 1e-6, 0.0, is_rms, 0, x_dtype, config=config), device, quick=quick)
                 rows.append(_row("fwd", kind, m, n, config, None, ms, copy_gbps, x_dtype, tiles=_fwd_tiles(k, x, w, bias, config)))
-        # Then variants of the shipped tile: 1-8 tiles per program with bf16 parameters (rows
-        # joining the groups above) and with fp32 ones (groups of their own, "/fp32w": the
-        # weight, or weight and bias, in fp32 on bf16 rows), the shipped number first; and the
-        # row loads hinted evict_first, as torch.compile's generated kernels load them.
-        for kind, is_rms, bias in (("rms", True, None), ("layer", False, b)):
             config = k.fwd_config(n, is_rms)
             for p_dtype in (x_dtype, torch.float32):
                 wp, bp = w.to(p_dtype), None if bias is None else bias.to(p_dtype)
@@ -104,7 +104,7 @@ def sweep(shapes, device, quick, copy_gbps):
                                      copy_gbps, x_dtype, tiles=tiles, stream=stream))
         # backward: RMSNorm (weight) over the whole neighbourhood, LayerNorm (weight + bias)
         # over the default and the best RMSNorm configuration
-        for kind, is_rms, bias in (("rms", True, None), ("layer", False, b)):
+        for kind, is_rms, bias in norms:
             _, mean, rstd = k.norm_fwd(x, w, bias, 1e-5, 0.0, is_rms, 0, x_dtype)
             configs = _candidates(k.bwd_config(n, bias is not None), 16384, 4)
             if kind == "layer":

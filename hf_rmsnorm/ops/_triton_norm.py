@@ -63,10 +63,11 @@ def _norm_fwd_kernel(
     # (RMSNorm at 768 columns: 32 -> 39 registers a thread).
     if TILES > 1:
         cols = tl.arange(0, BLOCK_N)
+        col_mask = cols < N
         if HAS_WEIGHT:
-            w = _load_f32(W, cols, cols < N) + offset
+            w = _load_f32(W, cols, col_mask) + offset
         if HAS_BIAS:
-            b = _load_f32(B, cols, cols < N)
+            b = _load_f32(B, cols, col_mask)
     for t in range(TILES):
         # (this order of the index lines and the parameters loaded where they are used make the
         # one-tile kernel what it was before TILES: other orders cost registers, e.g. RMSNorm at
