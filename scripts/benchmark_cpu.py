@@ -43,8 +43,9 @@ QUICK_SHAPES = [(1, 64), (32, 64)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("inference", "training")
 # Small on purpose: the host cost of a GPU call does not depend on the shape, while on the CPU
-# allocating (and freeing) large stand-in tensors would add malloc time no GPU run has.
-HOST_SHAPE = (16, 1024)
+# allocating (and freeing) large stand-in tensors would add malloc time no GPU run has. Three
+# dimensions, (batch, sequence, hidden), as a model's norms are called.
+HOST_SHAPE = (2, 8, 1024)
 
 
 def _hf_class(module: str, name: str):
@@ -164,11 +165,11 @@ def _launches_stubbed():
 def host_rows(shape, min_run_time: float) -> list[dict]:
     from hf_rmsnorm.ops import layer_norm, rms_norm
 
-    m, n = shape
-    x = torch.randn(m, n, dtype=torch.bfloat16, requires_grad=True)
+    n = shape[-1]
+    x = torch.randn(shape, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(n, dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(n, dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn(m, n, dtype=torch.bfloat16)
+    dy = torch.randn(shape, dtype=torch.bfloat16)
     calls = {
         "rms_norm(x, w)": (lambda: rms_norm(x, w), (x, w)),
         "rms_norm(x, w, b)": (lambda: rms_norm(x, w, b), (x, w, b)),
@@ -188,7 +189,7 @@ def host_rows(shape, min_run_time: float) -> list[dict]:
             }
             for mode, step in steps.items():
                 step()
-                rows.append({"call": name, "mode": mode, "shape": [m, n], "host_us": _median_us(step, min_run_time)})
+                rows.append({"call": name, "mode": mode, "shape": list(shape), "host_us": _median_us(step, min_run_time)})
                 print(f"{name:22s} {mode:20s} {rows[-1]['host_us']:7.1f} µs", flush=True)
     # what autograd alone costs for a Python-defined op with one saved tensor (the floor of
     # the forward + backward rows above, whatever this package does)
@@ -203,7 +204,7 @@ def host_rows(shape, min_run_time: float) -> list[dict]:
             return dy
 
     floor = _median_us(lambda: torch.autograd.grad(_Nothing.apply(x), (x,), dy), min_run_time)
-    rows.append({"call": "empty autograd.Function", "mode": "forward + backward", "shape": [m, n], "host_us": floor})
+    rows.append({"call": "empty autograd.Function", "mode": "forward + backward", "shape": list(shape), "host_us": floor})
     return rows
 
 
@@ -255,7 +256,7 @@ def to_markdown(result: dict) -> str:
             "|---|---|---|---|",
         ]
         for r in result["host"]:
-            lines.append(f"| {r['call']} | {r['mode']} | {r['shape'][0]}×{r['shape'][1]} | {r['host_us']:.1f} |")
+            lines.append(f"| {r['call']} | {r['mode']} | {'×'.join(map(str, r['shape']))} | {r['host_us']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

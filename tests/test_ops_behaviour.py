@@ -31,6 +31,56 @@ def _inputs(m=64, n=300, dtype=torch.bfloat16, seed=0):
 
 
 @pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_eager_kernel_path_is_one_autograd_node_with_an_output_of_its_own(kind, launches, monkeypatch):
+    """On (B, T, N) activations the eager path records one autograd node, straight onto x: the
+    rows are viewed inside the Function, where autograd records nothing, so no view nodes cost
+    host time around every norm. Its output is a tensor of its own, not a view made inside a
+    custom Function, so a model may still change it in place."""
+    _needs_interpreter("runs the Triton path on CPU tensors; that needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    x, w, b, dy = _inputs(m=12, n=40, dtype=torch.float32)
+    x = (x.detach() * 2 + 0.5).view(3, 4, 40).requires_grad_(True)
+    dy = dy.view(3, 4, 40)
+    y = FNS[kind](x, w, b, 1e-5)
+    assert y.shape == x.shape and y.is_contiguous() and y._base is None
+    assert type(y.grad_fn).__name__ == "_NormFunctionBackward"
+    assert y.grad_fn.next_functions[0][0].variable is x
+    y.mul_(3)  # in place on the output, then differentiated through
+    y.backward(dy)
+    assert launches() == 2
+    got = [x.grad, w.grad, b.grad]
+    yardstick = fwd_bwd(lambda x, w, b: 3 * norm_torch_same_dtype(kind, x, w, b, 1e-5), x, w, b, dy)[1:]
+    truth = fwd_bwd(lambda x, w, b: 3 * norm_fp64(kind, x, w, b, 1e-5), x.double(), w.double(), b.double(), dy)[1:]
+    for name, g, y_, t in zip(("dx", "dw", "db"), got, yardstick, truth):
+        assert_close_to_fp64(g, y_, t, torch.float32, name)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_kernel_path_under_activation_checkpointing_gives_the_same_gradients(reentrant, monkeypatch):
+    """HF's gradient_checkpointing re-runs the forward in the backward: the statistics saved
+    inside the Function (not returned) must be saved and recomputed like any activation, and
+    the gradients must be the very bits of the plain run."""
+    _needs_interpreter("runs the Triton path on CPU tensors; that needs TRITON_INTERPRET=1")
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    x, w, b, dy = _inputs(m=12, n=40)
+    x, dy = x.detach().view(3, 4, 40), dy.view(3, 4, 40)
+
+    def block(x, w, b):  # two norms and something between them, as in a decoder layer
+        return rms_norm(torch.tanh(layer_norm(x, w, b)), w)
+
+    results = []
+    for run in (block, lambda *args: checkpoint(block, *args, use_reentrant=reentrant)):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        y = run(*leaves)
+        y.backward(dy)
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
 def test_backward_runs_no_fill_for_the_statistics(kind, launches, monkeypatch):
     """The forward also returns the per-row statistics, which nobody differentiates; autograd
     must not materialise zero gradients for them (on a GPU each is a fill kernel of M floats,
@@ -95,9 +145,9 @@ def test_eager_function_and_custom_op_are_the_same_computation(is_rms):
 
     results = []
     reference = rms_norm_ref if is_rms else layer_norm_ref  # used only for second derivatives
-    for op in (lambda *args: _norm._NormFunction.apply(*args, reference), _norm._norm_fwd_op):
+    for op in (lambda *args: _norm._NormFunction.apply(*args, reference), lambda *args: _norm._norm_fwd_op(*args)[0]):
         leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
-        y, _, _ = op(*leaves, 1e-5, 0.0, is_rms, 0)
+        y = op(*leaves, 1e-5, 0.0, is_rms, 0)
         y.backward(dy)
         results.append([y.detach()] + [t.grad for t in leaves])
     for a, b_ in zip(*results):
@@ -416,8 +466,9 @@ def test_second_derivatives_are_right_on_every_path(kind, backend, launches):
     """The backward passes are hand-written (kernels, and the CPU's closed form); asked for
     create_graph=True they must still give the right second derivatives, not drop the norm's."""
     x, w, b, dy = _inputs(m=6, n=24, dtype=torch.float32)
-    x = x.detach() * 2 + 0.5
-    dy = dy.float()
+    # leading dimensions: the eager Function views x's rows inside, the graph must still reach x
+    x = x.detach().view(2, 3, 24) * 2 + 0.5
+    dy = dy.float().view(2, 3, 24)
     fn = lambda x, w, b: FNS[kind](x, w, b, 1e-5)  # noqa: E731
     got = second_order(fn, x, w, b, dy)
     truth = second_order(lambda x, w, b: norm_fp64(kind, x, w, b, 1e-5), x.double(), w.double(), b.double(), dy.double())

@@ -243,19 +243,29 @@ def output_dtype(dtype: torch.dtype, weight: Optional[Tensor], bias: Optional[Te
 # --------------------------------------------------------------------------------------------
 
 
+def _rows(x: Tensor) -> Tensor:
+    """``x`` as an (M, N) matrix of rows with unit column stride, the kernels' layout: a view
+    wherever the leading dimensions allow one, a copy otherwise."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return x2.contiguous() if x2.shape[1] > 1 and x2.stride(1) != 1 else x2
+
+
 def _fwd_impl(x, weight, bias, eps, offset, is_rms, rounding):
+    """The forward on ``x`` of any shape: y in x's shape, the statistics one per row."""
     from . import _triton_norm
 
     out_dtype = output_dtype(x.dtype, weight, bias, CAST_MODES[rounding])
-    return _triton_norm.norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype)
+    return _triton_norm.norm_fwd(_rows(x), weight, bias, eps, offset, is_rms, rounding, out_dtype, shape=x.shape)
 
 
 def _bwd_impl(dy, x, weight, bias, mean, rstd, offset, is_rms, rounding):
+    """The backward for x of any shape (dy in x's shape): dx in x's shape, then the parameter
+    gradients."""
     from . import _triton_norm
 
-    if dy.stride(-1) != 1:
-        dy = dy.contiguous()
-    dx, part = _triton_norm.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, bias is not None)
+    dx, part = _triton_norm.norm_bwd(
+        _rows(dy), _rows(x), weight, mean, rstd, offset, is_rms, rounding, bias is not None, shape=x.shape
+    )
     if part is None:
         return dx, None, None
     # Partial rows summed in a fixed order (deterministic, unlike atomics), each gradient in
@@ -275,7 +285,8 @@ def _norm_fwd_op(
     is_rms: bool,
     rounding: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _fwd_impl(x, weight, bias, eps, offset, is_rms, rounding)
+    y, mean, rstd = _fwd_impl(x, weight, bias, eps, offset, is_rms, rounding)
+    return y, mean if mean is not None else x.new_empty((0,), dtype=torch.float32), rstd
 
 
 @_norm_fwd_op.register_fake
@@ -338,7 +349,12 @@ _norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _NormFunction(torch.autograd.Function):
-    """The eager twin of ``_norm_fwd_op``: same launches, same saved tensors, same backward."""
+    """The eager twin of ``_norm_fwd_op``: same launches, same saved tensors, same backward.
+
+    Cheaper for autograd in two ways, both host time per norm per step: it takes x in the
+    caller's shape and returns y in it (the rows are viewed inside, where autograd does not
+    record, instead of two view nodes around the call), and y is its only output (the
+    statistics are saved, not returned, so autograd wraps one tensor, not three)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, offset, is_rms, rounding, torch_impl):
@@ -346,11 +362,10 @@ class _NormFunction(torch.autograd.Function):
         output = _fwd_impl(*inputs)
         _setup_context(ctx, inputs, output)
         ctx.torch_impl = torch_impl
-        ctx.mark_non_differentiable(output[1], output[2])
-        return output
+        return output[0]
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _drstd):
+    def backward(ctx, dy):
         if dy is not None and torch.is_grad_enabled():  # create_graph=True: the kernels have no second derivative
             x, weight, bias, _, _ = ctx.saved_tensors
             grads = backward_by_autograd(
@@ -411,15 +426,10 @@ def normalize(
 def _dispatch(torch_impl, x, device_type, weight, bias, eps, offset, is_rms, cast_mode):
     if not _use_triton(x, device_type, weight, bias):
         return torch_impl(x, weight, bias, eps, offset, cast_mode)
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.shape[1] > 1 and x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    args = (x2, weight, bias, float(eps), float(offset), is_rms, ROUNDING[cast_mode])
+    args = (weight, bias, float(eps), float(offset), is_rms, ROUNDING[cast_mode])
     if torch.compiler.is_compiling():
-        y = _norm_fwd_op(*args)[0]  # traceable and opaque to the compiler
-    elif needs_grad(x, weight, bias):
-        y = _NormFunction.apply(*args, torch_impl)[0]  # eager: cheaper than the custom op's dispatch
-    else:
-        y = _fwd_impl(*args)[0]  # nothing to differentiate: no autograd node at all
-    return y.view(shape)
+        # traceable and opaque to the compiler; its schema takes the (M, N) rows
+        return _norm_fwd_op(_rows(x), *args)[0].view(x.shape)
+    if needs_grad(x, weight, bias):
+        return _NormFunction.apply(x, *args, torch_impl)  # eager: cheaper than the custom op's dispatch
+    return _fwd_impl(x, *args)[0]  # nothing to differentiate: no autograd node at all

@@ -323,23 +323,26 @@ def fwd_tiles(M: int, block_m: int, x_size: int, param_size: int) -> int:
     return 1
 
 
-def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=None, tiles=None, stream=""):
-    """Launch the forward kernel on ``x`` (M, N) with unit column stride.
+def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=None, tiles=None, stream="",
+             shape=None):
+    """Launch the forward kernel on ``x`` (M, N) with unit column stride; returns y, contiguous,
+    of ``shape`` (default (M, N): a caller with leading dimensions gets y in its own shape, no
+    view), and the fp32 statistics per row: mean (None for RMSNorm, which has none) and rstd.
 
     ``config`` overrides ``fwd_config(N, is_rms)``, ``tiles`` the tiles per program
     ``fwd_tiles`` picks, and ``stream`` (``"evict_first"``) hints the cache to drop the rows
     after reading them, as torch.compile's kernels do; the tuning sweep uses all three."""
     M, N = x.shape
-    y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    y = torch.empty(shape if shape is not None else (M, N), dtype=out_dtype, device=x.device)
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
-    mean = torch.empty((0 if is_rms else M,), dtype=torch.float32, device=x.device)
+    mean = None if is_rms else torch.empty((M,), dtype=torch.float32, device=x.device)
     if M == 0:
         return y, mean, rstd
     block_m, block_n, warps = config or fwd_config(N, is_rms)
     if tiles is None:
         tiles = fwd_tiles(M, block_m, x.element_size(), param_bytes(weight, bias))
     _norm_fwd_kernel[(_ceil_div(M, block_m * tiles),)](
-        x, y, weight, bias, None if is_rms else mean, rstd,  # None: no pointer for the launcher to check
+        x, y, weight, bias, mean, rstd,  # mean None (RMS): no pointer for the launcher to check
         x.stride(0), M, N, eps, offset,
         IS_RMS=is_rms,
         HAS_WEIGHT=weight is not None,
@@ -356,8 +359,8 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
 
 
 def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, config=None, programs_per_sm=None,
-             maxnreg=None, stream="", reload_w=False):
-    """Launch the backward kernel; returns dx and the fp32 ``(programs, C)`` partial sums of the
+             maxnreg=None, stream="", reload_w=False, shape=None):
+    """Launch the backward kernel; returns dx (contiguous, of ``shape``, default (M, N)) and the fp32 ``(programs, C)`` partial sums of the
     parameter gradients: C = N for one parameter, 2N for weight and bias (weight first), None
     without parameters. ``sum_partials`` reduces them.
 
@@ -367,7 +370,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     x and dy loads, and ``reload_w`` loads the weight for every tile instead of keeping it in
     registers (fewer registers, more loads). The tuning sweep uses all five."""
     M, N = x.shape
-    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    dx = torch.empty(shape if shape is not None else (M, N), dtype=x.dtype, device=x.device)
     columns = ((weight is not None) + has_bias) * N
     if M == 0:
         return dx, torch.zeros((1, columns), dtype=torch.float32, device=x.device) if columns else None
