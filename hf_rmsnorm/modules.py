@@ -13,8 +13,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .ops import layer_norm, rms_norm
-from .ops._norm import CAST_MODES
+from .ops import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+from .ops._norm import CAST_MODES, _autocasting, selected_backend
 
 _Shape = Union[int, Sequence[int]]
 
@@ -23,6 +23,7 @@ class _FusedNorm(nn.Module):
     """Shared body: the last ``len(normalized_shape)`` dims are normalised as one row."""
 
     _fn = None  # the functional op, set by subclasses
+    _ref = None  # its torch reference: what the op runs off CUDA
 
     def __init__(
         self,
@@ -42,6 +43,8 @@ class _FusedNorm(nn.Module):
             raise ValueError(f"normalized_shape must be a positive int or a tuple of them, got {normalized_shape!r}.")
         if cast_mode not in CAST_MODES:
             raise ValueError(f"cast_mode must be one of {CAST_MODES}, got {cast_mode!r}.")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+            raise ValueError(f"eps must be a non-negative number, got {eps!r}.")
         if offset and not elementwise_affine:
             raise ValueError("offset is added to the weight; it needs elementwise_affine=True.")
         self.normalized_shape = shape
@@ -67,6 +70,18 @@ class _FusedNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not x.is_cuda and selected_backend() != "triton":
+            # Off CUDA the op runs its torch reference anyway; go there directly. The op's
+            # per-call checks cost as much as the arithmetic for a few tokens on a CPU, and this
+            # module's own arguments were checked when it was built. Anything the shortcut
+            # cannot take, or any error in it, goes the general way below, which says in its
+            # own words what was wrong.
+            try:
+                y = self._torch_forward(x)
+            except Exception:
+                y = None
+            if y is not None:
+                return y
         shape = self.normalized_shape
         k = len(shape)
         if x.shape[x.dim() - k:] != shape:  # torch.Size compares equal to a tuple
@@ -85,6 +100,14 @@ class _FusedNorm(nn.Module):
             follow_autocast=self.follow_autocast,
         )
         return y.reshape(*lead, *shape)
+
+    def _torch_forward(self, x: Tensor):
+        """This module's output by its torch reference, or None where only the general path
+        applies (several normalised dims, non-float input, autocast, whose policy ``normalize``
+        applies)."""
+        if len(self.normalized_shape) != 1 or not x.is_floating_point() or _autocasting(x.device.type):
+            return None
+        return self._ref(x, self.weight, self.bias, self.eps, self.offset, self.cast_mode)
 
     def extra_repr(self) -> str:
         shape = self.normalized_shape[0] if len(self.normalized_shape) == 1 else self.normalized_shape
@@ -108,6 +131,7 @@ class FusedRMSNorm(_FusedNorm):
     """
 
     _fn = staticmethod(rms_norm)
+    _ref = staticmethod(rms_norm_ref)
 
     def __init__(
         self,
@@ -130,6 +154,7 @@ class FusedLayerNorm(_FusedNorm):
     state_dict, same behaviour under autocast)."""
 
     _fn = staticmethod(layer_norm)
+    _ref = staticmethod(layer_norm_ref)
 
     def __init__(
         self,
@@ -145,6 +170,16 @@ class FusedLayerNorm(_FusedNorm):
         dtype=None,
     ):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, offset, cast_mode, follow_autocast, device, dtype)
+
+    def _torch_forward(self, x: Tensor):
+        w, b = self.weight, self.bias
+        if (
+            self.cast_mode == "float32" and not self.offset and self.follow_autocast
+            and (w is None or w.dtype == x.dtype) and (b is None or b.dtype == x.dtype)
+        ):
+            # nn.LayerNorm's own op, autocast policy included: exactly what this module computes
+            return torch.layer_norm(x, self.normalized_shape, w, b, self.eps)
+        return super()._torch_forward(x)
 
 
 __all__ = ["FusedRMSNorm", "FusedLayerNorm"]

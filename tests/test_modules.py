@@ -154,6 +154,8 @@ def test_extra_repr_is_readable():
         (lambda: FusedRMSNorm(0.5), "normalized_shape must be a positive int"),
         (lambda: FusedRMSNorm(8, cast_mode="llama"), "cast_mode must be one of"),
         (lambda: FusedRMSNorm(8, elementwise_affine=False, offset=1.0), "needs elementwise_affine=True"),
+        (lambda: FusedLayerNorm(8, eps=-1e-5), "eps must be a non-negative number"),
+        (lambda: FusedRMSNorm(8, eps="1e-6"), "eps must be a non-negative number"),
     ],
 )
 def test_bad_construction_is_a_clear_error(ctor, message):
@@ -164,3 +166,58 @@ def test_bad_construction_is_a_clear_error(ctor, message):
 def test_wrong_input_shape_is_a_clear_error():
     with pytest.raises(ValueError, match=r"normalises the last dims \(3, 16\), but got an input of shape \(2, 16, 3\)"):
         FusedLayerNorm((3, 16))(torch.randn(2, 16, 3))
+
+
+# (module, weight/bias dtype: None = x's): every way a module reaches its torch reference
+SHORTCUT_CASES = {
+    "layernorm": (lambda: FusedLayerNorm(64), None),
+    "layernorm_fp32_params": (lambda: FusedLayerNorm(64), torch.float32),
+    "layernorm_no_affine": (lambda: FusedLayerNorm(64, elementwise_affine=False), None),
+    "llama": (lambda: FusedRMSNorm(64, cast_mode="input", follow_autocast=False), None),
+    "gemma": (lambda: FusedRMSNorm(64, offset=1.0, follow_autocast=False), None),
+    "t5_fp32_weight": (lambda: FusedRMSNorm(64, cast_mode="weight", follow_autocast=False), torch.float32),
+    "converted_rms_bias": (lambda: FusedRMSNorm(64, eps=1e-5, bias=True), None),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(SHORTCUT_CASES))
+def test_modules_off_cuda_compute_the_bits_of_the_functional_op(case, dtype, monkeypatch):
+    """Off CUDA a module goes straight to its torch reference, past the functional op's per-call
+    checks: output and every gradient must be the very bits the functional op gives."""
+    from hf_rmsnorm.ops import layer_norm, rms_norm
+
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    build, p_dtype = SHORTCUT_CASES[case]
+    module = _randomize(build()).to(p_dtype or dtype)
+    fn = layer_norm if isinstance(module, FusedLayerNorm) else rms_norm
+    x = (torch.randn(3, 5, 64) * 2 + 0.5).to(dtype)
+    dy = torch.randn(3, 5, 64)
+    results = []
+    for run in (module, lambda x: fn(x, module.weight, module.bias, module.eps, module.offset, module.cast_mode,
+                                     follow_autocast=module.follow_autocast)):
+        module.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_(True)
+        y = run(leaf)
+        y.backward(dy.to(y.dtype))
+        results.append([y.detach(), leaf.grad] + [p.grad for p in module.parameters()])
+        with torch.no_grad():
+            results[-1].append(run(x))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda: FusedRMSNorm(16)(torch.ones(2, 16, dtype=torch.long)), TypeError, "x must be a floating-point tensor"),
+        (lambda: FusedLayerNorm(16).to("meta")(torch.randn(2, 16)), ValueError, "weight is on meta but x is on cpu"),
+        (lambda: FusedLayerNorm(16)(torch.randn(2, 15)), ValueError, r"normalises the last dims \(16,\)"),
+        (lambda: FusedRMSNorm(16)(torch.randn(2, 15)), ValueError, r"normalises the last dims \(16,\)"),
+    ],
+    ids=["int_input", "other_device", "layernorm_shape", "rmsnorm_shape"],
+)
+def test_bad_input_to_a_module_off_cuda_is_still_a_clear_error(call, error, message, monkeypatch):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")
+    with pytest.raises(error, match=message):
+        call()
