@@ -220,6 +220,27 @@ def test_autocast_behaves_like_torchs_own_norm(kind, dtype, backend):
     torch.testing.assert_close(y.float(), y_torch.float(), rtol=1.6e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_kernel_path_under_autocast_computes_the_bits_it_computes_without(kind, monkeypatch, launches):
+    """The kernels run without disabling autocast around them (a context per call costs host
+    time): autocast must cast none of their inputs, forward or backward. On the CPU the
+    policy leaves norms alone, so under autocast the result is the very bits of the same
+    call without it."""
+    _needs_interpreter("runs the Triton path on CPU tensors; that needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    x, w, b, dy = _inputs(m=8, n=40, dtype=torch.float32)
+    results = []
+    for autocast in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = FNS[kind](*leaves)
+            y.backward(dy)
+        results.append([y.detach()] + [t.grad for t in leaves])
+    assert launches() == 4
+    for a, c in zip(*results):
+        assert a.dtype == c.dtype == torch.float32 and torch.equal(a, c)
+
+
 @pytest.mark.parametrize("is_rms", [True, False])
 def test_autocast_to_float32_policy_only_applies_off_cpu(is_rms):
     assert not _norm._autocast_to_float32("cpu", is_rms)
