@@ -204,3 +204,35 @@ def test_probe_inputs_can_be_given():
     model, inputs = build("gpt2")
     report = patch_model(model, probe_inputs=inputs)
     assert report.count("exact") == 5
+
+
+def test_a_conversion_whose_float64_copy_would_not_fit_keeps_the_layernorms_with_the_reason(monkeypatch):
+    """The measurement runs on a float64 copy of the model; where that cannot fit, patch_model
+    says so and keeps every norm's function on the fused LayerNorm, instead of being killed
+    for memory halfway (from_pretrained of a large converted checkpoint goes this way too)."""
+    model, inputs = build("gpt2")
+    ref = run(model, inputs)
+    state = copy.deepcopy(model.state_dict())
+    need = 8 * sum(p.numel() for p in model.parameters()) * 9 // 8  # the copy and its 1/8 margin
+    monkeypatch.setattr(convert, "_available_bytes", lambda device: need // 2)
+    report = patch_model(model)
+    assert report.count("exact") == 0 and report.count("fused") == 5
+    assert all("float64 copy of the model" in e["reason"] and "convert_checkpoint.py" in e["reason"] for e in report)
+    assert "nothing converted" in str(report)
+    assert all(isinstance(m, FusedLayerNorm) for n, m in model.named_modules() if n.endswith(("ln_1", "ln_2", "ln_f")))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # no writer centred
+    out = run(model, inputs)
+    assert all(torch.equal(out[k], ref[k]) for k in ref)
+
+
+def test_the_float64_copy_keeps_ties_and_leaves_the_model_alone():
+    model, _ = build("gpt2", dtype=torch.bfloat16)
+    state = copy.deepcopy(model.state_dict())
+    model64 = convert.float64_copy(model)
+    assert all(t.dtype == torch.float64 for t in (*model64.parameters(), *model64.buffers()) if t.is_floating_point())
+    assert model64.transformer.wte.weight is model64.lm_head.weight  # tied: one tensor
+    assert not any(p.requires_grad for p in model64.parameters())
+    for k, v in model64.state_dict().items():
+        assert torch.equal(v, state[k].to(v.dtype)) and state[k].dtype == model.state_dict()[k].dtype
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not model64.training

@@ -314,10 +314,64 @@ class ConversionPlan:
     truth: dict  # the original model's outputs on the probe batch, in float64
 
 
+def _float64_tensors(model: nn.Module) -> list:
+    """The model's floating parameters and buffers, each once (tied ones are one tensor)."""
+    seen, tensors = set(), []
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point() and id(t) not in seen:
+            seen.add(id(t))
+            tensors.append(t)
+    return tensors
+
+
+def float64_copy(model: nn.Module) -> nn.Module:
+    """A float64 copy of ``model`` in eval mode, on the devices of its tensors, made tensor by
+    tensor: no intermediate copy in the model's own dtype (the peak is the float64 copy), ties
+    kept (one tensor per tied group), and parameters that need no gradient (only the probe's
+    shifts are differentiated, so the backward keeps nothing for weight gradients)."""
+    memo = {}
+    for t in _float64_tensors(model):
+        t64 = t.detach().to(torch.float64)
+        memo[id(t)] = nn.Parameter(t64, requires_grad=False) if isinstance(t, nn.Parameter) else t64
+    return copy.deepcopy(model, memo).double().eval()  # .double(): any floating tensor left over
+
+
+def _available_bytes(device: torch.device) -> Optional[int]:
+    """Memory that a new allocation on ``device`` can take now, or None where unknown."""
+    if device.type == "cpu":
+        import psutil
+
+        return psutil.virtual_memory().available
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # blocks torch's allocator has cached but not handed out are free to it, not to the driver
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return None
+
+
+def float64_copy_shortfall(model: nn.Module) -> Optional[str]:
+    """Why ``float64_copy(model)`` would not fit in memory now (None if it would, or where
+    the free memory of a device is unknown): it takes 8 bytes per floating parameter and buffer
+    on each device, and the float64 probe's activations on top (a margin of 1/8)."""
+    need: dict = {}
+    for t in _float64_tensors(model):
+        need[t.device] = need.get(t.device, 0) + 8 * t.numel()
+    for device, size in need.items():
+        size += size // 8
+        free = _available_bytes(device)
+        if free is not None and size > free:
+            return (
+                f"the exact conversion measures on a float64 copy of the model ({size / 2**30:.1f} GiB on {device}), "
+                f"more than the {free / 2**30:.1f} GiB free there; convert the checkpoint on disk instead "
+                "(scripts/convert_checkpoint.py, shard by shard), or patch where the copy fits"
+            )
+    return None
+
+
 def plan_conversion(model: nn.Module, layer_norms: dict[str, int], inputs: dict) -> ConversionPlan:
     """Measure, on a float64 copy of ``model``, which of ``layer_norms`` ({name: width}) read
     a stream that centring its writers (and its start) makes zero-mean."""
-    model64 = copy.deepcopy(model).double().eval()
+    model64 = float64_copy(model)
     inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     with torch.no_grad():
         truth = model_outputs(model64, inputs64)
@@ -374,6 +428,12 @@ class _Conversion:
         except ValueError as exc:  # no config / unknown inputs: cannot verify, so do not convert
             for fqn in layer_norms:
                 _update(report, fqn, reason=f"kept as LayerNorm (fused): {exc}")
+            return
+        shortfall = float64_copy_shortfall(model)
+        if shortfall:  # refused up front: an out-of-memory kill would say nothing
+            for fqn in layer_norms:
+                _update(report, fqn, reason=f"kept as LayerNorm (fused): {shortfall}")
+            report.note = f"nothing converted: {shortfall}."
             return
         was_training = model.training
         model.eval()  # dropout would make the stream's mean random
