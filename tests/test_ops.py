@@ -26,9 +26,9 @@ def _transposed(dtype):  # (5, 7, 3) viewed from a (3, 7, 5) tensor
     return torch.randn(3, 7, 5).to(dtype).transpose(0, 2)
 
 
-SHAPES = [(1, 1), (3, 5, 7), (17, 1023), (150, 40), (4, 4096), (2, 8192), (0, 16), _strided_rows, _strided_cols, _transposed]
+SHAPES = [(1, 1), (3, 5, 7), (17, 1023), (150, 40), (4, 4096), (2, 8192), (0, 16), _strided_rows, _strided_cols, _transposed, (7,)]
 # 150x40: ten 16-row tiles over 4 backward programs, the last tile partly masked
-SHAPE_IDS = ["1x1", "3x5x7", "17x1023", "150x40", "4x4096", "2x8192", "0rows", "strided_rows", "strided_cols", "transposed"]
+SHAPE_IDS = ["1x1", "3x5x7", "17x1023", "150x40", "4x4096", "2x8192", "0rows", "strided_rows", "strided_cols", "transposed", "1d"]
 
 # (weight, bias, offset, weight dtype: None = x's dtype, cast_mode)
 AFFINES = {

@@ -120,6 +120,12 @@ class _RMSNormCPU(torch.autograd.Function):
             )
             return (*grads, None, None, None)
         lead = tuple(range(x.dim() - 1))  # the dims summed over for the parameter gradients
+
+        def param_grad(t, dtype):
+            # sum over the leading dims; a 1-D x has none (sum(()) would sum everything), and
+            # then t itself is a buffer the steps below overwrite
+            return (t.sum(lead) if lead else t.clone()).to(dtype)
+
         c = rstd.dtype
         # Every activation-sized temporary is written in place where it is ours to overwrite
         # (see affine_torch's ``overwrite``): fewer allocations, fewer page faults on the CPU.
@@ -129,12 +135,12 @@ class _RMSNormCPU(torch.autograd.Function):
         scratch = torch.empty_like(n)
         dx = dw = db = None
         if need_b:
-            db = dyc.sum(lead).to(bias.dtype)
+            db = param_grad(dyc, bias.dtype)
         if need_w:
             rounded = ROUNDING[ctx.cast_mode]
             # the weight multiplied the row as rounded in the forward
             nr = n.to(rounding_dtype(rounded, x.dtype, weight)).to(c) if rounded else n
-            dw = torch.mul(dyc, nr, out=scratch).sum(lead).to(weight.dtype)
+            dw = param_grad(torch.mul(dyc, nr, out=scratch), weight.dtype)
         if need_x:
             g = dyc
             if weight is not None:
