@@ -360,9 +360,9 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
 
 def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, config=None, programs_per_sm=None,
              maxnreg=None, stream="", reload_w=False, shape=None):
-    """Launch the backward kernel; returns dx (contiguous, of ``shape``, default (M, N)) and the fp32 ``(programs, C)`` partial sums of the
-    parameter gradients: C = N for one parameter, 2N for weight and bias (weight first), None
-    without parameters. ``sum_partials`` reduces them.
+    """Launch the backward kernel; returns dx (contiguous, of ``shape``, default (M, N)) and the
+    fp32 ``(programs, C)`` partial sums of the parameter gradients: C = N for one parameter, 2N
+    for weight and bias (weight first), None without parameters. ``sum_partials`` reduces them.
 
     ``config`` overrides ``bwd_config(N)``, ``programs_per_sm`` the occupancy the compiled
     kernel allows, ``maxnreg`` caps the registers a thread may use (ptxas spills beyond it;

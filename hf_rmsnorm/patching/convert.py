@@ -326,9 +326,9 @@ def _float64_tensors(model: nn.Module) -> list:
 
 def float64_copy(model: nn.Module) -> nn.Module:
     """A float64 copy of ``model`` in eval mode, on the devices of its tensors, made tensor by
-    tensor: no intermediate copy in the model's own dtype (the peak is the float64 copy), ties
-    kept (one tensor per tied group), and parameters that need no gradient (only the probe's
-    shifts are differentiated, so the backward keeps nothing for weight gradients)."""
+    tensor (no deep copy in the model's own dtype first), ties kept (one tensor per tied group),
+    and with parameters that need no gradient: only the probe's shifts are differentiated, so
+    the backward keeps nothing for weight gradients."""
     memo = {}
     for t in _float64_tensors(model):
         t64 = t.detach().to(torch.float64)
