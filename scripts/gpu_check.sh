@@ -17,6 +17,8 @@ OUT="${OUT:-benchmarks/results/gpu}"
 STEPS=",${STEPS:-tests,bench,tune,training,mixed,fp32,profile},"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# the dry run on a machine without a GPU: the sweep runs its kernels in Triton's interpreter
+if [ -n "$quick" ] && ! nvidia-smi >/dev/null 2>&1; then export TRITON_INTERPRET="${TRITON_INTERPRET:-1}"; fi
 PY="${PYTHON:-python3}"
 status=0
 

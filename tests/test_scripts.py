@@ -164,16 +164,16 @@ def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
     assert "| bwd | layer |" in (tmp_path / "tuning.md").read_text()
 
 
-@pytest.mark.parametrize("script", ["tune_kernels.py", "profile_norms.py"])
-def test_gpu_only_scripts_refuse_a_cpu_run_with_one_clear_message(script, tmp_path):
+@pytest.mark.parametrize(
+    "script,args",
+    [("tune_kernels.py", []), ("tune_kernels.py", ["--quick"]), ("profile_norms.py", ["--shapes", "64x64"])],
+    ids=["tune", "tune_quick_without_interpreter", "profile"],
+)
+def test_gpu_only_scripts_refuse_a_cpu_run_with_one_clear_message(script, args, tmp_path):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the scripts would run")
-    if script == "tune_kernels.py":
-        args = []  # without --quick the sweep needs a GPU
-    else:
-        args = ["--shapes", "64x64"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args, "--out", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
@@ -209,3 +209,27 @@ def test_benchmark_cpu_rejects_an_unknown_dtype(tmp_path):
     proc = _run_cpu_benchmark("--quick", "--dtypes", "fp8", "--out", str(tmp_path))
     assert proc.returncode == 2 and "--dtypes: unknown ['fp8']" in proc.stderr
     assert not (tmp_path / "cpu.json").exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_step_and_prints_the_tables(tmp_path):
+    """`gpu_check.sh --quick` on a CPU: the one script a GPU session runs, step by step, with
+    its archive and the tables printed last (the GPU tests skip here with their reason)."""
+    import torch
+
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the dry run would time the real kernels")
+    out = tmp_path / "gpu"
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OUT": str(out),
+           "STEPS": "tests,bench,training,mixed,fp32,tune,trainprof", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--quick"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=900, env=env)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-2000:])
+    steps = (out / "steps.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in steps] == [f"== {s}" for s in ("tests", "bench", "training", "mixed", "fp32", "tune", "trainprof")]
+    assert all(": exit 0 in" in line for line in steps), steps
+    for name in ("kernels_bf16", "kernels_bf16_fp32w", "kernels_fp32", "training", "tuning", "trainprof/training"):
+        assert (out / f"{name}.json").is_file() and (out / f"{name}.md").is_file(), name
+    assert (out / "all.tgz").is_file()
+    assert "| llama-1b |" in proc.stdout and "== trainprof: exit 0" in proc.stdout.splitlines()[-1]
