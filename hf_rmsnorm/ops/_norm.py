@@ -255,7 +255,7 @@ def _fwd_impl(x, weight, bias, eps, offset, is_rms, rounding):
     from . import _triton_norm
 
     out_dtype = output_dtype(x.dtype, weight, bias, CAST_MODES[rounding])
-    return _triton_norm.norm_fwd(_rows(x), weight, bias, eps, offset, is_rms, rounding, out_dtype, shape=x.shape)
+    return _triton_norm.norm_fwd(_rows(x), weight, bias, eps, offset, is_rms, rounding, out_dtype, like=x)
 
 
 def _bwd_impl(dy, x, weight, bias, mean, rstd, offset, is_rms, rounding):
@@ -264,7 +264,7 @@ def _bwd_impl(dy, x, weight, bias, mean, rstd, offset, is_rms, rounding):
     from . import _triton_norm
 
     dx, part = _triton_norm.norm_bwd(
-        _rows(dy), _rows(x), weight, mean, rstd, offset, is_rms, rounding, bias is not None, shape=x.shape
+        _rows(dy), _rows(x), weight, mean, rstd, offset, is_rms, rounding, bias is not None, like=x
     )
     if part is None:
         return dx, None, None

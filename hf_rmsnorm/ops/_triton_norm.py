@@ -323,19 +323,26 @@ def fwd_tiles(M: int, block_m: int, x_size: int, param_size: int) -> int:
     return 1
 
 
+def _empty(x, like, dtype):
+    """A contiguous output for the rows ``x``: shaped like ``like`` where given, else like x.
+    (``empty_like`` with contiguous format: the cheapest allocation to call, host time per launch.)"""
+    return torch.empty_like(x if like is None else like, dtype=dtype, memory_format=torch.contiguous_format)
+
+
 def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=None, tiles=None, stream="",
-             shape=None):
+             like=None):
     """Launch the forward kernel on ``x`` (M, N) with unit column stride; returns y, contiguous,
-    of ``shape`` (default (M, N): a caller with leading dimensions gets y in its own shape, no
-    view), and the fp32 statistics per row: mean (None for RMSNorm, which has none) and rstd.
+    in the shape of ``like`` (default (M, N): a caller with leading dimensions passes its own
+    input and gets y in that shape, no view), and the fp32 statistics per row: mean (None for
+    RMSNorm, which has none) and rstd.
 
     ``config`` overrides ``fwd_config(N, is_rms)``, ``tiles`` the tiles per program
     ``fwd_tiles`` picks, and ``stream`` (``"evict_first"``) hints the cache to drop the rows
     after reading them, as torch.compile's kernels do; the tuning sweep uses all three."""
     M, N = x.shape
-    y = torch.empty(shape if shape is not None else (M, N), dtype=out_dtype, device=x.device)
-    rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
-    mean = None if is_rms else torch.empty((M,), dtype=torch.float32, device=x.device)
+    y = _empty(x, like, out_dtype)
+    rstd = x.new_empty((M,), dtype=torch.float32)
+    mean = None if is_rms else x.new_empty((M,), dtype=torch.float32)
     if M == 0:
         return y, mean, rstd
     block_m, block_n, warps = config or fwd_config(N, is_rms)
@@ -359,10 +366,11 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
 
 
 def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, config=None, programs_per_sm=None,
-             maxnreg=None, stream="", reload_w=False, shape=None):
-    """Launch the backward kernel; returns dx (contiguous, of ``shape``, default (M, N)) and the
-    fp32 ``(programs, C)`` partial sums of the parameter gradients: C = N for one parameter, 2N
-    for weight and bias (weight first), None without parameters. ``sum_partials`` reduces them.
+             maxnreg=None, stream="", reload_w=False, like=None):
+    """Launch the backward kernel; returns dx (contiguous, shaped like ``like``, default (M, N))
+    and the fp32 ``(programs, C)`` partial sums of the parameter gradients: C = N for one
+    parameter, 2N for weight and bias (weight first), None without parameters. ``sum_partials``
+    reduces them.
 
     ``config`` overrides ``bwd_config(N)``, ``programs_per_sm`` the occupancy the compiled
     kernel allows, ``maxnreg`` caps the registers a thread may use (ptxas spills beyond it;
@@ -370,10 +378,10 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     x and dy loads, and ``reload_w`` loads the weight for every tile instead of keeping it in
     registers (fewer registers, more loads). The tuning sweep uses all five."""
     M, N = x.shape
-    dx = torch.empty(shape if shape is not None else (M, N), dtype=x.dtype, device=x.device)
+    dx = _empty(x, like, x.dtype)
     columns = ((weight is not None) + has_bias) * N
     if M == 0:
-        return dx, torch.zeros((1, columns), dtype=torch.float32, device=x.device) if columns else None
+        return dx, x.new_zeros((1, columns), dtype=torch.float32) if columns else None
     block_m, block_n, warps = config or bwd_config(N, has_bias)
     meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
                 BLOCK_M=block_m, BLOCK_N=block_n, STREAM=stream, RELOAD_W=reload_w, num_warps=warps)
@@ -405,7 +413,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     # the weight gradient, identical from one run to the next. Every program owns at least
     # one tile, so every partial row is written.
     programs = min(programs, _ceil_div(M, block_m))
-    part = torch.empty((programs, columns), dtype=torch.float32, device=x.device) if columns else None
+    part = x.new_empty((programs, columns), dtype=torch.float32) if columns else None
     _norm_bwd_kernel[(programs,)](*args(part), **meta)
     LAUNCHES["norm_bwd"] += 1
     return dx, part
@@ -423,7 +431,7 @@ def sum_partials(part, dtypes):
     parameter, in that parameter's dtype (``dtypes``: one or two, weight first)."""
     rows, cols = part.shape
     n = cols // len(dtypes)
-    outs = [torch.empty((n,), dtype=dtype, device=part.device) for dtype in dtypes]
+    outs = [part.new_empty((n,), dtype=dtype) for dtype in dtypes]
     block_r, block_c = _sum_config(rows, cols)
     _sum_rows_kernel[(_ceil_div(cols, block_c),)](
         part, outs[0], outs[1] if len(outs) > 1 else None, rows, cols, n, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
