@@ -362,12 +362,10 @@ def _verify(src: Path, out: Path, source: _Source, block: dict) -> dict:
     """Load the input, the output run converted, and the output in plain transformers (only
     when the model fits in memory three times over) and compare their outputs on a probe
     batch, by STYLE.md's rule against the float64 input."""
-    import psutil
-
-    from .patching.convert import EXACT_TOLERANCE, compare_outputs, model_outputs, probe_inputs
+    from .patching.convert import EXACT_TOLERANCE, available_bytes, compare_outputs, model_outputs, probe_inputs
 
     size = sum(s.stat().st_size for s in source.shards)
-    if 3 * size > psutil.virtual_memory().available:
+    if 3 * size > available_bytes(torch.device("cpu")):
         return {"skipped": f"the model ({size / 2**30:.1f} GiB) does not fit in memory three times over"}
     cls = architecture_class(getattr(source.config, "architectures", None))
     original = cls.from_pretrained(src, use_safetensors=not source.pickle).eval()

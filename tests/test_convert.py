@@ -214,7 +214,7 @@ def test_a_conversion_whose_float64_copy_would_not_fit_keeps_the_layernorms_with
     ref = run(model, inputs)
     state = copy.deepcopy(model.state_dict())
     need = 8 * sum(p.numel() for p in model.parameters()) * 9 // 8  # the copy and its 1/8 margin
-    monkeypatch.setattr(convert, "_available_bytes", lambda device: need // 2)
+    monkeypatch.setattr(convert, "available_bytes", lambda device: need // 2)
     report = patch_model(model)
     assert report.count("exact") == 0 and report.count("fused") == 5
     assert all("float64 copy of the model" in e["reason"] and "convert_checkpoint.py" in e["reason"] for e in report)

@@ -213,12 +213,9 @@ def test_eager_function_and_custom_op_agree_bit_for_bit_on_cuda(is_rms):
     dy = torch.randn(4096, 1024, device="cuda", generator=g).bfloat16()
     from hf_rmsnorm.ops import layer_norm_ref, rms_norm_ref
 
-    results = []
     reference = rms_norm_ref if is_rms else layer_norm_ref  # used only for second derivatives
-    for op in (lambda *args: _norm._NormFunction.apply(*args, reference), lambda *args: _norm._norm_fwd_op(*args)[0]):
-        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-        y = op(*leaves, 1e-5, 0.0, is_rms, 0)
-        results.append([y.detach(), *torch.autograd.grad(y, leaves, dy)])
+    ops = (lambda *args: _norm._NormFunction.apply(*args, reference), lambda *args: _norm._norm_fwd_op(*args)[0])
+    results = [fwd_bwd(lambda x, w, b: op(x, w, b, 1e-5, 0.0, is_rms, 0), x, w, b, dy) for op in ops]
     for a, c in zip(*results):
         assert torch.equal(a, c)
 

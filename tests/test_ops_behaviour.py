@@ -70,13 +70,8 @@ def test_kernel_path_under_activation_checkpointing_gives_the_same_gradients(ree
     def block(x, w, b):  # two norms and something between them, as in a decoder layer
         return rms_norm(torch.tanh(layer_norm(x, w, b)), w)
 
-    results = []
-    for run in (block, lambda *args: checkpoint(block, *args, use_reentrant=reentrant)):
-        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
-        y = run(*leaves)
-        y.backward(dy)
-        results.append([y.detach()] + [t.grad for t in leaves])
-    for a, c in zip(*results):
+    runs = (block, lambda *args: checkpoint(block, *args, use_reentrant=reentrant))
+    for a, c in zip(*(fwd_bwd(run, x, w, b, dy) for run in runs)):
         assert torch.equal(a, c)
 
 
@@ -143,13 +138,9 @@ def test_eager_function_and_custom_op_are_the_same_computation(is_rms):
     x, w, b, dy = _inputs(m=37, n=72)
     from hf_rmsnorm.ops import layer_norm_ref, rms_norm_ref
 
-    results = []
     reference = rms_norm_ref if is_rms else layer_norm_ref  # used only for second derivatives
-    for op in (lambda *args: _norm._NormFunction.apply(*args, reference), lambda *args: _norm._norm_fwd_op(*args)[0]):
-        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
-        y = op(*leaves, 1e-5, 0.0, is_rms, 0)
-        y.backward(dy)
-        results.append([y.detach()] + [t.grad for t in leaves])
+    ops = (lambda *args: _norm._NormFunction.apply(*args, reference), lambda *args: _norm._norm_fwd_op(*args)[0])
+    results = [fwd_bwd(lambda x, w, b: op(x, w, b, 1e-5, 0.0, is_rms, 0), x, w, b, dy) for op in ops]
     for a, b_ in zip(*results):
         assert torch.equal(a, b_)
 
@@ -231,11 +222,8 @@ def test_kernel_path_under_autocast_computes_the_bits_it_computes_without(kind, 
     x, w, b, dy = _inputs(m=8, n=40, dtype=torch.float32)
     results = []
     for autocast in (False, True):
-        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y = FNS[kind](*leaves)
-            y.backward(dy)
-        results.append([y.detach()] + [t.grad for t in leaves])
+            results.append(fwd_bwd(FNS[kind], x, w, b, dy))
     assert launches() == 4
     for a, c in zip(*results):
         assert a.dtype == c.dtype == torch.float32 and torch.equal(a, c)

@@ -18,6 +18,16 @@ from torch import Tensor
 from ._norm import affine_torch, compute_dtype, normalize
 
 
+def torch_layer_norm_computes(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], offset: float,
+                              cast_mode: str) -> bool:
+    """Whether torch's own ``layer_norm`` computes exactly this call (torch's casting, no
+    offset, the parameters in x's dtype)."""
+    return (
+        cast_mode == "float32" and offset == 0.0
+        and (weight is None or weight.dtype == x.dtype) and (bias is None or bias.dtype == x.dtype)
+    )
+
+
 def layer_norm_ref(
     x: Tensor,
     weight: Optional[Tensor] = None,
@@ -28,8 +38,7 @@ def layer_norm_ref(
 ) -> Tensor:
     """Plain-torch LayerNorm with the kernels' semantics (see ``rms_norm_ref`` for the cast
     modes); ``cast_mode="float32"`` with ``offset=0`` is exactly ``F.layer_norm``."""
-    same_dtype = (weight is None or weight.dtype == x.dtype) and (bias is None or bias.dtype == x.dtype)
-    if cast_mode == "float32" and offset == 0.0 and same_dtype:
+    if torch_layer_norm_computes(x, weight, bias, offset, cast_mode):
         # torch's kernel, fastest on the CPU. Not for fp32 parameters with half inputs: its
         # mixed-dtype CPU backward loses precision there (caught by tests/test_ops.py).
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)

@@ -336,7 +336,7 @@ def float64_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo).double().eval()  # .double(): any floating tensor left over
 
 
-def _available_bytes(device: torch.device) -> Optional[int]:
+def available_bytes(device: torch.device) -> Optional[int]:
     """Memory that a new allocation on ``device`` can take now, or None where unknown."""
     if device.type == "cpu":
         import psutil
@@ -358,7 +358,7 @@ def float64_copy_shortfall(model: nn.Module) -> Optional[str]:
         need[t.device] = need.get(t.device, 0) + 8 * t.numel()
     for device, size in need.items():
         size += size // 8
-        free = _available_bytes(device)
+        free = available_bytes(device)
         if free is not None and size > free:
             return (
                 f"the exact conversion measures on a float64 copy of the model ({size / 2**30:.1f} GiB on {device}), "
