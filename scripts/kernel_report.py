@@ -26,6 +26,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from hf_rmsnorm.ops import _triton_norm as kernels  # noqa: E402
 
+# the most blocks one SM holds (sm_80 to sm_90); the report shows what registers and threads
+# allow up to that, not the backward launcher's own cap of 8
+_HW_BLOCKS_PER_SM = 32
+
 SHAPES = [(65536, 768), (16384, 2048), (16384, 4096), (16384, 8192), (8, 65536)]
 VARIANTS = {  # name -> (IS_RMS, HAS_WEIGHT, HAS_BIAS, parameter dtype); activations bf16
     "RMSNorm": (True, True, False, "bf16"),
@@ -80,6 +84,7 @@ def report(arch: int) -> list[dict]:
             c = _compile(kernels._norm_fwd_kernel, sig, const, warps, arch, aligned)
             rows.append({"kernel": "fwd", "norm": name, "shape": f"{m}×{n}", "tile": f"{block_m}×{block_n}" + (f" ×{tiles}" if tiles > 1 else ""), "warps": warps,
                          **_resources(c.asm["cubin"]), "memory ops": _vector_widths(c.asm["ptx"])})
+            rows[-1]["per_sm"] = kernels._programs_per_sm(rows[-1]["reg"], warps, cap=_HW_BLOCKS_PER_SM)
             block_m, block_n, warps = kernels.bwd_config(n, has_b)
             sig = {"X": "*bf16", "W": f"*{p_dtype}", "DY": "*bf16", "DX": "*bf16", "Part": "*fp32", "Mean": "*fp32", "Rstd": "*fp32",
                    "stride_x": "i32", "stride_dy": "i32", "M": "i32", "N": "i32", "offset": "fp32"}
@@ -89,29 +94,33 @@ def report(arch: int) -> list[dict]:
             c = _compile(kernels._norm_bwd_kernel, sig, const, warps, arch, aligned)
             rows.append({"kernel": "bwd", "norm": name, "shape": f"{m}×{n}", "tile": f"{block_m}×{block_n}", "warps": warps,
                          **_resources(c.asm["cubin"]), "memory ops": _vector_widths(c.asm["ptx"])})
+            rows[-1]["per_sm"] = kernels._programs_per_sm(rows[-1]["reg"], warps)  # the launcher's grid
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
-    parser.add_argument("--out", type=Path, default=None, help="also write kernel_report.md here")
+    parser.add_argument("--out", type=Path, default=None, help="also write kernel_report_sm<arch>_triton<version>.md into this folder")
     args = parser.parse_args(argv)
     rows = report(args.arch)
     lines = [
         f"# Kernel compiler report: sm_{args.arch}, bf16 activations, triton {triton.__version__}", "",
-        "Tile = BLOCK_M×BLOCK_N (×T: T tiles per forward program); spilled registers show as stack bytes.", "",
-        "| kernel | norm | shape | tile | warps | registers | stack (spills) | local | shared | global memory ops |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Tile = BLOCK_M×BLOCK_N (×T: T tiles per forward program); spilled registers show as stack bytes. "
+        "Programs per SM: how many fit at once by registers and threads (the backward's persistent grid "
+        "launches that many per SM, at most 8). Register counts differ between Triton releases: "
+        "compile with the Triton the GPU runs.", "",
+        "| kernel | norm | shape | tile | warps | registers | programs per SM | stack (spills) | local | shared | global memory ops |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['kernel']} | {r['norm']} | {r['shape']} | {r['tile']} | {r['warps']} | {r.get('reg')} | {r.get('stack')} | "
-                     f"{r.get('local')} | {r.get('shared')} | {r['memory ops']} |")
+        lines.append(f"| {r['kernel']} | {r['norm']} | {r['shape']} | {r['tile']} | {r['warps']} | {r.get('reg')} | {r['per_sm']} | "
+                     f"{r.get('stack')} | {r.get('local')} | {r.get('shared')} | {r['memory ops']} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "kernel_report.md").write_text(text)
+        (args.out / f"kernel_report_sm{args.arch}_triton{triton.__version__}.md").write_text(text)
     return 0
 
 

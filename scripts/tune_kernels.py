@@ -32,8 +32,9 @@ from hf_rmsnorm.ops._norm import _interpreting
 ELEMENTS_PER_THREAD = (8, 16, 32)
 PROGRAMS_PER_SM = (None, 1, 2, 4, 8)  # None: what the launcher computes from the registers
 # registers a thread may use in the backward (ptxas `maxnreg`): the LayerNorm/bias backward
-# compiles to 96-127 (one-row tiles 127: 4 programs of 4 warps per SM). Capped at 96 these
-# spill 16 B, at 80 88 B, at 64 176 B (scripts/kernel_report.py; 64 left out, it only spills)
+# compiles to 96-128 with the H200's Triton 3.6 (benchmarks/results/kernel_report_sm90_*.md);
+# capped at 96 its one-row tiles spill 0-8 B, at 80 56-72 B (64 left out, it only spilled). A
+# cap above a kernel's own count raises it, so only caps below the shipped count tell anything.
 REGISTER_CAPS = (96, 80)
 # tiles per forward program (the weight and bias loaded once for all of them); the shipped rule
 # takes several only for parameters much wider than the rows (``fwd_tiles``), swept here on the

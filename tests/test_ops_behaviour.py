@@ -1,6 +1,10 @@
 """Everything about the ops that is not raw numerics: determinism, the custom-op
 registration, torch.compile, autocast, backend selection and the error messages."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -283,6 +287,47 @@ def test_triton_backend_without_triton_says_how_to_install(monkeypatch):
     x = torch.randn(2, 4)
     torch.testing.assert_close(layer_norm(x), norm_fp64("layer", x, eps=1e-5).float(), rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    ("3.6.0", "2.4.6", True),  # torch 2.11's Triton with today's NumPy: the backward's tile loop fails
+    ("3.2.0", "2.4.0rc1", True),
+    ("3.6.0", "2.3.5", False),  # NumPy still converts one-element arrays (with a warning)
+    ("3.7.0", "2.4.6", False),  # the interpreter squeezes the array first
+    ("3.10.0+git1a2b3c", "3.0.0", False),
+])
+def test_interpreter_version_rule(triton_version, numpy_version, broken):
+    problem = _norm.interpreter_problem(triton_version, numpy_version)
+    if broken:
+        assert f"Triton {triton_version}" in problem and f"NumPy {numpy_version}" in problem
+        assert "triton>=3.7 or numpy<2.4" in problem
+    else:
+        assert problem is None
+
+
+def test_interpreter_that_cannot_run_the_kernels_is_one_clear_error(tmp_path):
+    """Triton < 3.7's interpreter with NumPy >= 2.4 fails inside the backward kernel with
+    "only 0-dimensional arrays..."; the op says so up front instead. Run in a fresh process that
+    reports those versions, since the check runs when the launcher module is imported."""
+    pytest.importorskip("triton")
+    script = tmp_path / "old_interpreter.py"
+    script.write_text(
+        "import numpy, triton, torch\n"
+        "triton.__version__, numpy.__version__ = '3.6.0', '2.4.6'\n"
+        "from hf_rmsnorm.ops import rms_norm\n"
+        "x = torch.randn(3, 8, requires_grad=True)\n"
+        "try:\n"
+        "    rms_norm(x).sum().backward()\n"
+        "except RuntimeError as e:\n"
+        "    print('ERROR:', e)\n"
+        "    raise SystemExit(3)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_RMSNORM_BACKEND": "triton"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "Triton 3.6.0's interpreter (TRITON_INTERPRET=1) cannot run these kernels with NumPy 2.4.6" in done.stdout
+    assert "Install triton>=3.7 or numpy<2.4" in done.stdout
+    assert "0-dimensional" not in done.stdout + done.stderr
 
 BAD_INPUTS = [
     ("integer x", dict(x=torch.arange(8).reshape(2, 4)), TypeError, "floating-point tensor, got dtype torch.int64"),

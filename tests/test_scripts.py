@@ -122,10 +122,19 @@ def test_kernels_compile_for_hopper_vectorised_and_without_spills():
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| fwd") or line.startswith("| bwd")]
     assert len(rows) == 40  # 4 variants x 5 shapes x forward and backward
     for r in rows:
-        kernel, norm, shape, stack, memory = r[0].strip("| "), r[1], r[2], r[6], r[9]
+        kernel, norm, shape, warps, regs, per_sm, stack, memory = r[0].strip("| "), r[1], r[2], int(r[4]), int(r[5]), int(r[6]), r[7], r[10]
         assert "(≤16 B)" in memory and memory.count("≤16 B") == 2, (kernel, norm, shape, memory)
         if not shape.endswith("65536"):
             assert stack == "0", (kernel, norm, shape, stack)
+        # programs per SM: as many as fit in 65536 registers (handed out 8 a thread at a time)
+        # and 2048 threads, up to the backward grid's 8 and the hardware's 32 blocks
+        threads, allotted = 32 * warps, -(-regs // 8) * 8
+
+        def fits(programs):
+            return programs * threads <= 2048 and programs * threads * allotted <= 65536
+
+        cap = 8 if kernel == "bwd" else 32
+        assert fits(per_sm) and (per_sm == cap or not fits(per_sm + 1)), r
 
 
 def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):

@@ -21,6 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ._norm import _interpreting, interpreter_problem
+
+if _interpreting():  # decided here once: Triton picks the interpreter when a kernel is defined
+    import numpy
+
+    _problem = interpreter_problem(triton.__version__, numpy.__version__)
+    if _problem:
+        raise RuntimeError(_problem)
+
 # Number of kernel launches per kernel name; lets tests prove that the Triton code really ran
 # (under TRITON_INTERPRET=1 on a CPU the results alone cannot tell the two backends apart).
 LAUNCHES: collections.Counter = collections.Counter()
@@ -146,8 +155,9 @@ def _norm_bwd_kernel(
     col_mask = cols < N
     # The gradient accumulators hold one row, not a (BLOCK_M, BLOCK_N) tile: every thread owns
     # the same columns of all BLOCK_M rows, so summing a tile's rows first costs no exchange and
-    # halves the accumulators' registers with two-row tiles (LayerNorm at 768 columns: 115 -> 96
-    # registers a thread, 5 programs per SM instead of 4; scripts/kernel_report.py).
+    # halves the accumulators' registers with two-row tiles (LayerNorm at 768 columns: 109 -> 96
+    # registers a thread with Triton 3.6, 115 -> 96 with 3.9: 5 programs per SM instead of 4;
+    # scripts/kernel_report.py).
     if HAS_WEIGHT:
         if not RELOAD_W:
             w = _load_f32(W, cols, col_mask) + offset
@@ -284,13 +294,15 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _programs_per_sm(compiled, num_warps: int) -> int:
-    """How many programs of a compiled kernel fit on one SM at once (registers, threads)."""
+def _programs_per_sm(n_regs: int, num_warps: int, cap: int = _MAX_PROGRAMS_PER_SM) -> int:
+    """How many programs of a kernel compiled to ``n_regs`` registers a thread fit on one SM
+    at once (registers, threads), at most ``cap`` (the backward's persistent grid uses 8; the
+    hardware's own limit is 32 blocks an SM)."""
     threads = 32 * num_warps
     # the hardware hands out registers in blocks of 8 per thread (256 per warp)
-    regs = -(-max(1, compiled.n_regs) // 8) * 8
+    regs = -(-max(1, n_regs) // 8) * 8
     by_registers = _SM_REGISTERS // (regs * threads)
-    return max(1, min(by_registers, _SM_THREADS // threads, _MAX_PROGRAMS_PER_SM))
+    return max(1, min(by_registers, _SM_THREADS // threads, cap))
 
 
 # Tiles per forward program where the parameters would otherwise cost more L2 reads than the
@@ -405,7 +417,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
                 # one program needs; the rstd buffer stands in for the partial-sum pointer
                 compiled = _norm_bwd_kernel.warmup(*args(rstd if columns else None), grid=(1,), **meta)
                 compiled._init_handles()
-                programs_per_sm = _OCCUPANCY[key] = _programs_per_sm(compiled, warps)
+                programs_per_sm = _OCCUPANCY[key] = _programs_per_sm(compiled.n_regs, warps)
         programs = _sm_count(x.device) * programs_per_sm
     else:
         programs = 4  # TRITON_INTERPRET=1 on the CPU: a few programs still exercise the reduction
