@@ -107,6 +107,11 @@ def test_tied_embeddings_stay_tied_and_uncentred():
     assert report.conversion["runtime_centring"] == ["transformer.h.0"]
     assert "transformer.h.0.attn.c_proj" in report.conversion["writers"]
     assert "transformer.h.0.attn.c_attn" not in report.conversion["writers"]  # q/k/v is no writer
+    # converted on the CPU: the report says the converted norms are slower there, and what to use
+    assert "the model is on cpu, where the converted norms run on torch ops, slower" in str(report)
+    assert "target='layernorm' keeps torch's layer_norm" in str(report)
+    model, _ = build("gpt2")
+    assert "the model is on cpu" not in str(patch_model(model, dry_run=True))  # inspecting runs nothing
 
 
 @pytest.mark.parametrize("name", POST_LN + ["opt_post_ln"])

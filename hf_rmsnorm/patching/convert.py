@@ -466,6 +466,16 @@ class _Conversion:
             note = [f"centred {len(self.plan.writers)} stream writers" + (f" (e.g. {self.plan.writers[0]})" if self.plan.writers else "")]
             if self.plan.starts:
                 note.append(f"stream start centred at run time at: {', '.join(self.plan.starts)}")
+            device = next(self.model.parameters()).device
+            if device.type != "cuda" and not report.dry_run:
+                # off CUDA the converted norms run the torch path: three passes of ops against
+                # torch's one fused layer_norm (CPU: benchmarks/results/cpu/cpu.md). Not said in
+                # a dry run (`hf-rmsnorm inspect`), which builds the model on the CPU to look.
+                note.append(
+                    f"the model is on {device.type}, where the converted norms run on torch ops, slower than "
+                    "the LayerNorms they replace (torch has a fused LayerNorm there, no fused RMSNorm): the "
+                    "conversion pays on a CUDA GPU; to run on this device, target='layernorm' keeps torch's layer_norm"
+                )
             report.note = "; ".join(note) + "."
         report.conversion = {"writers": self.plan.writers, "runtime_centring": self.plan.starts}
 
