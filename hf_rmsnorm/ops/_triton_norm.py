@@ -311,8 +311,10 @@ def _programs_per_sm(n_regs: int, num_warps: int, cap: int = _MAX_PROGRAMS_PER_S
 # runs at 90-95 % of the copy bandwidth; bf16 rows with fp32 weight and bias (four times) at
 # 60-76 %, and there a persistent grid that loads the parameters once per program took
 # LayerNorm from 49 to 39 us at 2048 columns and from 218 to 164 us at 8192 (branch
-# v3-candidates). Consecutive tiles per program instead of a persistent grid keep as many
-# programs per SM as the one-tile grid (the persistent grid lost in bf16 by capping them).
+# v3-candidates). Consecutive tiles per program instead of a persistent grid do not cap the
+# programs per SM (the persistent grid lost in bf16 by capping them); their registers keep the
+# one-tile occupancy at 4096 and 8192 columns, and cost one program per SM at 2048 with the
+# H200's Triton 3.6 (8 -> 7; benchmarks/results/kernel_report_sm90_triton3.6.0.md).
 # The tiled grid itself is not measured yet (written without a GPU; benchmarks/NOTES.md has the
 # prediction). bf16 rows with an fp32 weight alone (twice) stay one tile: 90 % at 2048 and 4096
 # columns, but 71 % at 8192, which the sweep (scripts/tune_kernels.py) is to settle.
