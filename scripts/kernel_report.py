@@ -69,6 +69,14 @@ def _vector_widths(ptx: str) -> str:
     return f"{len(loads)} loads (≤{widest(loads)}), {len(stores)} stores (≤{widest(stores)})"
 
 
+def _row(kernel: str, norm: str, m: int, n: int, tile: str, warps: int, compiled, cap: int) -> dict:
+    """One table row; programs per SM as the launcher counts them, up to ``cap`` (the backward's
+    persistent grid launches at most 8 an SM; a forward grid is held only by the hardware)."""
+    resources = _resources(compiled.asm["cubin"])
+    return {"kernel": kernel, "norm": norm, "shape": f"{m}×{n}", "tile": tile, "warps": warps, **resources,
+            "per_sm": kernels._programs_per_sm(resources["reg"], warps, cap=cap), "memory ops": _vector_widths(compiled.asm["ptx"])}
+
+
 def report(arch: int) -> list[dict]:
     rows = []
     for name, (is_rms, has_w, has_b, p_dtype) in VARIANTS.items():
@@ -82,9 +90,8 @@ def report(arch: int) -> list[dict]:
                      "TILES": tiles, "STREAM": ""}
             aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "N"} if n % 16 == 0 else set())
             c = _compile(kernels._norm_fwd_kernel, sig, const, warps, arch, aligned)
-            rows.append({"kernel": "fwd", "norm": name, "shape": f"{m}×{n}", "tile": f"{block_m}×{block_n}" + (f" ×{tiles}" if tiles > 1 else ""), "warps": warps,
-                         **_resources(c.asm["cubin"]), "memory ops": _vector_widths(c.asm["ptx"])})
-            rows[-1]["per_sm"] = kernels._programs_per_sm(rows[-1]["reg"], warps, cap=_HW_BLOCKS_PER_SM)
+            tile = f"{block_m}×{block_n}" + (f" ×{tiles}" if tiles > 1 else "")
+            rows.append(_row("fwd", name, m, n, tile, warps, c, cap=_HW_BLOCKS_PER_SM))
             block_m, block_n, warps = kernels.bwd_config(n, has_b)
             sig = {"X": "*bf16", "W": f"*{p_dtype}", "DY": "*bf16", "DX": "*bf16", "Part": "*fp32", "Mean": "*fp32", "Rstd": "*fp32",
                    "stride_x": "i32", "stride_dy": "i32", "M": "i32", "N": "i32", "offset": "fp32"}
@@ -92,9 +99,7 @@ def report(arch: int) -> list[dict]:
                      "STREAM": "", "RELOAD_W": False}
             aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "stride_dy", "N"} if n % 16 == 0 else set())
             c = _compile(kernels._norm_bwd_kernel, sig, const, warps, arch, aligned)
-            rows.append({"kernel": "bwd", "norm": name, "shape": f"{m}×{n}", "tile": f"{block_m}×{block_n}", "warps": warps,
-                         **_resources(c.asm["cubin"]), "memory ops": _vector_widths(c.asm["ptx"])})
-            rows[-1]["per_sm"] = kernels._programs_per_sm(rows[-1]["reg"], warps)  # the launcher's grid
+            rows.append(_row("bwd", name, m, n, f"{block_m}×{block_n}", warps, c, cap=kernels._MAX_PROGRAMS_PER_SM))
     return rows
 
 

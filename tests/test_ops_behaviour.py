@@ -288,7 +288,6 @@ def test_triton_backend_without_triton_says_how_to_install(monkeypatch):
     torch.testing.assert_close(layer_norm(x), norm_fp64("layer", x, eps=1e-5).float(), rtol=1e-5, atol=1e-5)
 
 
-
 @pytest.mark.parametrize("triton_version, numpy_version, broken", [
     ("3.6.0", "2.4.6", True),  # torch 2.11's Triton with today's NumPy: the backward's tile loop fails
     ("3.2.0", "2.4.0rc1", True),
@@ -328,6 +327,7 @@ def test_interpreter_that_cannot_run_the_kernels_is_one_clear_error(tmp_path):
     assert "Triton 3.6.0's interpreter (TRITON_INTERPRET=1) cannot run these kernels with NumPy 2.4.6" in done.stdout
     assert "Install triton>=3.7 or numpy<2.4" in done.stdout
     assert "0-dimensional" not in done.stdout + done.stderr
+
 
 BAD_INPUTS = [
     ("integer x", dict(x=torch.arange(8).reshape(2, 4)), TypeError, "floating-point tensor, got dtype torch.int64"),

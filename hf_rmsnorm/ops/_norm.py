@@ -10,7 +10,6 @@ time the Triton backend actually runs.
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import os
 from typing import Callable, Optional
 
@@ -37,17 +36,6 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _release(version: str) -> tuple[int, ...]:
-    """The leading numbers of a version string: "3.6.0+git1a2b" -> (3, 6, 0)."""
-    numbers = []
-    for part in version.split("+")[0].split("."):
-        digits = "".join(itertools.takewhile(str.isdigit, part))
-        if not digits:
-            break
-        numbers.append(int(digits))
-    return tuple(numbers)
-
-
 def interpreter_problem(triton_version: str, numpy_version: str) -> Optional[str]:
     """Why Triton's interpreter cannot run these kernels with these versions, or None.
 
@@ -55,7 +43,9 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> Optional[str
     one-element NumPy array, which NumPy 2.4 refuses: the backward kernel's loop over its tiles
     (``range(pid, ..., programs)``) then fails deep inside Triton with "only 0-dimensional
     arrays can be converted to Python scalars". Compiled kernels on a GPU are not affected."""
-    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+    from packaging.version import Version  # only asked under TRITON_INTERPRET=1
+
+    if Version(triton_version).release < (3, 7) and Version(numpy_version).release >= (2, 4):
         return (
             f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run these kernels with "
             f"NumPy {numpy_version}: it converts one-element arrays with int(), which NumPy 2.4 refuses. "
