@@ -131,6 +131,18 @@ def _bench(fn: Callable[[], object], device: torch.device, quick=False) -> float
     return statistics.median(times)
 
 
+def graph_ms(fn: Callable[[], object], device: torch.device, quick=False, rep=50) -> float:
+    """Median milliseconds of ``fn`` captured in a CUDA graph and replayed (``rep`` ms of calls a
+    replay): GPU time alone, without the host's Python and launch cost, which a slow host adds
+    to ``_bench``'s number when a call's kernels are shorter than its launches. ``_bench`` off
+    a GPU."""
+    if device.type != "cuda":
+        return _bench(fn, device, quick=quick)
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
+
+
 def copy_bandwidth_gbps(device: torch.device, quick: bool) -> float:
     """Device copy bandwidth, counting bytes read plus bytes written."""
     numel = (16 if quick else 512) * 2**20  # 512 Mi bf16 elements = 1 GiB each way
@@ -193,14 +205,11 @@ def run_case(name, m, n, mode, x_dtype, w_dtype, device, quick):
     ms = _bench(step, device, quick=quick)
     out = {"time_us": ms * 1e3, "gbps": floor_bytes(m, n, x_dtype, mode) / (ms * 1e-3) / 1e9, "kind": kind}
     if device.type == "cuda":
-        # The same step captured in a CUDA graph and replayed: GPU time alone, without the
-        # host's Python and launch cost (which a slow host adds to do_bench's number)
+        # the same step captured in a CUDA graph and replayed: GPU time alone
         try:
-            import triton.testing
-
-            graph_ms = triton.testing.do_bench_cudagraph(step, rep=50, return_mode="median")
-            out["graph_time_us"] = graph_ms * 1e3
-            out["graph_gbps"] = floor_bytes(m, n, x_dtype, mode) / (graph_ms * 1e-3) / 1e9
+            ms = graph_ms(step, device)
+            out["graph_time_us"] = ms * 1e3
+            out["graph_gbps"] = floor_bytes(m, n, x_dtype, mode) / (ms * 1e-3) / 1e9
         except Exception as exc:  # a provider that cannot be captured keeps its do_bench number
             out["graph_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
     return out

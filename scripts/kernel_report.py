@@ -35,17 +35,20 @@ VARIANTS = {  # name -> (IS_RMS, HAS_WEIGHT, HAS_BIAS, parameter dtype); activat
     "RMSNorm": (True, True, False, "bf16"),
     "RMSNorm+bias": (True, True, True, "bf16"),
     "LayerNorm": (False, True, True, "bf16"),
-    "LayerNorm, fp32 w+b": (False, True, True, "fp32"),  # mixed precision: several tiles a forward program
+    # mixed precision: several tiles a forward program from 2048 columns
+    "RMSNorm, fp32 w": (True, True, False, "fp32"),
+    "LayerNorm, fp32 w+b": (False, True, True, "fp32"),
 }
 
 
-def _compile(fn, signature: dict, constexprs: dict, num_warps: int, arch: int, aligned: set):
+def _compile(fn, signature: dict, constexprs: dict, num_warps: int, arch: int, aligned: set, maxnreg=None):
     """Compile as a launch would: at run time Triton specialises pointers that are 16-byte
     aligned and integers divisible by 16 (``aligned``), which is what lets it vectorise."""
     names = list(fn.arg_names)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = triton.compiler.ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _resources(cubin: bytes) -> dict:
@@ -85,7 +88,7 @@ def report(arch: int) -> list[dict]:
         for m, n in SHAPES:
             block_m, block_n, warps = kernels.fwd_config(n, is_rms)
             sig = {**pointers, "stride_x": "i32", "M": "i32", "N": "i32", "eps": "fp32", "offset": "fp32"}
-            tiles = kernels.fwd_tiles(m, block_m, 2, p_size * (has_w + has_b))  # what the launcher picks
+            tiles = kernels.fwd_tiles(m, block_m, 2, p_size if has_w or has_b else 0)  # what the launcher picks
             const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n,
                      "TILES": tiles, "STREAM": ""}
             aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "N"} if n % 16 == 0 else set())
@@ -98,8 +101,10 @@ def report(arch: int) -> list[dict]:
             const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n,
                      "STREAM": "", "RELOAD_W": False}
             aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "stride_dy", "N"} if n % 16 == 0 else set())
-            c = _compile(kernels._norm_bwd_kernel, sig, const, warps, arch, aligned)
-            rows.append(_row("bwd", name, m, n, f"{block_m}×{block_n}", warps, c, cap=kernels._MAX_PROGRAMS_PER_SM))
+            maxnreg = kernels.bwd_maxnreg(block_m, is_rms, has_b)  # the launcher's register cap
+            c = _compile(kernels._norm_bwd_kernel, sig, const, warps, arch, aligned, maxnreg)
+            tile = f"{block_m}×{block_n}" + (f" ≤{maxnreg} regs" if maxnreg else "")
+            rows.append(_row("bwd", name, m, n, tile, warps, c, cap=kernels._MAX_PROGRAMS_PER_SM))
     return rows
 
 
@@ -111,7 +116,8 @@ def main(argv=None) -> int:
     rows = report(args.arch)
     lines = [
         f"# Kernel compiler report: sm_{args.arch}, bf16 activations, triton {triton.__version__}", "",
-        "Tile = BLOCK_M×BLOCK_N (×T: T tiles per forward program); spilled registers show as stack bytes. "
+        "Tile = BLOCK_M×BLOCK_N (×T: T tiles per forward program; ≤R regs: the launcher caps the registers "
+        "at R); spilled registers show as stack bytes. "
         "Programs per SM: how many fit at once by registers and threads (the backward's persistent grid "
         "launches that many per SM, at most 8). Register counts differ between Triton releases: "
         "compile with the Triton the GPU runs.", "",

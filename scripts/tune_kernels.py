@@ -1,12 +1,12 @@
 """Sweep the launch parameters of the norm kernels on a GPU, next to the shipped heuristic.
 
-For each benchmark shape (bf16), times the raw launchers (no autograd, no partial-sum
-reduction) with the configuration ``fwd_config``/``bwd_config`` picks and with its
-neighbours: half and twice the rows per tile, more or fewer elements per thread; for the
-forward, 1 to 8 tiles per program, also with fp32 parameters on the bf16 rows; for the
-backward, 1 to 8 programs per SM instead of the occupancy the compiler's register count
-allows, registers capped and the weight loaded per tile; for both, the row loads with an
-evict-first cache hint. The result says whether the heuristic leaves time on the table and
+For each benchmark shape (bf16), times the raw launchers (GPU time: CUDA-graph replay; no
+autograd, no partial-sum reduction) with the configuration ``fwd_config``/``bwd_config`` picks
+and with its neighbours: half and twice the rows per tile, more or fewer elements per thread;
+for the forward, with bf16 and with fp32 parameters on the bf16 rows, and 1 to 8 tiles per
+program; for the backward, 1 to 8 programs per SM instead of the occupancy the compiler's
+register count allows, registers capped (or uncapped where the launcher caps them) and the
+weight loaded per tile; for both, the row loads with an evict-first cache hint. The result says whether the heuristic leaves time on the table and
 which way to move it (benchmarks/NOTES.md keeps the decisions). The shipped code never reads
 this output.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmark_kernels import FULL_SHAPES, _bench, _versions, copy_bandwidth_gbps, floor_bytes
+from benchmark_kernels import FULL_SHAPES, _versions, copy_bandwidth_gbps, floor_bytes, graph_ms
 from hf_rmsnorm.ops._norm import _interpreting
 
 ELEMENTS_PER_THREAD = (8, 16, 32)
@@ -35,7 +35,10 @@ PROGRAMS_PER_SM = (None, 1, 2, 4, 8)  # None: what the launcher computes from th
 # compiles to 96-128 with the H200's Triton 3.6 (benchmarks/results/kernel_report_sm90_*.md);
 # capped at 96 its one-row tiles spill 0-8 B, at 80 56-72 B (64 left out, it only spilled). A
 # cap above a kernel's own count raises it, so only caps below the shipped count tell anything.
-REGISTER_CAPS = (96, 80)
+REGISTER_CAPS = (0, 96, 80)  # 0: none, for a kernel the launcher caps (``bwd_maxnreg``)
+# GPU time alone (CUDA-graph replay, ``rep`` ms of calls a replay): with ``do_bench`` the host's
+# launch time hid the kernels at 2048 columns (run 7: RMSNorm forward 43 us against 34 us replayed)
+REP_MS = 10
 # tiles per forward program (the weight and bias loaded once for all of them); the shipped rule
 # takes several only for parameters much wider than the rows (``fwd_tiles``), swept here on the
 # shipped tile with bf16 parameters and with fp32 ones (bf16 rows: the mixed-precision forward)
@@ -89,21 +92,24 @@ def sweep(shapes, device, quick, copy_gbps):
         # "/fp32w": the weight, or weight and bias, in fp32 on bf16 rows), the shipped number
         # first; and the row loads hinted evict_first, as torch.compile's generated kernels load them.
         for kind, is_rms, bias in norms:
-            for config in _candidates(k.fwd_config(n, is_rms), 16384, 1):
-                ms = _bench(lambda: k.norm_fwd(x, w, bias, 1e-6, 0.0, is_rms, 0, x_dtype, config=config), device, quick=quick)
-                rows.append(_row("fwd", kind, m, n, config, None, ms, copy_gbps, x_dtype, tiles=_fwd_tiles(k, x, w, bias, config)))
             config = k.fwd_config(n, is_rms)
             for p_dtype in (x_dtype, torch.float32):
                 wp, bp = w.to(p_dtype), None if bias is None else bias.to(p_dtype)
+                group = kind if p_dtype == x_dtype else f"{kind}/fp32w"
+
+                def fwd(config, tiles, stream=""):
+                    ms = graph_ms(lambda: k.norm_fwd(x, wp, bp, 1e-6, 0.0, is_rms, 0, x_dtype, config=config, tiles=tiles,
+                                                     stream=stream), device, quick=quick, rep=REP_MS)
+                    rows.append(_row("fwd", group, m, n, config, None, ms, copy_gbps, x_dtype, tiles=tiles, stream=stream))
+
+                for c in _candidates(config, 16384, 1):  # each tile with the tiles the launcher gives it
+                    fwd(c, _fwd_tiles(k, x, wp, bp, c))
                 shipped = _fwd_tiles(k, x, wp, bp, config)
-                variants = [(tiles, "") for tiles in dict.fromkeys([shipped, *FWD_TILES])]
-                if p_dtype == x_dtype:  # the shipped variant is measured above
-                    variants = variants[1:] + [(shipped, "evict_first")]
-                for tiles, stream in variants:
-                    ms = _bench(lambda: k.norm_fwd(x, wp, bp, 1e-6, 0.0, is_rms, 0, x_dtype, config=config, tiles=tiles,
-                                                   stream=stream), device, quick=quick)
-                    rows.append(_row("fwd", kind if p_dtype == x_dtype else f"{kind}/fp32w", m, n, config, None, ms,
-                                     copy_gbps, x_dtype, tiles=tiles, stream=stream))
+                for tiles in FWD_TILES:
+                    if tiles != shipped:
+                        fwd(config, tiles)
+                if p_dtype == x_dtype:
+                    fwd(config, shipped, "evict_first")
         # backward: RMSNorm (weight) over the whole neighbourhood, LayerNorm (weight + bias)
         # over the default and the best RMSNorm configuration
         for kind, is_rms, bias in norms:
@@ -120,7 +126,8 @@ def sweep(shapes, device, quick, copy_gbps):
             # 96 (kernel_report: LayerNorm's one-row tiles 127 -> 118 registers, 8 B of spill at
             # 96; RMSNorm+bias 95 -> 80, no spill)
             variants = [(c, p, None, "", False) for c in configs for p in (PROGRAMS_PER_SM if device.type == "cuda" else (None,))]
-            variants += [(configs[0], None, cap, "", False) for cap in REGISTER_CAPS]
+            shipped_cap = k.bwd_maxnreg(configs[0][0], is_rms, bias is not None) or 0
+            variants += [(configs[0], None, cap, "", False) for cap in REGISTER_CAPS if cap != shipped_cap]
             variants += [(configs[0], None, None, "evict_first", False), (configs[0], None, None, "", True),
                          (configs[0], None, 96, "", True)]
             for config, pps, cap, stream, reload_w in variants:
@@ -135,13 +142,15 @@ def sweep(shapes, device, quick, copy_gbps):
                 # cost grows with the number of programs
                 for pass_, sums in (("bwd", False), ("bwd+sums", True)):
                     try:
-                        ms = _bench(lambda: run(sums), device, quick=quick)
+                        ms = graph_ms(lambda: run(sums), device, quick=quick, rep=REP_MS)
                     except Exception as exc:  # a configuration that does not compile or fit
                         rows.append({"pass": pass_, "kind": kind, "shape": f"{m}x{n}", "config": list(config),
                                      "programs_per_sm": pps, "maxnreg": cap, "stream": stream, "reload_w": reload_w,
                                      "error": f"{type(exc).__name__}: {exc}"[:200]})
                         continue
-                    rows.append(_row(pass_, kind, m, n, config, pps, ms, copy_gbps, x_dtype, cap, stream=stream,
+                    # the cap the kernel ran with: the launcher's own where the variant sets none
+                    used = k.bwd_maxnreg(config[0], is_rms, bias is not None) if cap is None else cap
+                    rows.append(_row(pass_, kind, m, n, config, pps, ms, copy_gbps, x_dtype, used, stream=stream,
                                      reload_w=reload_w))
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -150,12 +159,12 @@ def sweep(shapes, device, quick, copy_gbps):
 
 def _fwd_tiles(k, x, w, b, config) -> int:
     """The tiles per program the shipped rule gives this forward."""
-    return k.fwd_tiles(x.shape[0], config[0], x.element_size(), k.param_bytes(w, b))
+    return k.fwd_tiles(x.shape[0], config[0], x.element_size(), k.param_size(w, b))
 
 
 def _label(r) -> str:
     cap, tiles, stream = r.get("maxnreg"), r.get("tiles"), r.get("stream")
-    return (f"{tuple(r['config'])}" + (f" ≤{cap} regs" if cap else "") + (f" ×{tiles} tiles" if tiles and tiles > 1 else "")
+    return (f"{tuple(r['config'])}" + (f" ≤{cap} regs" if cap else " no reg cap" if cap == 0 else "") + (f" ×{tiles} tiles" if tiles and tiles > 1 else "")
             + (f" {stream}" if stream else "") + (" w per tile" if r.get("reload_w") else ""))
 
 
@@ -163,9 +172,10 @@ def to_markdown(env, rows) -> str:
     lines = [
         f"# Launch-parameter sweep: {env['device']}, bf16", "",
         f"copy bandwidth {env['copy_gbps']:.0f} GB/s; torch {env['torch']}, triton {env['triton']}; {env['date']}. "
-        "Raw launcher times (median); backward = read x, dy and write dx (6 B/element), "
+        "GPU time of the raw launchers (CUDA-graph replay, median); backward = read x, dy and write dx (6 B/element), "
         "alone (bwd) and with the partial-row sums autograd also runs (bwd+sums); "
-        "config = (BLOCK_M, BLOCK_N, warps), `≤R regs` = registers capped at R (ptxas maxnreg), "
+        "config = (BLOCK_M, BLOCK_N, warps), `≤R regs` = registers capped at R (ptxas maxnreg; `no reg cap` "
+        "where the launcher caps them), "
         "`×T tiles` = T tiles per forward program, `evict_first` = row loads hinted to leave the cache, "
         "`w per tile` = the backward loads the weight per tile instead of holding it; "
         "norm `/fp32w` = fp32 weight (and bias) on bf16 rows; "

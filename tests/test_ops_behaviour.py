@@ -383,31 +383,46 @@ def test_every_launch_configuration_computes_the_same_norm(kind, dtype, block_m,
         assert_close_to_fp64(got.to(dtype) if name in ("dw", "db") else got, ref, truth_, dtype, f"{name} with tile {config}")
 
 
-def test_forward_tiles_per_program_follow_the_parameter_bytes():
-    """Several tiles per forward program exactly where a one-tile program would read more than
-    twice as many parameter bytes (weight + bias, per column) as row bytes, and only while the
-    grid keeps enough programs to fill the GPU."""
+def test_forward_tiles_per_program_follow_the_parameter_dtype():
+    """Several tiles per forward program exactly where the parameters' elements are wider than
+    the rows' on one-row tiles (the mixed-precision forward), and only while the grid keeps
+    enough programs to fill the GPU."""
     pytest.importorskip("triton")
     from hf_rmsnorm.ops import _triton_norm
 
     many = 1 << 20  # rows: enough programs at any tile
     tiles = _triton_norm._FWD_TILES
     assert tiles > 1
-    # (rows per tile, bytes of an x element, parameter bytes per column) -> tiles per program
+    # (rows per tile, bytes of an x element, bytes of the widest parameter element) -> tiles per program
     cases = {
-        (1, 2, 2 + 2): 1,  # bf16 rows, bf16 weight and bias: twice the row bytes
-        (1, 2, 4): 1,  # bf16 rows, fp32 weight alone: twice
-        (1, 2, 4 + 4): tiles,  # bf16 rows, fp32 weight and bias: four times
-        (2, 2, 4 + 4): 1,  # two-row tiles: twice
-        (1, 4, 4 + 4): 1,  # fp32 rows and parameters: twice
+        (1, 2, 2): 1,  # bf16 rows, bf16 parameters
+        (1, 2, 4): tiles,  # bf16 (or fp16) rows, fp32 parameters: the mixed-precision forward
+        (2, 2, 4): 1,  # several-row tiles share their parameter loads already
+        (1, 4, 4): 1,  # fp32 rows and parameters
+        (1, 4, 2): 1,  # fp32 rows, narrower parameters
         (1, 2, 0): 1,  # no parameters
     }
-    for (block_m, x_size, param_size), expected in cases.items():
-        assert _triton_norm.fwd_tiles(many, block_m, x_size, param_size) == expected, (block_m, x_size, param_size)
+    for (block_m, x_size, p_size), expected in cases.items():
+        assert _triton_norm.fwd_tiles(many, block_m, x_size, p_size) == expected, (block_m, x_size, p_size)
     # a short batch keeps one tile a program: too few programs otherwise
     smallest = _triton_norm._MIN_FWD_PROGRAMS * tiles
-    assert _triton_norm.fwd_tiles(smallest, 1, 2, 8) == tiles
-    assert _triton_norm.fwd_tiles(smallest - 1, 1, 2, 8) == 1
+    assert _triton_norm.fwd_tiles(smallest, 1, 2, 4) == tiles
+    assert _triton_norm.fwd_tiles(smallest - 1, 1, 2, 4) == 1
+    # what the launcher reads off the tensors: the widest parameter element
+    bf16, fp32 = (torch.empty(3, dtype=d) for d in (torch.bfloat16, torch.float32))
+    assert [_triton_norm.param_size(*p) for p in ((bf16, None), (fp32, None), (bf16, fp32), (None, None))] == [2, 4, 4, 0]
+
+
+def test_backward_register_cap_only_where_measured():
+    """The launcher caps the backward's registers for LayerNorm with a bias on several-row tiles
+    (up to 1024 columns), the one case the sweep measured faster, and nowhere else: a cap above
+    a kernel's own register count would raise it."""
+    pytest.importorskip("triton")
+    from hf_rmsnorm.ops import _triton_norm
+
+    capped = {(n, is_rms, has_bias) for n in (64, 768, 1024, 1025, 2048, 8192) for is_rms in (True, False)
+              for has_bias in (True, False) if _triton_norm.bwd_maxnreg(_triton_norm.bwd_config(n, has_bias)[0], is_rms, has_bias)}
+    assert capped == {(64, False, True), (768, False, True), (1024, False, True)}
 
 
 @pytest.mark.parametrize("kind", ["rms", "layer"])

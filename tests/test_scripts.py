@@ -147,7 +147,7 @@ def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "tuning.json").read_text())["results"]
     assert not [r for r in rows if "error" in r]
-    from hf_rmsnorm.ops._triton_norm import bwd_config, fwd_config
+    from hf_rmsnorm.ops._triton_norm import bwd_config, bwd_maxnreg, fwd_config
 
     m, n = (int(v) for v in rows[0]["shape"].split("x"))
     firsts = {}
@@ -158,18 +158,29 @@ def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
     assert firsts[("bwd", "rms")]["config"] == list(bwd_config(n))
     assert firsts[("bwd", "layer")]["config"] == list(bwd_config(n, True))
     assert len({tuple(r["config"]) for r in rows if r["pass"] == "bwd"}) > 2  # a real sweep
-    # tiles per forward program: every count swept, bf16 and fp32 parameters, shipped count first
+    # bf16 and fp32 parameters: the shipped tile and its neighbours, every tile count on the
+    # shipped tile, the shipped count first
     for kind in ("rms", "layer", "rms/fp32w", "layer/fp32w"):
         group = [r for r in rows if r["pass"] == "fwd" and r["kind"] == kind]
+        assert group[0]["config"] == list(fwd_config(n, kind.startswith("rms"))), kind
         assert group[0]["tiles"] == 1  # what the launcher picks for 40 rows: too few for more programs
-        assert {r["tiles"] for r in group} >= {1, 2, 4, 8}, kind
+        assert {r["tiles"] for r in group if r["config"] == group[0]["config"]} >= {1, 2, 4, 8}, kind
+        assert len({tuple(r["config"]) for r in group}) > 2, kind
     for pass_ in ("fwd", "bwd", "bwd+sums"):  # the cache-hinted loads, on the shipped tile
         hinted = [r for r in rows if r["pass"] == pass_ and r["stream"] == "evict_first"]
         assert {r["kind"] for r in hinted} == {"rms", "layer"}, pass_
         assert all(r["config"] == firsts[(pass_, r["kind"])]["config"] for r in hinted), pass_
-    for pass_ in ("bwd", "bwd+sums"):  # the weight loaded per tile, alone and with registers capped
+    # the weight loaded per tile, with the launcher's register cap (LayerNorm's several-row tiles)
+    # and capped at 96
+    shipped_caps = {"rms": bwd_maxnreg(bwd_config(n)[0], True, False), "layer": bwd_maxnreg(bwd_config(n, True)[0], False, True)}
+    assert shipped_caps == {"rms": None, "layer": 80}  # 96 columns: tiles of 16 rows
+    for pass_ in ("bwd", "bwd+sums"):
         reloading = {(r["kind"], r["maxnreg"]) for r in rows if r["pass"] == pass_ and r["reload_w"]}
-        assert reloading == {(kind, cap) for kind in ("rms", "layer") for cap in (None, 96)}, pass_
+        assert reloading == {(kind, cap) for kind in ("rms", "layer") for cap in (shipped_caps[kind], 96)}, pass_
+        # the register caps on the shipped tile: LayerNorm's uncapped as well
+        capped = {(r["kind"], r["maxnreg"]) for r in rows if r["pass"] == pass_ and not r["reload_w"] and not r["stream"]
+                  and r["programs_per_sm"] is None and r["config"] == firsts[(pass_, r["kind"])]["config"]}
+        assert capped == {("rms", None), ("rms", 96), ("rms", 80), ("layer", 80), ("layer", 0), ("layer", 96)}, pass_
     assert "| bwd | layer |" in (tmp_path / "tuning.md").read_text()
 
 

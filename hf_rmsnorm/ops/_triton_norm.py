@@ -281,6 +281,20 @@ def bwd_config(N: int, has_bias: bool = False) -> tuple[int, int, int]:
     return block_m, block_n, warps
 
 
+def bwd_maxnreg(block_m: int, is_rms: bool, has_bias: bool) -> int | None:
+    """Registers a thread of the backward kernel may use (ptxas ``maxnreg``), None: no cap.
+
+    LayerNorm with a bias on tiles of several rows (up to 1024 columns): 80 instead of the 96
+    Triton 3.6 and 3.9 allocate, so 6 programs fit an SM instead of 5, at no spill with the
+    H200's Triton 3.6 and bf16 parameters, 8 B with fp32 ones or Triton 3.9
+    (scripts/kernel_report.py). Measured on an H200 (run 7 sweep, 65536x768, bf16): 99 -> 93 us.
+    Only where measured: a cap above a kernel's own count raises it (RMSNorm at 768: 72 -> 96),
+    and the one-row tiles spill 56-72 B at 80."""
+    if not is_rms and has_bias and block_m >= 2:
+        return 80
+    return None
+
+
 # Registers and threads of one SM on every NVIDIA GPU Triton supports (sm_80 to sm_120).
 _SM_REGISTERS = 65536
 _SM_THREADS = 2048
@@ -305,34 +319,31 @@ def _programs_per_sm(n_regs: int, num_warps: int, cap: int = _MAX_PROGRAMS_PER_S
     return max(1, min(by_registers, _SM_THREADS // threads, cap))
 
 
-# Tiles per forward program where the parameters would otherwise cost more L2 reads than the
-# rows cost memory reads. Measured on an H200 (runs 4 and 6, forward, one row per program from
-# 2048 columns): bf16 LayerNorm, whose program reads twice as many parameter bytes as row bytes,
-# runs at 90-95 % of the copy bandwidth; bf16 rows with fp32 weight and bias (four times) at
-# 60-76 %, and there a persistent grid that loads the parameters once per program took
-# LayerNorm from 49 to 39 us at 2048 columns and from 218 to 164 us at 8192 (branch
-# v3-candidates). Consecutive tiles per program instead of a persistent grid do not cap the
-# programs per SM (the persistent grid lost in bf16 by capping them); their registers keep the
-# one-tile occupancy at 4096 and 8192 columns, and cost one program per SM at 2048 with the
-# H200's Triton 3.6 (8 -> 7; benchmarks/results/kernel_report_sm90_triton3.6.0.md).
-# The tiled grid itself is not measured yet (written without a GPU; benchmarks/NOTES.md has the
-# prediction). bf16 rows with an fp32 weight alone (twice) stay one tile: 90 % at 2048 and 4096
-# columns, but 71 % at 8192, which the sweep (scripts/tune_kernels.py) is to settle.
+# Tiles per forward program where the parameters' elements are wider than the rows' (fp32
+# weight, or weight and bias, on bf16/fp16 rows: the mixed-precision forward) and a tile is one
+# row: the tiles of a program load the parameters once. Measured on an H200 (run 7 sweep,
+# Triton 3.6, bf16 rows, 4 tiles vs 1): fp32 weight and bias 216 -> 174 us at 8192 columns and
+# 104 -> 84 us at 4096; fp32 weight alone 182 -> 158 us at 8192, level at 2048 and 4096. Not the
+# bytes the parameters cost: bf16 weight and bias read as many bytes a column and run at 93 %
+# of the copy bandwidth with one tile at 8192, where four tiles were slower. Several-row tiles
+# (up to 1024 columns) already share their parameter loads between rows, and there more tiles
+# were 0-4 % slower (768 columns). Consecutive tiles rather than a persistent grid, which lost in
+# bf16 by capping the programs per SM (runs 4 and 6).
 _FWD_TILES = 4
 # ... but only while the grid keeps this many programs (≈ 8 per SM of an H100/H200): a short
-# batch needs programs to spread over the SMs more than it needs fewer parameter reads
+# batch needs programs to spread over the SMs more than it needs fewer parameter loads
 _MIN_FWD_PROGRAMS = 1024
 
 
-def param_bytes(weight, bias) -> int:
-    """Bytes of the weight and bias elements of one column (0 for an absent one)."""
-    return sum(p.element_size() for p in (weight, bias) if p is not None)
+def param_size(weight, bias) -> int:
+    """Bytes of the widest parameter element (0 without parameters)."""
+    return max((p.element_size() for p in (weight, bias) if p is not None), default=0)
 
 
-def fwd_tiles(M: int, block_m: int, x_size: int, param_size: int) -> int:
+def fwd_tiles(M: int, block_m: int, x_size: int, p_size: int) -> int:
     """Tiles of ``block_m`` rows per forward program for M rows of ``x_size``-byte elements and
-    parameters of ``param_size`` bytes a column (weight and bias together)."""
-    if param_size > 2 * block_m * x_size and M >= _MIN_FWD_PROGRAMS * block_m * _FWD_TILES:
+    parameters whose widest element has ``p_size`` bytes."""
+    if block_m == 1 and p_size > x_size and M >= _MIN_FWD_PROGRAMS * _FWD_TILES:
         return _FWD_TILES
     return 1
 
@@ -361,7 +372,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
         return y, mean, rstd
     block_m, block_n, warps = config or fwd_config(N, is_rms)
     if tiles is None:
-        tiles = fwd_tiles(M, block_m, x.element_size(), param_bytes(weight, bias))
+        tiles = fwd_tiles(M, block_m, x.element_size(), param_size(weight, bias))
     _norm_fwd_kernel[(_ceil_div(M, block_m * tiles),)](
         x, y, weight, bias, mean, rstd,  # mean None (RMS): no pointer for the launcher to check
         x.stride(0), M, N, eps, offset,
@@ -388,18 +399,21 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
 
     ``config`` overrides ``bwd_config(N)``, ``programs_per_sm`` the occupancy the compiled
     kernel allows, ``maxnreg`` caps the registers a thread may use (ptxas spills beyond it;
-    fewer registers, more programs per SM), ``stream`` is the forward's cache hint for the
-    x and dy loads, and ``reload_w`` loads the weight for every tile instead of keeping it in
-    registers (fewer registers, more loads). The tuning sweep uses all five."""
+    fewer registers, more programs per SM; default ``bwd_maxnreg``'s cap, 0 for none),
+    ``stream`` is the forward's cache hint for the x and dy loads, and ``reload_w`` loads the
+    weight for every tile instead of keeping it in registers (fewer registers, more loads). The
+    tuning sweep uses all five."""
     M, N = x.shape
     dx = _empty(x, like, x.dtype)
     columns = ((weight is not None) + has_bias) * N
     if M == 0:
         return dx, x.new_zeros((1, columns), dtype=torch.float32) if columns else None
     block_m, block_n, warps = config or bwd_config(N, has_bias)
+    if maxnreg is None:
+        maxnreg = bwd_maxnreg(block_m, is_rms, has_bias)
     meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
                 BLOCK_M=block_m, BLOCK_N=block_n, STREAM=stream, RELOAD_W=reload_w, num_warps=warps)
-    if maxnreg is not None:
+    if maxnreg:
         meta["maxnreg"] = maxnreg
     # Absent buffers go to the kernel as None: Triton's launcher asks the driver about every
     # pointer argument, which costs host time on each launch.
