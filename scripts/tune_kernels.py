@@ -92,10 +92,10 @@ def sweep(shapes, device, quick, copy_gbps):
         # "/fp32w": the weight, or weight and bias, in fp32 on bf16 rows), the shipped number
         # first; and the row loads hinted evict_first, as torch.compile's generated kernels load them.
         for kind, is_rms, bias in norms:
-            config = k.fwd_config(n, is_rms)
             for p_dtype in (x_dtype, torch.float32):
                 wp, bp = w.to(p_dtype), None if bias is None else bias.to(p_dtype)
                 group = kind if p_dtype == x_dtype else f"{kind}/fp32w"
+                config = k.fwd_config(n, is_rms, p_dtype.itemsize > x_dtype.itemsize)
 
                 def fwd(config, tiles, stream=""):
                     ms = graph_ms(lambda: k.norm_fwd(x, wp, bp, 1e-6, 0.0, is_rms, 0, x_dtype, config=config, tiles=tiles,

@@ -413,6 +413,23 @@ def test_forward_tiles_per_program_follow_the_parameter_dtype():
     assert [_triton_norm.param_size(*p) for p in ((bf16, None), (fp32, None), (bf16, fp32), (None, None))] == [2, 4, 4, 0]
 
 
+def test_forward_tile_shares_wide_parameters_between_two_rows():
+    """With parameters wider than the rows, the one-row forward tiles become two-row tiles of
+    32 values a thread (RMSNorm to 8192 columns, LayerNorm to 4096); bf16 parameters keep the
+    one-row tiles, and several-row tiles (up to 1024 columns) stay as they are."""
+    pytest.importorskip("triton")
+    from hf_rmsnorm.ops import _triton_norm
+
+    for is_rms, widest in ((True, 8192), (False, 4096)):
+        for n in (768, 1100, 2048, 4096, 8192, 16384):
+            narrow = _triton_norm.fwd_config(n, is_rms)
+            wide = _triton_norm.fwd_config(n, is_rms, wide_params=True)
+            if narrow[0] == 1 and n <= widest:
+                assert wide[:2] == (2, narrow[1]) and 2 * wide[1] == 32 * 32 * wide[2], (is_rms, n, wide)
+            else:
+                assert wide == narrow, (is_rms, n)
+
+
 def test_backward_register_cap_only_where_measured():
     """The launcher caps the backward's registers for LayerNorm with a bias on several-row tiles
     (up to 1024 columns), the one case the sweep measured faster, and nowhere else: a cap above
@@ -425,25 +442,27 @@ def test_backward_register_cap_only_where_measured():
     assert capped == {(64, False, True), (768, False, True), (1024, False, True)}
 
 
-@pytest.mark.parametrize("kind", ["rms", "layer"])
-def test_mixed_precision_parameters_take_several_tiles_per_program(kind, monkeypatch, launches):
-    """bf16 rows with fp32 weight and bias, through the public function: the launcher picks
-    several tiles per forward program (the grid minimum lowered so that 37 rows qualify) and
-    the result is still the norm, forward and gradients."""
+@pytest.mark.parametrize("kind,n,block_m,tiles", [("rms", 1100, 2, 1), ("layer", 1100, 2, 1), ("layer", 4100, 1, 8)])
+def test_mixed_precision_parameters_share_their_loads_between_rows(kind, n, block_m, tiles, monkeypatch, launches):
+    """bf16 rows with fp32 weight and bias, through the public function: the launcher puts two
+    rows in a tile (1100 columns), or, for LayerNorm past 4096 columns, several one-row tiles in
+    a program (the grid minimum lowered so that 37 rows qualify); either way the result is
+    still the norm, forward and gradients."""
     _needs_interpreter("calls the launchers on CPU tensors; that needs TRITON_INTERPRET=1")
     from hf_rmsnorm.ops import _triton_norm
 
     monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
     monkeypatch.setattr(_triton_norm, "_MIN_FWD_PROGRAMS", 1)
-    picked = []
+    picked = []  # (rows a tile, tiles a program) of each forward launch
     fwd_tiles = _triton_norm.fwd_tiles
-    monkeypatch.setattr(_triton_norm, "fwd_tiles", lambda *a: picked.append(fwd_tiles(*a)) or picked[-1])
-    x, _, _, dy = _inputs(m=37, n=1100, dtype=torch.bfloat16)  # 1100 columns: one-row tiles
-    _, w, b, _ = _inputs(m=1, n=1100, dtype=torch.float32, seed=1)
+    monkeypatch.setattr(_triton_norm, "fwd_tiles", lambda *a: picked.append((a[1], fwd_tiles(*a))) or picked[-1][1])
+    x, _, _, dy = _inputs(m=37, n=n, dtype=torch.bfloat16)
+    _, w, b, _ = _inputs(m=1, n=n, dtype=torch.float32, seed=1)
     x = (x.detach() * 2 + 0.5).requires_grad_(True)
     eps = 1e-5
     ours = fwd_bwd(lambda x, w, b: FNS[kind](x, w, b, eps), x, w, b, dy)
-    assert picked == [_triton_norm._FWD_TILES] and launches() == 2
+    assert picked == [(block_m, tiles)] and launches() == 2
+    assert tiles == 1 or tiles == _triton_norm._FWD_TILES
     truth = fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps), x.double(), w.double(), b.double(), dy.double())
     yardstick = fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps), x, w, b, dy)
     for name, got, ref, truth_ in zip(("y", "dx", "dw", "db"), ours, yardstick, truth):

@@ -257,15 +257,27 @@ def _tile(N: int) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def fwd_config(N: int, is_rms: bool = True) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the forward kernel for rows of N elements."""
+def fwd_config(N: int, is_rms: bool = True, wide_params: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the forward kernel for rows of N elements; ``wide_params``:
+    the weight (or bias) has wider elements than the rows (fp32 parameters on bf16/fp16 rows)."""
     block_m, block_n, warps = _tile(N)
-    if not is_rms and block_n != 2048:
-        # LayerNorm's two row reductions (mean, then variance) each exchange values between
-        # the warps that share a row (Triton lays warps out along the row), so fewer warps
-        # of 32 values a thread pay less: measured on an H200 (run 5 sweep), 77 -> 86 % at
-        # 768 and 85 -> 94 % at 8192, level at 4096; at 2048 the 16-value tile stays (84 vs 80 %).
+    if block_m > 1 or (not is_rms and block_n != 2048):
+        # 32 values a thread rather than 16. LayerNorm's two row reductions (mean, then
+        # variance) each exchange values between the warps that share a row (Triton lays warps
+        # out along the row), so fewer warps pay less: measured on an H200 (run 5 sweep), 77 -> 86 %
+        # of the copy bandwidth at 768 and 85 -> 94 % at 8192, level at 4096; at 2048 the 16-value
+        # tile stays (84 vs 80 %). RMSNorm's several-row tiles too (run 8 sweep, GPU time, 768
+        # columns: 52 -> 50 us with a bf16 weight, 53 -> 50 with an fp32 one); its one-row tiles
+        # were level either way.
         warps = max(1, warps // 2)
+    if wide_params and block_m == 1 and block_n <= (8192 if is_rms else 4096):
+        # two rows a tile at 32 values a thread: the rows share each parameter load. Measured
+        # on an H200 (run 8 sweep, GPU time, bf16 rows; against four tiles a program of one row,
+        # the v5 rule): RMSNorm with an fp32 weight 37 -> 35 us at 2048, 72 -> 67 at 4096, 156 ->
+        # 135 at 8192 (95 % of the copy bandwidth, as with a bf16 weight); LayerNorm with fp32
+        # weight and bias 43 -> 37 us at 2048, 81 -> 77 at 4096. LayerNorm's 2x8192 tile (16
+        # warps across each row's two reductions) took 245 us, so it keeps the tiles (fwd_tiles).
+        return 2, block_n, _warps(2 * block_n, 32)
     return block_m, block_n, warps
 
 
@@ -320,16 +332,15 @@ def _programs_per_sm(n_regs: int, num_warps: int, cap: int = _MAX_PROGRAMS_PER_S
 
 
 # Tiles per forward program where the parameters' elements are wider than the rows' (fp32
-# weight, or weight and bias, on bf16/fp16 rows: the mixed-precision forward) and a tile is one
-# row: the tiles of a program load the parameters once. Measured on an H200 (run 7 sweep,
-# Triton 3.6, bf16 rows, 4 tiles vs 1): fp32 weight and bias 216 -> 174 us at 8192 columns and
-# 104 -> 84 us at 4096; fp32 weight alone 182 -> 158 us at 8192, level at 2048 and 4096. Not the
-# bytes the parameters cost: bf16 weight and bias read as many bytes a column and run at 93 %
-# of the copy bandwidth with one tile at 8192, where four tiles were slower. Several-row tiles
-# (up to 1024 columns) already share their parameter loads between rows, and there more tiles
-# were 0-4 % slower (768 columns). Consecutive tiles rather than a persistent grid, which lost in
-# bf16 by capping the programs per SM (runs 4 and 6).
-_FWD_TILES = 4
+# weight, or weight and bias, on bf16/fp16 rows: the mixed-precision forward) and a tile is still
+# one row (fwd_config gives two-row tiles up to 8192 columns for RMSNorm, 4096 for LayerNorm):
+# the tiles of a program load the parameters once. Measured on an H200 (Triton 3.6, bf16 rows,
+# LayerNorm with fp32 weight and bias at 8192 columns): 213 us with one tile, 172 with 4, 166
+# with 8 (run 8 sweep, GPU time; run 7's do_bench: 216, 174, 168). Not the bytes the parameters
+# cost: bf16 weight and bias read as many bytes a column and run at 96 % of the copy bandwidth
+# with one tile at 8192, where 8 tiles took 160 us against 133. Consecutive tiles rather than a
+# persistent grid, which lost in bf16 by capping the programs per SM (runs 4 and 6).
+_FWD_TILES = 8
 # ... but only while the grid keeps this many programs (≈ 8 per SM of an H100/H200): a short
 # batch needs programs to spread over the SMs more than it needs fewer parameter loads
 _MIN_FWD_PROGRAMS = 1024
@@ -361,7 +372,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
     input and gets y in that shape, no view), and the fp32 statistics per row: mean (None for
     RMSNorm, which has none) and rstd.
 
-    ``config`` overrides ``fwd_config(N, is_rms)``, ``tiles`` the tiles per program
+    ``config`` overrides ``fwd_config(N, is_rms, wide_params)``, ``tiles`` the tiles per program
     ``fwd_tiles`` picks, and ``stream`` (``"evict_first"``) hints the cache to drop the rows
     after reading them, as torch.compile's kernels do; the tuning sweep uses all three."""
     M, N = x.shape
@@ -370,9 +381,10 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
     mean = None if is_rms else x.new_empty((M,), dtype=torch.float32)
     if M == 0:
         return y, mean, rstd
-    block_m, block_n, warps = config or fwd_config(N, is_rms)
+    p_size = param_size(weight, bias)
+    block_m, block_n, warps = config or fwd_config(N, is_rms, p_size > x.element_size())
     if tiles is None:
-        tiles = fwd_tiles(M, block_m, x.element_size(), param_size(weight, bias))
+        tiles = fwd_tiles(M, block_m, x.element_size(), p_size)
     _norm_fwd_kernel[(_ceil_div(M, block_m * tiles),)](
         x, y, weight, bias, mean, rstd,  # mean None (RMS): no pointer for the launcher to check
         x.stride(0), M, N, eps, offset,
