@@ -6,7 +6,8 @@ and with its neighbours: half and twice the rows per tile, more or fewer element
 for the forward, with bf16 and with fp32 parameters on the bf16 rows, and 1 to 8 tiles per
 program; for the backward, 1 to 8 programs per SM instead of the occupancy the compiler's
 register count allows, registers capped (or uncapped where the launcher caps them) and the
-weight loaded per tile; for both, the row loads with an evict-first cache hint. The result says whether the heuristic leaves time on the table and
+weight loaded per tile, and RMSNorm's with an fp32 weight on its shipped and its one-row tile;
+for both, the row loads with an evict-first cache hint. The result says whether the heuristic leaves time on the table and
 which way to move it (benchmarks/NOTES.md keeps the decisions). The shipped code never reads
 this output.
 
@@ -111,9 +112,12 @@ def sweep(shapes, device, quick, copy_gbps):
                 if p_dtype == x_dtype:
                     fwd(config, shipped, "evict_first")
         # backward: RMSNorm (weight) over the whole neighbourhood, LayerNorm (weight + bias)
-        # over the default and the best RMSNorm configuration
-        for kind, is_rms, bias in norms:
-            _, mean, rstd = k.norm_fwd(x, w, bias, 1e-5, 0.0, is_rms, 0, x_dtype)
+        # over the default and the best RMSNorm configuration; RMSNorm with an fp32 weight on
+        # the shipped and the one-row tile (the Triton 3.6 compile of the shipped two-row tile
+        # at 8192 columns spills 56 B with an fp32 weight, none with bf16: kernel_report)
+        for kind, is_rms, bias in (*norms, ("rms/fp32w", True, None)):
+            wk = w.float() if kind.endswith("fp32w") else w
+            _, mean, rstd = k.norm_fwd(x, wk, bias, 1e-5, 0.0, is_rms, 0, x_dtype)
             configs = _candidates(k.bwd_config(n, bias is not None), 16384, 4)
             if kind == "layer":
                 rms_rows = [r for r in rows if r["pass"] == "bwd" and r["kind"] == "rms" and r["shape"] == f"{m}x{n}"]
@@ -130,12 +134,15 @@ def sweep(shapes, device, quick, copy_gbps):
             variants += [(configs[0], None, cap, "", False) for cap in REGISTER_CAPS if cap != shipped_cap]
             variants += [(configs[0], None, None, "evict_first", False), (configs[0], None, None, "", True),
                          (configs[0], None, 96, "", True)]
+            if kind.endswith("fp32w"):
+                one_row = (1, configs[0][1], k._tile(n)[2]) if configs[0][0] > 1 else configs[0]
+                variants = [(c, None, None, "", False) for c in dict.fromkeys([configs[0], one_row])]
             for config, pps, cap, stream, reload_w in variants:
                 def run(sums):
-                    dx, part = k.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, bias is not None, config=config,
+                    dx, part = k.norm_bwd(dy, x, wk, mean, rstd, 0.0, is_rms, 0, bias is not None, config=config,
                                           programs_per_sm=pps, maxnreg=cap, stream=stream, reload_w=reload_w)
                     if sums:  # what autograd also pays: the partial rows summed in w's dtype
-                        part = k.sum_partials(part, [w.dtype] * (1 if bias is None else 2))
+                        part = k.sum_partials(part, [wk.dtype] * (1 if bias is None else 2))
                     return dx, part
 
                 # "bwd": the kernel alone; "bwd+sums": with the partial-row reduction, whose

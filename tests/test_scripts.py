@@ -113,19 +113,21 @@ def test_benchmark_training_times_only_the_rows_asked_for(tmp_path):
 @pytest.mark.slow
 def test_kernels_compile_for_hopper_vectorised_and_without_spills():
     """The real (not interpreted) compile for sm_90, no GPU needed: every kernel builds, moves
-    memory in 16-byte vectors, and keeps rows up to 8192 in registers (no stack)."""
+    memory in 16-byte vectors, and keeps rows up to 8192 in registers (no stack), short of
+    8 bytes where the launcher caps the registers (LayerNorm's backward at 768 columns: with
+    fp32 parameters it spills 8 B under the H200's Triton 3.6 too, and ran faster capped)."""
     pytest.importorskip("triton")
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_report.py"), "--arch", "90"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     if proc.returncode != 0 and "cuobjdump" in proc.stderr:
         pytest.skip("this Triton build ships no NVIDIA tools")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| fwd") or line.startswith("| bwd")]
-    assert len(rows) == 40  # 4 variants x 5 shapes x forward and backward
+    assert len(rows) == 50  # 5 variants x 5 shapes x forward and backward
     for r in rows:
         kernel, norm, shape, warps, regs, per_sm, stack, memory = r[0].strip("| "), r[1], r[2], int(r[4]), int(r[5]), int(r[6]), r[7], r[10]
         assert "(≤16 B)" in memory and memory.count("≤16 B") == 2, (kernel, norm, shape, memory)
         if not shape.endswith("65536"):
-            assert stack == "0", (kernel, norm, shape, stack)
+            assert int(stack) <= (8 if "regs" in r[3] else 0), (kernel, norm, shape, r[3], stack)
         # programs per SM: as many as fit in 65536 registers (handed out 8 a thread at a time)
         # and 2048 threads, up to the backward grid's 8 and the hardware's 32 blocks
         threads, allotted = 32 * warps, -(-regs // 8) * 8
@@ -180,7 +182,11 @@ def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
         # the register caps on the shipped tile: LayerNorm's uncapped as well
         capped = {(r["kind"], r["maxnreg"]) for r in rows if r["pass"] == pass_ and not r["reload_w"] and not r["stream"]
                   and r["programs_per_sm"] is None and r["config"] == firsts[(pass_, r["kind"])]["config"]}
-        assert capped == {("rms", None), ("rms", 96), ("rms", 80), ("layer", 80), ("layer", 0), ("layer", 96)}, pass_
+        assert capped == {("rms", None), ("rms", 96), ("rms", 80), ("layer", 80), ("layer", 0), ("layer", 96),
+                          ("rms/fp32w", None)}, pass_
+        # RMSNorm with an fp32 weight: the shipped tile first, then the one-row tile
+        fp32w = [r for r in rows if r["pass"] == pass_ and r["kind"] == "rms/fp32w"]
+        assert [r["config"][0] for r in fp32w] == [bwd_config(n)[0], 1], pass_
     assert "| bwd | layer |" in (tmp_path / "tuning.md").read_text()
 
 
