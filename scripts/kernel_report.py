@@ -95,7 +95,7 @@ def report(arch: int) -> list[dict]:
             c = _compile(kernels._norm_fwd_kernel, sig, const, warps, arch, aligned)
             tile = f"{block_m}×{block_n}" + (f" ×{tiles}" if tiles > 1 else "")
             rows.append(_row("fwd", name, m, n, tile, warps, c, cap=_HW_BLOCKS_PER_SM))
-            block_m, block_n, warps = kernels.bwd_config(n, has_b)
+            block_m, block_n, warps = kernels.bwd_config(n, has_b, has_w and p_size > 2)
             sig = {"X": "*bf16", "W": f"*{p_dtype}", "DY": "*bf16", "DX": "*bf16", "Part": "*fp32", "Mean": "*fp32", "Rstd": "*fp32",
                    "stride_x": "i32", "stride_dy": "i32", "M": "i32", "N": "i32", "offset": "fp32"}
             const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n,

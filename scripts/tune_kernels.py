@@ -113,12 +113,12 @@ def sweep(shapes, device, quick, copy_gbps):
                     fwd(config, shipped, "evict_first")
         # backward: RMSNorm (weight) over the whole neighbourhood, LayerNorm (weight + bias)
         # over the default and the best RMSNorm configuration; RMSNorm with an fp32 weight on
-        # the shipped and the one-row tile (the Triton 3.6 compile of the shipped two-row tile
-        # at 8192 columns spills 56 B with an fp32 weight, none with bf16: kernel_report)
+        # the shipped and the one-row tile (at 8192 columns the shipped tile is 32 warps wide
+        # with an fp32 weight, because 16 spill under Triton 3.6: bwd_config)
         for kind, is_rms, bias in (*norms, ("rms/fp32w", True, None)):
             wk = w.float() if kind.endswith("fp32w") else w
             _, mean, rstd = k.norm_fwd(x, wk, bias, 1e-5, 0.0, is_rms, 0, x_dtype)
-            configs = _candidates(k.bwd_config(n, bias is not None), 16384, 4)
+            configs = _candidates(k.bwd_config(n, bias is not None, wk.dtype.itemsize > x_dtype.itemsize), 16384, 4)
             if kind == "layer":
                 rms_rows = [r for r in rows if r["pass"] == "bwd" and r["kind"] == "rms" and r["shape"] == f"{m}x{n}"]
                 best = tuple(min(rms_rows, key=lambda r: r["time_us"])["config"])
@@ -136,7 +136,8 @@ def sweep(shapes, device, quick, copy_gbps):
                          (configs[0], None, 96, "", True)]
             if kind.endswith("fp32w"):
                 one_row = (1, configs[0][1], k._tile(n)[2]) if configs[0][0] > 1 else configs[0]
-                variants = [(c, None, None, "", False) for c in dict.fromkeys([configs[0], one_row])]
+                # the shipped tile, the one a bf16 weight gets, the one-row tile
+                variants = [(c, None, None, "", False) for c in dict.fromkeys([configs[0], k.bwd_config(n), one_row])]
             for config, pps, cap, stream, reload_w in variants:
                 def run(sums):
                     dx, part = k.norm_bwd(dy, x, wk, mean, rstd, 0.0, is_rms, 0, bias is not None, config=config,

@@ -430,6 +430,21 @@ def test_forward_tile_shares_wide_parameters_between_two_rows():
                 assert wide == narrow, (is_rms, n)
 
 
+def test_backward_tile_with_a_wide_weight():
+    """A weight wider than the rows changes only the two-row 8192-column RMSNorm backward tile
+    (32 warps instead of 16: the 16-warp one spills with an fp32 weight under Triton 3.6)."""
+    pytest.importorskip("triton")
+    from hf_rmsnorm.ops import _triton_norm
+
+    for n in (768, 2048, 4096, 8192):
+        for has_bias in (False, True):
+            narrow, wide = (_triton_norm.bwd_config(n, has_bias, w) for w in (False, True))
+            if n == 8192 and not has_bias:
+                assert narrow == (2, 8192, 16) and wide == (2, 8192, 32)
+            else:
+                assert wide == narrow, (n, has_bias)
+
+
 def test_backward_register_cap_only_where_measured():
     """The launcher caps the backward's registers for LayerNorm with a bias on several-row tiles
     (up to 1024 columns), the one case the sweep measured faster, and nowhere else: a cap above
@@ -442,12 +457,16 @@ def test_backward_register_cap_only_where_measured():
     assert capped == {(64, False, True), (768, False, True), (1024, False, True)}
 
 
-@pytest.mark.parametrize("kind,n,block_m,tiles", [("rms", 1100, 2, 1), ("layer", 1100, 2, 1), ("layer", 4100, 1, 8)])
-def test_mixed_precision_parameters_share_their_loads_between_rows(kind, n, block_m, tiles, monkeypatch, launches):
-    """bf16 rows with fp32 weight and bias, through the public function: the launcher puts two
-    rows in a tile (1100 columns), or, for LayerNorm past 4096 columns, several one-row tiles in
-    a program (the grid minimum lowered so that 37 rows qualify); either way the result is
-    still the norm, forward and gradients."""
+@pytest.mark.parametrize(
+    "kind,n,bias,block_m,tiles,bwd_warps",
+    [("rms", 1100, True, 2, 1, 4), ("layer", 1100, True, 2, 1, 4), ("layer", 4100, True, 1, 8, 16), ("rms", 4100, False, 2, 1, 32)],
+)
+def test_mixed_precision_parameters_share_their_loads_between_rows(kind, n, bias, block_m, tiles, bwd_warps, monkeypatch, launches):
+    """bf16 rows with an fp32 weight (and bias), through the public function: the forward puts
+    two rows in a tile (1100 columns; RMSNorm to 8192), or, for LayerNorm past 4096 columns,
+    several one-row tiles in a program (the grid minimum lowered so that 37 rows qualify); the
+    RMSNorm backward past 4096 columns without a bias takes its 32-warp two-row tile. Either way
+    the result is still the norm, forward and gradients."""
     _needs_interpreter("calls the launchers on CPU tensors; that needs TRITON_INTERPRET=1")
     from hf_rmsnorm.ops import _triton_norm
 
@@ -456,16 +475,24 @@ def test_mixed_precision_parameters_share_their_loads_between_rows(kind, n, bloc
     picked = []  # (rows a tile, tiles a program) of each forward launch
     fwd_tiles = _triton_norm.fwd_tiles
     monkeypatch.setattr(_triton_norm, "fwd_tiles", lambda *a: picked.append((a[1], fwd_tiles(*a))) or picked[-1][1])
+    bwd_tiles = []  # the backward's (BLOCK_M, BLOCK_N, warps)
+    bwd_config = _triton_norm.bwd_config
+    monkeypatch.setattr(_triton_norm, "bwd_config", lambda *a: bwd_tiles.append(bwd_config(*a)) or bwd_tiles[-1])
     x, _, _, dy = _inputs(m=37, n=n, dtype=torch.bfloat16)
     _, w, b, _ = _inputs(m=1, n=n, dtype=torch.float32, seed=1)
+    b = b if bias else None
     x = (x.detach() * 2 + 0.5).requires_grad_(True)
     eps = 1e-5
     ours = fwd_bwd(lambda x, w, b: FNS[kind](x, w, b, eps), x, w, b, dy)
     assert picked == [(block_m, tiles)] and launches() == 2
     assert tiles == 1 or tiles == _triton_norm._FWD_TILES
-    truth = fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps), x.double(), w.double(), b.double(), dy.double())
+    assert [t[2] for t in bwd_tiles] == [bwd_warps]
+    truth = fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps), x.double(), w.double(), None if b is None else b.double(), dy.double())
     yardstick = fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps), x, w, b, dy)
     for name, got, ref, truth_ in zip(("y", "dx", "dw", "db"), ours, yardstick, truth):
+        if truth_ is None:  # no bias
+            assert got is None, name
+            continue
         assert got.dtype == ref.dtype, name
         assert_close_to_fp64(got, ref, truth_, torch.bfloat16, name)
 

@@ -282,14 +282,18 @@ def fwd_config(N: int, is_rms: bool = True, wide_params: bool = False) -> tuple[
 
 
 @functools.lru_cache(maxsize=None)
-def bwd_config(N: int, has_bias: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the backward kernel for rows of N elements."""
+def bwd_config(N: int, has_bias: bool = False, wide_params: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the backward kernel for rows of N elements;
+    ``wide_params``: the weight has wider elements than the rows (as in ``fwd_config``)."""
     block_m, block_n, warps = _tile(N)
     if block_n == 8192 and not has_bias:
         # measured (v1 sweep, H200, twice): two rows at 32 values a thread beat one row at 16
-        # by 5 %. With a bias-gradient accumulator as well that tile spills (kernel_report.py),
-        # and wider rows would need 64 values a thread.
-        return 2, block_n, 16
+        # by 5 % (run 8 sweep: 203 against 253 us). With a bias-gradient accumulator as well
+        # that tile spills (kernel_report.py), and wider rows would need 64 values a thread.
+        # With an fp32 weight on bf16 rows it spills 56 B under the H200's Triton 3.6 (none
+        # under 3.9): 32 warps of 16 values a thread compile to 64 registers without a spill,
+        # and with a bf16 weight took 206 against 203 us (run 8 sweep).
+        return 2, block_n, 32 if wide_params else 16
     return block_m, block_n, warps
 
 
@@ -409,8 +413,8 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     parameter, 2N for weight and bias (weight first), None without parameters. ``sum_partials``
     reduces them.
 
-    ``config`` overrides ``bwd_config(N)``, ``programs_per_sm`` the occupancy the compiled
-    kernel allows, ``maxnreg`` caps the registers a thread may use (ptxas spills beyond it;
+    ``config`` overrides ``bwd_config(N, has_bias, wide_params)``, ``programs_per_sm`` the
+    occupancy the compiled kernel allows, ``maxnreg`` caps the registers a thread may use (ptxas spills beyond it;
     fewer registers, more programs per SM; default ``bwd_maxnreg``'s cap, 0 for none),
     ``stream`` is the forward's cache hint for the x and dy loads, and ``reload_w`` loads the
     weight for every tile instead of keeping it in registers (fewer registers, more loads). The
@@ -420,7 +424,8 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     columns = ((weight is not None) + has_bias) * N
     if M == 0:
         return dx, x.new_zeros((1, columns), dtype=torch.float32) if columns else None
-    block_m, block_n, warps = config or bwd_config(N, has_bias)
+    wide = weight is not None and weight.element_size() > x.element_size()
+    block_m, block_n, warps = config or bwd_config(N, has_bias, wide)
     if maxnreg is None:
         maxnreg = bwd_maxnreg(block_m, is_rms, has_bias)
     meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
