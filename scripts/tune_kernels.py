@@ -129,15 +129,16 @@ def sweep(shapes, device, quick, copy_gbps):
             # with the weight loaded per tile instead of held in registers, alone and capped at
             # 96 (kernel_report: LayerNorm's one-row tiles 127 -> 118 registers, 8 B of spill at
             # 96; RMSNorm+bias 95 -> 80, no spill)
-            variants = [(c, p, None, "", False) for c in configs for p in (PROGRAMS_PER_SM if device.type == "cuda" else (None,))]
-            shipped_cap = k.bwd_maxnreg(configs[0][0], is_rms, bias is not None) or 0
-            variants += [(configs[0], None, cap, "", False) for cap in REGISTER_CAPS if cap != shipped_cap]
-            variants += [(configs[0], None, None, "evict_first", False), (configs[0], None, None, "", True),
-                         (configs[0], None, 96, "", True)]
-            if kind.endswith("fp32w"):
+            if kind.endswith("fp32w"):  # the shipped tile, the one a bf16 weight gets, the one-row tile
                 one_row = (1, configs[0][1], k._tile(n)[2]) if configs[0][0] > 1 else configs[0]
-                # the shipped tile, the one a bf16 weight gets, the one-row tile
                 variants = [(c, None, None, "", False) for c in dict.fromkeys([configs[0], k.bwd_config(n), one_row])]
+            else:
+                pps_all = PROGRAMS_PER_SM if device.type == "cuda" else (None,)
+                variants = [(c, p, None, "", False) for c in configs for p in pps_all]
+                shipped_cap = k.bwd_maxnreg(configs[0][0], is_rms, bias is not None) or 0
+                variants += [(configs[0], None, cap, "", False) for cap in REGISTER_CAPS if cap != shipped_cap]
+                variants += [(configs[0], None, None, "evict_first", False), (configs[0], None, None, "", True),
+                             (configs[0], None, 96, "", True)]
             for config, pps, cap, stream, reload_w in variants:
                 def run(sums):
                     dx, part = k.norm_bwd(dy, x, wk, mean, rstd, 0.0, is_rms, 0, bias is not None, config=config,
