@@ -86,7 +86,7 @@ def report(arch: int) -> list[dict]:
         pointers = {"X": "*bf16", "Y": "*bf16", "W": f"*{p_dtype}", "B": f"*{p_dtype}", "Mean": "*fp32", "Rstd": "*fp32"}
         p_size = {"bf16": 2, "fp32": 4}[p_dtype]
         for m, n in SHAPES:
-            block_m, block_n, warps = kernels.fwd_config(n, is_rms, p_size > 2)
+            block_m, block_n, warps = kernels.fwd_config(n, is_rms, p_size > 2, has_b)
             sig = {**pointers, "stride_x": "i32", "M": "i32", "N": "i32", "eps": "fp32", "offset": "fp32"}
             tiles = kernels.fwd_tiles(m, block_m, 2, p_size if has_w or has_b else 0)  # what the launcher picks
             const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n,

@@ -96,7 +96,7 @@ def sweep(shapes, device, quick, copy_gbps):
             for p_dtype in (x_dtype, torch.float32):
                 wp, bp = w.to(p_dtype), None if bias is None else bias.to(p_dtype)
                 group = kind if p_dtype == x_dtype else f"{kind}/fp32w"
-                config = k.fwd_config(n, is_rms, p_dtype.itemsize > x_dtype.itemsize)
+                config = k.fwd_config(n, is_rms, p_dtype.itemsize > x_dtype.itemsize, bias is not None)
 
                 def fwd(config, tiles, stream=""):
                     ms = graph_ms(lambda: k.norm_fwd(x, wp, bp, 1e-6, 0.0, is_rms, 0, x_dtype, config=config, tiles=tiles,

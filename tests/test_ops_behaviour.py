@@ -415,15 +415,16 @@ def test_forward_tiles_per_program_follow_the_parameter_dtype():
 
 def test_forward_tile_shares_wide_parameters_between_two_rows():
     """With parameters wider than the rows, the one-row forward tiles become two-row tiles of
-    32 values a thread (RMSNorm to 8192 columns, LayerNorm to 4096); bf16 parameters keep the
-    one-row tiles, and several-row tiles (up to 1024 columns) stay as they are."""
+    32 values a thread (RMSNorm without a bias to 8192 columns, with one or LayerNorm to 4096);
+    bf16 parameters keep the one-row tiles, and several-row tiles (up to 1024 columns) stay as
+    they are."""
     pytest.importorskip("triton")
     from hf_rmsnorm.ops import _triton_norm
 
-    for is_rms, widest in ((True, 8192), (False, 4096)):
+    for is_rms, has_bias, widest in ((True, False, 8192), (True, True, 4096), (False, True, 4096), (False, False, 4096)):
         for n in (768, 1100, 2048, 4096, 8192, 16384):
-            narrow = _triton_norm.fwd_config(n, is_rms)
-            wide = _triton_norm.fwd_config(n, is_rms, wide_params=True)
+            narrow = _triton_norm.fwd_config(n, is_rms, False, has_bias)
+            wide = _triton_norm.fwd_config(n, is_rms, True, has_bias)
             if narrow[0] == 1 and n <= widest:
                 assert wide[:2] == (2, narrow[1]) and 2 * wide[1] == 32 * 32 * wide[2], (is_rms, n, wide)
             else:

@@ -257,7 +257,7 @@ def _tile(N: int) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def fwd_config(N: int, is_rms: bool = True, wide_params: bool = False) -> tuple[int, int, int]:
+def fwd_config(N: int, is_rms: bool = True, wide_params: bool = False, has_bias: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the forward kernel for rows of N elements; ``wide_params``:
     the weight (or bias) has wider elements than the rows (fp32 parameters on bf16/fp16 rows)."""
     block_m, block_n, warps = _tile(N)
@@ -270,13 +270,15 @@ def fwd_config(N: int, is_rms: bool = True, wide_params: bool = False) -> tuple[
         # columns: 52 -> 50 us with a bf16 weight, 53 -> 50 with an fp32 one); its one-row tiles
         # were level either way.
         warps = max(1, warps // 2)
-    if wide_params and block_m == 1 and block_n <= (8192 if is_rms else 4096):
+    if wide_params and block_m == 1 and block_n <= (4096 if has_bias or not is_rms else 8192):
         # two rows a tile at 32 values a thread: the rows share each parameter load. Measured
         # on an H200 (run 8 sweep, GPU time, bf16 rows; against four tiles a program of one row,
         # the v5 rule): RMSNorm with an fp32 weight 37 -> 35 us at 2048, 72 -> 67 at 4096, 156 ->
         # 135 at 8192 (95 % of the copy bandwidth, as with a bf16 weight); LayerNorm with fp32
-        # weight and bias 43 -> 37 us at 2048, 81 -> 77 at 4096. LayerNorm's 2x8192 tile (16
-        # warps across each row's two reductions) took 245 us, so it keeps the tiles (fwd_tiles).
+        # weight and bias 43 -> 37 us at 2048, 81 -> 77 at 4096. LayerNorm's 2x8192 tile took
+        # 245 us: 86 registers with Triton 3.6, so one program of 16 warps per SM (RMSNorm's:
+        # 63, two). A bias takes RMSNorm's there too (84), so with a bias or LayerNorm's
+        # reductions the 8192-column rows keep the tiles (fwd_tiles).
         return 2, block_n, _warps(2 * block_n, 32)
     return block_m, block_n, warps
 
@@ -337,7 +339,8 @@ def _programs_per_sm(n_regs: int, num_warps: int, cap: int = _MAX_PROGRAMS_PER_S
 
 # Tiles per forward program where the parameters' elements are wider than the rows' (fp32
 # weight, or weight and bias, on bf16/fp16 rows: the mixed-precision forward) and a tile is still
-# one row (fwd_config gives two-row tiles up to 8192 columns for RMSNorm, 4096 for LayerNorm):
+# one row (fwd_config gives two-row tiles up to 8192 columns for RMSNorm without a bias, 4096
+# with one or for LayerNorm):
 # the tiles of a program load the parameters once. Measured on an H200 (Triton 3.6, bf16 rows,
 # LayerNorm with fp32 weight and bias at 8192 columns): 213 us with one tile, 172 with 4, 166
 # with 8 (run 8 sweep, GPU time; run 7's do_bench: 216, 174, 168). Not the bytes the parameters
@@ -376,7 +379,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
     input and gets y in that shape, no view), and the fp32 statistics per row: mean (None for
     RMSNorm, which has none) and rstd.
 
-    ``config`` overrides ``fwd_config(N, is_rms, wide_params)``, ``tiles`` the tiles per program
+    ``config`` overrides ``fwd_config(N, is_rms, wide_params, has_bias)``, ``tiles`` the tiles per program
     ``fwd_tiles`` picks, and ``stream`` (``"evict_first"``) hints the cache to drop the rows
     after reading them, as torch.compile's kernels do; the tuning sweep uses all three."""
     M, N = x.shape
@@ -386,7 +389,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
     if M == 0:
         return y, mean, rstd
     p_size = param_size(weight, bias)
-    block_m, block_n, warps = config or fwd_config(N, is_rms, p_size > x.element_size())
+    block_m, block_n, warps = config or fwd_config(N, is_rms, p_size > x.element_size(), bias is not None)
     if tiles is None:
         tiles = fwd_tiles(M, block_m, x.element_size(), p_size)
     _norm_fwd_kernel[(_ceil_div(M, block_m * tiles),)](
