@@ -35,7 +35,8 @@ VARIANTS = {  # name -> (IS_RMS, HAS_WEIGHT, HAS_BIAS, parameter dtype); activat
     "RMSNorm": (True, True, False, "bf16"),
     "RMSNorm+bias": (True, True, True, "bf16"),
     "LayerNorm": (False, True, True, "bf16"),
-    # mixed precision: several tiles a forward program from 2048 columns
+    # mixed precision: two-row forward tiles from 2048 columns (several one-row tiles a program
+    # for LayerNorm at 8192), and RMSNorm's 32-warp backward tile at 8192
     "RMSNorm, fp32 w": (True, True, False, "fp32"),
     "LayerNorm, fp32 w+b": (False, True, True, "fp32"),
 }

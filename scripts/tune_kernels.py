@@ -41,8 +41,9 @@ REGISTER_CAPS = (0, 96, 80)  # 0: none, for a kernel the launcher caps (``bwd_ma
 # launch time hid the kernels at 2048 columns (run 7: RMSNorm forward 43 us against 34 us replayed)
 REP_MS = 10
 # tiles per forward program (the weight and bias loaded once for all of them); the shipped rule
-# takes several only for parameters much wider than the rows (``fwd_tiles``), swept here on the
-# shipped tile with bf16 parameters and with fp32 ones (bf16 rows: the mixed-precision forward)
+# takes several only for parameters wider than the rows on one-row tiles (``fwd_tiles``), swept
+# here on the shipped tile with bf16 parameters and with fp32 ones (bf16 rows: the
+# mixed-precision forward)
 FWD_TILES = (1, 2, 4, 8)
 QUICK_SHAPES = [(40, 96)]  # interpreted: small enough for CI
 

@@ -427,8 +427,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     columns = ((weight is not None) + has_bias) * N
     if M == 0:
         return dx, x.new_zeros((1, columns), dtype=torch.float32) if columns else None
-    wide = weight is not None and weight.element_size() > x.element_size()
-    block_m, block_n, warps = config or bwd_config(N, has_bias, wide)
+    block_m, block_n, warps = config or bwd_config(N, has_bias, param_size(weight, None) > x.element_size())
     if maxnreg is None:
         maxnreg = bwd_maxnreg(block_m, is_rms, has_bias)
     meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
