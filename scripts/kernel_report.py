@@ -29,6 +29,9 @@ from hf_rmsnorm.ops import _triton_norm as kernels  # noqa: E402
 # the most blocks one SM holds (sm_80 to sm_90); the report shows what registers and threads
 # allow up to that, not the backward launcher's own cap of 8
 _HW_BLOCKS_PER_SM = 32
+# shared memory of one SM by compute capability (CUDA programming guide; the launcher reads the
+# device's own from torch); 100 KiB on the others Triton supports (sm_86, sm_89, sm_120)
+_SM_SHARED_KIB = {80: 164, 87: 164, 90: 228, 100: 228, 103: 228}
 
 SHAPES = [(65536, 768), (16384, 2048), (16384, 4096), (16384, 8192), (8, 65536)]
 VARIANTS = {  # name -> (IS_RMS, HAS_WEIGHT, HAS_BIAS, parameter dtype); activations bf16
@@ -70,15 +73,27 @@ def _vector_widths(ptx: str) -> str:
         bits = [int(b) * (int(v[2:]) if v else 1) for v, b in ops]
         return f"{max(bits) // 8} B" if bits else "—"
 
-    return f"{len(loads)} loads (≤{widest(loads)}), {len(stores)} stores (≤{widest(stores)})"
+    # a pipelined loop's row loads are asynchronous copies into shared memory instead
+    copies = len(re.findall(r"cp\.async\.(?:ca|cg)\.shared\.global", ptx))
+    return (f"{len(loads)} loads (≤{widest(loads)}), {len(stores)} stores (≤{widest(stores)})"
+            + (f", {copies} async copies" if copies else ""))
 
 
-def _row(kernel: str, norm: str, m: int, n: int, tile: str, warps: int, compiled, cap: int) -> dict:
+def _row(kernel: str, norm: str, m: int, n: int, tile: str, warps: int, compiled, cap: int, arch: int) -> dict:
     """One table row; programs per SM as the launcher counts them, up to ``cap`` (the backward's
     persistent grid launches at most 8 an SM; a forward grid is held only by the hardware)."""
     resources = _resources(compiled.asm["cubin"])
+    # the shared memory a program asks for at launch (reductions' scratch, pipeline buffers);
+    # cuobjdump's static count leaves it out
+    shared = compiled.metadata.shared
+    per_sm = kernels._programs_per_sm(resources["reg"], warps, cap=cap, shared=shared,
+                                      sm_shared=_SM_SHARED_KIB.get(arch, 100) * 1024)
     return {"kernel": kernel, "norm": norm, "shape": f"{m}×{n}", "tile": tile, "warps": warps, **resources,
-            "per_sm": kernels._programs_per_sm(resources["reg"], warps, cap=cap), "memory ops": _vector_widths(compiled.asm["ptx"])}
+            "shared": shared, "per_sm": per_sm, "memory ops": _vector_widths(compiled.asm["ptx"])}
+
+
+def _stages(stages: int) -> str:
+    return f" {stages} stages" if stages > 1 else ""
 
 
 def report(arch: int) -> list[dict]:
@@ -90,22 +105,24 @@ def report(arch: int) -> list[dict]:
             block_m, block_n, warps = kernels.fwd_config(n, is_rms, p_size > 2, has_b)
             sig = {**pointers, "stride_x": "i32", "M": "i32", "N": "i32", "eps": "fp32", "offset": "fp32"}
             tiles = kernels.fwd_tiles(m, block_m, 2, p_size if has_w or has_b else 0)  # what the launcher picks
+            stages = kernels.fwd_stages(tiles, block_n)
             const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                     "TILES": tiles, "STREAM": ""}
+                     "TILES": tiles, "STREAM": "", "STAGES": stages}
             aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "N"} if n % 16 == 0 else set())
             c = _compile(kernels._norm_fwd_kernel, sig, const, warps, arch, aligned)
-            tile = f"{block_m}×{block_n}" + (f" ×{tiles}" if tiles > 1 else "")
-            rows.append(_row("fwd", name, m, n, tile, warps, c, cap=_HW_BLOCKS_PER_SM))
+            tile = f"{block_m}×{block_n}" + (f" ×{tiles}" if tiles > 1 else "") + _stages(stages)
+            rows.append(_row("fwd", name, m, n, tile, warps, c, cap=_HW_BLOCKS_PER_SM, arch=arch))
             block_m, block_n, warps = kernels.bwd_config(n, has_b, has_w and p_size > 2)
             sig = {"X": "*bf16", "W": f"*{p_dtype}", "DY": "*bf16", "DX": "*bf16", "Part": "*fp32", "Mean": "*fp32", "Rstd": "*fp32",
                    "stride_x": "i32", "stride_dy": "i32", "M": "i32", "N": "i32", "offset": "fp32"}
+            stages = kernels.bwd_stages(block_m, block_n, is_rms, has_b)
             const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                     "STREAM": "", "RELOAD_W": False}
+                     "STREAM": "", "RELOAD_W": False, "STAGES": stages}
             aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "stride_dy", "N"} if n % 16 == 0 else set())
             maxnreg = kernels.bwd_maxnreg(block_m, is_rms, has_b)  # the launcher's register cap
             c = _compile(kernels._norm_bwd_kernel, sig, const, warps, arch, aligned, maxnreg)
-            tile = f"{block_m}×{block_n}" + (f" ≤{maxnreg} regs" if maxnreg else "")
-            rows.append(_row("bwd", name, m, n, tile, warps, c, cap=kernels._MAX_PROGRAMS_PER_SM))
+            tile = f"{block_m}×{block_n}" + (f" ≤{maxnreg} regs" if maxnreg else "") + _stages(stages)
+            rows.append(_row("bwd", name, m, n, tile, warps, c, cap=kernels._MAX_PROGRAMS_PER_SM, arch=arch))
     return rows
 
 
@@ -118,11 +135,13 @@ def main(argv=None) -> int:
     lines = [
         f"# Kernel compiler report: sm_{args.arch}, bf16 activations, triton {triton.__version__}", "",
         "Tile = BLOCK_M×BLOCK_N (×T: T tiles per forward program; ≤R regs: the launcher caps the registers "
-        "at R); spilled registers show as stack bytes. "
-        "Programs per SM: how many fit at once by registers and threads (the backward's persistent grid "
-        "launches that many per SM, at most 8). Register counts differ between Triton releases: "
+        "at R; S stages: the tile loop software-pipelined, the next tile's loads into shared memory); spilled "
+        "registers show as stack bytes; shared = bytes of shared memory a program asks for at launch. "
+        f"Programs per SM: how many fit at once by registers, threads and shared memory "
+        f"({_SM_SHARED_KIB.get(args.arch, 100)} KiB an SM, 1 KiB a program held by the system; the backward's "
+        "persistent grid launches that many per SM, at most 8). Register counts differ between Triton releases: "
         "compile with the Triton the GPU runs.", "",
-        "| kernel | norm | shape | tile | warps | registers | programs per SM | stack (spills) | local | shared | global memory ops |",
+        "| kernel | norm | shape | tile | warps | registers | programs per SM | stack (spills) | local | shared (B) | global memory ops |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -4,12 +4,13 @@ For each benchmark shape (bf16), times the raw launchers (GPU time: CUDA-graph r
 autograd, no partial-sum reduction) with the configuration ``fwd_config``/``bwd_config`` picks
 and with its neighbours: half and twice the rows per tile, more or fewer elements per thread;
 for the forward, with bf16 and with fp32 parameters on the bf16 rows, and 1 to 8 tiles per
-program; for the backward, 1 to 8 programs per SM instead of the occupancy the compiler's
-register count allows, registers capped (or uncapped where the launcher caps them) and the
-weight loaded per tile, and RMSNorm's with an fp32 weight on its shipped and its one-row tile;
-for both, the row loads with an evict-first cache hint. The result says whether the heuristic leaves time on the table and
-which way to move it (benchmarks/NOTES.md keeps the decisions). The shipped code never reads
-this output.
+program; for the backward, on the shipped tile 1 to 8 programs per SM instead of the occupancy
+the compiler's register and shared-memory counts allow, registers capped (or uncapped where the
+launcher caps them) and the weight loaded per tile, and RMSNorm's with an fp32 weight on its
+shipped and its one-row tile; for both, the row loads with an evict-first cache hint and the
+tile loop software-pipelined over 1 to 3 stages. The result says whether the heuristic leaves
+time on the table and which way to move it (benchmarks/NOTES.md keeps the decisions). The
+shipped code never reads this output.
 
     python scripts/tune_kernels.py            # on a GPU
     python scripts/tune_kernels.py --quick    # tiny shapes under TRITON_INTERPRET=1 (CI)
@@ -45,6 +46,10 @@ REP_MS = 10
 # here on the shipped tile with bf16 parameters and with fp32 ones (bf16 rows: the
 # mixed-precision forward)
 FWD_TILES = (1, 2, 4, 8)
+# software-pipeline stages of the tile loops (``tl.range(num_stages=S)``: the next S - 1 tiles'
+# loads in flight through a tile's reductions): the backward's on the shipped tile, the forward's
+# on the shipped tile with the most tiles a program; 1 = not pipelined
+STAGES = (1, 2, 3)
 QUICK_SHAPES = [(40, 96)]  # interpreted: small enough for CI
 
 
@@ -64,13 +69,13 @@ def _candidates(default: tuple[int, int, int], max_tile: int, warps_floor: int) 
 
 
 def _row(pass_, kind, m, n, config, programs_per_sm, ms, copy_gbps, x_dtype, maxnreg=None, tiles=None, stream="",
-         reload_w=False):
+         reload_w=False, stages=1):
     bytes_ = floor_bytes(m, n, x_dtype, "fwd")
     if pass_ != "fwd":  # the backward: read x and dy, write dx
         bytes_ = floor_bytes(m, n, x_dtype, "fwd+bwd") - bytes_
     gbps = bytes_ / (ms * 1e-3) / 1e9
     return {"pass": pass_, "kind": kind, "shape": f"{m}x{n}", "config": list(config), "programs_per_sm": programs_per_sm,
-            "maxnreg": maxnreg, "tiles": tiles, "stream": stream, "reload_w": reload_w, "time_us": ms * 1e3, "gbps": gbps,
+            "maxnreg": maxnreg, "tiles": tiles, "stream": stream, "reload_w": reload_w, "stages": stages, "time_us": ms * 1e3, "gbps": gbps,
             "frac_copy": gbps / copy_gbps}
 
 
@@ -99,10 +104,12 @@ def sweep(shapes, device, quick, copy_gbps):
                 group = kind if p_dtype == x_dtype else f"{kind}/fp32w"
                 config = k.fwd_config(n, is_rms, p_dtype.itemsize > x_dtype.itemsize, bias is not None)
 
-                def fwd(config, tiles, stream=""):
+                def fwd(config, tiles, stream="", stages=None):
+                    used = k.fwd_stages(tiles, config[1]) if stages is None else stages
                     ms = graph_ms(lambda: k.norm_fwd(x, wp, bp, 1e-6, 0.0, is_rms, 0, x_dtype, config=config, tiles=tiles,
-                                                     stream=stream), device, quick=quick, rep=REP_MS)
-                    rows.append(_row("fwd", group, m, n, config, None, ms, copy_gbps, x_dtype, tiles=tiles, stream=stream))
+                                                     stream=stream, stages=used), device, quick=quick, rep=REP_MS)
+                    rows.append(_row("fwd", group, m, n, config, None, ms, copy_gbps, x_dtype, tiles=tiles, stream=stream,
+                                     stages=used))
 
                 for c in _candidates(config, 16384, 1):  # each tile with the tiles the launcher gives it
                     fwd(c, _fwd_tiles(k, x, wp, bp, c))
@@ -110,6 +117,10 @@ def sweep(shapes, device, quick, copy_gbps):
                 for tiles in FWD_TILES:
                     if tiles != shipped:
                         fwd(config, tiles)
+                most = FWD_TILES[-1]
+                for stages in STAGES:
+                    if stages != k.fwd_stages(most, config[1]):
+                        fwd(config, most, stages=stages)
                 if p_dtype == x_dtype:
                     fwd(config, shipped, "evict_first")
         # backward: RMSNorm (weight) over the whole neighbourhood, LayerNorm (weight + bias)
@@ -124,26 +135,32 @@ def sweep(shapes, device, quick, copy_gbps):
                 rms_rows = [r for r in rows if r["pass"] == "bwd" and r["kind"] == "rms" and r["shape"] == f"{m}x{n}"]
                 best = tuple(min(rms_rows, key=lambda r: r["time_us"])["config"])
                 configs = list(dict.fromkeys([k.bwd_config(n, True), best]))
-            # (config, programs per SM, register cap, cache hint, weight per tile): every
-            # occupancy for each config; the shipped config with its registers capped (more
-            # programs per SM, maybe spills), with the x and dy loads hinted evict_first, and
-            # with the weight loaded per tile instead of held in registers, alone and capped at
-            # 96 (kernel_report: LayerNorm's one-row tiles 127 -> 118 registers, 8 B of spill at
-            # 96; RMSNorm+bias 95 -> 80, no spill)
+            # (config, programs per SM, register cap, cache hint, weight per tile, pipeline
+            # stages): every occupancy for each config; the shipped config with its registers
+            # capped (more programs per SM, maybe spills), with the x and dy loads hinted
+            # evict_first, with the weight loaded per tile instead of held in registers, alone
+            # and capped at 96 (kernel_report: LayerNorm's one-row tiles 127 -> 118 registers,
+            # 8 B of spill at 96; RMSNorm+bias 95 -> 80, no spill), and with its tile loop
+            # pipelined or not (None: what the launcher picks)
             if kind.endswith("fp32w"):  # the shipped tile, the one a bf16 weight gets, the one-row tile
                 one_row = (1, configs[0][1], k._tile(n)[2]) if configs[0][0] > 1 else configs[0]
-                variants = [(c, None, None, "", False) for c in dict.fromkeys([configs[0], k.bwd_config(n), one_row])]
+                variants = [(c, None, None, "", False, None) for c in dict.fromkeys([configs[0], k.bwd_config(n), one_row])]
             else:
+                # every occupancy on the shipped tile only: runs 1-8 never found one better than
+                # the launcher's on a neighbour, and those rows were half the sweep's time
                 pps_all = PROGRAMS_PER_SM if device.type == "cuda" else (None,)
-                variants = [(c, p, None, "", False) for c in configs for p in pps_all]
+                variants = [(c, None, None, "", False, None) for c in configs]
+                variants += [(configs[0], p, None, "", False, None) for p in pps_all if p is not None]
                 shipped_cap = k.bwd_maxnreg(configs[0][0], is_rms, bias is not None) or 0
-                variants += [(configs[0], None, cap, "", False) for cap in REGISTER_CAPS if cap != shipped_cap]
-                variants += [(configs[0], None, None, "evict_first", False), (configs[0], None, None, "", True),
-                             (configs[0], None, 96, "", True)]
-            for config, pps, cap, stream, reload_w in variants:
+                variants += [(configs[0], None, cap, "", False, None) for cap in REGISTER_CAPS if cap != shipped_cap]
+                variants += [(configs[0], None, None, "evict_first", False, None), (configs[0], None, None, "", True, None),
+                             (configs[0], None, 96, "", True, None)]
+                shipped_stages = k.bwd_stages(*configs[0][:2], is_rms, bias is not None)
+                variants += [(configs[0], None, None, "", False, s) for s in STAGES if s != shipped_stages]
+            for config, pps, cap, stream, reload_w, stages in variants:
                 def run(sums):
                     dx, part = k.norm_bwd(dy, x, wk, mean, rstd, 0.0, is_rms, 0, bias is not None, config=config,
-                                          programs_per_sm=pps, maxnreg=cap, stream=stream, reload_w=reload_w)
+                                          programs_per_sm=pps, maxnreg=cap, stream=stream, reload_w=reload_w, stages=stages)
                     if sums:  # what autograd also pays: the partial rows summed in w's dtype
                         part = k.sum_partials(part, [wk.dtype] * (1 if bias is None else 2))
                     return dx, part
@@ -156,12 +173,13 @@ def sweep(shapes, device, quick, copy_gbps):
                     except Exception as exc:  # a configuration that does not compile or fit
                         rows.append({"pass": pass_, "kind": kind, "shape": f"{m}x{n}", "config": list(config),
                                      "programs_per_sm": pps, "maxnreg": cap, "stream": stream, "reload_w": reload_w,
-                                     "error": f"{type(exc).__name__}: {exc}"[:200]})
+                                     "stages": stages, "error": f"{type(exc).__name__}: {exc}"[:200]})
                         continue
                     # the cap the kernel ran with: the launcher's own where the variant sets none
                     used = k.bwd_maxnreg(config[0], is_rms, bias is not None) if cap is None else cap
                     rows.append(_row(pass_, kind, m, n, config, pps, ms, copy_gbps, x_dtype, used, stream=stream,
-                                     reload_w=reload_w))
+                                     reload_w=reload_w,
+                                     stages=k.bwd_stages(*config[:2], is_rms, bias is not None) if stages is None else stages))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -173,9 +191,10 @@ def _fwd_tiles(k, x, w, b, config) -> int:
 
 
 def _label(r) -> str:
-    cap, tiles, stream = r.get("maxnreg"), r.get("tiles"), r.get("stream")
+    cap, tiles, stream, stages = r.get("maxnreg"), r.get("tiles"), r.get("stream"), r.get("stages", 1)
     return (f"{tuple(r['config'])}" + (f" ≤{cap} regs" if cap else " no reg cap" if cap == 0 else "") + (f" ×{tiles} tiles" if tiles and tiles > 1 else "")
-            + (f" {stream}" if stream else "") + (" w per tile" if r.get("reload_w") else ""))
+            + (f" {stream}" if stream else "") + (" w per tile" if r.get("reload_w") else "")
+            + (f" {stages} stages" if stages > 1 else ""))
 
 
 def to_markdown(env, rows) -> str:
@@ -188,6 +207,7 @@ def to_markdown(env, rows) -> str:
         "where the launcher caps them), "
         "`×T tiles` = T tiles per forward program, `evict_first` = row loads hinted to leave the cache, "
         "`w per tile` = the backward loads the weight per tile instead of holding it; "
+        "`S stages` = the tile loop software-pipelined (the next S - 1 tiles' loads in flight); "
         "norm `/fp32w` = fp32 weight (and bias) on bf16 rows; "
         "programs/SM `auto` = from the compiled register count.", "",
         "| pass | norm | shape | shipped config | time | % copy | best config | programs/SM | time | % copy |",

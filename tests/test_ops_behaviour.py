@@ -357,15 +357,17 @@ def test_bad_input_gets_one_clear_error(kind, case, kwargs, exc, message, backen
 
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("block_m,warps,tiles,stream,reload_w", [
-    (1, 1, 1, "", False), (2, 4, 1, "", False), (4, 2, 1, "", False), (16, 4, 1, "", False),
-    (1, 2, 4, "", False), (2, 4, 3, "evict_first", False), (4, 2, 1, "", True),
+@pytest.mark.parametrize("block_m,warps,tiles,stream,reload_w,stages", [
+    (1, 1, 1, "", False, 1), (2, 4, 1, "", False, 1), (4, 2, 1, "", False, 1), (16, 4, 1, "", False, 1),
+    (1, 2, 4, "", False, 2), (2, 4, 3, "evict_first", False, 3), (4, 2, 1, "", True, 1), (1, 2, 5, "", False, 3),
 ])
-def test_every_launch_configuration_computes_the_same_norm(kind, dtype, block_m, warps, tiles, stream, reload_w):
+def test_every_launch_configuration_computes_the_same_norm(kind, dtype, block_m, warps, tiles, stream, reload_w, stages):
     """The launch parameters are tuned per GPU (scripts/tune_kernels.py sweeps them); every
     tile shape must compute the norm and its gradients, masked rows and columns included, and
     so must a forward program that takes several tiles (the last program's partly past M), the
-    loads with a cache hint and a backward that loads the weight per tile."""
+    loads with a cache hint, a backward that loads the weight per tile and tile loops
+    software-pipelined over 2 or 3 stages (the interpreter runs a pipelined loop as a plain
+    one: what it checks here is the launch; tests/test_gpu.py compares the compiled bits)."""
     _needs_interpreter("calls the launchers on CPU tensors; that needs TRITON_INTERPRET=1")
     from hf_rmsnorm.ops import _triton_norm
 
@@ -373,9 +375,10 @@ def test_every_launch_configuration_computes_the_same_norm(kind, dtype, block_m,
     x, w, b, dy = _inputs(m=37, n=40, dtype=dtype)
     x, w, b = x.detach() * 2 + 0.5, w.detach(), b.detach()
     config = (block_m, 64, warps)  # 40 columns in a 64-wide tile, 37 rows in tiles of block_m
-    y, mean, rstd = _triton_norm.norm_fwd(x, w, b, eps, 0.0, is_rms, 0, dtype, config=config, tiles=tiles, stream=stream)
+    y, mean, rstd = _triton_norm.norm_fwd(x, w, b, eps, 0.0, is_rms, 0, dtype, config=config, tiles=tiles, stream=stream,
+                                          stages=stages)
     dx, part = _triton_norm.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, True, config=config, stream=stream,
-                                     reload_w=reload_w)
+                                     reload_w=reload_w, stages=stages)
     ours = [y, dx, *_triton_norm.sum_partials(part, [torch.float32, torch.float32])]
     truth = fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps), x.double(), w.double(), b.double(), dy.double())
     yardstick = fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps), x, w, b, dy)
@@ -446,6 +449,43 @@ def test_backward_tile_with_a_wide_weight():
                 assert wide == narrow, (n, has_bias)
 
 
+def test_tile_loops_pipelined_only_where_one_or_two_programs_hold_an_sm():
+    """The backward's tile loop is software-pipelined (2 stages) for one-row tiles of 4096 to
+    8192 columns with a second row sum or a bias accumulator (LayerNorm, RMSNorm with a bias),
+    the kernels that hold 1-2 programs per SM; the forward's where a program has several tiles,
+    up to 8192 columns. Nowhere else: pipelining costs registers and shared memory, and past
+    8192 columns its buffers outgrow some GPUs' shared memory."""
+    pytest.importorskip("triton")
+    from hf_rmsnorm.ops import _triton_norm
+
+    piped = {(n, is_rms, has_bias) for n in (768, 2048, 4096, 4100, 8192, 16384) for is_rms in (True, False)
+             for has_bias in (True, False)
+             if _triton_norm.bwd_stages(*_triton_norm.bwd_config(n, has_bias)[:2], is_rms, has_bias) > 1}
+    assert piped == {(n, is_rms, has_bias) for n in (4096, 4100, 8192) for is_rms, has_bias in ((True, True), (False, True), (False, False))
+                     if not (n > 4096 and not has_bias)}  # LayerNorm without a bias takes two-row tiles past 4096
+    assert {_triton_norm.bwd_stages(1, n, False, True) for n in (4096, 8192)} == {2}
+    assert [_triton_norm.fwd_stages(t, n) for t, n in ((1, 8192), (8, 4096), (8, 8192), (8, 16384))] == [1, 2, 2, 1]
+
+
+def test_programs_per_sm_count_registers_threads_and_shared_memory():
+    """The backward's persistent grid launches as many programs per SM as fit at once; a
+    pipelined kernel's shared memory can be what limits them (1 KiB a program held by the
+    system)."""
+    pytest.importorskip("triton")
+    from hf_rmsnorm.ops import _triton_norm
+
+    per_sm = _triton_norm._programs_per_sm
+    assert per_sm(128, 16) == 1  # 512 threads x 128 registers: all 65536
+    assert per_sm(113, 8) == 2  # 113 -> 120 registers a thread: 2 x 256 x 120 = 61440
+    assert per_sm(32, 4) == 8 and per_sm(32, 4, cap=32) == 16  # threads: 2048 / 128
+    # registers allow 4 programs of 4 warps at 128 registers; 100 KiB of shared memory holds 3
+    # programs of 32 KiB (+1 KiB each), 228 KiB all 4
+    assert per_sm(128, 4, shared=32768) == 4  # no SM size given: registers and threads only
+    assert per_sm(128, 4, shared=32768, sm_shared=100 * 1024) == 3
+    assert per_sm(128, 4, shared=32768, sm_shared=228 * 1024) == 4
+    assert per_sm(64, 4, shared=100 * 1024, sm_shared=100 * 1024) == 1  # never fewer than one
+
+
 def test_backward_register_cap_only_where_measured():
     """The launcher caps the backward's registers for LayerNorm with a bias on several-row tiles
     (up to 1024 columns), the one case the sweep measured faster, and nowhere else: a cap above
@@ -494,6 +534,31 @@ def test_mixed_precision_parameters_share_their_loads_between_rows(kind, n, bias
         if truth_ is None:  # no bias
             assert got is None, name
             continue
+        assert got.dtype == ref.dtype, name
+        assert_close_to_fp64(got, ref, truth_, torch.bfloat16, name)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_pipelined_backward_through_the_public_function(kind, monkeypatch, launches):
+    """bf16 rows of 4100 columns (an 8192-wide one-row tile) take the pipelined backward for
+    LayerNorm and RMSNorm with a bias, through the public function: forward and gradients are
+    still the norm's (the interpreter runs the loop unpipelined; the GPU tests compare the
+    compiled pipelined kernel's bits with the plain one's)."""
+    _needs_interpreter("calls the launchers on CPU tensors; that needs TRITON_INTERPRET=1")
+    from hf_rmsnorm.ops import _triton_norm
+
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    stages = []
+    bwd_stages = _triton_norm.bwd_stages
+    monkeypatch.setattr(_triton_norm, "bwd_stages", lambda *a: stages.append(bwd_stages(*a)) or stages[-1])
+    x, w, b, dy = _inputs(m=19, n=4100, dtype=torch.bfloat16)
+    x = (x.detach() * 2 + 0.5).requires_grad_(True)
+    eps = 1e-5
+    ours = fwd_bwd(lambda x, w, b: FNS[kind](x, w, b, eps), x, w, b, dy)
+    assert stages == [2] and launches() == 2
+    truth = fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps), x.double(), w.double(), b.double(), dy.double())
+    yardstick = fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps), x, w, b, dy)
+    for name, got, ref, truth_ in zip(("y", "dx", "dw", "db"), ours, yardstick, truth):
         assert got.dtype == ref.dtype, name
         assert_close_to_fp64(got, ref, truth_, torch.bfloat16, name)
 

@@ -115,7 +115,9 @@ def test_kernels_compile_for_hopper_vectorised_and_without_spills():
     """The real (not interpreted) compile for sm_90, no GPU needed: every kernel builds, moves
     memory in 16-byte vectors, and keeps rows up to 8192 in registers (no stack), short of
     8 bytes where the launcher caps the registers (LayerNorm's backward at 768 columns: with
-    fp32 parameters it spills 8 B under the H200's Triton 3.6 too, and ran faster capped)."""
+    fp32 parameters it spills 8 B under the H200's Triton 3.6 too, and ran faster capped); the
+    tile loops the launcher pipelines compile to asynchronous copies, and the programs per SM
+    count shared memory as well as registers."""
     pytest.importorskip("triton")
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_report.py"), "--arch", "90"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     if proc.returncode != 0 and "cuobjdump" in proc.stderr:
@@ -123,20 +125,29 @@ def test_kernels_compile_for_hopper_vectorised_and_without_spills():
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| fwd") or line.startswith("| bwd")]
     assert len(rows) == 50  # 5 variants x 5 shapes x forward and backward
+    pipelined = 0
     for r in rows:
-        kernel, norm, shape, warps, regs, per_sm, stack, memory = r[0].strip("| "), r[1], r[2], int(r[4]), int(r[5]), int(r[6]), r[7], r[10]
+        kernel, norm, shape, tile, warps, regs, per_sm, stack, shared, memory = (
+            r[0].strip("| "), r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), r[7], int(r[9]), r[10])
         assert "(≤16 B)" in memory and memory.count("≤16 B") == 2, (kernel, norm, shape, memory)
         if not shape.endswith("65536"):
-            assert int(stack) <= (8 if "regs" in r[3] else 0), (kernel, norm, shape, r[3], stack)
-        # programs per SM: as many as fit in 65536 registers (handed out 8 a thread at a time)
-        # and 2048 threads, up to the backward grid's 8 and the hardware's 32 blocks
+            assert int(stack) <= (8 if "regs" in tile else 0), (kernel, norm, shape, tile, stack)
+        # a tile loop the launcher pipelines really is pipelined: its row loads are
+        # asynchronous copies into shared memory (the compiler may decline to pipeline a loop)
+        assert ("stages" in tile) == ("async copies" in memory), (kernel, norm, shape, tile, memory)
+        pipelined += "stages" in tile
+        # programs per SM: as many as fit in 65536 registers (handed out 8 a thread at a time),
+        # 2048 threads and 228 KiB of shared memory (1 KiB a program for the system), up to the
+        # backward grid's 8 and the hardware's 32 blocks
         threads, allotted = 32 * warps, -(-regs // 8) * 8
 
         def fits(programs):
-            return programs * threads <= 2048 and programs * threads * allotted <= 65536
+            return (programs * threads <= 2048 and programs * threads * allotted <= 65536
+                    and programs * (shared + 1024) <= 228 * 1024)
 
         cap = 8 if kernel == "bwd" else 32
         assert fits(per_sm) and (per_sm == cap or not fits(per_sm + 1)), r
+    assert pipelined >= 4  # LayerNorm's and RMSNorm+bias's backward at 4096 and 8192 columns at least
 
 
 def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
@@ -187,6 +198,17 @@ def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
         # RMSNorm with an fp32 weight: the shipped tile first, then the one-row tile
         fp32w = [r for r in rows if r["pass"] == pass_ and r["kind"] == "rms/fp32w"]
         assert [r["config"][0] for r in fp32w] == [bwd_config(n)[0], 1], pass_
+        # the tile loop pipelined over 1 to 3 stages, on the shipped tile otherwise as shipped
+        for kind in ("rms", "layer"):
+            staged = [r["stages"] for r in rows if r["pass"] == pass_ and r["kind"] == kind and not r["reload_w"]
+                      and not r["stream"] and r["programs_per_sm"] is None and r["maxnreg"] == shipped_caps[kind]
+                      and r["config"] == firsts[(pass_, kind)]["config"]]
+            assert sorted(staged) == [1, 2, 3], (pass_, kind, staged)
+    # the forward's tile loop likewise, on the shipped tile with 8 tiles a program
+    for kind in ("rms", "layer", "rms/fp32w", "layer/fp32w"):
+        group = [r for r in rows if r["pass"] == "fwd" and r["kind"] == kind]
+        staged = [r["stages"] for r in group if r["tiles"] == 8 and r["config"] == group[0]["config"] and not r["stream"]]
+        assert sorted(staged) == [1, 2, 3], (kind, staged)
     assert "| bwd | layer |" in (tmp_path / "tuning.md").read_text()
 
 

@@ -61,6 +61,7 @@ def _norm_fwd_kernel(
     BLOCK_N: tl.constexpr,
     TILES: tl.constexpr,  # tiles per program
     STREAM: tl.constexpr,  # cache eviction policy of the row loads: "" (default) or "evict_first"
+    STAGES: tl.constexpr,  # software pipelining of the tiles' row loads (see fwd_stages); 1: none
 ):
     # A program normalises TILES consecutive tiles of BLOCK_M rows and, with several, loads the
     # weight and bias once for all of them: with parameters wider than the activations (bf16
@@ -77,7 +78,7 @@ def _norm_fwd_kernel(
             w = _load_f32(W, cols, col_mask) + offset
         if HAS_BIAS:
             b = _load_f32(B, cols, col_mask)
-    for t in range(TILES):
+    for t in tl.range(TILES, num_stages=STAGES):
         # (this order of the index lines and the parameters loaded where they are used make the
         # one-tile kernel what it was before TILES: other orders cost registers, e.g. RMSNorm at
         # 8192 columns 34 instead of 32, 3 programs per SM instead of 4)
@@ -144,6 +145,7 @@ def _norm_bwd_kernel(
     BLOCK_N: tl.constexpr,
     STREAM: tl.constexpr,  # cache eviction policy of the x and dy loads (see the forward)
     RELOAD_W: tl.constexpr,  # load the weight per tile (from cache) instead of holding it in registers
+    STAGES: tl.constexpr,  # software pipelining of the x and dy loads (see bwd_stages); 1: none
 ):
     # A persistent grid: program p takes the tiles p, p + P, p + 2P, ... of BLOCK_M rows each
     # (P = the number of programs, fixed per device and shape), so the weight gradient needs
@@ -164,7 +166,7 @@ def _norm_bwd_kernel(
         dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if HAS_BIAS:
         db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for tile in range(pid, tl.cdiv(M, BLOCK_M), programs):
+    for tile in tl.range(pid, tl.cdiv(M, BLOCK_M), programs, num_stages=STAGES):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         mask = row_mask[:, None] & col_mask[None, :]
@@ -313,9 +315,53 @@ def bwd_maxnreg(block_m: int, is_rms: bool, has_bias: bool) -> int | None:
     return None
 
 
-# Registers and threads of one SM on every NVIDIA GPU Triton supports (sm_80 to sm_120).
+# Software pipelining (Triton's loop pipeliner, ``tl.range(num_stages=S)``): a program issues
+# the row loads of the next S - 1 tiles (cp.async, into shared memory) before it reduces and
+# stores the current one, so loads stay in flight through the reductions and stores. Occupancy
+# does that job where several programs share an SM; pipelining is the way where one or two do.
+# Two stages: one tile in flight. Three (two tiles) compile as cleanly for bf16 rows with
+# Triton 3.6, but LayerNorm's mixed-precision backward at 4096 columns spills 8 B with 3.9;
+# the sweep (``tune_kernels.py``) times 1-3 stages at every benchmark shape.
+_PIPELINE_STAGES = 2
+# ... on rows up to this wide: a tile of x and dy in shared memory is then at most 64 KiB (8192
+# fp32 columns), which every GPU Triton supports gives one program (99 KiB and more); wider rows
+# no longer fit in registers anyway
+_PIPELINE_MAX_N = 8192
+
+
+def bwd_stages(block_m: int, block_n: int, is_rms: bool, has_bias: bool) -> int:
+    """Pipeline stages of the backward's tile loop (1: none).
+
+    Pipelined: one-row tiles of 4096 to 8192 columns whose kernel keeps a second row sum or a
+    bias accumulator (LayerNorm, RMSNorm with a bias). These compile to 112-128 registers a
+    thread, 1-2 programs per SM, so between one tile's loads and the next nothing else keeps
+    the memory busy: the LayerNorm backward at 8192 columns stayed at 70 % of the copy
+    bandwidth (275 us, H200, run 8) whatever the sweep tried on occupancy, where RMSNorm's
+    two-row tile, one program per SM too but twice the bytes in flight, reaches 94 %.
+    Pipelined, these kernels keep their programs per SM (Triton 3.6, sm_90, bf16: LayerNorm
+    128 -> 113 registers, RMSNorm+bias 112 -> 128; scripts/kernel_report.py). Not where
+    occupancy would pay for it: RMSNorm's own one-row tiles go from 3 to 2 programs per SM at
+    4096, its two-row 8192 tile spills, LayerNorm's at 2048 goes from 5 to 4."""
+    if block_m == 1 and 4096 <= block_n <= _PIPELINE_MAX_N and (has_bias or not is_rms):
+        return _PIPELINE_STAGES
+    return 1
+
+
+def fwd_stages(tiles: int, block_n: int) -> int:
+    """Pipeline stages of the forward's tile loop: pipelined where a program has several
+    one-row tiles (``fwd_tiles``: parameters wider than the rows, LayerNorm or RMSNorm with a
+    bias past 4096 columns, 2 programs per SM at 8192), so a tile's loads overlap the previous
+    tile's reductions; pipelined, those kernels keep their programs per SM (Triton 3.6, sm_90:
+    LayerNorm 125 -> 128 registers, RMSNorm+bias 64)."""
+    return _PIPELINE_STAGES if tiles > 1 and block_n <= _PIPELINE_MAX_N else 1
+
+
+# Registers, threads and blocks of one SM on every NVIDIA GPU Triton supports (sm_80 to
+# sm_120); shared memory per SM differs between them (torch reports it), and each block holds
+# 1 KiB of it for the system besides what the kernel asks for.
 _SM_REGISTERS = 65536
 _SM_THREADS = 2048
+_BLOCK_RESERVED_SHARED = 1024
 _MAX_PROGRAMS_PER_SM = 8
 # programs per SM of each compiled backward variant (see norm_bwd)
 _OCCUPANCY: dict = {}
@@ -326,15 +372,24 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _programs_per_sm(n_regs: int, num_warps: int, cap: int = _MAX_PROGRAMS_PER_SM) -> int:
-    """How many programs of a kernel compiled to ``n_regs`` registers a thread fit on one SM
-    at once (registers, threads), at most ``cap`` (the backward's persistent grid uses 8; the
-    hardware's own limit is 32 blocks an SM)."""
+@functools.lru_cache(maxsize=None)
+def _sm_shared(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor
+
+
+def _programs_per_sm(n_regs: int, num_warps: int, cap: int = _MAX_PROGRAMS_PER_SM, shared: int = 0,
+                     sm_shared: int | None = None) -> int:
+    """How many programs of a kernel compiled to ``n_regs`` registers a thread and ``shared``
+    bytes of shared memory fit on one SM at once (registers, threads, and shared memory when
+    the SM's ``sm_shared`` is given), at most ``cap`` (the backward's persistent grid uses 8;
+    the hardware's own limit is 32 blocks an SM)."""
     threads = 32 * num_warps
     # the hardware hands out registers in blocks of 8 per thread (256 per warp)
     regs = -(-max(1, n_regs) // 8) * 8
-    by_registers = _SM_REGISTERS // (regs * threads)
-    return max(1, min(by_registers, _SM_THREADS // threads, cap))
+    fits = min(_SM_REGISTERS // (regs * threads), _SM_THREADS // threads, cap)
+    if sm_shared is not None:
+        fits = min(fits, sm_shared // (shared + _BLOCK_RESERVED_SHARED))
+    return max(1, fits)
 
 
 # Tiles per forward program where the parameters' elements are wider than the rows' (fp32
@@ -373,15 +428,16 @@ def _empty(x, like, dtype):
 
 
 def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=None, tiles=None, stream="",
-             like=None):
+             stages=None, like=None):
     """Launch the forward kernel on ``x`` (M, N) with unit column stride; returns y, contiguous,
     in the shape of ``like`` (default (M, N): a caller with leading dimensions passes its own
     input and gets y in that shape, no view), and the fp32 statistics per row: mean (None for
     RMSNorm, which has none) and rstd.
 
     ``config`` overrides ``fwd_config(N, is_rms, wide_params, has_bias)``, ``tiles`` the tiles per program
-    ``fwd_tiles`` picks, and ``stream`` (``"evict_first"``) hints the cache to drop the rows
-    after reading them, as torch.compile's kernels do; the tuning sweep uses all three."""
+    ``fwd_tiles`` picks, ``stream`` (``"evict_first"``) hints the cache to drop the rows
+    after reading them, as torch.compile's kernels do, and ``stages`` the pipeline stages of the
+    tile loop ``fwd_stages`` picks; the tuning sweep uses all four."""
     M, N = x.shape
     y = _empty(x, like, out_dtype)
     rstd = x.new_empty((M,), dtype=torch.float32)
@@ -392,6 +448,8 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
     block_m, block_n, warps = config or fwd_config(N, is_rms, p_size > x.element_size(), bias is not None)
     if tiles is None:
         tiles = fwd_tiles(M, block_m, x.element_size(), p_size)
+    if stages is None:
+        stages = fwd_stages(tiles, block_n)
     _norm_fwd_kernel[(_ceil_div(M, block_m * tiles),)](
         x, y, weight, bias, mean, rstd,  # mean None (RMS): no pointer for the launcher to check
         x.stride(0), M, N, eps, offset,
@@ -403,6 +461,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
         BLOCK_N=block_n,
         TILES=tiles,
         STREAM=stream,
+        STAGES=stages,
         num_warps=warps,
     )
     LAUNCHES["norm_fwd"] += 1
@@ -410,7 +469,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
 
 
 def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, config=None, programs_per_sm=None,
-             maxnreg=None, stream="", reload_w=False, like=None):
+             maxnreg=None, stream="", reload_w=False, stages=None, like=None):
     """Launch the backward kernel; returns dx (contiguous, shaped like ``like``, default (M, N))
     and the fp32 ``(programs, C)`` partial sums of the parameter gradients: C = N for one
     parameter, 2N for weight and bias (weight first), None without parameters. ``sum_partials``
@@ -419,9 +478,10 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     ``config`` overrides ``bwd_config(N, has_bias, wide_params)``, ``programs_per_sm`` the
     occupancy the compiled kernel allows, ``maxnreg`` caps the registers a thread may use (ptxas spills beyond it;
     fewer registers, more programs per SM; default ``bwd_maxnreg``'s cap, 0 for none),
-    ``stream`` is the forward's cache hint for the x and dy loads, and ``reload_w`` loads the
-    weight for every tile instead of keeping it in registers (fewer registers, more loads). The
-    tuning sweep uses all five."""
+    ``stream`` is the forward's cache hint for the x and dy loads, ``reload_w`` loads the
+    weight for every tile instead of keeping it in registers (fewer registers, more loads), and
+    ``stages`` overrides the pipeline stages of the tile loop ``bwd_stages`` picks. The tuning
+    sweep uses all six."""
     M, N = x.shape
     dx = _empty(x, like, x.dtype)
     columns = ((weight is not None) + has_bias) * N
@@ -430,8 +490,10 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     block_m, block_n, warps = config or bwd_config(N, has_bias, param_size(weight, None) > x.element_size())
     if maxnreg is None:
         maxnreg = bwd_maxnreg(block_m, is_rms, has_bias)
+    if stages is None:
+        stages = bwd_stages(block_m, block_n, is_rms, has_bias)
     meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
-                BLOCK_M=block_m, BLOCK_N=block_n, STREAM=stream, RELOAD_W=reload_w, num_warps=warps)
+                BLOCK_M=block_m, BLOCK_N=block_n, STREAM=stream, RELOAD_W=reload_w, STAGES=stages, num_warps=warps)
     if maxnreg:
         meta["maxnreg"] = maxnreg
     # Absent buffers go to the kernel as None: Triton's launcher asks the driver about every
@@ -445,14 +507,17 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
         if programs_per_sm is None:
             # everything the compiled variant depends on (Triton specialises on 16-divisibility)
             key = (x.device, x.dtype, dy.dtype, weight.dtype if weight is not None else None, x.stride(0) % 16,
-                   dy.stride(0) % 16, N % 16, is_rms, has_bias, rounding, block_m, block_n, warps, maxnreg, stream, reload_w)
+                   dy.stride(0) % 16, N % 16, is_rms, has_bias, rounding, block_m, block_n, warps, maxnreg, stream, reload_w,
+                   stages)
             programs_per_sm = _OCCUPANCY.get(key)
             if programs_per_sm is None:
                 # compile (or fetch from Triton's cache) without launching, to read the registers
-                # one program needs; the rstd buffer stands in for the partial-sum pointer
+                # and shared memory one program needs; the rstd buffer stands in for the
+                # partial-sum pointer
                 compiled = _norm_bwd_kernel.warmup(*args(rstd if columns else None), grid=(1,), **meta)
                 compiled._init_handles()
-                programs_per_sm = _OCCUPANCY[key] = _programs_per_sm(compiled.n_regs, warps)
+                programs_per_sm = _OCCUPANCY[key] = _programs_per_sm(
+                    compiled.n_regs, warps, shared=compiled.metadata.shared, sm_shared=_sm_shared(x.device))
         programs = _sm_count(x.device) * programs_per_sm
     else:
         programs = 4  # TRITON_INTERPRET=1 on the CPU: a few programs still exercise the reduction
