@@ -155,7 +155,7 @@ def sweep(shapes, device, quick, copy_gbps):
                 variants += [(configs[0], None, cap, "", False, None) for cap in REGISTER_CAPS if cap != shipped_cap]
                 variants += [(configs[0], None, None, "evict_first", False, None), (configs[0], None, None, "", True, None),
                              (configs[0], None, 96, "", True, None)]
-                shipped_stages = k.bwd_stages(*configs[0][:2], is_rms, bias is not None)
+                shipped_stages = k.bwd_stages(*configs[0][:2], is_rms, bias is not None, x.element_size())
                 variants += [(configs[0], None, None, "", False, s) for s in STAGES if s != shipped_stages]
             for config, pps, cap, stream, reload_w, stages in variants:
                 def run(sums):
@@ -179,7 +179,8 @@ def sweep(shapes, device, quick, copy_gbps):
                     used = k.bwd_maxnreg(config[0], is_rms, bias is not None) if cap is None else cap
                     rows.append(_row(pass_, kind, m, n, config, pps, ms, copy_gbps, x_dtype, used, stream=stream,
                                      reload_w=reload_w,
-                                     stages=k.bwd_stages(*config[:2], is_rms, bias is not None) if stages is None else stages))
+                                     stages=k.bwd_stages(*config[:2], is_rms, bias is not None, x.element_size())
+                                     if stages is None else stages))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

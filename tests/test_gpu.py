@@ -218,7 +218,7 @@ def test_pipelined_tile_loops_compute_the_same_bits(n, p_dtype):
     dy = torch.randn(4097, n, device="cuda", generator=g).bfloat16()
     w = (torch.rand(n, device="cuda", generator=g) + 0.5).to(p_dtype)
     b = (0.1 * torch.randn(n, device="cuda", generator=g)).to(p_dtype)
-    assert _triton_norm.bwd_stages(*_triton_norm.bwd_config(n, True)[:2], False, True) == 2  # what ships here
+    assert _triton_norm.bwd_stages(*_triton_norm.bwd_config(n, True)[:2], False, True, 2) == 2  # what ships here
     for is_rms in (True, False):
         fwd = [_triton_norm.norm_fwd(x, w, b, 1e-5, 0.0, is_rms, 0, torch.bfloat16, tiles=8, stages=s) for s in (1, None, 3)]
         _, mean, rstd = fwd[0]

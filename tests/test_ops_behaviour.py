@@ -451,19 +451,21 @@ def test_backward_tile_with_a_wide_weight():
 
 def test_tile_loops_pipelined_only_where_one_or_two_programs_hold_an_sm():
     """The backward's tile loop is software-pipelined (2 stages) for one-row tiles of 4096 to
-    8192 columns with a second row sum or a bias accumulator (LayerNorm, RMSNorm with a bias),
-    the kernels that hold 1-2 programs per SM; the forward's where a program has several tiles,
-    up to 8192 columns. Nowhere else: pipelining costs registers and shared memory, and past
-    8192 columns its buffers outgrow some GPUs' shared memory."""
+    8192 columns of bf16/fp16 with a second row sum or a bias accumulator (LayerNorm, RMSNorm
+    with a bias), the kernels that hold 1-2 programs per SM with half the bytes in flight that
+    fp32 rows have; the forward's where a program has several tiles, up to 8192 columns.
+    Nowhere else: pipelining costs registers and shared memory, and past 8192 columns its
+    buffers outgrow some GPUs' shared memory."""
     pytest.importorskip("triton")
     from hf_rmsnorm.ops import _triton_norm
 
     piped = {(n, is_rms, has_bias) for n in (768, 2048, 4096, 4100, 8192, 16384) for is_rms in (True, False)
              for has_bias in (True, False)
-             if _triton_norm.bwd_stages(*_triton_norm.bwd_config(n, has_bias)[:2], is_rms, has_bias) > 1}
+             if _triton_norm.bwd_stages(*_triton_norm.bwd_config(n, has_bias)[:2], is_rms, has_bias, 2) > 1}
     assert piped == {(n, is_rms, has_bias) for n in (4096, 4100, 8192) for is_rms, has_bias in ((True, True), (False, True), (False, False))
                      if not (n > 4096 and not has_bias)}  # LayerNorm without a bias takes two-row tiles past 4096
-    assert {_triton_norm.bwd_stages(1, n, False, True) for n in (4096, 8192)} == {2}
+    assert {_triton_norm.bwd_stages(1, n, False, True, 2) for n in (4096, 8192)} == {2}
+    assert {_triton_norm.bwd_stages(1, n, False, True, 4) for n in (4096, 8192)} == {1}  # fp32 rows
     assert [_triton_norm.fwd_stages(t, n) for t, n in ((1, 8192), (8, 4096), (8, 8192), (8, 16384))] == [1, 2, 2, 1]
 
 

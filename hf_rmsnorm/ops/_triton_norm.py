@@ -323,26 +323,28 @@ def bwd_maxnreg(block_m: int, is_rms: bool, has_bias: bool) -> int | None:
 # Triton 3.6, but LayerNorm's mixed-precision backward at 4096 columns spills 8 B with 3.9;
 # the sweep (``tune_kernels.py``) times 1-3 stages at every benchmark shape.
 _PIPELINE_STAGES = 2
-# ... on rows up to this wide: a tile of x and dy in shared memory is then at most 64 KiB (8192
-# fp32 columns), which every GPU Triton supports gives one program (99 KiB and more); wider rows
-# no longer fit in registers anyway
+# ... on rows up to this wide: a pipelined tile's loads in shared memory are then at most 32 KiB
+# (x and dy, bf16) plus the reductions' 16 KiB, within what any GPU Triton supports gives one
+# program (64 KiB and more); wider rows no longer fit in registers anyway
 _PIPELINE_MAX_N = 8192
 
 
-def bwd_stages(block_m: int, block_n: int, is_rms: bool, has_bias: bool) -> int:
-    """Pipeline stages of the backward's tile loop (1: none).
+def bwd_stages(block_m: int, block_n: int, is_rms: bool, has_bias: bool, x_size: int) -> int:
+    """Pipeline stages of the backward's tile loop (1: none) for rows of ``x_size``-byte elements.
 
-    Pipelined: one-row tiles of 4096 to 8192 columns whose kernel keeps a second row sum or a
-    bias accumulator (LayerNorm, RMSNorm with a bias). These compile to 112-128 registers a
-    thread, 1-2 programs per SM, so between one tile's loads and the next nothing else keeps
-    the memory busy: the LayerNorm backward at 8192 columns stayed at 70 % of the copy
-    bandwidth (275 us, H200, run 8) whatever the sweep tried on occupancy, where RMSNorm's
-    two-row tile, one program per SM too but twice the bytes in flight, reaches 94 %.
+    Pipelined: one-row tiles of 4096 to 8192 columns of 2-byte elements whose kernel keeps a
+    second row sum or a bias accumulator (LayerNorm, RMSNorm with a bias). These compile to
+    112-128 registers a thread, 1-2 programs per SM, so between one tile's loads and the next
+    nothing else keeps the memory busy: the LayerNorm backward at 8192 columns stayed at 70 % of
+    the copy bandwidth (275 us, H200, run 8) whatever the sweep tried on occupancy, where
+    RMSNorm's two-row tile, one program per SM too but twice the bytes in flight (64 KiB an
+    SM), reaches 94 %. fp32 rows put those 64 KiB in flight without it (LayerNorm's
+    forward+backward at 94-96 % there, run 6).
     Pipelined, these kernels keep their programs per SM (Triton 3.6, sm_90, bf16: LayerNorm
     128 -> 113 registers, RMSNorm+bias 112 -> 128; scripts/kernel_report.py). Not where
     occupancy would pay for it: RMSNorm's own one-row tiles go from 3 to 2 programs per SM at
     4096, its two-row 8192 tile spills, LayerNorm's at 2048 goes from 5 to 4."""
-    if block_m == 1 and 4096 <= block_n <= _PIPELINE_MAX_N and (has_bias or not is_rms):
+    if block_m == 1 and 4096 <= block_n <= _PIPELINE_MAX_N and (has_bias or not is_rms) and x_size <= 2:
         return _PIPELINE_STAGES
     return 1
 
@@ -491,7 +493,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     if maxnreg is None:
         maxnreg = bwd_maxnreg(block_m, is_rms, has_bias)
     if stages is None:
-        stages = bwd_stages(block_m, block_n, is_rms, has_bias)
+        stages = bwd_stages(block_m, block_n, is_rms, has_bias, x.element_size())
     meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
                 BLOCK_M=block_m, BLOCK_N=block_n, STREAM=stream, RELOAD_W=reload_w, STAGES=stages, num_warps=warps)
     if maxnreg:
