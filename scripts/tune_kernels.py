@@ -123,10 +123,13 @@ def sweep(shapes, device, quick, copy_gbps):
                         fwd(config, most, stages=stages)
                 if p_dtype == x_dtype:
                     fwd(config, shipped, "evict_first")
-        # backward: RMSNorm (weight) over the whole neighbourhood, LayerNorm (weight + bias)
-        # over the default and the best RMSNorm configuration; RMSNorm with an fp32 weight on
-        # the shipped and the one-row tile (at 8192 columns the shipped tile is 32 warps wide
-        # with an fp32 weight, because 16 spill under Triton 3.6: bwd_config)
+        # backward: RMSNorm (weight) and LayerNorm (weight + bias) over the whole neighbourhood,
+        # LayerNorm's with the best RMSNorm configuration too (each tile pipelined where the
+        # launcher would pipeline it: LayerNorm's one-row 8192 tile at 32 warps compiles to 64
+        # registers without a spill, a different balance of threads and bytes in flight);
+        # RMSNorm with an fp32 weight on the shipped and the one-row tile (at 8192 columns the
+        # shipped tile is 32 warps wide with an fp32 weight, because 16 spill under Triton 3.6:
+        # bwd_config)
         for kind, is_rms, bias in (*norms, ("rms/fp32w", True, None)):
             wk = w.float() if kind.endswith("fp32w") else w
             _, mean, rstd = k.norm_fwd(x, wk, bias, 1e-5, 0.0, is_rms, 0, x_dtype)
@@ -134,7 +137,7 @@ def sweep(shapes, device, quick, copy_gbps):
             if kind == "layer":
                 rms_rows = [r for r in rows if r["pass"] == "bwd" and r["kind"] == "rms" and r["shape"] == f"{m}x{n}"]
                 best = tuple(min(rms_rows, key=lambda r: r["time_us"])["config"])
-                configs = list(dict.fromkeys([k.bwd_config(n, True), best]))
+                configs = list(dict.fromkeys([*configs, best]))
             # (config, programs per SM, register cap, cache hint, weight per tile, pipeline
             # stages): every occupancy for each config; the shipped config with its registers
             # capped (more programs per SM, maybe spills), with the x and dy loads hinted
