@@ -8,9 +8,9 @@ program; for the backward, on the shipped tile 1 to 8 programs per SM instead of
 the compiler's register and shared-memory counts allow, registers capped (or uncapped where the
 launcher caps them) and the weight loaded per tile, and RMSNorm's with an fp32 weight on its
 shipped and its one-row tile; for both, the row loads with an evict-first cache hint and the
-tile loop software-pipelined over 1 to 3 stages. The result says whether the heuristic leaves
-time on the table and which way to move it (benchmarks/NOTES.md keeps the decisions). The
-shipped code never reads this output.
+tile loop software-pipelined over 1 to 3 stages; and the partial-row sums alone over a few
+tile shapes. The result says whether the heuristic leaves time on the table and which way to
+move it (benchmarks/NOTES.md keeps the decisions). The shipped code never reads this output.
 
     python scripts/tune_kernels.py            # on a GPU
     python scripts/tune_kernels.py --quick    # tiny shapes under TRITON_INTERPRET=1 (CI)
@@ -184,9 +184,29 @@ def sweep(shapes, device, quick, copy_gbps):
                                      reload_w=reload_w,
                                      stages=k.bwd_stages(*config[:2], is_rms, bias is not None, x.element_size())
                                      if stages is None else stages))
+            if not kind.endswith("fp32w"):
+                # the partial-row sums alone, on the shipped backward's partials
+                _, part = k.norm_bwd(dy, x, wk, mean, rstd, 0.0, is_rms, 0, bias is not None)
+                dtypes = [wk.dtype] * (1 if bias is None else 2)
+                for config in _sum_candidates(k, *part.shape):
+                    ms = graph_ms(lambda: k.sum_partials(part, dtypes, config=config), device, quick=quick, rep=REP_MS)
+                    gbps = (part.numel() * 4 + part.shape[1] * wk.element_size()) / (ms * 1e-3) / 1e9
+                    rows.append({"pass": "sums", "kind": kind, "shape": f"{m}x{n}", "config": list(config),
+                                 "partials": list(part.shape), "programs_per_sm": None, "time_us": ms * 1e3,
+                                 "gbps": gbps, "frac_copy": gbps / copy_gbps})
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _sum_candidates(k, rows: int, cols: int) -> list[tuple[int, int, int]]:
+    """(BLOCK_R, BLOCK_C, warps) of the partial-sum kernel: the shipped one first, then tiles
+    of 2048 elements on 4 warps (what the sum used up to v7) and of 4096 on 4 and 8 warps,
+    on the shipped strip width."""
+    shipped = k._sum_config(rows, cols)
+    block_c, tall = shipped[1], k._pow2_at_least(rows)
+    others = [(min(elements // block_c, tall), block_c, warps) for elements, warps in ((2048, 4), (4096, 4), (4096, 8))]
+    return list(dict.fromkeys([shipped, *others]))
 
 
 def _fwd_tiles(k, x, w, b, config) -> int:
@@ -206,7 +226,8 @@ def to_markdown(env, rows) -> str:
         f"# Launch-parameter sweep: {env['device']}, bf16", "",
         f"copy bandwidth {env['copy_gbps']:.0f} GB/s; torch {env['torch']}, triton {env['triton']}; {env['date']}. "
         "GPU time of the raw launchers (CUDA-graph replay, median); backward = read x, dy and write dx (6 B/element), "
-        "alone (bwd) and with the partial-row sums autograd also runs (bwd+sums); "
+        "alone (bwd) and with the partial-row sums autograd also runs (bwd+sums); sums = the partial-row sums "
+        "alone, config (BLOCK_R, BLOCK_C, warps), % of copy over the partials' bytes; "
         "config = (BLOCK_M, BLOCK_N, warps), `≤R regs` = registers capped at R (ptxas maxnreg; `no reg cap` "
         "where the launcher caps them), "
         "`×T tiles` = T tiles per forward program, `evict_first` = row loads hinted to leave the cache, "

@@ -565,17 +565,25 @@ def test_pipelined_backward_through_the_public_function(kind, monkeypatch, launc
         assert_close_to_fp64(got, ref, truth_, torch.bfloat16, name)
 
 
-@pytest.mark.parametrize("rows,n", [(1, 5), (37, 13), (300, 40), (5, 1100)])
+@pytest.mark.parametrize("rows,n,config", [
+    (1, 5, None), (37, 13, None), (300, 40, None), (5, 1100, None),
+    (1000, 12, None),  # the whole strip in one tile of 1024 rows
+    (1100, 12, None),  # one tile and a partial second
+    (300, 40, (64, 8, 1)), (300, 40, (16, 32, 4)),  # other tile shapes (the tuning sweep's)
+])
 @pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.bfloat16, torch.float32), (torch.float32, torch.float16)], ids=str)
-def test_partial_sums_are_column_sums_in_each_parameters_dtype(rows, n, dtypes):
+def test_partial_sums_are_column_sums_in_each_parameters_dtype(rows, n, config, dtypes):
     """The backward's second kernel: column sums of the (programs, N or 2N) fp32 partials,
     the weight's half and the bias's half each in its parameter's dtype, strips that straddle
-    the boundary between the halves (N not a multiple of the strip) included."""
+    the boundary between the halves (N not a multiple of the strip) included, with the tile
+    the launcher picks or another."""
     _needs_interpreter("calls the launcher on CPU tensors; that needs TRITON_INTERPRET=1")
     from hf_rmsnorm.ops import _triton_norm
 
     part = torch.randn(rows, n * len(dtypes), generator=torch.Generator().manual_seed(rows + n))
-    sums = _triton_norm.sum_partials(part, list(dtypes))
+    if config is None and rows >= 1000:
+        assert _triton_norm._sum_config(rows, n * len(dtypes))[0] == 1024
+    sums = _triton_norm.sum_partials(part, list(dtypes), config=config)
     truth = part.double().sum(0).split(n)
     # Higham's bound for fp32 summation in any order, (rows - 1) u sum|x| with u = 2**-24,
     # plus one rounding to the parameter's dtype (at most half its eps, relative)

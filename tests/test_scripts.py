@@ -209,6 +209,12 @@ def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
         group = [r for r in rows if r["pass"] == "fwd" and r["kind"] == kind]
         staged = [r["stages"] for r in group if r["tiles"] == 8 and r["config"] == group[0]["config"] and not r["stream"]]
         assert sorted(staged) == [1, 2, 3], (kind, staged)
+    # the partial-row sums alone, the shipped tile first, for both norms
+    from hf_rmsnorm.ops._triton_norm import _sum_config
+
+    for kind in ("rms", "layer"):
+        sums = [r for r in rows if r["pass"] == "sums" and r["kind"] == kind]
+        assert len(sums) >= 2 and sums[0]["config"] == list(_sum_config(*sums[0]["partials"])), kind
     assert "| bwd | layer |" in (tmp_path / "tuning.md").read_text()
 
 

@@ -534,20 +534,29 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
 
 
 @functools.lru_cache(maxsize=None)
-def _sum_config(rows: int, cols: int) -> tuple[int, int]:
-    # strips of 8 to 64 columns: ≈ 100-250 programs at the benchmark widths, 2048-element tiles
+def _sum_config(rows: int, cols: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps) of the partial-sum kernel for a (rows, cols) buffer."""
+    # Strips of 8 to 64 columns: ≈ 100-250 programs at the benchmark widths, one wave. A
+    # strip's rows in tiles of up to 8192 elements, 32 values a thread: the backward writes
+    # SMs x programs per SM rows (132-1056 on an H200), so one round of loads takes a whole
+    # strip at up to 2048 columns, where 2048-element tiles took 4-5 dependent rounds (the loop
+    # issues a tile's loads after the previous tile's adds). The sum took 3-5 us of every
+    # backward (run 8 sweep: bwd against bwd+sums) for 1-7 MB of partials (≈ 1.5 us of bytes).
     block_c = max(8, min(64, _pow2_at_least(cols) // 256))
-    return min(2048 // block_c, _pow2_at_least(rows)), block_c
+    block_r = min(8192 // block_c, _pow2_at_least(rows))
+    return block_r, block_c, _warps(block_r * block_c, 32)
 
 
-def sum_partials(part, dtypes):
+def sum_partials(part, dtypes, config=None):
     """Column sums of ``norm_bwd``'s fp32 partials in a fixed order: one tensor of N sums per
-    parameter, in that parameter's dtype (``dtypes``: one or two, weight first)."""
+    parameter, in that parameter's dtype (``dtypes``: one or two, weight first). ``config``
+    overrides ``_sum_config``'s (BLOCK_R, BLOCK_C, num_warps); the tuning sweep uses it."""
     rows, cols = part.shape
     n = cols // len(dtypes)
     outs = [part.new_empty((n,), dtype=dtype) for dtype in dtypes]
-    block_r, block_c = _sum_config(rows, cols)
+    block_r, block_c, warps = config or _sum_config(rows, cols)
     _sum_rows_kernel[(_ceil_div(cols, block_c),)](
-        part, outs[0], outs[1] if len(outs) > 1 else None, rows, cols, n, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+        part, outs[0], outs[1] if len(outs) > 1 else None, rows, cols, n, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=warps)
     LAUNCHES["sum_partials"] += 1
     return outs
