@@ -258,10 +258,13 @@ def _profile_markdown(rows) -> list:
             continue
         ours = r["kernel_us_per_step"]
         diff = {k: ours.get(k, 0.0) - ref.get(k, 0.0) for k in set(ours) | set(ref)}
-        top = sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:8]
+        ranked = sorted(diff.items(), key=lambda kv: -abs(kv[1]))
+        # the largest, then every norm kernel that is not among them: on a loaded host (or the
+        # CPU, where these are operator times) other differences can be noise larger than the norms
+        shown = ranked[:8] + [kv for kv in ranked[8:] if kernel_kind(kv[0]) == "norm"]
         lines += ["", f"{r['model']}, {r['precision']}, {r['variant']}: {sum(diff.values()) / 1e3:+.2f} ms of kernels a step "
-                  "against the Identity row; the largest differences (µs a step):", ""]
-        lines += [f"- {us:+.0f} {kernel_kind(name)}: `{name[:110]}`" for name, us in top]
+                  "against the Identity row; the largest differences, then the other norm kernels' (µs a step):", ""]
+        lines += [f"- {us:+.0f} {kernel_kind(name)}: `{name[:110]}`" for name, us in shown]
     return lines
 
 
