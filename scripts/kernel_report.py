@@ -32,6 +32,8 @@ _HW_BLOCKS_PER_SM = 32
 # shared memory of one SM by compute capability (CUDA programming guide; the launcher reads the
 # device's own from torch); 100 KiB on the others Triton supports (sm_86, sm_89, sm_120)
 _SM_SHARED_KIB = {80: 164, 87: 164, 90: 228, 100: 228, 103: 228}
+# SMs of the GPU the sum rows assume (H100 SXM and H200: 132), for the backward's partial rows
+_SMS = 132
 
 SHAPES = [(65536, 768), (16384, 2048), (16384, 4096), (16384, 8192), (8, 65536)]
 VARIANTS = {  # name -> (IS_RMS, HAS_WEIGHT, HAS_BIAS, parameter dtype); activations bf16
@@ -123,6 +125,13 @@ def report(arch: int) -> list[dict]:
             c = _compile(kernels._norm_bwd_kernel, sig, const, warps, arch, aligned, maxnreg)
             tile = f"{block_m}×{block_n}" + (f" ≤{maxnreg} regs" if maxnreg else "") + _stages(stages)
             rows.append(_row("bwd", name, m, n, tile, warps, c, cap=kernels._MAX_PROGRAMS_PER_SM, arch=arch))
+            # the weight-gradient sums over that backward's partial rows: one per program
+            partials, cols = _SMS * rows[-1]["per_sm"], n * (has_w + has_b)
+            block_r, block_c, warps = kernels._sum_config(partials, cols)
+            sig = {"Part": "*fp32", "OutW": f"*{p_dtype}", "OutB": f"*{p_dtype}", "rows": "i32", "cols": "i32", "N": "i32"}
+            aligned = {"Part", "OutW", "OutB"} | ({"cols", "N"} if n % 16 == 0 else set())
+            c = _compile(kernels._sum_rows_kernel, sig, {"BLOCK_R": block_r, "BLOCK_C": block_c}, warps, arch, aligned)
+            rows.append(_row("sum", name, partials, cols, f"{block_r}×{block_c}", warps, c, cap=_HW_BLOCKS_PER_SM, arch=arch))
     return rows
 
 
@@ -137,6 +146,8 @@ def main(argv=None) -> int:
         "Tile = BLOCK_M×BLOCK_N (×T: T tiles per forward program; ≤R regs: the launcher caps the registers "
         "at R; S stages: the tile loop software-pipelined, the next tile's loads into shared memory); spilled "
         "registers show as stack bytes; shared = bytes of shared memory a program asks for at launch. "
+        f"`sum` rows: the weight-gradient sums over the backward's partial rows, one per program on {_SMS} SMs "
+        "(shape = partial rows × columns). "
         f"Programs per SM: how many fit at once by registers, threads and shared memory "
         f"({_SM_SHARED_KIB.get(args.arch, 100)} KiB an SM, 1 KiB a program held by the system; the backward's "
         "persistent grid launches that many per SM, at most 8). Register counts differ between Triton releases: "

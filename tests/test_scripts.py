@@ -125,7 +125,11 @@ def test_kernels_compile_for_hopper_vectorised_and_without_spills():
     if proc.returncode != 0 and "cuobjdump" in proc.stderr:
         pytest.skip("this Triton build ships no NVIDIA tools")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| fwd") or line.startswith("| bwd")]
+    lines = proc.stdout.splitlines()
+    # the weight-gradient sums: every load a 16-byte vector, nothing spilled, whatever the width
+    sums = [line.split(" | ") for line in lines if line.startswith("| sum")]
+    assert len(sums) == 25 and all("(≤16 B)" in r[10].split(",")[0] and r[7] == "0" for r in sums), sums
+    rows = [line.split(" | ") for line in lines if line.startswith("| fwd") or line.startswith("| bwd")]
     assert len(rows) == 50  # 5 variants x 5 shapes x forward and backward
     pipelined = 0
     for r in rows:
