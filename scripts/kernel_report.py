@@ -35,6 +35,11 @@ _SM_SHARED_KIB = {80: 164, 87: 164, 90: 228, 100: 228, 103: 228}
 # SMs of the GPU the sum rows assume (H100 SXM and H200: 132), for the backward's partial rows
 _SMS = 132
 
+
+def _sm_shared_kib(arch: int) -> int:
+    return _SM_SHARED_KIB.get(arch, 100)
+
+
 SHAPES = [(65536, 768), (16384, 2048), (16384, 4096), (16384, 8192), (8, 65536)]
 VARIANTS = {  # name -> (IS_RMS, HAS_WEIGHT, HAS_BIAS, parameter dtype); activations bf16
     "RMSNorm": (True, True, False, "bf16"),
@@ -89,7 +94,7 @@ def _row(kernel: str, norm: str, m: int, n: int, tile: str, warps: int, compiled
     # cuobjdump's static count leaves it out
     shared = compiled.metadata.shared
     per_sm = kernels._programs_per_sm(resources["reg"], warps, cap=cap, shared=shared,
-                                      sm_shared=_SM_SHARED_KIB.get(arch, 100) * 1024)
+                                      sm_shared=_sm_shared_kib(arch) * 1024)
     return {"kernel": kernel, "norm": norm, "shape": f"{m}×{n}", "tile": tile, "warps": warps, **resources,
             "shared": shared, "per_sm": per_sm, "memory ops": _vector_widths(compiled.asm["ptx"])}
 
@@ -149,7 +154,7 @@ def main(argv=None) -> int:
         f"`sum` rows: the weight-gradient sums over the backward's partial rows, one per program on {_SMS} SMs "
         "(shape = partial rows × columns). "
         f"Programs per SM: how many fit at once by registers, threads and shared memory "
-        f"({_SM_SHARED_KIB.get(args.arch, 100)} KiB an SM, 1 KiB a program held by the system; the backward's "
+        f"({_sm_shared_kib(args.arch)} KiB an SM, 1 KiB a program held by the system; the backward's "
         "persistent grid launches that many per SM, at most 8). Register counts differ between Triton releases: "
         "compile with the Triton the GPU runs.", "",
         "| kernel | norm | shape | tile | warps | registers | programs per SM | stack (spills) | local | shared (B) | global memory ops |",

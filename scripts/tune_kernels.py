@@ -161,6 +161,10 @@ def sweep(shapes, device, quick, copy_gbps):
                 shipped_stages = k.bwd_stages(*configs[0][:2], is_rms, bias is not None, x.element_size())
                 variants += [(configs[0], None, None, "", False, s) for s in STAGES if s != shipped_stages]
             for config, pps, cap, stream, reload_w, stages in variants:
+                # what the launcher picks where the variant leaves it open, so the row names what ran
+                cap = k.bwd_maxnreg(config[0], is_rms, bias is not None) if cap is None else cap
+                stages = k.bwd_stages(*config[:2], is_rms, bias is not None, x.element_size()) if stages is None else stages
+
                 def run(sums):
                     dx, part = k.norm_bwd(dy, x, wk, mean, rstd, 0.0, is_rms, 0, bias is not None, config=config,
                                           programs_per_sm=pps, maxnreg=cap, stream=stream, reload_w=reload_w, stages=stages)
@@ -178,12 +182,8 @@ def sweep(shapes, device, quick, copy_gbps):
                                      "programs_per_sm": pps, "maxnreg": cap, "stream": stream, "reload_w": reload_w,
                                      "stages": stages, "error": f"{type(exc).__name__}: {exc}"[:200]})
                         continue
-                    # the cap the kernel ran with: the launcher's own where the variant sets none
-                    used = k.bwd_maxnreg(config[0], is_rms, bias is not None) if cap is None else cap
-                    rows.append(_row(pass_, kind, m, n, config, pps, ms, copy_gbps, x_dtype, used, stream=stream,
-                                     reload_w=reload_w,
-                                     stages=k.bwd_stages(*config[:2], is_rms, bias is not None, x.element_size())
-                                     if stages is None else stages))
+                    rows.append(_row(pass_, kind, m, n, config, pps, ms, copy_gbps, x_dtype, cap, stream=stream,
+                                     reload_w=reload_w, stages=stages))
             if not kind.endswith("fp32w"):
                 # the partial-row sums alone, on the shipped backward's partials
                 _, part = k.norm_bwd(dy, x, wk, mean, rstd, 0.0, is_rms, 0, bias is not None)
