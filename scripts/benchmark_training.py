@@ -7,6 +7,11 @@ conversion, where the model has LayerNorms), and with every norm replaced by Ide
 ceiling no norm implementation can beat). Two precisions: bf16 parameters, and fp32
 parameters under bf16 autocast. See ../shared/PERF.md for the targets.
 
+The variants of a model and precision are built side by side and timed in turn, one step
+each per round, so that the ratios between them (the targets) are not moved by the host or
+the GPU clock changing between one variant's steps and the next's; a group that does not fit
+the device at once is timed one variant at a time, and the table says so.
+
     python scripts/benchmark_training.py            # on a GPU
     python scripts/benchmark_training.py --quick    # tiny configs, runs anywhere (CI)
     python scripts/benchmark_training.py --profile  # also: where each row's kernel time goes
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import importlib.metadata
 import json
 import statistics
@@ -98,45 +104,173 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def time_steps(model, batch, precision, device, warmup, steps, profile_steps=0) -> tuple[list, int, dict]:
-    """Step times (ms, after warm-up) and peak memory (bytes) of forward + backward + AdamW, and
-    with ``profile_steps`` the time per step (µs) of each kernel in that many more steps under
-    the profiler (on the CPU: of each top-level op)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision != "bf16 params")
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+class Run:
+    """One variant's model and AdamW optimizer, stepped and timed by ``time_in_turn``."""
 
-    def step():
-        with amp:
-            loss = model(input_ids=batch, labels=batch).loss
+    def __init__(self, variant, model, precision, device, summary):
+        self.variant, self.model, self.device, self.summary = variant, model, device, summary
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        self.autocast = precision != "bf16 params"
+        self.times = []  # ms of each timed step
+        self.resident = 0  # bytes this run keeps between steps: parameters and optimizer state
+        self.transient = 0  # the most bytes a timed step allocated on top of what was resident
+        self.error = None  # why a step failed, if one did
+
+    def step(self, batch):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss = self.model(input_ids=batch, labels=batch).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    for i in range(warmup + steps):
-        if device.type == "cuda":
+    def timed_step(self, batch):
+        cuda = self.device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
-        step()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    kernels = defaultdict(float)
-    if profile_steps:
-        activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
+        self.step(batch)
+        self.times.append((time.perf_counter() - start) * 1e3)
+        if cuda:
+            self.transient = max(self.transient, torch.cuda.max_memory_allocated(self.device) - before)
+
+    def peak_bytes(self) -> int:
+        """Peak memory of a step as if this model were alone on the device: what it keeps
+        resident plus what its steps allocate on top (the other variants' resident bytes
+        excluded); 0 off CUDA, where the allocator keeps no such count."""
+        return self.resident + self.transient
+
+    def profile(self, batch, steps) -> dict:
+        """Time per step (µs) of each kernel over ``steps`` profiled steps (on the CPU: of each top-level op)."""
+        cuda = self.device.type == "cuda"
+        activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+        kernels = defaultdict(float)
         with torch.profiler.profile(activities=[activity]) as prof:
-            for _ in range(profile_steps):
-                step()
+            for _ in range(steps):
+                self.step(batch)
         for e in prof.events():
-            if device.type == "cuda" and e.device_type == torch.autograd.DeviceType.CUDA:
-                kernels[e.name] += e.time_range.elapsed_us() / profile_steps
-            elif device.type != "cuda" and e.cpu_parent is None:
-                kernels[e.name] += e.cpu_time_total / profile_steps
-    return times, peak, dict(kernels)
+            if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
+                kernels[e.name] += e.time_range.elapsed_us() / steps
+            elif not cuda and e.cpu_parent is None:
+                kernels[e.name] += e.cpu_time_total / steps
+        return dict(kernels)
+
+
+def prepare(name, table, precision, variant, batch, device, warmup):
+    """Build, patch and warm up one variant; None where there is nothing to time (the
+    ``rmsnorm`` variant of a model without LayerNorms is the ``layernorm`` one)."""
+    model = build(name, table, precision, device)
+    summary = apply_variant(model, variant, batch)
+    if variant == "rmsnorm" and " 0 exact" in summary:
+        return None
+    run = Run(variant, model, precision, device, summary)
+    for _ in range(warmup):  # compiles the kernels and creates the optimizer state
+        run.step(batch)
+    if device.type == "cuda":
+        run.resident = _resident_bytes(run)
+    return run
+
+
+def _resident_bytes(run) -> int:
+    """Bytes of the tensors a run keeps between steps: parameters, buffers, optimizer state.
+    Counted tensor by tensor rather than as the allocator's growth while the run was built: the
+    first model to run a matmul would also be charged cuBLAS's workspace."""
+    tensors = [*run.model.parameters(), *run.model.buffers()]
+    tensors += [v for state in run.opt.state.values() for v in state.values() if torch.is_tensor(v)]
+    unique = {(t.data_ptr(), t.numel(), t.dtype): t for t in tensors}  # tied weights once
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def time_in_turn(runs, batch, steps) -> None:
+    """``steps`` timed steps of every run, one step each in turn, each round starting one run
+    later: a slow moment of the host or a change of GPU clock falls on every variant alike,
+    where timing one variant's steps after another's put it on whichever ran then. A run whose
+    step fails is left out of the later rounds, with its error kept (out of memory is raised:
+    see ``time_group``)."""
+    for i in range(steps):
+        for k in range(len(runs)):
+            run = runs[(i + k) % len(runs)]
+            if run.error is None:
+                try:
+                    run.timed_step(batch)
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except Exception as exc:
+                    run.error = f"{type(exc).__name__}: {exc}"
+
+
+def time_group(name, table, precision, variants, batch, device, warmup, steps, profile_steps=0) -> list:
+    """The rows of one model and precision: its variants built side by side and timed in
+    turn; where they do not fit the device together (a 1B model's fp32 variants on an 80 GB
+    GPU), each one alone, as the rows then say."""
+    try:
+        return _time_together(name, table, precision, variants, batch, device, warmup, steps, profile_steps, True)
+    except torch.cuda.OutOfMemoryError:
+        pass  # out of the except clause: the traceback, and with it every model built, is dropped
+    rows = []
+    for variant in variants:
+        _release(device)
+        rows += _time_together(name, table, precision, [variant], batch, device, warmup, steps, profile_steps, False)
+    return rows
+
+
+def _release(device) -> None:
+    """Hand the memory of the models dropped so far back to the device."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _time_together(name, table, precision, variants, batch, device, warmup, steps, profile_steps, together) -> list:
+    rows, runs = {}, []
+    out_of_memory = "OutOfMemoryError: the model does not fit the device"
+    for variant in variants:
+        try:
+            run = prepare(name, table, precision, variant, batch, device, warmup)
+        except torch.cuda.OutOfMemoryError:
+            if together:
+                raise
+            rows[variant] = _error_row(name, precision, variant, out_of_memory)
+            continue
+        except Exception as exc:  # keep the other rows
+            rows[variant] = _error_row(name, precision, variant, f"{type(exc).__name__}: {exc}")
+            continue
+        if run is not None:
+            runs.append(run)
+    try:
+        time_in_turn(runs, batch, steps)
+    except torch.cuda.OutOfMemoryError:
+        if together:
+            raise
+        runs[0].error = out_of_memory  # alone, one run
+    for run in runs:
+        if run.error is None and profile_steps:
+            try:
+                kernels = run.profile(batch, profile_steps)
+            except Exception as exc:
+                run.error = f"profiling: {type(exc).__name__}: {exc}"
+        if run.error is not None:
+            rows[run.variant] = _error_row(name, precision, run.variant, run.error)
+            continue
+        ms = statistics.median(run.times)
+        rows[run.variant] = {
+            "model": name, "precision": precision, "variant": run.variant, "step_ms": ms,
+            # the spread shows steps disturbed by the host (each step ends in a synchronize,
+            # so a slow moment of the host's Python shows up as a slow step)
+            "step_ms_min": min(run.times), "step_ms_max": max(run.times), "steps": len(run.times),
+            # how many variants took their steps in turn; 1 and not together: its group did not fit at once
+            "timed_with": len(runs), "did_not_fit_together": not together,
+            "tokens_per_second": batch.numel() / (ms / 1e3), "peak_memory_bytes": run.peak_bytes(), "report": run.summary,
+            **({"kernel_us_per_step": kernels} if profile_steps else {}),
+        }
+    return [rows[v] for v in variants if v in rows]
+
+
+def _error_row(name, precision, variant, message) -> dict:
+    return {"model": name, "precision": precision, "variant": variant, "error": message[:300]}
 
 
 def main(argv=None) -> int:
@@ -173,27 +307,10 @@ def main(argv=None) -> int:
         vocab = table[name][1]["vocab_size"]
         batch = torch.randint(0, vocab, batch_shape, generator=g).to(device)
         for precision in PRECISIONS:
-            for variant in variants:
-                model = build(name, table, precision, device)
-                try:
-                    summary = apply_variant(model, variant, batch)
-                    if variant == "rmsnorm" and " 0 exact" in summary:
-                        continue  # nothing to convert (an RMSNorm model): same as "layernorm"
-                    times, peak, kernels = time_steps(model, batch, precision, device, warmup, steps,
-                                                      PROFILE_STEPS if args.profile else 0)
-                    ms = statistics.median(times)
-                    # the spread shows a row disturbed by the host (steps synchronise, so a slow
-                    # moment of the host's Python shows up as a slow step)
-                    results.append({"model": name, "precision": precision, "variant": variant, "step_ms": ms,
-                                    "step_ms_min": min(times), "step_ms_max": max(times), "steps": len(times),
-                                    "tokens_per_second": batch.numel() / (ms / 1e3), "peak_memory_bytes": peak, "report": summary,
-                                    **({"kernel_us_per_step": kernels} if args.profile else {})})
-                except Exception as exc:  # keep the other rows
-                    results.append({"model": name, "precision": precision, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:300]})
-                del model
-                _write(args.out, env, results)  # after each row: a run cut short keeps what it measured
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            results += time_group(name, table, precision, variants, batch, device, warmup, steps,
+                                  PROFILE_STEPS if args.profile else 0)
+            _write(args.out, env, results)  # after each group: a run cut short keeps what it measured
+            _release(device)
     print(_write(args.out, env, results))
     return 1 if any("error" in r for r in results) else 0
 
@@ -216,7 +333,10 @@ def _version(pkg):
 def _markdown(env, results) -> str:
     lines = [
         f"# Training step: {env['device']}, batch {env['batch'][0]} x {env['batch'][1]}, AdamW, SDPA",
-        "", f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}; {env['date']}.", "",
+        "", f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}; {env['date']}. "
+        "A model's variants are timed in turn, one step each per round, on the same device at once; "
+        "peak memory is each variant's own (its parameters and optimizer state, plus what its steps "
+        "allocate).", "",
         "| model | precision | variant | step ms (median) | min–max ms | vs as shipped | vs Identity | tokens/s | peak memory GiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -233,6 +353,9 @@ def _markdown(env, results) -> str:
             f"{rel(base.get(key))} | {rel(ceiling.get(key))} | "
             f"{r['tokens_per_second']:.0f} | {r['peak_memory_bytes'] / 2**30:.2f} |"
         )
+    alone = [f"{r['model']}, {r['precision']}, {r['variant']}" for r in results if r.get("did_not_fit_together")]
+    if alone:
+        lines += ["", "Timed alone, after its group did not fit the device at once: " + "; ".join(alone) + "."]
     profiled = [r for r in results if "kernel_us_per_step" in r]
     if profiled:
         lines += _profile_markdown(profiled)

@@ -263,3 +263,24 @@ def test_second_derivatives_on_cuda(kind, launches):
     yardstick = second_order(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, 1e-5), x, w, b, dy)
     for name, got_, y_, t in zip(("dx", "dw", "d2x", "d2w"), got, yardstick, truth):
         assert_close_to_fp64(got_, y_, t, torch.float32, name)
+
+
+def test_training_benchmark_charges_each_variant_its_own_peak_memory():
+    """The training benchmark times a model's variants side by side on one GPU: each row's peak
+    memory must still be what that variant takes alone, not its neighbours' parameters and
+    optimizer state as well (they are as large as its own: a 5 % tolerance still catches them)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import benchmark_training as bt
+
+    device = torch.device("cuda")
+    batch = torch.randint(0, 256, (2, 32), device=device)
+    variants = ["as shipped", "layernorm", "norms -> Identity"]
+    together = bt.time_group("llama-1b", bt.QUICK, "bf16 params", variants, batch, device, 1, 2)
+    alone = [bt.time_group("llama-1b", bt.QUICK, "bf16 params", [v], batch, device, 1, 2)[0] for v in variants]
+    assert [r["timed_with"] for r in together] == [3, 3, 3] and [r["timed_with"] for r in alone] == [1, 1, 1]
+    for t, a in zip(together, alone):
+        assert a["peak_memory_bytes"] > 0
+        assert t["peak_memory_bytes"] == pytest.approx(a["peak_memory_bytes"], rel=0.05), t["variant"]

@@ -55,6 +55,9 @@ def test_benchmark_training_quick_writes_json_and_markdown(tmp_path):
     gpt2_rms = next(r for r in result["results"] if r["model"] == "gpt2-medium" and r["variant"] == "rmsnorm")
     assert " 5 exact" in gpt2_rms["report"]
     assert all(0 < r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"] and r["steps"] == 2 for r in result["results"])
+    # a model's variants were timed side by side, in turn
+    assert {r["timed_with"] for r in result["results"] if r["model"] == "gpt2-medium"} == {4}
+    assert {r["timed_with"] for r in result["results"] if r["model"] == "llama-1b"} == {3}
     assert "| gpt2-medium | bf16 params | rmsnorm |" in (tmp_path / "training.md").read_text()
 
 
@@ -82,6 +85,65 @@ def test_benchmark_training_profile_attributes_the_norms(tmp_path):
     assert " norm: `" in section
 
 
+def _training_module():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark_training
+
+    return benchmark_training
+
+
+def test_training_variants_take_steps_in_turn_and_a_failing_one_drops_out():
+    bt = _training_module()
+    order = []
+
+    class Fake:
+        def __init__(self, name, fail_at=None):
+            self.name, self.fail_at, self.error, self.steps = name, fail_at, None, 0
+
+        def timed_step(self, batch):
+            if self.steps == self.fail_at:
+                raise RuntimeError("boom")
+            self.steps += 1
+            order.append(self.name)
+
+    runs = [Fake("a"), Fake("b", fail_at=2), Fake("c")]
+    bt.time_in_turn(runs, None, 4)
+    # each round one step of every run still going, starting one run later each round
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "a", "c"]
+    assert runs[1].error == "RuntimeError: boom" and runs[1].steps == 2
+    assert runs[0].error is None and runs[0].steps == runs[2].steps == 4
+
+
+@pytest.mark.slow
+def test_training_group_that_does_not_fit_at_once_is_timed_one_variant_at_a_time(tmp_path, monkeypatch):
+    """Out of memory while a second model is alive: the group's variants are then each built
+    and timed alone, and every row is there and says so."""
+    import weakref
+
+    import torch
+
+    bt = _training_module()
+    alive = weakref.WeakSet()
+    real_prepare = bt.prepare
+
+    def prepare(*args):
+        if len(alive):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        run = real_prepare(*args)
+        if run is not None:
+            alive.add(run.model)
+        return run
+
+    monkeypatch.setattr(bt, "prepare", prepare)
+    batch = torch.randint(0, 256, (2, 32))
+    variants = ["as shipped", "layernorm", "rmsnorm", "norms -> Identity"]
+    rows = bt.time_group("gpt2-medium", bt.QUICK, "bf16 params", variants, batch, torch.device("cpu"), 1, 2)
+    assert [r["variant"] for r in rows] == variants
+    assert all("error" not in r and r["timed_with"] == 1 and r["did_not_fit_together"] and r["steps"] == 2 for r in rows), rows
+    assert "Timed alone, after its group did not fit the device at once: gpt2-medium, bf16 params, as shipped;" in bt._markdown(
+        {"device": "CPU", "batch": [2, 32], "torch": "t", "triton": "t", "transformers": "t", "date": "d"}, rows)
+
+
 def test_kernel_kinds_of_typical_gpu_kernel_names():
     sys.path.insert(0, str(ROOT / "scripts"))
     from benchmark_training import kernel_kind
@@ -107,6 +169,8 @@ def test_benchmark_training_times_only_the_rows_asked_for(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "training.json").read_text())["results"]
     assert {(r["model"], r["variant"]) for r in rows} == {("gpt2-medium", "layernorm")} and len(rows) == 2
+    assert all(r["timed_with"] == 1 and not r["did_not_fit_together"] for r in rows)
+    assert "Timed alone" not in (tmp_path / "training.md").read_text()
     bad = subprocess.run([sys.executable, script, "--quick", "--variants", "fused", "--out", str(tmp_path / "bad")],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert bad.returncode == 2 and "--variants takes a subset of" in bad.stderr and not (tmp_path / "bad").exists()
@@ -222,6 +286,21 @@ def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
         sums = [r for r in rows if r["pass"] == "sums" and r["kind"] == kind]
         assert len(sums) >= 2 and sums[0]["config"] == list(_sum_config(*sums[0]["partials"])), kind
     assert "| bwd | layer |" in (tmp_path / "tuning.md").read_text()
+
+
+def test_tuning_table_lists_the_narrowest_rows_first_whatever_order_they_ran_in():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from tune_kernels import to_markdown
+
+    def row(shape, us):
+        return {"pass": "fwd", "kind": "rms", "shape": shape, "config": [1, 1024, 4], "programs_per_sm": None,
+                "time_us": us, "frac_copy": 0.9}
+
+    env = {"device": "GPU", "copy_gbps": 1000.0, "torch": "t", "triton": "t", "date": "d"}
+    md = to_markdown(env, [row("16384x8192", 130.0), row("16384x8192", 128.0), row("65536x768", 50.0)])
+    table = [line for line in md.splitlines() if line.startswith("| fwd |")]
+    assert [line.split(" | ")[2] for line in table] == ["65536x768", "16384x8192"]
+    assert "| 130 µs | 90% | (1, 1024, 4) | auto | 128 µs |" in table[1]  # the first row of a group is the shipped one
 
 
 @pytest.mark.parametrize(
