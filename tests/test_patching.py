@@ -2,6 +2,7 @@
 tester (PEFT's TEST_CASES style), plus the report, the guards and the ecosystem checks."""
 
 import copy
+import enum
 import json
 
 import pytest
@@ -205,6 +206,66 @@ def test_unmatched_norms_are_left_alone_with_the_reason():
     assert "no fused LayerNorm/RMSNorm reproduces its output" in by_name["weird_norm"]["reason"]
     assert "running statistics" in by_name["bn"]["reason"]
     assert isinstance(model.weird_norm, _WeirdNorm) and isinstance(model.bn, nn.BatchNorm1d)
+
+
+class _Formula(enum.Enum):
+    LAYER = "layer"
+    RMS = "rms"
+
+
+class _LayoutNorm(nn.LayerNorm):
+    """One class, three functions by instance: ConvNeXt's LayerNorm, whose ``data_format``
+    ("channels_first": a (B, C, H, W) input, permuted around the norm) is a plain attribute,
+    and a formula switch held in an object, which no attribute scan can read."""
+
+    def __init__(self, n, data_format="channels_last", formula=_Formula.LAYER):
+        super().__init__(n)
+        self.data_format, self.formula = data_format, formula
+
+    def forward(self, x):
+        if self.data_format == "channels_first":
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if self.formula is _Formula.RMS:  # in fp32, rounded once to x's dtype (torch's rms_norm order)
+            xf = x.float()
+            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight + self.bias).to(x.dtype)
+        return super().forward(x)
+
+
+class _LayoutToy(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = _LayoutNorm(c, "channels_first")  # probed first: raises on a (..., C) probe
+        self.first = _LayoutNorm(c)
+        self.as_rms = _LayoutNorm(c, formula=_Formula.RMS)  # same settings as `first` to a scan
+
+    def forward(self, x):  # x: (B, C, H, W)
+        y = self.stem(x).permute(0, 2, 3, 1)
+        return self.as_rms(self.first(y))
+
+
+def test_instances_of_one_class_that_compute_different_functions_are_each_probed(monkeypatch):
+    """A class's probe answers for its instances only where they carry the same settings
+    (channels-first ConvNeXt norms do not make the channels-last ones unfusable), and an
+    instance the answer still does not fit is probed on its own (fused as what it computes, or
+    left alone with its reason) instead of failing the patch or crashing inside its forward."""
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    torch.manual_seed(0)
+    model = _LayoutToy()
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            nn.init.normal_(m.weight, 1.0, 0.3)
+            nn.init.normal_(m.bias, 0.0, 0.2)
+    x = torch.randn(2, 8, 3, 5)
+    with torch.no_grad():
+        want = model(x)
+    report = patch_model(model, target="layernorm")
+    by_name = {e["name"]: e for e in report}
+    assert by_name["stem"]["change"] == "skipped" and by_name["stem"]["reason"].startswith("raised on a probe input")
+    assert isinstance(model.stem, _LayoutNorm)
+    assert by_name["first"]["new"] == "FusedLayerNorm"
+    assert by_name["as_rms"]["new"] == "FusedRMSNorm" and model.as_rms.bias is not None
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_shared_norm_module_is_replaced_once_and_stays_shared():

@@ -94,15 +94,31 @@ def _walk(module: nn.Module, prefix: str, visit, seen: dict, replaced: dict) -> 
             replaced[fqn] = child
 
 
+def _settings(module: nn.Module) -> tuple:
+    """The plain settings an instance carries besides its parameters (``data_format``,
+    ``eps``, flags): instances of one class that differ there may compute different functions
+    (ConvNeXt's LayerNorm: channels_first instances permute a 4-D input, channels_last ones
+    are a LayerNorm), so they do not share a class probe's answer."""
+    plain = (str, int, float, bool, type(None))
+
+    def is_plain(v):
+        return isinstance(v, plain) or (isinstance(v, tuple) and all(isinstance(e, plain) for e in v))
+
+    return tuple(sorted((k, v) for k, v in vars(module).items() if not k.startswith("_") and is_plain(v)))
+
+
 def _verify_instance(module: nn.Module, new: _FusedNorm, shape) -> float:
     """The chosen fused module against this very instance (its real parameters)."""
     params = list(module.parameters(recurse=False))
     dtype = params[0].dtype if params else torch.float32
     device = params[0].device if params else torch.device("cpu")
     x = _probes(shape, dtype, device, seed=1)[0]
-    with torch.no_grad():
-        want, got = module(x), new(x)
-    if got.dtype != want.dtype:
+    try:
+        with torch.no_grad():
+            want, got = module(x), new(x)
+    except Exception:  # noqa: BLE001 - e.g. an instance that needs another input layout: not this function
+        return float("inf")
+    if not isinstance(want, torch.Tensor) or got.dtype != want.dtype or got.shape != want.shape:
         return float("inf")
     err = _rel_err(got, want)
     return err if err <= _TOLERANCE.get(want.dtype, 1e-5) else float("inf")
@@ -234,18 +250,29 @@ def _plan(model, report, include_p, exclude_p, strict, probe_autocast) -> dict:
                 f"{fqn} ({old}) has parameters on the meta device: load the real weights first "
                 "(not init_empty_weights / a device_map still to be dispatched), then patch."
             )
-        # one probe per class and parameter signature; each instance is still verified below
-        key = (type(module), repr(sig), tuple((p.dtype, p.device) for p in module.parameters(recurse=False)), _eps_candidates(module))
+        # one probe per class, parameter signature and instance settings; each instance is still verified below
+        key = (type(module), repr(sig), tuple((p.dtype, p.device) for p in module.parameters(recurse=False)),
+               _eps_candidates(module), _settings(module))
         match = cache.get(key)
-        if match is None:
+        probed = match is None
+        if probed:
             match = cache[key] = match_norm(module, probe_autocast)
         if match.spec is None:
             report.add(fqn, old, None, SKIPPED, match.reason)
             return None
         new = build_fused(match.spec, module, sig[0])
         err = _verify_instance(module, new, sig[0])
+        if err == float("inf") and not probed:
+            # settings held in objects (an enum, a callable) are not in the key: an instance the
+            # class's match does not fit is probed on its own before anything is concluded
+            match = match_norm(module, probe_autocast)
+            if match.spec is None:
+                report.add(fqn, old, None, SKIPPED, match.reason)
+                return None
+            new = build_fused(match.spec, module, sig[0])
+            err = _verify_instance(module, new, sig[0])
         if err == float("inf"):
-            reason = f"class probe matched {match.spec.describe()}, but this instance does not"
+            reason = f"the probe matched {match.spec.describe()}, but not with this instance's own parameters"
             if strict:
                 raise RuntimeError(f"patch_model: {fqn} ({old}): {reason}; nothing was changed. Use exclude=[{fqn!r}] to leave it out.")
             report.add(fqn, old, None, SKIPPED, reason)
