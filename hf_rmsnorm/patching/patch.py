@@ -107,6 +107,15 @@ def _settings(module: nn.Module) -> tuple:
     return tuple(sorted((k, v) for k, v in vars(module).items() if not k.startswith("_") and is_plain(v)))
 
 
+def _fit(module: nn.Module, match, shape) -> tuple[Optional[_FusedNorm], float]:
+    """The fused module ``match`` names for this instance, and its error against the instance
+    (inf: it does not fit); (None, inf) where the match names none."""
+    if match.spec is None:
+        return None, float("inf")
+    new = build_fused(match.spec, module, shape)
+    return new, _verify_instance(module, new, shape)
+
+
 def _verify_instance(module: nn.Module, new: _FusedNorm, shape) -> float:
     """The chosen fused module against this very instance (its real parameters)."""
     params = list(module.parameters(recurse=False))
@@ -257,20 +266,15 @@ def _plan(model, report, include_p, exclude_p, strict, probe_autocast) -> dict:
         probed = match is None
         if probed:
             match = cache[key] = match_norm(module, probe_autocast)
-        if match.spec is None:
-            report.add(fqn, old, None, SKIPPED, match.reason)
-            return None
-        new = build_fused(match.spec, module, sig[0])
-        err = _verify_instance(module, new, sig[0])
-        if err == float("inf") and not probed:
+        new, err = _fit(module, match, sig[0])
+        if err == float("inf") and not probed and match.spec is not None:
             # settings held in objects (an enum, a callable) are not in the key: an instance the
             # class's match does not fit is probed on its own before anything is concluded
             match = match_norm(module, probe_autocast)
-            if match.spec is None:
-                report.add(fqn, old, None, SKIPPED, match.reason)
-                return None
-            new = build_fused(match.spec, module, sig[0])
-            err = _verify_instance(module, new, sig[0])
+            new, err = _fit(module, match, sig[0])
+        if match.spec is None:
+            report.add(fqn, old, None, SKIPPED, match.reason)
+            return None
         if err == float("inf"):
             reason = f"the probe matched {match.spec.describe()}, but not with this instance's own parameters"
             if strict:
