@@ -335,7 +335,7 @@ def _markdown(env, results) -> str:
         f"# Training step: {env['device']}, batch {env['batch'][0]} x {env['batch'][1]}, AdamW, SDPA",
         "", f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}; {env['date']}. "
         "A model's variants are timed in turn, one step each per round, on the same device at once; "
-        "peak memory is each variant's own (its parameters and optimizer state, plus what its steps "
+        "peak memory is each variant's own (its parameters, buffers and optimizer state, plus what its steps "
         "allocate).", "",
         "| model | precision | variant | step ms (median) | min–max ms | vs as shipped | vs Identity | tokens/s | peak memory GiB |",
         "|---|---|---|---|---|---|---|---|---|",
