@@ -61,8 +61,9 @@ def _read_source(src: Path, allow_pickle: bool, trust_remote_code: bool) -> _Sou
     try:
         config_dict = json.loads((src / CONFIG).read_text())
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ConversionError(f"{src}/config.json: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # unreadable JSON, an unknown model_type, a field transformers' validation refuses...
+        message = " ".join(str(exc).split())
+        raise ConversionError(f"{src}/config.json: {message[:300]}{'...' if len(message) > 300 else ''}") from exc
     pickle = False
     if (src / SAFE_INDEX).is_file():
         index = json.loads((src / SAFE_INDEX).read_text())["weight_map"]
@@ -362,19 +363,24 @@ def _verify(src: Path, out: Path, source: _Source, block: dict) -> dict:
     """Load the input, the output run converted, and the output in plain transformers (only
     when the model fits in memory three times over) and compare their outputs on a probe
     batch, by STYLE.md's rule against the float64 input."""
-    from .patching.convert import EXACT_TOLERANCE, available_bytes, compare_outputs, model_outputs, probe_inputs
+    from .patching.convert import EXACT_TOLERANCE, ProbeError, available_bytes, compare_outputs, describe_error, float64_inputs, model_outputs, run_probe, to_float64_
 
     size = sum(s.stat().st_size for s in source.shards)
     if 3 * size > available_bytes(torch.device("cpu")):
         return {"skipped": f"the model ({size / 2**30:.1f} GiB) does not fit in memory three times over"}
     cls = architecture_class(getattr(source.config, "architectures", None))
     original = cls.from_pretrained(src, use_safetensors=not source.pickle).eval()
+    try:
+        inputs, ref, _ = run_probe(original)
+    except ProbeError as exc:
+        return {"skipped": f"no probe batch runs through the model ({exc})"}
     models = {"converted": from_pretrained(out, model_class=cls).eval(), "plain transformers": cls.from_pretrained(out).eval()}
-    inputs = probe_inputs(original)
     with torch.no_grad():
-        ref = model_outputs(original, inputs)
-        truth = model_outputs(original.double(), {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
         results = {label: model_outputs(m, inputs) for label, m in models.items()}
+        try:
+            truth = model_outputs(to_float64_(original), float64_inputs(inputs))
+        except Exception as exc:  # the reference the rule is measured against cannot be computed
+            return {"skipped": f"the model's forward does not run in float64, which the check compares against: {describe_error(exc)}"}
     tolerance = EXACT_TOLERANCE.get(next(iter(ref.values())).dtype, 1e-4)
     approximate = "approximate" in block.get("modules", {}).values()
     diffs = {}

@@ -113,7 +113,9 @@ def _convert(args) -> int:
     )
     print((Path(args.output) / REPORT).read_text(), end="")
     verification = block.get("verification")
-    if verification:
+    if verification and "skipped" in verification:
+        print(f"NOT VERIFIED: {verification['skipped']}; hf_rmsnorm.from_pretrained still measures the conversion when it loads the model", file=sys.stderr)
+    elif verification:
         print(f"verification: {verification}")
     print(f"written: {args.output}")
     return 0

@@ -14,7 +14,7 @@ from hf_rmsnorm.checkpoint import ConversionError, convert_checkpoint
 from hf_rmsnorm.cli import main
 from reference import rel_err
 from test_convert import build
-from tiny_models import run
+from tiny_models import float64_truth, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,9 +37,7 @@ def _close(got, ref, model=None, inputs=None):
     rounding of each centred weight), when the model is given; else within 1e-5."""
     truth = None
     if model is not None:
-        import copy
-
-        truth = run(copy.deepcopy(model).double(), {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
+        truth = float64_truth(model, inputs)
     for k in ref:
         if truth is None:
             torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
@@ -140,6 +138,38 @@ def _cli(*args):
     return main(["convert", *map(str, args)])
 
 
+def test_a_model_that_rejects_the_probe_batch_is_converted_and_said_unverified(tmp_path, monkeypatch, capsys):
+    """The check after writing runs the model on a probe batch; where no batch built from the
+    config runs through it, the conversion is written, said to be unverified (with the model's
+    own error) in the config block and on stderr, and loads to the original's function."""
+    from hf_rmsnorm.patching import convert
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    model, inputs = _save("gpt2", src)
+    built = convert.probe_inputs
+    monkeypatch.setattr(convert, "probe_inputs", lambda m: {"input_ids": built(m)["input_ids"] + 10_000})  # past the vocabulary
+    assert _cli(src, out) == 0
+    err = capsys.readouterr().err
+    assert "NOT VERIFIED: no probe batch runs through the model" in err and "IndexError" in err, err
+    block = json.loads((out / "config.json").read_text())["hf_rmsnorm"]
+    assert block["verification"]["skipped"].startswith("no probe batch runs through the model")
+    monkeypatch.undo()
+    converted = hf_rmsnorm.from_pretrained(out)
+    assert converted.hf_rmsnorm_report.count("exact") == 5
+    _close(run(converted, inputs), run(model, inputs), model, inputs)
+
+
+def test_a_mixture_of_experts_checkpoint_is_verified_against_float64(tmp_path):
+    """transformers runs Mixtral's experts on grouped_mm kernels, which take no float64; the
+    check's float64 reference runs its eager experts, which compute the same function."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    model, inputs = _save("mixtral", src)
+    block = convert_checkpoint(src, out)
+    assert set(block["verification"]["max_rel_diff"]) == {"converted", "plain transformers"}
+    assert set(block["modules"].values()) == {"fused"}
+    _close(run(hf_rmsnorm.from_pretrained(out), inputs), run(model, inputs), model, inputs)
+
+
 def _no_leftovers(parent: Path, out: Path):
     assert not out.exists() or not any(out.iterdir()) or out.name == "busy"
     assert not [p for p in parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
@@ -185,6 +215,29 @@ def test_bad_input_fails_cleanly(case, break_it, message, tmp_path, capsys):
     assert _cli(src, out) == 2
     err = capsys.readouterr().err
     assert err.startswith("hf-rmsnorm convert: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+    _no_leftovers(tmp_path, out)
+
+
+def test_a_config_that_transformers_validation_refuses_fails_cleanly(tmp_path, capsys):
+    """transformers 5 validates config fields (huggingface_hub's strict dataclasses), raising
+    errors of its own type, with the useful part on the message's second line."""
+    from transformers import GPT2Config
+
+    try:
+        GPT2Config(n_embd="thirty-two")
+    except Exception:
+        pass
+    else:
+        pytest.skip("this transformers does not validate config field types")
+    src, out = tmp_path / "in", tmp_path / "out"
+    _save("gpt2", src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(config, n_embd="thirty-two")))
+    capsys.readouterr()
+    assert _cli(src, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-rmsnorm convert: ") and "n_embd" in err and "expected int" in err and err.count("\n") == 1, err
     assert not out.exists()
     _no_leftovers(tmp_path, out)
 

@@ -13,7 +13,7 @@ from hf_rmsnorm import FusedLayerNorm, FusedRMSNorm, patch_model, unpatch_model
 from hf_rmsnorm.patching import convert
 from reference import rel_err
 from tiny_models import build as build_tiny
-from tiny_models import randomize_for_conversion, run
+from tiny_models import _LLAMA_LIKE, VOCAB, float64_truth, randomize_for_conversion, randomize_norms, run
 
 # family -> number of norms converted exactly; the rest (embedding norms, norms on heads) must
 # say why they stay LayerNorm
@@ -52,7 +52,7 @@ def test_pre_ln_families_convert_exactly(name, dtype):
         pytest.skip("their LayerNorms compute in float32 inside (x.to(float32)): a float64 model of them is float32-exact at best, covered by fp32")
     model, inputs = build(name, dtype)
     ref = run(model, inputs)
-    truth = run(copy.deepcopy(model).double(), {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
+    truth = float64_truth(model, inputs)
     params_before = dict(model.named_parameters(remove_duplicate=False))
     report = patch_model(model)
 
@@ -199,6 +199,26 @@ def test_keep_centered_keeps_a_fine_tuned_model_exportable():
     torch.testing.assert_close(run(model, inputs), tuned, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [0.1, 0.01, 1e-4], ids=["q/k/v x0.1", "q/k/v x0.01", "q/k/v x1e-4"])
+def test_a_post_ln_model_with_small_attention_weights_is_still_measured_as_post_ln(scale):
+    """In a post-LN block the stream also feeds q/k/v, so its mean matters, but only as much
+    as those weights pass the all-ones direction on: with small ones, the stream's start
+    measures a shift gradient of 1e-4 or less of its output gradient (ELECTRA-sized models do,
+    as initialised). Taking that for invariance centres the stream, converts LN1 and changes
+    the function. The measurement must tell it from a real writer's float64 rounding."""
+    model, inputs = build("bert")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".attention.self." in name:
+                p.mul_(scale)
+    ref = run(model, inputs)
+    report = patch_model(model)  # strict: a wrong conversion raises
+    assert report.count("exact") == 0 and report.count("fused") == 5, str(report)
+    out = run(model, inputs)
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
 def test_a_model_without_a_probe_input_keeps_its_layernorms_with_the_reason():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
     report = patch_model(model)
@@ -209,6 +229,113 @@ def test_probe_inputs_can_be_given():
     model, inputs = build("gpt2")
     report = patch_model(model, probe_inputs=inputs)
     assert report.count("exact") == 5
+
+
+def _with_a_required_input(model):
+    """The model's forward takes one more required argument than the probe builder knows of
+    (as Qwen3-ASR's encoder takes a features mask): a built probe batch raises TypeError."""
+    base = type(model)
+
+    def forward(self, input_ids, scale, **kwargs):
+        return base.forward(self, input_ids=input_ids * scale, **kwargs)
+
+    model.__class__ = type(f"{base.__name__}NeedingScale", (base,), {"forward": forward})
+    return model
+
+
+def _unchanged(model, state, inputs, ref, fused=FusedLayerNorm):
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # no writer centred
+    assert not any(isinstance(m, (FusedRMSNorm, FusedLayerNorm)) and not isinstance(m, fused) for m in model.modules())
+    out = run(model, inputs)
+    assert all(torch.equal(out[k], ref[k]) for k in ref)
+
+
+def test_a_model_whose_forward_rejects_the_built_probe_keeps_its_layernorms_and_says_why():
+    """The conversion is verified on a probe batch; where the batch built from the config does
+    not run through the model, nothing is converted, every norm keeps its function on the fused
+    LayerNorm, and the report carries the model's own error. A batch that runs converts it."""
+    model, inputs = build("gpt2")
+    model = _with_a_required_input(model)
+    inputs = dict(inputs, scale=1)
+    ref, state = run(model, inputs), copy.deepcopy(model.state_dict())
+    report = patch_model(model)
+    assert report.count("exact") == 0 and report.count("fused") == 5, str(report)
+    for e in report:
+        assert "the model's forward raised on the probe batch (input_ids)" in e["reason"] and "TypeError" in e["reason"], e
+    assert "nothing converted" in str(report)
+    _unchanged(model, state, inputs, ref)
+    unpatch_model(model)
+    assert patch_model(model, probe_inputs=inputs).count("exact") == 5
+
+
+def _tiny_llava():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8),
+        text_config=dict(_LLAMA_LIKE, model_type="llama"),
+        image_token_index=VOCAB - 1,
+    )
+    torch.manual_seed(0)
+    model = randomize_for_conversion(LlavaForConditionalGeneration(config).eval())
+    randomize_norms(model)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB - 1, (2, 20), generator=g)
+    ids[:, 2:18] = config.image_token_index  # one token per image patch: (32 / 8) ** 2
+    return model, {"input_ids": ids, "pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+
+
+def test_a_vision_language_model_is_probed_on_its_text_when_the_built_batch_does_not_fit():
+    """A generic batch cannot place Llava's image tokens to match its images: the model raises
+    on it. patch_model then probes the text alone, fuses every norm with its own function, and
+    says that the vision tower's LayerNorms were not reached. A batch with the images placed
+    reaches them, and shows that they cannot be converted: Llava's projector reads the vision
+    tower's raw hidden states (its stream, mean included), not only its LayerNorms."""
+    model, inputs = _tiny_llava()
+    ref, state, truth = run(model, inputs), copy.deepcopy(model.state_dict()), float64_truth(model, inputs)
+
+    def same_function():  # fused RMSNorm on torch ops rounds apart from LlamaRMSNorm's
+        for k, got in run(model, inputs).items():
+            assert rel_err(got, truth[k]) <= 2 * rel_err(ref[k], truth[k]) + ATOL[torch.float32], k
+
+    report = patch_model(model)
+    assert report.count("fused") == 11 and report.count("exact") == 0, str(report)
+    assert "probed on input_ids alone: the model's forward raised on the probe batch (input_ids, pixel_values): ValueError" in report.note
+    vision = [e for e in report if ".vision_tower." in e["name"]]
+    assert len(vision) == 6 and all("the probe batch does not reach it" in e["reason"] for e in vision)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # no writer centred
+    same_function()
+    unpatch_model(model)
+    report = patch_model(model, probe_inputs=inputs)
+    assert report.count("exact") == 0 and report.count("fused") == 11, str(report)
+    vision = [e for e in report if ".vision_tower." in e["name"]]
+    assert all("its input is not centred" in e["reason"] and "a projection of raw hidden states" in e["reason"] for e in vision)
+    same_function()
+
+
+def test_probe_inputs_that_do_not_run_are_refused_and_the_model_left_alone():
+    model, inputs = build("gpt2")
+    ref, state = run(model, inputs), copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"probe_inputs do not run through GPT2LMHeadModel: .*IndexError"):
+        patch_model(model, probe_inputs={"input_ids": inputs["input_ids"] + 1000})  # past the vocabulary
+    _unchanged(model, state, inputs, ref, fused=())
+
+
+def test_a_model_that_cannot_run_in_float64_keeps_its_layernorms_and_says_why():
+    """The conversion is measured on a float64 copy; a model that hard-codes float32 somewhere
+    (MRA's kernels do) cannot be measured, so it is not converted, and the report says why."""
+    model, inputs = build("gpt2")
+
+    def float32_only(module, args):
+        if args[0].dtype == torch.float64:
+            raise RuntimeError("mat1 and mat2 must have the same dtype, but got Float and Double")
+
+    model.transformer.h[1].register_forward_pre_hook(float32_only)
+    ref, state = run(model, inputs), copy.deepcopy(model.state_dict())
+    report = patch_model(model)
+    assert report.count("exact") == 0 and report.count("fused") == 5, str(report)
+    assert all("does not run in float64: RuntimeError: mat1 and mat2 must have the same dtype" in e["reason"] for e in report)
+    _unchanged(model, state, inputs, ref)
 
 
 def test_a_conversion_whose_float64_copy_would_not_fit_keeps_the_layernorms_with_the_reason(monkeypatch):

@@ -38,6 +38,8 @@ MODELS = {
     "llama": ("llama", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
     "mistral": ("mistral", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
     "qwen2": ("qwen2", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
+    # mixture of experts: transformers runs the experts on grouped_mm kernels, which take no float64
+    "mixtral": ("mixtral", dict(_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2), AutoModelForCausalLM, "text"),
     "qwen3": ("qwen3", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
     "gemma": ("gemma", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
     "gemma2": ("gemma2", dict(_LLAMA_LIKE, query_pre_attn_scalar=8, sliding_window=16), AutoModelForCausalLM, "text"),
@@ -116,6 +118,17 @@ def tensor_outputs(out) -> dict:
         elif hasattr(value, "items"):
             found.update({f"{key}.{k}": v for k, v in tensor_outputs(value).items()})
     return found
+
+
+def float64_truth(model, inputs):
+    """The model's outputs computed in float64 on a copy (Mixtral-style experts switched to
+    transformers' eager implementation: its grouped_mm kernels take no float64)."""
+    import copy
+
+    model64 = copy.deepcopy(model).double()
+    if getattr(model64.config, "_experts_implementation", "eager") != "eager":
+        model64.set_experts_implementation("eager")
+    return run(model64, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
 
 
 def run(model, inputs):

@@ -30,15 +30,17 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .discovery import _rel_err, build_fused
+from .discovery import NormSpec, _rel_err, build_fused
 
 # |mean| / rms of a norm's input at or below this (in float64) counts as centred
 _CENTRED_FP64 = 1e-6
-# a writer's shift gradient relative to its output gradient at or below this (float64). Not
-# float64 rounding: some HF norms cast to float32 inside (OLMo, Cohere), which leaves up to
-# ~1e-6 when the stream's mean dominates; anything that is not a writer measures
-# ~1/sqrt(width) (1e-2 at width 8192) or more. The final verification backs this up.
-_INVARIANT_FP64 = 1e-4
+# a writer's shift gradient relative to its output gradient at or below this (float64, with
+# the LayerNorms computing in float64: plan_conversion). Writers measure float64 rounding
+# (1e-17..1e-15 over the test families). What is not a writer but leaks only a little of the
+# stream's mean, through the q/k/v of a post-LN block, measures in proportion to those
+# weights: 5e-5..3e-3 for tiny ELECTRA / RoBERTa as initialised, 1e-9 for a BERT with its
+# q/k/v scaled by 1e-6. The final verification backs this up.
+_INVARIANT_FP64 = 1e-10
 # Verification (STYLE.md's rule): the converted model's error against the float64 original
 # must be within 2x the original's own error in its dtype, plus this (relative to the output).
 # The converted model pays one rounding more than the original: every centred weight is
@@ -89,6 +91,61 @@ def probe_inputs(model: nn.Module, batch: int = 2, length: int = 12, seed: int =
     if not inputs:
         raise ValueError(f"cannot build a probe input for {type(model).__name__}; pass probe_inputs={{...}} to convert it")
     return {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+
+
+class ProbeError(RuntimeError):
+    """No probe batch runs through the model; the message says why (the model's own error)."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first[:200]}{'...' if len(first) > 200 else ''}"
+
+
+# what a text-only probe keeps of a multimodal one
+_TEXT_KEYS = ("input_ids", "decoder_input_ids")
+
+
+def run_probe(model: nn.Module, inputs: Optional[dict] = None) -> tuple[dict, dict, Optional[str]]:
+    """(a probe batch, the model's outputs on it, without gradients, and a note when the batch
+    is not the first one tried; the model's mode is the caller's). ``inputs`` when given; else
+    the batch ``probe_inputs`` builds or, when that one raises in a model that also takes text,
+    the text alone: a vision-language model wants image tokens placed to match its images (and
+    image sizes, grids), which no generic batch knows, while its text path runs on token ids.
+    Raises ProbeError with the model's own error."""
+    candidates = [inputs] if inputs is not None else []
+    if inputs is None:
+        try:
+            built = probe_inputs(model)
+        except ValueError as exc:
+            raise ProbeError(str(exc)) from exc
+        candidates.append(built)
+        text = {k: v for k, v in built.items() if k in _TEXT_KEYS}
+        if "input_ids" in text and len(text) < len(built):
+            candidates.append(text)
+    first = None
+    for batch in candidates:
+        try:
+            with torch.no_grad():
+                outputs = model_outputs(model, batch)
+        except Exception as exc:  # the model's forward: any error it raises means "does not fit"
+            first = first or exc
+            continue
+        note = None if first is None else f"probed on {', '.join(batch)} alone: {_raised(candidates[0], first)}"
+        return batch, outputs, note
+    raise ProbeError(_raised(candidates[0], first)) from first
+
+
+def _raised(batch: dict, exc: BaseException) -> str:
+    return f"the model's forward raised on the probe batch ({', '.join(batch)}): {describe_error(exc)}"
+
+
+def float64_inputs(inputs: dict) -> dict:
+    """The batch with its floating tensors in float64 (ids, masks and non-tensor arguments
+    such as ``use_cache=False`` as they are)."""
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
 
 
 def model_outputs(model: nn.Module, inputs: dict) -> dict:
@@ -333,7 +390,22 @@ def float64_copy(model: nn.Module) -> nn.Module:
     for t in _float64_tensors(model):
         t64 = t.detach().to(torch.float64)
         memo[id(t)] = nn.Parameter(t64, requires_grad=False) if isinstance(t, nn.Parameter) else t64
-    return copy.deepcopy(model, memo).double().eval()  # .double(): any floating tensor left over
+    return to_float64_(copy.deepcopy(model, memo)).eval()
+
+
+def to_float64_(model: nn.Module) -> nn.Module:
+    """``model.double()`` (in place), set to run in float64: where transformers dispatches its
+    mixture-of-experts kernels (grouped_mm takes no float64), its reference (eager) experts,
+    which compute the same function."""
+    model.double()
+    config = getattr(model, "config", None)
+    setter = getattr(model, "set_experts_implementation", None)
+    if setter is not None and getattr(config, "_experts_implementation", "eager") != "eager":
+        try:
+            setter("eager")
+        except Exception:  # an older transformers, or a model it cannot switch: the forward says so
+            pass
+    return model
 
 
 def available_bytes(device: torch.device) -> Optional[int]:
@@ -368,13 +440,27 @@ def float64_copy_shortfall(model: nn.Module) -> Optional[str]:
     return None
 
 
-def plan_conversion(model: nn.Module, layer_norms: dict[str, int], inputs: dict) -> ConversionPlan:
-    """Measure, on a float64 copy of ``model``, which of ``layer_norms`` ({name: width}) read
-    a stream that centring its writers (and its start) makes zero-mean."""
+def plan_conversion(model: nn.Module, layer_norms: dict[str, int], inputs: dict, specs: dict[str, NormSpec]) -> ConversionPlan:
+    """Measure, on a float64 copy of ``model``, which of ``layer_norms`` ({name: width}, each
+    computing what ``specs[name]`` says) read a stream that centring its writers (and its
+    start) makes zero-mean."""
     model64 = float64_copy(model)
-    inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
-    with torch.no_grad():
-        truth = model_outputs(model64, inputs64)
+    inputs64 = float64_inputs(inputs)
+    try:
+        with torch.no_grad():
+            truth = model_outputs(model64, inputs64)
+    except Exception as exc:  # e.g. a kernel or a dtype the model hard-codes, float32 only
+        raise ProbeError(f"the exact conversion measures on a float64 copy of the model, whose forward does not run in float64: {describe_error(exc)}") from exc
+    # The measurement below needs LayerNorms that are exactly blind to their input's mean,
+    # in float64. Some HF ones compute in float32 inside (OLMo, Cohere) and would leave
+    # float32 rounding in a writer's shift gradient, which then has to be told apart from a
+    # small real dependence (a post-LN model with small q/k/v weights measures 1e-5..1e-3)
+    # by a threshold. In the copy each becomes the fused module of its own spec, computing in
+    # float64, so a writer measures float64 rounding and the threshold can sit far from both.
+    for name, spec in specs.items():
+        parent, _, child = name.rpartition(".")
+        exact64 = build_fused(spec, model64.get_submodule(name), (layer_norms[name],))
+        setattr(model64.get_submodule(parent) if parent else model64, child, exact64)
     widths = set(layer_norms.values())
     candidates = [n for n, m in model64.named_modules() if _out_features(m) in widths]
     lists = block_lists(model64)
@@ -406,6 +492,12 @@ def _update(report, fqn: str, **fields) -> None:
             return
 
 
+def _not_converted(report, layer_norms, why: str) -> None:
+    for fqn in layer_norms:
+        _update(report, fqn, reason=f"kept as LayerNorm (fused): {why}")
+    report.note = f"nothing converted: {why}."
+
+
 class _Conversion:
     """The exact conversion of one model, in the order patch_model needs it: planned at
     construction (nothing changed), then ``apply`` (centre writers, start hooks), ``verify``
@@ -423,24 +515,25 @@ class _Conversion:
         self.plan = None
         if not layer_norms:
             return
-        try:
-            self.inputs = probe if probe is not None else probe_inputs(model)
-        except ValueError as exc:  # no config / unknown inputs: cannot verify, so do not convert
-            for fqn in layer_norms:
-                _update(report, fqn, reason=f"kept as LayerNorm (fused): {exc}")
-            return
         shortfall = float64_copy_shortfall(model)
         if shortfall:  # refused up front: an out-of-memory kill would say nothing
-            for fqn in layer_norms:
-                _update(report, fqn, reason=f"kept as LayerNorm (fused): {shortfall}")
-            report.note = f"nothing converted: {shortfall}."
-            return
+            return _not_converted(report, layer_norms, shortfall)
         was_training = model.training
         model.eval()  # dropout would make the stream's mean random
+        # Nothing is changed yet when a probe fails. A batch the user gave that does not run is
+        # a mistake to report; one built here that does not fit, or a model that cannot run in
+        # float64, only means that the conversion cannot be verified, so it is not made.
         try:
-            with torch.no_grad():
-                self.before = model_outputs(model, self.inputs)
-            self.plan = plan_conversion(model, layer_norms, self.inputs)
+            try:
+                self.inputs, self.before, probe_note = run_probe(model, probe)
+            except ProbeError as exc:
+                if probe is not None:
+                    raise ValueError(f"patch_model: probe_inputs do not run through {type(model).__name__}: {exc}") from exc.__cause__
+                return _not_converted(report, layer_norms, str(exc))
+            try:
+                self.plan = plan_conversion(model, layer_norms, self.inputs, {fqn: planned[fqn][1] for fqn in layer_norms})
+            except ProbeError as exc:
+                return _not_converted(report, layer_norms, str(exc))
         finally:
             model.train(was_training)
         self.approximate = [n for n in layer_norms if n not in self.plan.exact] if allow_approximate else []
@@ -454,14 +547,20 @@ class _Conversion:
                 _update(report, fqn, change="exact", new="FusedRMSNorm", reason=reason)
             elif fqn in self.approximate:
                 _update(report, fqn, change="approximate", new="FusedRMSNorm", reason=f"converted on request; its input is not centred (|mean|/rms {ratio:.2g})")
+            elif fqn not in self.plan.centring:
+                reason = "kept as LayerNorm (fused): the probe batch does not reach it, so nothing shows its input centred"
+                _update(report, fqn, reason=reason)
             else:
                 reason = (
                     f"kept as LayerNorm (fused): its input is not centred (|mean|/rms {ratio:.2g}) even with the stream "
-                    "writers centred (a post-LN norm, an embedding norm or a norm on heads); allow_approximate=True converts it anyway"
+                    "writers centred: something other than a LayerNorm also reads its stream (a post-LN block, a projection "
+                    "of raw hidden states), or it normalises something else (embeddings, heads); allow_approximate=True converts it anyway"
                 )
                 _update(report, fqn, reason=reason)
         if not self.replacements:
             report.note = "no LayerNorm reads a stream that can be centred (post-LN?): nothing converted."
+            if not self.plan.centring:
+                report.note = "the probe batch reaches no LayerNorm: nothing converted."
         else:
             note = [f"centred {len(self.plan.writers)} stream writers" + (f" (e.g. {self.plan.writers[0]})" if self.plan.writers else "")]
             if self.plan.starts:
@@ -477,6 +576,8 @@ class _Conversion:
                     "conversion pays on a CUDA GPU; to run on this device, target='layernorm' keeps torch's layer_norm"
                 )
             report.note = "; ".join(note) + "."
+        if probe_note:
+            report.note = f"{probe_note}; {report.note}"
         report.conversion = {"writers": self.plan.writers, "runtime_centring": self.plan.starts}
 
     def apply(self) -> list:
