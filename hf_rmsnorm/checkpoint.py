@@ -137,15 +137,15 @@ def _norm_kinds(meta_model) -> dict[str, str]:
 
 
 def _plan(source: _Source, meta_model, target: str, allow_approximate: bool):
-    """(writers {module: output dim}, metadata block) for this checkpoint."""
-    from .patching.convert import _out_dim
+    """(writers {module: {parameter: its output-feature dim}}, metadata block) for this checkpoint."""
+    from .patching.convert import output_params
 
     model_type = getattr(source.config, "model_type", None)
     kinds = _norm_kinds(meta_model)
     layer_norms = [n for n, k in kinds.items() if k == "layer"]
     block = {"version": __version__, "target": target, "allow_approximate": allow_approximate, "model_type": model_type}
     modules = {}
-    writers: dict[str, int] = {}
+    writers: dict[str, dict[str, int]] = {}
     if target == "rmsnorm" and layer_norms:
         arch = ARCHITECTURES.get(model_type)
         refusal = arch.refusal(source.config) if arch else None
@@ -158,9 +158,9 @@ def _plan(source: _Source, meta_model, target: str, allow_approximate: bool):
             block["note"] = f"not converted exactly: {refusal}"
         if arch is not None and refusal is None:
             for name, module in meta_model.named_modules():
-                dim = _out_dim(module)
-                if dim is not None and matches(name, arch.writers, prefix):
-                    writers[relative_name(name, prefix)] = dim  # checkpoints may or may not carry the prefix
+                params = output_params(module)
+                if params and matches(name, arch.writers, prefix):
+                    writers[relative_name(name, prefix)] = params  # checkpoints may or may not carry the prefix
             found = (_absolute(meta_model, s) for s in arch.starts)
             block["runtime_centring"] = [s for s in found if s is not None]
         for name in layer_norms:
@@ -266,6 +266,7 @@ def convert_checkpoint(
         weight_map, total, shard_names = {}, 0, []
         pending: dict = {}
         pending_bytes = 0
+        centred_params: set = set()
 
         def flush(name: Optional[str] = None):
             nonlocal pending, pending_bytes
@@ -284,9 +285,9 @@ def convert_checkpoint(
                 module, _, leaf = rel.rpartition(".")
                 if rel in expected and tuple(tensor.shape) != expected[rel]:
                     raise ConversionError(f"{key} has shape {tuple(tensor.shape)} in {shard.name}, but the config implies {expected[rel]}.")
-                if module in writers and leaf in ("weight", "bias"):
+                if leaf in writers.get(module, ()):
                     t64 = tensor.double()
-                    dim = writers[module] if leaf == "weight" else 0
+                    dim = writers[module][leaf]
                     centred = t64 - t64.mean(dim, keepdim=True)
                     if to_original:
                         if (t64.mean(dim).abs().max() > 1e-3 * t64.abs().max().clamp_min(1e-30)).item():
@@ -295,6 +296,7 @@ def convert_checkpoint(
                                 "exported exactly to the original architecture."
                             )
                     tensor = centred.to(tensor.dtype)
+                    centred_params.add((module, leaf))
                 if DTYPES[dtype] is not None and tensor.is_floating_point():
                     tensor = tensor.to(DTYPES[dtype])
                 pending[key] = tensor.contiguous()
@@ -306,6 +308,20 @@ def convert_checkpoint(
             if shard_limit is None:  # keep the input's shard boundaries
                 flush(SAFE_SINGLE if len(source.shards) == 1 else f"model-{len(shard_names) + 1:05d}-of-{len(source.shards):05d}.safetensors")
         flush()
+        # transformers may store a module under other names or in another layout than it
+        # builds (Phi-MoE's experts: per-expert w1/w2/w3 on disk, one 3-D down_proj in
+        # memory): a writer not found whole is left as it is and said so; from_pretrained
+        # centres it in memory, where it measures the model anyway
+        missing = sorted(m for m, params in writers.items() if any((m, leaf) not in centred_params for leaf in params))
+        if missing and not to_original:
+            writers = {m: p for m, p in writers.items() if m not in missing}
+            block["centred_writers"] = len(writers)
+            note = (
+                f"{len(missing)} stream writers of the architecture table are stored under other names or in another layout "
+                f"in this checkpoint (e.g. {missing[0]}): left as they are here, centred in memory by hf_rmsnorm.from_pretrained"
+            )
+            block["note"] = f"{block['note']}; {note}" if block.get("note") else note
+            block["not_centred_on_disk"] = missing
         if len(shard_names) == 1 and shard_names[0] != SAFE_SINGLE:
             (tmp / shard_names[0]).rename(tmp / SAFE_SINGLE)
             weight_map = {k: SAFE_SINGLE for k in weight_map}

@@ -3,10 +3,10 @@ the writers, exactly-converted norms and stream starts that patch_model measures
 model are exactly what the table says."""
 
 import pytest
-import torch
 
 from hf_rmsnorm import patch_model
 from hf_rmsnorm.patching.architectures import ARCHITECTURES, matches, relative_name
+from hf_rmsnorm.patching.convert import output_params
 from test_convert import PRE_LN, build
 from tiny_models import MODELS
 
@@ -18,7 +18,8 @@ def test_table_equals_measurement(name, monkeypatch):
     arch = ARCHITECTURES[MODELS[name][0]]
     prefix = model.base_model_prefix
     report = patch_model(model)
-    linear_like = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+    # by their parameters: Linear, Conv1D, experts (that the modules it names are such is checked here)
+    linear_like = [n for n, m in model.named_modules() if output_params(m)]
     assert sorted(n for n in linear_like if matches(n, arch.writers, prefix)) == sorted(report.conversion["writers"])
     norms = [e["name"] for e in report]
     assert sorted(n for n in norms if matches(n, arch.norms, prefix)) == sorted(e["name"] for e in report if e["change"] == "exact")

@@ -20,7 +20,7 @@ from tiny_models import _LLAMA_LIKE, VOCAB, float64_truth, randomize_for_convers
 PRE_LN = {
     "gpt2": 5, "gpt_neo": 5, "gptj": 3, "codegen": 3, "gpt_neox": 5, "gpt_neox_sequential": 5,
     "opt": 5, "bloom": 5, "falcon": 3, "falcon_new": 5, "phi": 3, "biogpt": 5, "mpt": 5,
-    "stablelm": 5, "persimmon": 5, "olmo": 5, "cohere": 3, "vit": 5, "clip": 10, "whisper": 12,
+    "stablelm": 5, "persimmon": 5, "olmo": 5, "cohere": 3, "vit": 5, "clip": 10, "whisper": 12, "phimoe": 5,
 }
 POST_LN = ["bert", "roberta", "electra", "distilbert", "bart"]
 # outputs that are the raw residual stream (no norm after them): they differ by their mean
@@ -38,7 +38,10 @@ def _torch_backend(monkeypatch):
 
 def build(name, dtype=torch.float32):
     model, inputs = build_tiny(name)
-    return randomize_for_conversion(model).to(dtype), {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    model = randomize_for_conversion(model).to(dtype)
+    if dtype == torch.float64 and getattr(model.config, "_experts_implementation", "eager") != "eager":
+        model.set_experts_implementation("eager")  # transformers' grouped_mm experts take no float64
+    return model, {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
 
 
 def _max_rel(out, ref, skip=()):
@@ -368,3 +371,32 @@ def test_the_float64_copy_keeps_ties_and_leaves_the_model_alone():
         assert torch.equal(v, state[k].to(v.dtype)) and state[k].dtype == model.state_dict()[k].dtype
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert not model64.training
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"], ids=["experts x out x in", "experts x in x out, with bias"])
+def test_centring_fused_expert_weights_centres_every_routed_output(model_type):
+    """transformers keeps every expert's down-projection in one 3-D parameter, out x in
+    (Mixtral, Phi-MoE) or transposed with a bias (GPT-OSS). Centring it as a stream writer
+    must make the experts module's output zero-mean for any routing, in either layout."""
+    from transformers import AutoConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    config = AutoConfig.for_model(model_type, hidden_size=24, intermediate_size=40, num_local_experts=4, num_experts_per_tok=2)
+    config._experts_implementation = "eager"
+    experts = {"mixtral": MixtralExperts, "gpt_oss": GptOssExperts}[model_type](config).double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2 + 0.1)  # a mean to remove
+    tokens = torch.randn(10, 24, generator=g, dtype=torch.float64)
+    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(10)])
+    weights = torch.rand(10, 2, generator=g, dtype=torch.float64)
+    before = experts(tokens, index, weights)
+    assert before.mean(-1).abs().min() > 1e-3  # not centred to begin with
+    assert set(convert.output_params(experts)) == ({"down_proj", "down_proj_bias"} if model_type == "gpt_oss" else {"down_proj"})
+    convert.centre_writer_(experts)
+    after = experts(tokens, index, weights)
+    torch.testing.assert_close(after.mean(-1), torch.zeros(10, dtype=torch.float64), rtol=0, atol=1e-13)
+    # only the mean went: what a LayerNorm reads is unchanged
+    torch.testing.assert_close(after, before - before.mean(-1, keepdim=True), rtol=0, atol=1e-13)

@@ -40,6 +40,7 @@ MODELS = {
     "qwen2": ("qwen2", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
     # mixture of experts: transformers runs the experts on grouped_mm kernels, which take no float64
     "mixtral": ("mixtral", dict(_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2), AutoModelForCausalLM, "text"),
+    "phimoe": ("phimoe", dict(_LLAMA_LIKE, num_local_experts=4), AutoModelForCausalLM, "text"),  # pre-LN LayerNorm
     "qwen3": ("qwen3", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
     "gemma": ("gemma", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
     "gemma2": ("gemma2", dict(_LLAMA_LIKE, query_pre_attn_scalar=8, sliding_window=16), AutoModelForCausalLM, "text"),

@@ -68,6 +68,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "stablelm": Architecture(("layers.*.self_attn.o_proj", "layers.*.mlp.down_proj"), (*_DECODER_LN, "norm"), ("layers.0",)),
     "persimmon": Architecture(("layers.*.self_attn.dense", "layers.*.mlp.dense_4h_to_h"), (*_DECODER_LN, "final_layernorm"), ("layers.0",)),
     "olmo": Architecture(("layers.*.self_attn.o_proj", "layers.*.mlp.down_proj"), (*_DECODER_LN, "norm"), ("layers.0",)),
+    # mixture of experts: every expert's down-projection is one 3-D parameter of mlp.experts
+    "phimoe": Architecture(("layers.*.self_attn.o_proj", "layers.*.mlp.experts"), (*_DECODER_LN, "norm"), ("layers.0",)),
     "cohere": Architecture(("layers.*.self_attn.o_proj", "layers.*.mlp.down_proj"), ("layers.*.input_layernorm", "norm"), ("layers.0",)),
     "vit": Architecture(("layers.*.attention.o_proj", "layers.*.mlp.fc2"), ("layers.*.layernorm_before", "layers.*.layernorm_after", "layernorm"), ("layers.0",)),
     "clip": Architecture(

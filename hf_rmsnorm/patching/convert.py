@@ -188,18 +188,31 @@ def compare_outputs(before: dict, after: dict, truth: dict, tolerance: float) ->
 # ------------------------------------------------------------------------------------ writers
 
 
-def _out_dim(module: nn.Module) -> Optional[int]:
-    """The weight dimension that indexes the module's output features."""
+def output_params(module: nn.Module) -> dict[str, int]:
+    """{parameter name: the dimension that indexes the module's output features} for the
+    parameters that make a module's output (its weight and bias): Linear, GPT-2's Conv1D, and
+    transformers' mixture-of-experts modules, which hold every expert's down-projection as one
+    3-D parameter (experts x out x in, or x in x out when ``is_transposed``) and its bias as
+    experts x out. Empty for anything else."""
     if isinstance(module, nn.Linear):
-        return 0
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
-        return 1  # GPT-2's Conv1D stores (in, out)
-    return None
+        return {"weight": 0, **({"bias": 0} if module.bias is not None else {})}
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2:
+        return {"weight": 1, **({"bias": 0} if getattr(module, "bias", None) is not None else {})}  # stored (in, out)
+    down = getattr(module, "down_proj", None)
+    transposed = getattr(module, "is_transposed", None)  # set by transformers' use_experts_implementation
+    if isinstance(down, nn.Parameter) and down.dim() == 3 and isinstance(transposed, bool):
+        bias = getattr(module, "down_proj_bias", None)
+        return {"down_proj": 2 if transposed else 1, **({"down_proj_bias": 1} if isinstance(bias, nn.Parameter) else {})}
+    return {}
 
 
 def _out_features(module: nn.Module) -> Optional[int]:
-    dim = _out_dim(module)
-    return None if dim is None else module.weight.shape[dim]
+    params = output_params(module)
+    if not params:
+        return None
+    name, dim = next(iter(params.items()))
+    return getattr(module, name).shape[dim]
 
 
 def _shift(x: torch.Tensor, shifts: dict, outputs: dict, name: str) -> torch.Tensor:
@@ -272,12 +285,10 @@ def shift_invariant(model64: nn.Module, inputs: dict, outputs_of: list[str], inp
 @torch.no_grad()
 def centre_writer_(module: nn.Module) -> None:
     """W <- C W and b <- b - mean(b) over the output features, in float64, cast back."""
-    dim = _out_dim(module)
-    w64 = module.weight.double()
-    module.weight.copy_((w64 - w64.mean(dim, keepdim=True)).to(module.weight.dtype))
-    if getattr(module, "bias", None) is not None:
-        b64 = module.bias.double()
-        module.bias.copy_((b64 - b64.mean()).to(module.bias.dtype))
+    for name, dim in output_params(module).items():
+        p = getattr(module, name)
+        p64 = p.double()
+        p.copy_((p64 - p64.mean(dim, keepdim=True)).to(p.dtype))
 
 
 def _keep_centred(module: nn.Module) -> list:
@@ -286,10 +297,7 @@ def _keep_centred(module: nn.Module) -> list:
     RMSNorm model's, since LN(x) = RMS(Cx)), and its weights are re-centred before each
     forward (Adam's elementwise step does not keep them centred; the LayerNorms never saw the
     difference). The weights stay exactly exportable to the original architecture."""
-    dim = _out_dim(module)
-    hooks = [module.weight.register_hook(lambda g: g - g.mean(dim, keepdim=True))]
-    if getattr(module, "bias", None) is not None:
-        hooks.append(module.bias.register_hook(lambda g: g - g.mean()))
+    hooks = [getattr(module, name).register_hook(lambda g, dim=dim: g - g.mean(dim, keepdim=True)) for name, dim in output_params(module).items()]
     hooks.append(module.register_forward_pre_hook(lambda mod, args: _recentre_(mod)))
     return hooks
 
@@ -298,10 +306,9 @@ def _keep_centred(module: nn.Module) -> list:
 def _recentre_(module: nn.Module) -> None:
     """Per-step re-projection (keep_centered), in place: the mean in fp32, no float64 copy of
     the weight on every forward (the weight is centred already, up to one optimizer step)."""
-    dim = _out_dim(module)
-    module.weight.sub_(module.weight.mean(dim, keepdim=True, dtype=torch.float32).to(module.weight.dtype))
-    if getattr(module, "bias", None) is not None:
-        module.bias.sub_(module.bias.mean(dtype=torch.float32).to(module.bias.dtype))
+    for name, dim in output_params(module).items():
+        p = getattr(module, name)
+        p.sub_(p.mean(dim, keepdim=True, dtype=torch.float32).to(p.dtype))
 
 
 # ----------------------------------------------------------------------- run-time centring
@@ -506,7 +513,7 @@ class _Conversion:
     def __init__(self, model, planned: dict, report, probe: Optional[dict], allow_approximate: bool, keep_centered: bool, strict: bool):
         self.model, self.report, self.strict, self.keep_centered = model, report, strict, keep_centered
         self.replacements: dict[str, nn.Module] = {}
-        self.backups: dict[str, tuple] = {}
+        self.backups: dict[str, dict] = {}
         layer_norms = {
             fqn: math.prod(new.normalized_shape)
             for fqn, (_, spec, new) in planned.items()
@@ -587,7 +594,7 @@ class _Conversion:
         hooks = add_start_hooks(self.model, self.plan.starts)
         for name in self.plan.writers:
             module = self.model.get_submodule(name)
-            self.backups[name] = tuple(p.detach().clone() for p in (module.weight, getattr(module, "bias", None)) if p is not None)
+            self.backups[name] = {p: getattr(module, p).detach().clone() for p in output_params(module)}
             centre_writer_(module)
             if self.keep_centered:
                 hooks += _keep_centred(module)
@@ -597,8 +604,8 @@ class _Conversion:
         with torch.no_grad():
             for name, saved in self.backups.items():
                 module = self.model.get_submodule(name)
-                for p, value in zip((module.weight, getattr(module, "bias", None)), saved):
-                    p.copy_(value)
+                for p, value in saved.items():
+                    getattr(module, p).copy_(value)
         self.backups.clear()
 
     def drop_backups(self) -> None:
