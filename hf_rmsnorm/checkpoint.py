@@ -62,7 +62,7 @@ def _read_source(src: Path, allow_pickle: bool, trust_remote_code: bool) -> _Sou
         config_dict = json.loads((src / CONFIG).read_text())
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except Exception as exc:  # unreadable JSON, an unknown model_type, a field transformers' validation refuses...
-        message = " ".join(str(exc).split())
+        message = " ".join(str(exc).split()) or type(exc).__name__
         raise ConversionError(f"{src}/config.json: {message[:300]}{'...' if len(message) > 300 else ''}") from exc
     pickle = False
     if (src / SAFE_INDEX).is_file():

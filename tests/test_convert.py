@@ -400,3 +400,25 @@ def test_centring_fused_expert_weights_centres_every_routed_output(model_type):
     torch.testing.assert_close(after.mean(-1), torch.zeros(10, dtype=torch.float64), rtol=0, atol=1e-13)
     # only the mean went: what a LayerNorm reads is unchanged
     torch.testing.assert_close(after, before - before.mean(-1, keepdim=True), rtol=0, atol=1e-13)
+
+
+def test_a_first_list_of_modules_that_takes_ids_is_not_shifted():
+    """The stream's start is measured at the first module of each outermost list of modules.
+    MarkupLM's first such list holds embedding tables, which take integer ids: those are not
+    hidden states, and neither the measurement nor the run-time centring touch them."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(
+        "markuplm", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=VOCAB, max_position_embeddings=64, max_depth=8, xpath_unit_hidden_size=8,
+    )
+    torch.manual_seed(0)
+    model = randomize_for_conversion(AutoModel.from_config(config).eval())
+    randomize_norms(model)
+    assert isinstance(model.get_submodule("embeddings.xpath_embeddings.xpath_tag_sub_embeddings.0"), torch.nn.Embedding)
+    inputs = {"input_ids": torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))}
+    ref, truth = run(model, inputs), float64_truth(model, inputs)
+    report = patch_model(model)
+    assert report.count("exact") == 0 and report.count("fused") == 5, str(report)  # post-LN, BERT-like
+    for k, got in run(model, inputs).items():
+        assert rel_err(got, truth[k]) <= 2 * rel_err(ref[k], truth[k]) + ATOL[torch.float32], k

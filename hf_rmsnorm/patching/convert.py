@@ -215,6 +215,12 @@ def _out_features(module: nn.Module) -> Optional[int]:
     return getattr(module, name).shape[dim]
 
 
+def _is_hidden(x) -> bool:
+    """Hidden states, as a block takes them: a floating tensor (the first list of blocks in a
+    model can be a list of embedding tables taking ids, as MarkupLM's xpath embeddings)."""
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
 def _shift(x: torch.Tensor, shifts: dict, outputs: dict, name: str) -> torch.Tensor:
     """x plus a zero, per-position shift along the ones direction that autograd can see."""
     shift = torch.zeros(x.shape[:-1] + (1,), dtype=x.dtype, device=x.device, requires_grad=True)
@@ -231,13 +237,13 @@ def shift_invariant(model64: nn.Module, inputs: dict, outputs_of: list[str], inp
     shifts, shifted, handles = {}, {}, []
 
     def post_hook(name):
-        return lambda mod, args, out: _shift(out, shifts, shifted, name) if isinstance(out, torch.Tensor) else None
+        return lambda mod, args, out: _shift(out, shifts, shifted, name) if _is_hidden(out) else None
 
     def pre_hook(name):
         def hook(mod, args, kwargs):
-            if args and isinstance(args[0], torch.Tensor):
+            if args and _is_hidden(args[0]):
                 return (_shift(args[0], shifts, shifted, name), *args[1:]), kwargs
-            if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            if _is_hidden(kwargs.get("hidden_states")):
                 return args, {**kwargs, "hidden_states": _shift(kwargs["hidden_states"], shifts, shifted, name)}
             return None
 
@@ -323,9 +329,9 @@ def _centred(x: torch.Tensor) -> torch.Tensor:
 
 def _centre_first_input(module, args, kwargs):
     """Forward pre-hook: subtract the per-position mean of the block's hidden states."""
-    if args and isinstance(args[0], torch.Tensor):
+    if args and _is_hidden(args[0]):
         return (_centred(args[0]), *args[1:]), kwargs
-    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+    if _is_hidden(kwargs.get("hidden_states")):
         return args, {**kwargs, "hidden_states": _centred(kwargs["hidden_states"])}
     return None
 
