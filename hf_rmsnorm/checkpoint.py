@@ -407,10 +407,12 @@ def _verify(src: Path, out: Path, source: _Source, block: dict) -> dict:
     return {"max_rel_diff": diffs}
 
 
-def from_pretrained(path, model_class=None, **kwargs):
+def from_pretrained(path, model_class=None, probe_inputs=None, **kwargs):
     """Load a checkpoint written by ``convert_checkpoint`` and run it converted: the model
     class named in its config (or ``model_class``, e.g. ``AutoModelForCausalLM``), patched as
-    its ``hf_rmsnorm`` block says. Keyword arguments go to ``from_pretrained``."""
+    its ``hf_rmsnorm`` block says. ``probe_inputs`` (one forward call's keyword arguments)
+    verify the conversion where the batch built from the config does not fit the model, as
+    in ``patch_model``. Other keyword arguments go to ``from_pretrained``."""
     from .patching import patch_model
 
     path = Path(path)
@@ -423,6 +425,8 @@ def from_pretrained(path, model_class=None, **kwargs):
     cls = model_class or architecture_class(config_dict.get("architectures"))
     model = cls.from_pretrained(path, **kwargs)
     target = block["target"] if block["target"] in TARGETS else "layernorm"
-    report = patch_model(model, target=target, allow_approximate=bool(block.get("allow_approximate")) and target == "rmsnorm")
+    report = patch_model(
+        model, target=target, allow_approximate=bool(block.get("allow_approximate")) and target == "rmsnorm", probe_inputs=probe_inputs
+    )
     model.hf_rmsnorm_report = report
     return model

@@ -174,10 +174,14 @@ def test_a_model_that_rejects_the_probe_batch_is_converted_and_said_unverified(t
     assert "NOT VERIFIED: no probe batch runs through the model" in err and "IndexError" in err, err
     block = json.loads((out / "config.json").read_text())["hf_rmsnorm"]
     assert block["verification"]["skipped"].startswith("no probe batch runs through the model")
-    monkeypatch.undo()
-    converted = hf_rmsnorm.from_pretrained(out)
+    # loading measures the conversion again: on a batch the caller gives where none is built
+    unconverted = hf_rmsnorm.from_pretrained(out)
+    assert unconverted.hf_rmsnorm_report.count("exact") == 0 and "nothing converted" in str(unconverted.hf_rmsnorm_report)
+    converted = hf_rmsnorm.from_pretrained(out, probe_inputs=inputs)
     assert converted.hf_rmsnorm_report.count("exact") == 5
+    monkeypatch.undo()
     _close(run(converted, inputs), run(model, inputs), model, inputs)
+    _close(run(unconverted, inputs), run(model, inputs), model, inputs)
 
 
 def test_a_mixture_of_experts_checkpoint_is_verified_against_float64(tmp_path):
