@@ -379,7 +379,7 @@ def _verify(src: Path, out: Path, source: _Source, block: dict) -> dict:
     """Load the input, the output run converted, and the output in plain transformers (only
     when the model fits in memory three times over) and compare their outputs on a probe
     batch, by STYLE.md's rule against the float64 input."""
-    from .patching.convert import EXACT_TOLERANCE, ProbeError, available_bytes, compare_outputs, describe_error, float64_inputs, model_outputs, run_probe, to_float64_
+    from .patching.convert import EXACT_TOLERANCE, ProbeError, available_bytes, compare_outputs, describe_error, float64_default, float64_inputs, model_outputs, run_probe, to_float64_
 
     size = sum(s.stat().st_size for s in source.shards)
     if 3 * size > available_bytes(torch.device("cpu")):
@@ -394,7 +394,8 @@ def _verify(src: Path, out: Path, source: _Source, block: dict) -> dict:
     with torch.no_grad():
         results = {label: model_outputs(m, inputs) for label, m in models.items()}
         try:
-            truth = model_outputs(to_float64_(original), float64_inputs(inputs))
+            with float64_default():
+                truth = model_outputs(to_float64_(original), float64_inputs(inputs))
         except Exception as exc:  # the reference the rule is measured against cannot be computed
             return {"skipped": f"the model's forward does not run in float64, which the check compares against: {describe_error(exc)}"}
     tolerance = EXACT_TOLERANCE.get(next(iter(ref.values())).dtype, 1e-4)

@@ -47,7 +47,7 @@ def _close(got, ref, model=None, inputs=None):
 
 
 # family -> how its norms end up (exact conversion, fused only, approximate)
-FAMILIES = {"gpt2": {"exact"}, "opt": {"exact"}, "gpt_neox": {"exact"}, "bloom": {"exact", "fused"}, "falcon": {"exact"}, "phi": {"exact"}, "phimoe": {"exact"}, "llama": {"fused"}, "bert": {"approximate"}}
+FAMILIES = {"gpt2": {"exact"}, "opt": {"exact"}, "gpt_neox": {"exact"}, "bloom": {"exact", "fused"}, "falcon": {"exact"}, "phi": {"exact"}, "phimoe": {"exact"}, "xglm": {"exact"}, "llama": {"fused"}, "bert": {"approximate"}}
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -63,6 +63,7 @@ def test_convert_then_load_both_ways(name, tmp_path):
     block = convert_checkpoint(src, out, allow_approximate=approximate)
 
     assert set(block["modules"].values()) == FAMILIES[name]
+    assert set(block["verification"]["max_rel_diff"]) == {"converted", "plain transformers"}  # it ran
     config = json.loads((out / "config.json").read_text())
     assert config["hf_rmsnorm"]["target"] == "rmsnorm" and config["hf_rmsnorm"]["version"] == hf_rmsnorm.__version__
     assert (out / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()

@@ -20,7 +20,7 @@ from tiny_models import _LLAMA_LIKE, VOCAB, float64_truth, randomize_for_convers
 PRE_LN = {
     "gpt2": 5, "gpt_neo": 5, "gptj": 3, "codegen": 3, "gpt_neox": 5, "gpt_neox_sequential": 5,
     "opt": 5, "bloom": 5, "falcon": 3, "falcon_new": 5, "phi": 3, "biogpt": 5, "mpt": 5,
-    "stablelm": 5, "persimmon": 5, "olmo": 5, "cohere": 3, "vit": 5, "clip": 10, "whisper": 12, "phimoe": 5,
+    "stablelm": 5, "persimmon": 5, "olmo": 5, "cohere": 3, "vit": 5, "clip": 10, "whisper": 12, "phimoe": 5, "xglm": 5,
 }
 POST_LN = ["bert", "roberta", "electra", "distilbert", "bart"]
 # outputs that are the raw residual stream (no norm after them): they differ by their mean
@@ -53,6 +53,8 @@ def _max_rel(out, ref, skip=()):
 def test_pre_ln_families_convert_exactly(name, dtype):
     if dtype == torch.float64 and name in ("olmo", "cohere"):
         pytest.skip("their LayerNorms compute in float32 inside (x.to(float32)): a float64 model of them is float32-exact at best, covered by fp32")
+    if dtype == torch.float64 and name == "xglm":
+        pytest.skip("XGLM as transformers ships it does not run in float64 (its masks overflow float32); its measuring copy runs with float64 as the default dtype")
     model, inputs = build(name, dtype)
     ref = run(model, inputs)
     truth = float64_truth(model, inputs)

@@ -40,6 +40,8 @@ MODELS = {
     "qwen2": ("qwen2", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
     # mixture of experts: transformers runs the experts on grouped_mm kernels, which take no float64
     "mixtral": ("mixtral", dict(_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2), AutoModelForCausalLM, "text"),
+    # builds masks with torch.full((), finfo(dtype).min): runs in float64 only with float64 as torch's default dtype
+    "xglm": ("xglm", dict(d_model=32, num_layers=2, attention_heads=4, ffn_dim=64, vocab_size=VOCAB, max_position_embeddings=64), AutoModelForCausalLM, "text"),
     "phimoe": ("phimoe", dict(_LLAMA_LIKE, num_local_experts=4), AutoModelForCausalLM, "text"),  # pre-LN LayerNorm
     "qwen3": ("qwen3", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
     "gemma": ("gemma", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
@@ -123,13 +125,19 @@ def tensor_outputs(out) -> dict:
 
 def float64_truth(model, inputs):
     """The model's outputs computed in float64 on a copy (Mixtral-style experts switched to
-    transformers' eager implementation: its grouped_mm kernels take no float64)."""
+    transformers' eager implementation: its grouped_mm kernels take no float64; float64 as
+    torch's default dtype, for the tensors a model creates on the fly, as XGLM's masks)."""
     import copy
 
     model64 = copy.deepcopy(model).double()
     if getattr(model64.config, "_experts_implementation", "eager") != "eager":
         model64.set_experts_implementation("eager")
-    return run(model64, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return run(model64, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def run(model, inputs):

@@ -63,6 +63,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ("h.0",),
     ),
     "phi": Architecture(("layers.*.self_attn.dense", "layers.*.mlp.fc2"), ("layers.*.input_layernorm", "final_layernorm"), ("layers.0",)),
+    "xglm": Architecture(("layers.*.self_attn.out_proj", "layers.*.fc2"), ("layers.*.self_attn_layer_norm", "layers.*.final_layer_norm", "layer_norm"), ("layers.0",)),
     "biogpt": Architecture(("layers.*.self_attn.out_proj", "layers.*.fc2"), ("layers.*.self_attn_layer_norm", "layers.*.final_layer_norm", "layer_norm"), ("layers.0",)),
     "mpt": Architecture(("blocks.*.attn.out_proj", "blocks.*.ffn.down_proj"), ("blocks.*.norm_1", "blocks.*.norm_2", "norm_f"), ("blocks.0",)),
     "stablelm": Architecture(("layers.*.self_attn.o_proj", "layers.*.mlp.down_proj"), (*_DECODER_LN, "norm"), ("layers.0",)),

@@ -20,6 +20,7 @@ the model rather than by reading its name.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 import dataclasses
@@ -421,6 +422,19 @@ def to_float64_(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def float64_default():
+    """torch's default dtype float64 for the length of a float64 forward: tensors a model
+    creates on the fly (masks filled with ``finfo(dtype).min``, positions) then match its
+    float64 weights instead of overflowing or mixing with float32 (XGLM, MRA)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def available_bytes(device: torch.device) -> Optional[int]:
     """Memory that a new allocation on ``device`` can take now, or None where unknown."""
     if device.type == "cpu":
@@ -457,8 +471,11 @@ def plan_conversion(model: nn.Module, layer_norms: dict[str, int], inputs: dict,
     """Measure, on a float64 copy of ``model``, which of ``layer_norms`` ({name: width}, each
     computing what ``specs[name]`` says) read a stream that centring its writers (and its
     start) makes zero-mean."""
-    model64 = float64_copy(model)
-    inputs64 = float64_inputs(inputs)
+    with float64_default():
+        return _measure(float64_copy(model), layer_norms, float64_inputs(inputs), specs)
+
+
+def _measure(model64: nn.Module, layer_norms: dict[str, int], inputs64: dict, specs: dict[str, NormSpec]) -> ConversionPlan:
     try:
         with torch.no_grad():
             truth = model_outputs(model64, inputs64)
