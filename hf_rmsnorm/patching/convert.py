@@ -488,9 +488,7 @@ def _measure(model64: nn.Module, layer_norms: dict[str, int], inputs64: dict, sp
     # by a threshold. In the copy each becomes the fused module of its own spec, computing in
     # float64, so a writer measures float64 rounding and the threshold can sit far from both.
     for name, spec in specs.items():
-        parent, _, child = name.rpartition(".")
-        exact64 = build_fused(spec, model64.get_submodule(name), (layer_norms[name],))
-        setattr(model64.get_submodule(parent) if parent else model64, child, exact64)
+        model64.set_submodule(name, build_fused(spec, model64.get_submodule(name), (layer_norms[name],)))
     widths = set(layer_norms.values())
     candidates = [n for n, m in model64.named_modules() if _out_features(m) in widths]
     lists = block_lists(model64)

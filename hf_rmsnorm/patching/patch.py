@@ -291,9 +291,7 @@ def _plan(model, report, include_p, exclude_p, strict, probe_autocast) -> dict:
 
 def _restore(model: nn.Module, originals: dict) -> None:
     for fqn, module in originals.items():
-        parent_name, _, child = fqn.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module)
+        model.set_submodule(fqn, module)
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
