@@ -105,6 +105,9 @@ def _stages(stages: int) -> str:
 
 def report(arch: int) -> list[dict]:
     rows = []
+    # shared memory one block may use (what the launchers' pipelining rule reads from torch):
+    # the SM's, less the 1 KiB the system holds
+    shared = (_sm_shared_kib(arch) - 1) * 1024
     for name, (is_rms, has_w, has_b, p_dtype) in VARIANTS.items():
         pointers = {"X": "*bf16", "Y": "*bf16", "W": f"*{p_dtype}", "B": f"*{p_dtype}", "Mean": "*fp32", "Rstd": "*fp32"}
         p_size = {"bf16": 2, "fp32": 4}[p_dtype]
@@ -112,7 +115,7 @@ def report(arch: int) -> list[dict]:
             block_m, block_n, warps = kernels.fwd_config(n, is_rms, p_size > 2, has_b)
             sig = {**pointers, "stride_x": "i32", "M": "i32", "N": "i32", "eps": "fp32", "offset": "fp32"}
             tiles = kernels.fwd_tiles(m, block_m, 2, p_size if has_w or has_b else 0)  # what the launcher picks
-            stages = kernels.fwd_stages(tiles, block_n)
+            stages = kernels.fwd_stages(shared, tiles, block_m, block_n, is_rms, has_b, 2)
             const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n,
                      "TILES": tiles, "STREAM": "", "STAGES": stages}
             aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "N"} if n % 16 == 0 else set())
@@ -122,7 +125,7 @@ def report(arch: int) -> list[dict]:
             block_m, block_n, warps = kernels.bwd_config(n, has_b, has_w and p_size > 2)
             sig = {"X": "*bf16", "W": f"*{p_dtype}", "DY": "*bf16", "DX": "*bf16", "Part": "*fp32", "Mean": "*fp32", "Rstd": "*fp32",
                    "stride_x": "i32", "stride_dy": "i32", "M": "i32", "N": "i32", "offset": "fp32"}
-            stages = kernels.bwd_stages(block_m, block_n, is_rms, has_b, 2)
+            stages = kernels.bwd_stages(shared, block_m, block_n, is_rms, has_b, 2, p_size)
             const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n,
                      "STREAM": "", "RELOAD_W": False, "STAGES": stages}
             aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "stride_dy", "N"} if n % 16 == 0 else set())

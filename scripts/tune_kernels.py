@@ -83,6 +83,7 @@ def sweep(shapes, device, quick, copy_gbps):
     from hf_rmsnorm.ops import _triton_norm as k
 
     x_dtype = torch.bfloat16
+    shared = k.block_shared(device)  # what the launchers' pipelining rule reads
     rows = []
     for m, n in shapes:
         g = torch.Generator(device=device).manual_seed(0)
@@ -105,11 +106,12 @@ def sweep(shapes, device, quick, copy_gbps):
                 config = k.fwd_config(n, is_rms, p_dtype.itemsize > x_dtype.itemsize, bias is not None)
 
                 def fwd(config, tiles, stream="", stages=None):
-                    used = k.fwd_stages(tiles, config[1]) if stages is None else stages
+                    if stages is None:  # what the launcher picks
+                        stages = k.fwd_stages(shared, tiles, *config[:2], is_rms, bias is not None, x.element_size())
                     ms = graph_ms(lambda: k.norm_fwd(x, wp, bp, 1e-6, 0.0, is_rms, 0, x_dtype, config=config, tiles=tiles,
-                                                     stream=stream, stages=used), device, quick=quick, rep=REP_MS)
+                                                     stream=stream, stages=stages), device, quick=quick, rep=REP_MS)
                     rows.append(_row("fwd", group, m, n, config, None, ms, copy_gbps, x_dtype, tiles=tiles, stream=stream,
-                                     stages=used))
+                                     stages=stages))
 
                 for c in _candidates(config, 16384, 1):  # each tile with the tiles the launcher gives it
                     fwd(c, _fwd_tiles(k, x, wp, bp, c))
@@ -119,7 +121,7 @@ def sweep(shapes, device, quick, copy_gbps):
                         fwd(config, tiles)
                 most = FWD_TILES[-1]
                 for stages in STAGES:
-                    if stages != k.fwd_stages(most, config[1]):
+                    if stages != k.fwd_stages(shared, most, *config[:2], is_rms, bias is not None, x.element_size()):
                         fwd(config, most, stages=stages)
                 if p_dtype == x_dtype:
                     fwd(config, shipped, "evict_first")
@@ -158,12 +160,13 @@ def sweep(shapes, device, quick, copy_gbps):
                 variants += [(configs[0], None, cap, "", False, None) for cap in REGISTER_CAPS if cap != shipped_cap]
                 variants += [(configs[0], None, None, "evict_first", False, None), (configs[0], None, None, "", True, None),
                              (configs[0], None, 96, "", True, None)]
-                shipped_stages = k.bwd_stages(*configs[0][:2], is_rms, bias is not None, x.element_size())
+                shipped_stages = k.bwd_stages(shared, *configs[0][:2], is_rms, bias is not None, x.element_size(), wk.element_size())
                 variants += [(configs[0], None, None, "", False, s) for s in STAGES if s != shipped_stages]
             for config, pps, cap, stream, reload_w, stages in variants:
                 # what the launcher picks where the variant leaves it open, so the row names what ran
                 cap = k.bwd_maxnreg(config[0], is_rms, bias is not None) if cap is None else cap
-                stages = k.bwd_stages(*config[:2], is_rms, bias is not None, x.element_size()) if stages is None else stages
+                stages = (k.bwd_stages(shared, *config[:2], is_rms, bias is not None, x.element_size(), wk.element_size())
+                          if stages is None else stages)
 
                 def run(sums):
                     dx, part = k.norm_bwd(dy, x, wk, mean, rstd, 0.0, is_rms, 0, bias is not None, config=config,

@@ -207,10 +207,10 @@ def test_forward_with_several_tiles_per_program_computes_the_same_bits(n, p_dtyp
 @pytest.mark.parametrize("n", [4096, 8192])
 @pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_pipelined_tile_loops_compute_the_same_bits(n, p_dtype):
-    """Software pipelining (the launcher's 2 stages, and 3) only moves when a tile's row loads
-    are issued: the backward's dx and partial sums with the same grid, and the forward's y and
-    statistics with several tiles a program, must be the very same bits as without it, the
-    last program's tiles partly past the end (4097 rows) included."""
+    """Software pipelining (2 stages, and the 3 the launcher picks for LayerNorm) only moves
+    when a tile's row loads are issued: the backward's dx and partial sums with the same grid,
+    and the forward's y and statistics with several tiles a program, must be the very same
+    bits as without it, the last program's tiles partly past the end (4097 rows) included."""
     from hf_rmsnorm.ops import _triton_norm
 
     g = torch.Generator(device="cuda").manual_seed(n)
@@ -218,12 +218,13 @@ def test_pipelined_tile_loops_compute_the_same_bits(n, p_dtype):
     dy = torch.randn(4097, n, device="cuda", generator=g).bfloat16()
     w = (torch.rand(n, device="cuda", generator=g) + 0.5).to(p_dtype)
     b = (0.1 * torch.randn(n, device="cuda", generator=g)).to(p_dtype)
-    assert _triton_norm.bwd_stages(*_triton_norm.bwd_config(n, True)[:2], False, True, 2) == 2  # what ships here
+    shared = _triton_norm.block_shared(x.device)
+    assert _triton_norm.bwd_stages(shared, *_triton_norm.bwd_config(n, True)[:2], False, True, 2, 2) == 3  # ships for LayerNorm
     for is_rms in (True, False):
-        fwd = [_triton_norm.norm_fwd(x, w, b, 1e-5, 0.0, is_rms, 0, torch.bfloat16, tiles=8, stages=s) for s in (1, None, 3)]
+        fwd = [_triton_norm.norm_fwd(x, w, b, 1e-5, 0.0, is_rms, 0, torch.bfloat16, tiles=8, stages=s) for s in (1, None, 2, 3)]
         _, mean, rstd = fwd[0]
         bwd = [_triton_norm.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, 0, True, programs_per_sm=1, stages=s)
-               for s in (1, None, 3)]
+               for s in (1, None, 2, 3)]
         for plain, *piped in (*zip(*fwd), *zip(*bwd)):
             for other in piped:
                 assert plain is other is None or torch.equal(plain, other)  # RMSNorm has no mean

@@ -317,45 +317,71 @@ def bwd_maxnreg(block_m: int, is_rms: bool, has_bias: bool) -> int | None:
 
 # Software pipelining (Triton's loop pipeliner, ``tl.range(num_stages=S)``): a program issues
 # the row loads of the next S - 1 tiles (cp.async, into shared memory) before it reduces and
-# stores the current one, so loads stay in flight through the reductions and stores. Occupancy
-# does that job where several programs share an SM; pipelining is the way where one or two do.
-# Two stages: one tile in flight. Three (two tiles) compile as cleanly for bf16 rows with
-# Triton 3.6, but LayerNorm's mixed-precision backward at 4096 columns spills 8 B with 3.9;
-# the sweep (``tune_kernels.py``) times 1-3 stages at every benchmark shape.
-_PIPELINE_STAGES = 2
-# ... on rows up to this wide: a pipelined tile's loads in shared memory are then at most 32 KiB
-# (x and dy, bf16) plus the reductions' 16 KiB, within what any GPU Triton supports gives one
-# program (64 KiB and more); wider rows no longer fit in registers anyway
+# stores the current one, so loads stay in flight through the reductions and the store.
+# Shipped only where measured faster (H200, run 9 sweep, Triton 3.6, bf16 rows, GPU time of the
+# raw kernels on the shipped tile, 1 / 2 / 3 stages):
+# - LayerNorm's backward (weight and bias) on its one-row tiles: 2048 columns 59 / 62 / 52 us,
+#   4096 124 / 129 / 104, 8192 275 / 306 / 198 (97 % of the copy bandwidth, was 70 %). Its
+#   two-row tile (up to 1024 columns) was faster too (768: 90 / 92 / 81), but with its
+#   registers capped at 80 it spills 24 B under Triton 3.9 (8 B under the 3.6 measured), so it
+#   stays plain until a run times it under a Triton that does not spill.
+# - LayerNorm's forward with fp32 weight and bias on bf16 rows past 4096 columns (8 one-row
+#   tiles a program): 166 / 170 / 143 us at 8192.
+# Not elsewhere: two stages lost everywhere (run 9's benchmark with them: forward+backward at
+# 8192 columns 412 -> 443 us for LayerNorm, 399 -> 441 for RMSNorm+bias); RMSNorm's backward
+# was level or slower with 3 (8192: 202 / 220 / 255 us; 4096: 101 / 123 / 105); its forward
+# with bf16 parameters ships one tile a program, where the stage rows do not apply; RMSNorm with
+# a bias, fp32 parameters in the backward and fp32 rows were not timed with stages.
+_PIPELINE_STAGES = 3
+# ... on rows up to this wide (wider rows spill registers anyway), and only where the tile's
+# buffers fit the shared memory one block may use (``_pipeline_fits``)
 _PIPELINE_MAX_N = 8192
+# shared memory a program may need besides the pipelined row buffers: reduction scratch and
+# layout conversions (kernel_report.py, Triton 3.6 and 3.9: up to 16 KiB, the fp32-parameter
+# backward at 8192 columns; the pipelined kernels' own under 300 B)
+_REDUCTION_SHARED = 16 * 1024
 
 
-def bwd_stages(block_m: int, block_n: int, is_rms: bool, has_bias: bool, x_size: int) -> int:
-    """Pipeline stages of the backward's tile loop (1: none) for rows of ``x_size``-byte elements.
+@functools.lru_cache(maxsize=None)
+def block_shared(device: torch.device) -> int | None:
+    """Bytes of shared memory one block may use on ``device``; None off CUDA (the interpreter
+    runs CPU tensors and has no shared memory to count)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
 
-    Pipelined: one-row tiles of 4096 to 8192 columns of 2-byte elements whose kernel keeps a
-    second row sum or a bias accumulator (LayerNorm, RMSNorm with a bias). These compile to
-    112-128 registers a thread, 1-2 programs per SM, so between one tile's loads and the next
-    nothing else keeps the memory busy: the LayerNorm backward at 8192 columns stayed at 70 % of
-    the copy bandwidth (275 us, H200, run 8) whatever the sweep tried on occupancy, where
-    RMSNorm's two-row tile, one program per SM too but twice the bytes in flight (64 KiB an
-    SM), reaches 94 %. fp32 rows put those 64 KiB in flight without it (LayerNorm's
-    forward+backward at 94-96 % there, run 6).
-    Pipelined, these kernels keep their programs per SM (Triton 3.6, sm_90, bf16: LayerNorm
-    128 -> 113 registers, RMSNorm+bias 112 -> 128; scripts/kernel_report.py). Not where
-    occupancy would pay for it: RMSNorm's own one-row tiles go from 3 to 2 programs per SM at
-    4096, its two-row 8192 tile spills, LayerNorm's at 2048 goes from 5 to 4."""
-    if block_m == 1 and 4096 <= block_n <= _PIPELINE_MAX_N and (has_bias or not is_rms) and x_size <= 2:
+
+def _pipeline_fits(shared: int | None, rows: int, x_size: int) -> bool:
+    """Whether ``rows`` elements of ``x_size`` bytes per stage, for the S - 1 tiles in flight,
+    fit ``shared`` bytes, the shared memory one block may use (227 KiB on an H100/H200, 163 on
+    an A100, 99 on sm_86/89 GPUs, 64 on Turing and AMD's: the 8192-column backward's buffers
+    take 64 KiB, with the margin 80, and it runs unpipelined there)."""
+    return shared is None or (_PIPELINE_STAGES - 1) * rows * x_size + _REDUCTION_SHARED <= shared
+
+
+@functools.lru_cache(maxsize=None)
+def bwd_stages(shared: int | None, block_m: int, block_n: int, is_rms: bool, has_bias: bool, x_size: int,
+               p_size: int) -> int:
+    """Pipeline stages of the backward's tile loop (1: none): LayerNorm with a bias on
+    bf16/fp16 rows and parameters, one-row tiles up to 8192 columns, where its x and dy
+    buffers fit ``shared`` (``block_shared``; see above)."""
+    if (not is_rms and has_bias and x_size <= 2 and p_size <= x_size and block_m == 1 and block_n <= _PIPELINE_MAX_N
+            and _pipeline_fits(shared, 2 * block_m * block_n, x_size)):
         return _PIPELINE_STAGES
     return 1
 
 
-def fwd_stages(tiles: int, block_n: int) -> int:
-    """Pipeline stages of the forward's tile loop: pipelined where a program has several
-    one-row tiles (``fwd_tiles``: parameters wider than the rows, LayerNorm or RMSNorm with a
-    bias past 4096 columns, 2 programs per SM at 8192), so a tile's loads overlap the previous
-    tile's reductions; pipelined, those kernels keep their programs per SM (Triton 3.6, sm_90:
-    LayerNorm 125 -> 128 registers, RMSNorm+bias 64)."""
-    return _PIPELINE_STAGES if tiles > 1 and block_n <= _PIPELINE_MAX_N else 1
+@functools.lru_cache(maxsize=None)
+def fwd_stages(shared: int | None, tiles: int, block_m: int, block_n: int, is_rms: bool, has_bias: bool,
+               x_size: int) -> int:
+    """Pipeline stages of the forward's tile loop (1: none): LayerNorm with a bias where a
+    program has several tiles (``fwd_tiles``: parameters wider than the rows, past 4096
+    columns), where its x buffers fit ``shared`` (``block_shared``)."""
+    if (tiles > 1 and not is_rms and has_bias and block_n <= _PIPELINE_MAX_N
+            and _pipeline_fits(shared, block_m * block_n, x_size)):
+        return _PIPELINE_STAGES
+    return 1
 
 
 # Registers, threads and blocks of one SM on every NVIDIA GPU Triton supports (sm_80 to
@@ -451,7 +477,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
     if tiles is None:
         tiles = fwd_tiles(M, block_m, x.element_size(), p_size)
     if stages is None:
-        stages = fwd_stages(tiles, block_n)
+        stages = fwd_stages(block_shared(x.device), tiles, block_m, block_n, is_rms, bias is not None, x.element_size())
     _norm_fwd_kernel[(_ceil_div(M, block_m * tiles),)](
         x, y, weight, bias, mean, rstd,  # mean None (RMS): no pointer for the launcher to check
         x.stride(0), M, N, eps, offset,
@@ -482,7 +508,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     fewer registers, more programs per SM; default ``bwd_maxnreg``'s cap, 0 for none),
     ``stream`` is the forward's cache hint for the x and dy loads, ``reload_w`` loads the
     weight for every tile instead of keeping it in registers (fewer registers, more loads), and
-    ``stages`` overrides the pipeline stages of the tile loop ``bwd_stages`` picks. The tuning
+    ``stages`` the pipeline stages of the tile loop ``bwd_stages`` picks. The tuning
     sweep uses all six."""
     M, N = x.shape
     dx = _empty(x, like, x.dtype)
@@ -493,7 +519,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     if maxnreg is None:
         maxnreg = bwd_maxnreg(block_m, is_rms, has_bias)
     if stages is None:
-        stages = bwd_stages(block_m, block_n, is_rms, has_bias, x.element_size())
+        stages = bwd_stages(block_shared(x.device), block_m, block_n, is_rms, has_bias, x.element_size(), param_size(weight, None))
     meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
                 BLOCK_M=block_m, BLOCK_N=block_n, STREAM=stream, RELOAD_W=reload_w, STAGES=stages, num_warps=warps)
     if maxnreg:
