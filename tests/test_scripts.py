@@ -264,21 +264,28 @@ def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
         capped = {(r["kind"], r["maxnreg"]) for r in rows if r["pass"] == pass_ and not r["reload_w"] and not r["stream"]
                   and r["programs_per_sm"] is None and r["config"] == firsts[(pass_, r["kind"])]["config"]}
         assert capped == {("rms", None), ("rms", 96), ("rms", 80), ("layer", 80), ("layer", 0), ("layer", 96),
-                          ("rms/fp32w", None)}, pass_
+                          ("rms/fp32w", None), ("rms+bias", None), ("layer/fp32w", 80)}, pass_
         # RMSNorm with an fp32 weight: the shipped tile first, then the one-row tile
         fp32w = [r for r in rows if r["pass"] == pass_ and r["kind"] == "rms/fp32w"]
         assert [r["config"][0] for r in fp32w] == [bwd_config(n)[0], 1], pass_
-        # the tile loop pipelined over 1 to 3 stages, on the shipped tile otherwise as shipped
+        # the tile loop plain and pipelined over 3 stages, on the shipped tile otherwise as
+        # shipped; LayerNorm's capped tile pipelined without its cap too
         for kind in ("rms", "layer"):
             staged = [r["stages"] for r in rows if r["pass"] == pass_ and r["kind"] == kind and not r["reload_w"]
                       and not r["stream"] and r["programs_per_sm"] is None and r["maxnreg"] == shipped_caps[kind]
                       and r["config"] == firsts[(pass_, kind)]["config"]]
-            assert sorted(staged) == [1, 2, 3], (pass_, kind, staged)
+            assert sorted(staged) == [1, 3], (pass_, kind, staged)
+        assert [r["stages"] for r in rows if r["pass"] == pass_ and r["kind"] == "layer" and r["maxnreg"] == 0
+                and not r["reload_w"] and r["programs_per_sm"] is None] == [1, 3], pass_
+        # the backwards the launcher does not pipeline, on their shipped tile: plain, then 3 stages
+        for kind, config in (("rms+bias", bwd_config(n, True)), ("layer/fp32w", bwd_config(n, True, True))):
+            group = [r for r in rows if r["pass"] == pass_ and r["kind"] == kind]
+            assert [(r["config"], r["stages"]) for r in group] == [(list(config), 1), (list(config), 3)], (pass_, kind)
     # the forward's tile loop likewise, on the shipped tile with 8 tiles a program
     for kind in ("rms", "layer", "rms/fp32w", "layer/fp32w"):
         group = [r for r in rows if r["pass"] == "fwd" and r["kind"] == kind]
         staged = [r["stages"] for r in group if r["tiles"] == 8 and r["config"] == group[0]["config"] and not r["stream"]]
-        assert sorted(staged) == [1, 2, 3], (kind, staged)
+        assert sorted(staged) == [1, 3], (kind, staged)
     # the partial-row sums alone, the shipped tile first, for both norms
     from hf_rmsnorm.ops._triton_norm import _sum_config
 
