@@ -133,8 +133,10 @@ def module_rows(shapes, dtypes, rounds: int, min_run_time: float) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _launches_stubbed():
-    """Run the Triton path on CPU tensors with every kernel launch a no-op (host time only)."""
+def launches_stubbed():
+    """Run the Triton path with every kernel launch a no-op (host time only): on CPU tensors,
+    and on CUDA ones once a real call of the same shape has run (the backward then reads its
+    programs per SM from the cache that call filled instead of compiling; ``profile_norms.py``)."""
     from hf_rmsnorm.ops import _triton_norm
 
     def nop(*args, **kwargs):
@@ -176,7 +178,7 @@ def host_rows(shape, min_run_time: float) -> list[dict]:
         "layer_norm(x, w, b)": (lambda: layer_norm(x, w, b), (x, w, b)),
     }
     rows = []
-    with _launches_stubbed():
+    with launches_stubbed():
         for name, (call, inputs) in calls.items():
             def inference():
                 with torch.no_grad():

@@ -3,7 +3,9 @@
 For a few providers of ``benchmark_kernels.py`` at one shape, measures per call:
 - host: the Python thread's time to issue the call (no synchronisation inside the loop);
 - wall: the same loop's time including the wait for the GPU to finish;
-- kernels: the sum of the kernel durations the profiler records, and each kernel's share.
+- kernels: the sum of the kernel durations the profiler records, and each kernel's share;
+- for this package's providers, the host time again with every kernel launch a no-op: this
+  package's Python alone, so that host minus it is what Triton's launcher costs on this host.
 When host ≥ kernels, a ``do_bench`` number measures the launches, not the kernels.
 
     python scripts/profile_norms.py --shapes 65536x768,16384x8192    # on a GPU
@@ -23,9 +25,21 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
+from benchmark_cpu import launches_stubbed
 from benchmark_kernels import PROVIDERS, _available, _versions, make_step
 
 DEFAULT_PROVIDERS = "hf_rmsnorm RMSNorm,hf_rmsnorm LayerNorm,torch F.rms_norm,torch F.layer_norm,Liger RMSNorm,Liger LayerNorm"
+
+
+def host_us(step, iters: int) -> float:
+    """The Python thread's time per call to issue ``step``, after 5 warm-up calls, nothing
+    synchronised inside the loop."""
+    for _ in range(5):
+        step()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return (time.perf_counter() - start) / iters * 1e6
 
 
 def measure(step, iters: int) -> dict:
@@ -73,22 +87,36 @@ def main(argv=None) -> int:
             if _available(PROVIDERS[name][2], device):
                 continue
             for mode in ("fwd", "fwd+bwd"):
-                r = measure(make_step(name, m, n, mode, torch.bfloat16, torch.bfloat16, device), args.iters)
+                step = make_step(name, m, n, mode, torch.bfloat16, torch.bfloat16, device)
+                r = measure(step, args.iters)
+                if name.startswith("hf_rmsnorm"):
+                    # after the real calls above, which compiled the kernels and cached the
+                    # backward's occupancy: the same calls with every launch a no-op
+                    with launches_stubbed():
+                        r["host_stubbed_us"] = host_us(step, args.iters)
                 rows.append({"shape": f"{m}x{n}", "provider": name, "mode": mode, **r})
-    lines = [f"# Host vs kernel time per call, {torch.cuda.get_device_name()}, bf16", "",
-             f"{_versions()}", "",
-             "| shape | provider | mode | host µs | wall µs | kernels µs | launches | kernels (µs each) |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ks = "; ".join(f"{k[:40]} ×{v['calls_per_step']:.0f} {v['us_per_call']:.1f}" for k, v in
-                       sorted(r["kernels"].items(), key=lambda kv: -kv[1]["us_per_call"] * kv[1]["calls_per_step"]))
-        lines.append(f"| {r['shape']} | {r['provider']} | {r['mode']} | {r['host_us']:.0f} | {r['wall_us']:.0f} | {r['kernel_us']:.0f} | "
-                     f"{r['launches_per_step']:.0f} | {ks} |")
-    md = "\n".join(lines) + "\n"
+    md = to_markdown(rows, torch.cuda.get_device_name(), _versions())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(rows, indent=2) + "\n")
     (args.out / "profile.md").write_text(md)
     print(md)
     return 0
+
+
+def to_markdown(rows: list[dict], device: str, versions) -> str:
+    lines = [f"# Host vs kernel time per call, {device}, bf16", "", f"{versions}", "",
+             "host = the Python thread's time to issue a call; stubbed = the same with every kernel launch a no-op "
+             "(this package's Python alone), launcher = host − stubbed (Triton's launcher, for this package's calls).", "",
+             "| shape | provider | mode | host µs | stubbed µs | launcher µs | wall µs | kernels µs | launches | kernels (µs each) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ks = "; ".join(f"{k[:40]} ×{v['calls_per_step']:.0f} {v['us_per_call']:.1f}" for k, v in
+                       sorted(r["kernels"].items(), key=lambda kv: -kv[1]["us_per_call"] * kv[1]["calls_per_step"]))
+        stubbed = r.get("host_stubbed_us")
+        split = (f"{stubbed:.0f} | {r['host_us'] - stubbed:.0f}" if stubbed is not None else "– | –")
+        lines.append(f"| {r['shape']} | {r['provider']} | {r['mode']} | {r['host_us']:.0f} | {split} | {r['wall_us']:.0f} | "
+                     f"{r['kernel_us']:.0f} | {r['launches_per_step']:.0f} | {ks} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
