@@ -434,6 +434,21 @@ def test_forward_tile_shares_wide_parameters_between_two_rows():
                 assert wide == narrow, (is_rms, n)
 
 
+def test_layernorm_forward_takes_two_row_tiles_at_4096_columns():
+    """LayerNorm with a bias on 2049-4096 columns (the 4096-wide tile) shares a
+    two-row tile of 32 values a thread with bf16 parameters too (measured faster on an H200,
+    runs 8 and 9); RMSNorm, LayerNorm without a bias, and the other widths keep their tiles."""
+    pytest.importorskip("triton")
+    from hf_rmsnorm.ops import _triton_norm
+
+    for n in (3000, 4096):
+        assert _triton_norm.fwd_config(n, False, False, True) == (2, 4096, 8)
+        assert _triton_norm.fwd_config(n, False, True, True) == (2, 4096, 8)  # fp32 parameters: the same
+        assert _triton_norm.fwd_config(n, True, False, True)[0] == 1
+        assert _triton_norm.fwd_config(n, False, False, False)[0] == 1
+    assert [_triton_norm.fwd_config(n, False, False, True)[0] for n in (2048, 8192)] == [1, 1]
+
+
 def test_backward_tile_with_a_wide_weight():
     """A weight wider than the rows changes only the two-row 8192-column RMSNorm backward tile
     (32 warps instead of 16: the 16-warp one spills with an fp32 weight under Triton 3.6)."""

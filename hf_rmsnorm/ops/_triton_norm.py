@@ -272,6 +272,12 @@ def fwd_config(N: int, is_rms: bool = True, wide_params: bool = False, has_bias:
         # columns: 52 -> 50 us with a bf16 weight, 53 -> 50 with an fp32 one); its one-row tiles
         # were level either way.
         warps = max(1, warps // 2)
+    if not is_rms and has_bias and block_n == 4096 and block_m == 1:
+        # LayerNorm at 4096 columns: two rows a tile at 32 values a thread (the tile wide
+        # parameters get, below) with bf16 parameters too. Measured on an H200 (the sweeps of
+        # runs 8 and 9, GPU time, bf16): 68.8 -> 67.6 and 69.6 -> 67.4 us. Not at 2048 (the
+        # one-row tile stayed best) or 8192 (two rows: 91 against 96 % of the copy bandwidth).
+        return 2, block_n, _warps(2 * block_n, 32)
     if wide_params and block_m == 1 and block_n <= (4096 if has_bias or not is_rms else 8192):
         # two rows a tile at 32 values a thread: the rows share each parameter load. Measured
         # on an H200 (run 8 sweep, GPU time, bf16 rows; against four tiles a program of one row,
