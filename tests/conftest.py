@@ -19,6 +19,13 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def needs_interpreter(what: str) -> None:
+    """Skip unless Triton runs here on CPU tensors (TRITON_INTERPRET=1); ``what`` says why."""
+    pytest.importorskip("triton")
+    if not INTERPRETING:
+        pytest.skip(what)
+
+
 def _round_bf16_like_the_gpu():
     """Triton's interpreter converts fp32 -> bf16 by truncating the mantissa; a GPU's
     ``cvt.rn.bf16.f32`` rounds to nearest even, as torch does. Without this shim every bf16

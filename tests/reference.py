@@ -45,6 +45,17 @@ def norm_torch_same_dtype(kind, x, weight=None, bias=None, eps=1e-6, offset=0.0,
     return y + bias.to(x.dtype) if bias is not None else y
 
 
+def norm_inputs(m=64, n=300, dtype=torch.bfloat16, seed=0):
+    """Random (x, weight, bias, dy) for a norm over rows of n: x, weight and bias requiring
+    gradients, weight near 1 and bias near 0, as a trained model has them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, n, generator=g).to(dtype).requires_grad_(True)
+    w = (1 + 0.1 * torch.randn(n, generator=g)).to(dtype).requires_grad_(True)
+    b = (0.1 * torch.randn(n, generator=g)).to(dtype).requires_grad_(True)
+    dy = torch.randn(m, n, generator=g).to(dtype)
+    return x, w, b, dy
+
+
 def fwd_bwd(fn, x, w, b, dy):
     """Forward + backward of ``fn(x, w, b)`` on fresh leaves; returns [y, dx, dw, db]."""
     x, w, b = (None if t is None else t.detach().clone().requires_grad_(True) for t in (x, w, b))
