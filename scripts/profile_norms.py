@@ -31,10 +31,10 @@ from benchmark_kernels import PROVIDERS, _available, _versions, make_step
 DEFAULT_PROVIDERS = "hf_rmsnorm RMSNorm,hf_rmsnorm LayerNorm,torch F.rms_norm,torch F.layer_norm,Liger RMSNorm,Liger LayerNorm"
 
 
-def host_us(step, iters: int) -> float:
-    """The Python thread's time per call to issue ``step``, after 5 warm-up calls, nothing
+def host_us(step, iters: int, warmup: int = 5) -> float:
+    """The Python thread's time per call to issue ``step``, after ``warmup`` calls, nothing
     synchronised inside the loop."""
-    for _ in range(5):
+    for _ in range(warmup):
         step()
     start = time.perf_counter()
     for _ in range(iters):
@@ -45,13 +45,11 @@ def host_us(step, iters: int) -> float:
 def measure(step, iters: int) -> dict:
     for _ in range(5):
         step()
-    torch.cuda.synchronize()
+    torch.cuda.synchronize()  # the warm-up's kernels finished: the loop below starts idle
     start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    issued = time.perf_counter()
+    host = host_us(step, iters, warmup=0)
     torch.cuda.synchronize()
-    done = time.perf_counter()
+    wall = (time.perf_counter() - start) / iters * 1e6
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             step()
@@ -62,8 +60,8 @@ def measure(step, iters: int) -> dict:
             kernels[e.name].append(e.time_range.elapsed_us())
     per_kernel = {k: {"calls_per_step": len(v) / iters, "us_per_call": sum(v) / len(v)} for k, v in kernels.items()}
     return {
-        "host_us": (issued - start) / iters * 1e6,
-        "wall_us": (done - start) / iters * 1e6,
+        "host_us": host,
+        "wall_us": wall,
         "kernel_us": sum(sum(v) for v in kernels.values()) / iters,
         "launches_per_step": sum(len(v) for v in kernels.values()) / iters,
         "kernels": per_kernel,

@@ -106,9 +106,12 @@ def sweep(shapes, device, quick, copy_gbps):
                 group = kind if p_dtype == x_dtype else f"{kind}/fp32w"
                 config = k.fwd_config(n, is_rms, p_dtype.itemsize > x_dtype.itemsize, bias is not None)
 
+                def fwd_stages_of(config, tiles):
+                    return k.fwd_stages(shared, tiles, *config[:2], is_rms, bias is not None, x.element_size())
+
                 def fwd(config, tiles, stream="", stages=None):
                     if stages is None:  # what the launcher picks
-                        stages = k.fwd_stages(shared, tiles, *config[:2], is_rms, bias is not None, x.element_size())
+                        stages = fwd_stages_of(config, tiles)
                     ms = graph_ms(lambda: k.norm_fwd(x, wp, bp, 1e-6, 0.0, is_rms, 0, x_dtype, config=config, tiles=tiles,
                                                      stream=stream, stages=stages), device, quick=quick, rep=REP_MS)
                     rows.append(_row("fwd", group, m, n, config, None, ms, copy_gbps, x_dtype, tiles=tiles, stream=stream,
@@ -122,7 +125,7 @@ def sweep(shapes, device, quick, copy_gbps):
                         fwd(config, tiles)
                 most = FWD_TILES[-1]
                 for stages in STAGES:
-                    if stages != k.fwd_stages(shared, most, *config[:2], is_rms, bias is not None, x.element_size()):
+                    if stages != fwd_stages_of(config, most):
                         fwd(config, most, stages=stages)
                 if p_dtype == x_dtype:
                     fwd(config, shipped, "evict_first")
@@ -139,6 +142,10 @@ def sweep(shapes, device, quick, copy_gbps):
         staged_kinds = {name for name, _, _ in staged_only}
         for kind, is_rms, bias in (*norms, ("rms/fp32w", True, None), *staged_only):
             wk = w.float() if kind.endswith("fp32w") else w
+
+            def bwd_stages_of(config):  # what the launcher picks
+                return k.bwd_stages(shared, *config[:2], is_rms, bias is not None, x.element_size(), wk.element_size())
+
             _, mean, rstd = k.norm_fwd(x, wk, bias, 1e-5, 0.0, is_rms, 0, x_dtype)
             configs = _candidates(k.bwd_config(n, bias is not None, wk.dtype.itemsize > x_dtype.itemsize), 16384, 4)
             if kind == "layer":
@@ -167,15 +174,13 @@ def sweep(shapes, device, quick, copy_gbps):
                 variants += [(configs[0], None, cap, "", False, None) for cap in REGISTER_CAPS if cap != shipped_cap]
                 variants += [(configs[0], None, None, "evict_first", False, None), (configs[0], None, None, "", True, None),
                              (configs[0], None, 96, "", True, None)]
-                shipped_stages = k.bwd_stages(shared, *configs[0][:2], is_rms, bias is not None, x.element_size(), wk.element_size())
-                variants += [(configs[0], None, None, "", False, s) for s in STAGES if s != shipped_stages]
+                variants += [(configs[0], None, None, "", False, s) for s in STAGES if s != bwd_stages_of(configs[0])]
                 if shipped_cap:  # LayerNorm's two-row tile pipelined spills under Triton 3.9 when capped
                     variants += [(configs[0], None, 0, "", False, s) for s in STAGES if s > 1]
             for config, pps, cap, stream, reload_w, stages in variants:
                 # what the launcher picks where the variant leaves it open, so the row names what ran
                 cap = k.bwd_maxnreg(config[0], is_rms, bias is not None) if cap is None else cap
-                stages = (k.bwd_stages(shared, *config[:2], is_rms, bias is not None, x.element_size(), wk.element_size())
-                          if stages is None else stages)
+                stages = bwd_stages_of(config) if stages is None else stages
 
                 def run(sums):
                     dx, part = k.norm_bwd(dy, x, wk, mean, rstd, 0.0, is_rms, 0, bias is not None, config=config,

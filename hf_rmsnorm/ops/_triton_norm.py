@@ -272,21 +272,20 @@ def fwd_config(N: int, is_rms: bool = True, wide_params: bool = False, has_bias:
         # columns: 52 -> 50 us with a bf16 weight, 53 -> 50 with an fp32 one); its one-row tiles
         # were level either way.
         warps = max(1, warps // 2)
-    if not is_rms and has_bias and block_n == 4096 and block_m == 1:
-        # LayerNorm at 4096 columns: two rows a tile at 32 values a thread (the tile wide
-        # parameters get, below) with bf16 parameters too. Measured on an H200 (the sweeps of
-        # runs 8 and 9, GPU time, bf16): 68.8 -> 67.6 and 69.6 -> 67.4 us. Not at 2048 (the
-        # one-row tile stayed best) or 8192 (two rows: 91 against 96 % of the copy bandwidth).
-        return 2, block_n, _warps(2 * block_n, 32)
-    if wide_params and block_m == 1 and block_n <= (4096 if has_bias or not is_rms else 8192):
-        # two rows a tile at 32 values a thread: the rows share each parameter load. Measured
-        # on an H200 (run 8 sweep, GPU time, bf16 rows; against four tiles a program of one row,
-        # the v5 rule): RMSNorm with an fp32 weight 37 -> 35 us at 2048, 72 -> 67 at 4096, 156 ->
-        # 135 at 8192 (95 % of the copy bandwidth, as with a bf16 weight); LayerNorm with fp32
-        # weight and bias 43 -> 37 us at 2048, 81 -> 77 at 4096. LayerNorm's 2x8192 tile took
-        # 245 us: 86 registers with Triton 3.6, so one program of 16 warps per SM (RMSNorm's:
-        # 63, two). A bias takes RMSNorm's there too (84), so with a bias or LayerNorm's
-        # reductions the 8192-column rows keep the tiles (fwd_tiles).
+    wide_pair = wide_params and block_n <= (4096 if has_bias or not is_rms else 8192)
+    layer_norm_pair = not is_rms and has_bias and block_n == 4096
+    if block_m == 1 and (wide_pair or layer_norm_pair):
+        # two rows a tile at 32 values a thread. With wide parameters the rows share each
+        # parameter load. Measured on an H200 (run 8 sweep, GPU time, bf16 rows; against four
+        # tiles a program of one row, the v5 rule): RMSNorm with an fp32 weight 37 -> 35 us at
+        # 2048, 72 -> 67 at 4096, 156 -> 135 at 8192 (95 % of the copy bandwidth, as with a bf16
+        # weight); LayerNorm with fp32 weight and bias 43 -> 37 us at 2048, 81 -> 77 at 4096.
+        # LayerNorm's 2x8192 tile took 245 us: 86 registers with Triton 3.6, so one program of
+        # 16 warps per SM (RMSNorm's: 63, two). A bias takes RMSNorm's there too (84), so with a
+        # bias or LayerNorm's reductions the 8192-column rows keep the tiles (fwd_tiles).
+        # LayerNorm with a bias takes the pair at 4096 columns with bf16 parameters too (sweeps
+        # of runs 8 and 9: 68.8 -> 67.6 and 69.6 -> 67.4 us); not at 2048 (the one-row tile
+        # stayed best) or 8192 (91 against 96 % of the copy bandwidth).
         return 2, block_n, _warps(2 * block_n, 32)
     return block_m, block_n, warps
 
