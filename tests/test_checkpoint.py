@@ -79,13 +79,13 @@ def test_convert_then_load_both_ways(name, tmp_path):
         report = hf_rmsnorm.patch_model(in_memory)
         _close(run(converted, inputs), run(in_memory, inputs))
         # on disk, the writers are centred as patch_model centres them in memory (the
-        # architecture table against the measurement), Phi-MoE's 3-D expert weights included
-        from safetensors.torch import load_file
-
-        # (or, where transformers stores a writer under other names, as Phi-MoE's experts, that
-        # is said and it is centred when loaded)
+        # architecture table against the measurement); a writer transformers stores under other
+        # names (Phi-MoE's experts: per-expert w1/w2/w3 on disk, one 3-D down_proj in memory)
+        # is said so, and centred when loaded
         if "exact" not in FAMILIES[name]:
             return
+        from safetensors.torch import load_file
+
         written = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
         state = in_memory.state_dict()
         elsewhere = block.get("not_centred_on_disk", [])
