@@ -11,8 +11,11 @@ parameter); the time is the median of ``torch.utils.benchmark``'s blocked measur
 ``--host`` adds a second table: the host time of the *Triton* path per call, with the kernel
 launches replaced by no-ops, i.e. the Python this package runs around every GPU launch (the
 time Triton's own launcher takes comes on top and needs a GPU: ``profile_norms.py``).
+``--launcher`` (a run of its own) times the same calls through Triton's launch path, kernels
+compiled for sm_90 and the driver's launch a no-op, with and without the direct launch.
 
     python scripts/benchmark_cpu.py --host               # full table
+    python scripts/benchmark_cpu.py --launcher --no-modules --out benchmarks/results/cpu/launcher
     python scripts/benchmark_cpu.py --quick              # tiny shapes, short timings (tests)
 
 Writes ``<out>/cpu.json`` (every number, the machine and versions) and ``<out>/cpu.md``.
@@ -164,7 +167,104 @@ def launches_stubbed():
                 os.environ[k] = v
 
 
-def host_rows(shape, min_run_time: float) -> list[dict]:
+class _NoLaunch:
+    """Stands in for Triton's launcher of one compiled kernel: launches nothing, and records
+    the arguments of each call in ``calls`` when that is a list (``tests/test_direct_launch.py``)."""
+
+    calls: list | None = None
+
+    def __init__(self, src, metadata):
+        self.name = metadata.name
+
+    def __call__(self, *args):
+        if _NoLaunch.calls is not None:
+            _NoLaunch.calls.append((self, args))
+
+
+class _NoGpuDriver:
+    """Triton's active driver on a machine without a GPU: the current target is an NVIDIA GPU
+    of compute capability ``arch``, so kernels compile for it with Triton's own compiler (as in
+    kernel_report.py); loading a compiled kernel and launching it do nothing."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+        self.utils = self
+        self.launcher_cls = _NoLaunch
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def load_binary(self, name, kernel, shared, device):
+        return "module", "function", 0, 0, 1024  # module, function, registers, spills, most threads a block
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132}  # an H100/H200's
+
+
+@contextlib.contextmanager
+def triton_without_gpu(arch: int = 90):
+    """Run this package's Triton path on CPU tensors through Triton's own JIT launch path
+    (binding, specialisation, cache lookup, the package's direct launch), with the kernels
+    compiled for sm_``arch`` and every launch a no-op: the host time of a GPU call short of the
+    driver's own launch, and the launcher's arguments, on a machine without a GPU. The kernels
+    must be compiled ones, so the process must not have imported them for the interpreter."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default until 3.10, set to silence its warning
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    from hf_rmsnorm.ops import _norm, _triton_norm
+
+    if type(_triton_norm._norm_fwd_kernel) is not JITFunction:
+        raise RuntimeError("triton_without_gpu needs compiled kernels, and this process defined them for Triton's "
+                           "interpreter (TRITON_INTERPRET=1): run it in a process without that variable")
+
+    saved_driver, saved_gate, saved_backend = driver._active, _norm._interpreting, os.environ.get("HF_RMSNORM_BACKEND")
+    driver.set_active(_NoGpuDriver(arch))
+    # the package sends CPU tensors to Triton only for its interpreter; here they go to compiled
+    # kernels whose launches do nothing
+    _norm._interpreting = lambda: True
+    os.environ["HF_RMSNORM_BACKEND"] = "triton"
+    try:
+        yield
+    finally:
+        driver._active = saved_driver
+        _norm._interpreting = saved_gate
+        if saved_backend is None:
+            os.environ.pop("HF_RMSNORM_BACKEND", None)
+        else:
+            os.environ["HF_RMSNORM_BACKEND"] = saved_backend
+
+
+class EmptyFunction(torch.autograd.Function):
+    """What autograd alone costs a Python-defined op with one saved tensor: the forward only
+    allocates its output, the backward passes the gradient on. The floor of any
+    ``autograd.Function`` norm's forward + backward, whatever its kernels."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy
+
+
+def host_steps(shape) -> dict:
+    """(call, mode) -> one call of this package's public ops on bf16 input of ``shape``: the
+    forward without and with gradients, and the forward + backward."""
     from hf_rmsnorm.ops import layer_norm, rms_norm
 
     n = shape[-1]
@@ -177,36 +277,50 @@ def host_rows(shape, min_run_time: float) -> list[dict]:
         "rms_norm(x, w, b)": (lambda: rms_norm(x, w, b), (x, w, b)),
         "layer_norm(x, w, b)": (lambda: layer_norm(x, w, b), (x, w, b)),
     }
+    steps = {}
+    for name, (call, inputs) in calls.items():
+        def inference(call=call):
+            with torch.no_grad():
+                call()
+
+        steps[name, "forward, no grad"] = inference
+        steps[name, "forward, with grad"] = call
+        steps[name, "forward + backward"] = lambda call=call, inputs=inputs: torch.autograd.grad(call(), inputs, dy)
+    steps["empty autograd.Function", "forward + backward"] = lambda: torch.autograd.grad(EmptyFunction.apply(x), (x,), dy)
+    return steps
+
+
+def host_rows(shape, min_run_time: float) -> list[dict]:
     rows = []
     with launches_stubbed():
-        for name, (call, inputs) in calls.items():
-            def inference():
-                with torch.no_grad():
-                    call()
+        for (name, mode), step in host_steps(shape).items():
+            step()
+            rows.append({"call": name, "mode": mode, "shape": list(shape), "host_us": _median_us(step, min_run_time)})
+            print(f"{name:24s} {mode:20s} {rows[-1]['host_us']:7.1f} µs", flush=True)
+    return rows
 
-            steps = {
-                "forward, no grad": inference,
-                "forward, with grad": call,
-                "forward + backward": lambda: torch.autograd.grad(call(), inputs, dy),
-            }
-            for mode, step in steps.items():
-                step()
-                rows.append({"call": name, "mode": mode, "shape": list(shape), "host_us": _median_us(step, min_run_time)})
-                print(f"{name:22s} {mode:20s} {rows[-1]['host_us']:7.1f} µs", flush=True)
-    # what autograd alone costs for a Python-defined op with one saved tensor (the floor of
-    # the forward + backward rows above, whatever this package does)
-    class _Nothing(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return torch.empty_like(x)
 
-        @staticmethod
-        def backward(ctx, dy):
-            return dy
+def launcher_rows(shape, min_run_time: float, rounds: int) -> list[dict]:
+    """Host time per call through Triton's own launch path (``triton_without_gpu``: compiled
+    kernels, the driver's launch a no-op), with Triton's ``JITFunction.run`` on every launch and
+    with the direct launch, timed alternately."""
+    rows = []
+    with triton_without_gpu():
+        from hf_rmsnorm.ops import _triton_norm
 
-    floor = _median_us(lambda: torch.autograd.grad(_Nothing.apply(x), (x,), dy), min_run_time)
-    rows.append({"call": "empty autograd.Function", "mode": "forward + backward", "shape": list(shape), "host_us": floor})
+        for (name, mode), step in host_steps(shape).items():
+            if name == "empty autograd.Function":
+                continue  # no launch: host_rows has it
+            times: dict = {False: [], True: []}
+            for i in range(rounds):
+                for direct in ((False, True) if i % 2 == 0 else (True, False)):
+                    _triton_norm._DIRECT_LAUNCH = direct
+                    step()  # compiles, and fills the direct cache
+                    times[direct].append(_median_us(step, min_run_time))
+            _triton_norm._DIRECT_LAUNCH = False
+            triton_us, direct_us = (statistics.median(times[d]) for d in (False, True))
+            rows.append({"call": name, "mode": mode, "shape": list(shape), "triton_us": triton_us, "direct_us": direct_us})
+            print(f"{name:24s} {mode:20s} {triton_us:7.1f} {direct_us:7.1f} µs", flush=True)
     return rows
 
 
@@ -259,6 +373,21 @@ def to_markdown(result: dict) -> str:
         ]
         for r in result["host"]:
             lines.append(f"| {r['call']} | {r['mode']} | {'×'.join(map(str, r['shape']))} | {r['host_us']:.1f} |")
+    if result.get("launcher"):
+        lines += [
+            "",
+            "## Host time per call through Triton's launch path, the driver's launch a no-op (bf16)",
+            "",
+            "Kernels compiled for sm_90; every launch through Triton's `JITFunction.run`, or through the "
+            "direct launch (`_triton_norm._DIRECT_LAUNCH`) after a key's first call; timed alternately, medians. "
+            "The driver's own launch (and its pointer checks) comes on top, on a GPU only.",
+            "",
+            "| call | mode | shape | Triton's run µs | direct µs | saved µs |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in result["launcher"]:
+            lines.append(f"| {r['call']} | {r['mode']} | {'×'.join(map(str, r['shape']))} | {r['triton_us']:.1f} | "
+                         f"{r['direct_us']:.1f} | {r['triton_us'] - r['direct_us']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -266,7 +395,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes and short timings (for tests)")
     parser.add_argument("--host", action="store_true", help="also time the Triton path's host code, launches stubbed")
-    parser.add_argument("--no-modules", action="store_true", help="skip the module table (with --host: host times only)")
+    parser.add_argument("--launcher", action="store_true",
+                        help="also time the Triton path's host code through Triton's own launch path (kernels compiled "
+                             "for sm_90, launches no-ops), with and without the direct launch; not with --host")
+    parser.add_argument("--no-modules", action="store_true", help="skip the module table (host times only)")
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {sorted(DTYPES)}")
     parser.add_argument("--rounds", type=int, default=None, help="alternating measurements per pair (default 5, quick 1)")
     parser.add_argument("--out", default="benchmarks/results/cpu", help="output folder")
@@ -278,20 +410,25 @@ def main(argv=None) -> int:
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 5)
     if rounds < 1:
         parser.error("--rounds must be at least 1")
-    if args.host:
+    if args.host and args.launcher:
+        parser.error("--host and --launcher need separate runs: one defines the kernels for Triton's interpreter, "
+                     "the other compiles them")
+    if args.host or args.launcher:
         try:
             import triton  # noqa: F401
         except ImportError:
-            parser.error("--host times the Triton path's host code and needs Triton installed")
+            parser.error("--host and --launcher time the Triton path's host code and need Triton installed")
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     min_run_time = 0.01 if args.quick else 0.2
 
     result = {"environment": _machine(), "shapes": shapes, "rounds": rounds}
-    if args.no_modules and not args.host:
-        parser.error("--no-modules leaves nothing to measure without --host")
+    if args.no_modules and not (args.host or args.launcher):
+        parser.error("--no-modules leaves nothing to measure without --host or --launcher")
     result["modules"] = [] if args.no_modules else module_rows(shapes, dtypes, rounds, min_run_time)
     if args.host:
         result["host"] = host_rows(HOST_SHAPE, min_run_time)
+    if args.launcher:
+        result["launcher"] = launcher_rows(HOST_SHAPE, min_run_time, rounds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: the GPU tests, the kernel benchmark (bf16; bf16 activations with
 # fp32 weights; fp32), the launch-parameter sweep and the training-step benchmark; tables
-# printed last, full JSON/markdown in $OUT. Each step has its own time limit (535 s for the
+# printed last, full JSON/markdown in $OUT. Each step has its own time limit (545 s for the
 # default steps), so a hung step cannot hold the machine; the default steps took 5-6 minutes on
 # an H200 (runs 7-9: tests 51-85 s, bench 77-82, training 47, mixed 30-31, fp32 41, tune 94-114,
 # profile 14; trainprof 58).
@@ -10,7 +10,8 @@
 #   bash scripts/gpu_check.sh --quick    # dry run of the same steps on a CPU (tiny shapes)
 #   STEPS=bench,tune bash scripts/gpu_check.sh   # a subset of: tests,bench,tune,training,mixed,fp32,profile
 #                                                  # (profile: host vs kernel time per call, our host time
-#                                                  # split into our Python and Triton's launcher)
+#                                                  # split into our Python and Triton's launcher, and with
+#                                                  # the direct launch)
 #   STEPS=trainprof bash scripts/gpu_check.sh     # not in the default set: the training benchmark with every
 #                                                  # row profiled (kernel time by kind, the kernels that differ
 #                                                  # most from the Identity row), in $OUT/trainprof/
@@ -60,7 +61,7 @@ step mixed 40 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kern
 step fp32 45 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_fp32 --x-dtype fp32 --providers "$OURS,$PEERS"
 step tune 150 "$PY" scripts/tune_kernels.py $quick --out "$OUT"
 # GPT-2-medium's norm shape (batch 8 x 1024) first: its training step is host-bound
-[ -z "$quick" ] && step profile 40 "$PY" scripts/profile_norms.py --shapes 8192x1024,65536x768 --out "$OUT"
+[ -z "$quick" ] && step profile 50 "$PY" scripts/profile_norms.py --shapes 8192x1024,65536x768 --out "$OUT"
 step trainprof 90 "$PY" scripts/benchmark_training.py $quick --profile --out "$OUT/trainprof"
 
 echo

@@ -5,7 +5,11 @@ For a few providers of ``benchmark_kernels.py`` at one shape, measures per call:
 - wall: the same loop's time including the wait for the GPU to finish;
 - kernels: the sum of the kernel durations the profiler records, and each kernel's share;
 - for this package's providers, the host time again with every kernel launch a no-op: this
-  package's Python alone, so that host minus it is what Triton's launcher costs on this host.
+  package's Python alone, so that host minus it is what Triton's launcher costs on this host;
+  and again with the direct launch (``_triton_norm._DIRECT_LAUNCH``), which skips Triton's
+  ``JITFunction.run`` on every call after a key's first;
+- an empty ``autograd.Function`` (forward allocates, backward returns the gradient): the host
+  time any Python-defined norm pays for autograd on this host, whatever its kernels.
 When host ≥ kernels, a ``do_bench`` number measures the launches, not the kernels.
 
     python scripts/profile_norms.py --shapes 65536x768,16384x8192    # on a GPU
@@ -25,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
-from benchmark_cpu import launches_stubbed
+from benchmark_cpu import EmptyFunction, launches_stubbed
 from benchmark_kernels import PROVIDERS, _available, _versions, make_step
 
 DEFAULT_PROVIDERS = "hf_rmsnorm RMSNorm,hf_rmsnorm LayerNorm,torch F.rms_norm,torch F.layer_norm,Liger RMSNorm,Liger LayerNorm"
@@ -68,6 +72,24 @@ def measure(step, iters: int) -> dict:
     }
 
 
+def direct_host_us(step, iters: int) -> float:
+    """``host_us`` with the direct launch on (the warm-up's calls fill its cache)."""
+    from hf_rmsnorm.ops import _triton_norm
+
+    saved = _triton_norm._DIRECT_LAUNCH
+    _triton_norm._DIRECT_LAUNCH = True
+    try:
+        return host_us(step, iters)
+    finally:
+        _triton_norm._DIRECT_LAUNCH = saved
+
+
+def empty_function_step(m: int, n: int, device):
+    x = torch.randn(m, n, device=device, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+    return lambda: torch.autograd.grad(EmptyFunction.apply(x), (x,), dy)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="16384x2048", help="comma-separated MxN")
@@ -92,7 +114,10 @@ def main(argv=None) -> int:
                     # backward's occupancy: the same calls with every launch a no-op
                     with launches_stubbed():
                         r["host_stubbed_us"] = host_us(step, args.iters)
+                    r["host_direct_us"] = direct_host_us(step, args.iters)
                 rows.append({"shape": f"{m}x{n}", "provider": name, "mode": mode, **r})
+        rows.append({"shape": f"{m}x{n}", "provider": "empty autograd.Function", "mode": "fwd+bwd",
+                     **measure(empty_function_step(m, n, device), args.iters)})
     md = to_markdown(rows, torch.cuda.get_device_name(), _versions())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -104,14 +129,15 @@ def main(argv=None) -> int:
 def to_markdown(rows: list[dict], device: str, versions) -> str:
     lines = [f"# Host vs kernel time per call, {device}, bf16", "", f"{versions}", "",
              "host = the Python thread's time to issue a call; stubbed = the same with every kernel launch a no-op "
-             "(this package's Python alone), launcher = host − stubbed (Triton's launcher, for this package's calls).", "",
-             "| shape | provider | mode | host µs | stubbed µs | launcher µs | wall µs | kernels µs | launches | kernels (µs each) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(this package's Python alone), launcher = host − stubbed (Triton's launcher, for this package's calls); "
+             "direct = host with the direct launch (`_DIRECT_LAUNCH`).", "",
+             "| shape | provider | mode | host µs | stubbed µs | launcher µs | direct µs | wall µs | kernels µs | launches | kernels (µs each) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ks = "; ".join(f"{k[:40]} ×{v['calls_per_step']:.0f} {v['us_per_call']:.1f}" for k, v in
                        sorted(r["kernels"].items(), key=lambda kv: -kv[1]["us_per_call"] * kv[1]["calls_per_step"]))
         stubbed = r.get("host_stubbed_us")
-        split = (f"{stubbed:.0f} | {r['host_us'] - stubbed:.0f}" if stubbed is not None else "– | –")
+        split = (f"{stubbed:.0f} | {r['host_us'] - stubbed:.0f} | {r['host_direct_us']:.0f}" if stubbed is not None else "– | – | –")
         lines.append(f"| {r['shape']} | {r['provider']} | {r['mode']} | {r['host_us']:.0f} | {split} | {r['wall_us']:.0f} | "
                      f"{r['kernel_us']:.0f} | {r['launches_per_step']:.0f} | {ks} |")
     return "\n".join(lines) + "\n"

@@ -230,6 +230,52 @@ def test_pipelined_tile_loops_compute_the_same_bits(n, p_dtype):
                 assert plain is other is None or torch.equal(plain, other)  # RMSNorm has no mean
 
 
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_direct_launch_computes_the_same_bits(kind, p_dtype, monkeypatch):
+    """The direct launch (``_DIRECT_LAUNCH``) runs the compiled kernel Triton would pick with
+    the arguments Triton would pass (tests/test_direct_launch.py checks both on the CPU): here
+    its outputs and gradients must be the very bits of Triton's launch, for widths, row counts
+    and alignments that compile to different kernels (aligned rows; rows starting one element
+    into their buffer; an odd width; one row), and its second call must skip Triton's run."""
+    from hf_rmsnorm.ops import _triton_norm
+
+    if not _triton_norm._DIRECT_TRITON:
+        pytest.skip("the direct launch is off for this Triton release")
+    g = torch.Generator(device="cuda").manual_seed(7)
+    for m, n, start in ((4097, 2048, 0), (4097, 2048, 1), (333, 999, 0), (1, 8192, 0), (65536, 768, 0)):
+        flat = torch.randn(start + m * n, device="cuda", generator=g).bfloat16()
+        x = flat[start:].view(m, n)
+        dy = torch.randn(m, n, device="cuda", generator=g).bfloat16()
+        w = (torch.rand(n, device="cuda", generator=g) + 0.5).to(p_dtype)
+        b = (0.1 * torch.randn(n, device="cuda", generator=g)).to(p_dtype)
+
+        def run():  # fwd_bwd's clone would align x: its leaf here is a view of the same storage
+            leaves = [t.detach().requires_grad_(True) for t in (x, w, b)]
+            y = FNS[kind](*leaves)
+            y.backward(dy)
+            return [y.detach(), *(t.grad for t in leaves)]
+
+        monkeypatch.setattr(_triton_norm, "_DIRECT_LAUNCH", False)
+        tritons = run()
+        monkeypatch.setattr(_triton_norm, "_DIRECT_LAUNCH", True)
+        run()  # the first call of each key goes through Triton
+        kernels = (_triton_norm._norm_fwd_kernel, _triton_norm._norm_bwd_kernel, _triton_norm._sum_rows_kernel)
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the direct launch went through JITFunction.run")
+
+        for kernel in kernels:
+            kernel.run = refuse
+        try:
+            direct = run()
+        finally:
+            for kernel in kernels:
+                del kernel.run
+        for a, c in zip(tritons, direct):
+            assert torch.equal(a, c), (m, n, start)
+
+
 @pytest.mark.parametrize("is_rms", [True, False])
 def test_eager_function_and_custom_op_agree_bit_for_bit_on_cuda(is_rms):
     from hf_rmsnorm.ops import _norm

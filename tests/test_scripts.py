@@ -295,7 +295,7 @@ def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
     assert "| bwd | layer |" in (tmp_path / "tuning.md").read_text()
 
 
-def test_profile_splits_our_host_time_into_our_python_and_the_launcher(launches):
+def test_profile_splits_our_host_time_into_our_python_and_the_launcher(launches, monkeypatch):
     """profile_norms.py's stubbed host time, run here on CPU tensors (the GPU run does the same
     after the real calls): this package's forward and backward issue every launch, each a
     no-op, the real kernels are back afterwards; and the table shows host, stubbed and their
@@ -304,7 +304,7 @@ def test_profile_splits_our_host_time_into_our_python_and_the_launcher(launches)
     sys.path.insert(0, str(ROOT / "scripts"))
     import torch
     from benchmark_kernels import make_step
-    from profile_norms import host_us, launches_stubbed, to_markdown
+    from profile_norms import direct_host_us, empty_function_step, host_us, launches_stubbed, to_markdown
 
     from hf_rmsnorm.ops import _triton_norm
 
@@ -315,15 +315,23 @@ def test_profile_splits_our_host_time_into_our_python_and_the_launcher(launches)
         us = host_us(step, 3)
     assert us > 0 and launches() == 2 * (5 + 3)  # a forward and a backward per call, warm-up included
     assert _triton_norm._norm_bwd_kernel is kernel
+    # the direct launch's column: timed with it on (here the interpreter's kernels, which it
+    # leaves to Triton), and off again afterwards
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    assert direct_host_us(step, 2) > 0 and launches() == 2 * (5 + 3) + 2 * (5 + 2)
+    assert _triton_norm._DIRECT_LAUNCH is False
+    # the autograd floor row: a forward that computes nothing, a backward that passes dy on
+    (dx,) = empty_function_step(4, 8, torch.device("cpu"))()
+    assert dx.shape == (4, 8) and dx.dtype == torch.bfloat16
 
-    def row(provider, host, stubbed=None):
+    def row(provider, host, stubbed=None, direct=None):
         r = {"shape": "8192x1024", "provider": provider, "mode": "fwd+bwd", "host_us": host, "wall_us": 400.0,
              "kernel_us": 30.0, "launches_per_step": 3, "kernels": {}}
-        return {**r, "host_stubbed_us": stubbed} if stubbed is not None else r
+        return {**r, "host_stubbed_us": stubbed, "host_direct_us": direct} if stubbed is not None else r
 
-    md = to_markdown([row("hf_rmsnorm LayerNorm", 350.0, 120.0), row("torch F.layer_norm", 122.0)], "GPU", "v")
-    assert "| 8192x1024 | hf_rmsnorm LayerNorm | fwd+bwd | 350 | 120 | 230 | 400 | 30 | 3 |" in md
-    assert "| 8192x1024 | torch F.layer_norm | fwd+bwd | 122 | – | – | 400 | 30 | 3 |" in md
+    md = to_markdown([row("hf_rmsnorm LayerNorm", 350.0, 120.0, 310.0), row("torch F.layer_norm", 122.0)], "GPU", "v")
+    assert "| 8192x1024 | hf_rmsnorm LayerNorm | fwd+bwd | 350 | 120 | 230 | 310 | 400 | 30 | 3 |" in md
+    assert "| 8192x1024 | torch F.layer_norm | fwd+bwd | 122 | – | – | – | 400 | 30 | 3 |" in md
 
 
 def test_tuning_table_lists_the_narrowest_rows_first_whatever_order_they_ran_in():

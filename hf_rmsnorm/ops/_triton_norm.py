@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import re
 
 import torch
 import triton
@@ -460,6 +461,72 @@ def _empty(x, like, dtype):
     return torch.empty_like(x if like is None else like, dtype=dtype, memory_format=torch.contiguous_format)
 
 
+# Direct launches. ``kernel[grid](...)`` goes through Triton's ``JITFunction.run`` on every
+# call: it binds the arguments, specialises each one, builds the cache key and looks the compiled
+# kernel up, ≈ 9 µs of Python per launch on the CI CPU (Triton 3.6 and 3.9, timed with
+# benchmark_cpu.py's stand-in driver), three launches per forward+backward. A direct launch keys the compiled kernel on
+# what Triton specialises an argument on (``_arg_fact``) and calls its launcher with the same
+# arguments Triton passes (tests/test_direct_launch.py compares them call by call on the CPU,
+# with the driver's launch a no-op); the first call of each key goes through Triton, which
+# compiles and launches it. Off until a GPU run has compared its results with Triton's launch
+# bit for bit (tests/test_gpu.py) and timed it (profile_norms.py); True turns it on.
+_DIRECT_LAUNCH = False
+# the Triton releases whose ``JITFunction.run`` launches as ``_launch`` does (read in 3.6, 3.7,
+# 3.8 and 3.9; the launcher's arguments have changed between earlier releases)
+_DIRECT_TRITON = (3, 6) <= tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) <= (3, 9)
+# (kernel id, device, argument facts, launch options) -> the compiled kernel Triton chose for them
+_DIRECT: dict = {}
+if _DIRECT_TRITON:
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+
+def _arg_fact(arg):
+    """What Triton specialises a non-constexpr argument on: a tensor's dtype and whether its
+    data is 16-byte aligned; an integer's type (i32, i64 or u64 by its range), whether it is 1
+    and whether 16 divides it; a float's type; None. Two calls whose facts agree compile to the
+    same kernel. Anything else is its own fact (its value), which is never wrong, only rarer."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if type(arg) is int:
+        return int, arg == 1, arg % 16 == 0, -(1 << 31) <= arg < (1 << 31), arg >= (1 << 63)
+    if type(arg) is float or arg is None:
+        return type(arg)
+    return type(arg), arg
+
+
+def _launch(kernel, grid, args, meta):
+    """``kernel[grid](*args, **meta)``: directly (see ``_DIRECT_LAUNCH``) where the compiled
+    kernel for these arguments is known, else through Triton, which compiles it if need be.
+    ``args`` are the kernel's leading non-constexpr arguments, ``meta`` its constexprs in
+    declaration order and the launch options (num_warps, maxnreg)."""
+    if not (_DIRECT_LAUNCH and _DIRECT_TRITON and type(kernel) is triton.runtime.jit.JITFunction
+            and not kernel.pre_run_hooks and getattr(knobs.runtime, "add_stages_inspection_hook", None) is None):
+        return kernel[grid](*args, **meta)  # the interpreter, a stub, another Triton, hooks Triton runs
+    device = driver.active.get_current_device()
+    # the kernel's id, not the kernel: hashing a JITFunction costs 0.3 µs, and these live as long
+    # as the module. Tensors' facts inline: most arguments are tensors, and a call per argument
+    # was a third of this function's time.
+    key = (id(kernel), device, tuple(meta.items()),
+           *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else _arg_fact(a) for a in args])
+    entry = _DIRECT.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **meta)
+        if compiled is not None:
+            # with the constexprs' values in declaration order, which Triton passes after the
+            # other arguments and which the key fixes
+            _DIRECT[key] = compiled, tuple(meta[name] for name in kernel.arg_names[len(args):])
+        return compiled
+    compiled, constexprs = entry
+    bound = (*args, *constexprs)
+    stream = driver.active.get_current_stream(device)
+    dims = (*grid, 1, 1)
+    compiled.run(dims[0], dims[1], dims[2], stream, compiled.function, compiled.packed_metadata,
+                 compiled.launch_metadata(grid, stream, *bound), knobs.runtime.launch_enter_hook,
+                 knobs.runtime.launch_exit_hook, *bound)
+    return compiled
+
+
 def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=None, tiles=None, stream="",
              stages=None, like=None):
     """Launch the forward kernel on ``x`` (M, N) with unit column stride; returns y, contiguous,
@@ -483,20 +550,11 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
         tiles = fwd_tiles(M, block_m, x.element_size(), p_size)
     if stages is None:
         stages = fwd_stages(block_shared(x.device), tiles, block_m, block_n, is_rms, bias is not None, x.element_size())
-    _norm_fwd_kernel[(_ceil_div(M, block_m * tiles),)](
-        x, y, weight, bias, mean, rstd,  # mean None (RMS): no pointer for the launcher to check
-        x.stride(0), M, N, eps, offset,
-        IS_RMS=is_rms,
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        ROUNDING=rounding,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        TILES=tiles,
-        STREAM=stream,
-        STAGES=stages,
-        num_warps=warps,
-    )
+    _launch(_norm_fwd_kernel, (_ceil_div(M, block_m * tiles),),
+            (x, y, weight, bias, mean, rstd,  # mean None (RMS): no pointer for the launcher to check
+             x.stride(0), M, N, eps, offset),
+            dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROUNDING=rounding,
+                 BLOCK_M=block_m, BLOCK_N=block_n, TILES=tiles, STREAM=stream, STAGES=stages, num_warps=warps))
     LAUNCHES["norm_fwd"] += 1
     return y, mean, rstd
 
@@ -559,7 +617,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     # one tile, so every partial row is written.
     programs = min(programs, _ceil_div(M, block_m))
     part = x.new_empty((programs, columns), dtype=torch.float32) if columns else None
-    _norm_bwd_kernel[(programs,)](*args(part), **meta)
+    _launch(_norm_bwd_kernel, (programs,), args(part), meta)
     LAUNCHES["norm_bwd"] += 1
     return dx, part
 
@@ -586,8 +644,7 @@ def sum_partials(part, dtypes, config=None):
     n = cols // len(dtypes)
     outs = [part.new_empty((n,), dtype=dtype) for dtype in dtypes]
     block_r, block_c, warps = config or _sum_config(rows, cols)
-    _sum_rows_kernel[(_ceil_div(cols, block_c),)](
-        part, outs[0], outs[1] if len(outs) > 1 else None, rows, cols, n, BLOCK_R=block_r, BLOCK_C=block_c,
-        num_warps=warps)
+    _launch(_sum_rows_kernel, (_ceil_div(cols, block_c),), (part, outs[0], outs[1] if len(outs) > 1 else None, rows, cols, n),
+            dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps))
     LAUNCHES["sum_partials"] += 1
     return outs

@@ -1,0 +1,157 @@
+"""The direct launch (``_triton_norm._launch`` with ``_DIRECT_LAUNCH``) must pick the compiled
+kernel Triton's own launch picks and pass its launcher the same arguments.
+
+On a CPU machine the kernels are compiled for sm_90 by Triton's own compiler and every launch is
+a no-op that records its arguments (``benchmark_cpu.triton_without_gpu``), in a child process:
+the kernels must be defined compiled, and this suite defines them for the interpreter. Whether
+the launched kernel computes the same bits is the GPU suite's part
+(``test_gpu.py::test_direct_launch_computes_the_same_bits``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_argument_facts_determine_tritons_specialisation():
+    """The direct cache's key: two arguments with the same facts must get the same
+    specialisation from Triton (the converse is not needed: a finer key only compiles less
+    often from the cache). Triton's own specialisation function is the reference."""
+    pytest.importorskip("triton")
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    from hf_rmsnorm.ops._triton_norm import _DIRECT_TRITON, _arg_fact
+
+    if not _DIRECT_TRITON:
+        pytest.skip("the direct launch is off for this Triton release")
+    base = torch.zeros(64, dtype=torch.bfloat16)
+    wide = torch.zeros(64, dtype=torch.float32)
+    values = [
+        0, 1, 2, 15, 16, 17, 32, 1024, 1000, -1, -16, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, -2**31, -2**31 - 16,
+        2**32, 2**63 - 16, 2**63, 2**63 + 16, 2**64 - 16, True, False, 0.0, 1.0, 1e-6, 1e300, None,
+        base, base[8:], base[1:], base[2:], base[9:], wide, wide[4:], wide[1:], base.to(torch.float16),
+    ]
+    specs = [native_specialize_impl(CUDABackend, v, False, True, True) for v in values]
+    facts = [_arg_fact(v) for v in values]
+    for i in range(len(values)):
+        for j in range(len(values)):
+            if facts[i] == facts[j]:
+                assert specs[i] == specs[j], (values[i], values[j], facts[i], specs[i], specs[j])
+    # and the key is not trivially fine: aligned and unaligned pointers, 16-divisible integers,
+    # 1 and the integer widths all come apart
+    assert len(set(facts)) >= len(set(specs)) > 10
+
+
+# The child: the package's Triton path on CPU tensors for norms of several shapes and alignments,
+# each launch recorded; every recorded launch is then replayed through Triton's launch and
+# through the direct one, which must pick the same compiled kernel (the same launcher object)
+# and pass it the same arguments, object for object. The cases run in one process, in an order
+# where each differs from an earlier one in one specialised fact (alignment, 16-divisibility, a
+# row count of 1, a dtype), so a key that missed a fact would replay an earlier kernel.
+_CHILD = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, {scripts!r})
+    import torch
+    from benchmark_cpu import _NoLaunch, triton_without_gpu
+
+    with triton_without_gpu():
+        from hf_rmsnorm.ops import _triton_norm as T
+        from hf_rmsnorm.ops import layer_norm, rms_norm
+
+        recorded = []
+        launch = T._launch
+
+        def record(kernel, grid, args, meta):
+            recorded.append((kernel, grid, args, meta))
+            return launch(kernel, grid, args, meta)
+
+        def inputs(m, n, dtype=torch.bfloat16, w_dtype=None, shift=0, start=0):
+            # shift > 0: rows inside wider ones (row stride n + shift); start > 0: the data
+            # starts that many elements into its buffer (for bf16, 1: not 16-byte aligned, 8: aligned)
+            flat = torch.randn(start + m * (n + shift), dtype=dtype)
+            x = flat[start:].view(m, n + shift)[:, shift:].detach().requires_grad_(True)
+            w = torch.randn(n + start, dtype=w_dtype or dtype)[start:].detach().requires_grad_(True)
+            b = torch.randn(n, dtype=w_dtype or dtype, requires_grad=True)
+            return x, w, b
+
+        cases = [
+            ("rms", inputs(16, 1024), False, 0.0),
+            ("rms", inputs(16, 1024, start=1), False, 0.0),
+            ("rms", inputs(16, 1024, start=8), False, 0.0),
+            ("rms", inputs(16, 1024, shift=1), False, 0.0),
+            ("rms", inputs(16, 1000), False, 0.0),
+            ("rms", inputs(16, 1024, w_dtype=torch.float32), False, 0.0),
+            ("rms", inputs(16, 1024), False, 1.0),
+            ("rms", inputs(16, 1024), True, 0.0),
+            ("layer", inputs(16, 1024), True, 0.0),
+            ("layer", inputs(1, 1024), True, 0.0),
+            ("layer", inputs(16, 1024, dtype=torch.float16), True, 0.0),
+            ("layer", inputs(16, 1024, shift=8), True, 0.0),
+        ]
+        T._launch = record
+        for kind, (x, w, b), with_bias, offset in cases:
+            fn = rms_norm if kind == "rms" else layer_norm
+            params = (w, b) if with_bias else (w,)
+            y = fn(x, *params, offset=offset)
+            torch.autograd.grad(y, (x, *params), torch.randn_like(y))
+        T._launch = launch
+        assert len(recorded) == 3 * len(cases), len(recorded)
+
+        def launcher_calls(call):
+            _NoLaunch.calls = []
+            call()
+            calls, _NoLaunch.calls = _NoLaunch.calls, None
+            assert len(calls) == 1, len(calls)
+            return calls[0]
+
+        def same(a, b):
+            if type(a).__name__ == "LazyDict":  # the launch metadata: a fresh object per launch
+                return type(b) is type(a) and a.data == b.data and a.extras == b.extras
+            return a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b)
+
+        direct = 0
+        T._DIRECT_LAUNCH = True
+        for kernel, grid, args, meta in recorded:
+            tritons = launcher_calls(lambda: kernel[grid](*args, **meta))
+            T._launch(kernel, grid, args, meta)  # fills the direct cache where this key is new
+            run = kernel.run
+
+            def refuse(*a, **k):
+                raise AssertionError("the direct launch went through JITFunction.run")
+
+            kernel.run = refuse
+            try:
+                ours = launcher_calls(lambda: T._launch(kernel, grid, args, meta))
+            finally:
+                kernel.run = run
+            assert ours[0] is tritons[0], ("another compiled kernel", kernel, meta)
+            assert len(ours[1]) == len(tritons[1]), (len(ours[1]), len(tritons[1]))
+            for k, (a, b) in enumerate(zip(ours[1], tritons[1])):
+                assert same(a, b), (kernel, k, a, b)
+            direct += 1
+        print("direct launches checked:", direct, "compiled kernels:", len(T._DIRECT))
+''')
+
+
+def test_direct_launch_passes_the_launcher_what_triton_passes(tmp_path):
+    pytest.importorskip("triton")
+    from hf_rmsnorm.ops._triton_norm import _DIRECT_TRITON
+
+    if not _DIRECT_TRITON:
+        pytest.skip("the direct launch is off for this Triton release")
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD.format(scripts=str(ROOT / "scripts")))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "direct launches checked: 36" in proc.stdout, proc.stdout
