@@ -10,7 +10,9 @@ parameters under bf16 autocast. See ../shared/PERF.md for the targets.
 The variants of a model and precision are built side by side and timed in turn, one step
 each per round, so that the ratios between them (the targets) are not moved by the host or
 the GPU clock changing between one variant's steps and the next's; a group that does not fit
-the device at once is timed one variant at a time, and the table says so.
+the device at once is timed one variant at a time, and the table says so. ``--variants`` adds
+``layernorm+direct`` and ``rmsnorm+direct``: the same patches with the kernels launched
+directly (``_triton_norm._DIRECT_LAUNCH``), for the host-bound step that decides whether it ships.
 
     python scripts/benchmark_training.py            # on a GPU
     python scripts/benchmark_training.py --quick    # tiny configs, runs anywhere (CI)
@@ -49,7 +51,10 @@ QUICK = {
     "gpt2-medium": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)),
     "llama-1b": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=256, max_position_embeddings=64)),
 }
-VARIANTS = ("as shipped", "layernorm", "rmsnorm", "norms -> Identity")
+VARIANTS = ("as shipped", "layernorm", "rmsnorm", "norms -> Identity", "layernorm+direct", "rmsnorm+direct")
+# the table's rows; the "+direct" variants (the same patch, with the kernels launched directly,
+# _triton_norm._DIRECT_LAUNCH) only on request, until a GPU run decides whether it ships
+DEFAULT_VARIANTS = VARIANTS[:4]
 PRECISIONS = ("bf16 params", "fp32 params + bf16 autocast")
 PROFILE_STEPS = 2  # steps a row runs under the profiler with --profile
 
@@ -79,7 +84,7 @@ def apply_variant(model, variant, batch) -> str:
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
         return ""
-    target = "layernorm" if variant == "layernorm" else "rmsnorm"
+    target = variant.removesuffix("+direct")
     report = patch_model(model, target=target, probe_inputs={"input_ids": batch[:1, :16]})
     return report.summary()
 
@@ -104,6 +109,15 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
+def _direct_launch(on: bool) -> None:
+    """The kernels launched directly (``_triton_norm._DIRECT_LAUNCH``) or through Triton."""
+    kernels = sys.modules.get("hf_rmsnorm.ops._triton_norm")
+    if kernels is None and on:
+        from hf_rmsnorm.ops import _triton_norm as kernels
+    if kernels is not None:
+        kernels._DIRECT_LAUNCH = on
+
+
 class Run:
     """One variant's model and AdamW optimizer, stepped and timed by ``time_in_turn``."""
 
@@ -111,12 +125,14 @@ class Run:
         self.variant, self.model, self.device, self.summary = variant, model, device, summary
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         self.autocast = precision != "bf16 params"
+        self.direct = variant.endswith("+direct")
         self.times = []  # ms of each timed step
         self.resident = 0  # bytes this run keeps between steps: parameters and optimizer state
         self.transient = 0  # the most bytes a timed step allocated on top of what was resident
         self.error = None  # why a step failed, if one did
 
     def step(self, batch):
+        _direct_launch(self.direct)  # the variants step in turn: each sets it for its own step
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss = self.model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -164,7 +180,7 @@ def prepare(name, table, precision, variant, batch, device, warmup):
     ``rmsnorm`` variant of a model without LayerNorms is the ``layernorm`` one)."""
     model = build(name, table, precision, device)
     summary = apply_variant(model, variant, batch)
-    if variant == "rmsnorm" and " 0 exact" in summary:
+    if variant.startswith("rmsnorm") and " 0 exact" in summary:
         return None
     run = Run(variant, model, precision, device, summary)
     for _ in range(warmup):  # compiles the kernels and creates the optimizer state
@@ -278,8 +294,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny configs, few steps (CI, CPU)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated subset of: " + ", ".join(VARIANTS) + " (e.g. to re-time one row)")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help="comma-separated subset of: " + ", ".join(VARIANTS) + " (e.g. to re-time one row; "
+                             "default: the first four)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--profile", action="store_true",
                         help="also profile two steps a row: kernel time by kind, and what differs from the Identity row")

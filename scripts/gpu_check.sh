@@ -15,6 +15,8 @@
 #   STEPS=trainprof bash scripts/gpu_check.sh     # not in the default set: the training benchmark with every
 #                                                  # row profiled (kernel time by kind, the kernels that differ
 #                                                  # most from the Identity row), in $OUT/trainprof/
+#   STEPS=direct bash scripts/gpu_check.sh        # not in the default set: the training table with its patched
+#                                                  # rows launched through Triton and directly, in $OUT/direct/
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick=""
@@ -63,10 +65,14 @@ step tune 150 "$PY" scripts/tune_kernels.py $quick --out "$OUT"
 # GPT-2-medium's norm shape (batch 8 x 1024) first: its training step is host-bound
 [ -z "$quick" ] && step profile 50 "$PY" scripts/profile_norms.py --shapes 8192x1024,65536x768 --out "$OUT"
 step trainprof 90 "$PY" scripts/benchmark_training.py $quick --profile --out "$OUT/trainprof"
+# the training table with the patched rows twice, the kernels launched through Triton and
+# directly, in turn (GPT-2-medium's bf16 step is host-bound)
+step direct 90 "$PY" scripts/benchmark_training.py $quick \
+  --variants "as shipped,layernorm,layernorm+direct,rmsnorm,rmsnorm+direct,norms -> Identity" --out "$OUT/direct"
 
 echo
 grep -E "^(FAILED|ERROR)|passed|failed|skipped" "$OUT/tests.log" 2>/dev/null | cut -c1-400
-for f in trainprof/training tuning profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
+for f in direct/training trainprof/training tuning profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
   [ -f "$OUT/$f.md" ] && sed -n '/^# /p;/^copy/p;/^torch/p;/^|/p;/^- /p;/^`do_bench`/p;/^CUDA-graph/p;/against the Identity row/p' "$OUT/$f.md"
 done
 cat "$OUT/steps.txt" 2>/dev/null

@@ -114,6 +114,32 @@ def test_training_variants_take_steps_in_turn_and_a_failing_one_drops_out():
     assert runs[0].error is None and runs[0].steps == runs[2].steps == 4
 
 
+def test_training_direct_variants_launch_directly_in_their_own_steps_only():
+    """The "+direct" rows patch as their plain twins do, and each step runs with the direct
+    launch on exactly when its own variant asks for it (the variants step in turn)."""
+    pytest.importorskip("triton")
+    import torch
+
+    bt = _training_module()
+    from hf_rmsnorm.ops import _triton_norm
+
+    device = torch.device("cpu")
+    batch = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    seen = []
+    runs = []
+    for variant in ("rmsnorm", "rmsnorm+direct", "as shipped"):
+        run = bt.prepare("gpt2-medium", bt.QUICK, "bf16 params", variant, batch, device, warmup=0)
+        run.model.register_forward_pre_hook(lambda m, a, v=variant: seen.append((v, _triton_norm._DIRECT_LAUNCH)))
+        runs.append(run)
+    assert runs[0].summary == runs[1].summary and " 0 exact" not in runs[1].summary
+    try:
+        bt.time_in_turn(runs, batch, 2)
+    finally:
+        _triton_norm._DIRECT_LAUNCH = False
+    assert sorted(set(seen)) == [("as shipped", False), ("rmsnorm", False), ("rmsnorm+direct", True)]
+    assert len(seen) == 6
+
+
 @pytest.mark.slow
 def test_training_group_that_does_not_fit_at_once_is_timed_one_variant_at_a_time(tmp_path, monkeypatch):
     """Out of memory while a second model is alive: the group's variants are then each built
@@ -407,14 +433,15 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_the_tables(tmp_path):
         pytest.skip("a GPU is present: the dry run would time the real kernels")
     out = tmp_path / "gpu"
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OUT": str(out),
-           "STEPS": "tests,bench,training,mixed,fp32,tune,trainprof", "PYTHON": sys.executable}
+           "STEPS": "tests,bench,training,mixed,fp32,tune,trainprof,direct", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--quick"], capture_output=True, text=True,
                           cwd=ROOT, timeout=900, env=env)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-2000:])
     steps = (out / "steps.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in steps] == [f"== {s}" for s in ("tests", "bench", "training", "mixed", "fp32", "tune", "trainprof")]
+    assert [line.split(":")[0] for line in steps] == [f"== {s}" for s in ("tests", "bench", "training", "mixed", "fp32", "tune", "trainprof", "direct")]
     assert all(": exit 0 in" in line for line in steps), steps
-    for name in ("kernels_bf16", "kernels_bf16_fp32w", "kernels_fp32", "training", "tuning", "trainprof/training"):
+    for name in ("kernels_bf16", "kernels_bf16_fp32w", "kernels_fp32", "training", "tuning", "trainprof/training", "direct/training"):
         assert (out / f"{name}.json").is_file() and (out / f"{name}.md").is_file(), name
     assert (out / "all.tgz").is_file()
-    assert "| llama-1b |" in proc.stdout and "== trainprof: exit 0" in proc.stdout.splitlines()[-1]
+    assert "| llama-1b |" in proc.stdout and "== direct: exit 0" in proc.stdout.splitlines()[-1]
+    assert "| gpt2-medium | bf16 params | rmsnorm+direct |" in proc.stdout
