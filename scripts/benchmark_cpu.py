@@ -308,6 +308,9 @@ def launcher_rows(shape, min_run_time: float, rounds: int) -> list[dict]:
     with triton_without_gpu():
         from hf_rmsnorm.ops import _triton_norm
 
+        if not _triton_norm._DIRECT_TRITON:
+            raise SystemExit(f"--launcher compares the direct launch, which Triton {_triton_norm.triton.__version__} does not take "
+                             "(it is written for Triton 3.6 to 3.9); install one of those to run it")
         for (name, mode), step in host_steps(shape).items():
             if name == "empty autograd.Function":
                 continue  # no launch: host_rows has it

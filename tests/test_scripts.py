@@ -422,6 +422,29 @@ def test_benchmark_cpu_rejects_an_unknown_dtype(tmp_path):
     assert not (tmp_path / "cpu.json").exists()
 
 
+def test_benchmark_cpu_times_the_launch_path_both_ways_in_a_run_of_its_own(tmp_path):
+    """--launcher: every public call through Triton's launch path (compiled kernels, no-op
+    launches), with Triton's run and with the direct launch; not in one run with --host."""
+    pytest.importorskip("triton")
+    from hf_rmsnorm.ops._triton_norm import _DIRECT_TRITON
+
+    if not _DIRECT_TRITON:
+        pytest.skip("the direct launch is off for this Triton release")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_cpu.py"), "--launcher", "--no-modules",
+                           "--quick", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "cpu.json").read_text())["launcher"]
+    assert {(r["call"], r["mode"]) for r in rows} == {
+        (call, mode) for call in ("rms_norm(x, w)", "rms_norm(x, w, b)", "layer_norm(x, w, b)")
+        for mode in ("forward, no grad", "forward, with grad", "forward + backward")}
+    assert all(r["triton_us"] > 0 and r["direct_us"] > 0 for r in rows)
+    assert "| layer_norm(x, w, b) | forward + backward | 2×8×1024 |" in (tmp_path / "cpu.md").read_text()
+    both = _run_cpu_benchmark("--quick", "--host", "--launcher", "--out", str(tmp_path / "both"))
+    assert both.returncode == 2 and "--host and --launcher need separate runs" in both.stderr
+    assert not (tmp_path / "both").exists()
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_step_and_prints_the_tables(tmp_path):
     """`gpu_check.sh --quick` on a CPU: the one script a GPU session runs, step by step, with
