@@ -312,6 +312,11 @@ def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
         group = [r for r in rows if r["pass"] == "fwd" and r["kind"] == kind]
         staged = [r["stages"] for r in group if r["tiles"] == 8 and r["config"] == group[0]["config"] and not r["stream"]]
         assert sorted(staged) == [1, 3], (kind, staged)
+    # RMSNorm with fp32 weight and bias: the shipped tile as the launcher runs it, then 8 tiles a
+    # program plain and pipelined, nothing else
+    group = [(r["config"], r["tiles"], r["stages"]) for r in rows if r["pass"] == "fwd" and r["kind"] == "rms+bias/fp32w"]
+    config = list(fwd_config(n, True, True, True))
+    assert group == [(config, 1, 1), (config, 8, 1), (config, 8, 3)], group
     # the partial-row sums alone, the shipped tile first, for both norms
     from hf_rmsnorm.ops._triton_norm import _sum_config
 
