@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_argument_facts_determine_tritons_specialisation():
     """The direct cache's key: two arguments with the same facts must get the same
-    specialisation from Triton (the converse is not needed: a finer key only compiles less
-    often from the cache). Triton's own specialisation function is the reference."""
+    specialisation from Triton (the converse is not needed: a finer key only sends a call
+    through Triton's own path once more). Triton's own specialisation function is the reference."""
     pytest.importorskip("triton")
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.nvidia.compiler import CUDABackend
@@ -47,8 +47,8 @@ def test_argument_facts_determine_tritons_specialisation():
         for j in range(len(values)):
             if facts[i] == facts[j]:
                 assert specs[i] == specs[j], (values[i], values[j], facts[i], specs[i], specs[j])
-    # and the key is not trivially fine: aligned and unaligned pointers, 16-divisible integers,
-    # 1 and the integer widths all come apart
+    # the values span more than ten of Triton's specialisations (aligned and unaligned pointers,
+    # 16-divisible integers, 1, the integer widths), so the check above has pairs to tell apart
     assert len(set(facts)) >= len(set(specs)) > 10
 
 
