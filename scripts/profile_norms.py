@@ -9,7 +9,10 @@ For a few providers of ``benchmark_kernels.py`` at one shape, measures per call:
   and again with the direct launch (``_triton_norm._DIRECT_LAUNCH``), which skips Triton's
   ``JITFunction.run`` on every call after a key's first;
 - an empty ``autograd.Function`` (forward allocates, backward returns the gradient): the host
-  time any Python-defined norm pays for autograd on this host, whatever its kernels.
+  time any Python-defined norm pays for autograd on this host, whatever its kernels;
+- for every forward+backward, the host time again with autograd's backward run on the calling
+  thread (``torch.autograd.set_multithreading_enabled(False)``) instead of handed to the
+  engine's CUDA device thread: what that handoff costs per call on this host.
 When host ≥ kernels, a ``do_bench`` number measures the launches, not the kernels.
 
     python scripts/profile_norms.py --shapes 65536x768,16384x8192    # on a GPU
@@ -84,6 +87,12 @@ def direct_host_us(step, iters: int) -> float:
         _triton_norm._DIRECT_LAUNCH = saved
 
 
+def one_thread_host_us(step, iters: int) -> float:
+    """``host_us`` with autograd's backward on the calling thread, not the device's."""
+    with torch.autograd.set_multithreading_enabled(False):
+        return host_us(step, iters)
+
+
 def empty_function_step(m: int, n: int, device):
     x = torch.randn(m, n, device=device, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
@@ -115,9 +124,12 @@ def main(argv=None) -> int:
                     with launches_stubbed():
                         r["host_stubbed_us"] = host_us(step, args.iters)
                     r["host_direct_us"] = direct_host_us(step, args.iters)
+                if mode == "fwd+bwd":
+                    r["host_one_thread_us"] = one_thread_host_us(step, args.iters)
                 rows.append({"shape": f"{m}x{n}", "provider": name, "mode": mode, **r})
+        step = empty_function_step(m, n, device)
         rows.append({"shape": f"{m}x{n}", "provider": "empty autograd.Function", "mode": "fwd+bwd",
-                     **measure(empty_function_step(m, n, device), args.iters)})
+                     **measure(step, args.iters), "host_one_thread_us": one_thread_host_us(step, args.iters)})
     md = to_markdown(rows, torch.cuda.get_device_name(), _versions())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -130,14 +142,17 @@ def to_markdown(rows: list[dict], device: str, versions) -> str:
     lines = [f"# Host vs kernel time per call, {device}, bf16", "", f"{versions}", "",
              "host = the Python thread's time to issue a call; stubbed = the same with every kernel launch a no-op "
              "(this package's Python alone), launcher = host − stubbed (Triton's launcher, for this package's calls); "
-             "direct = host with the direct launch (`_DIRECT_LAUNCH`).", "",
-             "| shape | provider | mode | host µs | stubbed µs | launcher µs | direct µs | wall µs | kernels µs | launches | kernels (µs each) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "direct = host with the direct launch (`_DIRECT_LAUNCH`); 1 thread = host with autograd's backward "
+             "on the calling thread (`torch.autograd.set_multithreading_enabled(False)`).", "",
+             "| shape | provider | mode | host µs | stubbed µs | launcher µs | direct µs | 1 thread µs | wall µs | kernels µs | launches | kernels (µs each) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ks = "; ".join(f"{k[:40]} ×{v['calls_per_step']:.0f} {v['us_per_call']:.1f}" for k, v in
                        sorted(r["kernels"].items(), key=lambda kv: -kv[1]["us_per_call"] * kv[1]["calls_per_step"]))
         stubbed = r.get("host_stubbed_us")
         split = (f"{stubbed:.0f} | {r['host_us'] - stubbed:.0f} | {r['host_direct_us']:.0f}" if stubbed is not None else "– | – | –")
+        one = r.get("host_one_thread_us")
+        split += f" | {one:.0f}" if one is not None else " | –"
         lines.append(f"| {r['shape']} | {r['provider']} | {r['mode']} | {r['host_us']:.0f} | {split} | {r['wall_us']:.0f} | "
                      f"{r['kernel_us']:.0f} | {r['launches_per_step']:.0f} | {ks} |")
     return "\n".join(lines) + "\n"

@@ -335,7 +335,7 @@ def test_profile_splits_our_host_time_into_our_python_and_the_launcher(launches,
     sys.path.insert(0, str(ROOT / "scripts"))
     import torch
     from benchmark_kernels import make_step
-    from profile_norms import direct_host_us, empty_function_step, host_us, launches_stubbed, to_markdown
+    from profile_norms import direct_host_us, empty_function_step, host_us, launches_stubbed, one_thread_host_us, to_markdown
 
     from hf_rmsnorm.ops import _triton_norm
 
@@ -354,15 +354,20 @@ def test_profile_splits_our_host_time_into_our_python_and_the_launcher(launches,
     # the autograd floor row: a forward that computes nothing, a backward that passes dy on
     (dx,) = empty_function_step(4, 8, torch.device("cpu"))()
     assert dx.shape == (4, 8) and dx.dtype == torch.bfloat16
+    # the backward on the calling thread: the same launches, autograd's threading back on afterwards
+    assert one_thread_host_us(step, 2) > 0 and launches() == 2 * (5 + 3) + 2 * 2 * (5 + 2)
+    assert torch._C._is_multithreading_enabled()
 
-    def row(provider, host, stubbed=None, direct=None):
+    def row(provider, host, stubbed=None, direct=None, one=None):
         r = {"shape": "8192x1024", "provider": provider, "mode": "fwd+bwd", "host_us": host, "wall_us": 400.0,
-             "kernel_us": 30.0, "launches_per_step": 3, "kernels": {}}
+             "kernel_us": 30.0, "launches_per_step": 3, "kernels": {}, "host_one_thread_us": one}
         return {**r, "host_stubbed_us": stubbed, "host_direct_us": direct} if stubbed is not None else r
 
-    md = to_markdown([row("hf_rmsnorm LayerNorm", 350.0, 120.0, 310.0), row("torch F.layer_norm", 122.0)], "GPU", "v")
-    assert "| 8192x1024 | hf_rmsnorm LayerNorm | fwd+bwd | 350 | 120 | 230 | 310 | 400 | 30 | 3 |" in md
-    assert "| 8192x1024 | torch F.layer_norm | fwd+bwd | 122 | – | – | – | 400 | 30 | 3 |" in md
+    md = to_markdown([row("hf_rmsnorm LayerNorm", 350.0, 120.0, 310.0, 250.0), row("torch F.layer_norm", 122.0, one=100.0),
+                      {**row("torch F.layer_norm", 20.0), "mode": "fwd", "host_one_thread_us": None}], "GPU", "v")
+    assert "| 8192x1024 | hf_rmsnorm LayerNorm | fwd+bwd | 350 | 120 | 230 | 310 | 250 | 400 | 30 | 3 |" in md
+    assert "| 8192x1024 | torch F.layer_norm | fwd+bwd | 122 | – | – | – | 100 | 400 | 30 | 3 |" in md
+    assert "| 8192x1024 | torch F.layer_norm | fwd | 20 | – | – | – | – | 400 | 30 | 3 |" in md
 
 
 def test_tuning_table_lists_the_narrowest_rows_first_whatever_order_they_ran_in():
