@@ -81,8 +81,7 @@ def apply_variant(model, variant, batch) -> str:
     if variant == "norms -> Identity":
         for name, module in list(model.named_modules()):
             if is_norm_like(module) and name:
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+                model.set_submodule(name, nn.Identity())
         return ""
     target = variant.removesuffix("+direct")
     report = patch_model(model, target=target, probe_inputs={"input_ids": batch[:1, :16]})

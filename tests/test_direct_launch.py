@@ -30,7 +30,7 @@ def test_argument_facts_determine_tritons_specialisation():
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.nvidia.compiler import CUDABackend
 
-    from hf_rmsnorm.ops._triton_norm import _DIRECT_TRITON, _arg_fact
+    from hf_rmsnorm.ops._triton_norm import _DIRECT_TRITON, _arg_facts
 
     if not _DIRECT_TRITON:
         pytest.skip("the direct launch is off for this Triton release")
@@ -42,7 +42,7 @@ def test_argument_facts_determine_tritons_specialisation():
         base, base[8:], base[1:], base[2:], base[9:], wide, wide[4:], wide[1:], base.to(torch.float16),
     ]
     specs = [native_specialize_impl(CUDABackend, v, False, True, True) for v in values]
-    facts = [_arg_fact(v) for v in values]
+    facts = list(_arg_facts(values))
     for i in range(len(values)):
         for j in range(len(values)):
             if facts[i] == facts[j]:

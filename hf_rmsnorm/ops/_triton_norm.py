@@ -465,7 +465,7 @@ def _empty(x, like, dtype):
 # call: it binds the arguments, specialises each one, builds the cache key and looks the compiled
 # kernel up, ≈ 9 µs of Python per launch on the CI CPU (Triton 3.6 and 3.9, timed with
 # benchmark_cpu.py's stand-in driver), three launches per forward+backward. A direct launch keys the compiled kernel on
-# what Triton specialises an argument on (``_arg_fact``) and calls its launcher with the same
+# what Triton specialises an argument on (``_arg_facts``) and calls its launcher with the same
 # arguments Triton passes (tests/test_direct_launch.py compares them call by call on the CPU,
 # with the driver's launch a no-op); the first call of each key goes through Triton, which
 # compiles and launches it. Off until a GPU run has compared its results with Triton's launch
@@ -481,13 +481,17 @@ if _DIRECT_TRITON:
     from triton.runtime.driver import driver
 
 
-def _arg_fact(arg):
-    """What Triton specialises a non-constexpr argument on: a tensor's dtype and whether its
+def _arg_facts(args) -> tuple:
+    """What Triton specialises each non-constexpr argument on: a tensor's dtype and whether its
     data is 16-byte aligned; an integer's type (i32, i64 or u64 by its range), whether it is 1
     and whether 16 divides it; a float's type; None. Two calls whose facts agree compile to the
-    same kernel. Anything else is its own fact (its value), which is never wrong, only rarer."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
+    same kernel. Anything else is its own fact (its value), which is never wrong, only rarer.
+    Tensors inline: most arguments are tensors, and a call per argument was a third of
+    ``_launch``'s time."""
+    return tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else _scalar_fact(a) for a in args])
+
+
+def _scalar_fact(arg):
     if type(arg) is int:
         return int, arg == 1, arg % 16 == 0, -(1 << 31) <= arg < (1 << 31), arg >= (1 << 63)
     if type(arg) is float or arg is None:
@@ -505,10 +509,8 @@ def _launch(kernel, grid, args, meta):
         return kernel[grid](*args, **meta)  # the interpreter, a stub, another Triton, hooks Triton runs
     device = driver.active.get_current_device()
     # the kernel's id, not the kernel: hashing a JITFunction costs 0.3 µs, and these live as long
-    # as the module. Tensors' facts inline: most arguments are tensors, and a call per argument
-    # was a third of this function's time.
-    key = (id(kernel), device, tuple(meta.items()),
-           *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else _arg_fact(a) for a in args])
+    # as the module
+    key = (id(kernel), device, tuple(meta.items()), _arg_facts(args))
     entry = _DIRECT.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **meta)
