@@ -71,9 +71,9 @@ _CHILD = textwrap.dedent('''
         recorded = []
         launch = T._launch
 
-        def record(kernel, grid, args, meta):
-            recorded.append((kernel, grid, args, meta))
-            return launch(kernel, grid, args, meta)
+        def record(kernel, grid, args, meta, meta_key=None):
+            recorded.append((kernel, grid, args, meta, meta_key))
+            return launch(kernel, grid, args, meta, meta_key)
 
         def inputs(m, n, dtype=torch.bfloat16, w_dtype=None, shift=0, start=0):
             # shift > 0: rows inside wider ones (row stride n + shift); start > 0: the data
@@ -121,9 +121,10 @@ _CHILD = textwrap.dedent('''
 
         direct = 0
         T._DIRECT_LAUNCH = True
-        for kernel, grid, args, meta in recorded:
+        for kernel, grid, args, meta, meta_key in recorded:
+            assert meta_key == tuple(meta.items()), (meta_key, meta)  # a launch plan's key of its meta
             tritons = launcher_calls(lambda: kernel[grid](*args, **meta))
-            T._launch(kernel, grid, args, meta)  # fills the direct cache where this key is new
+            T._launch(kernel, grid, args, meta, meta_key)  # fills the direct cache where this key is new
             run = kernel.run
 
             def refuse(*a, **k):
@@ -131,7 +132,7 @@ _CHILD = textwrap.dedent('''
 
             kernel.run = refuse
             try:
-                ours = launcher_calls(lambda: T._launch(kernel, grid, args, meta))
+                ours = launcher_calls(lambda: T._launch(kernel, grid, args, meta, meta_key))
             finally:
                 kernel.run = run
             assert ours[0] is tritons[0], ("another compiled kernel", kernel, meta)

@@ -199,6 +199,7 @@ def test_mixed_precision_parameters_share_their_loads_between_rows(kind, n, bias
     from hf_rmsnorm.ops import _triton_norm
 
     monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    monkeypatch.setattr(_triton_norm, "_PLANS", {})  # the choices patched below are made on a plan's first call
     monkeypatch.setattr(_triton_norm, "_MIN_FWD_PROGRAMS", 1)
     picked = []  # (rows a tile, tiles a program) of each forward launch
     fwd_tiles = _triton_norm.fwd_tiles
@@ -236,6 +237,7 @@ def test_pipelined_backward_through_the_public_function(kind, monkeypatch, launc
     from hf_rmsnorm.ops import _triton_norm
 
     monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    monkeypatch.setattr(_triton_norm, "_PLANS", {})  # bwd_stages is asked on a plan's first call
     stages = []
     bwd_stages = _triton_norm.bwd_stages
     monkeypatch.setattr(_triton_norm, "bwd_stages", lambda *a: stages.append(bwd_stages(*a)) or stages[-1])
@@ -249,6 +251,72 @@ def test_pipelined_backward_through_the_public_function(kind, monkeypatch, launc
     for name, got, ref, truth_ in zip(("y", "dx", "dw", "db"), ours, yardstick, truth):
         assert got.dtype == ref.dtype, name
         assert_close_to_fp64(got, ref, truth_, torch.bfloat16, name)
+
+
+def test_a_kept_launch_plan_never_stands_in_for_another_signature(monkeypatch):
+    """Each launch's choices (tile, tiles a program, stages, register cap, grid) come from a plan
+    made on its signature's first call and kept (``_PLANS``). A kept plan must serve only the
+    signature it was made for: every call below, made after all the others (so every plan it
+    could wrongly reuse exists), launches exactly what it launches in a fresh process (no plans).
+    The calls differ from one another in one thing each: width, row count class, dtypes of x,
+    parameters and output (and so gradient), bias or none, RMSNorm or LayerNorm, rounding, an unaligned or
+    strided input. Launches are recorded, not run (their outputs are not read). (The backward's
+    program count, which on CUDA also depends on the gradient's dtype, is 4 on the CPU.)"""
+    pytest.importorskip("triton")
+    from hf_rmsnorm.ops import _triton_norm
+
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors to the launchers; nothing is launched
+    monkeypatch.setattr(_triton_norm, "_MIN_FWD_PROGRAMS", 2)  # 16 rows reach the forward's several-tile class
+    recorded = []
+    monkeypatch.setattr(_triton_norm, "_launch", lambda kernel, grid, args, meta, meta_key=None: recorded.append(
+        (getattr(kernel, "__name__", str(kernel)), grid, dict(meta), meta_key)))
+    bf16, fp32, fp16 = torch.bfloat16, torch.float32, torch.float16
+    cases = [  # (kind, rows, width, x dtype, parameter dtype, bias, cast_mode, layout)
+        ("rms", 8, 1024, bf16, bf16, False, "float32", ""),
+        ("rms", 8, 1000, bf16, bf16, False, "float32", ""),
+        ("rms", 8, 4100, bf16, fp32, False, "float32", ""),
+        ("rms", 40, 4100, bf16, fp32, False, "float32", ""),
+        ("rms", 8, 4100, fp32, fp32, False, "float32", ""),
+        ("rms", 8, 1024, bf16, fp32, False, "float32", ""),
+        ("rms", 8, 1024, fp16, fp16, False, "float32", ""),
+        ("rms", 8, 1024, fp32, fp32, False, "float32", ""),
+        ("rms", 8, 1024, bf16, bf16, True, "float32", ""),
+        ("rms", 8, 1024, bf16, bf16, False, "input", ""),
+        ("rms", 8, 1024, bf16, fp32, False, "weight", ""),
+        ("rms", 8, 1024, fp16, fp32, False, "input", ""),
+        ("layer", 8, 1024, bf16, bf16, True, "float32", ""),
+        ("layer", 8, 4100, bf16, fp32, True, "float32", ""),
+        ("layer", 40, 4100, bf16, fp32, True, "float32", ""),
+        ("layer", 8, 4100, bf16, bf16, True, "float32", ""),
+        ("layer", 8, 1024, bf16, bf16, False, "float32", ""),
+        ("layer", 8, 1024, bf16, bf16, True, "float32", "unaligned"),
+        ("layer", 8, 1024, bf16, bf16, True, "float32", "strided"),
+        ("layer", 1, 1024, bf16, bf16, True, "float32", ""),
+    ]
+
+    def launches_of(kind, m, n, x_dtype, p_dtype, bias, cast_mode, layout):
+        flat = torch.randn(1 + m * (n + 8), dtype=x_dtype)
+        x = {"": flat[: m * n].view(m, n), "unaligned": flat[1: 1 + m * n].view(m, n),
+             "strided": flat[: m * (n + 8)].view(m, n + 8)[:, :n]}[layout].requires_grad_(True)
+        w = torch.randn(n, dtype=p_dtype, requires_grad=True)
+        b = torch.randn(n, dtype=p_dtype, requires_grad=True) if bias else None
+        fn = rms_norm if kind == "rms" else layer_norm
+        y = fn(x, w, b, cast_mode=cast_mode)
+        start = len(recorded)
+        params = (w,) if b is None else (w, b)
+        torch.autograd.grad(y, (x, *params), torch.zeros_like(y))  # y's dtype: fp32 for cast_mode="weight" here
+        return recorded[start - 1:]
+
+    for case in cases:
+        launches_of(*case)
+    kept = [launches_of(*case) for case in reversed(cases)]
+    for case, launched in zip(reversed(cases), kept):
+        monkeypatch.setattr(_triton_norm, "_PLANS", {})
+        assert launched == launches_of(*case), case
+    assert all(len(launched) == 3 for launched in kept)
+    # the cases are told apart: their plans are not all one
+    assert len({str(launched) for launched in kept}) > len(cases) // 2
 
 
 @pytest.mark.parametrize("rows,n,config", [

@@ -262,8 +262,12 @@ def output_dtype(dtype: torch.dtype, weight: Optional[Tensor], bias: Optional[Te
 
 
 def _rows(x: Tensor) -> Tensor:
-    """``x`` as an (M, N) matrix of rows with unit column stride, the kernels' layout: a view
-    wherever the leading dimensions allow one, a copy otherwise."""
+    """``x``'s rows in a layout the launchers take: ``x`` itself where it is contiguous (any
+    rank: the kernels need a pointer, a row count and a row stride, no view), else an (M, N)
+    matrix of rows with unit column stride, a view wherever the leading dimensions allow one, a
+    copy otherwise."""
+    if x.is_contiguous():
+        return x  # a reshape costs ≈ 1.3 µs of host time, three per forward+backward
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     return x2.contiguous() if x2.shape[1] > 1 and x2.stride(1) != 1 else x2
 
@@ -309,8 +313,8 @@ def _norm_fwd_op(
 
 @_norm_fwd_op.register_fake
 def _(x, weight, bias, eps, offset, is_rms, rounding):
-    M, N = x.shape
-    y = x.new_empty((M, N), dtype=output_dtype(x.dtype, weight, bias, CAST_MODES[rounding]))
+    M = x.numel() // x.shape[-1]  # rows of any rank (``_rows``); the kernels never see N = 0
+    y = x.new_empty(x.shape, dtype=output_dtype(x.dtype, weight, bias, CAST_MODES[rounding]))
     mean = x.new_empty((0 if is_rms else M,), dtype=torch.float32)
     return y, mean, x.new_empty((M,), dtype=torch.float32)
 
@@ -448,7 +452,7 @@ def _dispatch(torch_impl, x, device_type, weight, bias, eps, offset, is_rms, cas
         return torch_impl(x, weight, bias, eps, offset, cast_mode)
     args = (weight, bias, float(eps), float(offset), is_rms, ROUNDING[cast_mode])
     if torch.compiler.is_compiling():
-        # traceable and opaque to the compiler; its schema takes the (M, N) rows
+        # traceable and opaque to the compiler; it takes the rows as ``_rows`` lays them out
         return _norm_fwd_op(_rows(x), *args)[0].view(x.shape)
     if needs_grad(x, weight, bias):
         return _NormFunction.apply(x, *args, torch_impl)  # eager: cheaper than the custom op's dispatch

@@ -397,8 +397,12 @@ _SM_REGISTERS = 65536
 _SM_THREADS = 2048
 _BLOCK_RESERVED_SHARED = 1024
 _MAX_PROGRAMS_PER_SM = 8
-# programs per SM of each compiled backward variant (see norm_bwd)
-_OCCUPANCY: dict = {}
+# Launch plans: what a launch derives from its signature (row width, dtypes, flags, device, the
+# tuning overrides), worked out on its first call and kept: the tile, tiles, stages, register
+# cap, the constexprs and launch options with their key tuple, the backward's programs on CUDA.
+# One lookup per launch instead of five to seven calls, host time the GPU waits for
+# (benchmarks/NOTES.md, session 21). Keyed by kernel ("fwd", "bwd", "sum") and signature.
+_PLANS: dict = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -499,18 +503,19 @@ def _scalar_fact(arg):
     return type(arg), arg
 
 
-def _launch(kernel, grid, args, meta):
+def _launch(kernel, grid, args, meta, meta_key=None):
     """``kernel[grid](*args, **meta)``: directly (see ``_DIRECT_LAUNCH``) where the compiled
     kernel for these arguments is known, else through Triton, which compiles it if need be.
     ``args`` are the kernel's leading non-constexpr arguments, ``meta`` its constexprs in
-    declaration order and the launch options (num_warps, maxnreg)."""
+    declaration order and the launch options (num_warps, maxnreg); ``meta_key``, where given,
+    is ``tuple(meta.items())`` made once (a launch plan's)."""
     if not (_DIRECT_LAUNCH and _DIRECT_TRITON and type(kernel) is triton.runtime.jit.JITFunction
             and not kernel.pre_run_hooks and getattr(knobs.runtime, "add_stages_inspection_hook", None) is None):
         return kernel[grid](*args, **meta)  # the interpreter, a stub, another Triton, hooks Triton runs
     device = driver.active.get_current_device()
     # the kernel's id, not the kernel: hashing a JITFunction costs 0.3 µs, and these live as long
     # as the module
-    key = (id(kernel), device, tuple(meta.items()), _arg_facts(args))
+    key = (id(kernel), device, meta_key or tuple(meta.items()), _arg_facts(args))
     entry = _DIRECT.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **meta)
@@ -523,50 +528,74 @@ def _launch(kernel, grid, args, meta):
     bound = (*args, *constexprs)
     stream = driver.active.get_current_stream(device)
     dims = (*grid, 1, 1)
-    compiled.run(dims[0], dims[1], dims[2], stream, compiled.function, compiled.packed_metadata,
-                 compiled.launch_metadata(grid, stream, *bound), knobs.runtime.launch_enter_hook,
-                 knobs.runtime.launch_exit_hook, *bound)
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    # Triton's launchers (3.6 to 3.9) read the launch metadata only to hand it to these hooks:
+    # without hooks it need not be built (a fresh LazyDict, ≈ 1 µs)
+    metadata = compiled.launch_metadata(grid, stream, *bound) if enter is not None or leave is not None else None
+    compiled.run(dims[0], dims[1], dims[2], stream, compiled.function, compiled.packed_metadata, metadata, enter, leave,
+                 *bound)
     return compiled
+
+
+def _row_layout(t) -> tuple[int, int, int]:
+    """(M, N, row stride) of the rows of ``t``: 2-D with unit column stride, or contiguous of any
+    rank (``_norm._rows`` hands the launchers nothing else), whose rows are then N apart."""
+    if t.dim() == 2:
+        M, N = t.shape
+        return M, N, t.stride(0)
+    N = t.shape[-1]
+    return (t.numel() // N if N else 0), N, N
 
 
 def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=None, tiles=None, stream="",
              stages=None, like=None):
-    """Launch the forward kernel on ``x`` (M, N) with unit column stride; returns y, contiguous,
-    in the shape of ``like`` (default (M, N): a caller with leading dimensions passes its own
-    input and gets y in that shape, no view), and the fp32 statistics per row: mean (None for
-    RMSNorm, which has none) and rstd.
+    """Launch the forward kernel on the rows of ``x`` (2-D with unit column stride, or contiguous
+    of any rank); returns y, contiguous, in the shape of ``like`` (default x's), and the fp32
+    statistics per row: mean (None for RMSNorm, which has none) and rstd.
 
     ``config`` overrides ``fwd_config(N, is_rms, wide_params, has_bias)``, ``tiles`` the tiles per program
     ``fwd_tiles`` picks, ``stream`` (``"evict_first"``) hints the cache to drop the rows
     after reading them, as torch.compile's kernels do, and ``stages`` the pipeline stages of the
     tile loop ``fwd_stages`` picks; the tuning sweep uses all four."""
-    M, N = x.shape
+    M, N, stride = _row_layout(x)
     y = _empty(x, like, out_dtype)
     rstd = x.new_empty((M,), dtype=torch.float32)
     mean = None if is_rms else x.new_empty((M,), dtype=torch.float32)
     if M == 0:
         return y, mean, rstd
+    # fwd_tiles depends on M only through this comparison
+    key = ("fwd", N, x.dtype, weight.dtype if weight is not None else None, bias.dtype if bias is not None else None,
+           is_rms, rounding, M >= _MIN_FWD_PROGRAMS * _FWD_TILES, x.get_device(), config, tiles, stream, stages)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _fwd_plan(x, M, N, weight, bias, is_rms, rounding, config, tiles, stream, stages)
+    rows_per_program, meta, meta_key = plan
+    _launch(_norm_fwd_kernel, (_ceil_div(M, rows_per_program),),
+            (x, y, weight, bias, mean, rstd, stride, M, N, eps, offset),  # mean None (RMS): no pointer for the launcher to check
+            meta, meta_key)
+    LAUNCHES["norm_fwd"] += 1
+    return y, mean, rstd
+
+
+def _fwd_plan(x, M, N, weight, bias, is_rms, rounding, config, tiles, stream, stages):
+    """(rows a program, meta, meta key) of ``norm_fwd``'s launches for this signature."""
     p_size = param_size(weight, bias)
     block_m, block_n, warps = config or fwd_config(N, is_rms, p_size > x.element_size(), bias is not None)
     if tiles is None:
         tiles = fwd_tiles(M, block_m, x.element_size(), p_size)
     if stages is None:
         stages = fwd_stages(block_shared(x.device), tiles, block_m, block_n, is_rms, bias is not None, x.element_size())
-    _launch(_norm_fwd_kernel, (_ceil_div(M, block_m * tiles),),
-            (x, y, weight, bias, mean, rstd,  # mean None (RMS): no pointer for the launcher to check
-             x.stride(0), M, N, eps, offset),
-            dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROUNDING=rounding,
-                 BLOCK_M=block_m, BLOCK_N=block_n, TILES=tiles, STREAM=stream, STAGES=stages, num_warps=warps))
-    LAUNCHES["norm_fwd"] += 1
-    return y, mean, rstd
+    meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROUNDING=rounding,
+                BLOCK_M=block_m, BLOCK_N=block_n, TILES=tiles, STREAM=stream, STAGES=stages, num_warps=warps)
+    return block_m * tiles, meta, tuple(meta.items())
 
 
 def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, config=None, programs_per_sm=None,
              maxnreg=None, stream="", reload_w=False, stages=None, like=None):
-    """Launch the backward kernel; returns dx (contiguous, shaped like ``like``, default (M, N))
+    """Launch the backward kernel; returns dx (contiguous, shaped like ``like``, default x's)
     and the fp32 ``(programs, C)`` partial sums of the parameter gradients: C = N for one
     parameter, 2N for weight and bias (weight first), None without parameters. ``sum_partials``
-    reduces them.
+    reduces them. ``x`` and ``dy`` are rows as ``norm_fwd`` takes them, the same number.
 
     ``config`` overrides ``bwd_config(N, has_bias, wide_params)``, ``programs_per_sm`` the
     occupancy the compiled kernel allows, ``maxnreg`` caps the registers a thread may use (ptxas spills beyond it;
@@ -575,53 +604,66 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     weight for every tile instead of keeping it in registers (fewer registers, more loads), and
     ``stages`` the pipeline stages of the tile loop ``bwd_stages`` picks. The tuning
     sweep uses all six."""
-    M, N = x.shape
+    M, N, stride_x = _row_layout(x)
+    stride_dy = _row_layout(dy)[2]
     dx = _empty(x, like, x.dtype)
     columns = ((weight is not None) + has_bias) * N
     if M == 0:
         return dx, x.new_zeros((1, columns), dtype=torch.float32) if columns else None
-    block_m, block_n, warps = config or bwd_config(N, has_bias, param_size(weight, None) > x.element_size())
-    if maxnreg is None:
-        maxnreg = bwd_maxnreg(block_m, is_rms, has_bias)
-    if stages is None:
-        stages = bwd_stages(block_shared(x.device), block_m, block_n, is_rms, has_bias, x.element_size(), param_size(weight, None))
-    meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
-                BLOCK_M=block_m, BLOCK_N=block_n, STREAM=stream, RELOAD_W=reload_w, STAGES=stages, num_warps=warps)
-    if maxnreg:
-        meta["maxnreg"] = maxnreg
-    # Absent buffers go to the kernel as None: Triton's launcher asks the driver about every
-    # pointer argument, which costs host time on each launch.
-    mean = None if is_rms else mean
-
-    def args(part):
-        return (x, weight, dy, dx, part, mean, rstd, x.stride(0), dy.stride(0), M, N, offset)
-
-    if x.device.type == "cuda":
-        if programs_per_sm is None:
-            # everything the compiled variant depends on (Triton specialises on 16-divisibility)
-            key = (x.device, x.dtype, dy.dtype, weight.dtype if weight is not None else None, x.stride(0) % 16,
-                   dy.stride(0) % 16, N % 16, is_rms, has_bias, rounding, block_m, block_n, warps, maxnreg, stream, reload_w,
-                   stages)
-            programs_per_sm = _OCCUPANCY.get(key)
-            if programs_per_sm is None:
-                # compile (or fetch from Triton's cache) without launching, to read the registers
-                # and shared memory one program needs; the rstd buffer stands in for the
-                # partial-sum pointer
-                compiled = _norm_bwd_kernel.warmup(*args(rstd if columns else None), grid=(1,), **meta)
-                compiled._init_handles()
-                programs_per_sm = _OCCUPANCY[key] = _programs_per_sm(
-                    compiled.n_regs, warps, shared=compiled.metadata.shared, sm_shared=_sm_shared(x.device))
-        programs = _sm_count(x.device) * programs_per_sm
-    else:
-        programs = 4  # TRITON_INTERPRET=1 on the CPU: a few programs still exercise the reduction
+    key = ("bwd", N, x.dtype, dy.dtype, weight.dtype if weight is not None else None, has_bias, is_rms, rounding,
+           x.get_device(), config, programs_per_sm, maxnreg, stream, reload_w, stages)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _bwd_plan(x, dy, weight, N, is_rms, rounding, has_bias, columns, config, programs_per_sm,
+                                       maxnreg, stream, reload_w, stages)
+    block_m, meta, meta_key, programs = plan
     # A fixed number of programs per device and shape keeps the partial-sum layout, and so
     # the weight gradient, identical from one run to the next. Every program owns at least
     # one tile, so every partial row is written.
     programs = min(programs, _ceil_div(M, block_m))
     part = x.new_empty((programs, columns), dtype=torch.float32) if columns else None
-    _launch(_norm_bwd_kernel, (programs,), args(part), meta)
+    # Absent buffers go to the kernel as None: Triton's launcher asks the driver about every
+    # pointer argument, which costs host time on each launch.
+    _launch(_norm_bwd_kernel, (programs,),
+            (x, weight, dy, dx, part, None if is_rms else mean, rstd, stride_x, stride_dy, M, N, offset), meta, meta_key)
     LAUNCHES["norm_bwd"] += 1
     return dx, part
+
+
+def _bwd_plan(x, dy, weight, N, is_rms, rounding, has_bias, columns, config, programs_per_sm, maxnreg, stream,
+              reload_w, stages):
+    """(BLOCK_M, meta, meta key, programs on the device) of ``norm_bwd``'s launches for this
+    signature; the programs before the cap at one tile each."""
+    block_m, block_n, warps = config or bwd_config(N, has_bias, param_size(weight, None) > x.element_size())
+    if maxnreg is None:
+        maxnreg = bwd_maxnreg(block_m, is_rms, has_bias)
+    if stages is None:
+        stages = bwd_stages(block_shared(x.device), block_m, block_n, is_rms, has_bias, x.element_size(),
+                            param_size(weight, None))
+    meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
+                BLOCK_M=block_m, BLOCK_N=block_n, STREAM=stream, RELOAD_W=reload_w, STAGES=stages, num_warps=warps)
+    if maxnreg:
+        meta["maxnreg"] = maxnreg
+    if x.device.type != "cuda":
+        return block_m, meta, tuple(meta.items()), 4  # TRITON_INTERPRET=1 on the CPU: a few programs still exercise the reduction
+    if programs_per_sm is None:
+        # Compile (or fetch from Triton's cache) without launching, to read the registers and
+        # shared memory one program needs. Always the same specialisation for a signature,
+        # whatever the call that made the plan (empty stand-ins for the buffers: aligned; the
+        # strides of contiguous rows; a row count divisible by 16), so the programs, and with them the
+        # partial-sum layout and the weight gradient's bits, do not depend on which call of a
+        # process came first.
+        def stand_in(t):
+            return None if t is None else t.new_empty((0,))
+
+        stats = x.new_empty((0,), dtype=torch.float32)
+        compiled = _norm_bwd_kernel.warmup(
+            stand_in(x), stand_in(weight), stand_in(dy), stand_in(x), stats if columns else None, None if is_rms else stats,
+            stats, N, N, 4096, N, 0.0, grid=(1,), **meta)
+        compiled._init_handles()
+        programs_per_sm = _programs_per_sm(compiled.n_regs, warps, shared=compiled.metadata.shared,
+                                           sm_shared=_sm_shared(x.device))
+    return block_m, meta, tuple(meta.items()), _sm_count(x.device) * programs_per_sm
 
 
 @functools.lru_cache(maxsize=None)
@@ -645,8 +687,14 @@ def sum_partials(part, dtypes, config=None):
     rows, cols = part.shape
     n = cols // len(dtypes)
     outs = [part.new_empty((n,), dtype=dtype) for dtype in dtypes]
-    block_r, block_c, warps = config or _sum_config(rows, cols)
+    key = ("sum", rows, cols, config)
+    plan = _PLANS.get(key)
+    if plan is None:
+        block_r, block_c, warps = config or _sum_config(rows, cols)
+        meta = dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+        plan = _PLANS[key] = block_c, meta, tuple(meta.items())
+    block_c, meta, meta_key = plan
     _launch(_sum_rows_kernel, (_ceil_div(cols, block_c),), (part, outs[0], outs[1] if len(outs) > 1 else None, rows, cols, n),
-            dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps))
+            meta, meta_key)
     LAUNCHES["sum_partials"] += 1
     return outs
