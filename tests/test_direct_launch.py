@@ -141,6 +141,23 @@ _CHILD = textwrap.dedent('''
                 assert same(a, b), (kernel, k, a, b)
             direct += 1
         print("direct launches checked:", direct, "compiled kernels:", len(T._DIRECT))
+
+        # The backward's programs on CUDA come from the registers of one specialisation per plan
+        # (_backward_specimen): the kernel a launch on contiguous, aligned rows, 4096 of them, runs.
+        for kind, n, w_dtype, with_bias in (("layer", 1024, torch.bfloat16, True), ("rms", 1000, torch.float32, False),
+                                            ("rms", 8192, torch.bfloat16, False), ("layer", 768, torch.float16, False)):
+            x = torch.randn(4096, n, dtype=torch.bfloat16)
+            dy, dx, w = torch.randn_like(x), torch.empty_like(x), torch.randn(n, dtype=w_dtype)
+            is_rms, columns = kind == "rms", (1 + with_bias) * n
+            meta = T._bwd_plan(x, dy, w, n, is_rms, 0, with_bias, columns, None, None, None, "", False, None)[1]
+            rstd, part = torch.empty(4096), torch.empty(4, columns)
+            launched = T._norm_bwd_kernel[(4,)](x, w, dy, dx, part, None if is_rms else rstd, rstd, n, n, 4096, n, 0.5, **meta)
+            specimen = T._backward_specimen(x, dy, w, is_rms, columns, meta)
+            assert specimen is launched, (kind, n, w_dtype)
+            # and not the kernel of a row count that 16 does not divide
+            odd = T._norm_bwd_kernel[(4,)](x[:4095], w, dy, dx, part, None if is_rms else rstd, rstd, n, n, 4095, n, 0.5, **meta)
+            assert specimen is not odd
+        print("backward specimens checked")
 ''')
 
 
@@ -156,3 +173,4 @@ def test_direct_launch_passes_the_launcher_what_triton_passes(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "direct launches checked: 36" in proc.stdout, proc.stdout
+    assert "backward specimens checked" in proc.stdout, proc.stdout

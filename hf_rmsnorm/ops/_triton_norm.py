@@ -647,23 +647,28 @@ def _bwd_plan(x, dy, weight, N, is_rms, rounding, has_bias, columns, config, pro
     if x.device.type != "cuda":
         return block_m, meta, tuple(meta.items()), 4  # TRITON_INTERPRET=1 on the CPU: a few programs still exercise the reduction
     if programs_per_sm is None:
-        # Compile (or fetch from Triton's cache) without launching, to read the registers and
-        # shared memory one program needs. Always the same specialisation for a signature,
-        # whatever the call that made the plan (empty stand-ins for the buffers: aligned; the
-        # strides of contiguous rows; a row count divisible by 16), so the programs, and with them the
-        # partial-sum layout and the weight gradient's bits, do not depend on which call of a
-        # process came first.
-        def stand_in(t):
-            return None if t is None else t.new_empty((0,))
-
-        stats = x.new_empty((0,), dtype=torch.float32)
-        compiled = _norm_bwd_kernel.warmup(
-            stand_in(x), stand_in(weight), stand_in(dy), stand_in(x), stats if columns else None, None if is_rms else stats,
-            stats, N, N, 4096, N, 0.0, grid=(1,), **meta)
-        compiled._init_handles()
+        compiled = _backward_specimen(x, dy, weight, is_rms, columns, meta)
         programs_per_sm = _programs_per_sm(compiled.n_regs, warps, shared=compiled.metadata.shared,
                                            sm_shared=_sm_shared(x.device))
     return block_m, meta, tuple(meta.items()), _sm_count(x.device) * programs_per_sm
+
+
+def _backward_specimen(x, dy, weight, is_rms, columns, meta):
+    """The backward kernel compiled (or fetched from Triton's cache) for ``meta`` without a
+    launch, to read the registers and shared memory one program needs. Always the same
+    specialisation for a plan, whatever call made it (empty stand-ins for the buffers, so
+    aligned pointers; the strides of contiguous rows; a row count divisible by 16): the
+    programs, and with them the partial-sum layout and the weight gradient's bits, do not depend
+    on which call of a process came first."""
+    def stand_in(t, dtype=None):
+        return None if t is None else t.new_empty((0,), dtype=dtype or t.dtype)
+
+    N = x.shape[-1]
+    stats = stand_in(x, torch.float32)
+    compiled = _norm_bwd_kernel.warmup(stand_in(x), stand_in(weight), stand_in(dy), stand_in(x), stats if columns else None,
+                                       None if is_rms else stats, stats, N, N, 4096, N, 0.0, grid=(1,), **meta)
+    compiled._init_handles()
+    return compiled
 
 
 @functools.lru_cache(maxsize=None)
