@@ -18,6 +18,11 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
+from hf_rmsnorm.ops import layer_norm, rms_norm  # noqa: E402  (after TRITON_INTERPRET is decided)
+
+# the public ops by the kind names the float64 references take (reference.norm_fp64)
+FNS = {"rms": rms_norm, "layer": layer_norm}
+
 
 def needs_interpreter(what: str) -> None:
     """Skip unless Triton runs here on CPU tensors (TRITON_INTERPRET=1); ``what`` says why."""

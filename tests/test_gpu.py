@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import FNS
 from hf_rmsnorm.ops import layer_norm, rms_norm
 from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_torch_same_dtype, second_order
 
 pytestmark = pytest.mark.gpu
-FNS = {"rms": rms_norm, "layer": layer_norm}
 EPS = {"rms": 1e-6, "layer": 1e-5}
 
 

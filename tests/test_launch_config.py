@@ -5,11 +5,9 @@ launch parameters are tuned per GPU, so each variant the sweep can pick must sta
 import pytest
 import torch
 
-from conftest import needs_interpreter
+from conftest import FNS, needs_interpreter
 from hf_rmsnorm.ops import layer_norm, rms_norm
 from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_inputs, norm_torch_same_dtype
-
-FNS = {"rms": rms_norm, "layer": layer_norm}
 
 
 @pytest.mark.parametrize("kind", ["rms", "layer"])

@@ -5,10 +5,10 @@ budget: within 2x PyTorch's own same-dtype error plus a small atol."""
 import pytest
 import torch
 
-from hf_rmsnorm.ops import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+from conftest import FNS
+from hf_rmsnorm.ops import layer_norm_ref, rms_norm_ref
 from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_torch_same_dtype
 
-FNS = {"rms": rms_norm, "layer": layer_norm}
 REFS = {"rms": rms_norm_ref, "layer": layer_norm_ref}
 EPS = {"rms": 1e-6, "layer": 1e-5}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -9,12 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import needs_interpreter
+from conftest import FNS, needs_interpreter
 from hf_rmsnorm.ops import layer_norm, rms_norm
 from hf_rmsnorm.ops import _norm
 from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_inputs, norm_torch_same_dtype, second_order
-
-FNS = {"rms": rms_norm, "layer": layer_norm}
 
 
 @pytest.mark.parametrize("kind", ["rms", "layer"])
