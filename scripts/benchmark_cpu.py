@@ -138,8 +138,8 @@ def module_rows(shapes, dtypes, rounds: int, min_run_time: float) -> list[dict]:
 @contextlib.contextmanager
 def launches_stubbed():
     """Run the Triton path with every kernel launch a no-op (host time only): on CPU tensors,
-    and on CUDA ones once a real call of the same shape has run (the backward then reads its
-    programs per SM from the cache that call filled instead of compiling; ``profile_norms.py``)."""
+    and on CUDA ones once a real call of the same shape has run (the backward then takes its
+    programs from the launch plan that call made instead of compiling; ``profile_norms.py``)."""
     from hf_rmsnorm.ops import _triton_norm
 
     def nop(*args, **kwargs):
