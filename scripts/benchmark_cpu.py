@@ -306,10 +306,10 @@ def launcher_rows(shape, min_run_time: float, rounds: int) -> list[dict]:
     with the direct launch, timed alternately."""
     rows = []
     with triton_without_gpu():
-        from hf_rmsnorm.ops import _triton_norm
+        from hf_rmsnorm.ops import _direct
 
-        if not _triton_norm._DIRECT_TRITON:
-            raise SystemExit(f"--launcher compares the direct launch, which Triton {_triton_norm.triton.__version__} does not take "
+        if not _direct._DIRECT_TRITON:
+            raise SystemExit(f"--launcher compares the direct launch, which Triton {_direct.triton.__version__} does not take "
                              "(it is written for Triton 3.6 to 3.9); install one of those to run it")
         for (name, mode), step in host_steps(shape).items():
             if name == "empty autograd.Function":
@@ -317,10 +317,10 @@ def launcher_rows(shape, min_run_time: float, rounds: int) -> list[dict]:
             times: dict = {False: [], True: []}
             for i in range(rounds):
                 for direct in ((False, True) if i % 2 == 0 else (True, False)):
-                    _triton_norm._DIRECT_LAUNCH = direct
+                    _direct._DIRECT_LAUNCH = direct
                     step()  # compiles, and fills the direct cache
                     times[direct].append(_median_us(step, min_run_time))
-            _triton_norm._DIRECT_LAUNCH = False
+            _direct._DIRECT_LAUNCH = False
             triton_us, direct_us = (statistics.median(times[d]) for d in (False, True))
             rows.append({"call": name, "mode": mode, "shape": list(shape), "triton_us": triton_us, "direct_us": direct_us})
             print(f"{name:24s} {mode:20s} {triton_us:7.1f} {direct_us:7.1f} µs", flush=True)
@@ -382,7 +382,7 @@ def to_markdown(result: dict) -> str:
             "## Host time per call through Triton's launch path, the driver's launch a no-op (bf16)",
             "",
             "Kernels compiled for sm_90; every launch through Triton's `JITFunction.run`, or through the "
-            "direct launch (`_triton_norm._DIRECT_LAUNCH`) after a key's first call; timed alternately, medians. "
+            "direct launch (`_direct._DIRECT_LAUNCH`) after a key's first call; timed alternately, medians. "
             "The driver's own launch (and its pointer checks) comes on top, on a GPU only.",
             "",
             "| call | mode | shape | Triton's run µs | direct µs | saved µs |",

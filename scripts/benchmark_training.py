@@ -12,7 +12,7 @@ each per round, so that the ratios between them (the targets) are not moved by t
 the GPU clock changing between one variant's steps and the next's; a group that does not fit
 the device at once is timed one variant at a time, and the table says so. ``--variants`` adds
 ``layernorm+direct`` and ``rmsnorm+direct``: the same patches with the kernels launched
-directly (``_triton_norm._DIRECT_LAUNCH``), for the host-bound step that decides whether it ships.
+directly (``_direct._DIRECT_LAUNCH``), for the host-bound step that decides whether it ships.
 
     python scripts/benchmark_training.py            # on a GPU
     python scripts/benchmark_training.py --quick    # tiny configs, runs anywhere (CI)
@@ -53,7 +53,7 @@ QUICK = {
 }
 VARIANTS = ("as shipped", "layernorm", "rmsnorm", "norms -> Identity", "layernorm+direct", "rmsnorm+direct")
 # the table's rows; the "+direct" variants (the same patch, with the kernels launched directly,
-# _triton_norm._DIRECT_LAUNCH) only on request, until a GPU run decides whether it ships
+# _direct._DIRECT_LAUNCH) only on request, until a GPU run decides whether it ships
 DEFAULT_VARIANTS = VARIANTS[:4]
 PRECISIONS = ("bf16 params", "fp32 params + bf16 autocast")
 PROFILE_STEPS = 2  # steps a row runs under the profiler with --profile
@@ -109,12 +109,12 @@ def kernel_kind(name: str) -> str:
 
 
 def _direct_launch(on: bool) -> None:
-    """The kernels launched directly (``_triton_norm._DIRECT_LAUNCH``) or through Triton."""
-    kernels = sys.modules.get("hf_rmsnorm.ops._triton_norm")
-    if kernels is None and on:
-        from hf_rmsnorm.ops import _triton_norm as kernels
-    if kernels is not None:
-        kernels._DIRECT_LAUNCH = on
+    """The kernels launched directly (``_direct._DIRECT_LAUNCH``) or through Triton."""
+    direct = sys.modules.get("hf_rmsnorm.ops._direct")
+    if direct is None and on:
+        from hf_rmsnorm.ops import _direct as direct
+    if direct is not None:
+        direct._DIRECT_LAUNCH = on
 
 
 class Run:

@@ -6,7 +6,7 @@ For a few providers of ``benchmark_kernels.py`` at one shape, measures per call:
 - kernels: the sum of the kernel durations the profiler records, and each kernel's share;
 - for this package's providers, the host time again with every kernel launch a no-op: this
   package's Python alone, so that host minus it is what Triton's launcher costs on this host;
-  and again with the direct launch (``_triton_norm._DIRECT_LAUNCH``), which skips Triton's
+  and again with the direct launch (``_direct._DIRECT_LAUNCH``), which skips Triton's
   ``JITFunction.run`` on every call after a key's first;
 - an empty ``autograd.Function`` (forward allocates, backward returns the gradient): the host
   time any Python-defined norm pays for autograd on this host, whatever its kernels;
@@ -77,14 +77,14 @@ def measure(step, iters: int) -> dict:
 
 def direct_host_us(step, iters: int) -> float:
     """``host_us`` with the direct launch on (the warm-up's calls fill its cache)."""
-    from hf_rmsnorm.ops import _triton_norm
+    from hf_rmsnorm.ops import _direct
 
-    saved = _triton_norm._DIRECT_LAUNCH
-    _triton_norm._DIRECT_LAUNCH = True
+    saved = _direct._DIRECT_LAUNCH
+    _direct._DIRECT_LAUNCH = True
     try:
         return host_us(step, iters)
     finally:
-        _triton_norm._DIRECT_LAUNCH = saved
+        _direct._DIRECT_LAUNCH = saved
 
 
 def one_thread_host_us(step, iters: int) -> float:

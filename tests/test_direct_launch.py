@@ -1,4 +1,4 @@
-"""The direct launch (``_triton_norm._launch`` with ``_DIRECT_LAUNCH``) must pick the compiled
+"""The direct launch (``_direct.launch`` with ``_DIRECT_LAUNCH``) must pick the compiled
 kernel Triton's own launch picks and pass its launcher the same arguments.
 
 On a CPU machine the kernels are compiled for sm_90 by Triton's own compiler and every launch is
@@ -30,7 +30,7 @@ def test_argument_facts_determine_tritons_specialisation():
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.nvidia.compiler import CUDABackend
 
-    from hf_rmsnorm.ops._triton_norm import _DIRECT_TRITON, _arg_facts
+    from hf_rmsnorm.ops._direct import _DIRECT_TRITON, _arg_facts
 
     if not _DIRECT_TRITON:
         pytest.skip("the direct launch is off for this Triton release")
@@ -65,6 +65,7 @@ _CHILD = textwrap.dedent('''
     from benchmark_cpu import _NoLaunch, triton_without_gpu
 
     with triton_without_gpu():
+        from hf_rmsnorm.ops import _direct as D
         from hf_rmsnorm.ops import _triton_norm as T
         from hf_rmsnorm.ops import layer_norm, rms_norm
 
@@ -120,7 +121,7 @@ _CHILD = textwrap.dedent('''
             return a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b)
 
         direct = 0
-        T._DIRECT_LAUNCH = True
+        D._DIRECT_LAUNCH = True
         for kernel, grid, args, meta, meta_key in recorded:
             assert meta_key == tuple(meta.items()), (meta_key, meta)  # a launch plan's key of its meta
             tritons = launcher_calls(lambda: kernel[grid](*args, **meta))
@@ -140,7 +141,7 @@ _CHILD = textwrap.dedent('''
             for k, (a, b) in enumerate(zip(ours[1], tritons[1])):
                 assert same(a, b), (kernel, k, a, b)
             direct += 1
-        print("direct launches checked:", direct, "compiled kernels:", len(T._DIRECT))
+        print("direct launches checked:", direct, "compiled kernels:", len(D._DIRECT))
 
         # The backward's programs on CUDA come from the registers of one specialisation per plan
         # (_backward_specimen): the kernel a launch on contiguous, aligned rows, 4096 of them, runs.
@@ -163,7 +164,7 @@ _CHILD = textwrap.dedent('''
 
 def test_direct_launch_passes_the_launcher_what_triton_passes(tmp_path):
     pytest.importorskip("triton")
-    from hf_rmsnorm.ops._triton_norm import _DIRECT_TRITON
+    from hf_rmsnorm.ops._direct import _DIRECT_TRITON
 
     if not _DIRECT_TRITON:
         pytest.skip("the direct launch is off for this Triton release")

@@ -238,9 +238,9 @@ def test_direct_launch_computes_the_same_bits(kind, p_dtype, monkeypatch):
     its outputs and gradients must be the very bits of Triton's launch, for widths, row counts
     and alignments that compile to different kernels (aligned rows; rows starting one element
     into their buffer; an odd width; one row), and its second call must skip Triton's run."""
-    from hf_rmsnorm.ops import _triton_norm
+    from hf_rmsnorm.ops import _direct, _triton_norm
 
-    if not _triton_norm._DIRECT_TRITON:
+    if not _direct._DIRECT_TRITON:
         pytest.skip("the direct launch is off for this Triton release")
     g = torch.Generator(device="cuda").manual_seed(7)
     for m, n, start in ((4097, 2048, 0), (4097, 2048, 1), (333, 999, 0), (1, 8192, 0), (65536, 768, 0)):
@@ -256,9 +256,9 @@ def test_direct_launch_computes_the_same_bits(kind, p_dtype, monkeypatch):
             y.backward(dy)
             return [y.detach(), *(t.grad for t in leaves)]
 
-        monkeypatch.setattr(_triton_norm, "_DIRECT_LAUNCH", False)
+        monkeypatch.setattr(_direct, "_DIRECT_LAUNCH", False)
         tritons = run()
-        monkeypatch.setattr(_triton_norm, "_DIRECT_LAUNCH", True)
+        monkeypatch.setattr(_direct, "_DIRECT_LAUNCH", True)
         run()  # the first call of each key goes through Triton
         kernels = (_triton_norm._norm_fwd_kernel, _triton_norm._norm_bwd_kernel, _triton_norm._sum_rows_kernel)
 

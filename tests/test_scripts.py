@@ -121,7 +121,7 @@ def test_training_direct_variants_launch_directly_in_their_own_steps_only():
     import torch
 
     bt = _training_module()
-    from hf_rmsnorm.ops import _triton_norm
+    from hf_rmsnorm.ops import _direct
 
     device = torch.device("cpu")
     batch = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -129,13 +129,13 @@ def test_training_direct_variants_launch_directly_in_their_own_steps_only():
     runs = []
     for variant in ("rmsnorm", "rmsnorm+direct", "as shipped"):
         run = bt.prepare("gpt2-medium", bt.QUICK, "bf16 params", variant, batch, device, warmup=0)
-        run.model.register_forward_pre_hook(lambda m, a, v=variant: seen.append((v, _triton_norm._DIRECT_LAUNCH)))
+        run.model.register_forward_pre_hook(lambda m, a, v=variant: seen.append((v, _direct._DIRECT_LAUNCH)))
         runs.append(run)
     assert runs[0].summary == runs[1].summary and " 0 exact" not in runs[1].summary
     try:
         bt.time_in_turn(runs, batch, 2)
     finally:
-        _triton_norm._DIRECT_LAUNCH = False
+        _direct._DIRECT_LAUNCH = False
     assert sorted(set(seen)) == [("as shipped", False), ("rmsnorm", False), ("rmsnorm+direct", True)]
     assert len(seen) == 6
 
@@ -337,7 +337,7 @@ def test_profile_splits_our_host_time_into_our_python_and_the_launcher(launches,
     from benchmark_kernels import make_step
     from profile_norms import direct_host_us, empty_function_step, host_us, launches_stubbed, one_thread_host_us, to_markdown
 
-    from hf_rmsnorm.ops import _triton_norm
+    from hf_rmsnorm.ops import _direct, _triton_norm
 
     kernel = _triton_norm._norm_bwd_kernel
     step = make_step("hf_rmsnorm LayerNorm", 64, 96, "fwd+bwd", torch.bfloat16, torch.bfloat16, torch.device("cpu"))
@@ -350,7 +350,7 @@ def test_profile_splits_our_host_time_into_our_python_and_the_launcher(launches,
     # leaves to Triton), and off again afterwards
     monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
     assert direct_host_us(step, 2) > 0 and launches() == 2 * (5 + 3) + 2 * (5 + 2)
-    assert _triton_norm._DIRECT_LAUNCH is False
+    assert _direct._DIRECT_LAUNCH is False
     # the autograd floor row: a forward that computes nothing, a backward that passes dy on
     (dx,) = empty_function_step(4, 8, torch.device("cpu"))()
     assert dx.shape == (4, 8) and dx.dtype == torch.bfloat16
@@ -436,7 +436,7 @@ def test_benchmark_cpu_times_the_launch_path_both_ways_in_a_run_of_its_own(tmp_p
     """--launcher: every public call through Triton's launch path (compiled kernels, no-op
     launches), with Triton's run and with the direct launch; not in one run with --host."""
     pytest.importorskip("triton")
-    from hf_rmsnorm.ops._triton_norm import _DIRECT_TRITON
+    from hf_rmsnorm.ops._direct import _DIRECT_TRITON
 
     if not _DIRECT_TRITON:
         pytest.skip("the direct launch is off for this Triton release")

@@ -1,0 +1,90 @@
+"""Direct launches of compiled Triton kernels, skipping Triton's ``JITFunction.run``.
+
+``_triton_norm``'s launchers call ``launch`` for every kernel they start. With
+``_DIRECT_LAUNCH`` off (the default) it is ``kernel[grid](...)``; on, it calls the compiled
+kernel's launcher itself once Triton has compiled and launched a kernel for the same facts.
+Written against the ``run`` of Triton 3.6 to 3.9 (``_DIRECT_TRITON``): the launcher's
+arguments changed between earlier releases.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import triton
+
+# ``kernel[grid](...)`` goes through Triton's ``JITFunction.run`` on every call: it binds the
+# arguments, specialises each one, builds the cache key and looks the compiled kernel up, ≈ 9 µs
+# of Python per launch on the CI CPU (Triton 3.6 and 3.9, timed with benchmark_cpu.py's
+# stand-in driver), three launches per forward+backward. A direct launch keys the compiled
+# kernel on what Triton specialises an argument on (``_arg_facts``) and calls its launcher with the same
+# arguments Triton passes (tests/test_direct_launch.py compares them call by call on the CPU,
+# with the driver's launch a no-op); the first call of each key goes through Triton, which
+# compiles and launches it. Off until a GPU run has compared its results with Triton's launch
+# bit for bit (tests/test_gpu.py) and timed it (profile_norms.py); True turns it on.
+_DIRECT_LAUNCH = False
+# the Triton releases whose ``JITFunction.run`` launches as ``launch`` does (read in 3.6, 3.7,
+# 3.8 and 3.9; the launcher's arguments have changed between earlier releases)
+_DIRECT_TRITON = (3, 6) <= tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) <= (3, 9)
+# (kernel id, device, launch options, argument facts) -> the compiled kernel Triton chose for them
+_DIRECT: dict = {}
+if _DIRECT_TRITON:
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+
+def _arg_facts(args) -> tuple:
+    """What Triton specialises each non-constexpr argument on: a tensor's dtype and whether its
+    data is 16-byte aligned; an integer's type (i32, i64 or u64 by its range), whether it is 1
+    and whether 16 divides it; a float's type; None. Two calls whose facts agree compile to the
+    same kernel. Anything else is its own fact (its type and value), which is never wrong, only
+    rarer. One loop with the common cases inline: a call per argument was a third of
+    ``launch``'s time, and this is 1.6 µs for eleven arguments where a comprehension calling a
+    helper for the scalars took 2.3 (CI CPU)."""
+    facts = []
+    for a in args:
+        kind = type(a)
+        if kind is int:  # not bool, whose type is its own (Triton: i1)
+            facts.append((int, a == 1, a % 16 == 0, -(1 << 31) <= a < (1 << 31), a >= (1 << 63)))
+        elif kind is float or a is None:
+            facts.append(kind)
+        elif isinstance(a, torch.Tensor):
+            facts.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            facts.append((kind, a))
+    return tuple(facts)
+
+
+def launch(kernel, grid, args, meta, meta_key):
+    """``kernel[grid](*args, **meta)``: directly (see ``_DIRECT_LAUNCH``) where the compiled
+    kernel for these arguments is known, else through Triton, which compiles it if need be.
+    ``args`` are the kernel's leading non-constexpr arguments, ``meta`` its constexprs in
+    declaration order and the launch options (num_warps, maxnreg), ``meta_key`` is
+    ``tuple(meta.items())``, made once by the caller's launch plan."""
+    if not (_DIRECT_LAUNCH and _DIRECT_TRITON and type(kernel) is triton.runtime.jit.JITFunction
+            and not kernel.pre_run_hooks and getattr(knobs.runtime, "add_stages_inspection_hook", None) is None):
+        return kernel[grid](*args, **meta)  # the interpreter, a stub, another Triton, hooks Triton runs
+    device = driver.active.get_current_device()
+    # the kernel's id, not the kernel: hashing a JITFunction costs 0.3 µs, and these live as long
+    # as the module
+    key = (id(kernel), device, meta_key, _arg_facts(args))
+    entry = _DIRECT.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **meta)
+        if compiled is not None:
+            # with the constexprs' values in declaration order, which Triton passes after the
+            # other arguments and which the key fixes
+            _DIRECT[key] = compiled, tuple(meta[name] for name in kernel.arg_names[len(args):])
+        return compiled
+    compiled, constexprs = entry
+    bound = (*args, *constexprs)
+    stream = driver.active.get_current_stream(device)
+    dims = (*grid, 1, 1)
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    # Triton's launchers (3.6 to 3.9) read the launch metadata only to hand it to these hooks:
+    # without hooks it need not be built (a fresh LazyDict, ≈ 1 µs)
+    metadata = compiled.launch_metadata(grid, stream, *bound) if enter is not None or leave is not None else None
+    compiled.run(dims[0], dims[1], dims[2], stream, compiled.function, compiled.packed_metadata, metadata, enter, leave,
+                 *bound)
+    return compiled
