@@ -15,7 +15,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._norm import affine_torch, compute_dtype, normalize
+from ._norm import affine_torch, cast, compute_dtype, normalize
 
 
 def torch_layer_norm_computes(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], offset: float,
@@ -42,7 +42,7 @@ def layer_norm_ref(
         # torch's kernel, fastest on the CPU. Not for fp32 parameters with half inputs: its
         # mixed-dtype CPU backward loses precision there (caught by tests/test_ops.py).
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    xc = x.to(compute_dtype(x))
+    xc = cast(x, compute_dtype(x))
     n = F.layer_norm(xc, (x.shape[-1],), None, None, eps)
     return affine_torch(n, x.dtype, weight, bias, offset, cast_mode)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._norm import (
-    ROUNDING, affine_torch, backward_by_autograd, compute_dtype, needs_grad, normalize, rounding_dtype, weight_plus_offset,
+    ROUNDING, affine_torch, backward_by_autograd, cast, compute_dtype, needs_grad, normalize, rounding_dtype, weight_plus_offset,
 )
 
 
@@ -78,7 +78,7 @@ def _normalized(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(x / sqrt(mean(x²) + eps), 1 / sqrt(mean(x²) + eps)), both in the compute dtype.
 
     The first is a new tensor that the caller may overwrite."""
-    xc = x.to(compute_dtype(x))  # converted once, for the norm and for the product (_scaled)
+    xc = cast(x, compute_dtype(x))  # converted once, for the norm and for the product (_scaled)
     norm = torch.linalg.vector_norm(xc, dim=-1, keepdim=True)
     c = xc.dtype
     # eps + norm²/N in one op: at one token each op on the (M, 1) statistics costs as much
@@ -95,7 +95,7 @@ def _scaled(x: Tensor, rstd: Tensor, xc: Optional[Tensor] = None) -> Tensor:
     converted to that dtype). x is converted first: torch's CPU ops on mixed dtypes
     (bf16 · fp32) take a slow, unvectorised loop, 1.7× the time of the same op on two fp32
     tensors."""
-    xc = x.to(rstd.dtype) if xc is None else xc
+    xc = cast(x, rstd.dtype) if xc is None else xc
     return xc * rstd if xc is x else xc.mul_(rstd)
 
 
@@ -124,12 +124,12 @@ class _RMSNormCPU(torch.autograd.Function):
         def param_grad(t, dtype):
             # sum over the leading dims; a 1-D x has none (sum(()) would sum everything), and
             # then t itself is a buffer the steps below overwrite
-            return (t.sum(lead) if lead else t.clone()).to(dtype)
+            return cast(t.sum(lead) if lead else t.clone(), dtype)
 
         c = rstd.dtype
         # Every activation-sized temporary is written in place where it is ours to overwrite
         # (see affine_torch's ``overwrite``): fewer allocations, fewer page faults on the CPU.
-        dyc = dy.to(c)
+        dyc = cast(dy, c)
         own_dyc = dyc is not dy
         n = _scaled(x, rstd)  # recomputed: cheaper than saving a copy
         scratch = torch.empty_like(n)
@@ -139,7 +139,7 @@ class _RMSNormCPU(torch.autograd.Function):
         if need_w:
             rounded = ROUNDING[ctx.cast_mode]
             # the weight multiplied the row as rounded in the forward
-            nr = n.to(rounding_dtype(rounded, x.dtype, weight)).to(c) if rounded else n
+            nr = cast(cast(n, rounding_dtype(rounded, x.dtype, weight)), c) if rounded else n
             dw = param_grad(torch.mul(dyc, nr, out=scratch), weight.dtype)
         if need_x:
             g = dyc
@@ -147,7 +147,8 @@ class _RMSNormCPU(torch.autograd.Function):
                 w = weight_plus_offset(weight, c, ctx.offset)
                 g = dyc.mul_(w) if own_dyc else torch.mul(dyc, w)
             mean_gn = torch.mul(g, n, out=scratch).sum(-1, keepdim=True).div_(-max(x.shape[-1], 1))
-            dx = torch.addcmul(g, n, mean_gn, out=g if g is not dy else scratch).mul_(rstd).to(x.dtype)
+            dx = torch.addcmul(g, n, mean_gn, out=g if g is not dy else scratch).mul_(rstd)
+            dx = cast(dx, x.dtype)
         return dx, dw, db, None, None, None
 
 
