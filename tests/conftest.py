@@ -56,18 +56,34 @@ def _round_bf16_like_the_gpu():
 if INTERPRETING and HAS_TRITON:
     _round_bf16_like_the_gpu()
 
-BACKENDS = ["torch", "triton"]
+# "torch": torch ops only; "compiled": the CPU path as shipped (HF_RMSNORM_BACKEND=auto), where
+# RMSNorm runs the compiled CPU kernel; "triton": the Triton kernels, interpreted on CPU tensors
+BACKENDS = ["torch", "compiled", "triton"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    """Run the test on each backend; the Triton one interpreted on CPU tensors."""
+    """Run the test on each backend."""
     if request.param == "triton" and not HAS_TRITON:
         pytest.skip("triton is not installed (pip install -e '.[dev]')")
     if request.param == "triton" and not INTERPRETING:
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (the GPU suite covers CUDA)")
-    monkeypatch.setenv("HF_RMSNORM_BACKEND", request.param)
+    if request.param == "compiled":
+        from hf_rmsnorm.ops import _cpu_kernel
+
+        if _cpu_kernel.library() is None:
+            pytest.skip(f"the compiled CPU kernel is not available here: {_cpu_kernel.unavailable_reason()}")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto" if request.param == "compiled" else request.param)
     return request.param
+
+
+@pytest.fixture
+def compiled_calls():
+    """Counts the compiled CPU kernel's calls (forward and backward) made during the test."""
+    from hf_rmsnorm.ops import _cpu_kernel
+
+    before = sum(_cpu_kernel.CALLS.values())
+    return lambda: sum(_cpu_kernel.CALLS.values()) - before
 
 
 @pytest.fixture

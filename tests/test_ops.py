@@ -66,7 +66,7 @@ def make_inputs(shape, dtype, affine, seed=0):
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,shape_id,affine", CASES, ids=[f"{i}-{a}" for _, i, a in CASES])
-def test_forward_and_gradients_against_float64(kind, dtype, shape, shape_id, affine, backend, launches):
+def test_forward_and_gradients_against_float64(kind, dtype, shape, shape_id, affine, backend, launches, compiled_calls):
     x, w, b, offset, cast_mode = make_inputs(shape, dtype, affine)
     eps = EPS[kind]
     # every implementation and the fp64 truth see the same dy: representable in x's dtype
@@ -87,6 +87,9 @@ def test_forward_and_gradients_against_float64(kind, dtype, shape, shape_id, aff
 
     if backend == "triton" and x.numel():
         assert launches() == 2, "the Triton forward and backward kernels did not both run"
+    # the compiled CPU kernel takes RMSNorm on float32/bfloat16 rows of any layout, forward and backward
+    takes_compiled = backend == "compiled" and kind == "rms" and dtype != torch.float16 and x.numel()
+    assert compiled_calls() == (2 if takes_compiled else 0)
 
 
 @pytest.mark.parametrize("kind", ["rms", "layer"])

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _cpu_kernel
 from ._norm import (
-    ROUNDING, affine_torch, backward_by_autograd, cast, compute_dtype, needs_grad, normalize, rounding_dtype, weight_plus_offset,
+    ROUNDING, affine_torch, backward_by_autograd, cast, compute_dtype, needs_grad, normalize, output_dtype, rounding_dtype,
+    selected_backend, weight_plus_offset,
 )
 
 
@@ -39,6 +41,9 @@ def rms_norm_ref(
     if x.device.type == "cpu":
         if needs_grad(x, weight, bias):
             return _RMSNormCPU.apply(x, weight, bias, eps, offset, cast_mode)
+        compiled = _compiled_kernel(x, weight, bias, cast_mode)
+        if compiled is not None:
+            return _cpu_kernel.forward(compiled[0], x.contiguous(), weight, bias, eps, offset, *compiled[1:])[0]
         return affine_torch(_normalized(x, eps)[0], x.dtype, weight, bias, offset, cast_mode, overwrite=True)
     return _rms_norm_composite(x, weight, bias, eps, offset, cast_mode)
 
@@ -68,6 +73,29 @@ def _rms_norm_composite(x, weight, bias, eps, offset, cast_mode):
 # benchmarks/results/cpu/): 1.2–2.3× faster than HF's eager RMSNorm modules in training from
 # 128 tokens up, and faster in inference.
 # --------------------------------------------------------------------------------------------
+
+
+def _compiled_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], cast_mode: str):
+    """(library, round the row to bf16?, output dtype) where the compiled CPU kernel computes
+    this call (``_cpu_kernel``), else None: float32/bfloat16 tensors, at least one row,
+    contiguous parameters of the row's length; not while torch.compile traces (it cannot see into a ctypes call); not with
+    ``HF_RMSNORM_BACKEND=torch`` (torch ops only); not where the kernel could not be built."""
+    codes = _cpu_kernel.DTYPE_CODE
+    n = x.shape[-1] if x.dim() else 0
+    if (
+        x.dtype not in codes or x.numel() == 0
+        # the kernel reads n values of each parameter: anything else is the torch path's to refuse
+        or any(p is not None and (p.dtype not in codes or p.shape != (n,) or not p.is_contiguous()) for p in (weight, bias))
+        or torch.compiler.is_compiling() or selected_backend() == "torch"
+    ):
+        return None
+    rounding = ROUNDING[cast_mode]
+    round_to = rounding_dtype(rounding, x.dtype, weight) if rounding else torch.float32
+    out_dtype = output_dtype(x.dtype, weight, bias, cast_mode)
+    if round_to not in codes or out_dtype not in codes:
+        return None
+    lib = _cpu_kernel.library()
+    return None if lib is None else (lib, round_to == torch.bfloat16, out_dtype)
 
 
 # (eps, dtype) -> eps as a 0-dim CPU tensor, for the addcmul in _normalized
@@ -105,9 +133,15 @@ class _RMSNormCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, offset, cast_mode):
+        ctx.eps, ctx.offset, ctx.cast_mode = eps, offset, cast_mode
+        ctx.compiled = _compiled_kernel(x, weight, bias, cast_mode)
+        if ctx.compiled is not None:
+            x = x.contiguous()  # the kernel reads rows in place; the backward reads this copy again
+            y, rstd = _cpu_kernel.forward(ctx.compiled[0], x, weight, bias, eps, offset, *ctx.compiled[1:])
+            ctx.save_for_backward(x, weight, bias, rstd)
+            return y
         n, rstd = _normalized(x, eps)
         ctx.save_for_backward(x, weight, bias, rstd)
-        ctx.eps, ctx.offset, ctx.cast_mode = eps, offset, cast_mode
         return affine_torch(n, x.dtype, weight, bias, offset, cast_mode, overwrite=True)
 
     @staticmethod
@@ -118,6 +152,10 @@ class _RMSNormCPU(torch.autograd.Function):
             grads = backward_by_autograd(
                 _rms_norm_composite, dy, (x, weight, bias), (need_x, need_w, need_b), ctx.eps, ctx.offset, ctx.cast_mode
             )
+            return (*grads, None, None, None)
+        if ctx.compiled is not None:
+            lib, round_n = ctx.compiled[:2]
+            grads = _cpu_kernel.backward(lib, dy, x, rstd, weight, bias, ctx.offset, round_n, (need_x, need_w, need_b))
             return (*grads, None, None, None)
         lead = tuple(range(x.dim() - 1))  # the dims summed over for the parameter gradients
 

@@ -1,0 +1,133 @@
+"""The compiled CPU RMSNorm (ops/_cpu_kernel.py): how it is built, cached and refused, and what
+does not depend on the machine. Its numerics on every shape and affine are in test_ops.py (the
+"compiled" backend), against float64."""
+
+import os
+import subprocess
+
+import pytest
+import torch
+
+from hf_rmsnorm.ops import _cpu_kernel, rms_norm
+from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_inputs, norm_torch_same_dtype
+
+needs_kernel = pytest.mark.skipif(
+    _cpu_kernel.library() is None, reason=f"the compiled CPU kernel is not available here: {_cpu_kernel.unavailable_reason()}"
+)
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """The kernel's module as in a new process, its cache in an empty folder."""
+    monkeypatch.setenv(_cpu_kernel.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")
+    monkeypatch.setattr(_cpu_kernel, "_lib", _cpu_kernel._UNBUILT)
+    monkeypatch.setattr(_cpu_kernel, "_reason", None)
+    return tmp_path
+
+
+def _norm_and_grads(dtype, threads, m=96, n=768):
+    x, w, b, dy = norm_inputs(m, n, dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fwd_bwd(lambda x, w, b: rms_norm(x, w, b, 1e-6), x, w, b, dy), (x, w, b, dy)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_do_not_depend_on_the_thread_count(dtype, monkeypatch, compiled_calls):
+    """y and dx are computed row by row, so two threads give the same bits as one; the
+    parameter gradients are summed per thread in float64, so they may differ in the last bit
+    only, and both stay within the float64 budget."""
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")
+    (y1, dx1, dw1, db1), _ = _norm_and_grads(dtype, 1)
+    (y2, dx2, dw2, db2), (x, w, b, dy) = _norm_and_grads(dtype, 2)
+    assert compiled_calls() == 4
+    assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
+    w64, b64 = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    y64 = norm_fp64("rms", x.detach().double(), w64, b64, 1e-6)
+    g64 = torch.autograd.grad(y64, (w64, b64), dy.double())
+    _, _, dw_pt, db_pt = fwd_bwd(lambda x, w, b: norm_torch_same_dtype("rms", x, w, b, 1e-6), x, w, b, dy)
+    for name, g1, g2, g_pt, g_64 in (("w", dw1, dw2, dw_pt, g64[0]), ("b", db1, db2, db_pt, g64[1])):
+        assert_close_to_fp64(g1, g_pt, g_64, dtype, f"grad of {name}, one thread")
+        assert_close_to_fp64(g2, g_pt, g_64, dtype, f"grad of {name}, two threads")
+
+
+@needs_kernel
+def test_non_finite_rows_stay_in_their_rows(monkeypatch, compiled_calls):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")
+    x = torch.randn(4, 64)
+    x[1, 3], x[2, 5] = float("nan"), float("inf")
+    y = rms_norm(x, torch.ones(64), None, 1e-6)
+    assert compiled_calls() == 1
+    assert y[1].isnan().all() and y[2].isnan().any()  # inf / inf
+    torch.testing.assert_close(y[[0, 3]].double(), norm_fp64("rms", x[[0, 3]]), rtol=2e-6, atol=1e-6)
+
+
+def test_without_a_compiler_the_torch_ops_serve(fresh_build, monkeypatch, compiled_calls):
+    monkeypatch.setenv("CC", str(fresh_build / "no-such-cc"))
+    assert _cpu_kernel.library() is None
+    assert "no-such-cc" in _cpu_kernel.unavailable_reason()
+    x, w, b, dy = norm_inputs(8, 64, torch.float32)
+    y, dx, _, _ = fwd_bwd(lambda x, w, b: rms_norm(x, w, b, 1e-6), x, w, b, dy)
+    assert compiled_calls() == 0
+    y64, dx64, _, _ = fwd_bwd(lambda x, w, b: norm_fp64("rms", x, w, b, 1e-6), x.double(), w.double(), b.double(), dy.double())
+    y_pt, dx_pt, _, _ = fwd_bwd(lambda x, w, b: norm_torch_same_dtype("rms", x, w, b, 1e-6), x, w, b, dy)
+    assert_close_to_fp64(y, y_pt, y64, torch.float32, "output")
+    assert_close_to_fp64(dx, dx_pt, dx64, torch.float32, "grad of x")
+
+
+def test_a_failed_build_says_why_and_leaves_nothing_behind(fresh_build, monkeypatch, tmp_path_factory):
+    # a "compiler" that answers --version and fails every build, with a message
+    cc = tmp_path_factory.mktemp("cc") / "cc"
+    cc.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "fake cc 1.0"; exit 0; }\necho "fatal: out of luck" >&2\nexit 3\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    assert _cpu_kernel.library() is None
+    reason = _cpu_kernel.unavailable_reason()
+    assert "exited with 3" in reason and "out of luck" in reason
+    assert list(fresh_build.iterdir()) == []  # no half-written library to load next time
+
+
+@pytest.mark.skipif(_cpu_kernel.library() is None, reason="no C compiler here to build with")
+def test_the_build_is_cached_and_loaded_without_compiling_again(fresh_build, monkeypatch):
+    assert _cpu_kernel.library() is not None
+    built = [p.name for p in fresh_build.iterdir()]
+    assert len(built) == 1 and built[0].startswith("cpu_rms_norm-") and built[0].endswith(".so")
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again although the cache holds the library")
+
+    monkeypatch.setattr(_cpu_kernel, "_lib", _cpu_kernel._UNBUILT)
+    monkeypatch.setattr(_cpu_kernel, "_compile", no_compiling)
+    assert _cpu_kernel.library() is not None
+    assert [p.name for p in fresh_build.iterdir()] == built
+
+
+@needs_kernel
+def test_torch_backend_and_float16_take_the_torch_ops(monkeypatch, compiled_calls):
+    x, w, b, dy = norm_inputs(8, 64, torch.float32)
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    fwd_bwd(lambda x, w, b: rms_norm(x, w, b, 1e-6), x, w, b, dy)
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")
+    fwd_bwd(lambda x, w, b: rms_norm(x, w, b, 1e-6), *(t.half() for t in (x, w, b, dy)))
+    assert compiled_calls() == 0
+    fwd_bwd(lambda x, w, b: rms_norm(x, w, b, 1e-6), x, w, b, dy)
+    assert compiled_calls() == 2
+
+
+def test_the_source_builds_without_warnings(tmp_path):
+    """-Wall -Wextra -Werror, with and without OpenMP: the C file stays clean."""
+    cc = _cpu_kernel._compiler()
+    if cc is None:
+        pytest.skip("no C compiler here")
+    for openmp in (True, False):
+        flags = [*_cpu_kernel._FLAGS, "-Wall", "-Wextra", "-Werror"]
+        out = tmp_path / f"k{int(openmp)}.so"
+        cmd = [cc, *flags, *(["-fopenmp"] if openmp else []), str(_cpu_kernel._SOURCE), "-o", str(out), "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert os.path.getsize(out) > 0
