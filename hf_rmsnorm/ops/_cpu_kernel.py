@@ -38,8 +38,8 @@ _FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp-simd", "-ffp-contract=off", "-fno
 # Below this many elements one thread does the call: waking a second costs more than it saves
 # (the grain torch's own CPU kernels use).
 _PARALLEL_MIN = 32768
-# dtype -> the code the C functions take
-DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
+# the dtypes the C functions read and write
+DTYPES = frozenset({torch.float32, torch.bfloat16})
 
 # calls made, by function: what the tests read to know the kernel ran (one add per call)
 CALLS: collections.Counter = collections.Counter()
@@ -113,9 +113,9 @@ def _build() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
 def _declare(lib: ctypes.CDLL) -> None:
     p, i, i64, f32, f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_double
     lib.rms_norm_forward.restype = i
-    lib.rms_norm_forward.argtypes = [p, i, p, i, p, i, f32, p, i, p, i64, i64, f64, i, i]
+    lib.rms_norm_forward.argtypes = [p, p, p, p, p, i64, i64, f64, f32, i]
     lib.rms_norm_backward.restype = i
-    lib.rms_norm_backward.argtypes = [p, i, p, i, p, p, i, f32, i, p, i, p, p, i64, i64, i]
+    lib.rms_norm_backward.argtypes = [p, p, p, p, p, p, p, i64, i64, f32, i]
 
 
 def _openmp_runtimes() -> int:
@@ -149,30 +149,37 @@ def unavailable_reason() -> Optional[str]:
     return _reason
 
 
+# the bits of the C functions' ``flags`` (FLAG_* in the source)
+X_BF16, W_BF16, B_BF16, Y_BF16, ROUND_N, THREADS_SHIFT = 1, 2, 4, 8, 16, 8
+
+
+def dtype_flags(x: torch.dtype, weight: Optional[torch.dtype], bias: Optional[torch.dtype], y: torch.dtype, round_n: bool) -> int:
+    """The ``flags`` bits for these dtypes (each float32 or bfloat16; None: no such parameter)."""
+    bf16 = torch.bfloat16
+    return (
+        (X_BF16 if x == bf16 else 0) | (W_BF16 if weight == bf16 else 0) | (B_BF16 if bias == bf16 else 0)
+        | (Y_BF16 if y == bf16 else 0) | (ROUND_N if round_n else 0)
+    )
+
+
 def _threads(rows: int, n: int) -> int:
     return torch.get_num_threads() if _threads_ok and rows * n >= _PARALLEL_MIN else 1
 
 
-def _ptr(t: Optional[Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
-
-
-def _code(t: Optional[Tensor]) -> int:
-    return 0 if t is None else DTYPE_CODE[t.dtype]
-
-
 def forward(
     lib: ctypes.CDLL, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, offset: float,
-    round_n: bool, out_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor]:
-    """(y, rstd) for contiguous x (the caller's to ensure); rstd is float32, one per row."""
+    flags: int, out_dtype: torch.dtype, with_rstd: bool,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """(y, rstd) for contiguous x (the caller's to ensure); rstd, float32 one per row, only
+    ``with_rstd``. ``flags``: :func:`dtype_flags` of these tensors."""
     n = x.shape[-1]
     rows = x.numel() // n
-    y = torch.empty(x.shape, dtype=out_dtype)
-    rstd = torch.empty(rows, dtype=torch.float32)
+    y = torch.empty_like(x) if out_dtype == x.dtype else torch.empty_like(x, dtype=out_dtype)
+    rstd = x.new_empty(rows, dtype=torch.float32) if with_rstd else None
     status = lib.rms_norm_forward(
-        x.data_ptr(), DTYPE_CODE[x.dtype], _ptr(weight), _code(weight), _ptr(bias), _code(bias), offset,
-        y.data_ptr(), DTYPE_CODE[out_dtype], rstd.data_ptr(), rows, n, eps, round_n, _threads(rows, n),
+        x.data_ptr(), weight.data_ptr() if weight is not None else None, bias.data_ptr() if bias is not None else None,
+        y.data_ptr(), rstd.data_ptr() if with_rstd else None, rows, n, eps, offset,
+        flags | (_threads(rows, n) << THREADS_SHIFT),
     )
     if status:
         raise MemoryError(f"rms_norm on the CPU: no memory for a few rows of {n} floats")
@@ -182,25 +189,25 @@ def forward(
 
 def backward(
     lib: ctypes.CDLL, dy: Tensor, x: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-    offset: float, round_n: bool, needs: tuple[bool, bool, bool],
+    offset: float, flags: int, needs: tuple[bool, bool, bool],
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """(dx, dweight, dbias), each None where ``needs`` says it is not wanted."""
+    """(dx, dweight, dbias), each None where ``needs`` says it is not wanted; ``flags`` as the
+    forward's (dy's dtype takes the output's bit)."""
     n = x.shape[-1]
     rows = x.numel() // n
-    threads = _threads(rows, n)
     dy = dy.contiguous()  # autograd may hand over an expanded or strided gradient
-    if dy.dtype not in DTYPE_CODE:
+    if dy.dtype not in DTYPES:
         dy = dy.float()
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs[0] else None
-    dw_part = torch.empty(threads, n, dtype=torch.float64) if needs[1] else None
-    db_part = torch.empty(threads, n, dtype=torch.float64) if needs[2] else None
+    flags = (flags & ~Y_BF16) | (Y_BF16 if dy.dtype == torch.bfloat16 else 0) | (_threads(rows, n) << THREADS_SHIFT)
+    # the parameters' gradients are summed and rounded to their dtypes in the call: a float64
+    # buffer and a .to() here cost more than the arithmetic at a few rows
+    dx, dw, db = (torch.empty_like(t) if need else None for t, need in zip((x, weight, bias), needs))
     status = lib.rms_norm_backward(
-        dy.data_ptr(), DTYPE_CODE[dy.dtype], x.data_ptr(), DTYPE_CODE[x.dtype], rstd.data_ptr(), _ptr(weight),
-        _code(weight), offset, round_n, _ptr(dx), _code(dx), _ptr(dw_part), _ptr(db_part), rows, n, threads,
+        dy.data_ptr(), x.data_ptr(), rstd.data_ptr(), weight.data_ptr() if weight is not None else None,
+        dx.data_ptr() if dx is not None else None, dw.data_ptr() if dw is not None else None,
+        db.data_ptr() if db is not None else None, rows, n, offset, flags,
     )
     if status:
         raise MemoryError(f"rms_norm backward on the CPU: no memory for a few rows of {n} floats")
     CALLS["backward"] += 1
-    dw = (dw_part[0] if threads == 1 else dw_part.sum(0)).to(weight.dtype) if needs[1] else None
-    db = (db_part[0] if threads == 1 else db_part.sum(0)).to(bias.dtype) if needs[2] else None
     return dx, dw, db

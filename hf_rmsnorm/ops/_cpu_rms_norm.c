@@ -8,8 +8,10 @@
  * The same semantics as the torch path (rms_norm.py, _RMSNormCPU): statistics in double,
  * everything else in float32, the normalised row optionally rounded to bfloat16 before the
  * affine (cast_mode "input"/"weight" with bfloat16), one rounding to the output dtype.
- * Activations and parameters are float32 (dtype code 0) or bfloat16 (code 1); the caller
- * checks everything else (contiguity, shapes, dtypes) and passes plain pointers.
+ * Activations and parameters are float32 or bfloat16; the caller checks everything else
+ * (contiguity, shapes, dtypes) and passes plain pointers, the dtypes and options packed in one
+ * int of FLAG_* bits with the thread count above them (each argument of a ctypes call costs
+ * about 0.2 us, as much as the arithmetic on a short row).
  *
  * -ffp-contract=off (set by the builder): no fused multiply-adds, so every clone below rounds
  * the same way and a result does not depend on which CPU ran it.
@@ -28,6 +30,10 @@
 #else
 #define CLONES
 #endif
+
+/* bits of `flags`: which of the tensors are bfloat16 (else float32), and whether the
+ * normalised row is rounded to bfloat16 before the affine; the thread count is flags >> 8 */
+enum { FLAG_X_BF16 = 1, FLAG_W_BF16 = 2, FLAG_B_BF16 = 4, FLAG_Y_BF16 = 8, FLAG_ROUND_N = 16, THREADS_SHIFT = 8 };
 
 typedef union { uint32_t u; float f; } bits32;
 
@@ -83,12 +89,14 @@ static inline float inv_rms(const float *xr, int64_t n, double eps) {
     return (float)(1.0 / sqrt(ss / (double)n + eps));
 }
 
-/* y = round?(x * rstd) * (offset + w) + b per row; rstd (may be NULL) receives 1/rms per row.
- * Returns 0, or -1 when memory for the scratch rows could not be had (the output is then
- * incomplete, and the caller raises). */
+/* y = round?(x * rstd) * (offset + w) + b per row (y's dtype: FLAG_Y_BF16); rstd (may be NULL)
+ * receives 1/rms per row. w and b may be NULL. Returns 0, or -1 when memory for the scratch
+ * rows could not be had (the output is then incomplete, and the caller raises). */
 CLONES
-int rms_norm_forward(const void *x, int x_bf16, const void *w, int w_bf16, const void *b, int b_bf16, float offset,
-                     void *y, int y_bf16, float *rstd, int64_t m, int64_t n, double eps, int round_n, int threads) {
+int rms_norm_forward(const void *x, const void *w, const void *b, void *y, float *rstd, int64_t m, int64_t n, double eps,
+                     float offset, int flags) {
+    const int x_bf16 = flags & FLAG_X_BF16, w_bf16 = flags & FLAG_W_BF16, b_bf16 = flags & FLAG_B_BF16;
+    const int y_bf16 = flags & FLAG_Y_BF16, round_n = flags & FLAG_ROUND_N, threads = flags >> THREADS_SHIFT;
     (void)threads; /* unused where the build has no OpenMP */
     float *wf = param_f32(w, w_bf16, offset, n), *bf = param_f32(b, b_bf16, 0.0f, n);
     int failed = 0;
@@ -105,6 +113,7 @@ int rms_norm_forward(const void *x, int x_bf16, const void *w, int w_bf16, const
         for (int64_t i = 0; i < m; i++) {
             if (failed) continue;
             const float *xr = row_f32(x, x_bf16, i, n, in);
+            float *yr = y_bf16 ? out : (float *)y + i * n; /* float32 is written in place */
             float r = inv_rms(xr, n, eps);
             if (rstd) rstd[i] = r;
             for (int64_t j = 0; j < n; j++) {
@@ -112,9 +121,9 @@ int rms_norm_forward(const void *x, int x_bf16, const void *w, int w_bf16, const
                 if (round_n) v = round_bf16(v);
                 if (wf) v = v * wf[j];
                 if (bf) v = v + bf[j];
-                out[j] = v;
+                yr[j] = v;
             }
-            store_row(y, y_bf16, i, n, out);
+            if (y_bf16) store_row(y, 1, i, n, out);
         }
         free(in);
         free(out);
@@ -124,64 +133,115 @@ int rms_norm_forward(const void *x, int x_bf16, const void *w, int w_bf16, const
     return failed ? -1 : 0;
 }
 
+/* rows summed in float32 before their sum is added to the float64 one */
+#define SUM_BLOCK 32
+
+static inline void flush_sums(double *dwp, float *fw, double *dbp, float *fb, int64_t n) {
+    if (dwp)
+        for (int64_t j = 0; j < n; j++) {
+            dwp[j] += (double)fw[j];
+            fw[j] = 0.0f;
+        }
+    if (dbp)
+        for (int64_t j = 0; j < n; j++) {
+            dbp[j] += (double)fb[j];
+            fb[j] = 0.0f;
+        }
+}
+
+static inline void store_param(void *p, int bf16, int64_t j, double v) {
+    if (bf16)
+        ((uint16_t *)p)[j] = f32_to_bf16((float)v);
+    else
+        ((float *)p)[j] = (float)v;
+}
+
 /* The closed-form backward. With n = x * rstd and g = dy * (offset + w) (g = dy without a weight):
- *   dx = rstd * (g - n * mean(g * n))             (dx may be NULL: not needed)
- *   dw = sum over rows of dy * round?(n)          (dw_part: threads x n doubles, or NULL)
- *   db = sum over rows of dy                      (db_part likewise)
- * Each thread sums its own rows into its row of the partials; the caller adds the rows, so
- * the result depends on the thread count, not on scheduling. Returns 0, or -1 (no memory). */
+ *   dx = rstd * (g - n * mean(g * n))      in x's dtype
+ *   dw = sum over rows of dy * round?(n)   in w's dtype (FLAG_W_BF16)
+ *   db = sum over rows of dy               in b's dtype (FLAG_B_BF16)
+ * Each of dx, dw, db may be NULL (not wanted); dy's dtype is given by FLAG_Y_BF16. Each thread
+ * sums its own rows into a float64 row of partial sums, which are added in thread order at the
+ * end: the result depends on the thread count, not on scheduling. Returns 0, or -1 (no memory). */
 CLONES
-int rms_norm_backward(const void *dy, int dy_bf16, const void *x, int x_bf16, const float *rstd, const void *w,
-                      int w_bf16, float offset, int round_n, void *dx, int dx_bf16, double *dw_part, double *db_part,
-                      int64_t m, int64_t n, int threads) {
-    float *wf = param_f32(w, w_bf16, offset, n);
-    int failed = 0;
-    if (w && !wf) return -1;
+int rms_norm_backward(const void *dy, const void *x, const float *rstd, const void *w, void *dx, void *dw, void *db,
+                      int64_t m, int64_t n, float offset, int flags) {
+    const int x_bf16 = flags & FLAG_X_BF16, w_bf16 = flags & FLAG_W_BF16, b_bf16 = flags & FLAG_B_BF16;
+    const int dy_bf16 = flags & FLAG_Y_BF16, round_n = flags & FLAG_ROUND_N;
+    int threads = flags >> THREADS_SHIFT;
     if (threads < 1) threads = 1;
-    if (dw_part) memset(dw_part, 0, (size_t)threads * (size_t)n * sizeof(double));
-    if (db_part) memset(db_part, 0, (size_t)threads * (size_t)n * sizeof(double));
+    float *wf = param_f32(w, w_bf16, offset, n);
+    if (w && !wf) return -1;
+    /* per thread: n partial sums for dw, then n for db */
+    const int64_t sums = (dw ? n : 0) + (db ? n : 0);
+    double *part = sums ? (double *)calloc((size_t)threads * (size_t)sums, sizeof(double)) : NULL;
+    if (sums && !part) {
+        free(wf);
+        return -1;
+    }
+    int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
     {
         int t = 0;
 #ifdef _OPENMP
         t = omp_get_thread_num();
 #endif
-        double *dwp = dw_part ? dw_part + (int64_t)t * n : NULL, *dbp = db_part ? db_part + (int64_t)t * n : NULL;
+        double *dwp = dw ? part + (int64_t)t * sums : NULL, *dbp = db ? part + (int64_t)t * sums + (dw ? n : 0) : NULL;
         float *xb = (float *)malloc((size_t)n * sizeof(float)), *dyb = (float *)malloc((size_t)n * sizeof(float));
-        float *nb = (float *)malloc((size_t)n * sizeof(float)), *gb = (float *)malloc((size_t)n * sizeof(float));
-        if (!xb || !dyb || !nb || !gb) failed = 1;
+        float *out = (float *)malloc((size_t)n * sizeof(float));
+        /* the parameter sums, in float32 over a block of rows, then added to the float64 ones:
+         * float64 accuracy over many rows without a float64 operation per element */
+        float *fw = (float *)calloc((size_t)n, sizeof(float)), *fb = (float *)calloc((size_t)n, sizeof(float));
+        if (!xb || !dyb || !out || !fw || !fb) failed = 1;
+        int64_t in_block = 0;
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < m; i++) {
             if (failed) continue;
             const float *xr = row_f32(x, x_bf16, i, n, xb), *dyr = row_f32(dy, dy_bf16, i, n, dyb);
-            float r = rstd[i];
-            for (int64_t j = 0; j < n; j++) nb[j] = xr[j] * r;
+            const float r = rstd[i];
+            double s = 0.0; /* sum of g * n over the row */
+            if (wf) {
+#pragma omp simd reduction(+ : s)
+                for (int64_t j = 0; j < n; j++) s += (double)((dyr[j] * wf[j]) * (xr[j] * r));
+            } else {
+#pragma omp simd reduction(+ : s)
+                for (int64_t j = 0; j < n; j++) s += (double)(dyr[j] * (xr[j] * r));
+            }
             if (dbp)
-                for (int64_t j = 0; j < n; j++) dbp[j] += (double)dyr[j];
+                for (int64_t j = 0; j < n; j++) fb[j] += dyr[j];
             if (dwp) {
                 if (round_n)
-                    for (int64_t j = 0; j < n; j++) dwp[j] += (double)(dyr[j] * round_bf16(nb[j]));
+                    for (int64_t j = 0; j < n; j++) fw[j] += dyr[j] * round_bf16(xr[j] * r);
                 else
-                    for (int64_t j = 0; j < n; j++) dwp[j] += (double)(dyr[j] * nb[j]);
+                    for (int64_t j = 0; j < n; j++) fw[j] += dyr[j] * (xr[j] * r);
+            }
+            if (++in_block == SUM_BLOCK) {
+                flush_sums(dwp, fw, dbp, fb, n);
+                in_block = 0;
             }
             if (!dx) continue;
-            const float *g = dyr;
-            if (wf) {
-                for (int64_t j = 0; j < n; j++) gb[j] = dyr[j] * wf[j];
-                g = gb;
-            }
-            double s = 0.0;
-#pragma omp simd reduction(+ : s)
-            for (int64_t j = 0; j < n; j++) s += (double)(g[j] * nb[j]);
-            float mean = (float)(s / (double)n);
-            for (int64_t j = 0; j < n; j++) gb[j] = (g[j] - nb[j] * mean) * r;
-            store_row(dx, dx_bf16, i, n, gb);
+            float *dxr = x_bf16 ? out : (float *)dx + i * n; /* float32 is written in place */
+            const float mean = (float)(s / (double)n);
+            if (wf)
+                for (int64_t j = 0; j < n; j++) dxr[j] = (dyr[j] * wf[j] - (xr[j] * r) * mean) * r;
+            else
+                for (int64_t j = 0; j < n; j++) dxr[j] = (dyr[j] - (xr[j] * r) * mean) * r;
+            if (x_bf16) store_row(dx, 1, i, n, out);
         }
+        if (!failed) flush_sums(dwp, fw, dbp, fb, n);
         free(xb);
         free(dyb);
-        free(nb);
-        free(gb);
+        free(out);
+        free(fw);
+        free(fb);
     }
+    if (!failed) {
+        for (int t = 1; t < threads; t++)
+            for (int64_t j = 0; j < sums; j++) part[j] += part[(int64_t)t * sums + j];
+        for (int64_t j = 0; dw && j < n; j++) store_param(dw, w_bf16, j, part[j]);
+        for (int64_t j = 0; db && j < n; j++) store_param(db, b_bf16, j, part[(dw ? n : 0) + j]);
+    }
+    free(part);
     free(wf);
     return failed ? -1 : 0;
 }

@@ -43,7 +43,8 @@ def rms_norm_ref(
             return _RMSNormCPU.apply(x, weight, bias, eps, offset, cast_mode)
         compiled = _compiled_kernel(x, weight, bias, cast_mode)
         if compiled is not None:
-            return _cpu_kernel.forward(compiled[0], x.contiguous(), weight, bias, eps, offset, *compiled[1:])[0]
+            lib, flags, out_dtype = compiled
+            return _cpu_kernel.forward(lib, x.contiguous(), weight, bias, eps, offset, flags, out_dtype, with_rstd=False)[0]
         return affine_torch(_normalized(x, eps)[0], x.dtype, weight, bias, offset, cast_mode, overwrite=True)
     return _rms_norm_composite(x, weight, bias, eps, offset, cast_mode)
 
@@ -76,26 +77,40 @@ def _rms_norm_composite(x, weight, bias, eps, offset, cast_mode):
 
 
 def _compiled_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], cast_mode: str):
-    """(library, round the row to bf16?, output dtype) where the compiled CPU kernel computes
-    this call (``_cpu_kernel``), else None: float32/bfloat16 tensors, at least one row,
-    contiguous parameters of the row's length; not while torch.compile traces (it cannot see into a ctypes call); not with
-    ``HF_RMSNORM_BACKEND=torch`` (torch ops only); not where the kernel could not be built."""
-    codes = _cpu_kernel.DTYPE_CODE
-    n = x.shape[-1] if x.dim() else 0
-    if (
-        x.dtype not in codes or x.numel() == 0
-        # the kernel reads n values of each parameter: anything else is the torch path's to refuse
-        or any(p is not None and (p.dtype not in codes or p.shape != (n,) or not p.is_contiguous()) for p in (weight, bias))
-        or torch.compiler.is_compiling() or selected_backend() == "torch"
-    ):
+    """(library, flags, output dtype) where the compiled CPU kernel computes this call
+    (``_cpu_kernel``), else None: float32/bfloat16 tensors, at least one row, contiguous
+    parameters of the row's length; not while torch.compile traces (it cannot see into a ctypes
+    call); not with ``HF_RMSNORM_BACKEND=torch`` (torch ops only); not where the kernel could
+    not be built. Called on every CPU call: the dtype logic is worked out once per signature."""
+    key = (x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype, cast_mode)
+    signature = _KERNEL_SIGNATURES.get(key, _UNSEEN)
+    if signature is _UNSEEN:
+        signature = _KERNEL_SIGNATURES[key] = _kernel_signature(x.dtype, weight, bias, cast_mode)
+    if signature is None or not x.numel() or torch.compiler.is_compiling() or selected_backend() == "torch":
         return None
-    rounding = ROUNDING[cast_mode]
-    round_to = rounding_dtype(rounding, x.dtype, weight) if rounding else torch.float32
-    out_dtype = output_dtype(x.dtype, weight, bias, cast_mode)
-    if round_to not in codes or out_dtype not in codes:
-        return None
+    n = x.shape[-1]
+    for p in (weight, bias):  # the kernel reads n values of each: anything else is the torch path's to refuse
+        if p is not None and (p.shape != (n,) or not p.is_contiguous()):
+            return None
     lib = _cpu_kernel.library()
-    return None if lib is None else (lib, round_to == torch.bfloat16, out_dtype)
+    return None if lib is None else (lib, *signature)
+
+
+def _kernel_signature(x_dtype, weight, bias, cast_mode):
+    """(flags, output dtype) of the kernel for these dtypes, or None where it has no such dtypes."""
+    rounding = ROUNDING[cast_mode]
+    round_to = rounding_dtype(rounding, x_dtype, weight) if rounding else torch.float32
+    out_dtype = output_dtype(x_dtype, weight, bias, cast_mode)
+    dtypes = (x_dtype, round_to, out_dtype, *(p.dtype for p in (weight, bias) if p is not None))
+    if not all(d in _cpu_kernel.DTYPES for d in dtypes):
+        return None
+    w_dtype, b_dtype = (None if p is None else p.dtype for p in (weight, bias))
+    return _cpu_kernel.dtype_flags(x_dtype, w_dtype, b_dtype, out_dtype, round_to == torch.bfloat16), out_dtype
+
+
+# (x dtype, weight dtype, bias dtype, cast_mode) -> _kernel_signature's answer
+_KERNEL_SIGNATURES: dict = {}
+_UNSEEN = object()
 
 
 # (eps, dtype) -> eps as a 0-dim CPU tensor, for the addcmul in _normalized
@@ -137,7 +152,8 @@ class _RMSNormCPU(torch.autograd.Function):
         ctx.compiled = _compiled_kernel(x, weight, bias, cast_mode)
         if ctx.compiled is not None:
             x = x.contiguous()  # the kernel reads rows in place; the backward reads this copy again
-            y, rstd = _cpu_kernel.forward(ctx.compiled[0], x, weight, bias, eps, offset, *ctx.compiled[1:])
+            lib, flags, out_dtype = ctx.compiled
+            y, rstd = _cpu_kernel.forward(lib, x, weight, bias, eps, offset, flags, out_dtype, with_rstd=True)
             ctx.save_for_backward(x, weight, bias, rstd)
             return y
         n, rstd = _normalized(x, eps)
@@ -154,8 +170,8 @@ class _RMSNormCPU(torch.autograd.Function):
             )
             return (*grads, None, None, None)
         if ctx.compiled is not None:
-            lib, round_n = ctx.compiled[:2]
-            grads = _cpu_kernel.backward(lib, dy, x, rstd, weight, bias, ctx.offset, round_n, (need_x, need_w, need_b))
+            lib, flags, _ = ctx.compiled
+            grads = _cpu_kernel.backward(lib, dy, x, rstd, weight, bias, ctx.offset, flags, (need_x, need_w, need_b))
             return (*grads, None, None, None)
         lead = tuple(range(x.dim() - 1))  # the dims summed over for the parameter gradients
 
