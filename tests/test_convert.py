@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hf_rmsnorm import FusedLayerNorm, FusedRMSNorm, patch_model, unpatch_model
+from hf_rmsnorm.ops import _cpu_kernel
 from hf_rmsnorm.patching import convert
 from reference import rel_err
 from tiny_models import build as build_tiny
@@ -112,11 +113,32 @@ def test_tied_embeddings_stay_tied_and_uncentred():
     assert report.conversion["runtime_centring"] == ["transformer.h.0"]
     assert "transformer.h.0.attn.c_proj" in report.conversion["writers"]
     assert "transformer.h.0.attn.c_attn" not in report.conversion["writers"]  # q/k/v is no writer
-    # converted on the CPU: the report says the converted norms are slower there, and what to use
+    # converted on the CPU on torch ops (this file's backend): the report says the converted
+    # norms are slower there, and what to use
     assert "the model is on cpu, where the converted norms run on torch ops, slower" in str(report)
     assert "target='layernorm' keeps torch's layer_norm" in str(report)
     model, _ = build("gpt2")
     assert "the model is on cpu" not in str(patch_model(model, dry_run=True))  # inspecting runs nothing
+
+
+@pytest.mark.parametrize("kernel", ["built", "not_built"])
+def test_the_cpu_note_says_what_the_converted_norms_run_on(kernel, monkeypatch):
+    """With the default backend the converted norms run the compiled CPU kernel where it could
+    be built, and the report says so; where it could not, the report says why and that the
+    torch ops are slower."""
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")
+    if kernel == "built" and _cpu_kernel.library() is None:
+        pytest.skip(f"the compiled CPU kernel is not available here: {_cpu_kernel.unavailable_reason()}")
+    if kernel == "not_built":
+        monkeypatch.setattr(_cpu_kernel, "_lib", None)
+        monkeypatch.setattr(_cpu_kernel, "_reason", "no C compiler found (test)")
+    model, _ = build("gpt2")
+    report = str(patch_model(model))
+    if kernel == "built":
+        assert "the model is on cpu, where the converted norms run the compiled CPU RMSNorm" in report
+    else:
+        assert "converted norms run on torch ops (no C compiler found (test)), slower than the LayerNorms" in report
+        assert "target='layernorm' keeps torch's layer_norm" in report
 
 
 @pytest.mark.parametrize("name", POST_LN + ["opt_post_ln"])

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -45,6 +46,7 @@ DTYPES = frozenset({torch.float32, torch.bfloat16})
 CALLS: collections.Counter = collections.Counter()
 
 _UNBUILT = object()
+_BUILD_LOCK = threading.Lock()
 _lib = _UNBUILT
 _reason: Optional[str] = None
 _threads_ok = True  # False where the library's OpenMP is not the one torch already runs
@@ -95,7 +97,11 @@ def _build() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
         try:
             if not path.exists():
                 directory.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                # a name of its own per build: processes (or threads) building at once never
+                # write into the same file, and the rename below is atomic
+                fd, name = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=directory)
+                os.close(fd)
+                tmp = Path(name)
                 try:
                     # with OpenMP where the compiler has it; without, one thread a call
                     error = _compile(cc, tmp, openmp=True) and _compile(cc, tmp, openmp=False)
@@ -130,6 +136,13 @@ def _openmp_runtimes() -> int:
 
 def library() -> Optional[ctypes.CDLL]:
     """The compiled kernels, built on the first call; None where they cannot be had."""
+    if _lib is _UNBUILT:
+        with _BUILD_LOCK:  # one build per process, however many threads ask at once
+            _load()
+    return _lib
+
+
+def _load() -> None:
     global _lib, _reason, _threads_ok
     if _lib is _UNBUILT:
         lib, _reason = _build()
@@ -141,7 +154,6 @@ def library() -> Optional[ctypes.CDLL]:
             # kernels run on one thread.
             _threads_ok = _openmp_runtimes() == 1
         _lib = lib
-    return _lib
 
 
 def unavailable_reason() -> Optional[str]:

@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..ops import _cpu_kernel
+from ..ops._norm import selected_backend
 from .discovery import NormSpec, _rel_err, build_fused
 
 # |mean| / rms of a norm's input at or below this (in float64) counts as centred
@@ -93,6 +95,22 @@ def probe_inputs(model: nn.Module, batch: int = 2, length: int = 12, seed: int =
         raise ValueError(f"cannot build a probe input for {type(model).__name__}; pass probe_inputs={{...}} to convert it")
     return {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
 
+
+
+def _off_cuda_note(device_type: str) -> str:
+    """What the report says about running a converted model off CUDA, where Triton does not run."""
+    if device_type == "cpu" and selected_backend() != "torch" and _cpu_kernel.library() is not None:
+        return (
+            "the model is on cpu, where the converted norms run the compiled CPU RMSNorm: about as fast as the "
+            "LayerNorms they replace from a hundred tokens a call up, up to 2x their time at a single token "
+            "(Python's cost per call); the conversion pays on a CUDA GPU"
+        )
+    why = "" if device_type != "cpu" or selected_backend() == "torch" else f" ({_cpu_kernel.unavailable_reason()})"
+    return (
+        f"the model is on {device_type}, where the converted norms run on torch ops{why}, slower than the "
+        "LayerNorms they replace (torch has a fused LayerNorm there, no fused RMSNorm): the conversion pays on "
+        "a CUDA GPU; to run on this device, target='layernorm' keeps torch's layer_norm"
+    )
 
 class ProbeError(RuntimeError):
     """No probe batch runs through the model; the message says why (the model's own error)."""
@@ -595,14 +613,9 @@ class _Conversion:
                 note.append(f"stream start centred at run time at: {', '.join(self.plan.starts)}")
             device = next(self.model.parameters()).device
             if device.type != "cuda" and not report.dry_run:
-                # off CUDA the converted norms run the torch path: three passes of ops against
-                # torch's one fused layer_norm (CPU: benchmarks/results/cpu/cpu.md). Not said in
-                # a dry run (`hf-rmsnorm inspect`), which builds the model on the CPU to look.
-                note.append(
-                    f"the model is on {device.type}, where the converted norms run on torch ops, slower than "
-                    "the LayerNorms they replace (torch has a fused LayerNorm there, no fused RMSNorm): the "
-                    "conversion pays on a CUDA GPU; to run on this device, target='layernorm' keeps torch's layer_norm"
-                )
+                # Not said in a dry run (`hf-rmsnorm inspect`), which builds the model on the
+                # CPU to look. Measured: benchmarks/results/cpu/cpu.md.
+                note.append(_off_cuda_note(device.type))
             report.note = "; ".join(note) + "."
         if probe_note:
             report.note = f"{probe_note}; {report.note}"
