@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+# one cache folder for the package and its recipes (HF_RMSNORM_CACHE, default ~/.cache/hf_rmsnorm)
+from hf_rmsnorm.ops._cpu_kernel import cache_dir
+
 # modules every CPython ships with; their docstrings are real English prose about code
 _STDLIB = (
     "abc argparse asyncio base64 bisect calendar collections contextlib csv dataclasses datetime decimal "
@@ -58,10 +61,6 @@ class ByteTokenizer:
             ids[i, : len(data)] = torch.tensor(data)
             mask[i, : len(data)] = 1
         return {"input_ids": ids, "attention_mask": mask}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("HF_RMSNORM_CACHE", Path.home() / ".cache" / "hf_rmsnorm"))
 
 
 def tiny_decoder(texts: list[str], steps: int = 150, seed: int = 0, log=print):

@@ -327,11 +327,24 @@ def launcher_rows(shape, min_run_time: float, rounds: int) -> list[dict]:
     return rows
 
 
+def _rms_norm_path() -> str:
+    """What this package's RMSNorm runs on the CPU in this process: the compiled kernel or torch ops."""
+    from hf_rmsnorm.ops import _cpu_kernel
+    from hf_rmsnorm.ops._norm import selected_backend
+
+    if selected_backend() == "torch":
+        return "torch ops (HF_RMSNORM_BACKEND=torch)"
+    if _cpu_kernel.library() is None:
+        return f"torch ops (no compiled kernel: {_cpu_kernel.unavailable_reason()})"
+    return "the compiled CPU kernel"
+
+
 def _machine() -> dict:
     return {
         "cpu": platform.processor() or platform.machine(),
         "cpu_model": _cpu_model(),
         "threads": torch.get_num_threads(),
+        "rms_norm_path": _rms_norm_path(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **_versions(),
     }
@@ -353,6 +366,7 @@ def to_markdown(result: dict) -> str:
         f"# CPU: patched modules vs the modules they replace — {env['cpu_model']}, {env['threads']} threads",
         "",
         f"torch {env['torch']}, transformers {env['transformers']}; {env['date']}. "
+        f"RMSNorm runs {env.get('rms_norm_path', 'torch ops')}. "
         "Median µs per call (torch.utils.benchmark), the two modules timed alternately; "
         "ratio = patched / original (target ≤ 1).",
         "",

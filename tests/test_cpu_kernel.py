@@ -4,6 +4,7 @@ does not depend on the machine. Its numerics on every shape and affine are in te
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,6 +106,20 @@ def test_the_build_is_cached_and_loaded_without_compiling_again(fresh_build, mon
     monkeypatch.setattr(_cpu_kernel, "_compile", no_compiling)
     assert _cpu_kernel.library() is not None
     assert [p.name for p in fresh_build.iterdir()] == built
+
+
+@pytest.mark.skipif(_cpu_kernel.library() is None, reason="no C compiler here to build with")
+def test_an_unwritable_cache_builds_in_a_private_folder(fresh_build, monkeypatch):
+    blocker = fresh_build / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(_cpu_kernel.CACHE_ENV, str(blocker / "cache"))  # under a file: cannot be made
+    lib = _cpu_kernel.library()
+    assert lib is not None, _cpu_kernel.unavailable_reason()
+    folder = Path(lib._name).parent
+    assert folder.name.startswith("hf_rmsnorm-") and (folder.stat().st_mode & 0o077) == 0  # the user's alone
+    x, w, b, dy = norm_inputs(8, 64, torch.float32)
+    y = rms_norm(x, w, b, 1e-6)
+    torch.testing.assert_close(y.double(), norm_fp64("rms", x, w, b, 1e-6), rtol=2e-6, atol=1e-6)
 
 
 @needs_kernel

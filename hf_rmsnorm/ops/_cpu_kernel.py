@@ -9,9 +9,9 @@ its own launcher) gives it without a build step at install time.
 
 Where no compiler is found, or the build fails, :func:`library` returns None and the torch ops
 serve, as before; :func:`unavailable_reason` says why. The build is cached under
-``HF_RMSNORM_CACHE`` (default ``~/.cache/hf_rmsnorm``), keyed on the source, the compiler and
-the flags, and written under a temporary name then renamed, so that processes starting together
-never load a half-written file.
+:func:`cache_dir` (``HF_RMSNORM_CACHE``, default ``~/.cache/hf_rmsnorm``), keyed on the source,
+the compiler and the flags, and written under a temporary name then renamed, so that processes
+starting together never load a half-written file.
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ _threads_ok = True  # False where the library's OpenMP is not the one torch alre
 
 
 def cache_dir() -> Path:
+    """Where the package keeps what it builds or downloads for later runs (this kernel, the
+    recipes' tiny offline model): ``HF_RMSNORM_CACHE``, else ``$XDG_CACHE_HOME/hf_rmsnorm``,
+    else ``~/.cache/hf_rmsnorm``."""
     explicit = os.environ.get(CACHE_ENV)
     if explicit:
         return Path(explicit)
@@ -92,9 +95,16 @@ def _build() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
         b"\0".join(s.encode() for s in (_SOURCE.read_text(), cc, version, " ".join(_FLAGS), platform.machine(), sys.platform))
     ).hexdigest()[:16]
     suffix = ".dll" if sys.platform == "win32" else ".so"
-    for directory in (cache_dir(), Path(tempfile.gettempdir()) / f"hf_rmsnorm-{os.getuid() if hasattr(os, 'getuid') else 0}"):
-        path = directory / f"cpu_rms_norm-{key}{suffix}"
+    reason = None
+    for place in ("cache", "private"):
+        # where the cache cannot be written, a fresh folder of this process's own (mkdtemp is
+        # private to the user): never a fixed name in a shared /tmp, whose library someone
+        # else could have put there
+        directory = cache_dir() if place == "cache" else None
         try:
+            if directory is None:
+                directory = Path(tempfile.mkdtemp(prefix="hf_rmsnorm-"))
+            path = directory / f"cpu_rms_norm-{key}{suffix}"
             if not path.exists():
                 directory.mkdir(parents=True, exist_ok=True)
                 # a name of its own per build: processes (or threads) building at once never
@@ -112,7 +122,7 @@ def _build() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
                     tmp.unlink(missing_ok=True)
             return ctypes.CDLL(str(path)), None
         except OSError as e:
-            reason = f"could not build or load {path}: {e}"
+            reason = f"could not build or load the CPU kernel in {directory or 'a temporary folder'}: {e}"
     return None, reason
 
 
