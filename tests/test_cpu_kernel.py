@@ -146,3 +146,29 @@ def test_the_source_builds_without_warnings(tmp_path):
         done = subprocess.run(cmd, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         assert os.path.getsize(out) > 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_weight", [False, True], ids=["x_only", "x_and_weight"])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_tensors_without_cpu_memory_take_the_torch_ops(grad, with_weight, monkeypatch, compiled_calls):
+    """Fake tensors (what torch.export and shape propagation trace with) report the CPU as their
+    device but have no memory behind ``data_ptr``: they go through torch ops, which give the
+    output's shape and dtype."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")
+    with FakeTensorMode():
+        x = torch.randn(4, 16, dtype=torch.bfloat16, requires_grad=grad)
+        w = torch.randn(16, requires_grad=grad) if with_weight else None
+        y = rms_norm(x, w, None, 1e-6, cast_mode="input")
+        # bf16 rows and an fp32 weight: promoted to fp32
+        assert y.shape == (4, 16) and y.dtype == (torch.float32 if with_weight else torch.bfloat16)
+        if grad:
+            y.sum().backward()
+            assert x.grad.shape == x.shape and (w is None or w.grad.shape == w.shape)
+    assert compiled_calls() == 0
+    # nothing made under the fake mode is kept for later calls (the torch path caches its eps)
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(rms_norm(x, None, None, 1e-6).double(), norm_fp64("rms", x), rtol=2e-6, atol=1e-6)

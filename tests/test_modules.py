@@ -212,10 +212,12 @@ def test_modules_off_cuda_compute_the_bits_of_the_functional_op(case, dtype, mon
     [
         (lambda: FusedRMSNorm(16)(torch.ones(2, 16, dtype=torch.long)), TypeError, "x must be a floating-point tensor"),
         (lambda: FusedLayerNorm(16).to("meta")(torch.randn(2, 16)), ValueError, "weight is on meta but x is on cpu"),
+        # not handed to the compiled CPU kernel, which would read a meta tensor's null pointer as "no weight"
+        (lambda: FusedRMSNorm(16, bias=True).to("meta")(torch.randn(2, 16)), ValueError, "weight is on meta but x is on cpu"),
         (lambda: FusedLayerNorm(16)(torch.randn(2, 15)), ValueError, r"normalises the last dims \(16,\)"),
         (lambda: FusedRMSNorm(16)(torch.randn(2, 15)), ValueError, r"normalises the last dims \(16,\)"),
     ],
-    ids=["int_input", "other_device", "layernorm_shape", "rmsnorm_shape"],
+    ids=["int_input", "other_device", "rmsnorm_other_device", "layernorm_shape", "rmsnorm_shape"],
 )
 def test_bad_input_to_a_module_off_cuda_is_still_a_clear_error(call, error, message, monkeypatch):
     monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")

@@ -78,7 +78,7 @@ def _rms_norm_composite(x, weight, bias, eps, offset, cast_mode):
 
 def _compiled_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], cast_mode: str):
     """(library, flags, output dtype) where the compiled CPU kernel computes this call
-    (``_cpu_kernel``), else None: float32/bfloat16 tensors, at least one row, contiguous
+    (``_cpu_kernel``), else None: float32/bfloat16 tensors, at least one row, contiguous CPU
     parameters of the row's length; not while torch.compile traces (it cannot see into a ctypes
     call); not with ``HF_RMSNORM_BACKEND=torch`` (torch ops only); not where the kernel could
     not be built. Called on every CPU call: the dtype logic is worked out once per signature."""
@@ -86,11 +86,16 @@ def _compiled_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     signature = _KERNEL_SIGNATURES.get(key, _UNSEEN)
     if signature is _UNSEEN:
         signature = _KERNEL_SIGNATURES[key] = _kernel_signature(x.dtype, weight, bias, cast_mode)
-    if signature is None or not x.numel() or torch.compiler.is_compiling() or selected_backend() == "torch":
+    if (
+        signature is None or not x.numel() or type(x) not in _PLAIN_TENSORS
+        or torch.compiler.is_compiling() or selected_backend() == "torch"
+    ):
         return None
     n = x.shape[-1]
-    for p in (weight, bias):  # the kernel reads n values of each: anything else is the torch path's to refuse
-        if p is not None and (p.shape != (n,) or not p.is_contiguous()):
+    for p in (weight, bias):
+        # the kernel reads n values of each from CPU memory: anything else (another device, the
+        # meta device, whose data_ptr is 0) is the torch path's to refuse with a clear error
+        if p is not None and (type(p) not in _PLAIN_TENSORS or not p.is_cpu or p.shape != (n,) or not p.is_contiguous()):
             return None
     lib = _cpu_kernel.library()
     return None if lib is None else (lib, *signature)
@@ -108,6 +113,9 @@ def _kernel_signature(x_dtype, weight, bias, cast_mode):
     return _cpu_kernel.dtype_flags(x_dtype, w_dtype, b_dtype, out_dtype, round_to == torch.bfloat16), out_dtype
 
 
+# what the kernel is handed memory of: a tensor subclass (fake tensors, DTensor, wrappers) may
+# have no CPU memory behind data_ptr, and goes through torch ops, which dispatch it
+_PLAIN_TENSORS = frozenset({Tensor, torch.nn.Parameter})
 # (x dtype, weight dtype, bias dtype, cast_mode) -> _kernel_signature's answer
 _KERNEL_SIGNATURES: dict = {}
 _UNSEEN = object()
@@ -126,9 +134,12 @@ def _normalized(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     c = xc.dtype
     # eps + norm²/N in one op: at one token each op on the (M, 1) statistics costs as much
     # as the arithmetic on the row, so four small ops are the difference to HF's module
-    eps_t = _EPS.get((eps, c))
-    if eps_t is None:
-        eps_t = _EPS[(eps, c)] = torch.tensor(eps, dtype=c)
+    if type(norm) is Tensor:
+        eps_t = _EPS.get((eps, c))
+        if eps_t is None:
+            eps_t = _EPS[(eps, c)] = torch.tensor(eps, dtype=c)
+    else:  # fake tensors (tracing) and other subclasses: a fresh one of their kind, never cached
+        eps_t = torch.tensor(eps, dtype=c)
     rstd = torch.addcmul(eps_t, norm, norm, value=1.0 / max(x.shape[-1], 1)).rsqrt_()
     return _scaled(x, rstd, xc), rstd
 
