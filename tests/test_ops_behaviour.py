@@ -380,14 +380,19 @@ def test_inference_builds_no_graph_and_matches_the_training_path(kind, backend, 
         assert launches() == 2
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("kind", ["rms", "layer"])
-def test_second_derivatives_are_right_on_every_path(kind, backend, launches):
+def test_second_derivatives_are_right_on_every_path(kind, layout, backend, launches):
     """The backward passes are hand-written (kernels, and the CPU's closed form); asked for
-    create_graph=True they must still give the right second derivatives, not drop the norm's."""
+    create_graph=True they must still give the right second derivatives, not drop the norm's.
+    A strided x is copied for the kernels: the graph must still reach x itself."""
     x, w, b, dy = norm_inputs(m=6, n=24, dtype=torch.float32)
     # leading dimensions: the eager Function views x's rows inside, the graph must still reach x
     x = x.detach().view(2, 3, 24) * 2 + 0.5
     dy = dy.float().view(2, 3, 24)
+    if layout == "strided":
+        x, dy = x.transpose(0, 1), dy.transpose(0, 1)
+        assert not x.is_contiguous()
     fn = lambda x, w, b: FNS[kind](x, w, b, 1e-5)  # noqa: E731
     got = second_order(fn, x, w, b, dy)
     truth = second_order(lambda x, w, b: norm_fp64(kind, x, w, b, 1e-5), x.double(), w.double(), b.double(), dy.double())

@@ -162,9 +162,10 @@ class _RMSNormCPU(torch.autograd.Function):
         ctx.eps, ctx.offset, ctx.cast_mode = eps, offset, cast_mode
         ctx.compiled = _compiled_kernel(x, weight, bias, cast_mode)
         if ctx.compiled is not None:
-            x = x.contiguous()  # the kernel reads rows in place; the backward reads this copy again
             lib, flags, out_dtype = ctx.compiled
-            y, rstd = _cpu_kernel.forward(lib, x, weight, bias, eps, offset, flags, out_dtype, with_rstd=True)
+            # the kernel reads rows in place: a strided x is copied (again in the backward; x
+            # itself is saved, since a second derivative differentiates with respect to it)
+            y, rstd = _cpu_kernel.forward(lib, x.contiguous(), weight, bias, eps, offset, flags, out_dtype, with_rstd=True)
             ctx.save_for_backward(x, weight, bias, rstd)
             return y
         n, rstd = _normalized(x, eps)
@@ -182,7 +183,9 @@ class _RMSNormCPU(torch.autograd.Function):
             return (*grads, None, None, None)
         if ctx.compiled is not None:
             lib, flags, _ = ctx.compiled
-            grads = _cpu_kernel.backward(lib, dy, x, rstd, weight, bias, ctx.offset, flags, (need_x, need_w, need_b))
+            grads = _cpu_kernel.backward(
+                lib, dy, x.contiguous(), rstd, weight, bias, ctx.offset, flags, (need_x, need_w, need_b)
+            )
             return (*grads, None, None, None)
         lead = tuple(range(x.dim() - 1))  # the dims summed over for the parameter gradients
 
