@@ -330,13 +330,9 @@ def launcher_rows(shape, min_run_time: float, rounds: int) -> list[dict]:
 def _rms_norm_path() -> str:
     """What this package's RMSNorm runs on the CPU in this process: the compiled kernel or torch ops."""
     from hf_rmsnorm.ops import _cpu_kernel
-    from hf_rmsnorm.ops._norm import selected_backend
 
-    if selected_backend() == "torch":
-        return "torch ops (HF_RMSNORM_BACKEND=torch)"
-    if _cpu_kernel.library() is None:
-        return f"torch ops (no compiled kernel: {_cpu_kernel.unavailable_reason()})"
-    return "the compiled CPU kernel"
+    reason = _cpu_kernel.torch_ops_reason()
+    return "the compiled CPU kernel" if reason is None else f"torch ops ({reason})"
 
 
 def _machine() -> dict:

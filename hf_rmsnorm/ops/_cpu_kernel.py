@@ -32,6 +32,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._norm import selected_backend
+
 CACHE_ENV = "HF_RMSNORM_CACHE"
 _SOURCE = Path(__file__).with_name("_cpu_rms_norm.c")
 # -ffp-contract=off: no fused multiply-adds, so every CPU rounds the same way (see the source)
@@ -164,6 +166,17 @@ def _load() -> None:
             # kernels run on one thread.
             _threads_ok = _openmp_runtimes() == 1
         _lib = lib
+
+
+def torch_ops_reason() -> Optional[str]:
+    """Why RMSNorm calls on CPU tensors run torch ops in this process rather than the compiled
+    kernel, or None where they run the kernel (float32/bfloat16 calls; what the reports say)."""
+    if selected_backend() == "torch":
+        return TORCH_BACKEND
+    return unavailable_reason() if library() is None else None
+
+
+TORCH_BACKEND = "HF_RMSNORM_BACKEND=torch"
 
 
 def unavailable_reason() -> Optional[str]:

@@ -19,7 +19,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -61,13 +60,10 @@ static inline const float *row_f32(const void *base, int bf16, int64_t i, int64_
     return buf;
 }
 
-static inline void store_row(void *base, int bf16, int64_t i, int64_t n, const float *v) {
-    if (bf16) {
-        uint16_t *h = (uint16_t *)base + i * n;
-        for (int64_t j = 0; j < n; j++) h[j] = f32_to_bf16(v[j]);
-    } else {
-        memcpy((float *)base + i * n, v, (size_t)n * sizeof(float));
-    }
+/* row i of a bfloat16 matrix from float32 values (float32 rows are written in place instead) */
+static inline void store_row_bf16(void *base, int64_t i, int64_t n, const float *v) {
+    uint16_t *h = (uint16_t *)base + i * n;
+    for (int64_t j = 0; j < n; j++) h[j] = f32_to_bf16(v[j]);
 }
 
 /* (offset + w) as float32, or NULL without a weight; b likewise without the offset */
@@ -123,7 +119,7 @@ int rms_norm_forward(const void *x, const void *w, const void *b, void *y, float
                 if (bf) v = v + bf[j];
                 yr[j] = v;
             }
-            if (y_bf16) store_row(y, 1, i, n, out);
+            if (y_bf16) store_row_bf16(y, i, n, out);
         }
         free(in);
         free(out);
@@ -226,7 +222,7 @@ int rms_norm_backward(const void *dy, const void *x, const float *rstd, const vo
                 for (int64_t j = 0; j < n; j++) dxr[j] = (dyr[j] * wf[j] - (xr[j] * r) * mean) * r;
             else
                 for (int64_t j = 0; j < n; j++) dxr[j] = (dyr[j] - (xr[j] * r) * mean) * r;
-            if (x_bf16) store_row(dx, 1, i, n, out);
+            if (x_bf16) store_row_bf16(dx, i, n, out);
         }
         if (!failed) flush_sums(dwp, fw, dbp, fb, n);
         free(xb);

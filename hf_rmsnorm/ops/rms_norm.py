@@ -18,7 +18,7 @@ from torch import Tensor
 from . import _cpu_kernel
 from ._norm import (
     ROUNDING, affine_torch, backward_by_autograd, cast, compute_dtype, needs_grad, normalize, output_dtype, rounding_dtype,
-    selected_backend, weight_plus_offset,
+    weight_plus_offset,
 )
 
 
@@ -88,7 +88,7 @@ def _compiled_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
         signature = _KERNEL_SIGNATURES[key] = _kernel_signature(x.dtype, weight, bias, cast_mode)
     if (
         signature is None or not x.numel() or type(x) not in _PLAIN_TENSORS
-        or torch.compiler.is_compiling() or selected_backend() == "torch"
+        or torch.compiler.is_compiling() or _cpu_kernel.torch_ops_reason() is not None
     ):
         return None
     n = x.shape[-1]
@@ -97,8 +97,7 @@ def _compiled_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
         # meta device, whose data_ptr is 0) is the torch path's to refuse with a clear error
         if p is not None and (type(p) not in _PLAIN_TENSORS or not p.is_cpu or p.shape != (n,) or not p.is_contiguous()):
             return None
-    lib = _cpu_kernel.library()
-    return None if lib is None else (lib, *signature)
+    return (_cpu_kernel.library(), *signature)
 
 
 def _kernel_signature(x_dtype, weight, bias, cast_mode):

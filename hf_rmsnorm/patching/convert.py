@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from ..ops import _cpu_kernel
-from ..ops._norm import selected_backend
 from .discovery import NormSpec, _rel_err, build_fused
 
 # |mean| / rms of a norm's input at or below this (in float64) counts as centred
@@ -96,21 +95,23 @@ def probe_inputs(model: nn.Module, batch: int = 2, length: int = 12, seed: int =
     return {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
 
 
-
 def _off_cuda_note(device_type: str) -> str:
     """What the report says about running a converted model off CUDA, where Triton does not run."""
-    if device_type == "cpu" and selected_backend() != "torch" and _cpu_kernel.library() is not None:
+    reason = _cpu_kernel.torch_ops_reason() if device_type == "cpu" else None
+    if device_type == "cpu" and reason is None:
         return (
             "the model is on cpu, where the converted norms run the compiled CPU RMSNorm: about as fast as the "
             "LayerNorms they replace from a hundred tokens a call up, up to 2x their time at a single token "
             "(Python's cost per call); the conversion pays on a CUDA GPU"
         )
-    why = "" if device_type != "cpu" or selected_backend() == "torch" else f" ({_cpu_kernel.unavailable_reason()})"
+    # a kernel that could not be built is worth a word; a backend the user chose is not
+    why = f" ({reason})" if reason not in (None, _cpu_kernel.TORCH_BACKEND) else ""
     return (
         f"the model is on {device_type}, where the converted norms run on torch ops{why}, slower than the "
         "LayerNorms they replace (torch has a fused LayerNorm there, no fused RMSNorm): the conversion pays on "
         "a CUDA GPU; to run on this device, target='layernorm' keeps torch's layer_norm"
     )
+
 
 class ProbeError(RuntimeError):
     """No probe batch runs through the model; the message says why (the model's own error)."""
