@@ -71,7 +71,7 @@ def backend(request, monkeypatch):
     if request.param == "compiled":
         from hf_rmsnorm.ops import _cpu_kernel
 
-        if _cpu_kernel.library() is None:
+        if _cpu_kernel.op() is None:
             pytest.skip(f"the compiled CPU kernel is not available here: {_cpu_kernel.unavailable_reason()}")
     monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto" if request.param == "compiled" else request.param)
     return request.param
@@ -82,8 +82,8 @@ def compiled_calls():
     """Counts the compiled CPU kernel's calls (forward and backward) made during the test."""
     from hf_rmsnorm.ops import _cpu_kernel
 
-    before = sum(_cpu_kernel.CALLS.values())
-    return lambda: sum(_cpu_kernel.CALLS.values()) - before
+    before = _cpu_kernel.calls()
+    return lambda: _cpu_kernel.calls() - before
 
 
 @pytest.fixture

@@ -127,10 +127,10 @@ def test_the_cpu_note_says_what_the_converted_norms_run_on(kernel, monkeypatch):
     be built, and the report says so; where it could not, the report says why and that the
     torch ops are slower."""
     monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")
-    if kernel == "built" and _cpu_kernel.library() is None:
+    if kernel == "built" and _cpu_kernel.op() is None:
         pytest.skip(f"the compiled CPU kernel is not available here: {_cpu_kernel.unavailable_reason()}")
     if kernel == "not_built":
-        monkeypatch.setattr(_cpu_kernel, "_lib", None)
+        monkeypatch.setattr(_cpu_kernel, "_op", None)
         monkeypatch.setattr(_cpu_kernel, "_reason", "no C compiler found (test)")
     model, _ = build("gpt2")
     report = str(patch_model(model))

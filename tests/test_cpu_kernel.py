@@ -3,8 +3,6 @@ does not depend on the machine. Its numerics on every shape and affine are in te
 "compiled" backend), against float64."""
 
 import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from hf_rmsnorm.ops import _cpu_kernel, rms_norm
 from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_inputs, norm_torch_same_dtype
 
 needs_kernel = pytest.mark.skipif(
-    _cpu_kernel.library() is None, reason=f"the compiled CPU kernel is not available here: {_cpu_kernel.unavailable_reason()}"
+    _cpu_kernel.op() is None, reason=f"the compiled CPU kernel is not available here: {_cpu_kernel.unavailable_reason()}"
 )
 
 
@@ -22,8 +20,8 @@ def fresh_build(monkeypatch, tmp_path):
     """The kernel's module as in a new process, its cache in an empty folder."""
     monkeypatch.setenv(_cpu_kernel.CACHE_ENV, str(tmp_path))
     monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")
-    monkeypatch.setattr(_cpu_kernel, "_lib", _cpu_kernel._UNBUILT)
-    monkeypatch.setattr(_cpu_kernel, "_reason", None)
+    for name, value in (("_op", _cpu_kernel._UNBUILT), ("_ops", None), ("_path", None), ("_reason", None)):
+        monkeypatch.setattr(_cpu_kernel, name, value)
     return tmp_path
 
 
@@ -69,9 +67,9 @@ def test_non_finite_rows_stay_in_their_rows(monkeypatch, compiled_calls):
 
 
 def test_without_a_compiler_the_torch_ops_serve(fresh_build, monkeypatch, compiled_calls):
-    monkeypatch.setenv("CC", str(fresh_build / "no-such-cc"))
-    assert _cpu_kernel.library() is None
-    assert "no-such-cc" in _cpu_kernel.unavailable_reason()
+    monkeypatch.setenv("CXX", str(fresh_build / "no-such-cxx"))
+    assert _cpu_kernel.op() is None
+    assert "no-such-cxx" in _cpu_kernel.unavailable_reason()
     x, w, b, dy = norm_inputs(8, 64, torch.float32)
     y, dx, _, _ = fwd_bwd(lambda x, w, b: rms_norm(x, w, b, 1e-6), x, w, b, dy)
     assert compiled_calls() == 0
@@ -83,39 +81,38 @@ def test_without_a_compiler_the_torch_ops_serve(fresh_build, monkeypatch, compil
 
 def test_a_failed_build_says_why_and_leaves_nothing_behind(fresh_build, monkeypatch, tmp_path_factory):
     # a "compiler" that answers --version and fails every build, with a message
-    cc = tmp_path_factory.mktemp("cc") / "cc"
-    cc.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "fake cc 1.0"; exit 0; }\necho "fatal: out of luck" >&2\nexit 3\n')
-    cc.chmod(0o755)
-    monkeypatch.setenv("CC", str(cc))
-    assert _cpu_kernel.library() is None
+    cxx = tmp_path_factory.mktemp("cxx") / "c++"
+    cxx.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "fake c++ 1.0"; exit 0; }\necho "fatal: out of luck" >&2\nexit 3\n')
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    assert _cpu_kernel.op() is None
     reason = _cpu_kernel.unavailable_reason()
     assert "exited with 3" in reason and "out of luck" in reason
     assert list(fresh_build.iterdir()) == []  # no half-written library to load next time
 
 
-@pytest.mark.skipif(_cpu_kernel.library() is None, reason="no C compiler here to build with")
+@pytest.mark.skipif(_cpu_kernel.op() is None, reason="no C++ compiler here to build with")
 def test_the_build_is_cached_and_loaded_without_compiling_again(fresh_build, monkeypatch):
-    assert _cpu_kernel.library() is not None
+    assert _cpu_kernel.op() is not None
     built = [p.name for p in fresh_build.iterdir()]
     assert len(built) == 1 and built[0].startswith("cpu_rms_norm-") and built[0].endswith(".so")
 
     def no_compiling(*args, **kwargs):
         raise AssertionError("compiled again although the cache holds the library")
 
-    monkeypatch.setattr(_cpu_kernel, "_lib", _cpu_kernel._UNBUILT)
+    monkeypatch.setattr(_cpu_kernel, "_op", _cpu_kernel._UNBUILT)
     monkeypatch.setattr(_cpu_kernel, "_compile", no_compiling)
-    assert _cpu_kernel.library() is not None
+    assert _cpu_kernel.op() is not None
     assert [p.name for p in fresh_build.iterdir()] == built
 
 
-@pytest.mark.skipif(_cpu_kernel.library() is None, reason="no C compiler here to build with")
+@pytest.mark.skipif(_cpu_kernel.op() is None, reason="no C++ compiler here to build with")
 def test_an_unwritable_cache_builds_in_a_private_folder(fresh_build, monkeypatch):
     blocker = fresh_build / "a-file"
     blocker.write_text("")
     monkeypatch.setenv(_cpu_kernel.CACHE_ENV, str(blocker / "cache"))  # under a file: cannot be made
-    lib = _cpu_kernel.library()
-    assert lib is not None, _cpu_kernel.unavailable_reason()
-    folder = Path(lib._name).parent
+    assert _cpu_kernel.op() is not None, _cpu_kernel.unavailable_reason()
+    folder = _cpu_kernel._path.parent
     assert folder.name.startswith("hf_rmsnorm-") and (folder.stat().st_mode & 0o077) == 0  # the user's alone
     x, w, b, dy = norm_inputs(8, 64, torch.float32)
     y = rms_norm(x, w, b, 1e-6)
@@ -134,17 +131,16 @@ def test_torch_backend_and_float16_take_the_torch_ops(monkeypatch, compiled_call
     assert compiled_calls() == 2
 
 
-def test_the_source_builds_without_warnings(tmp_path):
-    """-Wall -Wextra -Werror, with and without OpenMP: the C file stays clean."""
-    cc = _cpu_kernel._compiler()
-    if cc is None:
-        pytest.skip("no C compiler here")
+def test_the_sources_build_without_warnings(tmp_path):
+    """-Wall -Wextra -Werror, with and without OpenMP: the C file and the operator stay clean
+    (torch's headers are system headers there)."""
+    cxx = _cpu_kernel._compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler here")
     for openmp in (True, False):
-        flags = [*_cpu_kernel._FLAGS, "-Wall", "-Wextra", "-Werror"]
         out = tmp_path / f"k{int(openmp)}.so"
-        cmd = [cc, *flags, *(["-fopenmp"] if openmp else []), str(_cpu_kernel._SOURCE), "-o", str(out), "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
+        error = _cpu_kernel._compile(cxx, out, "hf_rmsnorm_warnings", openmp, extra=("-Wall", "-Wextra", "-Werror"))
+        assert error is None, error
         assert os.path.getsize(out) > 0
 
 

@@ -1,24 +1,25 @@
-"""The compiled CPU RMSNorm (``_cpu_rms_norm.c``): built once per machine, cached, loaded with
-ctypes.
+"""The compiled CPU RMSNorm: ``_cpu_rms_norm.c`` (the arithmetic, plain C) inside a torch
+operator with its autograd in C++ (``_cpu_rms_norm_op.cpp``), built once per machine and cached.
 
 torch has a fused LayerNorm for the CPU and no fused RMSNorm, so as torch ops an RMSNorm makes
 three or more passes over the activations where ``nn.LayerNorm`` makes one, and a model whose
 LayerNorms were converted exactly ran slower on the CPU than before. One pass per row needs
-compiled code; a plain C file built with the machine's C compiler on first use (as Triton builds
-its own launcher) gives it without a build step at install time.
+compiled code; built with the machine's C++ compiler and torch's own headers on first use (as
+Triton builds its own launcher, and about 15 s once), it needs no build step at install time.
+It is a torch operator rather than C functions called from Python because at a few tokens a call
+a Python-defined op costs more than the arithmetic (``_cpu_rms_norm_op.cpp`` has the numbers).
 
-Where no compiler is found, or the build fails, :func:`library` returns None and the torch ops
-serve, as before; :func:`unavailable_reason` says why. The build is cached under
-:func:`cache_dir` (``HF_RMSNORM_CACHE``, default ``~/.cache/hf_rmsnorm``), keyed on the source,
-the compiler and the flags, and written under a temporary name then renamed, so that processes
+Where no compiler is found, or the build fails, :func:`op` returns None and the torch ops serve,
+as before; :func:`unavailable_reason` says why. The build is cached under :func:`cache_dir`
+(``HF_RMSNORM_CACHE``, default ``~/.cache/hf_rmsnorm``), keyed on the sources, the compiler, the
+command lines and torch's version, and written under a temporary name then renamed, so that processes
 starting together never load a half-written file.
 """
 
 from __future__ import annotations
 
-import collections
-import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -30,28 +31,29 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import Tensor
 
 from ._norm import selected_backend
 
 CACHE_ENV = "HF_RMSNORM_CACHE"
 _SOURCE = Path(__file__).with_name("_cpu_rms_norm.c")
-# -ffp-contract=off: no fused multiply-adds, so every CPU rounds the same way (see the source)
-_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno")
-# Below this many elements one thread does the call: waking a second costs more than it saves
-# (the grain torch's own CPU kernels use).
-_PARALLEL_MIN = 32768
+_OP_SOURCE = Path(__file__).with_name("_cpu_rms_norm_op.cpp")
+# the C file: -ffp-contract=off, no fused multiply-adds, so every CPU rounds the same way (see
+# the source)
+_FLAGS = ("-O3", "-fPIC", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno")
+# the operator around it: C++20, what torch's own extension builder uses for these headers
+_OP_FLAGS = ("-O2", "-std=c++20", "-shared", "-fPIC")
 # the dtypes the C functions read and write
 DTYPES = frozenset({torch.float32, torch.bfloat16})
 
-# calls made, by function: what the tests read to know the kernel ran (one add per call)
-CALLS: collections.Counter = collections.Counter()
-
+_log = logging.getLogger(__name__)
 _UNBUILT = object()
 _BUILD_LOCK = threading.Lock()
-_lib = _UNBUILT
+_op = _UNBUILT
+_ops = None  # the operators' namespace, torch.ops.<name>, once loaded
+_path: Optional[Path] = None  # the library loaded
 _reason: Optional[str] = None
-_threads_ok = True  # False where the library's OpenMP is not the one torch already runs
+# the Python half of each namespace loaded (the second-derivative operator), kept alive
+_PYTHON_IMPLS: dict = {}
 
 
 def cache_dir() -> Path:
@@ -66,17 +68,16 @@ def cache_dir() -> Path:
 
 
 def _compiler() -> Optional[str]:
-    cc = os.environ.get("CC")
-    if cc:
-        return shutil.which(cc) or cc
-    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return shutil.which(cxx) or cxx
+    return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-def _compile(cc: str, out: Path, openmp: bool) -> Optional[str]:
-    """Build the library at ``out``; None on success, else the compiler's complaint."""
-    cmd = [cc, *_FLAGS, *(["-fopenmp"] if openmp else []), str(_SOURCE), "-o", str(out), "-lm"]
+def _run(cmd: list) -> Optional[str]:
+    """None where ``cmd`` succeeded, else what went wrong in one line."""
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{' '.join(cmd)}: {e}"
     if done.returncode != 0:
@@ -85,18 +86,45 @@ def _compile(cc: str, out: Path, openmp: bool) -> Optional[str]:
     return None
 
 
-def _build() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
-    cc = _compiler()
-    if cc is None:
-        return None, "no C compiler found (install one, e.g. gcc, or name it in CC)"
+def _compile(cxx: str, out: Path, namespace: str, openmp: bool, extra: tuple = ()) -> Optional[str]:
+    """Build the library at ``out``: the C file compiled as C, then the operator around it
+    linked against torch. None on success, else the compiler's complaint. ``extra``: flags for
+    both steps (the tests' warnings)."""
+    from torch.utils import cpp_extension  # torch's headers and libraries; imported only to build
+
+    omp = ["-fopenmp"] if openmp else []
+    obj = out.with_suffix(".o")
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+        error = _run([cxx, "-x", "c", *_FLAGS, *extra, *omp, "-c", str(_SOURCE), "-o", str(obj)])
+        if error:
+            return error
+        libs = cpp_extension.library_paths()
+        return _run([
+            cxx, *_OP_FLAGS, *extra, *omp, f"-DHF_RMSNORM_NS={namespace}",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
+            # torch's headers as system headers: their warnings are torch's, not this file's
+            *(a for p in cpp_extension.include_paths() for a in ("-isystem", p)), str(_OP_SOURCE), str(obj), "-o", str(out),
+            *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu", "-lm",
+        ])
+    finally:
+        obj.unlink(missing_ok=True)
+
+
+def _build() -> tuple[Optional[Path], str, Optional[str]]:
+    """(the library's path, its operators' namespace, None), or (None, "", why not)."""
+    cxx = _compiler()
+    if cxx is None:
+        return None, "", "no C++ compiler found (install one, e.g. g++, or name it in CXX)"
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
-        return None, f"the C compiler {cc} does not run: {e}"
-    key = hashlib.sha256(
-        b"\0".join(s.encode() for s in (_SOURCE.read_text(), cc, version, " ".join(_FLAGS), platform.machine(), sys.platform))
-    ).hexdigest()[:16]
-    suffix = ".dll" if sys.platform == "win32" else ".so"
+        return None, "", f"the C++ compiler {cxx} does not run: {e}"
+    facts = (  # this file too: it holds the build's command lines
+        _SOURCE.read_text(), _OP_SOURCE.read_text(), Path(__file__).read_text(), cxx, version,
+        torch.__version__, str(torch.version.git_version), platform.machine(), sys.platform,
+    )
+    key = hashlib.sha256(b"\0".join(s.encode() for s in facts)).hexdigest()[:16]
+    namespace = f"hf_rmsnorm_cpu_{key}"
     reason = None
     for place in ("cache", "private"):
         # where the cache cannot be written, a fresh folder of this process's own (mkdtemp is
@@ -106,7 +134,7 @@ def _build() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
         try:
             if directory is None:
                 directory = Path(tempfile.mkdtemp(prefix="hf_rmsnorm-"))
-            path = directory / f"cpu_rms_norm-{key}{suffix}"
+            path = directory / f"cpu_rms_norm-{key}.so"
             if not path.exists():
                 directory.mkdir(parents=True, exist_ok=True)
                 # a name of its own per build: processes (or threads) building at once never
@@ -115,25 +143,18 @@ def _build() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
                 os.close(fd)
                 tmp = Path(name)
                 try:
+                    _log.info("building the CPU RMSNorm kernel into %s (once per machine)", path)
                     # with OpenMP where the compiler has it; without, one thread a call
-                    error = _compile(cc, tmp, openmp=True) and _compile(cc, tmp, openmp=False)
+                    error = _compile(cxx, tmp, namespace, openmp=True) and _compile(cxx, tmp, namespace, openmp=False)
                     if error:
-                        return None, f"building the CPU kernel failed: {error}"
+                        return None, "", f"building the CPU kernel failed: {error}"
                     os.replace(tmp, path)
                 finally:
                     tmp.unlink(missing_ok=True)
-            return ctypes.CDLL(str(path)), None
+            return path, namespace, None
         except OSError as e:
-            reason = f"could not build or load the CPU kernel in {directory or 'a temporary folder'}: {e}"
-    return None, reason
-
-
-def _declare(lib: ctypes.CDLL) -> None:
-    p, i, i64, f32, f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_double
-    lib.rms_norm_forward.restype = i
-    lib.rms_norm_forward.argtypes = [p, p, p, p, p, i64, i64, f64, f32, i]
-    lib.rms_norm_backward.restype = i
-    lib.rms_norm_backward.argtypes = [p, p, p, p, p, p, p, i64, i64, f32, i]
+            reason = f"could not build the CPU kernel in {directory or 'a temporary folder'}: {e}"
+    return None, "", reason
 
 
 def _openmp_runtimes() -> int:
@@ -146,26 +167,58 @@ def _openmp_runtimes() -> int:
     return max(len(names), 1)
 
 
-def library() -> Optional[ctypes.CDLL]:
-    """The compiled kernels, built on the first call; None where they cannot be had."""
-    if _lib is _UNBUILT:
+def op():
+    """The operator ``rms_norm(x, weight, bias, eps, offset, flags, out_dtype, cast_mode)``,
+    built on the first call; None where it cannot be had. ``flags``: :func:`dtype_flags` of the
+    call's dtypes; the caller checks everything else (rms_norm.py, ``_compiled_kernel``)."""
+    if _op is _UNBUILT:
         with _BUILD_LOCK:  # one build per process, however many threads ask at once
             _load()
-    return _lib
+    return _op
 
 
 def _load() -> None:
-    global _lib, _reason, _threads_ok
-    if _lib is _UNBUILT:
-        lib, _reason = _build()
-        if lib is not None:
-            _declare(lib)
-            # Linked with -fopenmp, the library asks for libgomp.so.1; where torch has loaded
-            # its own under that name, the loader hands over torch's, one thread pool for both.
-            # A second runtime would keep its own threads spinning beside torch's: then the
-            # kernels run on one thread.
-            _threads_ok = _openmp_runtimes() == 1
-        _lib = lib
+    global _op, _ops, _path, _reason
+    if _op is not _UNBUILT:
+        return
+    path, namespace, _reason = _build()
+    if path is not None:
+        try:
+            ops = _operators(path, namespace)
+        except (OSError, RuntimeError) as e:  # a library the loader refuses (a stale build, say)
+            path, ops, _reason = None, None, f"could not load the CPU kernel {path}: {e}"
+    if path is None:
+        _op = None
+        return
+    # Linked with -fopenmp, the library asks for libgomp.so.1; where torch has loaded its own
+    # under that name, the loader hands over torch's, one thread pool for both. A second
+    # runtime would keep its own threads spinning beside torch's: then the kernel runs on one
+    # thread.
+    ops.set_parallel(_openmp_runtimes() == 1)
+    _ops, _path, _op = ops, path, ops.rms_norm.default
+
+
+def _operators(path: Path, namespace: str):
+    """torch.ops.<namespace>, loading the library unless this process already has (another file
+    of the same build, e.g. after the cache was moved), with its Python half registered."""
+    ops = getattr(torch.ops, namespace)
+    try:
+        ops.rms_norm
+    except (AttributeError, RuntimeError):
+        torch.ops.load_library(str(path))
+    if namespace not in _PYTHON_IMPLS:
+        from .rms_norm import graph_backward  # imported here: rms_norm.py imports this module
+
+        impl = torch.library.Library(namespace, "IMPL")
+        impl.impl("rms_norm_graph_backward", graph_backward, "CompositeImplicitAutograd")
+        _PYTHON_IMPLS[namespace] = impl
+    return ops
+
+
+def calls() -> int:
+    """How many times the compiled kernel has run in this process, forward and backward calls
+    together (0 before it was built): what the tests read to know which path a call took."""
+    return sum(_ops.calls()) if _ops is not None else 0
 
 
 def torch_ops_reason() -> Optional[str]:
@@ -173,19 +226,19 @@ def torch_ops_reason() -> Optional[str]:
     kernel, or None where they run the kernel (float32/bfloat16 calls; what the reports say)."""
     if selected_backend() == "torch":
         return TORCH_BACKEND
-    return unavailable_reason() if library() is None else None
+    return unavailable_reason() if op() is None else None
 
 
 TORCH_BACKEND = "HF_RMSNORM_BACKEND=torch"
 
 
 def unavailable_reason() -> Optional[str]:
-    """Why :func:`library` is None (None while it is not, or before it was first asked)."""
+    """Why :func:`op` is None (None while it is not, or before it was first asked)."""
     return _reason
 
 
 # the bits of the C functions' ``flags`` (FLAG_* in the source)
-X_BF16, W_BF16, B_BF16, Y_BF16, ROUND_N, THREADS_SHIFT = 1, 2, 4, 8, 16, 8
+X_BF16, W_BF16, B_BF16, Y_BF16, ROUND_N = 1, 2, 4, 8, 16
 
 
 def dtype_flags(x: torch.dtype, weight: Optional[torch.dtype], bias: Optional[torch.dtype], y: torch.dtype, round_n: bool) -> int:
@@ -195,54 +248,3 @@ def dtype_flags(x: torch.dtype, weight: Optional[torch.dtype], bias: Optional[to
         (X_BF16 if x == bf16 else 0) | (W_BF16 if weight == bf16 else 0) | (B_BF16 if bias == bf16 else 0)
         | (Y_BF16 if y == bf16 else 0) | (ROUND_N if round_n else 0)
     )
-
-
-def _threads(rows: int, n: int) -> int:
-    return torch.get_num_threads() if _threads_ok and rows * n >= _PARALLEL_MIN else 1
-
-
-def forward(
-    lib: ctypes.CDLL, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, offset: float,
-    flags: int, out_dtype: torch.dtype, with_rstd: bool,
-) -> tuple[Tensor, Optional[Tensor]]:
-    """(y, rstd) for contiguous x (the caller's to ensure); rstd, float32 one per row, only
-    ``with_rstd``. ``flags``: :func:`dtype_flags` of these tensors."""
-    n = x.shape[-1]
-    rows = x.numel() // n
-    y = torch.empty_like(x) if out_dtype == x.dtype else torch.empty_like(x, dtype=out_dtype)
-    rstd = x.new_empty(rows, dtype=torch.float32) if with_rstd else None
-    status = lib.rms_norm_forward(
-        x.data_ptr(), weight.data_ptr() if weight is not None else None, bias.data_ptr() if bias is not None else None,
-        y.data_ptr(), rstd.data_ptr() if with_rstd else None, rows, n, eps, offset,
-        flags | (_threads(rows, n) << THREADS_SHIFT),
-    )
-    if status:
-        raise MemoryError(f"rms_norm on the CPU: no memory for a few rows of {n} floats")
-    CALLS["forward"] += 1
-    return y, rstd
-
-
-def backward(
-    lib: ctypes.CDLL, dy: Tensor, x: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-    offset: float, flags: int, needs: tuple[bool, bool, bool],
-) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """(dx, dweight, dbias), each None where ``needs`` says it is not wanted; ``flags`` as the
-    forward's (dy's dtype takes the output's bit)."""
-    n = x.shape[-1]
-    rows = x.numel() // n
-    dy = dy.contiguous()  # autograd may hand over an expanded or strided gradient
-    if dy.dtype not in DTYPES:
-        dy = dy.float()
-    flags = (flags & ~Y_BF16) | (Y_BF16 if dy.dtype == torch.bfloat16 else 0) | (_threads(rows, n) << THREADS_SHIFT)
-    # the parameters' gradients are summed and rounded to their dtypes in the call: a float64
-    # buffer and a .to() here cost more than the arithmetic at a few rows
-    dx, dw, db = (torch.empty_like(t) if need else None for t, need in zip((x, weight, bias), needs))
-    status = lib.rms_norm_backward(
-        dy.data_ptr(), x.data_ptr(), rstd.data_ptr(), weight.data_ptr() if weight is not None else None,
-        dx.data_ptr() if dx is not None else None, dw.data_ptr() if dw is not None else None,
-        db.data_ptr() if db is not None else None, rows, n, offset, flags,
-    )
-    if status:
-        raise MemoryError(f"rms_norm backward on the CPU: no memory for a few rows of {n} floats")
-    CALLS["backward"] += 1
-    return dx, dw, db

@@ -39,12 +39,12 @@ def rms_norm_ref(
     cast to the weight's dtype (T5).
     """
     if x.device.type == "cpu":
-        if needs_grad(x, weight, bias):
-            return _RMSNormCPU.apply(x, weight, bias, eps, offset, cast_mode)
         compiled = _compiled_kernel(x, weight, bias, cast_mode)
         if compiled is not None:
-            lib, flags, out_dtype = compiled
-            return _cpu_kernel.forward(lib, x.contiguous(), weight, bias, eps, offset, flags, out_dtype, with_rstd=False)[0]
+            op, flags, out_dtype = compiled  # its own autograd, in C++
+            return op(x, weight, bias, eps, offset, flags, out_dtype, cast_mode)
+        if needs_grad(x, weight, bias):
+            return _RMSNormCPU.apply(x, weight, bias, eps, offset, cast_mode)
         return affine_torch(_normalized(x, eps)[0], x.dtype, weight, bias, offset, cast_mode, overwrite=True)
     return _rms_norm_composite(x, weight, bias, eps, offset, cast_mode)
 
@@ -77,11 +77,12 @@ def _rms_norm_composite(x, weight, bias, eps, offset, cast_mode):
 
 
 def _compiled_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], cast_mode: str):
-    """(library, flags, output dtype) where the compiled CPU kernel computes this call
+    """(operator, flags, output dtype) where the compiled CPU kernel computes this call
     (``_cpu_kernel``), else None: float32/bfloat16 tensors, at least one row, contiguous CPU
-    parameters of the row's length; not while torch.compile traces (it cannot see into a ctypes
-    call); not with ``HF_RMSNORM_BACKEND=torch`` (torch ops only); not where the kernel could
-    not be built. Called on every CPU call: the dtype logic is worked out once per signature."""
+    parameters of the row's length; not while torch.compile traces (the operator has no
+    meta kernel to trace with); not with ``HF_RMSNORM_BACKEND=torch`` (torch ops only); not where
+    the kernel could not be built. Called on every CPU call: the dtype logic is worked out once
+    per signature."""
     key = (x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype, cast_mode)
     signature = _KERNEL_SIGNATURES.get(key, _UNSEEN)
     if signature is _UNSEEN:
@@ -97,7 +98,7 @@ def _compiled_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
         # meta device, whose data_ptr is 0) is the torch path's to refuse with a clear error
         if p is not None and (type(p) not in _PLAIN_TENSORS or not p.is_cpu or p.shape != (n,) or not p.is_contiguous()):
             return None
-    return (_cpu_kernel.library(), *signature)
+    return (_cpu_kernel.op(), *signature)
 
 
 def _kernel_signature(x_dtype, weight, bias, cast_mode):
@@ -159,14 +160,6 @@ class _RMSNormCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, offset, cast_mode):
         ctx.eps, ctx.offset, ctx.cast_mode = eps, offset, cast_mode
-        ctx.compiled = _compiled_kernel(x, weight, bias, cast_mode)
-        if ctx.compiled is not None:
-            lib, flags, out_dtype = ctx.compiled
-            # the kernel reads rows in place: a strided x is copied (again in the backward; x
-            # itself is saved, since a second derivative differentiates with respect to it)
-            y, rstd = _cpu_kernel.forward(lib, x.contiguous(), weight, bias, eps, offset, flags, out_dtype, with_rstd=True)
-            ctx.save_for_backward(x, weight, bias, rstd)
-            return y
         n, rstd = _normalized(x, eps)
         ctx.save_for_backward(x, weight, bias, rstd)
         return affine_torch(n, x.dtype, weight, bias, offset, cast_mode, overwrite=True)
@@ -178,12 +171,6 @@ class _RMSNormCPU(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the closed form below is not differentiable
             grads = backward_by_autograd(
                 _rms_norm_composite, dy, (x, weight, bias), (need_x, need_w, need_b), ctx.eps, ctx.offset, ctx.cast_mode
-            )
-            return (*grads, None, None, None)
-        if ctx.compiled is not None:
-            lib, flags, _ = ctx.compiled
-            grads = _cpu_kernel.backward(
-                lib, dy, x.contiguous(), rstd, weight, bias, ctx.offset, flags, (need_x, need_w, need_b)
             )
             return (*grads, None, None, None)
         lead = tuple(range(x.dim() - 1))  # the dims summed over for the parameter gradients
@@ -226,6 +213,16 @@ class _RMSNormCPU(torch.autograd.Function):
             dx = torch.addcmul(g, n, mean_gn, out=g if g is not dy else scratch).mul_(rstd)
             dx = cast(dx, x.dtype)
         return dx, dw, db, None, None, None
+
+
+def graph_backward(grad, x, weight, bias, eps, offset, cast_mode, needs):
+    """The compiled kernel's gradients as a graph, for ``create_graph=True`` (its backward is
+    not differentiable): the gradients ``needs`` asks for (bits 1, 2, 4: x, weight, bias), in
+    that order. Registered as the operator ``rms_norm_graph_backward`` beside the kernel's, which
+    calls it from C++."""
+    wanted = tuple(bool(needs >> i & 1) for i in range(3))
+    grads = backward_by_autograd(_rms_norm_composite, grad, (x, weight, bias), wanted, eps, offset, cast_mode)
+    return [g for g in grads if g is not None]
 
 
 def rms_norm(
