@@ -168,3 +168,42 @@ def test_tensors_without_cpu_memory_take_the_torch_ops(grad, with_weight, monkey
     monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
     x = torch.randn(4, 16)
     torch.testing.assert_close(rms_norm(x, None, None, 1e-6).double(), norm_fp64("rms", x), rtol=2e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_the_kernels_autograd_node_keeps_autograds_rules(monkeypatch, compiled_calls):
+    """The kernel's graph node is written in C++ as torch's own are: it must keep what autograd
+    promises for any op. Its edges reach x and the weight (none for an absent bias); a saved
+    input changed in place is an error, not a silently wrong gradient; its saved tensors are
+    freed by a backward without retain_graph; a frozen weight gets no gradient."""
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")
+    x, w, _, dy = norm_inputs(6, 32, torch.float32)
+    y = rms_norm(x, w, None, 1e-6)
+    assert y.grad_fn.name() == "RMSNormBackward"
+    assert [f.variable if f is not None else None for f, _ in y.grad_fn.next_functions] == [x, w, None]
+
+    with torch.no_grad():
+        w.mul_(2)  # after the forward saved it
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
+
+    y = rms_norm(x, w, None, 1e-6)
+    y.backward(dy, retain_graph=True)
+    first = x.grad.clone()
+    y.backward(dy)  # the graph kept once: the same gradient again, accumulated
+    torch.testing.assert_close(x.grad, 2 * first, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="second time"):
+        y.backward(dy)
+
+    x.grad = w.grad = None
+    w.requires_grad_(False)  # frozen, as with LoRA
+    calls = compiled_calls()
+    y = rms_norm(x, w, None, 1e-6)
+    y.backward(dy)
+    assert compiled_calls() == calls + 2 and w.grad is None
+    y64, dx64, _, _ = fwd_bwd(lambda x, w, b: norm_fp64("rms", x, w, b, 1e-6), x.double(), w.double(), None, dy.double())
+    y_pt, dx_pt, _, _ = fwd_bwd(lambda x, w, b: norm_torch_same_dtype("rms", x, w, b, 1e-6), x, w, None, dy)
+    assert_close_to_fp64(x.grad, dx_pt, dx64, torch.float32, "grad of x, frozen weight")
+
+    with torch.inference_mode():
+        assert rms_norm(x, w, None, 1e-6).grad_fn is None

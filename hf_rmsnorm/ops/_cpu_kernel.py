@@ -168,9 +168,10 @@ def _openmp_runtimes() -> int:
 
 
 def op():
-    """The operator ``rms_norm(x, weight, bias, eps, offset, flags, out_dtype, cast_mode)``,
-    built on the first call; None where it cannot be had. ``flags``: :func:`dtype_flags` of the
-    call's dtypes; the caller checks everything else (rms_norm.py, ``_compiled_kernel``)."""
+    """The operator ``rms_norm(x, weight, bias, eps, offset, flags, cast_mode)``, built on the
+    first call; None where it cannot be had. ``flags``: :func:`dtype_flags` of the call's dtypes
+    (the output's among them); the caller checks everything else (rms_norm.py,
+    ``_compiled_kernel``)."""
     if _op is _UNBUILT:
         with _BUILD_LOCK:  # one build per process, however many threads ask at once
             _load()
@@ -219,6 +220,11 @@ def calls() -> int:
     """How many times the compiled kernel has run in this process, forward and backward calls
     together (0 before it was built): what the tests read to know which path a call took."""
     return sum(_ops.calls()) if _ops is not None else 0
+
+
+def op_unless_torch_ops():
+    """:func:`op`, or None with ``HF_RMSNORM_BACKEND=torch`` (asked on every CPU call)."""
+    return None if selected_backend() == "torch" else op()
 
 
 def torch_ops_reason() -> Optional[str]:

@@ -59,7 +59,7 @@ def selected_backend() -> str:
 
     Read on every call, so that setting the variable after import takes effect; each value
     seen is validated once."""
-    value = os.environ.get(BACKEND_ENV, "auto")
+    value = _environ_get(BACKEND_ENV, "auto")
     backend = _BACKEND_OF.get(value)
     if backend is None:
         backend = value.strip().lower() or "auto"
@@ -74,6 +74,18 @@ def selected_backend() -> str:
 # raw value of the environment variable -> the backend it names (a dict, not lru_cache, which
 # torch.compile would warn about when it traces the call)
 _BACKEND_OF: dict = {}
+
+
+def _environ_get(name: str, default: str) -> str:
+    """``os.environ.get(name, default)`` for a variable read on every norm call. os.environ
+    encodes the key and decodes the value on each read (≈ 0.9 µs on the CI CPU, as much as the
+    arithmetic of a one-token norm); on POSIX its bytes dict, which every assignment through
+    os.environ updates, answers in ≈ 0.05 µs."""
+    data = getattr(os.environ, "_data", None)
+    if os.name != "posix" or not isinstance(data, dict):
+        return os.environ.get(name, default)
+    value = data.get(name.encode())
+    return default if value is None else os.fsdecode(value)
 
 
 def _use_triton(x: Tensor, device_type: str, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:

@@ -38,11 +38,11 @@ def rms_norm_ref(
     multiply by the weight in the promoted dtype (Llama). ``cast_mode="weight"``: the same but
     cast to the weight's dtype (T5).
     """
-    if x.device.type == "cpu":
+    if x.is_cpu:
         compiled = _compiled_kernel(x, weight, bias, cast_mode)
         if compiled is not None:
-            op, flags, out_dtype = compiled  # its own autograd, in C++
-            return op(x, weight, bias, eps, offset, flags, out_dtype, cast_mode)
+            op, flags = compiled  # with its own autograd node, in C++
+            return op(x, weight, bias, eps, offset, flags, cast_mode)
         if needs_grad(x, weight, bias):
             return _RMSNormCPU.apply(x, weight, bias, eps, offset, cast_mode)
         return affine_torch(_normalized(x, eps)[0], x.dtype, weight, bias, offset, cast_mode, overwrite=True)
@@ -77,20 +77,17 @@ def _rms_norm_composite(x, weight, bias, eps, offset, cast_mode):
 
 
 def _compiled_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], cast_mode: str):
-    """(operator, flags, output dtype) where the compiled CPU kernel computes this call
+    """(operator, flags) where the compiled CPU kernel computes this call
     (``_cpu_kernel``), else None: float32/bfloat16 tensors, at least one row, contiguous CPU
     parameters of the row's length; not while torch.compile traces (the operator has no
     meta kernel to trace with); not with ``HF_RMSNORM_BACKEND=torch`` (torch ops only); not where
     the kernel could not be built. Called on every CPU call: the dtype logic is worked out once
     per signature."""
     key = (x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype, cast_mode)
-    signature = _KERNEL_SIGNATURES.get(key, _UNSEEN)
-    if signature is _UNSEEN:
-        signature = _KERNEL_SIGNATURES[key] = _kernel_signature(x.dtype, weight, bias, cast_mode)
-    if (
-        signature is None or not x.numel() or type(x) not in _PLAIN_TENSORS
-        or torch.compiler.is_compiling() or _cpu_kernel.torch_ops_reason() is not None
-    ):
+    flags = _KERNEL_FLAGS.get(key, _UNSEEN)
+    if flags is _UNSEEN:
+        flags = _KERNEL_FLAGS[key] = _kernel_flags(x.dtype, weight, bias, cast_mode)
+    if flags is None or type(x) not in _PLAIN_TENSORS or not x.numel() or torch.compiler.is_compiling():
         return None
     n = x.shape[-1]
     for p in (weight, bias):
@@ -98,11 +95,12 @@ def _compiled_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
         # meta device, whose data_ptr is 0) is the torch path's to refuse with a clear error
         if p is not None and (type(p) not in _PLAIN_TENSORS or not p.is_cpu or p.shape != (n,) or not p.is_contiguous()):
             return None
-    return (_cpu_kernel.op(), *signature)
+    op = _cpu_kernel.op_unless_torch_ops()
+    return None if op is None else (op, flags)
 
 
-def _kernel_signature(x_dtype, weight, bias, cast_mode):
-    """(flags, output dtype) of the kernel for these dtypes, or None where it has no such dtypes."""
+def _kernel_flags(x_dtype, weight, bias, cast_mode):
+    """The kernel's flags for these dtypes, or None where it has no such dtypes."""
     rounding = ROUNDING[cast_mode]
     round_to = rounding_dtype(rounding, x_dtype, weight) if rounding else torch.float32
     out_dtype = output_dtype(x_dtype, weight, bias, cast_mode)
@@ -110,14 +108,14 @@ def _kernel_signature(x_dtype, weight, bias, cast_mode):
     if not all(d in _cpu_kernel.DTYPES for d in dtypes):
         return None
     w_dtype, b_dtype = (None if p is None else p.dtype for p in (weight, bias))
-    return _cpu_kernel.dtype_flags(x_dtype, w_dtype, b_dtype, out_dtype, round_to == torch.bfloat16), out_dtype
+    return _cpu_kernel.dtype_flags(x_dtype, w_dtype, b_dtype, out_dtype, round_to == torch.bfloat16)
 
 
 # what the kernel is handed memory of: a tensor subclass (fake tensors, DTensor, wrappers) may
 # have no CPU memory behind data_ptr, and goes through torch ops, which dispatch it
 _PLAIN_TENSORS = frozenset({Tensor, torch.nn.Parameter})
-# (x dtype, weight dtype, bias dtype, cast_mode) -> _kernel_signature's answer
-_KERNEL_SIGNATURES: dict = {}
+# (x dtype, weight dtype, bias dtype, cast_mode) -> _kernel_flags's answer
+_KERNEL_FLAGS: dict = {}
 _UNSEEN = object()
 
 
