@@ -131,13 +131,13 @@ def test_the_cpu_note_says_what_the_converted_norms_run_on(kernel, monkeypatch):
         pytest.skip(f"the compiled CPU kernel is not available here: {_cpu_kernel.unavailable_reason()}")
     if kernel == "not_built":
         monkeypatch.setattr(_cpu_kernel, "_op", None)
-        monkeypatch.setattr(_cpu_kernel, "_reason", "no C compiler found (test)")
+        monkeypatch.setattr(_cpu_kernel, "_reason", "no C++ compiler found (test)")
     model, _ = build("gpt2")
     report = str(patch_model(model))
     if kernel == "built":
         assert "the model is on cpu, where the converted norms run the compiled CPU RMSNorm" in report
     else:
-        assert "converted norms run on torch ops (no C compiler found (test)), slower than the LayerNorms" in report
+        assert "converted norms run on torch ops (no C++ compiler found (test)), slower than the LayerNorms" in report
         assert "target='layernorm' keeps torch's layer_norm" in report
 
 

@@ -1,17 +1,18 @@
 /* RMSNorm forward and backward for CPU tensors, one pass over each row.
  *
- * Built at first use by _cpu_kernel.py with the C compiler found on the machine, loaded with
- * ctypes. torch has a fused LayerNorm kernel for the CPU but no fused RMSNorm: as a chain of
- * torch ops an RMSNorm costs three or more passes over the activations where LayerNorm costs
- * one, so an exactly converted model (LayerNorm -> RMSNorm) ran slower than the original.
+ * Built at first use by _cpu_kernel.py, compiled as C and linked into the torch operator around
+ * it (_cpu_rms_norm_op.cpp). torch has a fused LayerNorm kernel for the CPU but no fused
+ * RMSNorm: as a chain of torch ops an RMSNorm costs three or more passes over the activations
+ * where LayerNorm costs one, so an exactly converted model (LayerNorm -> RMSNorm) ran slower
+ * than the original.
  *
  * The same semantics as the torch path (rms_norm.py, _RMSNormCPU): statistics in double,
  * everything else in float32, the normalised row optionally rounded to bfloat16 before the
  * affine (cast_mode "input"/"weight" with bfloat16), one rounding to the output dtype.
  * Activations and parameters are float32 or bfloat16; the caller checks everything else
  * (contiguity, shapes, dtypes) and passes plain pointers, the dtypes and options packed in one
- * int of FLAG_* bits with the thread count above them (each argument of a ctypes call costs
- * about 0.2 us, as much as the arithmetic on a short row).
+ * int of FLAG_* bits with the thread count above them. No torch headers here: the arithmetic
+ * does not depend on torch's version.
  *
  * -ffp-contract=off (set by the builder): no fused multiply-adds, so every clone below rounds
  * the same way and a result does not depend on which CPU ran it.
