@@ -411,3 +411,41 @@ def test_cpu_rms_path_second_derivatives_pass_gradgradcheck(cast_mode, monkeypat
     w = (1 + 0.3 * torch.randn(6, generator=g, dtype=torch.float64)).requires_grad_()
     b = (0.1 * torch.randn(6, generator=g, dtype=torch.float64)).requires_grad_()
     assert torch.autograd.gradgradcheck(lambda x, w, b: rms_norm(x, w, b, 1e-3, 0.5, cast_mode), (x, w, b))
+
+
+def _transformed(transform, fn, x, w, b, t):
+    """One torch.func transform (or forward-mode AD) of ``fn(x, w, b)``; ``t`` a tangent /
+    cotangent shaped like x."""
+    import torch.autograd.forward_ad as fwAD
+
+    if transform == "forward_ad":
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(fn(fwAD.make_dual(x, t), w, b)).tangent
+    if transform == "jvp":
+        return torch.func.jvp(lambda x: fn(x, w, b), (x,), (t,))[1]
+    if transform == "vmap":  # over a leading dimension of x
+        return torch.vmap(lambda x: fn(x, w, b))(x.view(2, -1, x.shape[-1]))
+    if transform == "grad_x":
+        return torch.func.grad(lambda x: (fn(x, w, b) * t).sum())(x)
+    if transform == "grad_weight":
+        return torch.func.grad(lambda w: (fn(x, w, b) * t).sum())(w)
+    if transform == "vjp_under_vmap":  # per-sample gradients, the usual DP-SGD pattern
+        return torch.vmap(lambda xi, ti: torch.func.vjp(lambda w: fn(xi, w, b), w)[1](ti)[0])(x, t)
+    raise ValueError(transform)
+
+
+@pytest.mark.parametrize("transform", ["forward_ad", "jvp", "vmap", "grad_x", "grad_weight", "vjp_under_vmap"])
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_torch_func_transforms_and_forward_ad_are_right_on_every_path(kind, transform, backend, compiled_calls):
+    """The hand-written pieces (the compiled CPU kernel, the closed-form backward, the Triton
+    kernels' autograd) have no forward mode and no functorch rules: under a transform the op is
+    composed of torch ops instead, whose derivatives torch knows. Before, forward-mode AD through
+    the compiled kernel silently returned no tangent, and the transforms raised."""
+    x, w, b, t = (v.detach().float() for v in norm_inputs(m=6, n=24, dtype=torch.float32))
+    x = x * 2 + 0.5
+    got = _transformed(transform, lambda x, w, b: FNS[kind](x, w, b, 1e-5), x, w, b, t)
+    assert got is not None, "no tangent: the transform's derivative was dropped"
+    truth = _transformed(transform, lambda x, w, b: norm_fp64(kind, x, w, b, 1e-5), x.double(), w.double(), b.double(), t.double())
+    yardstick = _transformed(transform, lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, 1e-5), x, w, b, t)
+    assert_close_to_fp64(got, yardstick, truth, torch.float32, transform)
+    assert compiled_calls() == 0

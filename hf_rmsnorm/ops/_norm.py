@@ -14,6 +14,7 @@ import os
 from typing import Callable, Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 BACKEND_ENV = "HF_RMSNORM_BACKEND"
@@ -115,6 +116,7 @@ def _use_triton(x: Tensor, device_type: str, weight: Optional[Tensor], bias: Opt
         and (weight is None or weight.dtype in _KERNEL_DTYPES)
         and (bias is None or bias.dtype in _KERNEL_DTYPES)
         and 0 < x.shape[-1] <= _MAX_FUSED_N
+        and not transformed()  # the kernels' autograd has no forward mode and no functorch rules
     )
 
 
@@ -190,6 +192,15 @@ def check_inputs(
         raise ValueError(f'{name}: cast_mode="weight" rounds to the weight\'s dtype, but weight is None.')
     if cast_mode not in CAST_MODES:
         raise ValueError(f"{name}: cast_mode must be one of {CAST_MODES}, got {cast_mode!r}.")
+
+
+def transformed() -> bool:
+    """Whether forward-mode AD or a torch.func transform (grad, vmap, jvp, ...) is active. The
+    CPU path's hand-written pieces (the compiled kernel, the closed-form backward, the affine
+    written in place) support neither; torch's own ops do, so such calls are composed of them."""
+    if torch.compiler.is_compiling():  # the compiler handles transforms of what it traces
+        return False
+    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
 def needs_grad(*tensors: Optional[Tensor]) -> bool:

@@ -18,7 +18,7 @@ from torch import Tensor
 from . import _cpu_kernel
 from ._norm import (
     ROUNDING, affine_torch, backward_by_autograd, cast, compute_dtype, needs_grad, normalize, output_dtype, rounding_dtype,
-    weight_plus_offset,
+    transformed, weight_plus_offset,
 )
 
 
@@ -38,7 +38,7 @@ def rms_norm_ref(
     multiply by the weight in the promoted dtype (Llama). ``cast_mode="weight"``: the same but
     cast to the weight's dtype (T5).
     """
-    if x.is_cpu:
+    if x.is_cpu and not transformed():
         compiled = _compiled_kernel(x, weight, bias, cast_mode)
         if compiled is not None:
             op, flags = compiled  # with its own autograd node, in C++
