@@ -207,3 +207,37 @@ def test_the_kernels_autograd_node_keeps_autograds_rules(monkeypatch, compiled_c
 
     with torch.inference_mode():
         assert rms_norm(x, w, None, 1e-6).grad_fn is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_activation_checkpointing_and_saved_tensor_hooks_see_the_kernels_node(reentrant, monkeypatch, compiled_calls):
+    """HF's gradient checkpointing recomputes the forward in the backward; the non-reentrant
+    kind does it through saved-tensor hooks, which a C++ node must route its saved tensors
+    through (as do CPU offloading and memory profilers). The gradients are the bits computed
+    without checkpointing, and the hooks see what the node keeps: x, the parameters, rstd."""
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")
+    torch.manual_seed(0)
+    x, w, b, _ = norm_inputs(8, 32, torch.float32)
+    lin = torch.nn.Linear(32, 32)
+
+    def block(x):
+        return lin(rms_norm(lin(x), w, b, 1e-6)).tanh()
+
+    def grads(fn):
+        for p in (x, w, b):
+            p.grad = None
+        fn(x).pow(2).sum().backward()
+        return [p.grad.clone() for p in (x, w, b)]
+
+    plain = grads(block)
+    checkpointed = grads(lambda x: checkpoint(block, x, use_reentrant=reentrant))
+    assert all(torch.equal(g, h) for g, h in zip(plain, checkpointed))
+    assert compiled_calls() == 2 + 3  # plain: forward, backward; checkpointed: one forward more
+
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(tuple(t.shape)) or t, lambda t: t):
+        rms_norm(x, w, b, 1e-6).sum().backward()
+    assert packed == [(8, 32), (32,), (32,), (8,)]
