@@ -241,3 +241,26 @@ def test_activation_checkpointing_and_saved_tensor_hooks_see_the_kernels_node(re
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(tuple(t.shape)) or t, lambda t: t):
         rms_norm(x, w, b, 1e-6).sum().backward()
     assert packed == [(8, 32), (32,), (32,), (8,)]
+
+
+@pytest.mark.skipif(_cpu_kernel.op() is None, reason="no C++ compiler here to build with")
+def test_a_cached_library_that_does_not_load_is_built_again(fresh_build, monkeypatch):
+    """A damaged file in the cache (or one built against a newer C library, in a cache shared
+    between machines) is replaced by a fresh build, once; the kernel then serves."""
+    assert _cpu_kernel.op() is not None  # a build in the fresh cache
+    (built,) = fresh_build.iterdir()
+    built.write_bytes(b"not a library")
+    monkeypatch.setattr(_cpu_kernel, "_op", _cpu_kernel._UNBUILT)
+    loads = []
+    real = _cpu_kernel._operators
+
+    def operators(path, namespace):
+        loads.append(path.read_bytes()[:4])
+        if path.read_bytes() == b"not a library":  # this process has the namespace already: ask the loader
+            torch.ops.load_library(str(path))
+        return real(path, namespace)
+
+    monkeypatch.setattr(_cpu_kernel, "_operators", operators)
+    assert _cpu_kernel.op() is not None, _cpu_kernel.unavailable_reason()
+    assert len(loads) == 2 and loads[0] == b"not " and loads[1] != b"not "  # refused, rebuilt, loaded
+    assert [p.name for p in fresh_build.iterdir()] == [built.name] and built.read_bytes() != b"not a library"

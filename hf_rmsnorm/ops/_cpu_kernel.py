@@ -182,15 +182,23 @@ def _load() -> None:
     global _op, _ops, _path, _reason
     if _op is not _UNBUILT:
         return
-    path, namespace, _reason = _build()
-    if path is not None:
+    for attempt in (1, 2):
+        path, namespace, _reason = _build()
+        if path is None:
+            _op = None
+            return
         try:
             ops = _operators(path, namespace)
-        except (OSError, RuntimeError) as e:  # a library the loader refuses (a stale build, say)
-            path, ops, _reason = None, None, f"could not load the CPU kernel {path}: {e}"
-    if path is None:
-        _op = None
-        return
+            break
+        except (OSError, RuntimeError) as e:
+            # a file the loader refuses: damaged, or built where a newer C library was
+            # (a cache shared between machines). Built again once, here.
+            _reason = f"could not load the CPU kernel {path}: {e}"
+            if attempt == 2 or path.parent != cache_dir():
+                _op = None
+                return
+            _log.warning("%s; building it again", _reason)
+            path.unlink(missing_ok=True)
     # Linked with -fopenmp, the library asks for libgomp.so.1; where torch has loaded its own
     # under that name, the loader hands over torch's, one thread pool for both. A second
     # runtime would keep its own threads spinning beside torch's: then the kernel runs on one
