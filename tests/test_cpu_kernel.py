@@ -264,3 +264,24 @@ def test_a_cached_library_that_does_not_load_is_built_again(fresh_build, monkeyp
     assert _cpu_kernel.op() is not None, _cpu_kernel.unavailable_reason()
     assert len(loads) == 2 and loads[0] == b"not " and loads[1] != b"not "  # refused, rebuilt, loaded
     assert [p.name for p in fresh_build.iterdir()] == [built.name] and built.read_bytes() != b"not a library"
+
+
+@needs_kernel
+def test_the_operator_refuses_tensors_its_flags_do_not_describe():
+    """The operator is visible in torch.ops; called with tensors other than its flags say (a
+    dtype, a device, a length), it raises instead of reading memory wrongly."""
+    op = _cpu_kernel.op()
+    x, w = torch.randn(4, 16), torch.randn(16)
+    fp32 = _cpu_kernel.dtype_flags(torch.float32, torch.float32, None, torch.float32, False)
+    bf16_x = _cpu_kernel.dtype_flags(torch.bfloat16, torch.float32, None, torch.float32, False)
+    torch.testing.assert_close(op(x, w, None, 1e-6, 0.0, fp32, "float32").double(), norm_fp64("rms", x, w), rtol=2e-6, atol=1e-6)
+    for args, message in (
+        ((x, w, None, 1e-6, 0.0, bf16_x, "float32"), "x must be a non-empty CPU tensor of BFloat16"),
+        ((x, w.bfloat16(), None, 1e-6, 0.0, fp32, "float32"), "weight must be a contiguous CPU tensor of 16 Float"),
+        ((x, torch.randn(15), None, 1e-6, 0.0, fp32, "float32"), "weight must be a contiguous CPU tensor of 16"),
+        ((x, torch.randn(32)[::2], None, 1e-6, 0.0, fp32, "float32"), "weight must be a contiguous"),
+        ((x, w, torch.empty(16, device="meta"), 1e-6, 0.0, fp32, "float32"), "bias must be"),
+        ((torch.empty(0, 16), w, None, 1e-6, 0.0, fp32, "float32"), "non-empty"),
+    ):
+        with pytest.raises(RuntimeError, match=message):
+            op(*args)

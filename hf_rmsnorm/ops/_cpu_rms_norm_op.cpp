@@ -46,7 +46,7 @@ using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 
 // the C functions' flag bits (FLAG_* in _cpu_rms_norm.c); the thread count goes above them
-constexpr int64_t kYBf16 = 8, kThreadsShift = 8;
+constexpr int64_t kXBf16 = 1, kWBf16 = 2, kBBf16 = 4, kYBf16 = 8, kThreadsShift = 8;
 // Below this many elements one thread does the call: waking a second costs more than it saves
 // (the grain torch's own CPU kernels use).
 constexpr int64_t kParallelMin = 32768;
@@ -65,6 +65,25 @@ int with_threads(int64_t flags, int64_t numel) {
 const void *data(const OptTensor &t) { return t.has_value() && t->defined() ? t->data_ptr() : nullptr; }
 
 int64_t rows_of(const at::Tensor &x) { return x.numel() / x.size(-1); }
+
+// rms_norm.py decides all of this once per signature before it calls; checked again here, a few
+// comparisons a call, so that no call of the operator (it is visible in torch.ops) can make the
+// C functions read memory the tensors do not have
+void check_inputs(const at::Tensor &x, const OptTensor &w, const OptTensor &b, int64_t flags) {
+    const auto dtype = [flags](int64_t bit) { return flags & bit ? at::kBFloat16 : at::kFloat; };
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == dtype(kXBf16) && x.dim() >= 1 && x.numel() > 0,
+                "hf_rmsnorm's CPU rms_norm: x must be a non-empty CPU tensor of ", dtype(kXBf16), " (as flags say), got ",
+                x.scalar_type(), " on ", x.device(), " of shape ", x.sizes());
+    for (auto [p, bit, name] : {std::tuple{&w, kWBf16, "weight"}, {&b, kBBf16, "bias"}}) {
+        if (!p->has_value() || !(*p)->defined()) continue;
+        const at::Tensor &t = **p;
+        TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype(bit) && t.dim() == 1 && t.size(0) == x.size(-1) &&
+                        t.is_contiguous(),
+                    "hf_rmsnorm's CPU rms_norm: ", name, " must be a contiguous CPU tensor of ", x.size(-1), " ",
+                    dtype(bit), " values (as flags say), got ", t.scalar_type(), " on ", t.device(), " of shape ",
+                    t.sizes());
+    }
+}
 
 // (y, rstd): rstd, float32 one per row, only with_rstd
 std::pair<at::Tensor, at::Tensor> forward_rows(const at::Tensor &x_in, const OptTensor &w, const OptTensor &b,
@@ -168,6 +187,7 @@ auto make_node() {
 
 at::Tensor rms_norm(const at::Tensor &x, const OptTensor &w, const OptTensor &b, double eps, double offset,
                     int64_t flags, std::string_view cast_mode) {
+    check_inputs(x, w, b, flags);
     const at::ScalarType out_dtype = flags & kYBf16 ? at::kBFloat16 : at::kFloat;
     if (!torch::autograd::compute_requires_grad(x, w, b))  // no graph to record: no node, no statistics
         return forward_rows(x, w, b, eps, offset, flags, out_dtype, /*with_rstd=*/false).first;
