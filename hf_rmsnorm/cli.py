@@ -1,11 +1,15 @@
 """The ``hf-rmsnorm`` command.
 
     hf-rmsnorm inspect MODEL [--target rmsnorm|layernorm] [--include P] [--exclude P] [--json]
+    hf-rmsnorm convert IN OUT [...]
+    hf-rmsnorm build-cpu-kernel
 
 MODEL is a local Hugging Face model directory (its weights are loaded), a config.json file,
 or a ``model_type`` such as ``llama`` (a default config; built on the meta device, only the
 norms are materialised, so even a large configuration inspects in seconds). It prints the
-report ``patch_model`` would produce, without changing anything.
+report ``patch_model`` would produce, without changing anything. ``build-cpu-kernel`` builds the
+compiled CPU RMSNorm into its cache now rather than at the first CPU call (a container image,
+a machine about to go offline), or says why it cannot be built.
 """
 
 from __future__ import annotations
@@ -121,6 +125,19 @@ def _convert(args) -> int:
     return 0
 
 
+def _build_cpu_kernel(args) -> int:
+    from .ops import _cpu_kernel
+
+    if _cpu_kernel.op() is None:
+        print(
+            f"hf-rmsnorm build-cpu-kernel: {_cpu_kernel.unavailable_reason()}; RMSNorm on the CPU will run torch ops",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"the CPU RMSNorm kernel is built: {_cpu_kernel.built_path()}")
+    return 0
+
+
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="a local Hugging Face model directory (from save_pretrained)")
     p.add_argument("output", help="the directory to write (must not exist or be empty, unless --force)")
@@ -150,7 +167,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=list(_DTYPES), default="auto", help="dtype to load the model in")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code to run (off by default)")
+    sub.add_parser(
+        "build-cpu-kernel", help="build the compiled CPU RMSNorm into its cache now (HF_RMSNORM_CACHE), not at first use"
+    )
     args = parser.parse_args(argv)
+    if args.command == "build-cpu-kernel":
+        return _build_cpu_kernel(args)
     try:
         return _convert(args) if args.command == "convert" else _inspect(args)
     except (CliError, ConversionError, ValueError, TypeError, NotImplementedError) as exc:

@@ -112,7 +112,7 @@ def test_an_unwritable_cache_builds_in_a_private_folder(fresh_build, monkeypatch
     blocker.write_text("")
     monkeypatch.setenv(_cpu_kernel.CACHE_ENV, str(blocker / "cache"))  # under a file: cannot be made
     assert _cpu_kernel.op() is not None, _cpu_kernel.unavailable_reason()
-    folder = _cpu_kernel._path.parent
+    folder = _cpu_kernel.built_path().parent
     assert folder.name.startswith("hf_rmsnorm-") and (folder.stat().st_mode & 0o077) == 0  # the user's alone
     x, w, b, dy = norm_inputs(8, 64, torch.float32)
     y = rms_norm(x, w, b, 1e-6)
@@ -285,3 +285,20 @@ def test_the_operator_refuses_tensors_its_flags_do_not_describe():
     ):
         with pytest.raises(RuntimeError, match=message):
             op(*args)
+
+
+def test_the_cli_builds_the_kernel_ahead_of_time_or_says_why_not(fresh_build, monkeypatch, capsys):
+    """``hf-rmsnorm build-cpu-kernel``: the build a container image or an offline machine wants
+    done before the first call; where it cannot be done, why, and a non-zero exit."""
+    from hf_rmsnorm.cli import main
+
+    if _cpu_kernel._compiler() is not None:
+        assert main(["build-cpu-kernel"]) == 0
+        path = _cpu_kernel.built_path()
+        assert path.parent == fresh_build and path.exists() and str(path) in capsys.readouterr().out
+    for name, value in (("_op", _cpu_kernel._UNBUILT), ("_reason", None)):
+        monkeypatch.setattr(_cpu_kernel, name, value)
+    monkeypatch.setenv("CXX", str(fresh_build / "no-such-cxx"))
+    assert main(["build-cpu-kernel"]) == 1
+    err = capsys.readouterr().err
+    assert "no-such-cxx" in err and "RMSNorm on the CPU will run torch ops" in err

@@ -224,6 +224,11 @@ def _operators(path: Path, namespace: str):
     return ops
 
 
+def built_path() -> Optional[Path]:
+    """The library file :func:`op` was loaded from (None while it is not loaded)."""
+    return _path
+
+
 def calls() -> int:
     """How many times the compiled kernel has run in this process, forward and backward calls
     together (0 before it was built): what the tests read to know which path a call took."""
