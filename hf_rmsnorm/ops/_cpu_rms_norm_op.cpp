@@ -147,6 +147,7 @@ struct RMSNormBackward : public torch::autograd::Node {
         const bool need_x = task_should_compute_output(0), need_w = task_should_compute_output(1),
                    need_b = task_should_compute_output(2);
         at::Tensor dx, dw, db;
+        if (!grads[0].defined()) return {dx, dw, db};  // the output took no part in the loss
         if (at::GradMode::is_enabled()) {  // create_graph=True: the closed form is not differentiable
             const auto got = graph_backward().call(grads[0], x, maybe(w), maybe(b), eps_, offset_, cast_mode_,
                                                    need_x | (need_w << 1) | (need_b << 2));
@@ -155,7 +156,6 @@ struct RMSNormBackward : public torch::autograd::Node {
                 if (need) *out = got.at(i++);
             return {dx, dw, db};
         }
-        if (!grads[0].defined()) return {dx, dw, db};  // the output took no part in the loss
         at::Tensor dy = grads[0].contiguous();  // autograd may hand over an expanded gradient
         if (dy.scalar_type() != at::kFloat && dy.scalar_type() != at::kBFloat16) dy = dy.to(at::kFloat);
         const at::Tensor xc = x.contiguous();
