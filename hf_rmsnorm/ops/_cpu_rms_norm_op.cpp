@@ -62,7 +62,9 @@ int with_threads(int64_t flags, int64_t numel) {
     return static_cast<int>(flags | (threads << kThreadsShift));
 }
 
-const void *data(const OptTensor &t) { return t.has_value() && t->defined() ? t->data_ptr() : nullptr; }
+// a tensor's memory, or NULL for an absent one (what the C functions take for "no weight")
+void *data(const at::Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
+void *data(const OptTensor &t) { return t.has_value() ? data(*t) : nullptr; }
 
 int64_t rows_of(const at::Tensor &x) { return x.numel() / x.size(-1); }
 
@@ -103,14 +105,12 @@ std::pair<at::Tensor, at::Tensor> forward_rows(const at::Tensor &x_in, const Opt
 
 // the gradients of a hand-written backward as a graph, for create_graph=True: the operator that
 // rms_norm.py registers under this name differentiates its torch reference
-const c10::TypedOperatorHandle<std::vector<at::Tensor>(const at::Tensor &, const at::Tensor &, const OptTensor &,
-                                                       const OptTensor &, double, double, std::string_view, int64_t)> &
-graph_backward() {
+using GraphBackward = std::vector<at::Tensor>(const at::Tensor &, const at::Tensor &, const OptTensor &,
+                                              const OptTensor &, double, double, std::string_view, int64_t);
+const c10::TypedOperatorHandle<GraphBackward> &graph_backward() {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow(HF_STR(HF_RMSNORM_NS) "::rms_norm_graph_backward", "")
-                               .typed<std::vector<at::Tensor>(const at::Tensor &, const at::Tensor &, const OptTensor &,
-                                                              const OptTensor &, double, double, std::string_view,
-                                                              int64_t)>();
+                               .typed<GraphBackward>();
     return op;
 }
 
@@ -164,10 +164,9 @@ struct RMSNormBackward : public torch::autograd::Node {
         if (need_x) dx = at::empty(xc.sizes(), xc.options());
         if (need_w) dw = at::empty(w.sizes(), w.options());
         if (need_b) db = at::empty(b.sizes(), b.options());
-        const auto ptr = [](const at::Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; };
         const int64_t n = xc.size(-1);
         const int status =
-            rms_norm_backward(dy.data_ptr(), xc.data_ptr(), rstd.data_ptr<float>(), ptr(w), ptr(dx), ptr(dw), ptr(db),
+            rms_norm_backward(dy.data_ptr(), xc.data_ptr(), rstd.data_ptr<float>(), data(w), data(dx), data(dw), data(db),
                               rows_of(xc), n, static_cast<float>(offset_), with_threads(flags, xc.numel()));
         TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "rms_norm backward on the CPU: no memory for a few rows of ",
                          n, " floats");
