@@ -49,6 +49,8 @@ VARIANTS = {  # name -> (IS_RMS, HAS_WEIGHT, HAS_BIAS, parameter dtype); activat
     # for LayerNorm at 8192), and RMSNorm's 32-warp backward tile at 8192
     "RMSNorm, fp32 w": (True, True, False, "fp32"),
     "LayerNorm, fp32 w+b": (False, True, True, "fp32"),
+    # and the RMSNorm+bias forward past 4096 columns: several pipelined one-row tiles a program
+    "RMSNorm+bias, fp32 w+b": (True, True, True, "fp32"),
 }
 
 
@@ -129,7 +131,7 @@ def report(arch: int) -> list[dict]:
             const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n,
                      "STREAM": "", "RELOAD_W": False, "STAGES": stages}
             aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "stride_dy", "N"} if n % 16 == 0 else set())
-            maxnreg = kernels.bwd_maxnreg(block_m, is_rms, has_b)  # the launcher's register cap
+            maxnreg = kernels.bwd_maxnreg(block_m, is_rms, has_b, stages)  # the launcher's register cap
             c = _compile(kernels._norm_bwd_kernel, sig, const, warps, arch, aligned, maxnreg)
             tile = f"{block_m}×{block_n}" + (f" ≤{maxnreg} regs" if maxnreg else "") + _stages(stages)
             rows.append(_row("bwd", name, m, n, tile, warps, c, cap=kernels._MAX_PROGRAMS_PER_SM, arch=arch))

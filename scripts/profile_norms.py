@@ -6,8 +6,8 @@ For a few providers of ``benchmark_kernels.py`` at one shape, measures per call:
 - kernels: the sum of the kernel durations the profiler records, and each kernel's share;
 - for this package's providers, the host time again with every kernel launch a no-op: this
   package's Python alone, so that host minus it is what Triton's launcher costs on this host;
-  and again with the direct launch (``_direct._DIRECT_LAUNCH``), which skips Triton's
-  ``JITFunction.run`` on every call after a key's first;
+  and with Triton's launch and the direct launch (``_direct._DIRECT_LAUNCH``, which skips
+  Triton's ``JITFunction.run`` on every call after a key's first) in turn, five times each;
 - an empty ``autograd.Function`` (forward allocates, backward returns the gradient): the host
   time any Python-defined norm pays for autograd on this host, whatever its kernels;
 - for every forward+backward, the host time again with autograd's backward run on the calling
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -75,16 +76,23 @@ def measure(step, iters: int) -> dict:
     }
 
 
-def direct_host_us(step, iters: int) -> float:
-    """``host_us`` with the direct launch on (the warm-up's calls fill its cache)."""
+def launch_ab_host_us(step, iters: int, rounds: int = 5) -> tuple[float, float]:
+    """``host_us`` with Triton's launch and with the direct launch (``_DIRECT_LAUNCH``), timed
+    alternately ``rounds`` times each, so that a slow stretch of the host falls on both: the
+    median of each (run 10 timed the direct launch once, after the other columns, and one cell
+    of eight came out above Triton's)."""
     from hf_rmsnorm.ops import _direct
 
     saved = _direct._DIRECT_LAUNCH
-    _direct._DIRECT_LAUNCH = True
+    times = {False: [], True: []}
     try:
-        return host_us(step, iters)
+        for _ in range(rounds):
+            for direct in (False, True):
+                _direct._DIRECT_LAUNCH = direct
+                times[direct].append(host_us(step, iters))  # its warm-up calls fill the direct launch's cache
     finally:
         _direct._DIRECT_LAUNCH = saved
+    return statistics.median(times[False]), statistics.median(times[True])
 
 
 def one_thread_host_us(step, iters: int) -> float:
@@ -123,7 +131,7 @@ def main(argv=None) -> int:
                     # backward's occupancy: the same calls with every launch a no-op
                     with launches_stubbed():
                         r["host_stubbed_us"] = host_us(step, args.iters)
-                    r["host_direct_us"] = direct_host_us(step, args.iters)
+                    r["host_triton_ab_us"], r["host_direct_us"] = launch_ab_host_us(step, args.iters)
                 if mode == "fwd+bwd":
                     r["host_one_thread_us"] = one_thread_host_us(step, args.iters)
                 rows.append({"shape": f"{m}x{n}", "provider": name, "mode": mode, **r})
@@ -142,15 +150,17 @@ def to_markdown(rows: list[dict], device: str, versions) -> str:
     lines = [f"# Host vs kernel time per call, {device}, bf16", "", f"{versions}", "",
              "host = the Python thread's time to issue a call; stubbed = the same with every kernel launch a no-op "
              "(this package's Python alone), launcher = host − stubbed (Triton's launcher, for this package's calls); "
-             "direct = host with the direct launch (`_DIRECT_LAUNCH`); 1 thread = host with autograd's backward "
+             "Triton / direct = host with Triton's launch / with the direct launch (`_DIRECT_LAUNCH`), timed "
+             "alternately, median of 5 each; 1 thread = host with autograd's backward "
              "on the calling thread (`torch.autograd.set_multithreading_enabled(False)`).", "",
-             "| shape | provider | mode | host µs | stubbed µs | launcher µs | direct µs | 1 thread µs | wall µs | kernels µs | launches | kernels (µs each) |",
+             "| shape | provider | mode | host µs | stubbed µs | launcher µs | Triton / direct µs | 1 thread µs | wall µs | kernels µs | launches | kernels (µs each) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ks = "; ".join(f"{k[:40]} ×{v['calls_per_step']:.0f} {v['us_per_call']:.1f}" for k, v in
                        sorted(r["kernels"].items(), key=lambda kv: -kv[1]["us_per_call"] * kv[1]["calls_per_step"]))
         stubbed = r.get("host_stubbed_us")
-        split = (f"{stubbed:.0f} | {r['host_us'] - stubbed:.0f} | {r['host_direct_us']:.0f}" if stubbed is not None else "– | – | –")
+        split = (f"{stubbed:.0f} | {r['host_us'] - stubbed:.0f} | {r['host_triton_ab_us']:.0f} / {r['host_direct_us']:.0f}"
+                 if stubbed is not None else "– | – | –")
         one = r.get("host_one_thread_us")
         split += f" | {one:.0f}" if one is not None else " | –"
         lines.append(f"| {r['shape']} | {r['provider']} | {r['mode']} | {r['host_us']:.0f} | {split} | {r['wall_us']:.0f} | "

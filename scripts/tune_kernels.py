@@ -180,7 +180,7 @@ def sweep(shapes, device, quick, copy_gbps):
                 pps_all = PROGRAMS_PER_SM if device.type == "cuda" else (None,)
                 variants = [(c, None, None, "", False, None) for c in configs]
                 variants += [(configs[0], p, None, "", False, None) for p in pps_all if p is not None]
-                shipped_cap = k.bwd_maxnreg(configs[0][0], is_rms, bias is not None) or 0
+                shipped_cap = k.bwd_maxnreg(configs[0][0], is_rms, bias is not None, bwd_stages_of(configs[0])) or 0
                 variants += [(configs[0], None, cap, "", False, None) for cap in REGISTER_CAPS if cap != shipped_cap]
                 variants += [(configs[0], None, None, "evict_first", False, None), (configs[0], None, None, "", True, None),
                              (configs[0], None, 96, "", True, None)]
@@ -189,8 +189,8 @@ def sweep(shapes, device, quick, copy_gbps):
                     variants += [(configs[0], None, 0, "", False, s) for s in STAGES if s > 1]
             for config, pps, cap, stream, reload_w, stages in variants:
                 # what the launcher picks where the variant leaves it open, so the row names what ran
-                cap = k.bwd_maxnreg(config[0], is_rms, bias is not None) if cap is None else cap
                 stages = bwd_stages_of(config) if stages is None else stages
+                cap = k.bwd_maxnreg(config[0], is_rms, bias is not None, stages) if cap is None else cap
 
                 def run(sums):
                     dx, part = k.norm_bwd(dy, x, wk, mean, rstd, 0.0, is_rms, 0, bias is not None, config=config,

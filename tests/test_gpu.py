@@ -204,13 +204,14 @@ def test_forward_with_several_tiles_per_program_computes_the_same_bits(n, p_dtyp
                 assert a is c is None or torch.equal(a, c)  # RMSNorm has no mean
 
 
-@pytest.mark.parametrize("n", [4096, 8192])
+@pytest.mark.parametrize("n", [768, 2048, 4096, 8192])
 @pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_pipelined_tile_loops_compute_the_same_bits(n, p_dtype):
-    """Software pipelining (2 stages, and the 3 the launcher picks for LayerNorm) only moves
-    when a tile's row loads are issued: the backward's dx and partial sums with the same grid,
-    and the forward's y and statistics with several tiles a program, must be the very same
-    bits as without it, the last program's tiles partly past the end (4097 rows) included."""
+    """Software pipelining (2 stages, and the 3 the launcher picks for a norm with a bias) only
+    moves when a tile's row loads are issued: the backward's dx and partial sums with the same
+    grid, and the forward's y and statistics with several tiles a program, must be the very
+    same bits as without it, the last program's tiles partly past the end (4097 rows) included;
+    at 768 columns on the two-row tile, whose register cap the launcher drops when pipelined."""
     from hf_rmsnorm.ops import _triton_norm
 
     g = torch.Generator(device="cuda").manual_seed(n)
@@ -219,7 +220,8 @@ def test_pipelined_tile_loops_compute_the_same_bits(n, p_dtype):
     w = (torch.rand(n, device="cuda", generator=g) + 0.5).to(p_dtype)
     b = (0.1 * torch.randn(n, device="cuda", generator=g)).to(p_dtype)
     shared = _triton_norm.block_shared(x.device)
-    assert _triton_norm.bwd_stages(shared, *_triton_norm.bwd_config(n, True)[:2], False, True, 2, 2) == 3  # ships for LayerNorm
+    for is_rms in (True, False):  # ships for both with a bias
+        assert _triton_norm.bwd_stages(shared, *_triton_norm.bwd_config(n, True)[:2], is_rms, True, 2, 2) == 3
     for is_rms in (True, False):
         fwd = [_triton_norm.norm_fwd(x, w, b, 1e-5, 0.0, is_rms, 0, torch.bfloat16, tiles=8, stages=s) for s in (1, None, 2, 3)]
         _, mean, rstd = fwd[0]

@@ -307,16 +307,18 @@ def bwd_config(N: int, has_bias: bool = False, wide_params: bool = False) -> tup
     return block_m, block_n, warps
 
 
-def bwd_maxnreg(block_m: int, is_rms: bool, has_bias: bool) -> int | None:
+def bwd_maxnreg(block_m: int, is_rms: bool, has_bias: bool, stages: int = 1) -> int | None:
     """Registers a thread of the backward kernel may use (ptxas ``maxnreg``), None: no cap.
 
-    LayerNorm with a bias on tiles of several rows (up to 1024 columns): 80 instead of the 96
-    Triton 3.6 and 3.9 allocate, so 6 programs fit an SM instead of 5, at no spill with the
-    H200's Triton 3.6 and bf16 parameters, 8 B with fp32 ones or Triton 3.9
+    LayerNorm with a bias on tiles of several rows (up to 1024 columns), plain loop: 80 instead
+    of the 96 Triton 3.6 and 3.9 allocate, so 6 programs fit an SM instead of 5, at no spill with
+    the H200's Triton 3.6 and bf16 parameters, 8 B with fp32 ones or Triton 3.9
     (scripts/kernel_report.py). Measured on an H200 (run 7 sweep, 65536x768, bf16): 99 -> 93 us.
+    Pipelined (``stages`` > 1), no cap: it spills there under Triton 3.9, and uncapped it was the
+    fastest (run 10 sweep: 90 us plain and capped, 80 pipelined and uncapped).
     Only where measured: a cap above a kernel's own count raises it (RMSNorm at 768: 72 -> 96),
     and the one-row tiles spill 56-72 B at 80."""
-    if not is_rms and has_bias and block_m >= 2:
+    if not is_rms and has_bias and block_m >= 2 and stages == 1:
         return 80
     return None
 
@@ -324,24 +326,31 @@ def bwd_maxnreg(block_m: int, is_rms: bool, has_bias: bool) -> int | None:
 # Software pipelining (Triton's loop pipeliner, ``tl.range(num_stages=S)``): a program issues
 # the row loads of the next S - 1 tiles (cp.async, into shared memory) before it reduces and
 # stores the current one, so loads stay in flight through the reductions and the store.
-# Shipped only where measured faster (H200, run 9 sweep, Triton 3.6, bf16 rows, GPU time of the
-# raw kernels on the shipped tile, 1 / 2 / 3 stages):
-# - LayerNorm's backward (weight and bias) on its one-row tiles: 2048 columns 59 / 62 / 52 us,
-#   4096 124 / 129 / 104, 8192 275 / 306 / 198 (97 % of the copy bandwidth, was 70 %). Its
-#   two-row tile (up to 1024 columns) was faster too (768: 90 / 92 / 81), but with its
-#   registers capped at 80 it spills 24 B under Triton 3.9 (8 B under the 3.6 measured), so it
-#   stays plain until a run times it under a Triton that does not spill.
-# - LayerNorm's forward with fp32 weight and bias on bf16 rows past 4096 columns (8 one-row
-#   tiles a program): 166 / 170 / 143 us at 8192.
+# Shipped only where measured faster (H200, Triton 3.6, bf16 rows, GPU time of the raw kernels
+# on the shipped tile, 1 / 3 stages; runs 9 and 10 of benchmarks/results/h200):
+# - the backward with a bias-gradient accumulator, 768 to 8192 columns. LayerNorm (run 9):
+#   2048 columns 59 / 52 us, 4096 124 / 104, 8192 275 / 198 (97 % of the copy bandwidth, was
+#   70 %); its two-row tile at 768, 90 capped at 80 registers / 80 uncapped (run 10; capped
+#   and pipelined it spills under Triton 3.9, see bwd_maxnreg). RMSNorm with a bias (run 10):
+#   768 85 / 80, 2048 55 / 52, 4096 120 / 106, 8192 256 / 194. LayerNorm with fp32 weight and
+#   bias on bf16 rows (run 10): 90 / 82, 62 / 53, 125 / 105, 274 / 198.
+# - the forward with a bias and fp32 parameters on bf16 rows past 4096 columns (8 one-row tiles
+#   a program): LayerNorm 166 / 143 us at 8192 (run 9), RMSNorm+bias 158 / 140 (run 10; 64
+#   registers under Triton 3.6, two programs an SM, but 75 under 3.9, one: time it again on a
+#   GPU running 3.9).
 # Not elsewhere: two stages lost everywhere (run 9's benchmark with them: forward+backward at
 # 8192 columns 412 -> 443 us for LayerNorm, 399 -> 441 for RMSNorm+bias); RMSNorm's backward
-# was level or slower with 3 (8192: 202 / 220 / 255 us; 4096: 101 / 123 / 105); its forward
-# with bf16 parameters ships one tile a program, where the stage rows do not apply; RMSNorm with
-# a bias, fp32 parameters in the backward and fp32 rows were not timed with stages.
+# without a bias was level or slower with 3 (run 9, 8192: 202 / 255 us; 4096: 101 / 105); its
+# forward with bf16 parameters ships one tile a program, where the stage rows do not apply;
+# RMSNorm's backward with fp32 parameters, fp32 rows and tiles under 1024 columns were not
+# timed with stages.
 _PIPELINE_STAGES = 3
 # ... on rows up to this wide (wider rows spill registers anyway), and only where the tile's
 # buffers fit the shared memory one block may use (``_pipeline_fits``)
 _PIPELINE_MAX_N = 8192
+# ... and this wide at least: narrower tiles (rows up to 512) hold several rows, never timed
+# pipelined
+_PIPELINE_MIN_N = 1024
 # shared memory a program may need besides the pipelined row buffers: reduction scratch and
 # layout conversions (kernel_report.py, Triton 3.6 and 3.9: up to 16 KiB, the fp32-parameter
 # backward at 8192 columns; the pipelined kernels' own under 300 B)
@@ -369,10 +378,11 @@ def _pipeline_fits(shared: int | None, rows: int, x_size: int) -> bool:
 @functools.lru_cache(maxsize=None)
 def bwd_stages(shared: int | None, block_m: int, block_n: int, is_rms: bool, has_bias: bool, x_size: int,
                p_size: int) -> int:
-    """Pipeline stages of the backward's tile loop (1: none): LayerNorm with a bias on
-    bf16/fp16 rows and parameters, one-row tiles up to 8192 columns, where its x and dy
-    buffers fit ``shared`` (``block_shared``; see above)."""
-    if (not is_rms and has_bias and x_size <= 2 and p_size <= x_size and block_m == 1 and block_n <= _PIPELINE_MAX_N
+    """Pipeline stages of the backward's tile loop (1: none): LayerNorm and RMSNorm with a bias
+    on bf16/fp16 rows, tiles of 1024 to 8192 columns (rows of 513 to 8192 elements), parameters
+    as wide as the rows (fp32 ones too for LayerNorm), where its x and dy buffers fit ``shared``
+    (``block_shared``; see above)."""
+    if (has_bias and x_size <= 2 and (p_size <= x_size or not is_rms) and _PIPELINE_MIN_N <= block_n <= _PIPELINE_MAX_N
             and _pipeline_fits(shared, 2 * block_m * block_n, x_size)):
         return _PIPELINE_STAGES
     return 1
@@ -381,10 +391,10 @@ def bwd_stages(shared: int | None, block_m: int, block_n: int, is_rms: bool, has
 @functools.lru_cache(maxsize=None)
 def fwd_stages(shared: int | None, tiles: int, block_m: int, block_n: int, is_rms: bool, has_bias: bool,
                x_size: int) -> int:
-    """Pipeline stages of the forward's tile loop (1: none): LayerNorm with a bias where a
-    program has several tiles (``fwd_tiles``: parameters wider than the rows, past 4096
+    """Pipeline stages of the forward's tile loop (1: none): LayerNorm and RMSNorm with a bias
+    where a program has several tiles (``fwd_tiles``: parameters wider than the rows, past 4096
     columns), where its x buffers fit ``shared`` (``block_shared``)."""
-    if (tiles > 1 and not is_rms and has_bias and block_n <= _PIPELINE_MAX_N
+    if (tiles > 1 and has_bias and block_n <= _PIPELINE_MAX_N
             and _pipeline_fits(shared, block_m * block_n, x_size)):
         return _PIPELINE_STAGES
     return 1
@@ -563,11 +573,11 @@ def _bwd_plan(x, dy, weight, N, is_rms, rounding, has_bias, columns, config, pro
     """(BLOCK_M, meta, meta key, programs on the device) of ``norm_bwd``'s launches for this
     signature; the programs before the cap at one tile each."""
     block_m, block_n, warps = config or bwd_config(N, has_bias, param_size(weight, None) > x.element_size())
-    if maxnreg is None:
-        maxnreg = bwd_maxnreg(block_m, is_rms, has_bias)
     if stages is None:
         stages = bwd_stages(block_shared(x.device), block_m, block_n, is_rms, has_bias, x.element_size(),
                             param_size(weight, None))
+    if maxnreg is None:
+        maxnreg = bwd_maxnreg(block_m, is_rms, has_bias, stages)
     meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
                 BLOCK_M=block_m, BLOCK_N=block_n, STREAM=stream, RELOAD_W=reload_w, STAGES=stages, num_warps=warps)
     if maxnreg:
