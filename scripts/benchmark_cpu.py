@@ -311,16 +311,19 @@ def launcher_rows(shape, min_run_time: float, rounds: int) -> list[dict]:
         if not _direct._DIRECT_TRITON:
             raise SystemExit(f"--launcher compares the direct launch, which Triton {_direct.triton.__version__} does not take "
                              "(it is written for Triton 3.6 to 3.9); install one of those to run it")
+        saved = _direct._DIRECT_LAUNCH
         for (name, mode), step in host_steps(shape).items():
             if name == "empty autograd.Function":
                 continue  # no launch: host_rows has it
             times: dict = {False: [], True: []}
-            for i in range(rounds):
-                for direct in ((False, True) if i % 2 == 0 else (True, False)):
-                    _direct._DIRECT_LAUNCH = direct
-                    step()  # compiles, and fills the direct cache
-                    times[direct].append(_median_us(step, min_run_time))
-            _direct._DIRECT_LAUNCH = False
+            try:
+                for i in range(rounds):
+                    for direct in ((False, True) if i % 2 == 0 else (True, False)):
+                        _direct._DIRECT_LAUNCH = direct
+                        step()  # compiles, and fills the direct cache
+                        times[direct].append(_median_us(step, min_run_time))
+            finally:
+                _direct._DIRECT_LAUNCH = saved
             triton_us, direct_us = (statistics.median(times[d]) for d in (False, True))
             rows.append({"call": name, "mode": mode, "shape": list(shape), "triton_us": triton_us, "direct_us": direct_us})
             print(f"{name:24s} {mode:20s} {triton_us:7.1f} {direct_us:7.1f} µs", flush=True)

@@ -11,8 +11,9 @@ The variants of a model and precision are built side by side and timed in turn, 
 each per round, so that the ratios between them (the targets) are not moved by the host or
 the GPU clock changing between one variant's steps and the next's; a group that does not fit
 the device at once is timed one variant at a time, and the table says so. ``--variants`` adds
-``layernorm+direct`` and ``rmsnorm+direct``: the same patches with the kernels launched
-directly (``_direct._DIRECT_LAUNCH``), for the host-bound step that decides whether it ships.
+``layernorm+triton`` and ``rmsnorm+triton``: the same patches with the kernels launched
+through Triton's own launch instead of the package's direct one (``_direct._DIRECT_LAUNCH``,
+on by default since run 10), for the host-bound steps where the difference shows.
 
     python scripts/benchmark_training.py            # on a GPU
     python scripts/benchmark_training.py --quick    # tiny configs, runs anywhere (CI)
@@ -51,9 +52,9 @@ QUICK = {
     "gpt2-medium": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)),
     "llama-1b": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=256, max_position_embeddings=64)),
 }
-VARIANTS = ("as shipped", "layernorm", "rmsnorm", "norms -> Identity", "layernorm+direct", "rmsnorm+direct")
-# the table's rows; the "+direct" variants (the same patch, with the kernels launched directly,
-# _direct._DIRECT_LAUNCH) only on request, until a GPU run decides whether it ships
+VARIANTS = ("as shipped", "layernorm", "rmsnorm", "norms -> Identity", "layernorm+triton", "rmsnorm+triton")
+# the table's rows; the "+triton" variants (the same patch, with the kernels launched through
+# Triton's own launch rather than directly) only on request
 DEFAULT_VARIANTS = VARIANTS[:4]
 PRECISIONS = ("bf16 params", "fp32 params + bf16 autocast")
 PROFILE_STEPS = 2  # steps a row runs under the profiler with --profile
@@ -83,7 +84,7 @@ def apply_variant(model, variant, batch) -> str:
             if is_norm_like(module) and name:
                 model.set_submodule(name, nn.Identity())
         return ""
-    target = variant.removesuffix("+direct")
+    target = variant.removesuffix("+triton")
     report = patch_model(model, target=target, probe_inputs={"input_ids": batch[:1, :16]})
     return report.summary()
 
@@ -108,13 +109,14 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def _direct_launch(on: bool) -> None:
-    """The kernels launched directly (``_direct._DIRECT_LAUNCH``) or through Triton."""
+def _launch_through_triton(on: bool) -> None:
+    """The kernels launched through Triton's own launch, or as the package launches them by
+    default (directly, ``_direct._DIRECT_LAUNCH``, unless ``HF_RMSNORM_DIRECT_LAUNCH=0``)."""
     direct = sys.modules.get("hf_rmsnorm.ops._direct")
     if direct is None and on:
         from hf_rmsnorm.ops import _direct as direct
     if direct is not None:
-        direct._DIRECT_LAUNCH = on
+        direct._DIRECT_LAUNCH = not on and direct._direct_launch_default()
 
 
 class Run:
@@ -124,14 +126,14 @@ class Run:
         self.variant, self.model, self.device, self.summary = variant, model, device, summary
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         self.autocast = precision != "bf16 params"
-        self.direct = variant.endswith("+direct")
+        self.through_triton = variant.endswith("+triton")
         self.times = []  # ms of each timed step
         self.resident = 0  # bytes this run keeps between steps: parameters and optimizer state
         self.transient = 0  # the most bytes a timed step allocated on top of what was resident
         self.error = None  # why a step failed, if one did
 
     def step(self, batch):
-        _direct_launch(self.direct)  # the variants step in turn: each sets it for its own step
+        _launch_through_triton(self.through_triton)  # the variants step in turn: each sets it for its own step
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss = self.model(input_ids=batch, labels=batch).loss
         loss.backward()

@@ -17,7 +17,7 @@
 #                                                  # row profiled (kernel time by kind, the kernels that differ
 #                                                  # most from the Identity row), in $OUT/trainprof/
 #   STEPS=direct bash scripts/gpu_check.sh        # not in the default set: the training table with its patched
-#                                                  # rows launched through Triton and directly, in $OUT/direct/
+#                                                  # rows launched directly (the default) and through Triton, in $OUT/direct/
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick=""
@@ -69,7 +69,7 @@ step trainprof 90 "$PY" scripts/benchmark_training.py $quick --profile --out "$O
 # the training table with the patched rows twice, the kernels launched through Triton and
 # directly, in turn (GPT-2-medium's bf16 step is host-bound)
 step direct 90 "$PY" scripts/benchmark_training.py $quick \
-  --variants "as shipped,layernorm,layernorm+direct,rmsnorm,rmsnorm+direct,norms -> Identity" --out "$OUT/direct"
+  --variants "as shipped,layernorm,layernorm+triton,rmsnorm,rmsnorm+triton,norms -> Identity" --out "$OUT/direct"
 
 echo
 grep -E "^(FAILED|ERROR)|passed|failed|skipped" "$OUT/tests.log" 2>/dev/null | cut -c1-400

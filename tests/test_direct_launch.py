@@ -175,3 +175,23 @@ def test_direct_launch_passes_the_launcher_what_triton_passes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "direct launches checked: 36" in proc.stdout, proc.stdout
     assert "backward specimens checked" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("value,expected", [(None, True), ("1", True), ("0", False), (" 0 ", False), ("yes", None), ("", None)])
+def test_the_environment_turns_the_direct_launch_off_and_rejects_other_values(value, expected):
+    """On by default since run 10 (H200: the same bits as Triton's launch, less host time);
+    ``HF_RMSNORM_DIRECT_LAUNCH=0`` goes back to Triton's launch; any other value than 0 or 1 is
+    refused at import with one message saying what it takes, in a fresh interpreter (the module
+    reads it once)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "HF_RMSNORM_DIRECT_LAUNCH"}
+    if value is not None:
+        env["HF_RMSNORM_DIRECT_LAUNCH"] = value
+    proc = subprocess.run([sys.executable, "-c", "from hf_rmsnorm.ops import _direct; print(_direct._DIRECT_LAUNCH)"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    if expected is None:
+        assert proc.returncode != 0
+        assert f"HF_RMSNORM_DIRECT_LAUNCH={value.strip()!r}: expected 1" in proc.stderr and "or 0" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip() == str(expected)

@@ -114,9 +114,10 @@ def test_training_variants_take_steps_in_turn_and_a_failing_one_drops_out():
     assert runs[0].error is None and runs[0].steps == runs[2].steps == 4
 
 
-def test_training_direct_variants_launch_directly_in_their_own_steps_only():
-    """The "+direct" rows patch as their plain twins do, and each step runs with the direct
-    launch on exactly when its own variant asks for it (the variants step in turn)."""
+def test_training_triton_variants_launch_through_triton_in_their_own_steps_only(monkeypatch):
+    """The "+triton" rows patch as their plain twins do, and each step runs with the direct
+    launch off exactly when its own variant asks for it (the variants step in turn); the other
+    rows keep the package's default (on, unless HF_RMSNORM_DIRECT_LAUNCH=0)."""
     pytest.importorskip("triton")
     import torch
 
@@ -125,19 +126,22 @@ def test_training_direct_variants_launch_directly_in_their_own_steps_only():
 
     device = torch.device("cpu")
     batch = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
-    seen = []
-    runs = []
-    for variant in ("rmsnorm", "rmsnorm+direct", "as shipped"):
-        run = bt.prepare("gpt2-medium", bt.QUICK, "bf16 params", variant, batch, device, warmup=0)
-        run.model.register_forward_pre_hook(lambda m, a, v=variant: seen.append((v, _direct._DIRECT_LAUNCH)))
-        runs.append(run)
-    assert runs[0].summary == runs[1].summary and " 0 exact" not in runs[1].summary
-    try:
+    monkeypatch.setattr(_direct, "_DIRECT_LAUNCH", _direct._DIRECT_LAUNCH)  # restored afterwards
+    for env, default in ((None, True), ("0", False)):
+        if env is None:
+            monkeypatch.delenv(_direct.DIRECT_LAUNCH_ENV, raising=False)
+        else:
+            monkeypatch.setenv(_direct.DIRECT_LAUNCH_ENV, env)
+        seen = []
+        runs = []
+        for variant in ("rmsnorm", "rmsnorm+triton", "as shipped"):
+            run = bt.prepare("gpt2-medium", bt.QUICK, "bf16 params", variant, batch, device, warmup=0)
+            run.model.register_forward_pre_hook(lambda m, a, v=variant: seen.append((v, _direct._DIRECT_LAUNCH)))
+            runs.append(run)
+        assert runs[0].summary == runs[1].summary and " 0 exact" not in runs[1].summary
         bt.time_in_turn(runs, batch, 2)
-    finally:
-        _direct._DIRECT_LAUNCH = False
-    assert sorted(set(seen)) == [("as shipped", False), ("rmsnorm", False), ("rmsnorm+direct", True)]
-    assert len(seen) == 6
+        assert sorted(set(seen)) == [("as shipped", default), ("rmsnorm", default), ("rmsnorm+triton", False)]
+        assert len(seen) == 6
 
 
 @pytest.mark.slow

@@ -1,14 +1,16 @@
 """Direct launches of compiled Triton kernels, skipping Triton's ``JITFunction.run``.
 
 ``_triton_norm``'s launchers call ``launch`` for every kernel they start. With
-``_DIRECT_LAUNCH`` off (the default) it is ``kernel[grid](...)``; on, it calls the compiled
-kernel's launcher itself once Triton has compiled and launched a kernel for the same facts.
+``_DIRECT_LAUNCH`` on (the default; ``HF_RMSNORM_DIRECT_LAUNCH=0`` turns it off) it calls the
+compiled kernel's launcher itself once Triton has compiled and launched a kernel for the same
+facts; off, it is ``kernel[grid](...)``.
 Written against the ``run`` of Triton 3.6 to 3.9 (``_DIRECT_TRITON``): the launcher's
 arguments changed between earlier releases.
 """
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -21,9 +23,23 @@ import triton
 # kernel on what Triton specialises an argument on (``_arg_facts``) and calls its launcher with the same
 # arguments Triton passes (tests/test_direct_launch.py compares them call by call on the CPU,
 # with the driver's launch a no-op); the first call of each key goes through Triton, which
-# compiles and launches it. Off until a GPU run has compared its results with Triton's launch
-# bit for bit (tests/test_gpu.py) and timed it (profile_norms.py); True turns it on.
-_DIRECT_LAUNCH = False
+# compiles and launches it. On since run 10 (H200, benchmarks/NOTES.md): the same bits as
+# Triton's launch (tests/test_gpu.py), and, timed alternately with it, 9-17 us less host time a
+# forward and 82-118 us less a forward+backward (profile_norms.py); GPT-2-medium's host-bound
+# bf16 training step 84.0 -> 81.6 ms. HF_RMSNORM_DIRECT_LAUNCH=0 (read at import) goes back to
+# Triton's launch, e.g. to rule this path out when something looks wrong.
+DIRECT_LAUNCH_ENV = "HF_RMSNORM_DIRECT_LAUNCH"
+
+
+def _direct_launch_default() -> bool:
+    value = os.environ.get(DIRECT_LAUNCH_ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{DIRECT_LAUNCH_ENV}={value!r}: expected 1 (launch compiled Triton kernels directly, the "
+                         f"default) or 0 (through Triton's own launch); set one of them or unset it.")
+    return value == "1"
+
+
+_DIRECT_LAUNCH = _direct_launch_default()
 # the Triton releases whose ``JITFunction.run`` launches as ``launch`` does (read in 3.6, 3.7,
 # 3.8 and 3.9; the launcher's arguments have changed between earlier releases)
 _DIRECT_TRITON = (3, 6) <= tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) <= (3, 9)
