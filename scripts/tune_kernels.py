@@ -101,9 +101,8 @@ def sweep(shapes, device, quick, copy_gbps):
         # "/fp32w": the weight, or weight and bias, in fp32 on bf16 rows), the shipped number
         # first; and the row loads hinted evict_first, as torch.compile's generated kernels load them.
         # RMSNorm with a bias and fp32 parameters: only its shipped tile and the stage counts of
-        # its several-tile program, which it runs past 4096 columns like LayerNorm (pipelined
-        # since run 9's sweep: 166 -> 143 us at 8192), with the same loop less the mean; not
-        # pipelined for want of a measurement, and 81 % of the copy bandwidth there in run 9
+        # its several-tile program, which it runs past 4096 columns like LayerNorm, with the same
+        # loop less the mean (pipelined since run 10's sweep: 158 -> 140 us at 8192)
         fwd_staged_only = ("rms+bias", True, b)
         for kind, is_rms, bias in (*norms, fwd_staged_only):
             for p_dtype in ((torch.float32,) if kind == fwd_staged_only[0] else (x_dtype, torch.float32)):
@@ -145,10 +144,11 @@ def sweep(shapes, device, quick, copy_gbps):
         # registers without a spill, a different balance of threads and bytes in flight);
         # RMSNorm with an fp32 weight on the shipped and the one-row tile (at 8192 columns the
         # shipped tile is 32 warps wide with an fp32 weight, because 16 spill under Triton 3.6:
-        # bwd_config); and on the shipped tile at each pipeline stage count, the backwards the
-        # launcher does not pipeline for want of a measurement: RMSNorm with a bias, and
-        # LayerNorm with fp32 weight and bias
-        staged_only = (("rms+bias", True, b), ("layer/fp32w", False, b))
+        # bwd_config); and on the shipped tile at each pipeline stage count, the backwards with a
+        # bias: RMSNorm's and LayerNorm's with fp32 weight and bias (pipelined since run 10's
+        # sweep), and RMSNorm's with fp32 weight and bias, which the launcher does not pipeline
+        # for want of a measurement (79-84 % of the copy bandwidth forward+backward in run 11)
+        staged_only = (("rms+bias", True, b), ("layer/fp32w", False, b), ("rms+bias/fp32w", True, b))
         staged_kinds = {name for name, _, _ in staged_only}
         for kind, is_rms, bias in (*norms, ("rms/fp32w", True, None), *staged_only):
             wk = w.float() if kind.endswith("fp32w") else w

@@ -300,7 +300,7 @@ def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
         # (None for LayerNorm: its pipelined rows, which the launcher runs uncapped)
         assert capped == {("rms", None), ("rms", 96), ("rms", 80), ("layer", 80), ("layer", 0), ("layer", 96),
                           ("layer", None), ("rms/fp32w", None), ("rms+bias", None), ("layer/fp32w", 80),
-                          ("layer/fp32w", None)}, pass_
+                          ("layer/fp32w", None), ("rms+bias/fp32w", None)}, pass_
         # RMSNorm with an fp32 weight: the shipped tile first, then the one-row tile
         fp32w = [r for r in rows if r["pass"] == pass_ and r["kind"] == "rms/fp32w"]
         assert [r["config"][0] for r in fp32w] == [bwd_config(n)[0], 1], pass_
@@ -313,8 +313,9 @@ def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
                       and r["maxnreg"] == bwd_maxnreg(r["config"][0], is_rms, bias, r["stages"])
                       and r["config"] == firsts[(pass_, kind)]["config"]]
             assert sorted(staged) == [1, 3], (pass_, kind, staged)
-        # the backwards the launcher does not pipeline, on their shipped tile: plain, then 3 stages
-        for kind, config in (("rms+bias", bwd_config(n, True)), ("layer/fp32w", bwd_config(n, True, True))):
+        # the backwards with a bias, on their shipped tile: plain, then 3 stages
+        for kind, config in (("rms+bias", bwd_config(n, True)), ("layer/fp32w", bwd_config(n, True, True)),
+                             ("rms+bias/fp32w", bwd_config(n, True, True))):
             group = [r for r in rows if r["pass"] == pass_ and r["kind"] == kind]
             assert [(r["config"], r["stages"]) for r in group] == [(list(config), 1), (list(config), 3)], (pass_, kind)
     # the forward's tile loop likewise, on the shipped tile with 8 tiles a program
