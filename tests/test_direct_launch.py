@@ -195,3 +195,68 @@ def test_the_environment_turns_the_direct_launch_off_and_rejects_other_values(va
     else:
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.strip() == str(expected)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "hip"])
+def test_the_direct_launch_is_for_nvidia_gpus_only(backend, monkeypatch):
+    """The direct launch's key holds what Triton's NVIDIA backend specialises an argument on;
+    AMD's backend specialises on more, so on any target but an NVIDIA GPU every launch goes
+    through Triton's own ``run``, also after a key's first call. A JITFunction whose ``run``
+    returns a stand-in compiled kernel, under a stand-in driver for each target: no compiler
+    and no GPU needed."""
+    pytest.importorskip("triton")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    from hf_rmsnorm.ops import _direct
+
+    if not _direct._DIRECT_TRITON:
+        pytest.skip("the direct launch is off for this Triton release")
+
+    def body(X, n, BLOCK: triton.language.constexpr):
+        pass
+
+    kernel = triton.runtime.jit.JITFunction(body)
+    calls = []
+
+    class Compiled:
+        function, packed_metadata = "function", "metadata"
+
+        def run(self, *args):
+            calls.append(("direct", args[9:]))
+
+        def launch_metadata(self, *args):  # asked for when a launch hook is set
+            return None
+
+    compiled = Compiled()
+
+    def run(*args, grid, warmup, **meta):
+        calls.append(("triton", args))
+        return compiled
+
+    class Driver:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32) if backend == "cuda" else GPUTarget("hip", "gfx942", 64)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+    monkeypatch.setattr(kernel, "run", run)
+    monkeypatch.setattr(_direct, "_DIRECT_LAUNCH", True)
+    monkeypatch.setattr(_direct, "_DIRECT", {})
+    saved = driver._active
+    driver.set_active(Driver())
+    try:
+        x = torch.zeros(16)
+        for _ in range(3):
+            assert _direct.launch(kernel, (1,), (x, 16), {"BLOCK": 16}, (("BLOCK", 16),)) is compiled
+    finally:
+        driver._active = saved
+    if backend == "cuda":  # Triton's run compiles on the first call, the launcher runs the rest
+        assert calls == [("triton", (x, 16)), ("direct", (x, 16, 16)), ("direct", (x, 16, 16))]
+    else:
+        assert calls == [("triton", (x, 16))] * 3

@@ -45,6 +45,7 @@ _DIRECT_LAUNCH = _direct_launch_default()
 _DIRECT_TRITON = (3, 6) <= tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) <= (3, 9)
 # (kernel id, device, launch options, argument facts) -> the compiled kernel Triton chose for them
 _DIRECT: dict = {}
+_THROUGH_TRITON = object()  # such an entry: launched through Triton every time (not an NVIDIA GPU)
 if _DIRECT_TRITON:
     from triton import knobs
     from triton.runtime.driver import driver
@@ -89,10 +90,17 @@ def launch(kernel, grid, args, meta, meta_key):
     if entry is None:
         compiled = kernel[grid](*args, **meta)
         if compiled is not None:
-            # with the constexprs' values in declaration order, which Triton passes after the
-            # other arguments and which the key fixes
-            _DIRECT[key] = compiled, tuple(meta[name] for name in kernel.arg_names[len(args):])
+            # NVIDIA GPUs only: the key holds what Triton's NVIDIA backend specialises on, and
+            # AMD's specialises on more (pointer ranges, for one), so there every launch stays
+            # Triton's. Asked once per key, off the hot path.
+            if driver.active.get_current_target().backend != "cuda":
+                _DIRECT[key] = _THROUGH_TRITON
+            else:  # with the constexprs' values in declaration order, which Triton passes after
+                # the other arguments and which the key fixes
+                _DIRECT[key] = compiled, tuple(meta[name] for name in kernel.arg_names[len(args):])
         return compiled
+    if entry is _THROUGH_TRITON:
+        return kernel[grid](*args, **meta)
     compiled, constexprs = entry
     bound = (*args, *constexprs)
     stream = driver.active.get_current_stream(device)
