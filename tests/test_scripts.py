@@ -496,4 +496,4 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_the_tables(tmp_path):
         assert (out / f"{name}.json").is_file() and (out / f"{name}.md").is_file(), name
     assert (out / "all.tgz").is_file()
     assert "| llama-1b |" in proc.stdout and "== direct: exit 0" in proc.stdout.splitlines()[-1]
-    assert "| gpt2-medium | bf16 params | rmsnorm+direct |" in proc.stdout
+    assert "| gpt2-medium | bf16 params | rmsnorm+triton |" in proc.stdout
