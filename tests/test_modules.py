@@ -141,6 +141,26 @@ def test_device_and_dtype_arguments_and_parameters_are_ordinary():
     assert not torch.equal(before, m.weight)
 
 
+@pytest.mark.parametrize("cls", [FusedRMSNorm, FusedLayerNorm])
+def test_the_forward_reads_the_parameters_the_module_holds_now(cls):
+    """The forward reads weight and bias from ``_parameters`` (quicker than ``nn.Module``'s
+    attribute lookup): what it uses must still be whatever the module holds now: a new
+    Parameter, a bias registered as None (``bias=False`` registers it so, as nn.Linear does),
+    or, after a ``del``, a plain tensor attribute of that name. Against float64."""
+    kind = "rms" if cls is FusedRMSNorm else "layer"
+    m = cls(32, bias=False)
+    assert "bias" in m._parameters and m.bias is None and [n for n, _ in m.named_parameters()] == ["weight"]
+    x = torch.randn(4, 32)
+    w, b = torch.randn(32), torch.randn(32)
+    m.weight = nn.Parameter(w.clone())
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).double(), norm_fp64(kind, x, w, None, m.eps), rtol=2e-6, atol=2e-6)
+        del m.bias
+        m.bias = b.clone()  # a plain attribute now, not a parameter
+        assert "bias" not in m._parameters
+        torch.testing.assert_close(m(x).double(), norm_fp64(kind, x, w, b, m.eps), rtol=2e-6, atol=2e-6)
+
+
 def test_extra_repr_is_readable():
     assert repr(FusedLayerNorm(768)) == "FusedLayerNorm(768, eps=1e-05, elementwise_affine=True, bias=True, cast_mode=float32)"
     r = repr(FusedRMSNorm(2048, eps=1e-6, offset=1.0, cast_mode="float32", follow_autocast=False))
