@@ -94,12 +94,13 @@ class _FusedNorm(nn.Module):
                 f"{type(self).__name__} normalises the last dims {shape}, "
                 f"but got an input of shape {tuple(x.shape)}."
             )
+        weight, bias = self._affine()
         if k == 1:  # the usual case: called once per norm per step, so kept lean
-            return self._fn(x, self.weight, self.bias, self.eps, self.offset, self.cast_mode,
+            return self._fn(x, weight, bias, self.eps, self.offset, self.cast_mode,
                             follow_autocast=self.follow_autocast)
         lead = x.shape[: x.dim() - k]
-        weight = self.weight.reshape(-1) if self.weight is not None else None
-        bias = self.bias.reshape(-1) if self.bias is not None else None
+        weight = weight.reshape(-1) if weight is not None else None
+        bias = bias.reshape(-1) if bias is not None else None
         y = self._fn(
             x.reshape(*lead, math.prod(shape)), weight, bias, self.eps, self.offset, self.cast_mode,
             follow_autocast=self.follow_autocast,
