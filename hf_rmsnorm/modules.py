@@ -187,7 +187,7 @@ class FusedLayerNorm(_FusedNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, offset, cast_mode, follow_autocast, device, dtype)
 
     def _torch_forward(self, x: Tensor):
-        w, b = self.weight, self.bias
+        w, b = self._affine()
         if self.follow_autocast and torch_layer_norm_computes(x, w, b, self.offset, self.cast_mode):
             # nn.LayerNorm's own op, autocast policy included: exactly what this module computes
             return torch.layer_norm(x, self.normalized_shape, w, b, self.eps)

@@ -100,10 +100,17 @@ def time_pair(original, patched, x, dy, mode, rounds: int, min_run_time: float) 
     steps = (_step(original, x, dy, mode), _step(patched, x, dy, mode))
     for step in steps:
         step()  # first-call work (allocator, lazy init) outside the timing
+    return alternating_medians([lambda step=step: _median_us(step, min_run_time) for step in steps], rounds)
+
+
+def alternating_medians(measures, rounds: int, flip_order: bool = True) -> tuple[float, float]:
+    """The medians of ``rounds`` calls each of the two ``measures``, called in turn, so that
+    drift hits both alike; ``flip_order``: the second goes first every other round, so that
+    going first or second is no advantage either."""
     times: tuple[list, list] = ([], [])
     for i in range(rounds):
-        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
-            times[j].append(_median_us(steps[j], min_run_time))
+        for j in ((1, 0) if flip_order and i % 2 else (0, 1)):
+            times[j].append(measures[j]())
     return statistics.median(times[0]), statistics.median(times[1])
 
 
@@ -300,6 +307,26 @@ def host_rows(shape, min_run_time: float) -> list[dict]:
     return rows
 
 
+def launches_ab(measure, rounds: int, flip_order: bool = False) -> tuple[float, float]:
+    """(through Triton's launch, launched directly): the medians of ``rounds`` calls each of
+    ``measure()`` with ``_direct._DIRECT_LAUNCH`` off and on in turn, so that a slow stretch of
+    the host falls on both (``flip_order``: on first every other round); the setting as it was
+    afterwards."""
+    from hf_rmsnorm.ops import _direct
+
+    def launched(direct):
+        def run():
+            _direct._DIRECT_LAUNCH = direct
+            return measure()
+        return run
+
+    saved = _direct._DIRECT_LAUNCH
+    try:
+        return alternating_medians((launched(False), launched(True)), rounds, flip_order)
+    finally:
+        _direct._DIRECT_LAUNCH = saved
+
+
 def launcher_rows(shape, min_run_time: float, rounds: int) -> list[dict]:
     """Host time per call through Triton's own launch path (``triton_without_gpu``: compiled
     kernels, the driver's launch a no-op), with Triton's ``JITFunction.run`` on every launch and
@@ -311,20 +338,15 @@ def launcher_rows(shape, min_run_time: float, rounds: int) -> list[dict]:
         if not _direct._DIRECT_TRITON:
             raise SystemExit(f"--launcher compares the direct launch, which Triton {_direct.triton.__version__} does not take "
                              "(it is written for Triton 3.6 to 3.9); install one of those to run it")
-        saved = _direct._DIRECT_LAUNCH
         for (name, mode), step in host_steps(shape).items():
             if name == "empty autograd.Function":
                 continue  # no launch: host_rows has it
-            times: dict = {False: [], True: []}
-            try:
-                for i in range(rounds):
-                    for direct in ((False, True) if i % 2 == 0 else (True, False)):
-                        _direct._DIRECT_LAUNCH = direct
-                        step()  # compiles, and fills the direct cache
-                        times[direct].append(_median_us(step, min_run_time))
-            finally:
-                _direct._DIRECT_LAUNCH = saved
-            triton_us, direct_us = (statistics.median(times[d]) for d in (False, True))
+
+            def measure(step=step):
+                step()  # compiles, and fills the direct cache
+                return _median_us(step, min_run_time)
+
+            triton_us, direct_us = launches_ab(measure, rounds, flip_order=True)
             rows.append({"call": name, "mode": mode, "shape": list(shape), "triton_us": triton_us, "direct_us": direct_us})
             print(f"{name:24s} {mode:20s} {triton_us:7.1f} {direct_us:7.1f} µs", flush=True)
     return rows

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
-from benchmark_cpu import EmptyFunction, launches_stubbed
+from benchmark_cpu import EmptyFunction, launches_ab, launches_stubbed
 from benchmark_kernels import PROVIDERS, _available, _versions, make_step
 
 DEFAULT_PROVIDERS = "hf_rmsnorm RMSNorm,hf_rmsnorm LayerNorm,torch F.rms_norm,torch F.layer_norm,Liger RMSNorm,Liger LayerNorm"
@@ -77,22 +76,10 @@ def measure(step, iters: int) -> dict:
 
 
 def launch_ab_host_us(step, iters: int, rounds: int = 5) -> tuple[float, float]:
-    """``host_us`` with Triton's launch and with the direct launch (``_DIRECT_LAUNCH``), timed
-    alternately ``rounds`` times each, so that a slow stretch of the host falls on both: the
-    median of each (run 10 timed the direct launch once, after the other columns, and one cell
-    of eight came out above Triton's)."""
-    from hf_rmsnorm.ops import _direct
-
-    saved = _direct._DIRECT_LAUNCH
-    times = {False: [], True: []}
-    try:
-        for _ in range(rounds):
-            for direct in (False, True):
-                _direct._DIRECT_LAUNCH = direct
-                times[direct].append(host_us(step, iters))  # its warm-up calls fill the direct launch's cache
-    finally:
-        _direct._DIRECT_LAUNCH = saved
-    return statistics.median(times[False]), statistics.median(times[True])
+    """``host_us`` with Triton's launch and with the direct launch, timed alternately
+    (``launches_ab``; its warm-up calls fill the direct launch's cache): run 10 timed the
+    direct launch once, after the other columns, and one cell of eight came out above Triton's."""
+    return launches_ab(lambda: host_us(step, iters), rounds)
 
 
 def one_thread_host_us(step, iters: int) -> float:
