@@ -119,6 +119,27 @@ def _launch_through_triton(on: bool) -> None:
         direct._DIRECT_LAUNCH = not on and direct._direct_launch_default()
 
 
+class _GcClock:
+    """Milliseconds Python's garbage collector has run (a ``gc.callbacks`` entry): a step that
+    allocates more Python objects than another triggers more collections, and each full one
+    walks every object alive, the other variants' models included. On a host-bound step those
+    pauses are step time; counting them says whether a slow step was the collector."""
+
+    def __init__(self):
+        self.ms, self._start = 0.0, None
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.ms += (time.perf_counter() - self._start) * 1e3
+            self._start = None
+
+
+GC_CLOCK = _GcClock()
+gc.callbacks.append(GC_CLOCK)
+
+
 class Run:
     """One variant's model and AdamW optimizer, stepped and timed by ``time_in_turn``."""
 
@@ -128,6 +149,7 @@ class Run:
         self.autocast = precision != "bf16 params"
         self.through_triton = variant.endswith("+triton")
         self.times = []  # ms of each timed step
+        self.gc_ms = []  # ms of each timed step the garbage collector ran
         self.resident = 0  # bytes this run keeps between steps: parameters and optimizer state
         self.transient = 0  # the most bytes a timed step allocated on top of what was resident
         self.error = None  # why a step failed, if one did
@@ -148,9 +170,10 @@ class Run:
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
+        gc_before, start = GC_CLOCK.ms, time.perf_counter()
         self.step(batch)
         self.times.append((time.perf_counter() - start) * 1e3)
+        self.gc_ms.append(GC_CLOCK.ms - gc_before)
         if cuda:
             self.transient = max(self.transient, torch.cuda.max_memory_allocated(self.device) - before)
 
@@ -278,6 +301,7 @@ def _time_together(name, table, precision, variants, batch, device, warmup, step
             # the spread shows steps disturbed by the host (each step ends in a synchronize,
             # so a slow moment of the host's Python shows up as a slow step)
             "step_ms_min": min(run.times), "step_ms_max": max(run.times), "steps": len(run.times),
+            "gc_ms_per_step": statistics.mean(run.gc_ms), "gc_ms_max": max(run.gc_ms),
             # how many variants took their steps in turn; 1 and not together: its group did not fit at once
             "timed_with": len(runs), "did_not_fit_together": not together,
             "tokens_per_second": batch.numel() / (ms / 1e3), "peak_memory_bytes": run.peak_bytes(), "report": run.summary,
@@ -354,22 +378,23 @@ def _markdown(env, results) -> str:
         "", f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}; {env['date']}. "
         "A model's variants are timed in turn, one step each per round, on the same device at once; "
         "peak memory is each variant's own (its parameters, buffers and optimizer state, plus what its steps "
-        "allocate).", "",
-        "| model | precision | variant | step ms (median) | min–max ms | vs as shipped | vs Identity | tokens/s | peak memory GiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "allocate); GC = Python's garbage collector, ms a step on average (the most in one step).", "",
+        "| model | precision | variant | step ms (median) | min–max ms | vs as shipped | vs Identity | tokens/s | peak memory GiB | GC ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {(r["model"], r["precision"]): r.get("step_ms") for r in results if r["variant"] == "as shipped"}
     ceiling = {(r["model"], r["precision"]): r.get("step_ms") for r in results if r["variant"] == "norms -> Identity"}
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | error: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | error: {r['error'][:80]} | | | | | | |")
             continue
         key = (r["model"], r["precision"])
         rel = lambda ref: f"{r['step_ms'] / ref:.3f}×" if ref else "—"  # noqa: E731
         lines.append(
             f"| {r['model']} | {r['precision']} | {r['variant']} | {r['step_ms']:.1f} | {r['step_ms_min']:.1f}–{r['step_ms_max']:.1f} | "
             f"{rel(base.get(key))} | {rel(ceiling.get(key))} | "
-            f"{r['tokens_per_second']:.0f} | {r['peak_memory_bytes'] / 2**30:.2f} |"
+            f"{r['tokens_per_second']:.0f} | {r['peak_memory_bytes'] / 2**30:.2f} | "
+            f"{r['gc_ms_per_step']:.1f} ({r['gc_ms_max']:.1f}) |"
         )
     alone = [f"{r['model']}, {r['precision']}, {r['variant']}" for r in results if r.get("did_not_fit_together")]
     if alone:

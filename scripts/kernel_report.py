@@ -127,7 +127,7 @@ def report(arch: int) -> list[dict]:
             block_m, block_n, warps = kernels.bwd_config(n, has_b, has_w and p_size > 2)
             sig = {"X": "*bf16", "W": f"*{p_dtype}", "DY": "*bf16", "DX": "*bf16", "Part": "*fp32", "Mean": "*fp32", "Rstd": "*fp32",
                    "stride_x": "i32", "stride_dy": "i32", "M": "i32", "N": "i32", "offset": "fp32"}
-            stages = kernels.bwd_stages(shared, block_m, block_n, is_rms, has_b, 2, p_size)
+            stages = kernels.bwd_stages(shared, block_m, block_n, has_b, 2)
             const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n,
                      "STREAM": "", "RELOAD_W": False, "STAGES": stages}
             aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"stride_x", "stride_dy", "N"} if n % 16 == 0 else set())

@@ -145,16 +145,15 @@ def sweep(shapes, device, quick, copy_gbps):
         # RMSNorm with an fp32 weight on the shipped and the one-row tile (at 8192 columns the
         # shipped tile is 32 warps wide with an fp32 weight, because 16 spill under Triton 3.6:
         # bwd_config); and on the shipped tile at each pipeline stage count, the backwards with a
-        # bias: RMSNorm's and LayerNorm's with fp32 weight and bias (pipelined since run 10's
-        # sweep), and RMSNorm's with fp32 weight and bias, which the launcher does not pipeline
-        # for want of a measurement (79-84 % of the copy bandwidth forward+backward in run 11)
+        # bias: RMSNorm's, LayerNorm's with fp32 weight and bias (both pipelined since run 10's
+        # sweep) and RMSNorm's with fp32 weight and bias (since run 12's)
         staged_only = (("rms+bias", True, b), ("layer/fp32w", False, b), ("rms+bias/fp32w", True, b))
         staged_kinds = {name for name, _, _ in staged_only}
         for kind, is_rms, bias in (*norms, ("rms/fp32w", True, None), *staged_only):
             wk = w.float() if kind.endswith("fp32w") else w
 
             def bwd_stages_of(config):  # what the launcher picks
-                return k.bwd_stages(shared, *config[:2], is_rms, bias is not None, x.element_size(), wk.element_size())
+                return k.bwd_stages(shared, *config[:2], bias is not None, x.element_size())
 
             _, mean, rstd = k.norm_fwd(x, wk, bias, 1e-5, 0.0, is_rms, 0, x_dtype)
             configs = _candidates(k.bwd_config(n, bias is not None, wk.dtype.itemsize > x_dtype.itemsize), 16384, 4)
@@ -169,8 +168,9 @@ def sweep(shapes, device, quick, copy_gbps):
             # and capped at 96 (kernel_report: LayerNorm's one-row tiles 127 -> 118 registers,
             # 8 B of spill at 96; RMSNorm+bias 95 -> 80, no spill), and with its tile loop
             # pipelined or not (None: what the launcher picks)
-            if kind in staged_kinds:
-                variants = [(configs[0], None, None, "", False, s) for s in STAGES]
+            if kind in staged_kinds:  # the launcher's stage count first: the table's "shipped" row
+                picked = bwd_stages_of(configs[0])
+                variants = [(configs[0], None, None, "", False, s) for s in (picked, *(s for s in STAGES if s != picked))]
             elif kind.endswith("fp32w"):  # the shipped tile, the one a bf16 weight gets, the one-row tile
                 one_row = (1, configs[0][1], k._tile(n)[2]) if configs[0][0] > 1 else configs[0]
                 variants = [(c, None, None, "", False, None) for c in dict.fromkeys([configs[0], k.bwd_config(n), one_row])]

@@ -221,7 +221,7 @@ def test_pipelined_tile_loops_compute_the_same_bits(n, p_dtype):
     b = (0.1 * torch.randn(n, device="cuda", generator=g)).to(p_dtype)
     shared = _triton_norm.block_shared(x.device)
     for is_rms in (True, False):  # ships for both with a bias
-        assert _triton_norm.bwd_stages(shared, *_triton_norm.bwd_config(n, True)[:2], is_rms, True, 2, 2) == 3
+        assert _triton_norm.bwd_stages(shared, *_triton_norm.bwd_config(n, True)[:2], True, 2) == 3
     for is_rms in (True, False):
         fwd = [_triton_norm.norm_fwd(x, w, b, 1e-5, 0.0, is_rms, 0, torch.bfloat16, tiles=8, stages=s) for s in (1, None, 2, 3)]
         _, mean, rstd = fwd[0]

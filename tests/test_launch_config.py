@@ -120,32 +120,30 @@ def test_backward_tile_with_a_wide_weight():
 
 
 def test_tile_loops_pipelined_only_where_measured_faster():
-    """3 stages (runs 9 and 10, H200: the backward with a bias 6-28 % faster at 768-8192
-    columns, LayerNorm's with fp32 parameters too; the mixed-precision forward with a bias at
+    """3 stages (runs 9, 10 and 12, H200: the backward with a bias 6-28 % faster at 768-8192
+    columns, with fp32 parameters on bf16 rows too; the mixed-precision forward with a bias at
     8192 11-14 %) for norms with a bias: the backward on tiles of 1024-8192 columns of bf16/fp16
-    rows, the forward where a program has several tiles. Nowhere else (RMSNorm's backward
-    without a bias was level or slower; fp32 rows, RMSNorm's backward with fp32 parameters and
-    tiles under 1024 columns were not timed pipelined), never past 8192 columns, and only where
+    rows, parameters of either width, the forward where a program has several tiles. Nowhere
+    else (RMSNorm's backward without a bias was level or slower; fp32 rows and tiles under 1024
+    columns were not timed pipelined), never past 8192 columns, and only where
     the tile's buffers fit the shared memory one block may use: on a 64 KiB GPU (Turing, AMD's)
     the 8192-column backward stays plain."""
     pytest.importorskip("triton")
     from hf_rmsnorm.ops import _triton_norm
 
     h100 = 227 * 1024
-    piped = {(n, is_rms, has_bias) for n in (768, 2048, 4096, 4100, 8192, 16384) for is_rms in (True, False)
-             for has_bias in (True, False)
-             if _triton_norm.bwd_stages(h100, *_triton_norm.bwd_config(n, has_bias)[:2], is_rms, has_bias, 2, 2) > 1}
-    assert piped == {(n, is_rms, True) for n in (768, 2048, 4096, 4100, 8192) for is_rms in (True, False)}
-    assert {_triton_norm.bwd_stages(h100, *_triton_norm.bwd_config(n, True)[:2], False, True, 2, 2) for n in (2048, 8192)} == {3}
-    assert _triton_norm.bwd_stages(None, 1, 8192, False, True, 2, 2) == 3  # the interpreter: no shared memory to count
-    assert _triton_norm.bwd_stages(h100, 1, 8192, False, True, 4, 4) == 1  # fp32 rows
-    assert _triton_norm.bwd_stages(h100, 1, 8192, False, True, 2, 4) == 3  # fp32 parameters on bf16 rows: LayerNorm's
-    assert _triton_norm.bwd_stages(h100, 1, 8192, True, True, 2, 4) == 1  # ... not RMSNorm's (never timed)
+    # parameters as wide as the rows or wider (fp32 on bf16 rows: bwd_config's tile for them)
+    piped = {(n, has_bias, wide) for n in (768, 2048, 4096, 4100, 8192, 16384) for has_bias in (True, False)
+             for wide in (False, True)
+             if _triton_norm.bwd_stages(h100, *_triton_norm.bwd_config(n, has_bias, wide)[:2], has_bias, 2) > 1}
+    assert piped == {(n, True, wide) for n in (768, 2048, 4096, 4100, 8192) for wide in (False, True)}
+    assert _triton_norm.bwd_stages(None, 1, 8192, True, 2) == 3  # the interpreter: no shared memory to count
+    assert _triton_norm.bwd_stages(h100, 1, 8192, True, 4) == 1  # fp32 rows
     # 2 tiles in flight x (x, dy) x 8192 bf16 columns = 64 KiB, + 16 KiB for the reductions
-    assert [_triton_norm.bwd_stages(kib * 1024, 1, 8192, False, True, 2, 2) for kib in (64, 79, 80, 99)] == [1, 1, 3, 3]
-    assert _triton_norm.bwd_stages(64 * 1024, 1, 4096, False, True, 2, 2) == 3  # 48 KiB
-    assert _triton_norm.bwd_stages(h100, 2, 1024, False, True, 2, 2) == 3  # the two-row tile (513-1024 columns)
-    assert _triton_norm.bwd_stages(h100, 4, 512, False, True, 2, 2) == 1  # narrower tiles: never timed pipelined
+    assert [_triton_norm.bwd_stages(kib * 1024, 1, 8192, True, 2) for kib in (64, 79, 80, 99)] == [1, 1, 3, 3]
+    assert _triton_norm.bwd_stages(64 * 1024, 1, 4096, True, 2) == 3  # 48 KiB
+    assert _triton_norm.bwd_stages(h100, 2, 1024, True, 2) == 3  # the two-row tile (513-1024 columns)
+    assert _triton_norm.bwd_stages(h100, 4, 512, True, 2) == 1  # narrower tiles: never timed pipelined
     # forward: several tiles a program (fwd_tiles), LayerNorm with a bias only
     assert [_triton_norm.fwd_stages(h100, t, 1, n, False, True, 2) for t, n in ((1, 8192), (8, 4096), (8, 8192), (8, 16384))] == [1, 3, 3, 1]
     assert _triton_norm.fwd_stages(h100, 8, 1, 8192, True, True, 2) == 3  # RMSNorm with a bias too
@@ -230,9 +228,11 @@ def test_mixed_precision_parameters_share_their_loads_between_rows(kind, n, bias
 
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])
-def test_pipelined_backward_through_the_public_function(kind, monkeypatch, launches):
+@pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_pipelined_backward_through_the_public_function(kind, p_dtype, monkeypatch, launches):
     """bf16 rows of 4100 columns (an 8192-wide one-row tile) take the pipelined backward (3
-    stages) for LayerNorm and RMSNorm with a bias, through the public function: forward and
+    stages) for LayerNorm and RMSNorm with a bias, parameters bf16 or fp32 (the mixed-precision
+    training of an fp32 model under autocast), through the public function: forward and
     gradients are the norm's (the interpreter runs the loop unpipelined; the GPU tests compare
     the compiled pipelined kernel's bits with the plain one's)."""
     needs_interpreter("calls the launchers on CPU tensors; that needs TRITON_INTERPRET=1")
@@ -245,6 +245,7 @@ def test_pipelined_backward_through_the_public_function(kind, monkeypatch, launc
     monkeypatch.setattr(_triton_norm, "bwd_stages", lambda *a: stages.append(bwd_stages(*a)) or stages[-1])
     x, w, b, dy = norm_inputs(m=19, n=4100, dtype=torch.bfloat16)
     x = (x.detach() * 2 + 0.5).requires_grad_(True)
+    w, b = (t.detach().to(p_dtype) for t in (w, b))
     eps = 1e-5
     ours = fwd_bwd(lambda x, w, b: FNS[kind](x, w, b, eps), x, w, b, dy)
     assert stages == [3] and launches() == 2

@@ -333,7 +333,8 @@ def bwd_maxnreg(block_m: int, is_rms: bool, has_bias: bool, stages: int = 1) -> 
 #   70 %); its two-row tile at 768, 90 capped at 80 registers / 80 uncapped (run 10; capped
 #   and pipelined it spills under Triton 3.9, see bwd_maxnreg). RMSNorm with a bias (run 10):
 #   768 85 / 80, 2048 55 / 52, 4096 120 / 106, 8192 256 / 194. LayerNorm with fp32 weight and
-#   bias on bf16 rows (run 10): 90 / 82, 62 / 53, 125 / 105, 274 / 198.
+#   bias on bf16 rows (run 10): 90 / 82, 62 / 53, 125 / 105, 274 / 198; RMSNorm with fp32
+#   weight and bias on bf16 rows (run 12): 84 / 75, 59 / 54, 118 / 108, 258 / 195.
 # - the forward with a bias and fp32 parameters on bf16 rows past 4096 columns (8 one-row tiles
 #   a program): LayerNorm 166 / 143 us at 8192 (run 9), RMSNorm+bias 158 / 140 (run 10; 64
 #   registers under Triton 3.6, two programs an SM, but 75 under 3.9, one: time it again on a
@@ -342,8 +343,8 @@ def bwd_maxnreg(block_m: int, is_rms: bool, has_bias: bool, stages: int = 1) -> 
 # 8192 columns 412 -> 443 us for LayerNorm, 399 -> 441 for RMSNorm+bias); RMSNorm's backward
 # without a bias was level or slower with 3 (run 9, 8192: 202 / 255 us; 4096: 101 / 105); its
 # forward with bf16 parameters ships one tile a program, where the stage rows do not apply;
-# RMSNorm's backward with fp32 parameters, fp32 rows and tiles under 1024 columns were not
-# timed with stages.
+# RMSNorm's backward with fp32 parameters and no bias, fp32 rows and tiles under 1024 columns
+# were not timed with stages.
 _PIPELINE_STAGES = 3
 # ... on rows up to this wide (wider rows spill registers anyway), and only where the tile's
 # buffers fit the shared memory one block may use (``_pipeline_fits``)
@@ -376,13 +377,12 @@ def _pipeline_fits(shared: int | None, rows: int, x_size: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def bwd_stages(shared: int | None, block_m: int, block_n: int, is_rms: bool, has_bias: bool, x_size: int,
-               p_size: int) -> int:
+def bwd_stages(shared: int | None, block_m: int, block_n: int, has_bias: bool, x_size: int) -> int:
     """Pipeline stages of the backward's tile loop (1: none): LayerNorm and RMSNorm with a bias
-    on bf16/fp16 rows, tiles of 1024 to 8192 columns (rows of 513 to 8192 elements), parameters
-    as wide as the rows (fp32 ones too for LayerNorm), where its x and dy buffers fit ``shared``
-    (``block_shared``; see above)."""
-    if (has_bias and x_size <= 2 and (p_size <= x_size or not is_rms) and _PIPELINE_MIN_N <= block_n <= _PIPELINE_MAX_N
+    on bf16/fp16 rows, with parameters of either width, tiles of 1024 to 8192 columns (rows of
+    513 to 8192 elements), where its x and dy buffers fit ``shared`` (``block_shared``; see
+    above)."""
+    if (has_bias and x_size <= 2 and _PIPELINE_MIN_N <= block_n <= _PIPELINE_MAX_N
             and _pipeline_fits(shared, 2 * block_m * block_n, x_size)):
         return _PIPELINE_STAGES
     return 1
@@ -574,8 +574,7 @@ def _bwd_plan(x, dy, weight, N, is_rms, rounding, has_bias, columns, config, pro
     signature; the programs before the cap at one tile each."""
     block_m, block_n, warps = config or bwd_config(N, has_bias, param_size(weight, None) > x.element_size())
     if stages is None:
-        stages = bwd_stages(block_shared(x.device), block_m, block_n, is_rms, has_bias, x.element_size(),
-                            param_size(weight, None))
+        stages = bwd_stages(block_shared(x.device), block_m, block_n, has_bias, x.element_size())
     if maxnreg is None:
         maxnreg = bwd_maxnreg(block_m, is_rms, has_bias, stages)
     meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, ROUNDING=rounding,
