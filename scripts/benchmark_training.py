@@ -302,6 +302,9 @@ def _time_together(name, table, precision, variants, batch, device, warmup, step
             # so a slow moment of the host's Python shows up as a slow step)
             "step_ms_min": min(run.times), "step_ms_max": max(run.times), "steps": len(run.times),
             "gc_ms_per_step": statistics.mean(run.gc_ms), "gc_ms_max": max(run.gc_ms),
+            # every step in the order taken (round i: this run's i-th step), to tell a slow start,
+            # a slow stretch of the host and a run's own outliers apart
+            "step_ms_each": [round(t, 2) for t in run.times],
             # how many variants took their steps in turn; 1 and not together: its group did not fit at once
             "timed_with": len(runs), "did_not_fit_together": not together,
             "tokens_per_second": batch.numel() / (ms / 1e3), "peak_memory_bytes": run.peak_bytes(), "report": run.summary,

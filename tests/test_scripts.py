@@ -57,6 +57,8 @@ def test_benchmark_training_quick_writes_json_and_markdown(tmp_path):
     assert all(0 < r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"] and r["steps"] == 2 for r in result["results"])
     # the collector's time inside the timed steps: never more than the slowest step itself
     assert all(0 <= r["gc_ms_per_step"] <= r["gc_ms_max"] <= r["step_ms_max"] for r in result["results"])
+    assert all(len(r["step_ms_each"]) == 2 and max(r["step_ms_each"]) == pytest.approx(r["step_ms_max"], abs=0.01)
+               for r in result["results"])
     # a model's variants were timed side by side, in turn
     assert {r["timed_with"] for r in result["results"] if r["model"] == "gpt2-medium"} == {4}
     assert {r["timed_with"] for r in result["results"] if r["model"] == "llama-1b"} == {3}
