@@ -31,6 +31,19 @@ import torch.nn.functional as F
 from hf_rmsnorm.ops import layer_norm, rms_norm
 
 FULL_SHAPES = [(65536, 768), (16384, 2048), (16384, 4096), (16384, 8192)]
+
+
+def shapes_arg(text: str) -> list:
+    """``--shapes`` of the GPU scripts: comma-separated MxN (rows x columns), e.g. 8192x1024."""
+    shapes = []
+    for item in (s.strip().lower() for s in text.split(",") if s.strip()):
+        parts = item.split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"{item!r} is not a shape: write rows x columns as MxN, e.g. 8192x1024")
+        shapes.append((int(parts[0]), int(parts[1])))
+    if not shapes:
+        raise argparse.ArgumentTypeError("no shape given: write rows x columns as MxN, e.g. 8192x1024")
+    return shapes
 QUICK_SHAPES = [(256, 768), (64, 2048)]
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: the GPU tests, the kernel benchmark (bf16; bf16 activations with
 # fp32 weights; fp32), the launch-parameter sweep and the training-step benchmark; tables
-# printed last, full JSON/markdown in $OUT. Each step has its own time limit (615 s for the
-# default steps), so a hung step cannot hold the machine; the default steps took 5-6 minutes on
-# an H200 (runs 7-10: tests 51-85 s, over 110 on run 10's fresh machine, where every kernel
-# compiled cold, and 60 warm; bench 77-82, training 47, mixed 30-32, fp32 40-41, tune 94-116,
-# profile 14-15; trainprof 58, direct 59).
+# printed last, full JSON/markdown in $OUT. Each step has its own time limit (645 s for the
+# default steps: more than one 600 s device call, so a call names a subset), so a hung step
+# cannot hold the machine; on an H200 (runs 7-13): tests 51-85 s warm, 120-128 on a fresh
+# machine, where every kernel compiles cold; bench 77-82, training 37-48 with 10 steps a row,
+# mixed 30-32 (40 cold), fp32 40-41, tune 94-131, profile 14-19; trainprof 58, direct 59.
 #
 #   bash scripts/gpu_check.sh            # on the GPU machine ($OUT defaults to benchmarks/results/gpu)
 #   bash scripts/gpu_check.sh --quick    # dry run of the same steps on a CPU (tiny shapes)
@@ -18,6 +18,8 @@
 #                                                  # most from the Identity row), in $OUT/trainprof/
 #   STEPS=direct bash scripts/gpu_check.sh        # not in the default set: the training table with its patched
 #                                                  # rows launched directly (the default) and through Triton, in $OUT/direct/
+#   STEPS=tunegpt2 bash scripts/gpu_check.sh      # not in the default set: the sweep at GPT-2-medium's norm shape
+#                                                  # (8192x1024), in $OUT/tune_gpt2/
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick=""
@@ -59,12 +61,21 @@ PEERS="torch F.layer_norm,torch F.rms_norm,HF eager RMSNorm"
 OURS="hf_rmsnorm RMSNorm,hf_rmsnorm RMSNorm+bias,hf_rmsnorm LayerNorm"
 step tests 180 "$PY" -m pytest tests/test_gpu.py -q -rfEs -p no:cacheprovider
 step bench 95 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16 ${BENCH_PROVIDERS:+--providers "$BENCH_PROVIDERS"}
-step training 55 "$PY" scripts/benchmark_training.py $quick --out "$OUT"
-step mixed 40 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16_fp32w --w-dtype fp32 --providers "$OURS,$PEERS"
+# 20 steps a row: with 10, one GPT-2-medium bf16 row's median moved by up to 0.13x between
+# repeats on one machine (run 12); 30 steps took about 75 s for both models
+train_steps=20
+[ -n "$quick" ] && train_steps=2
+step training 75 "$PY" scripts/benchmark_training.py $quick --steps "$train_steps" --out "$OUT"
+step mixed 50 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16_fp32w --w-dtype fp32 --providers "$OURS,$PEERS"
 step fp32 45 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_fp32 --x-dtype fp32 --providers "$OURS,$PEERS"
 step tune 150 "$PY" scripts/tune_kernels.py $quick --out "$OUT"
 # GPT-2-medium's norm shape (batch 8 x 1024) first: its training step is host-bound
 [ -z "$quick" ] && step profile 50 "$PY" scripts/profile_norms.py --shapes 8192x1024,65536x768 --out "$OUT"
+# the sweep at GPT-2-medium's own norm shape (batch 8 x 1024 tokens, 1024 columns), which the
+# benchmark shapes do not include
+gpt2_shape=8192x1024
+[ -n "$quick" ] && gpt2_shape=16x96  # the interpreter: as small as the quick sweep's own shape
+step tunegpt2 75 "$PY" scripts/tune_kernels.py $quick --shapes "$gpt2_shape" --out "$OUT/tune_gpt2"
 step trainprof 90 "$PY" scripts/benchmark_training.py $quick --profile --out "$OUT/trainprof"
 # the training table with the patched rows twice, the kernels launched through Triton and
 # directly, in turn (GPT-2-medium's bf16 step is host-bound)
@@ -73,7 +84,7 @@ step direct 90 "$PY" scripts/benchmark_training.py $quick \
 
 echo
 grep -E "^(FAILED|ERROR)|passed|failed|skipped" "$OUT/tests.log" 2>/dev/null | cut -c1-400
-for f in direct/training trainprof/training tuning profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
+for f in direct/training trainprof/training tune_gpt2/tuning tuning profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
   [ -f "$OUT/$f.md" ] && sed -n '/^# /p;/^copy/p;/^torch/p;/^|/p;/^- /p;/^`do_bench`/p;/^CUDA-graph/p;/against the Identity row/p' "$OUT/$f.md"
 done
 cat "$OUT/steps.txt" 2>/dev/null

@@ -33,7 +33,7 @@ import torch
 from torch.autograd import DeviceType
 
 from benchmark_cpu import EmptyFunction, launches_ab, launches_stubbed
-from benchmark_kernels import PROVIDERS, _available, _versions, make_step
+from benchmark_kernels import PROVIDERS, _available, _versions, make_step, shapes_arg
 
 DEFAULT_PROVIDERS = "hf_rmsnorm RMSNorm,hf_rmsnorm LayerNorm,torch F.rms_norm,torch F.layer_norm,Liger RMSNorm,Liger LayerNorm"
 
@@ -96,14 +96,14 @@ def empty_function_step(m: int, n: int, device):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="16384x2048", help="comma-separated MxN")
+    parser.add_argument("--shapes", type=shapes_arg, default=[(16384, 2048)], help="comma-separated MxN")
     parser.add_argument("--providers", default=DEFAULT_PROVIDERS)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("this profiles GPU kernels; run it on a GPU")
-    shapes = [tuple(int(v) for v in s.strip().lower().split("x")) for s in args.shapes.split(",") if s.strip()]
+    shapes = args.shapes
     device = torch.device("cuda")
     rows = []
     for m, n in shapes:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmark_kernels import FULL_SHAPES, _versions, copy_bandwidth_gbps, floor_bytes, graph_ms
+from benchmark_kernels import FULL_SHAPES, _versions, copy_bandwidth_gbps, floor_bytes, graph_ms, shapes_arg
 from hf_rmsnorm.ops._norm import _interpreting
 
 ELEMENTS_PER_THREAD = (8, 16, 32)
@@ -291,6 +291,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CI; CPU needs TRITON_INTERPRET=1)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--shapes", type=shapes_arg, default=None,
+                        help="comma-separated MxN to sweep instead of the benchmark's shapes (e.g. a model's own, "
+                             "8192x1024 for GPT-2-medium at batch 8 x 1024)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not (args.quick and _interpreting()):
@@ -304,7 +307,8 @@ def main(argv=None) -> int:
     # written after every shape: a sweep cut short by a time limit still leaves what it measured,
     # the widest rows first (where the open questions are: the pipelined backward at 4096-8192
     # columns, LayerNorm's forward+backward at 8192)
-    for shape in QUICK_SHAPES if args.quick else sorted(FULL_SHAPES, key=lambda shape: -shape[1]):
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
+    for shape in sorted(shapes, key=lambda shape: -shape[1]):
         rows += sweep([shape], device, args.quick, copy_gbps)
         (args.out / "tuning.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
         md = to_markdown(env, rows)

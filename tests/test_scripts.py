@@ -261,14 +261,16 @@ def test_kernels_compile_for_hopper_vectorised_and_without_spills():
 
 def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
     """Under the interpreter: every candidate runs, the shipped tile comes first in each group
-    and the table says which one was fastest."""
+    and the table says which one was fastest; on the shape asked for (``--shapes``, here fewer
+    rows than the quick default's 40)."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_kernels.py"), "--quick", "--out", str(tmp_path)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_kernels.py"), "--quick", "--shapes", "24x96",
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "tuning.json").read_text())["results"]
     assert not [r for r in rows if "error" in r]
+    assert {r["shape"] for r in rows} == {"24x96"}
     from hf_rmsnorm.ops._triton_norm import bwd_config, bwd_maxnreg, bwd_stages, fwd_config
 
     m, n = (int(v) for v in rows[0]["shape"].split("x"))
@@ -285,7 +287,7 @@ def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
     for kind in ("rms", "layer", "rms/fp32w", "layer/fp32w"):
         group = [r for r in rows if r["pass"] == "fwd" and r["kind"] == kind]
         assert group[0]["config"] == list(fwd_config(n, kind.startswith("rms"), kind.endswith("fp32w"), kind.startswith("layer"))), kind
-        assert group[0]["tiles"] == 1  # what the launcher picks for 40 rows: too few for more programs
+        assert group[0]["tiles"] == 1  # what the launcher picks for 24 rows: too few for more programs
         assert {r["tiles"] for r in group if r["config"] == group[0]["config"]} >= {1, 2, 4, 8}, kind
         assert len({tuple(r["config"]) for r in group}) > 2, kind
     for pass_ in ("fwd", "bwd", "bwd+sums"):  # the cache-hinted loads, on the shipped tile
@@ -505,3 +507,18 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_the_tables(tmp_path):
     assert (out / "all.tgz").is_file()
     assert "| llama-1b |" in proc.stdout and "== direct: exit 0" in proc.stdout.splitlines()[-1]
     assert "| gpt2-medium | bf16 params | rmsnorm+triton |" in proc.stdout
+
+
+@pytest.mark.parametrize("script", ["tune_kernels.py", "profile_norms.py"])
+@pytest.mark.parametrize("shapes", ["8192x", "8192*1024", "0x1024", ","])
+def test_gpu_scripts_refuse_a_malformed_shape_with_one_clear_message(script, shapes, tmp_path):
+    """``--shapes`` is checked before anything runs (GPU or not): exit 2, the message names the
+    bad shape and how to write one, and nothing is written."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--quick" if script == "tune_kernels.py" else "--iters=1",
+                           "--shapes", shapes, "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env=env)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "--shapes" in last and "MxN, e.g. 8192x1024" in last, last
+    assert not list(tmp_path.iterdir())
