@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .ops import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 from .ops._norm import _AUTOCAST_DEVICE_TYPES, CAST_MODES, _autocasting, selected_backend
 from .ops.layer_norm import torch_layer_norm_computes
+from .ops.rms_norm import kernel_call_for_module
 
 _Shape = Union[int, Sequence[int]]
 
@@ -30,6 +31,7 @@ class _FusedNorm(nn.Module):
 
     _fn = None  # the functional op, set by subclasses
     _ref = None  # its torch reference: what the op runs off CUDA
+    _kernel = None  # a compiled CPU kernel's call for the CPU shortcut, or None where the reference decides
 
     def __init__(
         self,
@@ -74,7 +76,8 @@ class _FusedNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not x.is_cuda and selected_backend() != "triton":
+        backend = selected_backend()
+        if not x.is_cuda and backend != "triton":
             # Off CUDA the op runs its torch reference anyway; go there directly. The op's
             # per-call checks cost as much as the arithmetic for a few tokens on a CPU, and this
             # module's own arguments were checked when it was built. Anything the shortcut
@@ -82,7 +85,7 @@ class _FusedNorm(nn.Module):
             # own words what was wrong. (The cheap half of ``_use_triton``'s decision: calling
             # it here cost 1.3 -> 1.5x nn.LayerNorm at one token.)
             try:
-                y = self._torch_forward(x)
+                y = self._torch_forward(x, backend)
             except Exception:
                 y = None
             if y is not None:
@@ -107,13 +110,18 @@ class _FusedNorm(nn.Module):
         )
         return y.reshape(*lead, *shape)
 
-    def _torch_forward(self, x: Tensor):
+    def _torch_forward(self, x: Tensor, backend: str):
         """This module's output by its torch reference, or None where only the general path
         applies (several normalised dims, non-float input, autocast, whose policy ``normalize``
-        applies)."""
+        applies). ``backend``: ``selected_backend()``, asked once per call by ``forward``."""
         if len(self.normalized_shape) != 1 or not x.is_floating_point() or _any_autocast():
             return None
-        return self._ref(x, *self._affine(), self.eps, self.offset, self.cast_mode)
+        weight, bias = self._affine()
+        if self._kernel is not None and backend != "torch":
+            y = self._kernel(x, weight, bias, self.eps, self.offset, self.cast_mode)
+            if y is not None:
+                return y
+        return self._ref(x, weight, bias, self.eps, self.offset, self.cast_mode)
 
     def _affine(self):
         """(weight, bias), from ``_parameters`` where they are registered there (as ``__init__``
@@ -147,6 +155,7 @@ class FusedRMSNorm(_FusedNorm):
 
     _fn = staticmethod(rms_norm)
     _ref = staticmethod(rms_norm_ref)
+    _kernel = staticmethod(kernel_call_for_module)
 
     def __init__(
         self,
@@ -186,12 +195,12 @@ class FusedLayerNorm(_FusedNorm):
     ):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, offset, cast_mode, follow_autocast, device, dtype)
 
-    def _torch_forward(self, x: Tensor):
+    def _torch_forward(self, x: Tensor, backend: str):
         w, b = self._affine()
         if self.follow_autocast and torch_layer_norm_computes(x, w, b, self.offset, self.cast_mode):
             # nn.LayerNorm's own op, autocast policy included: exactly what this module computes
             return torch.layer_norm(x, self.normalized_shape, w, b, self.eps)
-        return super()._torch_forward(x)
+        return super()._torch_forward(x, backend)
 
 
 __all__ = ["FusedRMSNorm", "FusedLayerNorm"]

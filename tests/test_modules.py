@@ -161,6 +161,61 @@ def test_the_forward_reads_the_parameters_the_module_holds_now(cls):
         torch.testing.assert_close(m(x).double(), norm_fp64(kind, x, w, b, m.eps), rtol=2e-6, atol=2e-6)
 
 
+def _cpu_kernel_or_skip():
+    from hf_rmsnorm.ops import _cpu_kernel
+
+    if _cpu_kernel.op() is None:
+        pytest.skip(f"the compiled CPU kernel is not available here: {_cpu_kernel.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("case", ["as_built", "strided_weight", "no_rows", "fp16_bias", "backend_torch"])
+def test_the_rms_modules_cpu_shortcut_takes_the_kernel_only_where_it_can(case, monkeypatch, compiled_calls):
+    """FusedRMSNorm's CPU shortcut hands its parameters to the compiled operator without
+    checking their layout in Python (``kernel_call_for_module``): the operator checks them and
+    refuses, and the module then answers through torch ops. Whatever the case, the output is
+    the norm (against float64); the kernel runs exactly where it can: contiguous parameters of
+    its dtypes, at least one row, ``HF_RMSNORM_BACKEND`` not ``torch``."""
+    _cpu_kernel_or_skip()
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch" if case == "backend_torch" else "auto")
+    g = torch.Generator().manual_seed(3)
+    m = FusedRMSNorm(64, eps=1e-5, bias=True)
+    w, b = 1 + 0.3 * torch.randn(64, generator=g), 0.1 * torch.randn(64, generator=g)
+    x = torch.randn(0 if case == "no_rows" else 5, 64, generator=g) * 2 + 0.5
+    if case == "strided_weight":  # every other value of a longer tensor: not contiguous
+        m.weight = nn.Parameter(torch.stack([w, torch.full_like(w, 7.0)], dim=1).reshape(-1)[::2])
+        assert not m.weight.is_contiguous()
+    else:
+        m.weight = nn.Parameter(w.clone())
+    m.bias = nn.Parameter(b.clone().half() if case == "fp16_bias" else b.clone())
+    with torch.no_grad():
+        y = m(x)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    truth = norm_fp64("rms", x, w, m.bias.detach().float(), 1e-5)
+    torch.testing.assert_close(y.double(), truth, rtol=2e-6, atol=2e-6)
+    assert compiled_calls() == (1 if case == "as_built" else 0)
+
+
+@pytest.mark.parametrize("transform", ["forward_ad", "jvp", "vmap", "grad_x"])
+@pytest.mark.parametrize("cls", [FusedRMSNorm, FusedLayerNorm])
+def test_modules_under_torch_func_transforms_and_forward_ad(cls, transform, compiled_calls):
+    """A module's CPU shortcut must not take the compiled kernel under a transform (it has no
+    forward mode and no functorch rules): the tangents and gradients are the norm's, against
+    float64, and the kernel did not run."""
+    from test_ops_behaviour import _transformed
+
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(6, 24, generator=g) * 2 + 0.5, torch.randn(6, 24, generator=g)
+    w, b = 1 + 0.3 * torch.randn(24, generator=g), 0.1 * torch.randn(24, generator=g)
+    m = cls(24, eps=1e-5, bias=True)
+    m.weight, m.bias = nn.Parameter(w.clone()), nn.Parameter(b.clone())
+    kind = "rms" if cls is FusedRMSNorm else "layer"
+    got = _transformed(transform, lambda x, w, b: m(x), x, w, b, t)
+    truth = _transformed(transform, lambda x, w, b: norm_fp64(kind, x, w, b, 1e-5), x.double(), w.double(), b.double(),
+                         t.double())
+    torch.testing.assert_close(got.double(), truth, rtol=1e-5, atol=1e-5)
+    assert compiled_calls() == 0
+
+
 def test_extra_repr_is_readable():
     assert repr(FusedLayerNorm(768)) == "FusedLayerNorm(768, eps=1e-05, elementwise_affine=True, bias=True, cast_mode=float32)"
     r = repr(FusedRMSNorm(2048, eps=1e-6, offset=1.0, cast_mode="float32", follow_autocast=False))

@@ -200,6 +200,12 @@ def transformed() -> bool:
     written in place) support neither; torch's own ops do, so such calls are composed of them."""
     if torch.compiler.is_compiling():  # the compiler handles transforms of what it traces
         return False
+    return transforms_active()
+
+
+def transforms_active() -> bool:
+    """``transformed()`` without asking whether torch.compile traces (for a caller that asks
+    that itself)."""
     return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from . import _cpu_kernel
 from ._norm import (
     ROUNDING, affine_torch, backward_by_autograd, cast, compute_dtype, needs_grad, normalize, output_dtype, rounding_dtype,
-    transformed, weight_plus_offset,
+    transformed, transforms_active, weight_plus_offset,
 )
 
 
@@ -83,10 +83,7 @@ def _compiled_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     meta kernel to trace with); not with ``HF_RMSNORM_BACKEND=torch`` (torch ops only); not where
     the kernel could not be built. Called on every CPU call: the dtype logic is worked out once
     per signature."""
-    key = (x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype, cast_mode)
-    flags = _KERNEL_FLAGS.get(key, _UNSEEN)
-    if flags is _UNSEEN:
-        flags = _KERNEL_FLAGS[key] = _kernel_flags(x.dtype, weight, bias, cast_mode)
+    flags = _flags_of(x, weight, bias, cast_mode)
     if flags is None or type(x) not in _PLAIN_TENSORS or not x.numel() or torch.compiler.is_compiling():
         return None
     n = x.shape[-1]
@@ -99,6 +96,15 @@ def _compiled_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     return None if op is None else (op, flags)
 
 
+def _flags_of(x, weight, bias, cast_mode):
+    """``_kernel_flags`` of this call's dtypes, worked out once per signature."""
+    key = (x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype, cast_mode)
+    flags = _KERNEL_FLAGS.get(key, _UNSEEN)
+    if flags is _UNSEEN:
+        flags = _KERNEL_FLAGS[key] = _kernel_flags(x.dtype, weight, bias, cast_mode)
+    return flags
+
+
 def _kernel_flags(x_dtype, weight, bias, cast_mode):
     """The kernel's flags for these dtypes, or None where it has no such dtypes."""
     rounding = ROUNDING[cast_mode]
@@ -109,6 +115,26 @@ def _kernel_flags(x_dtype, weight, bias, cast_mode):
         return None
     w_dtype, b_dtype = (None if p is None else p.dtype for p in (weight, bias))
     return _cpu_kernel.dtype_flags(x_dtype, w_dtype, b_dtype, out_dtype, round_to == torch.bfloat16)
+
+
+def kernel_call_for_module(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, offset: float,
+                           cast_mode: str) -> Optional[Tensor]:
+    """``FusedRMSNorm``'s CPU shortcut (the module asks only with ``HF_RMSNORM_BACKEND`` other
+    than ``torch``): the compiled kernel's output, or None where ``rms_norm_ref`` must decide.
+
+    The same call ``rms_norm_ref`` makes, with fewer questions asked in Python first: at one
+    token the checks cost as much as the kernel. The parameters' device, length and contiguity
+    (and x's being non-empty) are left to the operator, which checks them on every call
+    (``_cpu_rms_norm_op.cpp``) and raises where they do not hold; the module then goes its
+    general way, which checks them all and says what was wrong or runs torch ops."""
+    if not x.is_cpu or torch.compiler.is_compiling() or transforms_active():
+        return None
+    flags = _flags_of(x, weight, bias, cast_mode)
+    if (flags is None or type(x) not in _PLAIN_TENSORS or (weight is not None and type(weight) not in _PLAIN_TENSORS)
+            or (bias is not None and type(bias) not in _PLAIN_TENSORS)):
+        return None
+    op = _cpu_kernel.op()
+    return None if op is None else op(x, weight, bias, eps, offset, flags, cast_mode)
 
 
 # what the kernel is handed memory of: a tensor subclass (fake tensors, DTensor, wrappers) may
