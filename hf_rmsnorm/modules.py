@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .ops import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 from .ops._norm import _AUTOCAST_DEVICE_TYPES, CAST_MODES, _autocasting, selected_backend
 from .ops.layer_norm import torch_layer_norm_computes
-from .ops.rms_norm import kernel_call_for_module
+from .ops.rms_norm import _kernel_call_for_module
 
 _Shape = Union[int, Sequence[int]]
 
@@ -155,7 +155,7 @@ class FusedRMSNorm(_FusedNorm):
 
     _fn = staticmethod(rms_norm)
     _ref = staticmethod(rms_norm_ref)
-    _kernel = staticmethod(kernel_call_for_module)
+    _kernel = staticmethod(_kernel_call_for_module)
 
     def __init__(
         self,

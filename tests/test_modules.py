@@ -171,7 +171,7 @@ def _cpu_kernel_or_skip():
 @pytest.mark.parametrize("case", ["as_built", "strided_weight", "no_rows", "fp16_bias", "backend_torch"])
 def test_the_rms_modules_cpu_shortcut_takes_the_kernel_only_where_it_can(case, monkeypatch, compiled_calls):
     """FusedRMSNorm's CPU shortcut hands its parameters to the compiled operator without
-    checking their layout in Python (``kernel_call_for_module``): the operator checks them and
+    checking their layout in Python (``_kernel_call_for_module``): the operator checks them and
     refuses, and the module then answers through torch ops. Whatever the case, the output is
     the norm (against float64); the kernel runs exactly where it can: contiguous parameters of
     its dtypes, at least one row, ``HF_RMSNORM_BACKEND`` not ``torch``."""
