@@ -118,7 +118,7 @@ def _kernel_flags(x_dtype, weight, bias, cast_mode):
 
 
 def _kernel_call_for_module(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, offset: float,
-                           cast_mode: str) -> Optional[Tensor]:
+                            cast_mode: str) -> Optional[Tensor]:
     """``FusedRMSNorm``'s CPU shortcut (the module asks only with ``HF_RMSNORM_BACKEND`` other
     than ``torch``): the compiled kernel's output, or None where ``rms_norm_ref`` must decide.
 
