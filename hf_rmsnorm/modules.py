@@ -76,8 +76,7 @@ class _FusedNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        backend = selected_backend()
-        if not x.is_cuda and backend != "triton":
+        if not x.is_cuda and (backend := selected_backend()) != "triton":
             # Off CUDA the op runs its torch reference anyway; go there directly. The op's
             # per-call checks cost as much as the arithmetic for a few tokens on a CPU, and this
             # module's own arguments were checked when it was built. Anything the shortcut
