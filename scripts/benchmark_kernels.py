@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from hf_rmsnorm.ops import layer_norm, rms_norm
 
 FULL_SHAPES = [(65536, 768), (16384, 2048), (16384, 4096), (16384, 8192)]
+QUICK_SHAPES = [(256, 768), (64, 2048)]
+MODES = ("fwd", "fwd+bwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def shapes_arg(text: str) -> list:
@@ -44,9 +47,6 @@ def shapes_arg(text: str) -> list:
     if not shapes:
         raise argparse.ArgumentTypeError("no shape given: write rows x columns as MxN, e.g. 8192x1024")
     return shapes
-QUICK_SHAPES = [(256, 768), (64, 2048)]
-MODES = ("fwd", "fwd+bwd")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # ---------------------------------------------------------------------------------- providers

@@ -62,7 +62,7 @@ OURS="hf_rmsnorm RMSNorm,hf_rmsnorm RMSNorm+bias,hf_rmsnorm LayerNorm"
 step tests 180 "$PY" -m pytest tests/test_gpu.py -q -rfEs -p no:cacheprovider
 step bench 95 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16 ${BENCH_PROVIDERS:+--providers "$BENCH_PROVIDERS"}
 # 20 steps a row: with 10, one GPT-2-medium bf16 row's median moved by up to 0.13x between
-# repeats on one machine (run 12); 30 steps took about 75 s for both models
+# repeats on one machine (run 12); the step with 10 took 37-48 s, mostly building the models
 train_steps=20
 [ -n "$quick" ] && train_steps=2
 step training 75 "$PY" scripts/benchmark_training.py $quick --steps "$train_steps" --out "$OUT"

@@ -111,7 +111,7 @@ def sweep(shapes, device, quick, copy_gbps):
                 config = k.fwd_config(n, is_rms, p_dtype.itemsize > x_dtype.itemsize, bias is not None)
 
                 def fwd_stages_of(config, tiles):
-                    return k.fwd_stages(shared, tiles, *config[:2], is_rms, bias is not None, x.element_size())
+                    return k.fwd_stages(shared, tiles, *config[:2], bias is not None, x.element_size())
 
                 def fwd(config, tiles, stream="", stages=None):
                     if stages is None:  # what the launcher picks

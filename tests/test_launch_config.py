@@ -144,13 +144,12 @@ def test_tile_loops_pipelined_only_where_measured_faster():
     assert _triton_norm.bwd_stages(64 * 1024, 1, 4096, True, 2) == 3  # 48 KiB
     assert _triton_norm.bwd_stages(h100, 2, 1024, True, 2) == 3  # the two-row tile (513-1024 columns)
     assert _triton_norm.bwd_stages(h100, 4, 512, True, 2) == 1  # narrower tiles: never timed pipelined
-    # forward: several tiles a program (fwd_tiles), LayerNorm with a bias only
-    assert [_triton_norm.fwd_stages(h100, t, 1, n, False, True, 2) for t, n in ((1, 8192), (8, 4096), (8, 8192), (8, 16384))] == [1, 3, 3, 1]
-    assert _triton_norm.fwd_stages(h100, 8, 1, 8192, True, True, 2) == 3  # RMSNorm with a bias too
-    assert _triton_norm.fwd_stages(h100, 8, 1, 8192, False, False, 2) == 1  # LayerNorm without one
-    assert _triton_norm.fwd_stages(h100, 8, 1, 8192, True, False, 2) == 1  # RMSNorm without one
+    # forward: several tiles a program (fwd_tiles), a norm with a bias only (LayerNorm or
+    # RMSNorm: the kind is not an input)
+    assert [_triton_norm.fwd_stages(h100, t, 1, n, True, 2) for t, n in ((1, 8192), (8, 4096), (8, 8192), (8, 16384))] == [1, 3, 3, 1]
+    assert _triton_norm.fwd_stages(h100, 8, 1, 8192, False, 2) == 1  # without one
     # 2 tiles in flight x 8192 bf16 columns = 32 KiB, + 16 KiB for the reductions
-    assert [_triton_norm.fwd_stages(kib * 1024, 8, 1, 8192, False, True, 2) for kib in (47, 48)] == [1, 3]
+    assert [_triton_norm.fwd_stages(kib * 1024, 8, 1, 8192, True, 2) for kib in (47, 48)] == [1, 3]
 
 
 def test_programs_per_sm_count_registers_threads_and_shared_memory():

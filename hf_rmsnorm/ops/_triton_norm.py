@@ -327,7 +327,7 @@ def bwd_maxnreg(block_m: int, is_rms: bool, has_bias: bool, stages: int = 1) -> 
 # the row loads of the next S - 1 tiles (cp.async, into shared memory) before it reduces and
 # stores the current one, so loads stay in flight through the reductions and the store.
 # Shipped only where measured faster (H200, Triton 3.6, bf16 rows, GPU time of the raw kernels
-# on the shipped tile, 1 / 3 stages; runs 9 and 10 of benchmarks/results/h200):
+# on the shipped tile, 1 / 3 stages; runs 9, 10 and 12 of benchmarks/results/h200):
 # - the backward with a bias-gradient accumulator, 768 to 8192 columns. LayerNorm (run 9):
 #   2048 columns 59 / 52 us, 4096 124 / 104, 8192 275 / 198 (97 % of the copy bandwidth, was
 #   70 %); its two-row tile at 768, 90 capped at 80 registers / 80 uncapped (run 10; capped
@@ -389,8 +389,7 @@ def bwd_stages(shared: int | None, block_m: int, block_n: int, has_bias: bool, x
 
 
 @functools.lru_cache(maxsize=None)
-def fwd_stages(shared: int | None, tiles: int, block_m: int, block_n: int, is_rms: bool, has_bias: bool,
-               x_size: int) -> int:
+def fwd_stages(shared: int | None, tiles: int, block_m: int, block_n: int, has_bias: bool, x_size: int) -> int:
     """Pipeline stages of the forward's tile loop (1: none): LayerNorm and RMSNorm with a bias
     where a program has several tiles (``fwd_tiles``: parameters wider than the rows, past 4096
     columns), where its x buffers fit ``shared`` (``block_shared``)."""
@@ -522,7 +521,7 @@ def _fwd_plan(x, M, N, weight, bias, is_rms, rounding, config, tiles, stream, st
     if tiles is None:
         tiles = fwd_tiles(M, block_m, x.element_size(), p_size)
     if stages is None:
-        stages = fwd_stages(block_shared(x.device), tiles, block_m, block_n, is_rms, bias is not None, x.element_size())
+        stages = fwd_stages(block_shared(x.device), tiles, block_m, block_n, bias is not None, x.element_size())
     meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROUNDING=rounding,
                 BLOCK_M=block_m, BLOCK_N=block_n, TILES=tiles, STREAM=stream, STAGES=stages, num_warps=warps)
     return block_m * tiles, meta, tuple(meta.items())

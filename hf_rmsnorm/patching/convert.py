@@ -101,7 +101,7 @@ def _off_cuda_note(device_type: str) -> str:
     if device_type == "cpu" and reason is None:
         return (
             "the model is on cpu, where the converted norms run the compiled CPU RMSNorm: about as fast as the "
-            "LayerNorms they replace from a hundred tokens a call up, up to 1.5x their time at a single token "
+            "LayerNorms they replace from a hundred tokens a call up, up to 1.2x their time at a single token "
             "(Python's cost per call); the conversion pays on a CUDA GPU"
         )
     # a kernel that could not be built is worth a word; a backend the user chose is not
