@@ -35,7 +35,7 @@ import json
 import statistics
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -139,6 +139,18 @@ class _GcClock:
 GC_CLOCK = _GcClock()
 gc.callbacks.append(GC_CLOCK)
 
+# The caching allocator's counters that mean a step waited on the device or the driver: memory
+# taken from or given back to the device (cudaMalloc / cudaFree, or mappings), and a failed
+# cudaMalloc that flushed the cache (synchronising every stream) before its retry. In steady
+# state a training step should have none; a variant whose steps do would be slower for its
+# memory pattern, not its kernels.
+ALLOCATOR_EVENTS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def _allocator_events(device) -> Counter:
+    stats = torch.cuda.memory_stats(device)
+    return Counter({k: stats.get(k, 0) for k in ALLOCATOR_EVENTS})
+
 
 class Run:
     """One variant's model and AdamW optimizer, stepped and timed by ``time_in_turn``."""
@@ -149,19 +161,21 @@ class Run:
         self.autocast = precision != "bf16 params"
         self.through_triton = variant.endswith("+triton")
         self.times = []  # ms of each timed step
+        self.host_ms = []  # ms of each timed step until the host had issued all of it (before its synchronize)
         self.gc_ms = []  # ms of each timed step the garbage collector ran
+        self.allocator = Counter()  # the CUDA caching allocator's event counters over the timed steps
         self.resident = 0  # bytes this run keeps between steps: parameters and optimizer state
         self.transient = 0  # the most bytes a timed step allocated on top of what was resident
         self.error = None  # why a step failed, if one did
 
-    def step(self, batch):
+    def step(self, batch, synchronize=True):
         _launch_through_triton(self.through_triton)  # the variants step in turn: each sets it for its own step
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss = self.model(input_ids=batch, labels=batch).loss
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
+        if synchronize and self.device.type == "cuda":
             torch.cuda.synchronize()
 
     def timed_step(self, batch):
@@ -170,12 +184,21 @@ class Run:
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            events = _allocator_events(self.device)
         gc_before, start = GC_CLOCK.ms, time.perf_counter()
-        self.step(batch)
+        self.step(batch, synchronize=False)
+        # The host is done issuing the step here; the GPU may still be working. A step whose
+        # host time is close to its step time is paced by the host (or by a full launch queue:
+        # the host then waits inside a launch, so a close pair alone does not say which).
+        issued = time.perf_counter()
+        if cuda:
+            torch.cuda.synchronize()
         self.times.append((time.perf_counter() - start) * 1e3)
+        self.host_ms.append((issued - start) * 1e3)
         self.gc_ms.append(GC_CLOCK.ms - gc_before)
         if cuda:
             self.transient = max(self.transient, torch.cuda.max_memory_allocated(self.device) - before)
+            self.allocator.update(_allocator_events(self.device) - events)
 
     def peak_bytes(self) -> int:
         """Peak memory of a step as if this model were alone on the device: what it keeps
@@ -302,6 +325,9 @@ def _time_together(name, table, precision, variants, batch, device, warmup, step
             # so a slow moment of the host's Python shows up as a slow step)
             "step_ms_min": min(run.times), "step_ms_max": max(run.times), "steps": len(run.times),
             "gc_ms_per_step": statistics.mean(run.gc_ms), "gc_ms_max": max(run.gc_ms),
+            "host_ms": statistics.median(run.host_ms), "host_ms_each": [round(t, 2) for t in run.host_ms],
+            # over all timed steps; empty off CUDA
+            "allocator_events": {k: run.allocator[k] for k in ALLOCATOR_EVENTS} if run.device.type == "cuda" else {},
             # every step in the order taken (round i: this run's i-th step), to tell a slow start,
             # a slow stretch of the host and a run's own outliers apart
             "step_ms_each": [round(t, 2) for t in run.times],
@@ -381,15 +407,18 @@ def _markdown(env, results) -> str:
         "", f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}; {env['date']}. "
         "A model's variants are timed in turn, one step each per round, on the same device at once; "
         "peak memory is each variant's own (its parameters, buffers and optimizer state, plus what its steps "
-        "allocate); GC = Python's garbage collector, ms a step on average (the most in one step).", "",
-        "| model | precision | variant | step ms (median) | min–max ms | vs as shipped | vs Identity | tokens/s | peak memory GiB | GC ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "allocate); host ms = until the host had issued the step (median); GC = Python's garbage collector, ms a step "
+        "on average (the most in one step); device allocs = memory taken from or given back to the device during "
+        "the timed steps (cudaMalloc, cudaFree), and the caching allocator's flush-and-retry after a failed cudaMalloc.", "",
+        "| model | precision | variant | step ms (median) | min–max ms | vs as shipped | vs Identity | tokens/s | peak memory GiB "
+        "| host ms | GC ms | device allocs (retries) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {(r["model"], r["precision"]): r.get("step_ms") for r in results if r["variant"] == "as shipped"}
     ceiling = {(r["model"], r["precision"]): r.get("step_ms") for r in results if r["variant"] == "norms -> Identity"}
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | error: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | error: {r['error'][:80]} | | | | | | | | |")
             continue
         key = (r["model"], r["precision"])
         rel = lambda ref: f"{r['step_ms'] / ref:.3f}×" if ref else "—"  # noqa: E731
@@ -397,7 +426,7 @@ def _markdown(env, results) -> str:
             f"| {r['model']} | {r['precision']} | {r['variant']} | {r['step_ms']:.1f} | {r['step_ms_min']:.1f}–{r['step_ms_max']:.1f} | "
             f"{rel(base.get(key))} | {rel(ceiling.get(key))} | "
             f"{r['tokens_per_second']:.0f} | {r['peak_memory_bytes'] / 2**30:.2f} | "
-            f"{r['gc_ms_per_step']:.1f} ({r['gc_ms_max']:.1f}) |"
+            f"{r['host_ms']:.1f} | {r['gc_ms_per_step']:.1f} ({r['gc_ms_max']:.1f}) | {_allocs(r['allocator_events'])} |"
         )
     alone = [f"{r['model']}, {r['precision']}, {r['variant']}" for r in results if r.get("did_not_fit_together")]
     if alone:
@@ -406,6 +435,12 @@ def _markdown(env, results) -> str:
     if profiled:
         lines += _profile_markdown(profiled)
     return "\n".join(lines) + "\n"
+
+
+def _allocs(events: dict) -> str:
+    if not events:
+        return "–"  # not CUDA: the CPU allocator keeps no such counters
+    return f"{events['num_device_alloc'] + events['num_device_free']} ({events['num_alloc_retries']})"
 
 
 def _profile_markdown(rows) -> list:

@@ -278,6 +278,31 @@ def test_direct_launch_computes_the_same_bits(kind, p_dtype, monkeypatch):
             assert torch.equal(a, c), (m, n, start)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: x on one while the other is current")
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_a_norm_on_a_gpu_that_is_not_the_current_one(kind):
+    """A model spread over GPUs (``device_map="auto"``) runs every layer with the first GPU
+    current. The kernels must run on x's GPU all the same (Triton launches on the current one):
+    forward, backward and without grad, against float64, and the current device left as it was."""
+    g = torch.Generator(device="cuda:1").manual_seed(3)
+    x = torch.randn(1000, 1024, device="cuda:1", generator=g).bfloat16()
+    w = (torch.rand(1024, device="cuda:1", generator=g) + 0.5).bfloat16()
+    b = (0.1 * torch.randn(1024, device="cuda:1", generator=g)).bfloat16()
+    dy = torch.randn(1000, 1024, device="cuda:1", generator=g).bfloat16()
+    eps = EPS[kind]
+    torch.cuda.set_device(0)
+    pt = fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps), x, w, b, dy)
+    truth = fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps), x.double(), w.double(), b.double(), dy)
+    with torch.no_grad():
+        y = FNS[kind](x, w, b, eps)
+    assert torch.cuda.current_device() == 0 and y.device == x.device
+    assert_close_to_fp64(y, pt[0], truth[0], torch.bfloat16, "output without grad")
+    got = fwd_bwd(lambda x, w, b: FNS[kind](x, w, b, eps), x, w, b, dy)
+    for what, g, p, t in zip(["output", "grad x", "grad w", "grad b"], got, pt, truth):
+        assert_close_to_fp64(g, p, t, torch.bfloat16, what)
+    assert torch.cuda.current_device() == 0
+
+
 @pytest.mark.parametrize("is_rms", [True, False])
 def test_eager_function_and_custom_op_agree_bit_for_bit_on_cuda(is_rms):
     from hf_rmsnorm.ops import _norm

@@ -59,6 +59,10 @@ def test_benchmark_training_quick_writes_json_and_markdown(tmp_path):
     assert all(0 <= r["gc_ms_per_step"] <= r["gc_ms_max"] <= r["step_ms_max"] for r in result["results"])
     assert all(len(r["step_ms_each"]) == 2 and max(r["step_ms_each"]) == pytest.approx(r["step_ms_max"], abs=0.01)
                for r in result["results"])
+    # the host's part of each step: issued before the step ended (on the CPU the step is all host)
+    assert all(len(r["host_ms_each"]) == 2 and all(0 < h <= t for h, t in zip(r["host_ms_each"], r["step_ms_each"]))
+               for r in result["results"])
+    assert all(r["allocator_events"] == {} for r in result["results"])  # the CPU allocator counts none
     # a model's variants were timed side by side, in turn
     assert {r["timed_with"] for r in result["results"] if r["model"] == "gpt2-medium"} == {4}
     assert {r["timed_with"] for r in result["results"] if r["model"] == "llama-1b"} == {3}

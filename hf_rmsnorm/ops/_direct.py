@@ -50,16 +50,29 @@ if _DIRECT_TRITON:
     from triton import knobs
     from triton.runtime.driver import driver
 
+    _HOOK_CHAIN = getattr(knobs, "HookChain", None)  # the type of Triton's launch hooks (3.6 to 3.9)
 
-def _arg_facts(args) -> tuple:
-    """What Triton specialises each non-constexpr argument on: a tensor's dtype and whether its
-    data is 16-byte aligned; an integer's type (i32, i64 or u64 by its range), whether it is 1
-    and whether 16 divides it; a float's type; None. Two calls whose facts agree compile to the
-    same kernel. Anything else is its own fact (its type and value), which is never wrong, only
-    rarer. One loop with the common cases inline: a call per argument was a third of
-    ``launch``'s time, and this is 1.6 µs for eleven arguments where a comprehension calling a
-    helper for the scalars took 2.3 (CI CPU)."""
-    facts = []
+
+def _arg_facts(args) -> tuple[tuple, list]:
+    """What Triton specialises each non-constexpr argument on, and the arguments as the direct
+    launch hands them to the compiled kernel's launcher.
+
+    The facts: a tensor's dtype and whether its data is 16-byte aligned; an integer's type (i32,
+    i64 or u64 by its range), whether it is 1 and whether 16 divides it; a float's type; None.
+    Two calls whose facts agree compile to the same kernel. Anything else is its own fact (its
+    type and value), which is never wrong, only rarer.
+
+    The arguments: each tensor as its data pointer, an int, everything else as it is. Triton's
+    launcher takes an int pointer as it is, where for a tensor it calls ``data_ptr()`` and then
+    asks the CUDA driver whether the address is device memory (``cuPointerGetAttribute``), a
+    driver call per pointer per launch that only repeats what the caller checked: the kernels
+    are launched only for CUDA tensors on one device (``_norm._use_triton``). The pointer is
+    read here anyway, for its alignment.
+
+    One loop with the common cases inline: a call per argument was a third of ``launch``'s time,
+    and this is 1.6 µs for eleven arguments where a comprehension calling a helper for the
+    scalars took 2.3 (CI CPU)."""
+    facts, bound = [], []
     for a in args:
         kind = type(a)
         if kind is int:  # not bool, whose type is its own (Triton: i1)
@@ -67,10 +80,18 @@ def _arg_facts(args) -> tuple:
         elif kind is float or a is None:
             facts.append(kind)
         elif isinstance(a, torch.Tensor):
-            facts.append((a.dtype, a.data_ptr() % 16 == 0))
+            pointer = a.data_ptr()
+            facts.append((a.dtype, pointer % 16 == 0))
+            a = pointer
         else:
             facts.append((kind, a))
-    return tuple(facts)
+        bound.append(a)
+    return tuple(facts), bound
+
+
+def _no_hook(hook) -> bool:
+    """Whether a launch hook of Triton's knobs would do nothing: None, or an empty chain."""
+    return hook is None or (type(hook) is _HOOK_CHAIN and not hook.calls)
 
 
 def launch(kernel, grid, args, meta, meta_key):
@@ -85,7 +106,8 @@ def launch(kernel, grid, args, meta, meta_key):
     device = driver.active.get_current_device()
     # the kernel's id, not the kernel: hashing a JITFunction costs 0.3 µs, and these live as long
     # as the module
-    key = (id(kernel), device, meta_key, _arg_facts(args))
+    facts, bound = _arg_facts(args)
+    key = (id(kernel), device, meta_key, facts)
     entry = _DIRECT.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **meta)
@@ -102,13 +124,19 @@ def launch(kernel, grid, args, meta, meta_key):
     if entry is _THROUGH_TRITON:
         return kernel[grid](*args, **meta)
     compiled, constexprs = entry
-    bound = (*args, *constexprs)
     stream = driver.active.get_current_stream(device)
     dims = (*grid, 1, 1)
     enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-    # Triton's launchers (3.6 to 3.9) read the launch metadata only to hand it to these hooks:
-    # without hooks it need not be built (a fresh LazyDict, ≈ 1 µs)
-    metadata = compiled.launch_metadata(grid, stream, *bound) if enter is not None or leave is not None else None
+    # Triton's launchers (3.6 to 3.9) read the launch metadata only to hand it to these hooks,
+    # which Triton keeps as chains, empty unless something (a profiler) added a hook. Where both
+    # are empty the launcher is given none: no metadata to build (a fresh LazyDict, ≈ 1 µs) and
+    # no chain to call for nothing, twice per launch.
+    if _no_hook(enter) and _no_hook(leave):
+        enter = leave = metadata = None
+        bound += constexprs
+    else:  # the hooks see the arguments as Triton's own launch passes them
+        bound = (*args, *constexprs)
+        metadata = compiled.launch_metadata(grid, stream, *bound)
     compiled.run(dims[0], dims[1], dims[2], stream, compiled.function, compiled.packed_metadata, metadata, enter, leave,
                  *bound)
     return compiled

@@ -308,10 +308,26 @@ def _rows(x: Tensor) -> Tensor:
     return x2.contiguous() if x2.shape[1] > 1 and x2.stride(1) != 1 else x2
 
 
+# The CUDA device current on this thread (torch.cuda.current_device without its lazy-init
+# check: a CUDA tensor in hand means CUDA is initialised); None in a build without CUDA.
+_current_cuda_device = getattr(torch._C, "_cuda_getDevice", None)
+
+
+def _elsewhere(x: Tensor) -> bool:
+    """Whether ``x`` is on a CUDA device other than the current one, as in a model spread over
+    GPUs (``device_map="auto"``), whose layers run with the first GPU current. Triton launches
+    on the current device, its stream and its copy of the kernel, which cannot read another
+    GPU's memory: the launch must happen with x's device current, as torch's own ops do."""
+    return x.is_cuda and x.get_device() != _current_cuda_device()
+
+
 def _fwd_impl(x, weight, bias, eps, offset, is_rms, rounding):
     """The forward on ``x`` of any shape: y in x's shape, the statistics one per row."""
     from . import _triton_norm
 
+    if _elsewhere(x):
+        with torch.cuda.device(x.device):
+            return _fwd_impl(x, weight, bias, eps, offset, is_rms, rounding)
     out_dtype = output_dtype(x.dtype, weight, bias, CAST_MODES[rounding])
     return _triton_norm.norm_fwd(_rows(x), weight, bias, eps, offset, is_rms, rounding, out_dtype, like=x)
 
@@ -321,6 +337,9 @@ def _bwd_impl(dy, x, weight, bias, mean, rstd, offset, is_rms, rounding):
     gradients."""
     from . import _triton_norm
 
+    if _elsewhere(x):  # autograd's device threads make x's device current; a caller of the op need not
+        with torch.cuda.device(x.device):
+            return _bwd_impl(dy, x, weight, bias, mean, rstd, offset, is_rms, rounding)
     dx, part = _triton_norm.norm_bwd(
         _rows(dy), _rows(x), weight, mean, rstd, offset, is_rms, rounding, bias is not None, like=x
     )
