@@ -164,17 +164,22 @@ class Run:
         self.host_ms = []  # ms of each timed step until the host had issued all of it (before its synchronize)
         self.gc_ms = []  # ms of each timed step the garbage collector ran
         self.allocator = Counter()  # the CUDA caching allocator's event counters over the timed steps
+        self.phases = defaultdict(lambda: {"host": [], "gpu": []})  # phase -> ms since the step began, each step
         self.resident = 0  # bytes this run keeps between steps: parameters and optimizer state
         self.transient = 0  # the most bytes a timed step allocated on top of what was resident
         self.error = None  # why a step failed, if one did
 
-    def step(self, batch, synchronize=True):
+    def step(self, batch, synchronize=True, mark=lambda phase: None):
+        """One training step; ``mark(phase)`` is called as the host finishes issuing each phase."""
         _launch_through_triton(self.through_triton)  # the variants step in turn: each sets it for its own step
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss = self.model(input_ids=batch, labels=batch).loss
+        mark("forward")
         loss.backward()
+        mark("backward")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        mark("optimizer")
         if synchronize and self.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -185,8 +190,18 @@ class Run:
             before = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             events = _allocator_events(self.device)
+            begun = torch.cuda.Event(enable_timing=True)
+        marks = {}  # phase -> (host seconds, the CUDA event recorded as the host finished issuing it)
+
+        def mark(phase):
+            marks[phase] = time.perf_counter(), torch.cuda.Event(enable_timing=True) if cuda else None
+            if cuda:
+                marks[phase][1].record()
+
         gc_before, start = GC_CLOCK.ms, time.perf_counter()
-        self.step(batch, synchronize=False)
+        if cuda:
+            begun.record()
+        self.step(batch, synchronize=False, mark=mark)
         # The host is done issuing the step here; the GPU may still be working. A step whose
         # host time is close to its step time is paced by the host (or by a full launch queue:
         # the host then waits inside a launch, so a close pair alone does not say which).
@@ -196,6 +211,13 @@ class Run:
         self.times.append((time.perf_counter() - start) * 1e3)
         self.host_ms.append((issued - start) * 1e3)
         self.gc_ms.append(GC_CLOCK.ms - gc_before)
+        # Per phase, since the step began: when the host had issued it, and (CUDA) when the GPU
+        # had run it. A phase whose GPU end follows its host end closely kept the GPU waiting on
+        # the host; one whose GPU end lags far behind was paced by the GPU.
+        for phase, (host, event) in marks.items():
+            self.phases[phase]["host"].append((host - start) * 1e3)
+            if cuda:
+                self.phases[phase]["gpu"].append(begun.elapsed_time(event))
         if cuda:
             self.transient = max(self.transient, torch.cuda.max_memory_allocated(self.device) - before)
             self.allocator.update(_allocator_events(self.device) - events)
@@ -326,6 +348,8 @@ def _time_together(name, table, precision, variants, batch, device, warmup, step
             "step_ms_min": min(run.times), "step_ms_max": max(run.times), "steps": len(run.times),
             "gc_ms_per_step": statistics.mean(run.gc_ms), "gc_ms_max": max(run.gc_ms),
             "host_ms": statistics.median(run.host_ms), "host_ms_each": [round(t, 2) for t in run.host_ms],
+            # medians over the timed steps, ms since each step began (gpu: CUDA only)
+            "phase_ms": {phase: {k: statistics.median(v) for k, v in times.items() if v} for phase, times in run.phases.items()},
             # over all timed steps; empty off CUDA
             "allocator_events": {k: run.allocator[k] for k in ALLOCATOR_EVENTS} if run.device.type == "cuda" else {},
             # every step in the order taken (round i: this run's i-th step), to tell a slow start,
@@ -431,6 +455,16 @@ def _markdown(env, results) -> str:
     alone = [f"{r['model']}, {r['precision']}, {r['variant']}" for r in results if r.get("did_not_fit_together")]
     if alone:
         lines += ["", "Timed alone, after its group did not fit the device at once: " + "; ".join(alone) + "."]
+    phased = [r for r in results if "error" not in r and r.get("phase_ms")]
+    if phased:
+        lines += ["", "Each phase's end, ms since the step began (medians): when the host had issued it / when the GPU had "
+                  "run it. GPU close behind host: the GPU waited on the host in that phase.", "",
+                  "| model | precision | variant | forward | backward | optimizer |", "|---|---|---|---|---|---|"]
+        for r in phased:
+            ends = [r["phase_ms"].get(p, {}) for p in ("forward", "backward", "optimizer")]
+            lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | "
+                         + " | ".join(f"{e.get('host', 0):.1f} / " + (f"{e['gpu']:.1f}" if "gpu" in e else "–") for e in ends)
+                         + " |")
     profiled = [r for r in results if "kernel_us_per_step" in r]
     if profiled:
         lines += _profile_markdown(profiled)
