@@ -93,6 +93,33 @@ def test_forward_and_gradients_against_float64(kind, dtype, shape, shape_id, aff
 
 
 @pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_strided_weight_and_bias(kind, w_dtype, backend, launches):
+    """Parameters that are strided views (every other element of a longer tensor, as a slice of
+    a fused parameter would be): the kernels read parameters with unit stride, so they must be
+    handed contiguous ones, and the gradients must reach the viewed elements of the base
+    tensors, and only those."""
+    torch.manual_seed(0)
+    x = (torch.randn(6, 64) * 2 + 0.5).to(torch.bfloat16)
+    w_base = (torch.randn(128) * 0.5 + 1).to(w_dtype)
+    b_base = (torch.randn(128) * 0.1).to(w_dtype)
+    dy = torch.randn(6, 64).to(torch.bfloat16)
+    eps = EPS[kind]
+
+    def views(fn):
+        return lambda x, w, b: fn(x, w[::2], b[1::2])
+
+    got = fwd_bwd(views(lambda x, w, b: FNS[kind](x, w, b, eps)), x, w_base, b_base, dy)
+    pt = fwd_bwd(views(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps)), x, w_base, b_base, dy)
+    truth = fwd_bwd(views(lambda x, w, b: norm_fp64(kind, x, w, b, eps)), x.double(), w_base.double(), b_base.double(), dy)
+    for what, g, p, t in zip(["output", "grad x", "grad w", "grad b"], got, pt, truth):
+        assert_close_to_fp64(g, p, t, torch.bfloat16, what)
+    assert not got[2][1::2].any() and not got[3][::2].any()  # the elements no view holds get no gradient
+    if backend == "triton":
+        assert launches() == 2
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
 def test_reference_equals_float64_definition_in_float64(kind):
     """The torch reference itself (the CPU path) is the textbook formula: checked in fp64."""
     x, w, b, _, _ = make_inputs((4, 33), torch.float64, "wb")

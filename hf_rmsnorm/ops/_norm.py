@@ -505,6 +505,13 @@ def _dispatch(torch_impl, x, device_type, weight, bias, eps, offset, is_rms, cas
             with torch.autocast(device_type, enabled=False):
                 return torch_impl(x, weight, bias, eps, offset, cast_mode)
         return torch_impl(x, weight, bias, eps, offset, cast_mode)
+    # The kernels read the parameters with unit stride. A strided one (a slice of a fused
+    # parameter, say) is copied first, outside the kernels' autograd node, so that autograd
+    # carries its gradient back to the viewed elements.
+    if weight is not None and not weight.is_contiguous():
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     args = (weight, bias, float(eps), float(offset), is_rms, ROUNDING[cast_mode])
     if torch.compiler.is_compiling():
         # traceable and opaque to the compiler; it takes the rows as ``_rows`` lays them out
