@@ -20,6 +20,8 @@
 #                                                  # rows launched directly (the default) and through Triton, in $OUT/direct/
 #   STEPS=tunegpt2 bash scripts/gpu_check.sh      # not in the default set: the sweep at GPT-2-medium's norm shape
 #                                                  # (8192x1024), in $OUT/tune_gpt2/
+#   STEPS=hostprobe bash scripts/gpu_check.sh     # not in the default set: the host time of a norm's training forward,
+#                                                  # piece by piece, and of GPT-2-medium's forward (host_probe.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick=""
@@ -76,6 +78,9 @@ step tune 150 "$PY" scripts/tune_kernels.py $quick --out "$OUT"
 gpt2_shape=8192x1024
 [ -n "$quick" ] && gpt2_shape=16x96  # the interpreter: as small as the quick sweep's own shape
 step tunegpt2 75 "$PY" scripts/tune_kernels.py $quick --shapes "$gpt2_shape" --out "$OUT/tune_gpt2"
+# the host time of a norm's forward with autograd recording, piece by piece (the GPT-2-medium
+# step's forward is paced by the host: run 14b)
+[ -z "$quick" ] && step hostprobe 60 "$PY" scripts/host_probe.py --out "$OUT"
 step trainprof 90 "$PY" scripts/benchmark_training.py $quick --profile --out "$OUT/trainprof"
 # the training table with the patched rows twice, the kernels launched through Triton and
 # directly, in turn (GPT-2-medium's bf16 step is host-bound)
@@ -84,7 +89,7 @@ step direct 90 "$PY" scripts/benchmark_training.py $quick \
 
 echo
 grep -E "^(FAILED|ERROR)|passed|failed|skipped" "$OUT/tests.log" 2>/dev/null | cut -c1-400
-for f in direct/training trainprof/training tune_gpt2/tuning tuning profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
+for f in direct/training trainprof/training tune_gpt2/tuning tuning host_probe profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
   [ -f "$OUT/$f.md" ] && sed -n '/^# /p;/^copy/p;/^torch/p;/^|/p;/^- /p;/^`do_bench`/p;/^CUDA-graph/p;/against the Identity row/p' "$OUT/$f.md"
 done
 cat "$OUT/steps.txt" 2>/dev/null

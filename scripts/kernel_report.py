@@ -116,7 +116,7 @@ def report(arch: int) -> list[dict]:
         for m, n in SHAPES:
             block_m, block_n, warps = kernels.fwd_config(n, is_rms, p_size > 2, has_b)
             sig = {**pointers, "stride_x": "i32", "M": "i32", "N": "i32", "eps": "fp32", "offset": "fp32"}
-            tiles = kernels.fwd_tiles(m, block_m, 2, p_size if has_w or has_b else 0)  # what the launcher picks
+            tiles = kernels.fwd_tiles(m, block_m, block_n, 2, p_size if has_w or has_b else 0, is_rms, has_b)  # what the launcher picks
             stages = kernels.fwd_stages(shared, tiles, block_m, block_n, has_b, 2)
             const = {"IS_RMS": is_rms, "HAS_WEIGHT": has_w, "HAS_BIAS": has_b, "ROUNDING": 0, "BLOCK_M": block_m, "BLOCK_N": block_n,
                      "TILES": tiles, "STREAM": "", "STAGES": stages}

@@ -42,7 +42,7 @@ REGISTER_CAPS = (0, 96, 80)  # 0: none, for a kernel the launcher caps (``bwd_ma
 # launch time hid the kernels at 2048 columns (run 7: RMSNorm forward 43 us against 34 us replayed)
 REP_MS = 10
 # tiles per forward program (the weight and bias loaded once for all of them); the shipped rule
-# takes several only for parameters wider than the rows on one-row tiles (``fwd_tiles``), swept
+# takes several only for parameters wider than the rows (``fwd_tiles``), swept
 # here on the shipped tile with bf16 parameters and with fp32 ones (bf16 rows: the
 # mixed-precision forward)
 FWD_TILES = (1, 2, 4, 8)
@@ -121,7 +121,7 @@ def sweep(shapes, device, quick, copy_gbps):
                     rows.append(_row("fwd", group, m, n, config, None, ms, copy_gbps, x_dtype, tiles=tiles, stream=stream,
                                      stages=stages))
 
-                shipped = _fwd_tiles(k, x, wp, bp, config)
+                shipped = _fwd_tiles(k, x, wp, bp, config, is_rms)
                 most = FWD_TILES[-1]
                 if kind == fwd_staged_only[0]:
                     fwd(config, shipped)
@@ -129,7 +129,7 @@ def sweep(shapes, device, quick, copy_gbps):
                         fwd(config, most)
                 else:
                     for c in _candidates(config, 16384, 1):  # each tile with the tiles the launcher gives it
-                        fwd(c, _fwd_tiles(k, x, wp, bp, c))
+                        fwd(c, _fwd_tiles(k, x, wp, bp, c, is_rms))
                     for tiles in FWD_TILES:
                         if tiles != shipped:
                             fwd(config, tiles)
@@ -236,9 +236,9 @@ def _sum_candidates(k, rows: int, cols: int) -> list[tuple[int, int, int]]:
     return list(dict.fromkeys([shipped, *others]))
 
 
-def _fwd_tiles(k, x, w, b, config) -> int:
+def _fwd_tiles(k, x, w, b, config, is_rms) -> int:
     """The tiles per program the shipped rule gives this forward."""
-    return k.fwd_tiles(x.shape[0], config[0], x.element_size(), k.param_size(w, b))
+    return k.fwd_tiles(x.shape[0], config[0], config[1], x.element_size(), k.param_size(w, b), is_rms, b is not None)
 
 
 def _label(r) -> str:

@@ -43,29 +43,39 @@ def test_every_launch_configuration_computes_the_same_norm(kind, dtype, block_m,
 
 def test_forward_tiles_per_program_follow_the_parameter_dtype():
     """Several tiles per forward program exactly where the parameters' elements are wider than
-    the rows' on one-row tiles (the mixed-precision forward), and only while the grid keeps
+    the rows' (the mixed-precision forward) on one-row tiles, or on LayerNorm's two-row tile of
+    1024 columns with a bias, eight rows a program either way, and only while the grid keeps
     enough programs to fill the GPU."""
     pytest.importorskip("triton")
     from hf_rmsnorm.ops import _triton_norm
 
     many = 1 << 20  # rows: enough programs at any tile
-    tiles = _triton_norm._FWD_TILES
-    assert tiles > 1
-    # (rows per tile, bytes of an x element, bytes of the widest parameter element) -> tiles per program
+    rows = _triton_norm._FWD_ROWS
+    assert rows > 2
+    # (rows per tile, columns per tile, bytes of an x element, bytes of the widest parameter
+    # element, RMSNorm, with a bias) -> tiles per program
     cases = {
-        (1, 2, 2): 1,  # bf16 rows, bf16 parameters
-        (1, 2, 4): tiles,  # bf16 (or fp16) rows, fp32 parameters: the mixed-precision forward
-        (2, 2, 4): 1,  # several-row tiles share their parameter loads already
-        (1, 4, 4): 1,  # fp32 rows and parameters
-        (1, 4, 2): 1,  # fp32 rows, narrower parameters
-        (1, 2, 0): 1,  # no parameters
+        (1, 8192, 2, 2, False, True): 1,  # bf16 rows, bf16 parameters
+        (1, 8192, 2, 4, False, True): rows,  # bf16 (or fp16) rows, fp32 parameters: the mixed-precision forward
+        (1, 8192, 2, 4, True, False): rows,  # ... whatever the norm
+        (2, 1024, 2, 4, False, True): rows // 2,  # LayerNorm with a bias on its two-row 1024-column tile
+        (2, 1024, 2, 2, False, True): 1,  # ... with bf16 parameters
+        (2, 1024, 2, 4, False, False): 1,  # ... without a bias (not measured)
+        (2, 1024, 2, 4, True, True): 1,  # RMSNorm with a bias there (no gain at 768 columns)
+        (2, 2048, 2, 4, False, True): 1,  # other several-row tiles share their parameter loads already
+        (4, 512, 2, 4, False, True): 1,
+        (1, 8192, 4, 4, False, True): 1,  # fp32 rows and parameters
+        (1, 8192, 4, 2, False, True): 1,  # fp32 rows, narrower parameters
+        (1, 8192, 2, 0, False, False): 1,  # no parameters
     }
-    for (block_m, x_size, p_size), expected in cases.items():
-        assert _triton_norm.fwd_tiles(many, block_m, x_size, p_size) == expected, (block_m, x_size, p_size)
+    for (block_m, block_n, x_size, p_size, is_rms, has_bias), expected in cases.items():
+        got = _triton_norm.fwd_tiles(many, block_m, block_n, x_size, p_size, is_rms, has_bias)
+        assert got == expected, (block_m, block_n, x_size, p_size, is_rms, has_bias)
     # a short batch keeps one tile a program: too few programs otherwise
-    smallest = _triton_norm._MIN_FWD_PROGRAMS * tiles
-    assert _triton_norm.fwd_tiles(smallest, 1, 2, 4) == tiles
-    assert _triton_norm.fwd_tiles(smallest - 1, 1, 2, 4) == 1
+    smallest = _triton_norm._MIN_FWD_PROGRAMS * rows
+    for block_m, block_n in ((1, 8192), (2, 1024)):
+        assert _triton_norm.fwd_tiles(smallest, block_m, block_n, 2, 4, False, True) == rows // block_m
+        assert _triton_norm.fwd_tiles(smallest - 1, block_m, block_n, 2, 4, False, True) == 1
     # what the launcher reads off the tensors: the widest parameter element
     bf16, fp32 = (torch.empty(3, dtype=d) for d in (torch.bfloat16, torch.float32))
     assert [_triton_norm.param_size(*p) for p in ((bf16, None), (fp32, None), (bf16, fp32), (None, None))] == [2, 4, 4, 0]
@@ -187,12 +197,14 @@ def test_backward_register_cap_only_where_measured():
 
 @pytest.mark.parametrize(
     "kind,n,bias,block_m,tiles,bwd_warps",
-    [("rms", 1100, True, 2, 1, 4), ("layer", 1100, True, 2, 1, 4), ("layer", 4100, True, 1, 8, 16), ("rms", 4100, False, 2, 1, 32)],
+    [("rms", 1100, True, 2, 1, 4), ("layer", 1100, True, 2, 1, 4), ("layer", 4100, True, 1, 8, 16), ("rms", 4100, False, 2, 1, 32),
+     ("layer", 1000, True, 2, 4, 4), ("layer", 1000, False, 2, 1, 4), ("rms", 1000, True, 2, 1, 4)],
 )
 def test_mixed_precision_parameters_share_their_loads_between_rows(kind, n, bias, block_m, tiles, bwd_warps, monkeypatch, launches):
     """bf16 rows with an fp32 weight (and bias), through the public function: the forward puts
     two rows in a tile (1100 columns; RMSNorm to 8192), or, for LayerNorm past 4096 columns,
-    several one-row tiles in a program (the grid minimum lowered so that 37 rows qualify); the
+    several one-row tiles in a program, and for LayerNorm with a bias at 513-1024 columns four
+    two-row tiles a program, pipelined (the grid minimum lowered so that 37 rows qualify); the
     RMSNorm backward past 4096 columns without a bias takes its 32-warp two-row tile. Either way
     the result is still the norm, forward and gradients."""
     needs_interpreter("calls the launchers on CPU tensors; that needs TRITON_INTERPRET=1")
@@ -214,7 +226,7 @@ def test_mixed_precision_parameters_share_their_loads_between_rows(kind, n, bias
     eps = 1e-5
     ours = fwd_bwd(lambda x, w, b: FNS[kind](x, w, b, eps), x, w, b, dy)
     assert picked == [(block_m, tiles)] and launches() == 2
-    assert tiles == 1 or tiles == _triton_norm._FWD_TILES
+    assert tiles == 1 or tiles * block_m == _triton_norm._FWD_ROWS
     assert [t[2] for t in bwd_tiles] == [bwd_warps]
     truth = fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps), x.double(), w.double(), None if b is None else b.double(), dy.double())
     yardstick = fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps), x, w, b, dy)

@@ -392,7 +392,8 @@ def bwd_stages(shared: int | None, block_m: int, block_n: int, has_bias: bool, x
 def fwd_stages(shared: int | None, tiles: int, block_m: int, block_n: int, has_bias: bool, x_size: int) -> int:
     """Pipeline stages of the forward's tile loop (1: none): LayerNorm and RMSNorm with a bias
     where a program has several tiles (``fwd_tiles``: parameters wider than the rows, past 4096
-    columns), where its x buffers fit ``shared`` (``block_shared``)."""
+    columns, and LayerNorm's two-row tiles of 1024 columns), where its x buffers fit ``shared``
+    (``block_shared``)."""
     if (tiles > 1 and has_bias and block_n <= _PIPELINE_MAX_N
             and _pipeline_fits(shared, block_m * block_n, x_size)):
         return _PIPELINE_STAGES
@@ -440,16 +441,23 @@ def _programs_per_sm(n_regs: int, num_warps: int, cap: int = _MAX_PROGRAMS_PER_S
 
 
 # Tiles per forward program where the parameters' elements are wider than the rows' (fp32
-# weight, or weight and bias, on bf16/fp16 rows: the mixed-precision forward) and a tile is still
-# one row (fwd_config gives two-row tiles up to 8192 columns for RMSNorm without a bias, 4096
-# with one or for LayerNorm):
-# the tiles of a program load the parameters once. Measured on an H200 (Triton 3.6, bf16 rows,
-# LayerNorm with fp32 weight and bias at 8192 columns): 213 us with one tile, 172 with 4, 166
-# with 8 (run 8 sweep, GPU time; run 7's do_bench: 216, 174, 168). Not the bytes the parameters
-# cost: bf16 weight and bias read as many bytes a column and run at 96 % of the copy bandwidth
-# with one tile at 8192, where 8 tiles took 160 us against 133. Consecutive tiles rather than a
-# persistent grid, which lost in bf16 by capping the programs per SM (runs 4 and 6).
-_FWD_TILES = 8
+# weight, or weight and bias, on bf16/fp16 rows: the mixed-precision forward): the tiles of a
+# program load the parameters once. Eight rows a program, in two cases:
+# - one-row tiles (fwd_config gives two-row tiles up to 8192 columns for RMSNorm without a bias,
+#   4096 with one or for LayerNorm): 8 tiles. Measured on an H200 (Triton 3.6, bf16 rows,
+#   LayerNorm with fp32 weight and bias at 8192 columns): 213 us with one tile, 172 with 4, 166
+#   with 8 (run 8 sweep, GPU time; run 7's do_bench: 216, 174, 168). Not the bytes the
+#   parameters cost: bf16 weight and bias read as many bytes a column and run at 96 % of the
+#   copy bandwidth with one tile at 8192, where 8 tiles took 160 us against 133.
+# - LayerNorm with a bias on its two-row tile of 1024 columns (rows of 513 to 1024 elements,
+#   GPT-2's and BERT's widths): 4 tiles, pipelined (fwd_stages). Measured on an H200 (GPU time,
+#   fp32 weight and bias, 1 tile / 4 tiles 3 stages): 65536x768 58.3 / 53.9 us and 8192x1024
+#   9.1 / 8.1 in one sweep (run 14b), 57.9 / 53.6 at 768 in run 12's, 9.2 / 8.0 at 1024 in run
+#   14's; 2 or 8 tiles were slower than 4 (58.7 and 57.0 us at 768). Not RMSNorm with a bias
+#   there: 53.6 / 53.7 us at 768 with 8 tiles 3 stages (run 14b), though 8.6 / 7.4 at 1024.
+# Consecutive tiles rather than a persistent grid, which lost in bf16 by capping the programs per
+# SM (runs 4 and 6).
+_FWD_ROWS = 8
 # ... but only while the grid keeps this many programs (≈ 8 per SM of an H100/H200): a short
 # batch needs programs to spread over the SMs more than it needs fewer parameter loads
 _MIN_FWD_PROGRAMS = 1024
@@ -460,11 +468,13 @@ def param_size(weight, bias) -> int:
     return max((p.element_size() for p in (weight, bias) if p is not None), default=0)
 
 
-def fwd_tiles(M: int, block_m: int, x_size: int, p_size: int) -> int:
-    """Tiles of ``block_m`` rows per forward program for M rows of ``x_size``-byte elements and
-    parameters whose widest element has ``p_size`` bytes."""
-    if block_m == 1 and p_size > x_size and M >= _MIN_FWD_PROGRAMS * _FWD_TILES:
-        return _FWD_TILES
+def fwd_tiles(M: int, block_m: int, block_n: int, x_size: int, p_size: int, is_rms: bool, has_bias: bool) -> int:
+    """Tiles of ``block_m`` x ``block_n`` per forward program for M rows of ``x_size``-byte
+    elements and parameters whose widest element has ``p_size`` bytes (see ``_FWD_ROWS``)."""
+    if p_size <= x_size or M < _MIN_FWD_PROGRAMS * _FWD_ROWS:
+        return 1
+    if block_m == 1 or (block_m == 2 and block_n == 1024 and not is_rms and has_bias):
+        return _FWD_ROWS // block_m
     return 1
 
 
@@ -502,7 +512,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
         return y, mean, rstd
     # fwd_tiles depends on M only through this comparison
     key = ("fwd", N, x.dtype, weight.dtype if weight is not None else None, bias.dtype if bias is not None else None,
-           is_rms, rounding, M >= _MIN_FWD_PROGRAMS * _FWD_TILES, x.get_device(), config, tiles, stream, stages)
+           is_rms, rounding, M >= _MIN_FWD_PROGRAMS * _FWD_ROWS, x.get_device(), config, tiles, stream, stages)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _fwd_plan(x, M, N, weight, bias, is_rms, rounding, config, tiles, stream, stages)
@@ -519,7 +529,7 @@ def _fwd_plan(x, M, N, weight, bias, is_rms, rounding, config, tiles, stream, st
     p_size = param_size(weight, bias)
     block_m, block_n, warps = config or fwd_config(N, is_rms, p_size > x.element_size(), bias is not None)
     if tiles is None:
-        tiles = fwd_tiles(M, block_m, x.element_size(), p_size)
+        tiles = fwd_tiles(M, block_m, block_n, x.element_size(), p_size, is_rms, bias is not None)
     if stages is None:
         stages = fwd_stages(block_shared(x.device), tiles, block_m, block_n, bias is not None, x.element_size())
     meta = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROUNDING=rounding,
