@@ -14,16 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from .ops import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
-from .ops._norm import _AUTOCAST_DEVICE_TYPES, CAST_MODES, _autocasting, selected_backend
+from .ops._norm import CAST_MODES, _any_autocast, kernels_for_module, selected_backend
 from .ops.layer_norm import torch_layer_norm_computes
 from .ops.rms_norm import _kernel_call_for_module
 
 _Shape = Union[int, Sequence[int]]
-
-# whether autocast is on for any device: one call (0.1 µs), where asking x's device builds a
-# device object first (0.3 µs more); with any on, the general path applies autocast's policy
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: any(
-    _autocasting(d) for d in _AUTOCAST_DEVICE_TYPES))
 
 
 class _FusedNorm(nn.Module):
@@ -32,6 +27,7 @@ class _FusedNorm(nn.Module):
     _fn = None  # the functional op, set by subclasses
     _ref = None  # its torch reference: what the op runs off CUDA
     _kernel = None  # a compiled CPU kernel's call for the CPU shortcut, or None where the reference decides
+    _is_rms = None  # RMSNorm (True) or LayerNorm (False): the kernels' flag
 
     def __init__(
         self,
@@ -98,6 +94,9 @@ class _FusedNorm(nn.Module):
             )
         weight, bias = self._affine()
         if k == 1:  # the usual case: called once per norm per step, so kept lean
+            y = kernels_for_module(self._ref, x, weight, bias, self.eps, self.offset, self._is_rms, self.cast_mode)
+            if y is not None:
+                return y
             return self._fn(x, weight, bias, self.eps, self.offset, self.cast_mode,
                             follow_autocast=self.follow_autocast)
         lead = x.shape[: x.dim() - k]
@@ -155,6 +154,7 @@ class FusedRMSNorm(_FusedNorm):
     _fn = staticmethod(rms_norm)
     _ref = staticmethod(rms_norm_ref)
     _kernel = staticmethod(_kernel_call_for_module)
+    _is_rms = True
 
     def __init__(
         self,
@@ -178,6 +178,7 @@ class FusedLayerNorm(_FusedNorm):
 
     _fn = staticmethod(layer_norm)
     _ref = staticmethod(layer_norm_ref)
+    _is_rms = False
 
     def __init__(
         self,

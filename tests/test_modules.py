@@ -255,14 +255,12 @@ SHORTCUT_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", list(SHORTCUT_CASES))
-def test_modules_off_cuda_compute_the_bits_of_the_functional_op(case, dtype, monkeypatch):
-    """Off CUDA a module goes straight to its torch reference, past the functional op's per-call
-    checks: output and every gradient must be the very bits the functional op gives."""
+def _module_against_its_op(case, dtype, after_each=lambda run, module: None) -> None:
+    """A module of ``SHORTCUT_CASES`` and its functional op with the module's arguments: output,
+    every gradient and the no-grad output must be the very bits; ``after_each(run, module)`` is
+    called after each of the two has run."""
     from hf_rmsnorm.ops import layer_norm, rms_norm
 
-    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
     build, p_dtype = SHORTCUT_CASES[case]
     module = _randomize(build()).to(p_dtype or dtype)
     fn = layer_norm if isinstance(module, FusedLayerNorm) else rms_norm
@@ -278,8 +276,93 @@ def test_modules_off_cuda_compute_the_bits_of_the_functional_op(case, dtype, mon
         results.append([y.detach(), leaf.grad] + [p.grad for p in module.parameters()])
         with torch.no_grad():
             results[-1].append(run(x))
+        after_each(run, module)
     for a, b in zip(*results):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(SHORTCUT_CASES))
+def test_modules_off_cuda_compute_the_bits_of_the_functional_op(case, dtype, monkeypatch):
+    """Off CUDA a module goes straight to its torch reference, past the functional op's per-call
+    checks: output and every gradient must be the very bits the functional op gives."""
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    _module_against_its_op(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(SHORTCUT_CASES))
+def test_modules_on_the_kernels_compute_the_bits_of_the_functional_op(case, dtype, monkeypatch, launches):
+    """On the kernels (CUDA, or the interpreter with ``HF_RMSNORM_BACKEND=triton``) a module with
+    one normalised dimension goes to them past the functional op's per-call checks
+    (``kernels_for_module``): output, every gradient and the no-grad output must be the very bits
+    the functional op gives, the kernels must have run, and the general path's checks must not
+    have (host time per norm in a training forward)."""
+    from conftest import needs_interpreter
+    from hf_rmsnorm.ops import _norm
+
+    needs_interpreter("runs the kernels on CPU tensors")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    checks = []
+    check_inputs = _norm.check_inputs
+    monkeypatch.setattr(_norm, "check_inputs", lambda *a: checks.append(a) or check_inputs(*a))
+
+    def checked(run, module):  # the module's two calls: none; the op's: two
+        assert len(checks) == (0 if run is module else 2)
+        checks.clear()
+
+    _module_against_its_op(case, dtype, checked)
+    assert launches() == 6  # forward and backward, then the forward without grad, twice
+
+
+@pytest.mark.parametrize("case", ["autocast", "float64_weight", "offset_without_weight", "vmap", "torch_backend"])
+def test_the_kernel_shortcut_leaves_to_the_general_path_what_it_does_not_check(case, monkeypatch, launches):
+    """Whatever the module's shortcut to the kernels does not settle goes the general way, which
+    applies autocast's policy, takes the torch path for other dtypes, refuses what is wrong with
+    one message, or composes torch ops under torch.func: each against float64 (or the error)."""
+    from conftest import needs_interpreter
+    from hf_rmsnorm.ops import _norm
+
+    needs_interpreter("runs the kernels on CPU tensors")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch" if case == "torch_backend" else "triton")
+    g = torch.Generator().manual_seed(5)
+    m = FusedLayerNorm(32)
+    w, b = 1 + 0.3 * torch.randn(32, generator=g), 0.1 * torch.randn(32, generator=g)
+    m.weight, m.bias = nn.Parameter(w.clone()), nn.Parameter(b.clone())
+    x = torch.randn(4, 32, generator=g) * 2 + 0.5
+    checks = []
+    check_inputs = _norm.check_inputs
+    monkeypatch.setattr(_norm, "check_inputs", lambda *a: checks.append(a) or check_inputs(*a))
+    if case == "offset_without_weight":  # the offset is added to a weight that is gone
+        m.offset = 1.0
+        del m.weight
+        m.weight = None
+        with pytest.raises(ValueError, match="offset is added to the weight, but weight is None"):
+            m(x)
+        return
+    if case == "autocast":
+        from hf_rmsnorm.ops import layer_norm
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x.bfloat16())
+            assert len(checks) == 1
+            assert torch.equal(y, layer_norm(x.bfloat16(), m.weight, m.bias, m.eps))  # the policy normalize applies
+        torch.testing.assert_close(y.double(), norm_fp64("layer", x.bfloat16(), w, b, m.eps), rtol=2e-2, atol=2e-2)
+        return
+    elif case == "float64_weight":
+        m.double()
+        y = m(x.double())
+        truth = norm_fp64("layer", x, w, b, m.eps)
+    elif case == "vmap":
+        y = torch.func.vmap(m)(x.unsqueeze(1)).squeeze(1)
+        truth = norm_fp64("layer", x, w, b, m.eps)
+    else:
+        y = m(x)
+        truth = norm_fp64("layer", x, w, b, m.eps)
+    torch.testing.assert_close(y.double(), truth, rtol=1e-5, atol=1e-5)
+    # the general path decided (with the torch backend the CPU shortcut, straight to torch ops)
+    assert len(checks) == (0 if case == "torch_backend" else 1)
+    assert launches() == 0
 
 
 @pytest.mark.parametrize(

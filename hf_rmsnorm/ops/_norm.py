@@ -210,8 +210,13 @@ def transforms_active() -> bool:
 
 
 def needs_grad(*tensors: Optional[Tensor]) -> bool:
-    """Whether autograd will differentiate through a call on ``tensors`` (None entries ignored)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Whether autograd will differentiate through a call on ``tensors`` (None entries ignored).
+    A loop, not ``any`` over a generator: asked once per norm call (0.3 against 0.8 µs, CI CPU)."""
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return True
+    return False
 
 
 def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -505,6 +510,12 @@ def _dispatch(torch_impl, x, device_type, weight, bias, eps, offset, is_rms, cas
             with torch.autocast(device_type, enabled=False):
                 return torch_impl(x, weight, bias, eps, offset, cast_mode)
         return torch_impl(x, weight, bias, eps, offset, cast_mode)
+    return _run_kernels(torch_impl, x, weight, bias, float(eps), float(offset), is_rms, ROUNDING[cast_mode])
+
+
+def _run_kernels(torch_impl, x, weight, bias, eps: float, offset: float, is_rms: bool, rounding: int) -> Tensor:
+    """The Triton path, once chosen: through the custom op while torch.compile traces, else
+    through an autograd node where gradients flow, else the forward launch alone."""
     # The kernels read the parameters with unit stride. A strided one (a slice of a fused
     # parameter, say) is copied first, outside the kernels' autograd node, so that autograd
     # carries its gradient back to the viewed elements.
@@ -512,10 +523,49 @@ def _dispatch(torch_impl, x, device_type, weight, bias, eps, offset, is_rms, cas
         weight = weight.contiguous()
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    args = (weight, bias, float(eps), float(offset), is_rms, ROUNDING[cast_mode])
+    args = (weight, bias, eps, offset, is_rms, rounding)
     if torch.compiler.is_compiling():
         # traceable and opaque to the compiler; it takes the rows as ``_rows`` lays them out
         return _norm_fwd_op(_rows(x), *args)[0].view(x.shape)
     if needs_grad(x, weight, bias):
         return _NormFunction.apply(x, *args, torch_impl)  # eager: cheaper than the custom op's dispatch
     return _fwd_impl(x, *args)[0]  # nothing to differentiate: no autograd node at all
+
+
+# what the shortcuts hand a kernel: a tensor subclass (fake tensors, DTensor, wrappers) may have
+# no memory of its own behind data_ptr, and goes the general way, through torch ops that dispatch it
+_PLAIN_TENSORS = frozenset({Tensor, torch.nn.Parameter})
+# whether autocast is on for any device (one call; with any on, the general path applies its policy)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: any(
+    _autocasting(d) for d in _AUTOCAST_DEVICE_TYPES))
+
+
+def kernels_for_module(torch_impl, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                       offset: float, is_rms: bool, cast_mode: str) -> Optional[Tensor]:
+    """A ``FusedRMSNorm`` / ``FusedLayerNorm`` call with one normalised dimension on the
+    kernels, or None where ``normalize`` must decide (and check, and say what is wrong).
+
+    In a training forward each norm's host time is step time where the host paces the step
+    (GPT-2-medium in bf16 on an H200: benchmarks/NOTES.md, run 14b), and the general path
+    checks what a module settled when it was built (eps, cast mode, offset, the parameters'
+    shape). Here only what can change between calls is asked, each cheaply: the backend, x's
+    type, dtype, device and width, the parameters' dtypes, length and device (they can be
+    replaced), autocast, torch.compile and torch.func. The module has checked x's last
+    dimension against its own shape."""
+    rounding = ROUNDING.get(cast_mode)
+    if (rounding is None or type(x) not in _PLAIN_TENSORS or x.dtype not in _KERNEL_DTYPES or not TRITON_AVAILABLE
+            or _any_autocast() or torch.compiler.is_compiling() or transforms_active()):
+        return None
+    backend = selected_backend()
+    if backend == "torch" or not (x.is_cuda or (backend == "triton" and _interpreting())):
+        return None
+    n = x.shape[-1]
+    device = x.get_device()
+    for p in (weight, bias):
+        if p is not None and (type(p) not in _PLAIN_TENSORS or p.dtype not in _KERNEL_DTYPES or p.shape != (n,)
+                              or p.get_device() != device):
+            return None
+    if (not 0 < n <= _MAX_FUSED_N or (weight is None and (offset or rounding == ROUNDING["weight"]))
+            or type(eps) not in (float, int) or not eps >= 0):
+        return None
+    return _run_kernels(torch_impl, x, weight, bias, float(eps), float(offset), is_rms, rounding)

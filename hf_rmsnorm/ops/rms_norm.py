@@ -17,8 +17,8 @@ from torch import Tensor
 
 from . import _cpu_kernel
 from ._norm import (
-    ROUNDING, affine_torch, backward_by_autograd, cast, compute_dtype, needs_grad, normalize, output_dtype, rounding_dtype,
-    transformed, transforms_active, weight_plus_offset,
+    _PLAIN_TENSORS, ROUNDING, affine_torch, backward_by_autograd, cast, compute_dtype, needs_grad, normalize, output_dtype,
+    rounding_dtype, transformed, transforms_active, weight_plus_offset,
 )
 
 
@@ -137,9 +137,6 @@ def _kernel_call_for_module(x: Tensor, weight: Optional[Tensor], bias: Optional[
     return None if op is None else op(x, weight, bias, eps, offset, flags, cast_mode)
 
 
-# what the kernel is handed memory of: a tensor subclass (fake tensors, DTensor, wrappers) may
-# have no CPU memory behind data_ptr, and goes through torch ops, which dispatch it
-_PLAIN_TENSORS = frozenset({Tensor, torch.nn.Parameter})
 # (x dtype, weight dtype, bias dtype, cast_mode) -> _kernel_flags's answer
 _KERNEL_FLAGS: dict = {}
 _UNSEEN = object()
