@@ -449,3 +449,29 @@ def test_torch_func_transforms_and_forward_ad_are_right_on_every_path(kind, tran
     yardstick = _transformed(transform, lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, 1e-5), x, w, b, t)
     assert_close_to_fp64(got, yardstick, truth, torch.float32, transform)
     assert compiled_calls() == 0
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_a_tensor_left_behind_by_a_finished_transform_is_a_valid_input(kind, backend):
+    """A tensor that escaped a torch.func transform (a functorch wrapper whose transform has
+    ended) is an ordinary input to torch's ops. ``autograd.Function.apply`` unwraps it; the
+    kernel path, which calls autograd's C++ apply directly where it can, must do so too: the
+    output and the weight's gradient against float64."""
+    x, w, b, _ = (v.detach().float() for v in norm_inputs(m=6, n=24, dtype=torch.float32))
+    leaked = []
+
+    def keep(x):
+        leaked.append(x)
+        return x.sum()
+
+    torch.func.grad(keep)(x * 2 + 0.5)
+    left = leaked[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(left)
+    w = w.requires_grad_(True)
+    y = FNS[kind](left, w, b, 1e-5)
+    (y * y).sum().backward()
+    x64, w64 = (x * 2 + 0.5).double(), w.detach().double().requires_grad_(True)
+    y64 = norm_fp64(kind, x64, w64, b.double(), 1e-5)
+    (y64 * y64).sum().backward()
+    torch.testing.assert_close(y.detach().double(), y64.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)

@@ -458,6 +458,13 @@ class _NormFunction(torch.autograd.Function):
         return (*_backward_with(_bwd_impl, ctx, dy), None)
 
 
+# autograd.Function's C++ apply bound to _NormFunction (what Function.apply calls after its
+# Python), and functorch's test for its wrapper tensors; None where a torch build lacks either
+_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+_C_APPLY = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
+_apply_norm = _C_APPLY.__get__(None, _NormFunction) if _C_APPLY is not None and _functorch_wrapped is not None else None
+
+
 def backward_by_autograd(torch_impl, dy, inputs, needs, eps, offset, cast_mode) -> tuple:
     """Gradients of ``torch_impl`` (a torch composition autograd can differentiate to any
     order) for ``inputs`` (x, weight, bias), as a graph: the backward of a hand-written
@@ -528,7 +535,14 @@ def _run_kernels(torch_impl, x, weight, bias, eps: float, offset: float, is_rms:
         # traceable and opaque to the compiler; it takes the rows as ``_rows`` lays them out
         return _norm_fwd_op(_rows(x), *args)[0].view(x.shape)
     if needs_grad(x, weight, bias):
-        return _NormFunction.apply(x, *args, torch_impl)  # eager: cheaper than the custom op's dispatch
+        # eager: cheaper than the custom op's dispatch. Both callers have made sure no torch.func
+        # transform is active, so Function.apply's Python would only unwrap what a finished
+        # transform left behind (a functorch wrapper) before calling the C++ apply; without
+        # such a tensor the C++ apply is called directly (CI CPU: 18.9 -> 16.0 µs a call).
+        if _apply_norm is None or _functorch_wrapped(x) or (weight is not None and _functorch_wrapped(weight)) or (
+                bias is not None and _functorch_wrapped(bias)):
+            return _NormFunction.apply(x, *args, torch_impl)
+        return _apply_norm(x, *args, torch_impl)
     return _fwd_impl(x, *args)[0]  # nothing to differentiate: no autograd node at all
 
 
