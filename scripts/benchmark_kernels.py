@@ -186,7 +186,8 @@ def _available(need: Optional[str], device: torch.device) -> Optional[str]:
 
 def make_step(name, m, n, mode, x_dtype, w_dtype, device) -> Callable[[], object]:
     """One call of provider ``name`` on fresh random (m, n) inputs: the forward under
-    no_grad, or the forward and every gradient (``mode="fwd+bwd"``)."""
+    no_grad (``"fwd"``), the forward with autograd recording it as a training forward does,
+    nothing differentiated (``"fwd, grad"``), or the forward and every gradient (``"fwd+bwd"``)."""
     setup = PROVIDERS[name][0]
     g = torch.Generator(device=device).manual_seed(0)
     # random data, never zeros; each tensor here is larger than a GPU's L2 at full size, so
@@ -199,6 +200,11 @@ def make_step(name, m, n, mode, x_dtype, w_dtype, device) -> Callable[[], object
         def step():
             with torch.no_grad():
                 return fn(x)
+    elif mode == "fwd, grad":
+        x.requires_grad_(True)
+
+        def step():
+            return fn(x)
     else:
         x.requires_grad_(True)
         dy = torch.randn(m, n, device=device, generator=g).to(fn(x).dtype)

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: the GPU tests, the kernel benchmark (bf16; bf16 activations with
 # fp32 weights; fp32), the launch-parameter sweep and the training-step benchmark; tables
-# printed last, full JSON/markdown in $OUT. Each step has its own time limit (645 s for the
+# printed last, full JSON/markdown in $OUT. Each step has its own time limit (670 s for the
 # default steps: more than one 600 s device call, so a call names a subset), so a hung step
-# cannot hold the machine; on an H200 (runs 7-13): tests 51-85 s warm, 120-128 on a fresh
-# machine, where every kernel compiles cold; bench 77-82, training 37-48 with 10 steps a row,
+# cannot hold the machine; on an H200 (runs 7-14): tests 51-85 s warm, 120-128 on a fresh
+# machine, where every kernel compiles cold; bench 77-82, training 37-48 with 10 steps a row and 61-76 with 20,
 # mixed 30-32 (40 cold), fp32 40-41, tune 94-131, profile 14-19; trainprof 58, direct 59.
 #
 #   bash scripts/gpu_check.sh            # on the GPU machine ($OUT defaults to benchmarks/results/gpu)
@@ -64,15 +64,16 @@ OURS="hf_rmsnorm RMSNorm,hf_rmsnorm RMSNorm+bias,hf_rmsnorm LayerNorm"
 step tests 180 "$PY" -m pytest tests/test_gpu.py -q -rfEs -p no:cacheprovider
 step bench 95 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16 ${BENCH_PROVIDERS:+--providers "$BENCH_PROVIDERS"}
 # 20 steps a row: with 10, one GPT-2-medium bf16 row's median moved by up to 0.13x between
-# repeats on one machine (run 12); the step with 10 took 37-48 s, mostly building the models
+# repeats on one machine (run 12); with 20 the step took 61 s after the GPU tests and ran past
+# 75 s on a fresh machine compiling cold (run 14b)
 train_steps=20
 [ -n "$quick" ] && train_steps=2
-step training 75 "$PY" scripts/benchmark_training.py $quick --steps "$train_steps" --out "$OUT"
+step training 90 "$PY" scripts/benchmark_training.py $quick --steps "$train_steps" --out "$OUT"
 step mixed 50 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16_fp32w --w-dtype fp32 --providers "$OURS,$PEERS"
 step fp32 45 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_fp32 --x-dtype fp32 --providers "$OURS,$PEERS"
 step tune 150 "$PY" scripts/tune_kernels.py $quick --out "$OUT"
 # GPT-2-medium's norm shape (batch 8 x 1024) first: its training step is host-bound
-[ -z "$quick" ] && step profile 50 "$PY" scripts/profile_norms.py --shapes 8192x1024,65536x768 --out "$OUT"
+[ -z "$quick" ] && step profile 60 "$PY" scripts/profile_norms.py --shapes 8192x1024,65536x768 --out "$OUT"
 # the sweep at GPT-2-medium's own norm shape (batch 8 x 1024 tokens, 1024 columns), which the
 # benchmark shapes do not include
 gpt2_shape=8192x1024

@@ -110,7 +110,9 @@ def main(argv=None) -> int:
         for name in [p.strip() for p in args.providers.split(",") if p.strip()]:
             if _available(PROVIDERS[name][2], device):
                 continue
-            for mode in ("fwd", "fwd+bwd"):
+            # the forward with grad too: in a training step the call records an autograd node,
+            # and where the host paces the forward (GPT-2-medium, run 14b) that is its cost
+            for mode in ("fwd", "fwd, grad", "fwd+bwd"):
                 step = make_step(name, m, n, mode, torch.bfloat16, torch.bfloat16, device)
                 r = measure(step, args.iters)
                 if name.startswith("hf_rmsnorm"):

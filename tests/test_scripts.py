@@ -352,6 +352,21 @@ def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
     assert "| bwd | layer |" in (tmp_path / "tuning.md").read_text()
 
 
+@pytest.mark.parametrize("mode,recorded", [("fwd", False), ("fwd, grad", True)])
+def test_forward_steps_with_and_without_autograd_recording(mode, recorded, launches, monkeypatch):
+    """profile_norms.py's forward rows: without grad no graph; with grad, as in a training
+    forward, the call records its autograd node (part of the host time a training step pays)."""
+    from conftest import needs_interpreter
+
+    needs_interpreter("runs the kernels on CPU tensors")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark_kernels import make_step
+
+    y = make_step("hf_rmsnorm LayerNorm", 8, 96, mode, torch.bfloat16, torch.bfloat16, torch.device("cpu"))()
+    assert (y.grad_fn is not None) == recorded and launches() == 1
+
+
 def test_profile_splits_our_host_time_into_our_python_and_the_launcher(launches, monkeypatch):
     """profile_norms.py's stubbed host time, run here on CPU tensors (the GPU run does the same
     after the real calls): this package's forward and backward issue every launch, each a
