@@ -64,6 +64,11 @@ def test_benchmark_training_quick_writes_json_and_markdown(tmp_path):
     assert all(len(r["host_ms_each"]) == 2 and all(0 < h <= t for h, t in zip(r["host_ms_each"], r["step_ms_each"]))
                for r in result["results"])
     assert all(r["allocator_events"] == {} for r in result["results"])  # the CPU allocator counts none
+    # each phase's end on the host, in order and within the step (no GPU times on the CPU)
+    for r in result["results"]:
+        ends = [r["phase_ms"][p] for p in ("forward", "backward", "optimizer")]
+        assert all(set(e) == {"host"} for e in ends)
+        assert 0 < ends[0]["host"] <= ends[1]["host"] <= ends[2]["host"] <= r["step_ms_max"]
     # a model's variants were timed side by side, in turn
     assert {r["timed_with"] for r in result["results"] if r["model"] == "gpt2-medium"} == {4}
     assert {r["timed_with"] for r in result["results"] if r["model"] == "llama-1b"} == {3}
