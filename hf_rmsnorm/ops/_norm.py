@@ -326,26 +326,37 @@ def _elsewhere(x: Tensor) -> bool:
     return x.is_cuda and x.get_device() != _current_cuda_device()
 
 
-def _fwd_impl(x, weight, bias, eps, offset, is_rms, rounding):
-    """The forward on ``x`` of any shape: y in x's shape, the statistics one per row."""
+# the launchers (``_triton_norm``, which imports Triton), imported on the first kernel call: an
+# import statement inside the forward cost 0.3 µs a call, a global's lookup 0.03
+_launchers = None
+
+
+def _import_launchers():
+    global _launchers
     from . import _triton_norm
 
+    _launchers = _triton_norm
+    return _triton_norm
+
+
+def _fwd_impl(x, weight, bias, eps, offset, is_rms, rounding):
+    """The forward on ``x`` of any shape: y in x's shape, the statistics one per row."""
+    launchers = _launchers or _import_launchers()
     if _elsewhere(x):
         with torch.cuda.device(x.device):
             return _fwd_impl(x, weight, bias, eps, offset, is_rms, rounding)
     out_dtype = output_dtype(x.dtype, weight, bias, CAST_MODES[rounding])
-    return _triton_norm.norm_fwd(_rows(x), weight, bias, eps, offset, is_rms, rounding, out_dtype, like=x)
+    return launchers.norm_fwd(_rows(x), weight, bias, eps, offset, is_rms, rounding, out_dtype, like=x)
 
 
 def _bwd_impl(dy, x, weight, bias, mean, rstd, offset, is_rms, rounding):
     """The backward for x of any shape (dy in x's shape): dx in x's shape, then the parameter
     gradients."""
-    from . import _triton_norm
-
+    launchers = _launchers or _import_launchers()
     if _elsewhere(x):  # autograd's device threads make x's device current; a caller of the op need not
         with torch.cuda.device(x.device):
             return _bwd_impl(dy, x, weight, bias, mean, rstd, offset, is_rms, rounding)
-    dx, part = _triton_norm.norm_bwd(
+    dx, part = launchers.norm_bwd(
         _rows(dy), _rows(x), weight, mean, rstd, offset, is_rms, rounding, bias is not None, like=x
     )
     if part is None:
@@ -353,7 +364,7 @@ def _bwd_impl(dy, x, weight, bias, mean, rstd, offset, is_rms, rounding):
     # Partial rows summed in a fixed order (deterministic, unlike atomics), each gradient in
     # its parameter's dtype. None where there is no such parameter (the custom op turns that
     # into an empty tensor).
-    grads = iter(_triton_norm.sum_partials(part, [p.dtype for p in (weight, bias) if p is not None]))
+    grads = iter(launchers.sum_partials(part, [p.dtype for p in (weight, bias) if p is not None]))
     return dx, next(grads) if weight is not None else None, next(grads) if bias is not None else None
 
 
