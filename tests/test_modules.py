@@ -377,7 +377,8 @@ def test_the_kernel_shortcut_leaves_to_the_general_path_what_it_does_not_check(c
     ],
     ids=["int_input", "other_device", "rmsnorm_other_device", "layernorm_shape", "rmsnorm_shape"],
 )
-def test_bad_input_to_a_module_off_cuda_is_still_a_clear_error(call, error, message, monkeypatch):
-    monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")
+@pytest.mark.parametrize("backend", ["auto", "triton"])  # triton: the module's shortcut to the kernels defers them
+def test_bad_input_to_a_module_off_cuda_is_still_a_clear_error(call, error, message, backend, monkeypatch):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", backend)
     with pytest.raises(error, match=message):
         call()

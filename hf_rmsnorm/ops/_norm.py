@@ -573,24 +573,24 @@ def kernels_for_module(torch_impl, x: Tensor, weight: Optional[Tensor], bias: Op
     In a training forward each norm's host time is step time where the host paces the step
     (GPT-2-medium in bf16 on an H200: benchmarks/NOTES.md, run 14b), and the general path
     checks what a module settled when it was built (eps, cast mode, offset, the parameters'
-    shape). Here only what can change between calls is asked, each cheaply: the backend, x's
-    type, dtype, device and width, the parameters' dtypes, length and device (they can be
-    replaced), autocast, torch.compile and torch.func. The module has checked x's last
-    dimension against its own shape."""
+    shape). Here only what can change between calls is asked, each cheaply: x's type and dtype,
+    the parameters' types, dtypes, length and device (they can be replaced), autocast and
+    torch.compile; then ``_use_triton``, the general path's own choice of backend. Everything
+    ``check_inputs`` would refuse has been sent the general way by then, so an error
+    ``_use_triton`` raises is the one the general path would raise. The module has checked x's
+    last dimension against its own shape."""
     rounding = ROUNDING.get(cast_mode)
-    if (rounding is None or type(x) not in _PLAIN_TENSORS or x.dtype not in _KERNEL_DTYPES or not TRITON_AVAILABLE
-            or _any_autocast() or torch.compiler.is_compiling() or transforms_active()):
-        return None
-    backend = selected_backend()
-    if backend == "torch" or not (x.is_cuda or (backend == "triton" and _interpreting())):
+    if (rounding is None or type(x) not in _PLAIN_TENSORS or x.dtype not in _KERNEL_DTYPES or _any_autocast()
+            or torch.compiler.is_compiling()):
         return None
     n = x.shape[-1]
     device = x.get_device()
     for p in (weight, bias):
+        # the device by its CUDA index (cheap); off CUDA, where meta and CPU both answer -1, by name
         if p is not None and (type(p) not in _PLAIN_TENSORS or p.dtype not in _KERNEL_DTYPES or p.shape != (n,)
-                              or p.get_device() != device):
+                              or p.get_device() != device or (device < 0 and p.device != x.device)):
             return None
-    if (not 0 < n <= _MAX_FUSED_N or (weight is None and (offset or rounding == ROUNDING["weight"]))
-            or type(eps) not in (float, int) or not eps >= 0):
+    if ((weight is None and (offset or rounding == ROUNDING["weight"])) or type(eps) not in (float, int) or not eps >= 0
+            or not _use_triton(x, "cuda" if x.is_cuda else "cpu", weight, bias)):
         return None
     return _run_kernels(torch_impl, x, weight, bias, float(eps), float(offset), is_rms, rounding)
