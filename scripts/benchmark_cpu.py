@@ -193,6 +193,8 @@ class _NoGpuDriver:
     of compute capability ``arch``, so kernels compile for it with Triton's own compiler (as in
     kernel_report.py); loading a compiled kernel and launching it do nothing."""
 
+    loaded = 0
+
     def __init__(self, arch: int):
         from triton.backends.compiler import GPUTarget
 
@@ -213,7 +215,10 @@ class _NoGpuDriver:
         return torch.device("cpu")
 
     def load_binary(self, name, kernel, shared, device):
-        return "module", "function", 0, 0, 1024  # module, function, registers, spills, most threads a block
+        # module, function, registers, spills, most threads a block; the function an integer
+        # handle of its own per kernel, as the driver's are (the C++ launch keeps it)
+        _NoGpuDriver.loaded += 1
+        return 0, 0x1000 + _NoGpuDriver.loaded, 0, 0, 1024
 
     def get_device_properties(self, device):
         return {"max_shared_mem": 232448, "multiprocessor_count": 132}  # an H100/H200's

@@ -86,32 +86,43 @@ def _run(cmd: list) -> Optional[str]:
     return None
 
 
-def _compile(cxx: str, out: Path, namespace: str, openmp: bool, extra: tuple = ()) -> Optional[str]:
-    """Build the library at ``out``: the C file compiled as C, then the operator around it
-    linked against torch. None on success, else the compiler's complaint. ``extra``: flags for
-    both steps (the tests' warnings)."""
+def _compile(cxx: str, out: Path, namespace: str, openmp: bool, extra: tuple = (), c_source: Optional[Path] = _SOURCE,
+             op_source: Path = _OP_SOURCE) -> Optional[str]:
+    """Build the library at ``out``: the C file (if any) compiled as C, then the operator
+    around it linked against torch. None on success, else the compiler's complaint. ``extra``:
+    flags for both steps (the tests' warnings)."""
     from torch.utils import cpp_extension  # torch's headers and libraries; imported only to build
 
     omp = ["-fopenmp"] if openmp else []
     obj = out.with_suffix(".o")
     try:
-        error = _run([cxx, "-x", "c", *_FLAGS, *extra, *omp, "-c", str(_SOURCE), "-o", str(obj)])
-        if error:
-            return error
+        if c_source is not None:
+            error = _run([cxx, "-x", "c", *_FLAGS, *extra, *omp, "-c", str(c_source), "-o", str(obj)])
+            if error:
+                return error
         libs = cpp_extension.library_paths()
         return _run([
             cxx, *_OP_FLAGS, *extra, *omp, f"-DHF_RMSNORM_NS={namespace}",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
             # torch's headers as system headers: their warnings are torch's, not this file's
-            *(a for p in cpp_extension.include_paths() for a in ("-isystem", p)), str(_OP_SOURCE), str(obj), "-o", str(out),
-            *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu", "-lm",
+            *(a for p in cpp_extension.include_paths() for a in ("-isystem", p)), str(op_source),
+            *([str(obj)] if c_source is not None else []), "-o", str(out),
+            *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu", "-lm", "-ldl",
         ])
     finally:
         obj.unlink(missing_ok=True)
 
 
 def _build() -> tuple[Optional[Path], str, Optional[str]]:
-    """(the library's path, its operators' namespace, None), or (None, "", why not)."""
+    """(the CPU kernel's library path, its operators' namespace, None), or (None, "", why not)."""
+    return build_library("cpu_rms_norm", _SOURCE, _OP_SOURCE, openmp=True, what="the CPU kernel")
+
+
+def build_library(stem: str, c_source: Optional[Path], op_source: Path, openmp: bool,
+                  what: str) -> tuple[Optional[Path], str, Optional[str]]:
+    """Build (or find built) the torch operator library of ``op_source`` (with ``c_source``
+    compiled in as C, if given) in :func:`cache_dir`: (its path, its operators' namespace,
+    None), or (None, "", why not, naming ``what``). ``openmp``: try with OpenMP first."""
     cxx = _compiler()
     if cxx is None:
         return None, "", "no C++ compiler found (install one, e.g. g++, or name it in CXX)"
@@ -120,11 +131,11 @@ def _build() -> tuple[Optional[Path], str, Optional[str]]:
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, "", f"the C++ compiler {cxx} does not run: {e}"
     facts = (  # this file too: it holds the build's command lines
-        _SOURCE.read_text(), _OP_SOURCE.read_text(), Path(__file__).read_text(), cxx, version,
-        torch.__version__, str(torch.version.git_version), platform.machine(), sys.platform,
+        c_source.read_text() if c_source is not None else "", op_source.read_text(), Path(__file__).read_text(), cxx,
+        version, torch.__version__, str(torch.version.git_version), platform.machine(), sys.platform,
     )
     key = hashlib.sha256(b"\0".join(s.encode() for s in facts)).hexdigest()[:16]
-    namespace = f"hf_rmsnorm_cpu_{key}"
+    namespace = f"hf_rmsnorm_{stem.split('_')[0]}_{key}"
     reason = None
     for place in ("cache", "private"):
         # where the cache cannot be written, a fresh folder of this process's own (mkdtemp is
@@ -134,7 +145,7 @@ def _build() -> tuple[Optional[Path], str, Optional[str]]:
         try:
             if directory is None:
                 directory = Path(tempfile.mkdtemp(prefix="hf_rmsnorm-"))
-            path = directory / f"cpu_rms_norm-{key}.so"
+            path = directory / f"{stem}-{key}.so"
             if not path.exists():
                 directory.mkdir(parents=True, exist_ok=True)
                 # a name of its own per build: processes (or threads) building at once never
@@ -143,17 +154,19 @@ def _build() -> tuple[Optional[Path], str, Optional[str]]:
                 os.close(fd)
                 tmp = Path(name)
                 try:
-                    _log.info("building the CPU RMSNorm kernel into %s (once per machine)", path)
-                    # with OpenMP where the compiler has it; without, one thread a call
-                    error = _compile(cxx, tmp, namespace, openmp=True) and _compile(cxx, tmp, namespace, openmp=False)
+                    _log.info("building %s into %s (once per machine)", what, path)
+                    # with OpenMP where asked and the compiler has it; without, one thread a call
+                    error = _compile(cxx, tmp, namespace, openmp=True, c_source=c_source, op_source=op_source) \
+                        if openmp else "no OpenMP asked"
+                    error = error and _compile(cxx, tmp, namespace, openmp=False, c_source=c_source, op_source=op_source)
                     if error:
-                        return None, "", f"building the CPU kernel failed: {error}"
+                        return None, "", f"building {what} failed: {error}"
                     os.replace(tmp, path)
                 finally:
                     tmp.unlink(missing_ok=True)
             return path, namespace, None
         except OSError as e:
-            reason = f"could not build the CPU kernel in {directory or 'a temporary folder'}: {e}"
+            reason = f"could not build {what} in {directory or 'a temporary folder'}: {e}"
     return None, "", reason
 
 

@@ -104,6 +104,14 @@ def _no_hook(hook) -> bool:
     return hook is None or (type(hook) is _HOOK_CHAIN and not hook.calls)
 
 
+def plain_launches() -> bool:
+    """Whether ``launch`` launches known kernels directly, with nothing of Triton's to run around
+    a launch (no launch hooks, no stages hook): then ``_cuda_launch``'s operator may launch in
+    its place."""
+    return (_DIRECT_LAUNCH and _DIRECT_TRITON and getattr(knobs.runtime, "add_stages_inspection_hook", None) is None
+            and _no_hook(knobs.runtime.launch_enter_hook) and _no_hook(knobs.runtime.launch_exit_hook))
+
+
 def launch(kernel, grid, args, meta, meta_key):
     """``kernel[grid](*args, **meta)``: directly (see ``_DIRECT_LAUNCH``) where the compiled
     kernel for these arguments is known, else through Triton, which compiles it if need be.

@@ -326,16 +326,19 @@ def _elsewhere(x: Tensor) -> bool:
     return x.is_cuda and x.get_device() != _current_cuda_device()
 
 
-# the launchers (``_triton_norm``, which imports Triton), imported on the first kernel call: an
-# import statement inside the forward cost 0.3 µs a call, a global's lookup 0.03
-_launchers = None
+# the launchers (``_triton_norm``, which imports Triton), the direct launch and the C++ launch
+# operator's bridge, imported on the first kernel call: an import statement inside the forward
+# cost 0.3 µs a call, a global's lookup 0.03
+_launchers = _direct = _cuda_launch = None
 
 
 def _import_launchers():
-    global _launchers
+    global _launchers, _direct, _cuda_launch
+    from . import _cuda_launch as cuda_launch
+    from . import _direct as direct
     from . import _triton_norm
 
-    _launchers = _triton_norm
+    _direct, _cuda_launch, _launchers = direct, cuda_launch, _triton_norm
     return _triton_norm
 
 
@@ -545,6 +548,26 @@ def _run_kernels(torch_impl, x, weight, bias, eps: float, offset: float, is_rms:
     if torch.compiler.is_compiling():
         # traceable and opaque to the compiler; it takes the rows as ``_rows`` lays them out
         return _norm_fwd_op(_rows(x), *args)[0].view(x.shape)
+    if _launchers is None:
+        _import_launchers()
+    if _cuda_launch.ENABLED and (x.is_cuda or _cuda_launch.cpu_stub) and _direct.plain_launches() and not (
+            _functorch_wrapped is not None and any(t is not None and _functorch_wrapped(t) for t in (x, weight, bias))):
+        y, family = _cuda_launch.forward(torch_impl, x, *args)
+        if y is not None:
+            return y
+        if family is not None:  # no plan for this kind of call yet: the Python path, then its plan
+            record = _launchers.record_fwd = []
+            try:
+                y = _kernels_in_python(torch_impl, x, *args)
+            finally:
+                _launchers.record_fwd = None
+            _cuda_launch.learn(family, record[0] if len(record) == 1 and x.is_contiguous() else None)
+            return y
+    return _kernels_in_python(torch_impl, x, *args)
+
+
+def _kernels_in_python(torch_impl, x, weight, bias, eps, offset, is_rms, rounding) -> Tensor:
+    args = (weight, bias, eps, offset, is_rms, rounding)
     if needs_grad(x, weight, bias):
         # eager: cheaper than the custom op's dispatch. Both callers have made sure no torch.func
         # transform is active, so Function.apply's Python would only unwrap what a finished

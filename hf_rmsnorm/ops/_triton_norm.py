@@ -494,6 +494,11 @@ def _row_layout(t) -> tuple[int, int, int]:
     return (t.numel() // N if N else 0), N, N
 
 
+# a list while _cuda_launch wants to see the next forward launch (never kept longer: it holds the
+# call's tensors)
+record_fwd = None
+
+
 def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=None, tiles=None, stream="",
              stages=None, like=None):
     """Launch the forward kernel on the rows of ``x`` (2-D with unit column stride, or contiguous
@@ -517,10 +522,11 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
     if plan is None:
         plan = _PLANS[key] = _fwd_plan(x, M, N, weight, bias, is_rms, rounding, config, tiles, stream, stages)
     rows_per_program, meta, meta_key = plan
-    _launch(_norm_fwd_kernel, (_ceil_div(M, rows_per_program),),
-            (x, y, weight, bias, mean, rstd, stride, M, N, eps, offset),  # mean None (RMS): no pointer for the launcher to check
-            meta, meta_key)
+    args = (x, y, weight, bias, mean, rstd, stride, M, N, eps, offset)  # mean None (RMS): no pointer for the launcher to check
+    compiled = _launch(_norm_fwd_kernel, (_ceil_div(M, rows_per_program),), args, meta, meta_key)
     LAUNCHES["norm_fwd"] += 1
+    if record_fwd is not None:  # _cuda_launch.learn's source: what was launched, for which rows
+        record_fwd.append((compiled, rows_per_program, args))
     return y, mean, rstd
 
 

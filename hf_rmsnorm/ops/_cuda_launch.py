@@ -1,0 +1,183 @@
+"""The norm forward on CUDA through one C++ operator (``_cuda_launch_op.cpp``): allocation,
+the launch of the Triton-compiled kernel and the autograd node without Python between them.
+
+Off unless ``HF_RMSNORM_CPP_LAUNCH=1`` (read at import): it was written on a machine without
+a GPU and has not been measured on one yet (benchmarks/NOTES.md, session 28). On, a norm call
+on CUDA that the kernels take (``_norm._run_kernels``) first asks the operator; the operator
+launches where a plan for the call's kind is registered, and otherwise returns None, so the
+call takes the Python path, after which :func:`learn` registers the plan of the launch it
+made. What a plan holds and why is in the C++ file. It needs a C++ compiler at first use, as the
+CPU kernel does (built by the same builder, cached alike); without one, or with Triton outside
+3.6-3.9 (whose launchers' parameter layout it packs), or with the direct launch off
+(``HF_RMSNORM_DIRECT_LAUNCH=0``), every call takes the Python path and :func:`unavailable_reason`
+says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import _cpu_kernel, _direct
+
+CPP_LAUNCH_ENV = "HF_RMSNORM_CPP_LAUNCH"
+_OP_SOURCE = Path(__file__).with_name("_cuda_launch_op.cpp")
+# how the operator packs each of the forward kernel's eleven leading arguments, by the type
+# Triton's signature gives it ("constexpr": specialised away, not passed)
+KINDS = {"constexpr": 0, "i32": 2, "i64": 3, "fp32": 4}
+_PTR_KIND = 1
+_log = logging.getLogger(__name__)
+
+
+def _enabled_by_environment() -> bool:
+    value = os.environ.get(CPP_LAUNCH_ENV, "0").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{CPP_LAUNCH_ENV}={value!r}: expected 1 (the norm forward on CUDA through one C++ "
+                         f"operator) or 0 (through Python, the default); set one of them or unset it.")
+    return value == "1"
+
+
+ENABLED = _enabled_by_environment()
+_UNBUILT = object()
+_LOCK = threading.Lock()
+_ops = _UNBUILT  # torch.ops.<namespace> once loaded, None where it cannot be
+_reason: Optional[str] = None
+_norm_op = None  # the C++ callable behind ops.norm.default
+# (N, x dtype, weight dtype, bias dtype, is_rms, rounding, device, torch reference) -> the
+# operator's family id; _FAMILY_REF[id] = (torch reference, cast mode, is_rms, rounding) for the
+# node's backward
+_FAMILIES: dict = {}
+_FAMILY_REF: list = []
+_PYTHON_IMPLS: dict = {}
+# Tests set this with a launch function of their own: CPU tensors then take this path too.
+cpu_stub = False
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the operator cannot serve in this process (None where it can, or before it was
+    first asked)."""
+    return _reason
+
+
+def ops():
+    """The operators' namespace, built and loaded on first use; None where it cannot be had."""
+    if _ops is _UNBUILT:
+        with _LOCK:
+            _load()
+    return _ops
+
+
+def _load() -> None:
+    global _ops, _reason, _norm_op
+    if _ops is not _UNBUILT:
+        return
+    _ops = None
+    if not _direct._DIRECT_TRITON:
+        _reason = f"Triton {_direct.triton.__version__}: the operator packs the launchers' parameters of Triton 3.6-3.9"
+        return
+    path, namespace, _reason = _cpu_kernel.build_library("cuda_launch", None, _OP_SOURCE, openmp=False,
+                                                         what="the CUDA launch operator")
+    if path is None:
+        return
+    try:
+        loaded = getattr(torch.ops, namespace)
+        try:
+            loaded.norm
+        except (AttributeError, RuntimeError):
+            torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as e:
+        _reason = f"could not load the CUDA launch operator {path}: {e}"
+        return
+    if namespace not in _PYTHON_IMPLS:
+        impl = torch.library.Library(namespace, "IMPL")
+        impl.impl("backward", _backward, "CompositeImplicitAutograd")
+        impl.impl("graph_backward", _graph_backward, "CompositeImplicitAutograd")
+        _PYTHON_IMPLS[namespace] = impl
+    missing = loaded.load_driver()
+    if missing and torch.cuda.is_available():
+        _reason = f"the CUDA driver's launch function: {missing}"
+        return
+    overload = loaded.norm.default
+    _norm_op = getattr(overload, "_op", overload)  # past OpOverload.__call__'s Python frame
+    _ops = loaded
+
+
+def _backward(grad, x, weight, bias, mean, rstd, eps, offset, family, needs):
+    """The operator's node: the backward kernels' gradients, the wanted ones in order."""
+    from ._norm import _bwd_impl
+
+    _, _, is_rms, rounding = _FAMILY_REF[family]
+    grads = _bwd_impl(grad, x, weight, bias, mean, rstd, offset, is_rms, rounding)
+    return [g for i, g in enumerate(grads) if needs >> i & 1]
+
+
+def _graph_backward(grad, x, weight, bias, mean, rstd, eps, offset, family, needs):
+    """The operator's node under create_graph=True: the torch reference's gradients as a graph."""
+    from ._norm import backward_by_autograd
+
+    torch_impl, cast_mode, _, _ = _FAMILY_REF[family]
+    grads = backward_by_autograd(torch_impl, grad, (x, weight, bias), [bool(needs >> i & 1) for i in range(3)],
+                                 eps, offset, cast_mode)
+    return [g for g in grads if g is not None]
+
+
+def forward(torch_impl, x, weight, bias, eps: float, offset: float, is_rms: bool, rounding: int):
+    """(y, family): y from the operator, or None where it has no plan for this call (the
+    caller then takes the Python path and calls :func:`learn` with ``family``); (None, None)
+    where the operator cannot be had."""
+    if _norm_op is None and ops() is None:
+        return None, None
+    key = (x.shape[-1], x.dtype, weight.dtype if weight is not None else None,
+           bias.dtype if bias is not None else None, is_rms, rounding, x.get_device(), torch_impl)
+    family = _FAMILIES.get(key)
+    if family is None:
+        family = _new_family(key, weight, bias)
+    return _norm_op(x, weight, bias, eps, offset, family), family
+
+
+def _new_family(key, weight, bias) -> int:
+    from . import _norm, _triton_norm
+
+    n, x_dtype, w_dtype, b_dtype, is_rms, rounding, device, torch_impl = key
+    cast_mode = _norm.CAST_MODES[rounding]
+    with _LOCK:
+        family = _FAMILIES.get(key)
+        if family is None:
+            # fwd_tiles's choice of tiles depends on the row count only through this threshold
+            threshold = _triton_norm._MIN_FWD_PROGRAMS * _triton_norm._FWD_ROWS
+            family = _ops.new_family(x_dtype, w_dtype, b_dtype, _norm.output_dtype(x_dtype, weight, bias, cast_mode), n,
+                                     device, is_rms, rounding, threshold)
+            _FAMILY_REF.append((torch_impl, cast_mode, is_rms, rounding))
+            _FAMILIES[key] = family
+    return family
+
+
+def learn(family: int, launch) -> bool:
+    """Register the plan of the forward launch the Python path has just made for ``family``
+    (``_triton_norm.LAST_FWD``: the compiled kernel, rows a program, the arguments); False where
+    the operator cannot launch that kernel as Triton would (then the path stays Python's)."""
+    compiled, rows_per_program, args = launch if launch is not None else (None, None, None)
+    md = getattr(compiled, "metadata", None)  # None: not a compiled kernel (the interpreter, a test's stub)
+    if (md is None or getattr(md, "num_ctas", 1) != 1 or getattr(md, "launch_cooperative_grid", False)
+            or getattr(md, "launch_pdl", False) or getattr(md, "global_scratch_size", 0)
+            or getattr(md, "profile_scratch_size", 0) or not isinstance(getattr(compiled, "function", None), int)):
+        return False
+    types = list(compiled.src.signature.values())[:len(args)]
+    kinds = [_PTR_KIND if isinstance(t, str) and t.startswith("*") else KINDS.get(t) for t in types]
+    if None in kinds or len(kinds) != 11:
+        return False
+    warps, _, shared = compiled.packed_metadata
+    x, y, weight, bias, mean, rstd, stride, m, n, _, _ = args
+    _ops.register_plan(family, x, y, weight, bias, mean, rstd, stride, m, n, compiled.function, rows_per_program,
+                       32 * warps, shared, kinds)
+    return True
+
+
+def launches() -> int:
+    """Forward launches the operator has made in this process (0 before it was loaded)."""
+    return _ops.launch_count() if _ops not in (None, _UNBUILT) else 0
