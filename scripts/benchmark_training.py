@@ -13,7 +13,9 @@ the GPU clock changing between one variant's steps and the next's; a group that 
 the device at once is timed one variant at a time, and the table says so. ``--variants`` adds
 ``layernorm+triton`` and ``rmsnorm+triton``: the same patches with the kernels launched
 through Triton's own launch instead of the package's direct one (``_direct._DIRECT_LAUNCH``,
-on by default since run 10), for the host-bound steps where the difference shows.
+on by default since run 10), for the host-bound steps where the difference shows; and
+``layernorm+cpp`` and ``rmsnorm+cpp``: with the forward through the C++ launch operator
+(``HF_RMSNORM_CPP_LAUNCH=1``'s path, ``_cuda_launch``).
 
     python scripts/benchmark_training.py            # on a GPU
     python scripts/benchmark_training.py --quick    # tiny configs, runs anywhere (CI)
@@ -52,9 +54,12 @@ QUICK = {
     "gpt2-medium": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)),
     "llama-1b": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=256, max_position_embeddings=64)),
 }
-VARIANTS = ("as shipped", "layernorm", "rmsnorm", "norms -> Identity", "layernorm+triton", "rmsnorm+triton")
+VARIANTS = ("as shipped", "layernorm", "rmsnorm", "norms -> Identity", "layernorm+triton", "rmsnorm+triton",
+            "layernorm+cpp", "rmsnorm+cpp")
 # the table's rows; the "+triton" variants (the same patch, with the kernels launched through
-# Triton's own launch rather than directly) only on request
+# Triton's own launch rather than directly) and the "+cpp" ones (the forward through the C++
+# launch operator) only on request
+LAUNCH_SUFFIXES = ("+triton", "+cpp")
 DEFAULT_VARIANTS = VARIANTS[:4]
 PRECISIONS = ("bf16 params", "fp32 params + bf16 autocast")
 PROFILE_STEPS = 2  # steps a row runs under the profiler with --profile
@@ -84,7 +89,9 @@ def apply_variant(model, variant, batch) -> str:
             if is_norm_like(module) and name:
                 model.set_submodule(name, nn.Identity())
         return ""
-    target = variant.removesuffix("+triton")
+    target = variant
+    for suffix in LAUNCH_SUFFIXES:
+        target = target.removesuffix(suffix)
     report = patch_model(model, target=target, probe_inputs={"input_ids": batch[:1, :16]})
     return report.summary()
 
@@ -109,14 +116,22 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def _launch_through_triton(on: bool) -> None:
-    """The kernels launched through Triton's own launch, or as the package launches them by
-    default (directly, ``_direct._DIRECT_LAUNCH``, unless ``HF_RMSNORM_DIRECT_LAUNCH=0``)."""
+def _launch_path(variant: str) -> None:
+    """Set how the kernels launch for ``variant``'s step: "+triton", through Triton's own launch;
+    "+cpp", the forward through the C++ launch operator; otherwise as the package launches them
+    by default (directly, ``_direct._DIRECT_LAUNCH``, unless ``HF_RMSNORM_DIRECT_LAUNCH=0``;
+    the operator only with ``HF_RMSNORM_CPP_LAUNCH=1``)."""
+    through_triton, cpp = variant.endswith("+triton"), variant.endswith("+cpp")
     direct = sys.modules.get("hf_rmsnorm.ops._direct")
-    if direct is None and on:
+    if direct is None and through_triton:
         from hf_rmsnorm.ops import _direct as direct
     if direct is not None:
-        direct._DIRECT_LAUNCH = not on and direct._direct_launch_default()
+        direct._DIRECT_LAUNCH = not through_triton and direct._direct_launch_default()
+    launch = sys.modules.get("hf_rmsnorm.ops._cuda_launch")
+    if launch is None and cpp:
+        from hf_rmsnorm.ops import _cuda_launch as launch
+    if launch is not None:
+        launch.ENABLED = cpp or (not through_triton and launch._enabled_by_environment())
 
 
 class _GcClock:
@@ -159,7 +174,6 @@ class Run:
         self.variant, self.model, self.device, self.summary = variant, model, device, summary
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         self.autocast = precision != "bf16 params"
-        self.through_triton = variant.endswith("+triton")
         self.times = []  # ms of each timed step
         self.host_ms = []  # ms of each timed step until the host had issued all of it (before its synchronize)
         self.gc_ms = []  # ms of each timed step the garbage collector ran
@@ -171,7 +185,7 @@ class Run:
 
     def step(self, batch, synchronize=True, mark=lambda phase: None):
         """One training step; ``mark(phase)`` is called as the host finishes issuing each phase."""
-        _launch_through_triton(self.through_triton)  # the variants step in turn: each sets it for its own step
+        _launch_path(self.variant)  # the variants step in turn: each sets it for its own step
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss = self.model(input_ids=batch, labels=batch).loss
         mark("forward")

@@ -5,13 +5,14 @@ table: the forward's GPU end moves with its host end), so the host time of each 
 *with autograd recording* is what the step pays, and ``profile_norms.py`` times the forward
 without grad. Here, per call (medians over rounds of 49 calls, GPT-2-medium's norm count, their
 outputs kept alive as a model's forward keeps them):
-- the public function and the module, with grad; ``_NormFunction.apply`` alone; the launch path
+- the public function and the module, with grad, and both again with the forward through the
+  C++ launch operator (``_cuda_launch``); ``_NormFunction.apply`` alone; the launch path
   without autograd (``_fwd_impl``); an empty ``autograd.Function`` taking the same arguments;
   torch's ``F.layer_norm`` with grad;
 - each with the GPU idle and with it busy (a sleep kernel queued first): a call that waits on
   the GPU shows up as the sleep's length, so equal columns mean no hidden synchronisation.
-Then GPT-2-medium's whole training forward (as shipped, both patched variants, Identity), host
-time with the GPU idle at the start, the variants in turn round by round.
+Then GPT-2-medium's whole training forward (as shipped, both patched variants with the Python
+and with the C++ launch of the forward, Identity), host time with the GPU idle at the start, the variants in turn round by round.
 
     python scripts/host_probe.py --out DIR     # GPU only; DIR/host_probe.json and .md
 """
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_training import MODELS, apply_variant, build  # noqa: E402
+from benchmark_training import MODELS, _launch_path, apply_variant, build  # noqa: E402
 
 NORMS = 49  # GPT-2-medium: 24 blocks x 2, and the final one
 SLEEP_CYCLES = int(2e8)  # ≈ 100 ms at an H100/H200's clock: longer than 49 calls take to issue
@@ -74,6 +75,9 @@ def norm_rows() -> list[dict]:
     calls = {
         "layer_norm(x, w, b)": lambda: layer_norm(x, w, b),
         "FusedLayerNorm module": lambda: module(x),
+        # the same two with the forward through the C++ launch operator (HF_RMSNORM_CPP_LAUNCH=1)
+        "layer_norm(x, w, b), C++ launch": lambda: layer_norm(x, w, b),
+        "FusedLayerNorm module, C++ launch": lambda: module(x),
         "_NormFunction.apply": lambda: _norm._NormFunction.apply(x, w, b, *args, layer_norm_ref),
         "_fwd_impl, no autograd": lambda: _norm._fwd_impl(x.detach(), w.detach(), b.detach(), *args),
         "empty autograd.Function, same arguments": lambda: _Empty.apply(x, w, b, *args, layer_norm_ref),
@@ -81,33 +85,38 @@ def norm_rows() -> list[dict]:
     }
     rows = []
     for name, call in calls.items():
+        _launch_path("+cpp" if name.endswith("C++ launch") else "")
         for _ in range(10):
             call()
         idle, busy = per_call_us(call, False), per_call_us(call, True)
         rows.append({"call": name, "idle_us": idle, "busy_us": busy})
         print(f"{name:42s} idle {idle:7.1f} µs  busy {busy:7.1f} µs", flush=True)
+    _launch_path("")
     return rows
 
 
 def model_rows() -> list[dict]:
     batch = torch.randint(0, 50257, (8, 1024), device="cuda")
     device = torch.device("cuda")
-    variants = ("as shipped", "layernorm", "rmsnorm", "norms -> Identity")
+    variants = ("as shipped", "layernorm", "layernorm+cpp", "rmsnorm", "rmsnorm+cpp", "norms -> Identity")
     models = {}
     for variant in variants:
         models[variant] = build("gpt2-medium", MODELS, "bf16 params", device)
         apply_variant(models[variant], variant, batch)
+        _launch_path(variant)
         for _ in range(2):
             models[variant](input_ids=batch, labels=batch).loss.backward()
     times = {v: [] for v in variants}
     for _ in range(ROUNDS):
         for variant, model in models.items():
+            _launch_path(variant)
             torch.cuda.synchronize()
             start = time.perf_counter()
             loss = model(input_ids=batch, labels=batch).loss
             times[variant].append((time.perf_counter() - start) * 1e3)
             del loss
     torch.cuda.synchronize()
+    _launch_path("")
     rows = [{"variant": v, "forward_host_ms": statistics.median(t), "each_ms": [round(x, 2) for x in t]} for v, t in times.items()]
     for r in rows:
         print(f"gpt2-medium forward, {r['variant']:18s} {r['forward_host_ms']:6.1f} ms", flush=True)

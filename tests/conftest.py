@@ -24,6 +24,23 @@ from hf_rmsnorm.ops import layer_norm, rms_norm  # noqa: E402  (after TRITON_INT
 FNS = {"rms": rms_norm, "layer": layer_norm}
 
 
+def run_with_compiled_kernels(tmp_path, source: str) -> str:
+    """Run ``source`` as a Python script in a child process without TRITON_INTERPRET (the
+    kernels defined compiled, e.g. for ``benchmark_cpu.triton_without_gpu``), from the
+    repository's root; its stdout, after asserting it exited 0 (its output's end in the message)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "child.py"
+    script.write_text(source)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
 def needs_interpreter(what: str) -> None:
     """Skip unless Triton runs here on CPU tensors (TRITON_INTERPRET=1); ``what`` says why."""
     pytest.importorskip("triton")

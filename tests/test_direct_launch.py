@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_with_compiled_kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -174,13 +176,9 @@ def test_direct_launch_passes_the_launcher_what_triton_passes(tmp_path):
 
     if not _DIRECT_TRITON:
         pytest.skip("the direct launch is off for this Triton release")
-    script = tmp_path / "child.py"
-    script.write_text(_CHILD.format(scripts=str(ROOT / "scripts")))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "direct launches checked: 36" in proc.stdout, proc.stdout
-    assert "backward specimens checked" in proc.stdout, proc.stdout
+    stdout = run_with_compiled_kernels(tmp_path, _CHILD.format(scripts=str(ROOT / "scripts")))
+    assert "direct launches checked: 36" in stdout, stdout
+    assert "backward specimens checked" in stdout, stdout
 
 
 @pytest.mark.parametrize("value,expected", [(None, True), ("1", True), ("0", False), (" 0 ", False), ("yes", None), ("", None)])

@@ -278,6 +278,109 @@ def test_direct_launch_computes_the_same_bits(kind, p_dtype, monkeypatch):
             assert torch.equal(a, c), (m, n, start)
 
 
+def _cpp_launch_or_skip(monkeypatch):
+    """The C++ launch operator, switched on for one test (HF_RMSNORM_CPP_LAUNCH is read at
+    import), or a skip saying why it cannot serve here."""
+    from hf_rmsnorm.ops import _cuda_launch
+
+    if _cuda_launch.ops() is None:
+        pytest.skip(f"the C++ launch operator is unavailable: {_cuda_launch.unavailable_reason()}")
+    monkeypatch.setattr(_cuda_launch, "ENABLED", True)
+    return _cuda_launch
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cpp_launch_computes_the_same_bits(kind, p_dtype, monkeypatch):
+    """The C++ launch operator (``HF_RMSNORM_CPP_LAUNCH=1``) launches the kernel the Python path
+    launches with the parameters Triton's launcher packs (tests/test_cuda_launch.py checks both on
+    the CPU): here its outputs and its node's gradients must be the Python path's very bits, for
+    row counts, widths and alignments that compile to different kernels, rows of rank 3, on a
+    side stream, and its second call of each kind must be its own launch."""
+    cpp = _cpp_launch_or_skip(monkeypatch)
+    g = torch.Generator(device="cuda").manual_seed(11)
+    side = torch.cuda.Stream()
+    for m, n, start, lead in ((4097, 2048, 0, ()), (4097, 2048, 1, ()), (333, 999, 0, ()), (1, 8192, 0, ()),
+                              (65536, 768, 0, ()), (512, 1024, 0, (8,))):
+        rows = m * (lead[0] if lead else 1)
+        flat = torch.randn(start + rows * n, device="cuda", generator=g).bfloat16()
+        x = flat[start:].view(*lead, m, n)
+        dy = torch.randn(*lead, m, n, device="cuda", generator=g).bfloat16()
+        w = (torch.rand(n, device="cuda", generator=g) + 0.5).to(p_dtype)
+        b = (0.1 * torch.randn(n, device="cuda", generator=g)).to(p_dtype)
+
+        def run():
+            leaves = [t.detach().requires_grad_(True) for t in (x, w, b)]
+            y = FNS[kind](*leaves)
+            y.backward(dy)
+            return [y.detach(), *(t.grad for t in leaves)], y.grad_fn
+
+        monkeypatch.setattr(cpp, "ENABLED", False)
+        python, _ = run()
+        monkeypatch.setattr(cpp, "ENABLED", True)
+        run()  # registers the plan of this kind of call
+        before = cpp.launches()
+        ours, node = run()
+        assert cpp.launches() == before + 1 and node.name() == "HFNormBackward", (m, n, start, node)
+        for a, c in zip(python, ours):
+            assert torch.equal(a, c), (m, n, start, lead)
+        with torch.cuda.stream(side):  # the operator launches on the current stream
+            assert cpp.ops().current_stream(x.get_device()) == side.cuda_stream
+            side.wait_stream(torch.cuda.default_stream())
+            on_side, _ = run()
+        torch.cuda.synchronize()
+        for a, c in zip(python, on_side):
+            assert torch.equal(a, c), ("side stream", m, n, start, lead)
+    with torch.no_grad():
+        before = cpp.launches()
+        y = FNS[kind](x, w, b)
+        assert cpp.launches() == before + 1 and y.grad_fn is None
+        assert torch.equal(y, python[0])
+
+
+def test_cpp_launch_in_a_cuda_graph_and_with_second_derivatives(monkeypatch):
+    """The operator's launch captured in a CUDA graph replays with new inputs; create_graph=True
+    through its node gives the Python path's second derivative."""
+    cpp = _cpp_launch_or_skip(monkeypatch)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(256, 1024, device="cuda", generator=g).bfloat16()
+    w = (torch.rand(1024, device="cuda", generator=g) + 0.5).bfloat16()
+    b = (0.1 * torch.randn(1024, device="cuda", generator=g)).bfloat16()
+    for _ in range(2):  # the plan, then the operator's own launch
+        expected = layer_norm(x, w, b)
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layer_norm(static_x, w, b)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    before = cpp.launches()
+    with torch.cuda.graph(graph):
+        static_y = layer_norm(static_x, w, b)
+    assert cpp.launches() == before + 1
+    fresh = torch.randn(256, 1024, device="cuda", generator=g).bfloat16()
+    static_x.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setattr(cpp, "ENABLED", False)
+    assert torch.equal(static_y, layer_norm(fresh, w, b))
+    assert torch.equal(expected, layer_norm(x, w, b))
+
+    def second(enabled):
+        monkeypatch.setattr(cpp, "ENABLED", enabled)
+        xs, ws = x.float().requires_grad_(True), w.float().requires_grad_(True)
+        for _ in range(2):
+            y = rms_norm(xs, ws)
+        (gx,) = torch.autograd.grad(y, (xs,), torch.ones_like(y), create_graph=True)
+        return torch.autograd.grad((gx * gx).sum(), (ws,))[0], y.grad_fn.name()
+
+    python, _ = second(False)
+    ours, name = second(True)
+    assert name == "HFNormBackward"
+    torch.testing.assert_close(ours, python)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: x on one while the other is current")
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 def test_a_norm_on_a_gpu_that_is_not_the_current_one(kind):

@@ -128,34 +128,39 @@ def test_training_variants_take_steps_in_turn_and_a_failing_one_drops_out():
     assert runs[0].error is None and runs[0].steps == runs[2].steps == 4
 
 
-def test_training_triton_variants_launch_through_triton_in_their_own_steps_only(monkeypatch):
-    """The "+triton" rows patch as their plain twins do, and each step runs with the direct
-    launch off exactly when its own variant asks for it (the variants step in turn); the other
-    rows keep the package's default (on, unless HF_RMSNORM_DIRECT_LAUNCH=0)."""
+def test_training_launch_variants_set_their_launch_path_in_their_own_steps_only(monkeypatch):
+    """The "+triton" and "+cpp" rows patch as their plain twins do, and each step runs with the
+    direct launch off exactly when its own variant asks for it, and with the C++ launch operator
+    on exactly when its own variant asks for it or the environment does (the variants step in
+    turn); the other rows keep the package's defaults."""
     pytest.importorskip("triton")
     import torch
 
     bt = _training_module()
-    from hf_rmsnorm.ops import _direct
+    from hf_rmsnorm.ops import _cuda_launch, _direct
 
     device = torch.device("cpu")
     batch = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(_direct, "_DIRECT_LAUNCH", _direct._DIRECT_LAUNCH)  # restored afterwards
-    for env, default in ((None, True), ("0", False)):
-        if env is None:
-            monkeypatch.delenv(_direct.DIRECT_LAUNCH_ENV, raising=False)
-        else:
-            monkeypatch.setenv(_direct.DIRECT_LAUNCH_ENV, env)
+    monkeypatch.setattr(_cuda_launch, "ENABLED", _cuda_launch.ENABLED)
+    for env, default, cpp_env, cpp_default in ((None, True, None, False), ("0", False, "1", True)):
+        for name, value in ((_direct.DIRECT_LAUNCH_ENV, env), (_cuda_launch.CPP_LAUNCH_ENV, cpp_env)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
         seen = []
         runs = []
-        for variant in ("rmsnorm", "rmsnorm+triton", "as shipped"):
+        for variant in ("rmsnorm", "rmsnorm+triton", "rmsnorm+cpp", "as shipped"):
             run = bt.prepare("gpt2-medium", bt.QUICK, "bf16 params", variant, batch, device, warmup=0)
-            run.model.register_forward_pre_hook(lambda m, a, v=variant: seen.append((v, _direct._DIRECT_LAUNCH)))
+            run.model.register_forward_pre_hook(
+                lambda m, a, v=variant: seen.append((v, _direct._DIRECT_LAUNCH, _cuda_launch.ENABLED)))
             runs.append(run)
-        assert runs[0].summary == runs[1].summary and " 0 exact" not in runs[1].summary
+        assert runs[0].summary == runs[1].summary == runs[2].summary and " 0 exact" not in runs[1].summary
         bt.time_in_turn(runs, batch, 2)
-        assert sorted(set(seen)) == [("as shipped", default), ("rmsnorm", default), ("rmsnorm+triton", False)]
-        assert len(seen) == 6
+        assert sorted(set(seen)) == [("as shipped", default, cpp_default), ("rmsnorm", default, cpp_default),
+                                     ("rmsnorm+cpp", default, True), ("rmsnorm+triton", False, False)]
+        assert len(seen) == 8
 
 
 @pytest.mark.slow
@@ -520,18 +525,21 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_the_tables(tmp_path):
         pytest.skip("a GPU is present: the dry run would time the real kernels")
     out = tmp_path / "gpu"
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OUT": str(out),
-           "STEPS": "tests,bench,training,mixed,fp32,tune,trainprof,direct", "PYTHON": sys.executable}
+           "STEPS": "tests,bench,training,mixed,fp32,tune,trainprof,direct,cpp", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--quick"], capture_output=True, text=True,
                           cwd=ROOT, timeout=900, env=env)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-2000:])
     steps = (out / "steps.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in steps] == [f"== {s}" for s in ("tests", "bench", "training", "mixed", "fp32", "tune", "trainprof", "direct")]
+    assert [line.split(":")[0] for line in steps] == [
+        f"== {s}" for s in ("tests", "bench", "training", "mixed", "fp32", "tune", "trainprof", "direct", "cpp")]
     assert all(": exit 0 in" in line for line in steps), steps
-    for name in ("kernels_bf16", "kernels_bf16_fp32w", "kernels_fp32", "training", "tuning", "trainprof/training", "direct/training"):
+    for name in ("kernels_bf16", "kernels_bf16_fp32w", "kernels_fp32", "training", "tuning", "trainprof/training", "direct/training",
+                 "cpp/training"):
         assert (out / f"{name}.json").is_file() and (out / f"{name}.md").is_file(), name
     assert (out / "all.tgz").is_file()
-    assert "| llama-1b |" in proc.stdout and "== direct: exit 0" in proc.stdout.splitlines()[-1]
+    assert "| llama-1b |" in proc.stdout and "== cpp: exit 0" in proc.stdout.splitlines()[-1]
     assert "| gpt2-medium | bf16 params | rmsnorm+triton |" in proc.stdout
+    assert "| gpt2-medium | bf16 params | rmsnorm+cpp |" in proc.stdout
 
 
 @pytest.mark.parametrize("script", ["tune_kernels.py", "profile_norms.py"])

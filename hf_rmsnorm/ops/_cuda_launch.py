@@ -118,12 +118,10 @@ def _backward(grad, x, weight, bias, mean, rstd, eps, offset, family, needs):
 
 def _graph_backward(grad, x, weight, bias, mean, rstd, eps, offset, family, needs):
     """The operator's node under create_graph=True: the torch reference's gradients as a graph."""
-    from ._norm import backward_by_autograd
+    from ._norm import wanted_gradients_as_graph
 
     torch_impl, cast_mode, _, _ = _FAMILY_REF[family]
-    grads = backward_by_autograd(torch_impl, grad, (x, weight, bias), [bool(needs >> i & 1) for i in range(3)],
-                                 eps, offset, cast_mode)
-    return [g for g in grads if g is not None]
+    return wanted_gradients_as_graph(torch_impl, grad, x, weight, bias, eps, offset, cast_mode, needs)
 
 
 def forward(torch_impl, x, weight, bias, eps: float, offset: float, is_rms: bool, rounding: int):

@@ -491,6 +491,15 @@ def backward_by_autograd(torch_impl, dy, inputs, needs, eps, offset, cast_mode) 
     return tuple(next(grads) if need else None for need in needs)
 
 
+def wanted_gradients_as_graph(torch_impl, grad, x, weight, bias, eps, offset, cast_mode, needs: int) -> list:
+    """:func:`backward_by_autograd` for the C++ autograd nodes (the CPU kernel's, the CUDA launch
+    operator's), whose own backward is not differentiable: the gradients ``needs`` asks for
+    (bits 1, 2, 4: x, weight, bias), in that order, as a list."""
+    wanted = tuple(bool(needs >> i & 1) for i in range(3))
+    grads = backward_by_autograd(torch_impl, grad, (x, weight, bias), wanted, eps, offset, cast_mode)
+    return [g for g in grads if g is not None]
+
+
 # --------------------------------------------------------------------------------------------
 # The one entry point behind rms_norm and layer_norm.
 # --------------------------------------------------------------------------------------------

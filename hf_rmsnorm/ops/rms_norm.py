@@ -18,7 +18,7 @@ from torch import Tensor
 from . import _cpu_kernel
 from ._norm import (
     _PLAIN_TENSORS, ROUNDING, affine_torch, backward_by_autograd, cast, compute_dtype, needs_grad, normalize, output_dtype,
-    rounding_dtype, transformed, transforms_active, weight_plus_offset,
+    rounding_dtype, transformed, transforms_active, wanted_gradients_as_graph, weight_plus_offset,
 )
 
 
@@ -241,9 +241,7 @@ def graph_backward(grad, x, weight, bias, eps, offset, cast_mode, needs):
     not differentiable): the gradients ``needs`` asks for (bits 1, 2, 4: x, weight, bias), in
     that order. Registered as the operator ``rms_norm_graph_backward`` beside the kernel's, which
     calls it from C++."""
-    wanted = tuple(bool(needs >> i & 1) for i in range(3))
-    grads = backward_by_autograd(_rms_norm_composite, grad, (x, weight, bias), wanted, eps, offset, cast_mode)
-    return [g for g in grads if g is not None]
+    return wanted_gradients_as_graph(_rms_norm_composite, grad, x, weight, bias, eps, offset, cast_mode, needs)
 
 
 def rms_norm(

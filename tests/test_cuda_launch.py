@@ -1,0 +1,307 @@
+"""The C++ launch operator (``_cuda_launch``, ``HF_RMSNORM_CPP_LAUNCH=1``) must launch the
+compiled kernel Triton's launcher would launch, with the same grid, block, shared memory and
+parameters, and its autograd node must hand the backward the tensors of the forward.
+
+On a CPU machine the kernels are compiled for sm_90 and launches do nothing
+(``benchmark_cpu.triton_without_gpu``), in a child process (the kernels must be defined
+compiled); the operator's launch function is a stub in Python that records what it is handed,
+decoded by Triton's own rule for which arguments a compiled kernel takes (an absent tensor and
+an integer equal to 1 are constants), and, for the numeric checks, writes the float64
+reference's outputs where the kernel would. Whether the launched kernel computes the same bits
+on a GPU is the GPU suite's part (``test_gpu.py::test_cpp_launch_computes_the_same_bits``).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import run_with_compiled_kernels
+from hf_rmsnorm.ops import _cpu_kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_CHILD = textwrap.dedent('''
+    import ctypes, math, os, struct, sys
+    os.environ["HF_RMSNORM_CPP_LAUNCH"] = "1"
+    sys.path.insert(0, {scripts!r})
+    import torch
+    from benchmark_cpu import _NoLaunch, triton_without_gpu
+
+    P = ctypes.c_void_p
+    LAUNCH = ctypes.CFUNCTYPE(ctypes.c_int, P, *[ctypes.c_uint] * 7, P, ctypes.POINTER(P), P)
+    stub = dict(expected=None, calls=[], write=None)
+
+    def read(address, kind):
+        if kind in ("ptr", "u64"):
+            return ctypes.c_uint64.from_address(address).value
+        if kind == "i32":
+            return ctypes.c_int32.from_address(address).value
+        if kind == "i64":
+            return ctypes.c_int64.from_address(address).value
+        return struct.unpack("f", ctypes.string_at(address, 4))[0]
+
+    def launched(function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        kinds = stub["expected"]
+        values = [read(params[i], kind) for i, kind in enumerate(kinds)]
+        stub["calls"].append(dict(function=function, grid=(gx, gy, gz), block=(bx, by, bz), shared=shared,
+                                  stream=stream, extra=extra, values=values))
+        if stub["write"] is not None:
+            stub["write"](values)
+        return 0
+
+    callback = LAUNCH(launched)
+
+    def triton_kinds(bound):
+        """Triton's rule: an absent tensor and an integer equal to 1 become constants and are
+        not passed; a pointer is 8 bytes, an integer 4 in int32's range else 8, a float 4."""
+        kinds, kept = [], []
+        for a in bound:
+            if a is None or (type(a) is int and a == 1):
+                kept.append(False)
+                continue
+            kept.append(True)
+            if type(a) is float:
+                kinds.append("f32")
+            elif -2**31 <= a < 2**31:
+                kinds.append("i32")
+            else:
+                kinds.append("i64")
+        return kinds, kept
+
+    with triton_without_gpu():
+        from hf_rmsnorm.ops import _cuda_launch as C, _norm, layer_norm, rms_norm
+        from hf_rmsnorm.ops.layer_norm import layer_norm_ref
+        from hf_rmsnorm.ops.rms_norm import rms_norm_ref
+        from triton import knobs
+
+        ops = C.ops()
+        assert ops is not None, C.unavailable_reason()
+        ops.set_launch_function(ctypes.cast(callback, P).value)
+
+        def inputs(m, n, dtype=torch.bfloat16, w_dtype=None, start=0, lead=()):
+            flat = torch.randn(start + math.prod(lead) * m * n, dtype=dtype)
+            x = flat[start:].view(*lead, m, n).detach().requires_grad_(True)
+            w = torch.randn(n + start, dtype=w_dtype or dtype)[start:].detach().requires_grad_(True)
+            b = torch.randn(n, dtype=w_dtype or dtype, requires_grad=True)
+            return x, w, b
+
+        cases = [
+            ("rms", inputs(16, 1024), False, 0.0),
+            ("rms", inputs(16, 1024, start=1), False, 0.0),  # x not 16-byte aligned
+            ("rms", inputs(16, 1000), False, 0.0),  # N not divisible by 16
+            ("rms", inputs(16, 1024, w_dtype=torch.float32), False, 0.0),
+            ("rms", inputs(16, 1024), False, 1.0),
+            ("rms", inputs(16, 1024), True, 0.0),
+            ("layer", inputs(16, 1024), True, 0.0),
+            ("layer", inputs(1, 1024), True, 0.0),  # M = 1: a constant
+            ("layer", inputs(17, 768, dtype=torch.float16), True, 0.0),
+            ("layer", inputs(4, 512, dtype=torch.float32, lead=(3,)), True, 0.0),  # 3-D rows
+            ("rms", inputs(8192, 64), False, 0.0),  # rows enough for the many-rows tiles
+        ]
+
+        def call(kind, x, w, b, with_bias, offset):
+            fn = rms_norm if kind == "rms" else layer_norm
+            return fn(x, w, *((b,) if with_bias else ()), offset=offset)
+
+        def expect(kind, x, w, b, with_bias, offset):
+            """What Triton's launcher is handed for this call on the Python path (its second
+            call, launched directly); sets the stub's expected parameter kinds."""
+            C.cpu_stub = False
+            call(kind, x, w, b, with_bias, offset)
+            _NoLaunch.calls = []
+            call(kind, x, w, b, with_bias, offset)
+            (launcher, args), = _NoLaunch.calls
+            _NoLaunch.calls = None
+            bound = list(args[9:20])
+            kinds, kept = triton_kinds(bound)
+            kept_index = [i for i in range(11) if kept[i]]
+            stub["expected"] = ["ptr" if i < 6 else k for i, k in zip(kept_index, kinds)] + ["u64", "u64"]
+            C.cpu_stub = True
+            return args, bound, kept_index
+
+        checked = 0
+        for kind, (x, w, b), with_bias, offset in cases:
+            args, bound, kept_index = expect(kind, x, w, b, with_bias, offset)
+            gx, gy, gz, stream, function, (warps, ctas, shared) = args[:6]
+            # the operator: the first call of a kind of call registers its plan from the Python path
+            stub["calls"] = []
+            launches = C.launches()
+            y = call(kind, x, w, b, with_bias, offset)
+            if not stub["calls"]:
+                assert C.launches() == launches
+                y = call(kind, x, w, b, with_bias, offset)
+            (got,) = stub["calls"]
+            assert C.launches() == launches + 1
+            assert got["function"] == function and got["grid"] == (gx, gy, gz), (got, function, gx)
+            assert got["block"] == (32 * warps, 1, 1) and got["shared"] == shared and ctas == 1, (got, warps, shared)
+            assert got["stream"] is None and got["extra"] is None
+            expected = [bound[i] for i in kept_index]
+            values, scratch = got["values"][:-2], got["values"][-2:]
+            assert scratch == [0, 0]
+            for i, v, e in zip(kept_index, values, expected):
+                if i in (1, 4, 5):  # y, mean, rstd: fresh tensors, alike in alignment
+                    assert v % 16 == e % 16 == 0 or (v % 16 and e % 16), (i, v, e)
+                elif type(e) is float:
+                    assert v == struct.unpack("f", struct.pack("f", e))[0], (i, v, e)
+                else:
+                    assert v == e, (kind, i, v, e)
+            assert values[kept_index.index(1)] == y.data_ptr()
+            assert type(y.grad_fn).__name__ == "CppFunction" and y.grad_fn.name() == "HFNormBackward"
+            checked += 1
+        print("operator launches checked:", checked, "plans:", ops.plan_count())
+
+        # Numbers: the stub writes the float64 reference's y, mean and rstd where the kernel
+        # would; the node must return that y and hand the backward the same x, weight, bias,
+        # mean and rstd, and give each input its gradient.
+        def reference(kind, x, w, b, offset, eps):
+            xd = x.detach().double()
+            mean = xd.mean(-1) if kind == "layer" else torch.zeros(xd.shape[:-1], dtype=torch.float64)
+            xc = xd - mean[..., None]
+            rstd = torch.rsqrt((xc * xc).mean(-1) + eps)
+            return mean, rstd
+
+        def numbers(kind, x, w, b, with_bias, offset, eps, wants):
+            ref_fn = rms_norm_ref if kind == "rms" else layer_norm_ref
+            params = (w, b) if with_bias else (w,)
+            y_ref = ref_fn(x.detach().double(), *(p.detach().double() for p in params), eps=eps, offset=offset)
+            y_ref = y_ref.to(x.dtype)
+            mean, rstd = reference(kind, x, w, b, offset, eps)
+            mean_f, rstd_f = mean.float().contiguous(), rstd.float().contiguous()
+            saved = {{}}
+
+            def write(values):
+                kept_ptrs = [v for v in values[:6]]  # the pointers come first, absent ones left out
+                ptrs = dict(zip([i for i in range(6) if not (kind == "rms" and i == 4) and (with_bias or i != 3)],
+                                kept_ptrs))
+                # (the sources held in names: a temporary's memory is freed before memmove reads it)
+                for index, source in ((1, y_ref), (4, mean_f), (5, rstd_f)):
+                    if index in ptrs:
+                        ctypes.memmove(ptrs[index], source.data_ptr(), source.numel() * source.element_size())
+
+            def backward(dy, x_, w_, b_, mean_, rstd_, offset_, is_rms, rounding):
+                saved.update(x=x_, w=w_, b=b_, mean=mean_, rstd=rstd_, offset=offset_, is_rms=is_rms)
+                with torch.enable_grad():  # the engine runs a backward without
+                    inputs = [t.detach().double().requires_grad_(True) for t in (x_, w_) + ((b_,) if b_ is not None else ())]
+                    out = ref_fn(*inputs, eps=eps, offset=offset)
+                    grads = torch.autograd.grad(out, inputs, dy.double())
+                dx, dw, db = (*(g.to(t.dtype) for g, t in zip(grads, (x_, w_, b_))), None, None)[:3]
+                return dx, dw, db
+
+            x.requires_grad_(wants[0]); w.requires_grad_(wants[1]); b.requires_grad_(wants[2])
+            expect(kind, x, w, b, with_bias, offset)
+            stub["calls"], stub["write"] = [], write
+            y = call(kind, x, w, b, with_bias, offset)
+            if not stub["calls"]:
+                y = call(kind, x, w, b, with_bias, offset)
+            stub["write"] = None
+            assert stub["calls"], "the operator did not launch"
+            assert torch.equal(y, y_ref), (y - y_ref).abs().max()
+            dy = torch.randn_like(y)
+            inputs = [t for t, want in zip((x, w, b), wants) if want and (with_bias or t is not b)]
+            real = _norm._bwd_impl
+            _norm._bwd_impl = backward
+            try:
+                grads = torch.autograd.grad(y, inputs, dy)
+            finally:
+                _norm._bwd_impl = real
+            assert saved["x"].data_ptr() == x.data_ptr() and saved["w"].data_ptr() == w.data_ptr()
+            assert (saved["b"].data_ptr() == b.data_ptr()) if with_bias else saved["b"] is None
+            assert saved["is_rms"] == (kind == "rms") and saved["offset"] == offset
+            assert (saved["mean"] is None) if kind == "rms" else torch.equal(saved["mean"], mean_f)
+            assert torch.equal(saved["rstd"], rstd_f)
+            ref_inputs = [t.detach().double().requires_grad_(True) for t in (x, w) + ((b,) if with_bias else ())]
+            ref_out = ref_fn(*ref_inputs, eps=eps, offset=offset)
+            ref_grads = torch.autograd.grad(ref_out, ref_inputs, dy.double())
+            ref_wanted = [g.to(t.dtype) for g, t, want in zip(ref_grads, (x, w, b), wants) if want]
+            assert len(grads) == len(ref_wanted)
+            for g, r in zip(grads, ref_wanted):
+                assert torch.equal(g, r), (g - r).abs().max()
+            # create_graph=True: the node's gradients as a graph of the torch reference, whose
+            # second derivative must be the float64 reference's
+            if wants[0] and wants[1]:
+                y = call(kind, x, w, b, with_bias, offset)
+                (gx,) = torch.autograd.grad(y, (x,), dy, create_graph=True)
+                v = torch.randn_like(gx)
+                (gw,) = torch.autograd.grad((gx.float() * v.float()).sum(), (w,))
+                xd, wd = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+                bd = (b.detach().double(),) if with_bias else ()
+                (gxd,) = torch.autograd.grad(ref_fn(xd, wd, *bd, eps=eps, offset=offset), (xd,), dy.double(),
+                                             create_graph=True)
+                (gwd,) = torch.autograd.grad((gxd * v.double()).sum(), (wd,))
+                torch.testing.assert_close(gw.double(), gwd, rtol=2e-2, atol=2e-2 * gwd.abs().max().item())
+
+        torch.manual_seed(0)
+        for kind, (x, w, b), with_bias, offset, wants in (
+            ("layer", inputs(16, 1024, dtype=torch.float32), True, 0.0, (True, True, True)),
+            ("rms", inputs(16, 1024, dtype=torch.float32), False, 1.0, (True, True, False)),
+            ("rms", inputs(16, 1024, dtype=torch.float32), True, 0.0, (True, False, True)),  # a frozen weight
+            ("layer", inputs(16, 1024, dtype=torch.float32), True, 0.0, (False, True, True)),  # x needs none
+        ):
+            numbers(kind, x, w, b, with_bias, offset, 1e-5, wants)
+        print("operator numbers checked")
+
+        # without gradients: no node; with Triton's launch hooks set: Triton's own path
+        x, w, b = inputs(16, 1024, dtype=torch.float32)
+        expect("layer", x, w, b, True, 0.0)
+        with torch.no_grad():
+            launches = C.launches()
+            y = layer_norm(x, w, b)
+            assert C.launches() == launches + 1 and y.grad_fn is None
+        knobs.runtime.launch_enter_hook.add(lambda metadata: None)
+        try:
+            assert not _norm._direct.plain_launches()
+            launches = C.launches()
+            layer_norm(x, w, b)
+            assert C.launches() == launches
+        finally:
+            knobs.runtime.launch_enter_hook.calls.clear()
+        print("operator bypasses checked")
+''')
+
+
+def test_the_operator_launches_as_triton_would_and_its_node_passes_the_forwards_tensors(tmp_path):
+    pytest.importorskip("triton")
+    from hf_rmsnorm.ops._direct import _DIRECT_TRITON
+
+    if not _DIRECT_TRITON:
+        pytest.skip("the C++ launch packs the parameters of Triton 3.6-3.9's launchers")
+    if _cpu_kernel._compiler() is None:
+        pytest.skip("no C++ compiler here to build the operator with")
+    stdout = run_with_compiled_kernels(tmp_path, _CHILD.format(scripts=str(ROOT / "scripts")))
+    assert "operator launches checked: 11" in stdout, stdout
+    assert "operator numbers checked" in stdout, stdout
+    assert "operator bypasses checked" in stdout, stdout
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("0", False), (" 1 ", True), (None, False)])
+def test_the_environment_turns_the_operator_on_and_nothing_else(value, expected, monkeypatch):
+    pytest.importorskip("triton")
+    from hf_rmsnorm.ops import _cuda_launch
+
+    if value is None:
+        monkeypatch.delenv(_cuda_launch.CPP_LAUNCH_ENV, raising=False)
+    else:
+        monkeypatch.setenv(_cuda_launch.CPP_LAUNCH_ENV, value)
+    assert _cuda_launch._enabled_by_environment() is expected
+
+
+def test_the_environment_rejects_other_values(monkeypatch):
+    pytest.importorskip("triton")
+    from hf_rmsnorm.ops import _cuda_launch
+
+    monkeypatch.setenv(_cuda_launch.CPP_LAUNCH_ENV, "yes")
+    with pytest.raises(ValueError, match="HF_RMSNORM_CPP_LAUNCH='yes'.*expected 1"):
+        _cuda_launch._enabled_by_environment()
+
+
+@pytest.mark.skipif(_cpu_kernel._compiler() is None, reason="no C++ compiler here to build with")
+def test_the_operator_compiles_without_warnings(tmp_path):
+    """-Wall -Wextra -Werror with torch's headers as system headers: its own warnings only."""
+    from hf_rmsnorm.ops import _cuda_launch
+
+    error = _cpu_kernel._compile(_cpu_kernel._compiler(), tmp_path / "op.so", "hf_rmsnorm_cuda_warnings", False,
+                                 extra=("-Wall", "-Wextra", "-Werror"), c_source=None, op_source=_cuda_launch._OP_SOURCE)
+    assert error is None, error
