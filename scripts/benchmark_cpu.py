@@ -103,15 +103,16 @@ def time_pair(original, patched, x, dy, mode, rounds: int, min_run_time: float) 
     return alternating_medians([lambda step=step: _median_us(step, min_run_time) for step in steps], rounds)
 
 
-def alternating_medians(measures, rounds: int, flip_order: bool = True) -> tuple[float, float]:
-    """The medians of ``rounds`` calls each of the two ``measures``, called in turn, so that
-    drift hits both alike; ``flip_order``: the second goes first every other round, so that
-    going first or second is no advantage either."""
-    times: tuple[list, list] = ([], [])
+def alternating_medians(measures, rounds: int, flip_order: bool = True) -> tuple:
+    """The medians of ``rounds`` calls each of the ``measures``, called in turn, so that drift
+    hits all alike; ``flip_order``: the order reversed every other round, so that going first
+    or last is no advantage either."""
+    times: tuple = tuple([] for _ in measures)
+    order = list(range(len(measures)))
     for i in range(rounds):
-        for j in ((1, 0) if flip_order and i % 2 else (0, 1)):
+        for j in (order[::-1] if flip_order and i % 2 else order):
             times[j].append(measures[j]())
-    return statistics.median(times[0]), statistics.median(times[1])
+    return tuple(statistics.median(t) for t in times)
 
 
 def module_rows(shapes, dtypes, rounds: int, min_run_time: float) -> list[dict]:
@@ -277,6 +278,7 @@ class EmptyFunction(torch.autograd.Function):
 def host_steps(shape) -> dict:
     """(call, mode) -> one call of this package's public ops on bf16 input of ``shape``: the
     forward without and with gradients, and the forward + backward."""
+    from hf_rmsnorm import FusedLayerNorm
     from hf_rmsnorm.ops import layer_norm, rms_norm
 
     n = shape[-1]
@@ -284,10 +286,13 @@ def host_steps(shape) -> dict:
     w = torch.randn(n, dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(n, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(shape, dtype=torch.bfloat16)
+    module = FusedLayerNorm(n, dtype=torch.bfloat16)
     calls = {
         "rms_norm(x, w)": (lambda: rms_norm(x, w), (x, w)),
         "rms_norm(x, w, b)": (lambda: rms_norm(x, w, b), (x, w, b)),
         "layer_norm(x, w, b)": (lambda: layer_norm(x, w, b), (x, w, b)),
+        # the call a patched model makes: past the functional op's per-call checks
+        "FusedLayerNorm module": (lambda: module(x), (x, module.weight, module.bias)),
     }
     steps = {}
     for name, (call, inputs) in calls.items():
@@ -312,48 +317,59 @@ def host_rows(shape, min_run_time: float) -> list[dict]:
     return rows
 
 
-def launches_ab(measure, rounds: int, flip_order: bool = False) -> tuple[float, float]:
-    """(through Triton's launch, launched directly): the medians of ``rounds`` calls each of
-    ``measure()`` with ``_direct._DIRECT_LAUNCH`` off and on in turn, so that a slow stretch of
-    the host falls on both (``flip_order``: on first every other round); the setting as it was
-    afterwards."""
-    from hf_rmsnorm.ops import _direct
+def launches_ab(measure, rounds: int, flip_order: bool = False, cpp: bool = False) -> tuple:
+    """(through Triton's launch, launched directly[, through the C++ launch operator]): the
+    medians of ``rounds`` calls each of ``measure()`` with ``_direct._DIRECT_LAUNCH`` off and on
+    (and with ``_cuda_launch``'s operator on, ``cpp``) in turn, so that a slow stretch of the
+    host falls on all (``flip_order``: the order reversed every other round); the settings as
+    they were afterwards."""
+    from hf_rmsnorm.ops import _cuda_launch, _direct
 
-    def launched(direct):
+    def launched(direct, operator=False):
         def run():
             _direct._DIRECT_LAUNCH = direct
+            _cuda_launch.ENABLED = _cuda_launch.cpu_stub = operator
             return measure()
         return run
 
-    saved = _direct._DIRECT_LAUNCH
+    saved = _direct._DIRECT_LAUNCH, _cuda_launch.ENABLED, _cuda_launch.cpu_stub
     try:
-        return alternating_medians((launched(False), launched(True)), rounds, flip_order)
+        return alternating_medians((launched(False), launched(True), *([launched(True, True)] if cpp else [])), rounds,
+                                   flip_order)
     finally:
-        _direct._DIRECT_LAUNCH = saved
+        _direct._DIRECT_LAUNCH, _cuda_launch.ENABLED, _cuda_launch.cpu_stub = saved
 
 
 def launcher_rows(shape, min_run_time: float, rounds: int) -> list[dict]:
     """Host time per call through Triton's own launch path (``triton_without_gpu``: compiled
-    kernels, the driver's launch a no-op), with Triton's ``JITFunction.run`` on every launch and
-    with the direct launch, timed alternately."""
+    kernels, the driver's launch a no-op), with Triton's ``JITFunction.run`` on every launch,
+    with the direct launch, and through the C++ launch operator (its launch function a no-op;
+    where it can be built), timed alternately."""
     rows = []
     with triton_without_gpu():
-        from hf_rmsnorm.ops import _direct
+        from hf_rmsnorm.ops import _cuda_launch, _direct
 
         if not _direct._DIRECT_TRITON:
             raise SystemExit(f"--launcher compares the direct launch, which Triton {_direct.triton.__version__} does not take "
                              "(it is written for Triton 3.6 to 3.9); install one of those to run it")
+        operator = _cuda_launch.ops()
+        if operator is None:
+            print(f"the C++ launch operator is not timed: {_cuda_launch.unavailable_reason()}", flush=True)
+        else:
+            operator.set_launch_function(operator.noop_launch_address())
         for (name, mode), step in host_steps(shape).items():
             if name == "empty autograd.Function":
                 continue  # no launch: host_rows has it
 
             def measure(step=step):
-                step()  # compiles, and fills the direct cache
+                step()  # compiles, and fills the direct cache (and the operator's plans)
                 return _median_us(step, min_run_time)
 
-            triton_us, direct_us = launches_ab(measure, rounds, flip_order=True)
-            rows.append({"call": name, "mode": mode, "shape": list(shape), "triton_us": triton_us, "direct_us": direct_us})
-            print(f"{name:24s} {mode:20s} {triton_us:7.1f} {direct_us:7.1f} µs", flush=True)
+            triton_us, direct_us, *cpp = launches_ab(measure, rounds, flip_order=True, cpp=operator is not None)
+            rows.append({"call": name, "mode": mode, "shape": list(shape), "triton_us": triton_us, "direct_us": direct_us,
+                         "cpp_us": cpp[0] if cpp else None})
+            print(f"{name:24s} {mode:20s} {triton_us:7.1f} {direct_us:7.1f} {cpp[0] if cpp else float('nan'):7.1f} µs",
+                  flush=True)
     return rows
 
 
@@ -422,15 +438,17 @@ def to_markdown(result: dict) -> str:
             "## Host time per call through Triton's launch path, the driver's launch a no-op (bf16)",
             "",
             "Kernels compiled for sm_90; every launch through Triton's `JITFunction.run`, or through the "
-            "direct launch (`_direct._DIRECT_LAUNCH`) after a key's first call; timed alternately, medians. "
-            "The driver's own launch (and its pointer checks) comes on top, on a GPU only.",
+            "direct launch (`_direct._DIRECT_LAUNCH`) after a key's first call, or with the forward through the "
+            "C++ launch operator (`_cuda_launch`, `HF_RMSNORM_CPP_LAUNCH=1`; its launch function a no-op); timed "
+            "alternately, medians. The driver's own launch (and its pointer checks) comes on top, on a GPU only.",
             "",
-            "| call | mode | shape | Triton's run µs | direct µs | saved µs |",
-            "|---|---|---|---|---|---|",
+            "| call | mode | shape | Triton's run µs | direct µs | saved µs | C++ launch µs |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in result["launcher"]:
+            cpp = f"{r['cpp_us']:.1f}" if r.get("cpp_us") is not None else "–"
             lines.append(f"| {r['call']} | {r['mode']} | {'×'.join(map(str, r['shape']))} | {r['triton_us']:.1f} | "
-                         f"{r['direct_us']:.1f} | {r['triton_us'] - r['direct_us']:.1f} |")
+                         f"{r['direct_us']:.1f} | {r['triton_us'] - r['direct_us']:.1f} | {cpp} |")
     return "\n".join(lines) + "\n"
 
 

@@ -480,7 +480,7 @@ def test_benchmark_cpu_quick_times_every_replacement_and_the_host_path(tmp_path)
         assert r["ratio"] == pytest.approx(r["patched_us"] / r["original_us"])
     assert len(result["modules"]) == 5 * 2 * 2 * 2  # cases × dtypes × shapes × modes
     host = {(r["call"], r["mode"]) for r in result["host"]}
-    assert ("layer_norm(x, w, b)", "forward + backward") in host and len(host) == 10
+    assert ("layer_norm(x, w, b)", "forward + backward") in host and len(host) == 13
     markdown = (tmp_path / "cpu.md").read_text()
     assert "| LlamaRMSNorm → FusedRMSNorm | bf16 |" in markdown and "kernel launches stubbed" in markdown
 
@@ -492,8 +492,9 @@ def test_benchmark_cpu_rejects_an_unknown_dtype(tmp_path):
 
 
 def test_benchmark_cpu_times_the_launch_path_both_ways_in_a_run_of_its_own(tmp_path):
-    """--launcher: every public call through Triton's launch path (compiled kernels, no-op
-    launches), with Triton's run and with the direct launch; not in one run with --host."""
+    """--launcher: every public call and a module's through Triton's launch path (compiled
+    kernels, no-op launches), with Triton's run, with the direct launch and, where a compiler
+    builds it, through the C++ launch operator; not in one run with --host."""
     pytest.importorskip("triton")
     from hf_rmsnorm.ops._direct import _DIRECT_TRITON
 
@@ -505,9 +506,13 @@ def test_benchmark_cpu_times_the_launch_path_both_ways_in_a_run_of_its_own(tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "cpu.json").read_text())["launcher"]
     assert {(r["call"], r["mode"]) for r in rows} == {
-        (call, mode) for call in ("rms_norm(x, w)", "rms_norm(x, w, b)", "layer_norm(x, w, b)")
+        (call, mode) for call in ("rms_norm(x, w)", "rms_norm(x, w, b)", "layer_norm(x, w, b)", "FusedLayerNorm module")
         for mode in ("forward, no grad", "forward, with grad", "forward + backward")}
     assert all(r["triton_us"] > 0 and r["direct_us"] > 0 for r in rows)
+    from hf_rmsnorm.ops import _cpu_kernel
+
+    if _cpu_kernel._compiler() is not None:
+        assert all(r["cpp_us"] > 0 for r in rows)
     assert "| layer_norm(x, w, b) | forward + backward | 2×8×1024 |" in (tmp_path / "cpu.md").read_text()
     both = _run_cpu_benchmark("--quick", "--host", "--launcher", "--out", str(tmp_path / "both"))
     assert both.returncode == 2 and "--host and --launcher need separate runs" in both.stderr

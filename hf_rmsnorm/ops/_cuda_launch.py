@@ -98,10 +98,20 @@ def _load() -> None:
         impl.impl("backward", _backward, "CompositeImplicitAutograd")
         impl.impl("graph_backward", _graph_backward, "CompositeImplicitAutograd")
         _PYTHON_IMPLS[namespace] = impl
-    missing = loaded.load_driver()
-    if missing and torch.cuda.is_available():
-        _reason = f"the CUDA driver's launch function: {missing}"
-        return
+    if torch.cuda.is_available():
+        missing = loaded.load_driver()
+        if missing:
+            _reason = f"the CUDA driver's launch function: {missing}"
+            return
+        # the stream the operator launches on, from c10's device-generic interface, must be the
+        # one torch calls current (an implementation without it raises)
+        try:
+            ours, torchs = loaded.current_stream(torch.cuda.current_device()), torch.cuda.current_stream().cuda_stream
+        except RuntimeError as e:
+            ours, torchs = f"an error ({e})", None
+        if ours != torchs:
+            _reason = f"the operator's current CUDA stream is {ours}, torch's {torchs}"
+            return
     overload = loaded.norm.default
     _norm_op = getattr(overload, "_op", overload)  # past OpOverload.__call__'s Python frame
     _ops = loaded

@@ -324,6 +324,14 @@ std::string load_driver() {
     return "";
 }
 
+// a launch function that launches nothing: the host time of the operator alone, on any machine
+// (benchmark_cpu.py --launcher)
+int noop_launch(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *, void **, void **) {
+    return 0;
+}
+
+int64_t noop_launch_address() { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(&noop_launch)); }
+
 // the tests' launch function (an address; 0 puts the driver's back)
 void set_launch_function(int64_t address) {
     if (address == 0) {
@@ -366,6 +374,7 @@ TORCH_LIBRARY(HF_RMSNORM_NS, m) {
     m.def("register_plan", &register_plan);
     m.def("load_driver", &load_driver);
     m.def("set_launch_function", &set_launch_function);
+    m.def("noop_launch_address", &noop_launch_address);
     m.def("current_stream", &current_stream);
     m.def("launch_count", &launch_count);
     m.def("plan_count", &plan_count);

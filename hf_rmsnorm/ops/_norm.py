@@ -559,31 +559,34 @@ def _run_kernels(torch_impl, x, weight, bias, eps: float, offset: float, is_rms:
         return _norm_fwd_op(_rows(x), *args)[0].view(x.shape)
     if _launchers is None:
         _import_launchers()
-    if _cuda_launch.ENABLED and (x.is_cuda or _cuda_launch.cpu_stub) and _direct.plain_launches() and not (
-            _functorch_wrapped is not None and any(t is not None and _functorch_wrapped(t) for t in (x, weight, bias))):
+    # Both callers have made sure no torch.func transform is active; a functorch wrapper that a
+    # finished transform left behind is unwrapped only by Function.apply's Python
+    wrapped = _apply_norm is None or _functorch_wrapped(x) or (weight is not None and _functorch_wrapped(weight)) or (
+        bias is not None and _functorch_wrapped(bias))
+    if _cuda_launch.ENABLED and not wrapped and (x.is_cuda or _cuda_launch.cpu_stub) and _direct.plain_launches():
+        # one C++ operator allocates, launches and records the node (_cuda_launch); None where it
+        # has no plan for this kind of call yet: then the Python path, and its launch's plan
         y, family = _cuda_launch.forward(torch_impl, x, *args)
         if y is not None:
             return y
-        if family is not None:  # no plan for this kind of call yet: the Python path, then its plan
+        if family is not None:
             record = _launchers.record_fwd = []
             try:
-                y = _kernels_in_python(torch_impl, x, *args)
+                y = _kernels_in_python(torch_impl, x, wrapped, *args)
             finally:
                 _launchers.record_fwd = None
             _cuda_launch.learn(family, record[0] if len(record) == 1 and x.is_contiguous() else None)
             return y
-    return _kernels_in_python(torch_impl, x, *args)
+    return _kernels_in_python(torch_impl, x, wrapped, *args)
 
 
-def _kernels_in_python(torch_impl, x, weight, bias, eps, offset, is_rms, rounding) -> Tensor:
+def _kernels_in_python(torch_impl, x, wrapped: bool, weight, bias, eps, offset, is_rms, rounding) -> Tensor:
     args = (weight, bias, eps, offset, is_rms, rounding)
     if needs_grad(x, weight, bias):
-        # eager: cheaper than the custom op's dispatch. Both callers have made sure no torch.func
-        # transform is active, so Function.apply's Python would only unwrap what a finished
-        # transform left behind (a functorch wrapper) before calling the C++ apply; without
-        # such a tensor the C++ apply is called directly (CI CPU: 18.9 -> 16.0 µs a call).
-        if _apply_norm is None or _functorch_wrapped(x) or (weight is not None and _functorch_wrapped(weight)) or (
-                bias is not None and _functorch_wrapped(bias)):
+        # eager: cheaper than the custom op's dispatch. Without a functorch wrapper (``wrapped``)
+        # Function.apply's Python would do nothing, and its C++ apply is called directly (CI
+        # CPU: 18.9 -> 16.0 µs a call).
+        if wrapped:
             return _NormFunction.apply(x, *args, torch_impl)
         return _apply_norm(x, *args, torch_impl)
     return _fwd_impl(x, *args)[0]  # nothing to differentiate: no autograd node at all
