@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: the GPU tests, the kernel benchmark (bf16; bf16 activations with
 # fp32 weights; fp32), the launch-parameter sweep and the training-step benchmark; tables
-# printed last, full JSON/markdown in $OUT. Each step has its own time limit (670 s for the
+# printed last, full JSON/markdown in $OUT. Each step has its own time limit (700 s for the
 # default steps: more than one 600 s device call, so a call names a subset), so a hung step
 # cannot hold the machine; on an H200 (runs 7-14): tests 51-85 s warm, 120-128 on a fresh
 # machine, where every kernel compiles cold; bench 77-82, training 37-48 with 10 steps a row and 61-76 with 20,
@@ -64,7 +64,7 @@ step() {
 
 PEERS="torch F.layer_norm,torch F.rms_norm,HF eager RMSNorm"
 OURS="hf_rmsnorm RMSNorm,hf_rmsnorm RMSNorm+bias,hf_rmsnorm LayerNorm"
-step tests 180 "$PY" -m pytest tests/test_gpu.py -q -rfEs -p no:cacheprovider
+step tests 210 "$PY" -m pytest tests/test_gpu.py -q -rfEs -p no:cacheprovider
 step bench 95 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16 ${BENCH_PROVIDERS:+--providers "$BENCH_PROVIDERS"}
 # 20 steps a row: with 10, one GPT-2-medium bf16 row's median moved by up to 0.13x between
 # repeats on one machine (run 12); with 20 the step took 61 s after the GPU tests and ran past
@@ -84,7 +84,7 @@ gpt2_shape=8192x1024
 step tunegpt2 75 "$PY" scripts/tune_kernels.py $quick --shapes "$gpt2_shape" --out "$OUT/tune_gpt2"
 # the host time of a norm's forward with autograd recording, piece by piece (the GPT-2-medium
 # step's forward is paced by the host: run 14b)
-[ -z "$quick" ] && step hostprobe 60 "$PY" scripts/host_probe.py --out "$OUT"
+[ -z "$quick" ] && step hostprobe 90 "$PY" scripts/host_probe.py --out "$OUT"
 step trainprof 90 "$PY" scripts/benchmark_training.py $quick --profile --out "$OUT/trainprof"
 # the training table with the patched rows twice, the kernels launched through Triton and
 # directly, in turn (GPT-2-medium's bf16 step is host-bound)

@@ -259,6 +259,32 @@ _CHILD = textwrap.dedent('''
         finally:
             knobs.runtime.launch_enter_hook.calls.clear()
         print("operator bypasses checked")
+
+        # saved-tensor hooks (activation offloading, non-reentrant checkpointing) see every
+        # tensor the node saves: x, weight, bias, mean, rstd
+        packed, unpacked = [], []
+        x.requires_grad_(True)
+
+        def pack(t):
+            packed.append(t)
+            return t
+
+        def unpack(t):
+            unpacked.append(t)
+            return t
+
+        launches = C.launches()
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            y = layer_norm(x, w, b)
+        assert C.launches() == launches + 1 and len(packed) == 5
+        real = _norm._bwd_impl
+        _norm._bwd_impl = lambda dy, x_, w_, b_, *rest: (torch.zeros_like(x_), torch.zeros_like(w_), torch.zeros_like(b_))
+        try:
+            torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+        finally:
+            _norm._bwd_impl = real
+        assert len(unpacked) == 5 and [p.data_ptr() for p in packed[:3]] == [t.data_ptr() for t in (x, w, b)]
+        print("operator saved-tensor hooks checked")
 ''')
 
 
@@ -274,6 +300,7 @@ def test_the_operator_launches_as_triton_would_and_its_node_passes_the_forwards_
     assert "operator launches checked: 11" in stdout, stdout
     assert "operator numbers checked" in stdout, stdout
     assert "operator bypasses checked" in stdout, stdout
+    assert "operator saved-tensor hooks checked" in stdout, stdout
 
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("0", False), (" 1 ", True), (None, False)])

@@ -124,7 +124,8 @@ const void *ptr(const at::Tensor &t) { return t.defined() ? t.const_data_ptr() :
 const void *ptr(const OptTensor &t) { return t.has_value() && t->defined() ? t->const_data_ptr() : nullptr; }
 OptTensor maybe(const at::Tensor &t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-const Family &family_of(int64_t id) {
+// a copy: a registration from another thread may grow (and move) the vector once the lock is left
+Family family_of(int64_t id) {
     std::shared_lock<std::shared_mutex> read(lock);
     TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(families.size()), "hf_rmsnorm's CUDA norm: no family ", id);
     return families[id];
@@ -209,7 +210,7 @@ auto make_node() {  // a node as this torch version holds them (intrusive, or sh
 
 // y, or an undefined tensor where no plan covers the call (the caller then takes the Python path)
 at::Tensor norm(const at::Tensor &x, const OptTensor &w, const OptTensor &b, double eps, double offset, int64_t family) {
-    const Family &f = family_of(family);
+    const Family f = family_of(family);
     if (!fits(f, x, w, b)) return at::Tensor();
     c10::OptionalDeviceGuard device_guard;
     if (x.is_cuda()) device_guard.reset_device(x.device());  // a model spread over GPUs: x's device current
@@ -291,7 +292,7 @@ void register_plan(int64_t family, const at::Tensor &x, const at::Tensor &y, con
                    const OptTensor &mean, const at::Tensor &rstd, int64_t stride, int64_t m, int64_t n,
                    int64_t function, int64_t rows_per_program, int64_t block, int64_t shared,
                    std::vector<int64_t> kinds) {
-    const Family &f = family_of(family);
+    const Family f = family_of(family);
     TORCH_CHECK(kinds.size() == kArgs && rows_per_program > 0 && block > 0 && shared >= 0 && function != 0,
                 "hf_rmsnorm's CUDA norm: a plan needs ", kArgs, " argument kinds, rows a program, a block size and a function");
     const std::array<const void *, kPointers> ptrs = {ptr(x), ptr(y), ptr(w), ptr(b), ptr(mean), ptr(rstd)};
