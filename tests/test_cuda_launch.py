@@ -285,6 +285,43 @@ _CHILD = textwrap.dedent('''
             _norm._bwd_impl = real
         assert len(unpacked) == 5 and [p.data_ptr() for p in packed[:3]] == [t.data_ptr() for t in (x, w, b)]
         print("operator saved-tensor hooks checked")
+
+        # Another thread's launch recorded into the same list while this call ran: nothing is
+        # learnt from the call (it would register that launch's kernel for this call's kind).
+        from hf_rmsnorm.ops import _triton_norm as T
+
+        C.cpu_stub = False
+        other = inputs(16, 1024, dtype=torch.float16)
+        T.record_fwd = []
+        layer_norm(*other)  # a real launch of another kind of call, on other tensors
+        (foreign,), T.record_fwd = T.record_fwd, None
+        C.cpu_stub = True
+        x, w, b = inputs(16, 1024, dtype=torch.float16, start=1)  # a kind of call not seen yet
+        real_fwd = T.norm_fwd
+
+        def with_a_foreign_record(*args, **kwargs):
+            # the list as the other thread left it: its launch in, this call's own not (that
+            # thread's ``finally`` cleared the global before this launch)
+            mine, T.record_fwd = T.record_fwd, None
+            try:
+                return real_fwd(*args, **kwargs)
+            finally:
+                mine.append(foreign)
+                T.record_fwd = mine
+
+        plans, launches = ops.plan_count(), C.launches()
+        T.norm_fwd = with_a_foreign_record
+        try:
+            rms_norm(x, w)
+            rms_norm(x, w)
+        finally:
+            T.norm_fwd = real_fwd
+        assert ops.plan_count() == plans and C.launches() == launches
+        expect("rms", x, w, b, False, 0.0)
+        rms_norm(x, w)  # learns
+        rms_norm(x, w)
+        assert ops.plan_count() == plans + 1 and C.launches() == launches + 1
+        print("operator foreign records checked")
 ''')
 
 
@@ -301,6 +338,7 @@ def test_the_operator_launches_as_triton_would_and_its_node_passes_the_forwards_
     assert "operator numbers checked" in stdout, stdout
     assert "operator bypasses checked" in stdout, stdout
     assert "operator saved-tensor hooks checked" in stdout, stdout
+    assert "operator foreign records checked" in stdout, stdout
 
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("0", False), (" 1 ", True), (None, False)])

@@ -575,7 +575,10 @@ def _run_kernels(torch_impl, x, weight, bias, eps: float, offset: float, is_rms:
                 y = _kernels_in_python(torch_impl, x, wrapped, *args)
             finally:
                 _launchers.record_fwd = None
-            _cuda_launch.learn(family, record[0] if len(record) == 1 and x.is_contiguous() else None)
+            # only this call's own launch (another thread's call may have recorded into the list
+            # meanwhile: the list is a global) on x itself, contiguous
+            mine = [r for r in record if r[2][0] is x]
+            _cuda_launch.learn(family, mine[0] if len(mine) == 1 and len(record) == 1 else None)
             return y
     return _kernels_in_python(torch_impl, x, wrapped, *args)
 
