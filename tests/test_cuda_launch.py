@@ -370,3 +370,23 @@ def test_the_operator_compiles_without_warnings(tmp_path):
     error = _cpu_kernel._compile(_cpu_kernel._compiler(), tmp_path / "op.so", "hf_rmsnorm_cuda_warnings", False,
                                  extra=("-Wall", "-Wextra", "-Werror"), c_source=None, op_source=_cuda_launch._OP_SOURCE)
     assert error is None, error
+
+
+def test_an_operator_that_cannot_be_built_is_said_once_and_the_python_path_serves(monkeypatch, caplog):
+    pytest.importorskip("triton")
+    from hf_rmsnorm.ops import _cuda_launch, _direct
+
+    if not _direct._DIRECT_TRITON:
+        pytest.skip("the operator is not built for this Triton release at all (its reason says so)")
+    monkeypatch.setattr(_cuda_launch, "_ops", _cuda_launch._UNBUILT)
+    monkeypatch.setattr(_cuda_launch, "_norm_op", None)
+    monkeypatch.setattr(_cuda_launch, "_reason", _cuda_launch._reason)  # restored afterwards
+    monkeypatch.setattr(_cuda_launch, "ENABLED", True)
+    monkeypatch.setattr(_cpu_kernel, "build_library", lambda *a, **k: (None, "", "no C++ compiler found (test)"))
+    with caplog.at_level("WARNING", logger=_cuda_launch.__name__):
+        assert _cuda_launch.ops() is None and _cuda_launch.ops() is None
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["HF_RMSNORM_CPP_LAUNCH=1, but the C++ launch operator cannot serve: no C++ compiler found (test); "
+                    "the norms launch from Python"]
+    assert _cuda_launch.unavailable_reason() == "no C++ compiler found (test)"
+    assert _cuda_launch.forward(None, None, None, None, 1e-5, 0.0, True, 0) == (None, None)

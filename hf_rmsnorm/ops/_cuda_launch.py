@@ -65,10 +65,14 @@ def unavailable_reason() -> Optional[str]:
 
 
 def ops():
-    """The operators' namespace, built and loaded on first use; None where it cannot be had."""
+    """The operators' namespace, built and loaded on first use; None where it cannot be had
+    (said once in a warning where ``HF_RMSNORM_CPP_LAUNCH=1`` asked for it)."""
     if _ops is _UNBUILT:
         with _LOCK:
             _load()
+            if _ops is None and ENABLED:
+                _log.warning("%s=1, but the C++ launch operator cannot serve: %s; the norms launch from Python",
+                             CPP_LAUNCH_ENV, _reason)
     return _ops
 
 
