@@ -45,7 +45,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null || echo "no GPU"; \
-  "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } | tee "$OUT/device.txt"
+  "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; \
+  echo "C++ compiler (the C++ launch operator's build): $(command -v "${CXX:-c++}" || command -v g++ || command -v clang++ || echo none)"; } \
+  | tee "$OUT/device.txt"
 
 # step NAME SECONDS COMMAND...: run COMMAND when NAME is in $STEPS, log in $OUT/NAME.log
 step() {
