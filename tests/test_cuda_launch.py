@@ -246,10 +246,13 @@ _CHILD = textwrap.dedent('''
         # without gradients: no node; with Triton's launch hooks set: Triton's own path
         x, w, b = inputs(16, 1024, dtype=torch.float32)
         expect("layer", x, w, b, True, 0.0)
+        from hf_rmsnorm.ops import _triton_norm as T
+
         with torch.no_grad():
-            launches = C.launches()
+            launches, counted = C.launches(), T.LAUNCHES["norm_fwd"]
             y = layer_norm(x, w, b)
             assert C.launches() == launches + 1 and y.grad_fn is None
+            assert T.LAUNCHES["norm_fwd"] == counted + 1  # counted as the Python path's launches are
         knobs.runtime.launch_enter_hook.add(lambda metadata: None)
         try:
             assert not _norm._direct.plain_launches()
@@ -288,8 +291,6 @@ _CHILD = textwrap.dedent('''
 
         # Another thread's launch recorded into the same list while this call ran: nothing is
         # learnt from the call (it would register that launch's kernel for this call's kind).
-        from hf_rmsnorm.ops import _triton_norm as T
-
         C.cpu_stub = False
         other = inputs(16, 1024, dtype=torch.float16)
         T.record_fwd = []
