@@ -32,7 +32,7 @@ _CHILD = textwrap.dedent('''
 
     P = ctypes.c_void_p
     LAUNCH = ctypes.CFUNCTYPE(ctypes.c_int, P, *[ctypes.c_uint] * 7, P, ctypes.POINTER(P), P)
-    stub = dict(expected=None, calls=[], write=None)
+    stub = dict(expected=None, calls=[], write=None, by_function={{}})
 
     def read(address, kind):
         if kind in ("ptr", "u64"):
@@ -44,12 +44,12 @@ _CHILD = textwrap.dedent('''
         return struct.unpack("f", ctypes.string_at(address, 4))[0]
 
     def launched(function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
-        kinds = stub["expected"]
+        kinds = stub["by_function"].get(function, stub["expected"])  # by kernel, where known
         values = [read(params[i], kind) for i, kind in enumerate(kinds)]
         stub["calls"].append(dict(function=function, grid=(gx, gy, gz), block=(bx, by, bz), shared=shared,
                                   stream=stream, extra=extra, values=values))
         if stub["write"] is not None:
-            stub["write"](values)
+            stub["write"](function, values)
         return 0
 
     callback = LAUNCH(launched)
@@ -172,7 +172,7 @@ _CHILD = textwrap.dedent('''
             mean_f, rstd_f = mean.float().contiguous(), rstd.float().contiguous()
             saved = {{}}
 
-            def write(values):
+            def write(function, values):
                 kept_ptrs = [v for v in values[:6]]  # the pointers come first, absent ones left out
                 ptrs = dict(zip([i for i in range(6) if not (kind == "rms" and i == 4) and (with_bias or i != 3)],
                                 kept_ptrs))
@@ -243,6 +243,93 @@ _CHILD = textwrap.dedent('''
             numbers(kind, x, w, b, with_bias, offset, 1e-5, wants)
         print("operator numbers checked")
 
+        # The backward: after a call that registers its plans, the node launches the backward
+        # kernel and the partial sums itself, as Triton's launcher is handed them on the Python
+        # path, and returns the tensors it launched on as the gradients. The stub writes float64
+        # reference gradients where the kernels would (dx by the backward, the parameters' by the
+        # sums), so the gradients must be exactly those.
+        N_ARGS = {{"_norm_fwd_kernel": (11, 6), "_norm_bwd_kernel": (12, 7), "_sum_rows_kernel": (6, 3)}}
+
+        def python_launches(kind, x, w, b, with_bias, offset, dy):
+            C.cpu_stub = False
+            params = (x, w, b) if with_bias else (x, w)
+            torch.autograd.grad(call(kind, x, w, b, with_bias, offset), params, dy)
+            _NoLaunch.calls = []
+            torch.autograd.grad(call(kind, x, w, b, with_bias, offset), params, dy)
+            calls, _NoLaunch.calls = _NoLaunch.calls, None
+            launches = []
+            for launcher, args in calls:
+                n_args, n_ptrs = N_ARGS[launcher.name]
+                bound = list(args[9:9 + n_args])
+                kinds, kept = triton_kinds(bound)
+                kept_index = [i for i in range(n_args) if kept[i]]
+                stub["by_function"][args[4]] = ["ptr" if i < n_ptrs else k for i, k in zip(kept_index, kinds)] + ["u64", "u64"]
+                launches.append(dict(name=launcher.name, function=args[4], grid=args[:3], meta=args[5], bound=bound,
+                                     kept_index=kept_index))
+            C.cpu_stub = True
+            return launches
+
+        backward_cases = [
+            ("layer", inputs(16, 1024, dtype=torch.float32), True, 0.0),
+            ("rms", inputs(16, 1024, dtype=torch.float32, w_dtype=torch.float32), False, 1.0),
+            ("rms", inputs(333, 1000, dtype=torch.float32), True, 0.0),  # odd width, odd rows
+            ("layer", inputs(1, 512, dtype=torch.float32), True, 0.0),  # one row
+            ("rms", inputs(8, 256, dtype=torch.float32, lead=(2,)), True, 0.0),  # rows of rank 3
+        ]
+        for kind, (x, w, b), with_bias, offset in backward_cases:
+            ref_fn = rms_norm_ref if kind == "rms" else layer_norm_ref
+            dy = torch.randn(x.shape, dtype=x.dtype)
+            python = python_launches(kind, x, w, b, with_bias, offset, dy)
+            assert [l["name"] for l in python] == ["_norm_fwd_kernel", "_norm_bwd_kernel", "_sum_rows_kernel"], python
+            params = (x, w, b) if with_bias else (x, w)
+            xd = [t.detach().double().requires_grad_(True) for t in params]
+            ref = torch.autograd.grad(ref_fn(*xd, eps=1e-5, offset=offset), xd, dy.double())
+            ref = [g.to(t.dtype) for g, t in zip(ref, params)]
+            bwd_fn, sum_fn = python[1]["function"], python[2]["function"]
+
+            def write(function, values):
+                # dx is the backward kernel's fourth pointer; the sums' outputs their second and third
+                if function == bwd_fn:
+                    ctypes.memmove(values[3], ref[0].data_ptr(), ref[0].numel() * ref[0].element_size())
+                elif function == sum_fn:
+                    for g, address in zip(ref[1:], values[1:3]):
+                        ctypes.memmove(address, g.data_ptr(), g.numel() * g.element_size())
+
+            for attempt in range(3):  # the forward's plan, then the backward's, then all three launched here
+                stub["calls"], stub["write"] = [], write
+                counts = C.launch_counts()
+                grads = torch.autograd.grad(call(kind, x, w, b, with_bias, offset), params, dy)
+                stub["write"] = None
+                if C.launch_counts()[1] > counts[1]:
+                    break
+            assert [c["function"] for c in stub["calls"]] == [l["function"] for l in python], (kind, attempt)
+            assert C.launch_counts() == [counts[0] + 1, counts[1] + 1, counts[2] + 1]
+            for ours, theirs in zip(stub["calls"], python):
+                warps, ctas, shared = theirs["meta"]
+                assert ours["grid"] == theirs["grid"] and ours["block"] == (32 * warps, 1, 1), (theirs["name"], ours)
+                assert ours["shared"] == shared and ctas == 1 and ours["stream"] is None
+                values, scratch = ours["values"][:-2], ours["values"][-2:]
+                assert scratch == [0, 0] and len(values) == len(theirs["kept_index"])
+                n_ptrs = N_ARGS[theirs["name"]][1]
+                for i, v in zip(theirs["kept_index"], values):
+                    e = theirs["bound"][i]
+                    if i < n_ptrs:
+                        e = e if type(e) is int else e.data_ptr()  # the direct launch hands Triton's launcher ints
+                        # the same tensors where both hold them (x, weight, dy); fresh ones alike in alignment
+                        same = theirs["name"] == "_norm_bwd_kernel" and i in (0, 1, 2)
+                        assert (v == e) if same else (v % 16 == e % 16 == 0), (theirs["name"], i)
+                    elif type(e) is float:
+                        assert v == struct.unpack("f", struct.pack("f", e))[0], (theirs["name"], i, v, e)
+                    else:
+                        assert v == e, (theirs["name"], i, v, e)
+            bwd_values, sum_values = stub["calls"][1]["values"], stub["calls"][2]["values"]
+            assert sum_values[0] == bwd_values[4]  # the sums read the partials the backward wrote
+            assert grads[0].data_ptr() == bwd_values[3]
+            assert [g.data_ptr() for g in grads[1:]] == sum_values[1:len(grads)]
+            for g, r in zip(grads, ref):
+                assert g.dtype == r.dtype and torch.equal(g, r), (kind, (g - r).abs().max())
+        print("operator backward launches checked")
+
         # without gradients: no node; with Triton's launch hooks set: Triton's own path
         x, w, b = inputs(16, 1024, dtype=torch.float32)
         expect("layer", x, w, b, True, 0.0)
@@ -293,9 +380,9 @@ _CHILD = textwrap.dedent('''
         # learnt from the call (it would register that launch's kernel for this call's kind).
         C.cpu_stub = False
         other = inputs(16, 1024, dtype=torch.float16)
-        T.record_fwd = []
+        T.record = []
         layer_norm(*other)  # a real launch of another kind of call, on other tensors
-        (foreign,), T.record_fwd = T.record_fwd, None
+        (foreign,), T.record = T.record, None
         C.cpu_stub = True
         x, w, b = inputs(16, 1024, dtype=torch.float16, start=1)  # a kind of call not seen yet
         real_fwd = T.norm_fwd
@@ -303,12 +390,12 @@ _CHILD = textwrap.dedent('''
         def with_a_foreign_record(*args, **kwargs):
             # the list as the other thread left it: its launch in, this call's own not (that
             # thread's ``finally`` cleared the global before this launch)
-            mine, T.record_fwd = T.record_fwd, None
+            mine, T.record = T.record, None
             try:
                 return real_fwd(*args, **kwargs)
             finally:
                 mine.append(foreign)
-                T.record_fwd = mine
+                T.record = mine
 
         plans, launches = ops.plan_count(), C.launches()
         T.norm_fwd = with_a_foreign_record
@@ -340,6 +427,7 @@ def test_the_operator_launches_as_triton_would_and_its_node_passes_the_forwards_
     assert "operator bypasses checked" in stdout, stdout
     assert "operator saved-tensor hooks checked" in stdout, stdout
     assert "operator foreign records checked" in stdout, stdout
+    assert "operator backward launches checked" in stdout, stdout
 
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("0", False), (" 1 ", True), (None, False)])

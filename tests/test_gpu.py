@@ -292,11 +292,12 @@ def _cpp_launch_or_skip(monkeypatch):
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 @pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_cpp_launch_computes_the_same_bits(kind, p_dtype, monkeypatch):
-    """The C++ launch operator (``HF_RMSNORM_CPP_LAUNCH=1``) launches the kernel the Python path
+    """The C++ launch operator (``HF_RMSNORM_CPP_LAUNCH=1``) launches the kernels the Python path
     launches with the parameters Triton's launcher packs (tests/test_cuda_launch.py checks both on
     the CPU): here its outputs and its node's gradients must be the Python path's very bits, for
     row counts, widths and alignments that compile to different kernels, rows of rank 3, on a
-    side stream, and its second call of each kind must be its own launch."""
+    side stream; once a call of each kind has registered the forward's plans and the next the
+    backward's, all three kernels are its own launches."""
     cpp = _cpp_launch_or_skip(monkeypatch)
     g = torch.Generator(device="cuda").manual_seed(11)
     side = torch.cuda.Stream()
@@ -318,10 +319,12 @@ def test_cpp_launch_computes_the_same_bits(kind, p_dtype, monkeypatch):
         monkeypatch.setattr(cpp, "ENABLED", False)
         python, _ = run()
         monkeypatch.setattr(cpp, "ENABLED", True)
-        run()  # registers the plan of this kind of call
-        before = cpp.launches()
+        run()  # registers the forward's plan
+        run()  # and the backward's
+        before = cpp.launch_counts()
         ours, node = run()
-        assert cpp.launches() == before + 1 and node.name() == "HFNormBackward", (m, n, start, node)
+        # the forward, the backward and the partial sums, each launched by the operator
+        assert cpp.launch_counts() == [c + 1 for c in before] and node.name() == "HFNormBackward", (m, n, start, node)
         for a, c in zip(python, ours):
             assert torch.equal(a, c), (m, n, start, lead)
         with torch.cuda.stream(side):  # the operator launches on the current stream

@@ -1,16 +1,17 @@
-"""The norm forward on CUDA through one C++ operator (``_cuda_launch_op.cpp``): allocation,
-the launch of the Triton-compiled kernel and the autograd node without Python between them.
+"""Norms on CUDA through one C++ operator (``_cuda_launch_op.cpp``): allocation, the launches
+of the Triton-compiled kernels and the autograd node, forward and backward, without Python
+between a call and its launches.
 
 Off unless ``HF_RMSNORM_CPP_LAUNCH=1`` (read at import): it was written on a machine without
 a GPU and has not been measured on one yet (benchmarks/NOTES.md, session 28). On, a norm call
 on CUDA that the kernels take (``_norm._run_kernels``) first asks the operator; the operator
 launches where a plan for the call's kind is registered, and otherwise returns None, so the
-call takes the Python path, after which :func:`learn` registers the plan of the launch it
-made. What a plan holds and why is in the C++ file. It needs a C++ compiler at first use, as the
-CPU kernel does (built by the same builder, cached alike); without one, or with Triton outside
-3.6-3.9 (whose launchers' parameter layout it packs), or with the direct launch off
-(``HF_RMSNORM_DIRECT_LAUNCH=0``), every call takes the Python path and :func:`unavailable_reason`
-says why.
+call takes the Python path, after which :func:`learn_forward` registers the plan of the launch
+it made; the node's backward does the same with :func:`learn_backward`. What a plan holds and
+why is in the C++ file. It needs a C++ compiler at first use, as the CPU kernel does (built by
+the same builder, cached alike); without one, or with Triton outside 3.6-3.9 (whose launchers'
+parameter layout it packs), or with the direct launch off (``HF_RMSNORM_DIRECT_LAUNCH=0``),
+every call takes the Python path and :func:`unavailable_reason` says why.
 """
 
 from __future__ import annotations
@@ -122,11 +123,19 @@ def _load() -> None:
 
 
 def _backward(grad, x, weight, bias, mean, rstd, eps, offset, family, needs):
-    """The operator's node: the backward kernels' gradients, the wanted ones in order."""
+    """The operator's node where it has no plans for this backward yet (or dy is laid out
+    otherwise): the backward kernels from Python (``_norm._bwd_impl``), then their launches'
+    plans registered; the wanted gradients in order."""
+    from . import _triton_norm
     from ._norm import _bwd_impl
 
     _, _, is_rms, rounding = _FAMILY_REF[family]
-    grads = _bwd_impl(grad, x, weight, bias, mean, rstd, offset, is_rms, rounding)
+    record = _triton_norm.record = []
+    try:
+        grads = _bwd_impl(grad, x, weight, bias, mean, rstd, offset, is_rms, rounding)
+    finally:
+        _triton_norm.record = None
+    learn_backward(family, record, x, grad)
     return [g for i, g in enumerate(grads) if needs >> i & 1]
 
 
@@ -169,27 +178,60 @@ def _new_family(key, weight, bias) -> int:
     return family
 
 
-def learn(family: int, launch) -> bool:
+# the kernels as the operator numbers them (its Kernel enum), and their arguments: pointers,
+# integers, floats
+_KERNELS = {"fwd": (0, 6, 3, 2), "bwd": (1, 7, 4, 1), "sum": (2, 3, 3, 0)}
+
+
+def learn_forward(family: int, record: list, x) -> bool:
     """Register the plan of the forward launch the Python path has just made for ``family``
-    (``_triton_norm.LAST_FWD``: the compiled kernel, rows a program, the arguments); False where
-    the operator cannot launch that kernel as Triton would (then the path stays Python's)."""
-    compiled, rows_per_program, args = launch if launch is not None else (None, None, None)
+    (``_triton_norm.record``), if it is this call's own, on x itself: the list is a global, and
+    another thread's call may have recorded into it meanwhile."""
+    if len(record) != 1 or record[0][0] != "fwd" or record[0][4][0] is not x:
+        return False
+    return _register(family, *record[0])
+
+
+def learn_backward(family: int, record: list, x, dy) -> bool:
+    """Register the plans of the backward's launches the Python path has just made: the
+    backward kernel on x and dy themselves, then the sums of its partials (where there are
+    parameters), and nothing else in the list."""
+    if not record or record[0][0] != "bwd" or record[0][4][0] is not x or record[0][4][2] is not dy:
+        return False
+    part = record[0][4][4]
+    if (part is None and len(record) != 1) or (part is not None and (
+            len(record) != 2 or record[1][0] != "sum" or record[1][4][0] is not part)):
+        return False
+    return all([_register(family, *r) for r in record])
+
+
+def _register(family: int, kernel: str, compiled, per_program: int, cap: int, args) -> bool:
+    """Register one launch's plan; False where the operator cannot launch that compiled kernel
+    as Triton's launcher would (then that kernel stays Python's)."""
+    number, n_ptrs, n_ints, n_floats = _KERNELS[kernel]
     md = getattr(compiled, "metadata", None)  # None: not a compiled kernel (the interpreter, a test's stub)
     if (md is None or getattr(md, "num_ctas", 1) != 1 or getattr(md, "launch_cooperative_grid", False)
             or getattr(md, "launch_pdl", False) or getattr(md, "global_scratch_size", 0)
-            or getattr(md, "profile_scratch_size", 0) or not isinstance(getattr(compiled, "function", None), int)):
+            or getattr(md, "profile_scratch_size", 0) or not isinstance(getattr(compiled, "function", None), int)
+            or len(args) != n_ptrs + n_ints + n_floats):
         return False
     types = list(compiled.src.signature.values())[:len(args)]
     kinds = [_PTR_KIND if isinstance(t, str) and t.startswith("*") else KINDS.get(t) for t in types]
-    if None in kinds or len(kinds) != 11:
+    if None in kinds or len(kinds) != len(args):
         return False
     warps, _, shared = compiled.packed_metadata
-    x, y, weight, bias, mean, rstd, stride, m, n, _, _ = args
-    _ops.register_plan(family, x, y, weight, bias, mean, rstd, stride, m, n, compiled.function, rows_per_program,
+    ptrs = [0 if a is None else a.data_ptr() for a in args[:n_ptrs]]
+    _ops.register_plan(family, number, ptrs, list(args[n_ptrs:n_ptrs + n_ints]), compiled.function, per_program, cap,
                        32 * warps, shared, kinds)
     return True
 
 
 def launches() -> int:
     """Forward launches the operator has made in this process (0 before it was loaded)."""
-    return _ops.launch_count() if _ops not in (None, _UNBUILT) else 0
+    return launch_counts()[0]
+
+
+def launch_counts() -> list:
+    """Launches the operator has made in this process of the forward, the backward and the
+    partial sums (zeros before it was loaded)."""
+    return list(_ops.launch_counts()) if _ops not in (None, _UNBUILT) else [0, 0, 0]

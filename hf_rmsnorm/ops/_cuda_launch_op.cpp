@@ -1,27 +1,27 @@
-// The norm forward on CUDA as one torch operator: it allocates the outputs, launches the
-// Triton-compiled forward kernel with the CUDA driver's cuLaunchKernel and records a C++
-// autograd node, with no Python between the call and the launch.
+// A norm on CUDA as one torch operator: it allocates the outputs, launches the Triton-compiled
+// forward kernel with the CUDA driver's cuLaunchKernel and records a C++ autograd node, whose
+// backward launches the backward kernel and the partial sums the same way, with no Python between
+// a call and its launches.
 //
 // Why: in a training forward the host time of each norm call is step time where the host paces
 // the step (GPT-2-medium in bf16 on an H200, benchmarks/NOTES.md run 14b), and a Python
 // autograd.Function around Triton's launch costs several times torch's own norm there (run 14c:
 // 92-140 us a call against F.layer_norm's 23-31). torch's norms are one C++ operator that
-// allocates, launches and records a C++ node; this is the same for the compiled Triton kernel.
+// allocates, launches and records a C++ node; this is the same for the compiled Triton kernels.
 //
 // What stays in Python (_cuda_launch.py): which kernel, grid and arguments a call needs. The
-// first call of each kind goes through the Python path, which compiles the kernel, and then
-// registers a plan here: the kernel's CUfunction, its launch shape and which of its arguments
-// Triton kept (an integer equal to 1 and an absent tensor become constants and are not passed),
-// under what Triton specialised the call on (each pointer's presence and 16-byte alignment, each
-// integer's being 1, its divisibility by 16 and its width) and the row-count threshold that
-// picks the tiles. A call whose facts have no plan returns an undefined tensor (None in Python):
-// the Python path runs it and registers its plan. The parameters are packed as Triton 3.6-3.9's
-// launchers pack them (their driver.py): each kept argument, then the global and the profile
-// scratch pointers, null here (a plan is registered only for kernels that need neither).
-//
-// The backward stays in Python: the node calls the backward that _cuda_launch.py registers for
-// this library (the kernels of _norm._bwd_impl; the GPU paces the backward, run 14b), or for
-// create_graph=True the torch reference's gradients as a graph.
+// first call of each kind goes through the Python path, which compiles the kernels, and then
+// registers a plan per launch here: the kernel's CUfunction, its launch shape and which of its
+// arguments Triton kept (an integer equal to 1 and an absent tensor become constants and are not
+// passed), under what Triton specialised the launch on (each pointer's presence and 16-byte
+// alignment, each integer's being 1, its divisibility by 16 and its width) and, for the forward,
+// the row-count threshold that picks the tiles. A forward whose facts have no plan returns an
+// undefined tensor (None in Python): the Python path runs it and registers its plan; a backward
+// without plans calls the Python backward this library registers, which does the same. The
+// parameters are packed as Triton 3.6-3.9's launchers pack them (their driver.py): each kept
+// argument, then the global and the profile scratch pointers, null here (a plan is registered only
+// for kernels that need neither). For create_graph=True the node calls the torch reference's
+// gradients as a graph (Python), the kernels having no second derivative.
 //
 // Built by _cpu_kernel.py's builder on first use with torch's headers and no CUDA headers: the
 // driver's types are opaque pointers here, the stream comes from c10's device-generic interface.
@@ -65,9 +65,14 @@ using LaunchFn = int (*)(void *, unsigned, unsigned, unsigned, unsigned, unsigne
                          void **);
 using CtxFn = int (*)(void **);
 
-// the forward kernel's leading arguments (_triton_norm._norm_fwd_kernel): x, y, weight, bias,
-// mean, rstd, stride_x, M, N, eps, offset
-constexpr int kArgs = 11, kPointers = 6;
+// The kernels the operator launches (_triton_norm's), each by its leading non-constexpr
+// arguments: pointers first, then integers, then floats.
+//   forward:  x, y, weight, bias, mean, rstd | stride_x, M, N | eps, offset
+//   backward: x, weight, dy, dx, partials, mean, rstd | stride_x, stride_dy, M, N | offset
+//   sums:     partials, dweight-or-dbias, dbias | rows, columns, N
+enum Kernel : int64_t { kForward = 0, kBackward = 1, kSums = 2 };
+constexpr int kMaxArgs = 12, kMaxPtrs = 7, kMaxInts = 4;
+constexpr int kShape[3][3] = {{6, 3, 2}, {7, 4, 1}, {3, 3, 0}};  // pointers, integers, floats
 // how a kept argument is packed (_cuda_launch.py's KINDS): 0 not passed (a constant in the kernel)
 enum Kind : int64_t { kConst = 0, kPtr = 1, kI32 = 2, kI64 = 3, kF32 = 4 };
 
@@ -79,9 +84,11 @@ struct Family {  // what every call of one norm signature shares (_cuda_launch.p
 
 struct Plan {  // one compiled kernel and how to launch it
     void *function = nullptr;
-    int64_t rows_per_program = 1;
+    // programs: ceil(count / per_program), at most cap (0: no cap); count is the row count, or
+    // the columns for the sums
+    int64_t per_program = 1, cap = 0;
     unsigned block = 32, shared = 0;
-    std::array<int64_t, kArgs> kinds{};
+    std::array<int64_t, kMaxArgs> kinds{};
 };
 
 std::shared_mutex lock;  // registrations are rare (one per kind of call), lookups every call
@@ -90,7 +97,7 @@ std::unordered_map<uint64_t, Plan> plans;
 std::atomic<LaunchFn> launch_fn{nullptr};
 std::atomic<CtxFn> ctx_fn{nullptr};
 std::atomic<bool> stubbed{false};  // a launch function set by the tests: CPU tensors allowed, no context
-std::atomic<int64_t> launches{0};
+std::atomic<int64_t> launches[3] = {0, 0, 0};
 
 void *driver_symbol(const char *name) {
     void *lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);  // loaded by torch and Triton already
@@ -103,25 +110,31 @@ uint32_t int_facts(int64_t v) {
     return (v == 1 ? 1u : 0u) | (v % 16 == 0 ? 2u : 0u) | (v < INT32_MIN || v > INT32_MAX ? 4u : 0u);
 }
 
-// The key of a call: its family, then two bits per pointer (present, 16-byte aligned), three per
-// integer, and whether the row count reaches the family's threshold (fwd_tiles's choice).
-uint64_t call_key(int64_t family, const std::array<const void *, kPointers> &ptrs,
-                  const std::array<int64_t, 3> &ints, bool many_rows) {
+// The key of a launch: its family and kernel, then two bits per pointer (present, 16-byte
+// aligned), three per integer, and for the forward whether the row count reaches the family's
+// threshold (fwd_tiles's choice). At most 1 + 2 * 7 + 3 * 4 = 27 bits of facts.
+uint64_t call_key(int64_t family, int64_t kernel, const uintptr_t *ptrs, const int64_t *ints, bool many_rows) {
     uint64_t bits = many_rows ? 1u : 0u, shift = 1;
-    for (const void *p : ptrs) {
-        const auto address = reinterpret_cast<uintptr_t>(p);
-        bits |= uint64_t((address != 0 ? 1u : 0u) | (address % 16 == 0 ? 2u : 0u)) << shift;
+    for (int i = 0; i < kShape[kernel][0]; ++i) {
+        bits |= uint64_t((ptrs[i] != 0 ? 1u : 0u) | (ptrs[i] % 16 == 0 ? 2u : 0u)) << shift;
         shift += 2;
     }
-    for (int64_t v : ints) {
-        bits |= uint64_t(int_facts(v)) << shift;
+    for (int i = 0; i < kShape[kernel][1]; ++i) {
+        bits |= uint64_t(int_facts(ints[i])) << shift;
         shift += 3;
     }
-    return (uint64_t(family) << 32) | bits;  // 22 bits of facts
+    return (uint64_t(family) << 32) | (uint64_t(kernel) << 28) | bits;
 }
 
-const void *ptr(const at::Tensor &t) { return t.defined() ? t.const_data_ptr() : nullptr; }
-const void *ptr(const OptTensor &t) { return t.has_value() && t->defined() ? t->const_data_ptr() : nullptr; }
+std::optional<Plan> find_plan(uint64_t key) {
+    std::shared_lock<std::shared_mutex> read(lock);
+    const auto found = plans.find(key);
+    if (found == plans.end()) return std::nullopt;
+    return found->second;
+}
+
+uintptr_t ptr(const at::Tensor &t) { return t.defined() ? reinterpret_cast<uintptr_t>(t.const_data_ptr()) : 0; }
+uintptr_t ptr(const OptTensor &t) { return t.has_value() ? ptr(*t) : 0; }
 OptTensor maybe(const at::Tensor &t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 // a copy: a registration from another thread may grow (and move) the vector once the lock is left
@@ -144,21 +157,116 @@ bool fits(const Family &f, const at::Tensor &x, const OptTensor &w, const OptTen
     return x.is_contiguous() && x.numel() > 0 && (x.is_cuda() ? x.get_device() == f.device : stubbed.load());
 }
 
-// (M, N, row stride) as _triton_norm._row_layout reads a contiguous x
-std::array<int64_t, 3> layout(const at::Tensor &x) {
-    const int64_t n = x.size(-1), m = x.numel() / n;
-    return {x.dim() == 2 ? x.stride(0) : n, m, n};
+// (row stride, M, N) as _triton_norm._row_layout reads a contiguous tensor of rows
+std::array<int64_t, 3> layout(const at::Tensor &t) {
+    const int64_t n = t.size(-1), m = t.numel() / n;
+    return {t.dim() == 2 ? t.stride(0) : n, m, n};
 }
 
-// the outputs: y, mean (undefined for RMSNorm), rstd
-std::array<at::Tensor, 3> outputs(const Family &f, const at::Tensor &x, int64_t m) {
-    const auto stats = x.options().dtype(at::kFloat);
-    return {at::empty(x.sizes(), x.options().dtype(f.y)), f.is_rms ? at::Tensor() : at::empty({m}, stats),
-            at::empty({m}, stats)};
+// The stream to launch on (torch's current one on x's device), or false where this thread has
+// no CUDA context current: Triton's launcher makes one current, and the Python path does that.
+bool stream_for(const at::Tensor &x, void **stream) {
+    *stream = nullptr;
+    if (!x.is_cuda()) return true;  // the tests' stub launch
+    void *context = nullptr;
+    if (ctx_fn.load()(&context) != 0 || context == nullptr) return false;
+    *stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+    return true;
 }
 
-// the backward (_norm._bwd_impl) and, for create_graph=True, the torch reference's gradients as
-// a graph, both implemented in Python (_cuda_launch.py); each returns the wanted gradients in order
+// Launch ``plan`` over ``count`` rows (columns for the sums), its parameters packed as Triton's
+// launchers pack them: each kept argument, then the global and the profile scratch pointers.
+void launch(const Plan &plan, int64_t kernel, const uintptr_t *ptrs, const int64_t *ints, const double *floats,
+            int64_t count, void *stream) {
+    const int n_ptrs = kShape[kernel][0], n_ints = kShape[kernel][1], n_args = n_ptrs + n_ints + kShape[kernel][2];
+    uint64_t values[kMaxArgs];
+    void *params[kMaxArgs + 2];
+    uint64_t scratch[2] = {0, 0};
+    int kept = 0;
+    for (int i = 0; i < n_args; ++i) {
+        const int64_t kind = plan.kinds[i];
+        if (kind == kConst) continue;
+        if (kind == kPtr) {
+            values[i] = ptrs[i];
+        } else if (kind == kI32) {
+            const auto v = static_cast<int32_t>(ints[i - n_ptrs]);
+            std::memcpy(&values[i], &v, sizeof v);
+        } else if (kind == kI64) {
+            values[i] = static_cast<uint64_t>(ints[i - n_ptrs]);
+        } else {  // kF32
+            const auto v = static_cast<float>(floats[i - n_ptrs - n_ints]);
+            std::memcpy(&values[i], &v, sizeof v);
+        }
+        params[kept++] = &values[i];
+    }
+    params[kept++] = &scratch[0];
+    params[kept++] = &scratch[1];
+    int64_t programs = (count + plan.per_program - 1) / plan.per_program;
+    if (plan.cap > 0 && programs > plan.cap) programs = plan.cap;
+    const int status = launch_fn.load()(plan.function, static_cast<unsigned>(programs), 1, 1, plan.block, 1, 1,
+                                        plan.shared, stream, params, nullptr);
+    TORCH_CHECK(status == 0, "hf_rmsnorm's CUDA norm: cuLaunchKernel failed with CUresult ", status,
+                " (set HF_RMSNORM_CPP_LAUNCH=0 to launch from Python instead)");
+    ++launches[kernel];
+}
+
+// The backward's two launches, where plans for both are registered and dy is laid out as the
+// forward's rows are: (dx, dweight, dbias), absent ones undefined; nullopt otherwise (the caller
+// then takes the Python backward, which registers its launches' plans).
+std::optional<std::array<at::Tensor, 3>> backward_launches(int64_t family, const Family &f, const at::Tensor &x,
+                                                          const at::Tensor &w, const at::Tensor &mean,
+                                                          const at::Tensor &rstd,
+                                                          const at::Tensor &dy, double offset) {
+    if (!dy.is_contiguous() || dy.scalar_type() != f.y || !dy.sizes().equals(x.sizes()) || dy.device() != x.device())
+        return std::nullopt;
+    c10::OptionalDeviceGuard device_guard;
+    if (x.is_cuda()) device_guard.reset_device(x.device());
+    void *stream = nullptr;
+    if (!stream_for(x, &stream)) return std::nullopt;
+    const auto [stride_x, m, n] = layout(x);
+    const int64_t stride_dy = layout(dy)[0], columns = (f.has_w + f.has_b) * n;
+    at::Tensor dx = at::empty(x.sizes(), x.options());
+    // the partials are allocated once the plan says how many programs write them: its key takes
+    // them as a fresh allocation is, present and aligned
+    uintptr_t ptrs[kMaxPtrs] = {ptr(x), ptr(w), ptr(dy), ptr(dx), columns ? uintptr_t(256) : 0, ptr(mean), ptr(rstd)};
+    const int64_t ints[kMaxInts] = {stride_x, stride_dy, m, n};
+    const auto bwd = find_plan(call_key(family, kBackward, ptrs, ints, false));
+    if (!bwd) return std::nullopt;
+    int64_t programs = (m + bwd->per_program - 1) / bwd->per_program;
+    if (bwd->cap > 0 && programs > bwd->cap) programs = bwd->cap;
+    at::Tensor part, sums[2];
+    std::optional<Plan> sum;
+    uintptr_t sum_ptrs[kMaxPtrs] = {};
+    int64_t sum_ints[kMaxInts] = {};
+    if (columns) {
+        part = at::empty({programs, columns}, x.options().dtype(at::kFloat));
+        ptrs[4] = ptr(part);
+        if (ptrs[4] % 16 != 0) return std::nullopt;
+        int k = 0;
+        if (f.has_w) sums[k++] = at::empty({n}, x.options().dtype(f.w));
+        if (f.has_b) sums[k++] = at::empty({n}, x.options().dtype(f.b));
+        sum_ptrs[0] = ptrs[4];
+        sum_ptrs[1] = ptr(sums[0]);
+        sum_ptrs[2] = ptr(sums[1]);
+        sum_ints[0] = programs;
+        sum_ints[1] = columns;
+        sum_ints[2] = n;
+        sum = find_plan(call_key(family, kSums, sum_ptrs, sum_ints, false));
+        if (!sum) return std::nullopt;
+    }
+    const double floats[1] = {offset};
+    launch(*bwd, kBackward, ptrs, ints, floats, m, stream);
+    if (columns) launch(*sum, kSums, sum_ptrs, sum_ints, nullptr, columns, stream);
+    std::array<at::Tensor, 3> grads = {dx, at::Tensor(), at::Tensor()};
+    int k = 0;
+    if (f.has_w) grads[1] = sums[k++];
+    if (f.has_b) grads[2] = sums[k++];
+    return grads;
+}
+
+// the backward in Python (_norm._bwd_impl, registering its launches' plans) and, for
+// create_graph=True, the torch reference's gradients as a graph (_cuda_launch.py); each returns
+// the wanted gradients in order
 using Backward = std::vector<at::Tensor>(const at::Tensor &, const at::Tensor &, const OptTensor &, const OptTensor &,
                                          const OptTensor &, const at::Tensor &, double, double, int64_t, int64_t);
 
@@ -176,23 +284,31 @@ struct NormBackward : public torch::autograd::Node {
 
     variable_list apply(variable_list &&grads) override {
         std::lock_guard<std::mutex> guard(mutex_);
-        const at::Tensor x = x_.unpack(), w = w_.unpack(), b = b_.unpack();
+        const at::Tensor x = x_.unpack(), w = w_.unpack(), b = b_.unpack(), mean = mean_.unpack(), rstd = rstd_.unpack();
         const bool need[3] = {task_should_compute_output(0), task_should_compute_output(1),
                               task_should_compute_output(2)};
         variable_list out(3);
         if (!grads[0].defined()) return out;  // no gradient reached y
-        const int64_t needs = need[0] | (need[1] << 1) | (need[2] << 2);
-        // the two are looked up once: the namespace is this build's
-        static const auto backward = c10::Dispatcher::singleton()
-                                         .findSchemaOrThrow(HF_NS_STR "::backward", "")
+        const bool graph = at::GradMode::is_enabled();  // create_graph=True
+        if (!graph) {
+            const auto launched = backward_launches(family_, family_of(family_), x, w, mean, rstd, grads[0], offset_);
+            if (launched) {
+                for (int k = 0; k < 3; ++k)
+                    if (need[k]) out[k] = (*launched)[k];
+                return out;
+            }
+        }
+        // looked up once: the namespace is this build's
+        static const auto python = c10::Dispatcher::singleton()
+                                       .findSchemaOrThrow(HF_NS_STR "::backward", "")
+                                       .typed<Backward>();
+        static const auto as_graph = c10::Dispatcher::singleton()
+                                         .findSchemaOrThrow(HF_NS_STR "::graph_backward", "")
                                          .typed<Backward>();
-        static const auto graph = c10::Dispatcher::singleton()
-                                      .findSchemaOrThrow(HF_NS_STR "::graph_backward", "")
-                                      .typed<Backward>();
         // create_graph=True: the kernels have no second derivative, the torch reference has
-        const auto &op = at::GradMode::is_enabled() ? graph : backward;
-        const auto wanted = op.call(grads[0], x, maybe(w), maybe(b), maybe(mean_.unpack()), rstd_.unpack(), eps_,
-                                    offset_, family_, needs);
+        const auto wanted = (graph ? as_graph : python)
+                                .call(grads[0], x, maybe(w), maybe(b), maybe(mean), rstd, eps_, offset_, family_,
+                                      need[0] | (need[1] << 1) | (need[2] << 2));
         size_t i = 0;
         for (int k = 0; k < 3; ++k)
             if (need[k]) out[k] = wanted.at(i++);
@@ -215,53 +331,16 @@ at::Tensor norm(const at::Tensor &x, const OptTensor &w, const OptTensor &b, dou
     c10::OptionalDeviceGuard device_guard;
     if (x.is_cuda()) device_guard.reset_device(x.device());  // a model spread over GPUs: x's device current
     const auto [stride, m, n] = layout(x);
-    auto [y, mean, rstd] = outputs(f, x, m);
-    const std::array<const void *, kPointers> ptrs = {ptr(x), ptr(y), ptr(w), ptr(b), ptr(mean), ptr(rstd)};
-    const std::array<int64_t, 3> ints = {stride, m, n};
-    const uint64_t key = call_key(family, ptrs, ints, m >= f.threshold);
-    Plan plan;
-    {
-        std::shared_lock<std::shared_mutex> read(lock);
-        const auto found = plans.find(key);
-        if (found == plans.end()) return at::Tensor();
-        plan = found->second;
-    }
+    const auto stats = x.options().dtype(at::kFloat);
+    at::Tensor y = at::empty(x.sizes(), x.options().dtype(f.y));
+    at::Tensor mean = f.is_rms ? at::Tensor() : at::empty({m}, stats), rstd = at::empty({m}, stats);
+    const uintptr_t ptrs[kMaxPtrs] = {ptr(x), ptr(y), ptr(w), ptr(b), ptr(mean), ptr(rstd)};
+    const int64_t ints[kMaxInts] = {stride, m, n};
+    const auto plan = find_plan(call_key(family, kForward, ptrs, ints, m >= f.threshold));
     void *stream = nullptr;
-    if (x.is_cuda()) {
-        void *context = nullptr;
-        // Triton's launcher makes a context current where a thread has none; the Python path does that
-        if (ctx_fn.load()(&context) != 0 || context == nullptr) return at::Tensor();
-        stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
-    }
-    // the values, then a pointer to each kept one, then the two scratch pointers
-    uint64_t values[kArgs];
-    void *params[kArgs + 2];
-    uint64_t scratch[2] = {0, 0};
-    int kept = 0;
-    for (int i = 0; i < kArgs; ++i) {
-        const int64_t kind = plan.kinds[i];
-        if (kind == kConst) continue;
-        if (kind == kPtr) {
-            values[i] = reinterpret_cast<uintptr_t>(ptrs[i]);
-        } else if (kind == kI32) {
-            const auto v = static_cast<int32_t>(ints[i - kPointers]);
-            std::memcpy(&values[i], &v, sizeof v);
-        } else if (kind == kI64) {
-            values[i] = static_cast<uint64_t>(ints[i - kPointers]);
-        } else {  // kF32: eps, offset
-            const auto v = static_cast<float>(i == kArgs - 2 ? eps : offset);
-            std::memcpy(&values[i], &v, sizeof v);
-        }
-        params[kept++] = &values[i];
-    }
-    params[kept++] = &scratch[0];
-    params[kept++] = &scratch[1];
-    const int64_t programs = (m + plan.rows_per_program - 1) / plan.rows_per_program;
-    const int status = launch_fn.load()(plan.function, static_cast<unsigned>(programs), 1, 1, plan.block, 1, 1,
-                                        plan.shared, stream, params, nullptr);
-    TORCH_CHECK(status == 0, "hf_rmsnorm's CUDA norm: cuLaunchKernel failed with CUresult ", status,
-                " (set HF_RMSNORM_CPP_LAUNCH=0 to launch through Triton instead)");
-    ++launches;
+    if (!plan || !stream_for(x, &stream)) return at::Tensor();
+    const double floats[2] = {eps, offset};
+    launch(*plan, kForward, ptrs, ints, floats, m, stream);
     if (!torch::autograd::compute_requires_grad(x, w, b)) return y;
     auto node = make_node<NormBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(x, w, b));
@@ -286,30 +365,36 @@ int64_t new_family(at::ScalarType x, std::optional<at::ScalarType> w, std::optio
     return static_cast<int64_t>(families.size()) - 1;
 }
 
-// The plan of a call the Python path has just launched, under that call's facts: its tensors and
-// integers as that launch passed them (the key is computed here, as a call computes it).
-void register_plan(int64_t family, const at::Tensor &x, const at::Tensor &y, const OptTensor &w, const OptTensor &b,
-                   const OptTensor &mean, const at::Tensor &rstd, int64_t stride, int64_t m, int64_t n,
-                   int64_t function, int64_t rows_per_program, int64_t block, int64_t shared,
+// The plan of a launch the Python path has just made, under that launch's facts: its pointers
+// (0 for None) and integers as it passed them (the key is computed here, as a call computes it).
+void register_plan(int64_t family, int64_t kernel, std::vector<int64_t> ptrs, std::vector<int64_t> ints,
+                   int64_t function, int64_t per_program, int64_t cap, int64_t block, int64_t shared,
                    std::vector<int64_t> kinds) {
+    TORCH_CHECK(kernel >= kForward && kernel <= kSums, "hf_rmsnorm's CUDA norm: no kernel ", kernel);
+    const int n_ptrs = kShape[kernel][0], n_ints = kShape[kernel][1], n_args = n_ptrs + n_ints + kShape[kernel][2];
     const Family f = family_of(family);
-    TORCH_CHECK(kinds.size() == kArgs && rows_per_program > 0 && block > 0 && shared >= 0 && function != 0,
-                "hf_rmsnorm's CUDA norm: a plan needs ", kArgs, " argument kinds, rows a program, a block size and a function");
-    const std::array<const void *, kPointers> ptrs = {ptr(x), ptr(y), ptr(w), ptr(b), ptr(mean), ptr(rstd)};
-    for (int i = 0; i < kArgs; ++i) {  // a pointer where a pointer is, a number where a number is
+    TORCH_CHECK(static_cast<int>(ptrs.size()) == n_ptrs && static_cast<int>(ints.size()) == n_ints &&
+                    static_cast<int>(kinds.size()) == n_args && per_program > 0 && cap >= 0 && block > 0 &&
+                    shared >= 0 && function != 0,
+                "hf_rmsnorm's CUDA norm: kernel ", kernel, "'s plan needs ", n_ptrs, " pointers, ", n_ints,
+                " integers, ", n_args, " argument kinds, programs' rows, a block size and a function");
+    uintptr_t addresses[kMaxPtrs] = {};
+    for (int i = 0; i < n_ptrs; ++i) addresses[i] = static_cast<uintptr_t>(ptrs[i]);
+    for (int i = 0; i < n_args; ++i) {  // a pointer where a pointer is, a number where a number is
         const int64_t kind = kinds[i];
-        const bool ok = i < kPointers ? kind == kPtr || (kind == kConst && ptrs[i] == nullptr)
-                        : i < kPointers + 3 ? kind == kConst || kind == kI32 || kind == kI64
-                                            : kind == kF32;
-        TORCH_CHECK(ok, "hf_rmsnorm's CUDA norm: argument ", i, " cannot be packed as kind ", kind);
+        const bool ok = i < n_ptrs ? kind == kPtr || (kind == kConst && addresses[i] == 0)
+                        : i < n_ptrs + n_ints ? kind == kConst || kind == kI32 || kind == kI64
+                                              : kind == kF32;
+        TORCH_CHECK(ok, "hf_rmsnorm's CUDA norm: argument ", i, " of kernel ", kernel, " cannot be packed as kind ", kind);
     }
     Plan plan;
     plan.function = reinterpret_cast<void *>(static_cast<uintptr_t>(function));
-    plan.rows_per_program = rows_per_program;
+    plan.per_program = per_program;
+    plan.cap = cap;
     plan.block = static_cast<unsigned>(block);
     plan.shared = static_cast<unsigned>(shared);
     std::copy(kinds.begin(), kinds.end(), plan.kinds.begin());
-    const uint64_t key = call_key(family, ptrs, {stride, m, n}, m >= f.threshold);
+    const uint64_t key = call_key(family, kernel, addresses, ints.data(), kernel == kForward && ints[1] >= f.threshold);
     std::unique_lock<std::shared_mutex> write(lock);
     plans[key] = plan;
 }
@@ -354,7 +439,8 @@ int64_t current_stream(int64_t device) {
         reinterpret_cast<uintptr_t>(c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(d).native_handle()));
 }
 
-int64_t launch_count() { return launches.load(); }
+// launches the operator has made of each kernel: forward, backward, sums
+std::vector<int64_t> launch_counts() { return {launches[0].load(), launches[1].load(), launches[2].load()}; }
 
 int64_t plan_count() {
     std::shared_lock<std::shared_mutex> read(lock);
@@ -377,7 +463,7 @@ TORCH_LIBRARY(HF_RMSNORM_NS, m) {
     m.def("set_launch_function", &set_launch_function);
     m.def("noop_launch_address", &noop_launch_address);
     m.def("current_stream", &current_stream);
-    m.def("launch_count", &launch_count);
+    m.def("launch_counts", &launch_counts);
     m.def("plan_count", &plan_count);
 }
 

@@ -571,15 +571,12 @@ def _run_kernels(torch_impl, x, weight, bias, eps: float, offset: float, is_rms:
             _launchers.LAUNCHES["norm_fwd"] += 1  # counted as the Python path counts its launches
             return y
         if family is not None:
-            record = _launchers.record_fwd = []
+            record = _launchers.record = []
             try:
                 y = _kernels_in_python(torch_impl, x, wrapped, *args)
             finally:
-                _launchers.record_fwd = None
-            # only this call's own launch (another thread's call may have recorded into the list
-            # meanwhile: the list is a global) on x itself, contiguous
-            mine = [r for r in record if r[2][0] is x]
-            _cuda_launch.learn(family, mine[0] if len(mine) == 1 and len(record) == 1 else None)
+                _launchers.record = None
+            _cuda_launch.learn_forward(family, record, x)
             return y
     return _kernels_in_python(torch_impl, x, wrapped, *args)
 

@@ -494,9 +494,10 @@ def _row_layout(t) -> tuple[int, int, int]:
     return (t.numel() // N if N else 0), N, N
 
 
-# a list while _cuda_launch wants to see the next forward launch (never kept longer: it holds the
-# call's tensors)
-record_fwd = None
+# a list while _cuda_launch wants to see the launches of one call (never kept longer: it holds the
+# call's tensors): (kernel, compiled kernel, rows or columns a program, the most programs or 0,
+# the arguments) each
+record = None
 
 
 def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=None, tiles=None, stream="",
@@ -525,8 +526,8 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, rounding, out_dtype, config=N
     args = (x, y, weight, bias, mean, rstd, stride, M, N, eps, offset)  # mean None (RMS): no pointer for the launcher to check
     compiled = _launch(_norm_fwd_kernel, (_ceil_div(M, rows_per_program),), args, meta, meta_key)
     LAUNCHES["norm_fwd"] += 1
-    if record_fwd is not None:  # _cuda_launch.learn's source: what was launched, for which rows
-        record_fwd.append((compiled, rows_per_program, args))
+    if record is not None:  # _cuda_launch.learn's source: what was launched, for which rows
+        record.append(("fwd", compiled, rows_per_program, 0, args))
     return y, mean, rstd
 
 
@@ -573,13 +574,15 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, rounding, has_bias, conf
     # A fixed number of programs per device and shape keeps the partial-sum layout, and so
     # the weight gradient, identical from one run to the next. Every program owns at least
     # one tile, so every partial row is written.
-    programs = min(programs, _ceil_div(M, block_m))
+    cap, programs = programs, min(programs, _ceil_div(M, block_m))
     part = x.new_empty((programs, columns), dtype=torch.float32) if columns else None
     # Absent buffers go to the kernel as None: Triton's launcher asks the driver about every
     # pointer argument, which costs host time on each launch.
-    _launch(_norm_bwd_kernel, (programs,),
-            (x, weight, dy, dx, part, None if is_rms else mean, rstd, stride_x, stride_dy, M, N, offset), meta, meta_key)
+    args = (x, weight, dy, dx, part, None if is_rms else mean, rstd, stride_x, stride_dy, M, N, offset)
+    compiled = _launch(_norm_bwd_kernel, (programs,), args, meta, meta_key)
     LAUNCHES["norm_bwd"] += 1
+    if record is not None:
+        record.append(("bwd", compiled, block_m, cap, args))
     return dx, part
 
 
@@ -651,7 +654,9 @@ def sum_partials(part, dtypes, config=None):
         meta = dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
         plan = _PLANS[key] = block_c, meta, tuple(meta.items())
     block_c, meta, meta_key = plan
-    _launch(_sum_rows_kernel, (_ceil_div(cols, block_c),), (part, outs[0], outs[1] if len(outs) > 1 else None, rows, cols, n),
-            meta, meta_key)
+    args = (part, outs[0], outs[1] if len(outs) > 1 else None, rows, cols, n)
+    compiled = _launch(_sum_rows_kernel, (_ceil_div(cols, block_c),), args, meta, meta_key)
     LAUNCHES["sum_partials"] += 1
+    if record is not None:
+        record.append(("sum", compiled, block_c, 0, args))
     return outs
