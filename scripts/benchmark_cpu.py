@@ -438,7 +438,7 @@ def to_markdown(result: dict) -> str:
             "## Host time per call through Triton's launch path, the driver's launch a no-op (bf16)",
             "",
             "Kernels compiled for sm_90; every launch through Triton's `JITFunction.run`, or through the "
-            "direct launch (`_direct._DIRECT_LAUNCH`) after a key's first call, or with the forward through the "
+            "direct launch (`_direct._DIRECT_LAUNCH`) after a key's first call, or through the "
             "C++ launch operator (`_cuda_launch`, `HF_RMSNORM_CPP_LAUNCH=1`; its launch function a no-op); timed "
             "alternately, medians. The driver's own launch (and its pointer checks) comes on top, on a GPU only.",
             "",

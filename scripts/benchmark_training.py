@@ -14,7 +14,7 @@ the device at once is timed one variant at a time, and the table says so. ``--va
 ``layernorm+triton`` and ``rmsnorm+triton``: the same patches with the kernels launched
 through Triton's own launch instead of the package's direct one (``_direct._DIRECT_LAUNCH``,
 on by default since run 10), for the host-bound steps where the difference shows; and
-``layernorm+cpp`` and ``rmsnorm+cpp``: with the forward through the C++ launch operator
+``layernorm+cpp`` and ``rmsnorm+cpp``: with the kernels launched through the C++ launch operator
 (``HF_RMSNORM_CPP_LAUNCH=1``'s path, ``_cuda_launch``).
 
     python scripts/benchmark_training.py            # on a GPU
@@ -57,7 +57,7 @@ QUICK = {
 VARIANTS = ("as shipped", "layernorm", "rmsnorm", "norms -> Identity", "layernorm+triton", "rmsnorm+triton",
             "layernorm+cpp", "rmsnorm+cpp")
 # the table's rows; the "+triton" variants (the same patch, with the kernels launched through
-# Triton's own launch rather than directly) and the "+cpp" ones (the forward through the C++
+# Triton's own launch rather than directly) and the "+cpp" ones (the kernels launched through the C++
 # launch operator) only on request
 LAUNCH_SUFFIXES = ("+triton", "+cpp")
 DEFAULT_VARIANTS = VARIANTS[:4]
@@ -118,7 +118,7 @@ def kernel_kind(name: str) -> str:
 
 def _launch_path(variant: str) -> None:
     """Set how the kernels launch for ``variant``'s step: "+triton", through Triton's own launch;
-    "+cpp", the forward through the C++ launch operator; otherwise as the package launches them
+    "+cpp", through the C++ launch operator; otherwise as the package launches them
     by default (directly, ``_direct._DIRECT_LAUNCH``, unless ``HF_RMSNORM_DIRECT_LAUNCH=0``;
     the operator only with ``HF_RMSNORM_CPP_LAUNCH=1``)."""
     through_triton, cpp = variant.endswith("+triton"), variant.endswith("+cpp")

@@ -23,7 +23,7 @@
 #   STEPS=hostprobe bash scripts/gpu_check.sh     # not in the default set: the host time of a norm's training forward,
 #                                                  # piece by piece, and of GPT-2-medium's forward (host_probe.py)
 #   STEPS=cpp bash scripts/gpu_check.sh           # not in the default set: GPT-2-medium's training table with the patched
-#                                                  # rows' forward launched from Python and through the C++ launch
+#                                                  # rows' kernels launched from Python and through the C++ launch
 #                                                  # operator (HF_RMSNORM_CPP_LAUNCH), in turn, in $OUT/cpp/
 set -uo pipefail
 cd "$(dirname "$0")/.."

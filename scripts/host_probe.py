@@ -5,14 +5,15 @@ table: the forward's GPU end moves with its host end), so the host time of each 
 *with autograd recording* is what the step pays, and ``profile_norms.py`` times the forward
 without grad. Here, per call (medians over rounds of 49 calls, GPT-2-medium's norm count, their
 outputs kept alive as a model's forward keeps them):
-- the public function and the module, with grad, and both again with the forward through the
+- the public function and the module, with grad, and both again launched through the
   C++ launch operator (``_cuda_launch``); ``_NormFunction.apply`` alone; the launch path
   without autograd (``_fwd_impl``); an empty ``autograd.Function`` taking the same arguments;
   torch's ``F.layer_norm`` with grad;
 - each with the GPU idle and with it busy (a sleep kernel queued first): a call that waits on
   the GPU shows up as the sleep's length, so equal columns mean no hidden synchronisation.
-Then GPT-2-medium's whole training forward (as shipped, both patched variants with the Python
-and with the C++ launch of the forward, Identity), host time with the GPU idle at the start, the variants in turn round by round.
+Then GPT-2-medium's whole training forward (as shipped, both patched variants launched from
+Python and through the C++ operator, Identity), host time with the GPU idle at the start, the
+variants in turn round by round.
 
     python scripts/host_probe.py --out DIR     # GPU only; DIR/host_probe.json and .md
 """
@@ -75,7 +76,7 @@ def norm_rows() -> list[dict]:
     calls = {
         "layer_norm(x, w, b)": lambda: layer_norm(x, w, b),
         "FusedLayerNorm module": lambda: module(x),
-        # the same two with the forward through the C++ launch operator (HF_RMSNORM_CPP_LAUNCH=1)
+        # the same two launched through the C++ launch operator (HF_RMSNORM_CPP_LAUNCH=1)
         "layer_norm(x, w, b), C++ launch": lambda: layer_norm(x, w, b),
         "FusedLayerNorm module, C++ launch": lambda: module(x),
         "_NormFunction.apply": lambda: _norm._NormFunction.apply(x, w, b, *args, layer_norm_ref),

@@ -28,8 +28,8 @@ from . import _cpu_kernel, _direct
 
 CPP_LAUNCH_ENV = "HF_RMSNORM_CPP_LAUNCH"
 _OP_SOURCE = Path(__file__).with_name("_cuda_launch_op.cpp")
-# how the operator packs each of the forward kernel's eleven leading arguments, by the type
-# Triton's signature gives it ("constexpr": specialised away, not passed)
+# how the operator packs each of a kernel's leading (non-constexpr) arguments, by the type
+# Triton's signature gives it ("constexpr": specialised away, not passed; a pointer type: _PTR_KIND)
 KINDS = {"constexpr": 0, "i32": 2, "i64": 3, "fp32": 4}
 _PTR_KIND = 1
 _log = logging.getLogger(__name__)
@@ -38,8 +38,8 @@ _log = logging.getLogger(__name__)
 def _enabled_by_environment() -> bool:
     value = os.environ.get(CPP_LAUNCH_ENV, "0").strip()
     if value not in ("0", "1"):
-        raise ValueError(f"{CPP_LAUNCH_ENV}={value!r}: expected 1 (the norm forward on CUDA through one C++ "
-                         f"operator) or 0 (through Python, the default); set one of them or unset it.")
+        raise ValueError(f"{CPP_LAUNCH_ENV}={value!r}: expected 1 (norms on CUDA launched through one C++ "
+                         f"operator) or 0 (launched from Python, the default); set one of them or unset it.")
     return value == "1"
 
 
