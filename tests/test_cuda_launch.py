@@ -330,6 +330,17 @@ _CHILD = textwrap.dedent('''
                 assert g.dtype == r.dtype and torch.equal(g, r), (kind, (g - r).abs().max())
         print("operator backward launches checked")
 
+        # a dy of another dtype than y's (the engine casts it to y's; only a direct call of the
+        # library's backward can pass one): its plans are not learnt, the key would not tell it
+        x, w, b = inputs(16, 1024)
+        _, family = C.forward(layer_norm_ref, x, w, b, 1e-5, 0.0, False, 0)
+        stats, plans = torch.empty(16), ops.plan_count()
+        C._backward(torch.randn(16, 1024), x, w, b, stats, stats, 1e-5, 0.0, family, 7)
+        assert ops.plan_count() == plans
+        C._backward(torch.randn(16, 1024, dtype=torch.bfloat16), x, w, b, stats, stats, 1e-5, 0.0, family, 7)
+        assert ops.plan_count() == plans + 2
+        print("operator backward dtypes checked")
+
         # without gradients: no node; with Triton's launch hooks set: Triton's own path
         x, w, b = inputs(16, 1024, dtype=torch.float32)
         expect("layer", x, w, b, True, 0.0)
@@ -428,6 +439,7 @@ def test_the_operator_launches_as_triton_would_and_its_node_passes_the_forwards_
     assert "operator saved-tensor hooks checked" in stdout, stdout
     assert "operator foreign records checked" in stdout, stdout
     assert "operator backward launches checked" in stdout, stdout
+    assert "operator backward dtypes checked" in stdout, stdout
 
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("0", False), (" 1 ", True), (None, False)])

@@ -50,8 +50,8 @@ _ops = _UNBUILT  # torch.ops.<namespace> once loaded, None where it cannot be
 _reason: Optional[str] = None
 _norm_op = None  # the C++ callable behind ops.norm.default
 # (N, x dtype, weight dtype, bias dtype, is_rms, rounding, device, torch reference) -> the
-# operator's family id; _FAMILY_REF[id] = (torch reference, cast mode, is_rms, rounding) for the
-# node's backward
+# operator's family id; _FAMILY_REF[id] = (torch reference, cast mode, is_rms, rounding, y's dtype)
+# for the node's backward
 _FAMILIES: dict = {}
 _FAMILY_REF: list = []
 _PYTHON_IMPLS: dict = {}
@@ -129,7 +129,7 @@ def _backward(grad, x, weight, bias, mean, rstd, eps, offset, family, needs):
     from . import _triton_norm
     from ._norm import _bwd_impl
 
-    _, _, is_rms, rounding = _FAMILY_REF[family]
+    _, _, is_rms, rounding, _ = _FAMILY_REF[family]
     record = _triton_norm.record = []
     try:
         grads = _bwd_impl(grad, x, weight, bias, mean, rstd, offset, is_rms, rounding)
@@ -143,7 +143,7 @@ def _graph_backward(grad, x, weight, bias, mean, rstd, eps, offset, family, need
     """The operator's node under create_graph=True: the torch reference's gradients as a graph."""
     from ._norm import wanted_gradients_as_graph
 
-    torch_impl, cast_mode, _, _ = _FAMILY_REF[family]
+    torch_impl, cast_mode, _, _, _ = _FAMILY_REF[family]
     return wanted_gradients_as_graph(torch_impl, grad, x, weight, bias, eps, offset, cast_mode, needs)
 
 
@@ -171,9 +171,9 @@ def _new_family(key, weight, bias) -> int:
         if family is None:
             # fwd_tiles's choice of tiles depends on the row count only through this threshold
             threshold = _triton_norm._MIN_FWD_PROGRAMS * _triton_norm._FWD_ROWS
-            family = _ops.new_family(x_dtype, w_dtype, b_dtype, _norm.output_dtype(x_dtype, weight, bias, cast_mode), n,
-                                     device, is_rms, rounding, threshold)
-            _FAMILY_REF.append((torch_impl, cast_mode, is_rms, rounding))
+            y_dtype = _norm.output_dtype(x_dtype, weight, bias, cast_mode)
+            family = _ops.new_family(x_dtype, w_dtype, b_dtype, y_dtype, n, device, is_rms, rounding, threshold)
+            _FAMILY_REF.append((torch_impl, cast_mode, is_rms, rounding, y_dtype))
             _FAMILIES[key] = family
     return family
 
@@ -194,9 +194,11 @@ def learn_forward(family: int, record: list, x) -> bool:
 
 def learn_backward(family: int, record: list, x, dy) -> bool:
     """Register the plans of the backward's launches the Python path has just made: the
-    backward kernel on x and dy themselves, then the sums of its partials (where there are
-    parameters), and nothing else in the list."""
-    if not record or record[0][0] != "bwd" or record[0][4][0] is not x or record[0][4][2] is not dy:
+    backward kernel on x and dy themselves, dy of y's dtype (the operator's key takes dy's dtype
+    as the family's y dtype; Triton compiles the kernel for dy's), then the sums of its partials
+    (where there are parameters), and nothing else in the list."""
+    if (not record or record[0][0] != "bwd" or record[0][4][0] is not x or record[0][4][2] is not dy
+            or dy.dtype != _FAMILY_REF[family][4]):
         return False
     part = record[0][4][4]
     if (part is None and len(record) != 1) or (part is not None and (
