@@ -75,11 +75,19 @@ def measure(step, iters: int) -> dict:
     }
 
 
-def launch_ab_host_us(step, iters: int, rounds: int = 5) -> tuple[float, float]:
-    """``host_us`` with Triton's launch and with the direct launch, timed alternately
-    (``launches_ab``; its warm-up calls fill the direct launch's cache): run 10 timed the
-    direct launch once, after the other columns, and one cell of eight came out above Triton's."""
-    return launches_ab(lambda: host_us(step, iters), rounds)
+def launch_ab_host_us(step, iters: int, rounds: int = 5, cpp: bool = False) -> tuple:
+    """``host_us`` with Triton's launch and with the direct launch (and with ``cpp`` through the
+    C++ launch operator), timed alternately (``launches_ab``; its warm-up calls fill the direct
+    launch's cache and the operator's plans): run 10 timed the direct launch once, after the
+    other columns, and one cell of eight came out above Triton's."""
+    return launches_ab(lambda: host_us(step, iters), rounds, cpp=cpp)
+
+
+def cpp_operator_available() -> bool:
+    """Whether the C++ launch operator can serve here (built and loaded; on a GPU)."""
+    from hf_rmsnorm.ops import _cuda_launch
+
+    return _cuda_launch.ops() is not None
 
 
 def one_thread_host_us(step, iters: int) -> float:
@@ -105,6 +113,7 @@ def main(argv=None) -> int:
         parser.error("this profiles GPU kernels; run it on a GPU")
     shapes = args.shapes
     device = torch.device("cuda")
+    with_cpp = cpp_operator_available()
     rows = []
     for m, n in shapes:
         for name in [p.strip() for p in args.providers.split(",") if p.strip()]:
@@ -120,7 +129,8 @@ def main(argv=None) -> int:
                     # backward's occupancy: the same calls with every launch a no-op
                     with launches_stubbed():
                         r["host_stubbed_us"] = host_us(step, args.iters)
-                    r["host_triton_ab_us"], r["host_direct_us"] = launch_ab_host_us(step, args.iters)
+                    r["host_triton_ab_us"], r["host_direct_us"], *cpp = launch_ab_host_us(step, args.iters, cpp=with_cpp)
+                    r["host_cpp_us"] = cpp[0] if cpp else None
                 if mode == "fwd+bwd":
                     r["host_one_thread_us"] = one_thread_host_us(step, args.iters)
                 rows.append({"shape": f"{m}x{n}", "provider": name, "mode": mode, **r})
@@ -139,17 +149,19 @@ def to_markdown(rows: list[dict], device: str, versions) -> str:
     lines = [f"# Host vs kernel time per call, {device}, bf16", "", f"{versions}", "",
              "host = the Python thread's time to issue a call; stubbed = the same with every kernel launch a no-op "
              "(this package's Python alone), launcher = host − stubbed (Triton's launcher, for this package's calls); "
-             "Triton / direct = host with Triton's launch / with the direct launch (`_DIRECT_LAUNCH`), timed "
+             "Triton / direct / C++ = host with Triton's launch / with the direct launch (`_DIRECT_LAUNCH`) / through "
+             "the C++ launch operator (`HF_RMSNORM_CPP_LAUNCH=1`'s path; – where it cannot be built), timed "
              "alternately, median of 5 each; 1 thread = host with autograd's backward "
              "on the calling thread (`torch.autograd.set_multithreading_enabled(False)`).", "",
-             "| shape | provider | mode | host µs | stubbed µs | launcher µs | Triton / direct µs | 1 thread µs | wall µs | kernels µs | launches | kernels (µs each) |",
+             "| shape | provider | mode | host µs | stubbed µs | launcher µs | Triton / direct / C++ µs | 1 thread µs | wall µs | kernels µs | launches | kernels (µs each) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ks = "; ".join(f"{k[:40]} ×{v['calls_per_step']:.0f} {v['us_per_call']:.1f}" for k, v in
                        sorted(r["kernels"].items(), key=lambda kv: -kv[1]["us_per_call"] * kv[1]["calls_per_step"]))
         stubbed = r.get("host_stubbed_us")
-        split = (f"{stubbed:.0f} | {r['host_us'] - stubbed:.0f} | {r['host_triton_ab_us']:.0f} / {r['host_direct_us']:.0f}"
-                 if stubbed is not None else "– | – | –")
+        cpp = r.get("host_cpp_us")
+        split = (f"{stubbed:.0f} | {r['host_us'] - stubbed:.0f} | {r['host_triton_ab_us']:.0f} / {r['host_direct_us']:.0f} / "
+                 + (f"{cpp:.0f}" if cpp is not None else "–") if stubbed is not None else "– | – | –")
         one = r.get("host_one_thread_us")
         split += f" | {one:.0f}" if one is not None else " | –"
         lines.append(f"| {r['shape']} | {r['provider']} | {r['mode']} | {r['host_us']:.0f} | {split} | {r['wall_us']:.0f} | "

@@ -417,14 +417,18 @@ def test_profile_splits_our_host_time_into_our_python_and_the_launcher(launches,
     assert one_thread_host_us(step, 2) > 0 and launches() == 2 * (5 + 3) + 7 * 2 * (5 + 2)
     assert torch._C._is_multithreading_enabled()
 
-    def row(provider, host, stubbed=None, ab=None, one=None):
+    def row(provider, host, stubbed=None, ab=None, one=None, cpp=None):
         r = {"shape": "8192x1024", "provider": provider, "mode": "fwd+bwd", "host_us": host, "wall_us": 400.0,
              "kernel_us": 30.0, "launches_per_step": 3, "kernels": {}, "host_one_thread_us": one}
-        return {**r, "host_stubbed_us": stubbed, "host_triton_ab_us": ab[0], "host_direct_us": ab[1]} if stubbed is not None else r
+        return ({**r, "host_stubbed_us": stubbed, "host_triton_ab_us": ab[0], "host_direct_us": ab[1], "host_cpp_us": cpp}
+                if stubbed is not None else r)
 
-    md = to_markdown([row("hf_rmsnorm LayerNorm", 350.0, 120.0, (345.0, 310.0), 250.0), row("torch F.layer_norm", 122.0, one=100.0),
+    md = to_markdown([row("hf_rmsnorm LayerNorm", 350.0, 120.0, (345.0, 310.0), 250.0, cpp=150.0),
+                      {**row("hf_rmsnorm LayerNorm", 360.0, 120.0, (345.0, 310.0), 250.0), "shape": "8x8"},
+                      row("torch F.layer_norm", 122.0, one=100.0),
                       {**row("torch F.layer_norm", 20.0), "mode": "fwd", "host_one_thread_us": None}], "GPU", "v")
-    assert "| 8192x1024 | hf_rmsnorm LayerNorm | fwd+bwd | 350 | 120 | 230 | 345 / 310 | 250 | 400 | 30 | 3 |" in md
+    assert "| 8192x1024 | hf_rmsnorm LayerNorm | fwd+bwd | 350 | 120 | 230 | 345 / 310 / 150 | 250 | 400 | 30 | 3 |" in md
+    assert "| 8x8 | hf_rmsnorm LayerNorm | fwd+bwd | 360 | 120 | 240 | 345 / 310 / – | 250 | 400 | 30 | 3 |" in md
     assert "| 8192x1024 | torch F.layer_norm | fwd+bwd | 122 | – | – | – | 100 | 400 | 30 | 3 |" in md
     assert "| 8192x1024 | torch F.layer_norm | fwd | 20 | – | – | – | – | 400 | 30 | 3 |" in md
 
