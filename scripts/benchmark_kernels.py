@@ -92,6 +92,27 @@ def _compiled(setup):
     return compiled_setup
 
 
+def _cpp_launch(setup):
+    """``setup``'s call with the norms launched through the C++ launch operator
+    (``HF_RMSNORM_CPP_LAUNCH=1``'s path, ``_cuda_launch``) during it, and the setting as it was
+    after it, so that the other providers of the same run keep the package's default."""
+    def cpp_setup(x, w, b):
+        from hf_rmsnorm.ops import _cuda_launch
+
+        fn, default = setup(x, w, b), _cuda_launch.ENABLED
+
+        def call(x):
+            _cuda_launch.ENABLED = True
+            try:
+                return fn(x)
+            finally:
+                _cuda_launch.ENABLED = default
+
+        return call
+
+    return cpp_setup
+
+
 def _setup_liger_rms(x, w, b):
     from liger_kernel.transformers.rms_norm import LigerRMSNorm
 
@@ -121,7 +142,12 @@ PROVIDERS: dict[str, tuple[Callable, str, Optional[str]]] = {
     # last: compiling a graph per shape and mode takes longest
     "torch.compile LayerNorm": (_compiled(_setup_torch_layer_norm), "layer", "compile"),
     "torch.compile HF RMSNorm": (_compiled(_setup_hf_eager), "rms", "compile"),
+    # only when named (--providers): the same calls launched through the C++ launch operator
+    "hf_rmsnorm RMSNorm (C++ launch)": (_cpp_launch(_setup_hf_rmsnorm_rms), "rms", "cpp"),
+    "hf_rmsnorm LayerNorm (C++ launch)": (_cpp_launch(_setup_hf_rmsnorm_layer), "layer", "cpp"),
 }
+# the run's providers unless --providers names others
+DEFAULT_PROVIDERS = [name for name, (_, _, need) in PROVIDERS.items() if need != "cpp"]
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -174,6 +200,13 @@ def floor_bytes(m: int, n: int, x_dtype: torch.dtype, mode: str) -> int:
 
 def _available(need: Optional[str], device: torch.device) -> Optional[str]:
     """None when the provider can run here, else the reason it cannot."""
+    if need == "cpp":
+        if device.type != "cuda":
+            return "the C++ launch operator launches on CUDA GPUs only"
+        from hf_rmsnorm.ops import _cuda_launch
+
+        if _cuda_launch.ops() is None:
+            return f"the C++ launch operator is unavailable: {_cuda_launch.unavailable_reason()}"
     if need == "liger_kernel":
         try:
             import liger_kernel  # noqa: F401
@@ -297,7 +330,7 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default="kernels", help="basename of the JSON and markdown files")
     args = parser.parse_args(argv)
 
-    names = list(PROVIDERS) if args.providers is None else [p.strip() for p in args.providers.split(",") if p.strip()]
+    names = DEFAULT_PROVIDERS if args.providers is None else [p.strip() for p in args.providers.split(",") if p.strip()]
     unknown = [p for p in names if p not in PROVIDERS]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown or not names:

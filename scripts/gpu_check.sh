@@ -22,9 +22,10 @@
 #                                                  # (8192x1024), in $OUT/tune_gpt2/
 #   STEPS=hostprobe bash scripts/gpu_check.sh     # not in the default set: the host time of a norm's training forward,
 #                                                  # piece by piece, and of GPT-2-medium's forward (host_probe.py)
-#   STEPS=cpp bash scripts/gpu_check.sh           # not in the default set: GPT-2-medium's training table with the patched
-#                                                  # rows' kernels launched from Python and through the C++ launch
-#                                                  # operator (HF_RMSNORM_CPP_LAUNCH), in turn, in $OUT/cpp/
+#   STEPS=cpp,cppkernels bash scripts/gpu_check.sh  # not in the default set: GPT-2-medium's training table with the
+#                                                  # patched rows' kernels launched from Python and through the C++
+#                                                  # launch operator (HF_RMSNORM_CPP_LAUNCH), in turn, and the kernel
+#                                                  # table's rows of ours both ways, in $OUT/cpp/
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick=""
@@ -93,13 +94,16 @@ step trainprof 90 "$PY" scripts/benchmark_training.py $quick --profile --out "$O
 step direct 90 "$PY" scripts/benchmark_training.py $quick \
   --variants "as shipped,layernorm,layernorm+triton,rmsnorm,rmsnorm+triton,norms -> Identity" --out "$OUT/direct"
 
-# the C++ launch operator against the Python launch of the forward, GPT-2-medium (host-paced forward)
+# the C++ launch operator against the launch from Python: GPT-2-medium's training table (its
+# forward is host-paced), then the kernel table's rows of both ways (do_bench includes the host)
 step cpp 90 "$PY" scripts/benchmark_training.py $quick --models gpt2-medium \
   --variants "as shipped,layernorm,layernorm+cpp,rmsnorm,rmsnorm+cpp,norms -> Identity" --out "$OUT/cpp"
+step cppkernels 60 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT/cpp" --name kernels_cpp \
+  --providers "hf_rmsnorm RMSNorm,hf_rmsnorm RMSNorm (C++ launch),hf_rmsnorm LayerNorm,hf_rmsnorm LayerNorm (C++ launch),torch F.layer_norm"
 
 echo
 grep -E "^(FAILED|ERROR)|passed|failed|skipped" "$OUT/tests.log" 2>/dev/null | cut -c1-400
-for f in cpp/training direct/training trainprof/training tune_gpt2/tuning tuning host_probe profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
+for f in cpp/kernels_cpp cpp/training direct/training trainprof/training tune_gpt2/tuning tuning host_probe profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
   [ -f "$OUT/$f.md" ] && sed -n '/^# /p;/^copy/p;/^torch/p;/^|/p;/^- /p;/^`do_bench`/p;/^CUDA-graph/p;/against the Identity row/p' "$OUT/$f.md"
 done
 cat "$OUT/steps.txt" 2>/dev/null

@@ -37,6 +37,32 @@ def test_benchmark_kernels_quick_writes_json_and_markdown(tmp_path):
     assert markdown.strip() in proc.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason a machine without a GPU gets")
+def test_benchmark_kernels_times_the_cpp_launch_only_when_named_and_says_why_not_here(tmp_path):
+    """The C++ launch operator's rows are not in a default run; named, on a machine without a
+    GPU, they are skipped with the reason, and the row beside them is timed."""
+    proc = _run("--quick", "--out", str(tmp_path), "--modes", "fwd",
+                "--providers", "hf_rmsnorm LayerNorm,hf_rmsnorm LayerNorm (C++ launch)")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "kernels.json").read_text())
+    assert list(result["results"]) == ["hf_rmsnorm LayerNorm"]
+    assert result["skipped"] == {"hf_rmsnorm LayerNorm (C++ launch)": "the C++ launch operator launches on CUDA GPUs only"}
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark_kernels import DEFAULT_PROVIDERS, PROVIDERS
+
+    assert [p for p in PROVIDERS if p not in DEFAULT_PROVIDERS] == [
+        "hf_rmsnorm RMSNorm (C++ launch)", "hf_rmsnorm LayerNorm (C++ launch)"]
+    # on for the provider's call only
+    pytest.importorskip("triton")
+    from benchmark_kernels import _cpp_launch
+
+    from hf_rmsnorm.ops import _cuda_launch
+
+    before = _cuda_launch.ENABLED
+    call = _cpp_launch(lambda x, w, b: (lambda x: _cuda_launch.ENABLED))(None, None, None)
+    assert call(None) is True and _cuda_launch.ENABLED is before
+
+
 def test_benchmark_rejects_an_unknown_provider(tmp_path):
     proc = _run("--quick", "--out", str(tmp_path), "--providers", "apex")
     assert proc.returncode == 2
@@ -534,19 +560,19 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_the_tables(tmp_path):
         pytest.skip("a GPU is present: the dry run would time the real kernels")
     out = tmp_path / "gpu"
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OUT": str(out),
-           "STEPS": "tests,bench,training,mixed,fp32,tune,trainprof,direct,cpp", "PYTHON": sys.executable}
+           "STEPS": "tests,bench,training,mixed,fp32,tune,trainprof,direct,cpp,cppkernels", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--quick"], capture_output=True, text=True,
                           cwd=ROOT, timeout=900, env=env)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-2000:])
     steps = (out / "steps.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in steps] == [
-        f"== {s}" for s in ("tests", "bench", "training", "mixed", "fp32", "tune", "trainprof", "direct", "cpp")]
+        f"== {s}" for s in ("tests", "bench", "training", "mixed", "fp32", "tune", "trainprof", "direct", "cpp", "cppkernels")]
     assert all(": exit 0 in" in line for line in steps), steps
     for name in ("kernels_bf16", "kernels_bf16_fp32w", "kernels_fp32", "training", "tuning", "trainprof/training", "direct/training",
-                 "cpp/training"):
+                 "cpp/training", "cpp/kernels_cpp"):
         assert (out / f"{name}.json").is_file() and (out / f"{name}.md").is_file(), name
     assert (out / "all.tgz").is_file()
-    assert "| llama-1b |" in proc.stdout and "== cpp: exit 0" in proc.stdout.splitlines()[-1]
+    assert "| llama-1b |" in proc.stdout and "== cppkernels: exit 0" in proc.stdout.splitlines()[-1]
     assert "| gpt2-medium | bf16 params | rmsnorm+triton |" in proc.stdout
     assert "| gpt2-medium | bf16 params | rmsnorm+cpp |" in proc.stdout
 
