@@ -278,6 +278,90 @@ def test_direct_launch_computes_the_same_bits(kind, p_dtype, monkeypatch):
             assert torch.equal(a, c), (m, n, start)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: x on one while the other is current")
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_a_norm_on_a_gpu_that_is_not_the_current_one(kind):
+    """A model spread over GPUs (``device_map="auto"``) runs every layer with the first GPU
+    current. The kernels must run on x's GPU all the same (Triton launches on the current one):
+    forward, backward and without grad, against float64, and the current device left as it was."""
+    g = torch.Generator(device="cuda:1").manual_seed(3)
+    x = torch.randn(1000, 1024, device="cuda:1", generator=g).bfloat16()
+    w = (torch.rand(1024, device="cuda:1", generator=g) + 0.5).bfloat16()
+    b = (0.1 * torch.randn(1024, device="cuda:1", generator=g)).bfloat16()
+    dy = torch.randn(1000, 1024, device="cuda:1", generator=g).bfloat16()
+    eps = EPS[kind]
+    torch.cuda.set_device(0)
+    pt = fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps), x, w, b, dy)
+    truth = fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps), x.double(), w.double(), b.double(), dy)
+    with torch.no_grad():
+        y = FNS[kind](x, w, b, eps)
+    assert torch.cuda.current_device() == 0 and y.device == x.device
+    assert_close_to_fp64(y, pt[0], truth[0], torch.bfloat16, "output without grad")
+    got = fwd_bwd(lambda x, w, b: FNS[kind](x, w, b, eps), x, w, b, dy)
+    for what, g, p, t in zip(["output", "grad x", "grad w", "grad b"], got, pt, truth):
+        assert_close_to_fp64(g, p, t, torch.bfloat16, what)
+    assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.parametrize("is_rms", [True, False])
+def test_eager_function_and_custom_op_agree_bit_for_bit_on_cuda(is_rms):
+    from hf_rmsnorm.ops import _norm
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 1024, device="cuda", generator=g).bfloat16()
+    w = (torch.rand(1024, device="cuda", generator=g) + 0.5).bfloat16()
+    b = (0.1 * torch.randn(1024, device="cuda", generator=g)).bfloat16()
+    dy = torch.randn(4096, 1024, device="cuda", generator=g).bfloat16()
+    from hf_rmsnorm.ops import layer_norm_ref, rms_norm_ref
+
+    reference = rms_norm_ref if is_rms else layer_norm_ref  # used only for second derivatives
+    ops = (lambda *args: _norm._NormFunction.apply(*args, reference), lambda *args: _norm._norm_fwd_op(*args)[0])
+    results = [fwd_bwd(lambda x, w, b: op(x, w, b, 1e-5, 0.0, is_rms, 0), x, w, b, dy) for op in ops]
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_second_derivatives_on_cuda(kind, launches):
+    """create_graph=True on CUDA: the forward on the kernel, the gradients through torch's
+    CUDA norms (which autograd must be able to differentiate again)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(64, 512, device="cuda", generator=g) * 2 + 0.5
+    w = 1 + 0.3 * torch.randn(512, device="cuda", generator=g)
+    b = 0.1 * torch.randn(512, device="cuda", generator=g)
+    dy = torch.randn(64, 512, device="cuda", generator=g)
+    fn = lambda x, w, b: FNS[kind](x, w, b, 1e-5)  # noqa: E731
+    got = second_order(fn, x, w, b, dy)
+    assert launches() == 1
+    truth = second_order(lambda x, w, b: norm_fp64(kind, x, w, b, 1e-5), x.double(), w.double(), b.double(), dy.double())
+    yardstick = second_order(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, 1e-5), x, w, b, dy)
+    for name, got_, y_, t in zip(("dx", "dw", "d2x", "d2w"), got, yardstick, truth):
+        assert_close_to_fp64(got_, y_, t, torch.float32, name)
+
+
+def test_training_benchmark_charges_each_variant_its_own_peak_memory():
+    """The training benchmark times a model's variants side by side on one GPU: each row's peak
+    memory must still be what that variant takes alone, not its neighbours' parameters and
+    optimizer state as well (they are as large as its own: a 5 % tolerance still catches them)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import benchmark_training as bt
+
+    device = torch.device("cuda")
+    batch = torch.randint(0, 256, (2, 32), device=device)
+    variants = ["as shipped", "layernorm", "norms -> Identity"]
+    together = bt.time_group("llama-1b", bt.QUICK, "bf16 params", variants, batch, device, 1, 2)
+    alone = [bt.time_group("llama-1b", bt.QUICK, "bf16 params", [v], batch, device, 1, 2)[0] for v in variants]
+    assert [r["timed_with"] for r in together] == [3, 3, 3] and [r["timed_with"] for r in alone] == [1, 1, 1]
+    for t, a in zip(together, alone):
+        assert a["peak_memory_bytes"] > 0
+        assert t["peak_memory_bytes"] == pytest.approx(a["peak_memory_bytes"], rel=0.05), t["variant"]
+
+
+# Last in the file: the C++ launch operator has not run on a GPU yet, and a bad launch would leave
+# the CUDA context unusable for every test after it.
 def _cpp_launch_or_skip(monkeypatch):
     """The C++ launch operator, switched on for one test (HF_RMSNORM_CPP_LAUNCH is read at
     import), or a skip saying why it cannot serve here."""
@@ -382,85 +466,3 @@ def test_cpp_launch_in_a_cuda_graph_and_with_second_derivatives(monkeypatch):
     ours, name = second(True)
     assert name == "HFNormBackward"
     torch.testing.assert_close(ours, python)
-
-
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: x on one while the other is current")
-@pytest.mark.parametrize("kind", ["rms", "layer"])
-def test_a_norm_on_a_gpu_that_is_not_the_current_one(kind):
-    """A model spread over GPUs (``device_map="auto"``) runs every layer with the first GPU
-    current. The kernels must run on x's GPU all the same (Triton launches on the current one):
-    forward, backward and without grad, against float64, and the current device left as it was."""
-    g = torch.Generator(device="cuda:1").manual_seed(3)
-    x = torch.randn(1000, 1024, device="cuda:1", generator=g).bfloat16()
-    w = (torch.rand(1024, device="cuda:1", generator=g) + 0.5).bfloat16()
-    b = (0.1 * torch.randn(1024, device="cuda:1", generator=g)).bfloat16()
-    dy = torch.randn(1000, 1024, device="cuda:1", generator=g).bfloat16()
-    eps = EPS[kind]
-    torch.cuda.set_device(0)
-    pt = fwd_bwd(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps), x, w, b, dy)
-    truth = fwd_bwd(lambda x, w, b: norm_fp64(kind, x, w, b, eps), x.double(), w.double(), b.double(), dy)
-    with torch.no_grad():
-        y = FNS[kind](x, w, b, eps)
-    assert torch.cuda.current_device() == 0 and y.device == x.device
-    assert_close_to_fp64(y, pt[0], truth[0], torch.bfloat16, "output without grad")
-    got = fwd_bwd(lambda x, w, b: FNS[kind](x, w, b, eps), x, w, b, dy)
-    for what, g, p, t in zip(["output", "grad x", "grad w", "grad b"], got, pt, truth):
-        assert_close_to_fp64(g, p, t, torch.bfloat16, what)
-    assert torch.cuda.current_device() == 0
-
-
-@pytest.mark.parametrize("is_rms", [True, False])
-def test_eager_function_and_custom_op_agree_bit_for_bit_on_cuda(is_rms):
-    from hf_rmsnorm.ops import _norm
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(4096, 1024, device="cuda", generator=g).bfloat16()
-    w = (torch.rand(1024, device="cuda", generator=g) + 0.5).bfloat16()
-    b = (0.1 * torch.randn(1024, device="cuda", generator=g)).bfloat16()
-    dy = torch.randn(4096, 1024, device="cuda", generator=g).bfloat16()
-    from hf_rmsnorm.ops import layer_norm_ref, rms_norm_ref
-
-    reference = rms_norm_ref if is_rms else layer_norm_ref  # used only for second derivatives
-    ops = (lambda *args: _norm._NormFunction.apply(*args, reference), lambda *args: _norm._norm_fwd_op(*args)[0])
-    results = [fwd_bwd(lambda x, w, b: op(x, w, b, 1e-5, 0.0, is_rms, 0), x, w, b, dy) for op in ops]
-    for a, c in zip(*results):
-        assert torch.equal(a, c)
-
-
-@pytest.mark.parametrize("kind", ["rms", "layer"])
-def test_second_derivatives_on_cuda(kind, launches):
-    """create_graph=True on CUDA: the forward on the kernel, the gradients through torch's
-    CUDA norms (which autograd must be able to differentiate again)."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(64, 512, device="cuda", generator=g) * 2 + 0.5
-    w = 1 + 0.3 * torch.randn(512, device="cuda", generator=g)
-    b = 0.1 * torch.randn(512, device="cuda", generator=g)
-    dy = torch.randn(64, 512, device="cuda", generator=g)
-    fn = lambda x, w, b: FNS[kind](x, w, b, 1e-5)  # noqa: E731
-    got = second_order(fn, x, w, b, dy)
-    assert launches() == 1
-    truth = second_order(lambda x, w, b: norm_fp64(kind, x, w, b, 1e-5), x.double(), w.double(), b.double(), dy.double())
-    yardstick = second_order(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, 1e-5), x, w, b, dy)
-    for name, got_, y_, t in zip(("dx", "dw", "d2x", "d2w"), got, yardstick, truth):
-        assert_close_to_fp64(got_, y_, t, torch.float32, name)
-
-
-def test_training_benchmark_charges_each_variant_its_own_peak_memory():
-    """The training benchmark times a model's variants side by side on one GPU: each row's peak
-    memory must still be what that variant takes alone, not its neighbours' parameters and
-    optimizer state as well (they are as large as its own: a 5 % tolerance still catches them)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import benchmark_training as bt
-
-    device = torch.device("cuda")
-    batch = torch.randint(0, 256, (2, 32), device=device)
-    variants = ["as shipped", "layernorm", "norms -> Identity"]
-    together = bt.time_group("llama-1b", bt.QUICK, "bf16 params", variants, batch, device, 1, 2)
-    alone = [bt.time_group("llama-1b", bt.QUICK, "bf16 params", [v], batch, device, 1, 2)[0] for v in variants]
-    assert [r["timed_with"] for r in together] == [3, 3, 3] and [r["timed_with"] for r in alone] == [1, 1, 1]
-    for t, a in zip(together, alone):
-        assert a["peak_memory_bytes"] > 0
-        assert t["peak_memory_bytes"] == pytest.approx(a["peak_memory_bytes"], rel=0.05), t["variant"]
