@@ -17,7 +17,6 @@ every call takes the Python path and :func:`unavailable_reason` says why.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Optional
@@ -36,11 +35,8 @@ _log = logging.getLogger(__name__)
 
 
 def _enabled_by_environment() -> bool:
-    value = os.environ.get(CPP_LAUNCH_ENV, "0").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"{CPP_LAUNCH_ENV}={value!r}: expected 1 (norms on CUDA launched through one C++ "
-                         f"operator) or 0 (launched from Python, the default); set one of them or unset it.")
-    return value == "1"
+    return _direct.env_switch(CPP_LAUNCH_ENV, "0", "norms on CUDA launched through one C++ operator",
+                              "launched from Python, the default")
 
 
 ENABLED = _enabled_by_environment()
@@ -149,7 +145,7 @@ def _graph_backward(grad, x, weight, bias, mean, rstd, eps, offset, family, need
 
 def forward(torch_impl, x, weight, bias, eps: float, offset: float, is_rms: bool, rounding: int):
     """(y, family): y from the operator, or None where it has no plan for this call (the
-    caller then takes the Python path and calls :func:`learn` with ``family``); (None, None)
+    caller then takes the Python path and calls :func:`learn_forward` with ``family``); (None, None)
     where the operator cannot be had."""
     if _norm_op is None and ops() is None:
         return None, None

@@ -31,12 +31,18 @@ import triton
 DIRECT_LAUNCH_ENV = "HF_RMSNORM_DIRECT_LAUNCH"
 
 
-def _direct_launch_default() -> bool:
-    value = os.environ.get(DIRECT_LAUNCH_ENV, "1").strip()
+def env_switch(name: str, default: str, on: str, off: str) -> bool:
+    """An environment variable that is 1 or 0 (``default`` where unset); anything else is
+    refused with a message saying what each value does (``on``, ``off``)."""
+    value = os.environ.get(name, default).strip()
     if value not in ("0", "1"):
-        raise ValueError(f"{DIRECT_LAUNCH_ENV}={value!r}: expected 1 (launch compiled Triton kernels directly, the "
-                         f"default) or 0 (through Triton's own launch); set one of them or unset it.")
+        raise ValueError(f"{name}={value!r}: expected 1 ({on}) or 0 ({off}); set one of them or unset it.")
     return value == "1"
+
+
+def _direct_launch_default() -> bool:
+    return env_switch(DIRECT_LAUNCH_ENV, "1", "launch compiled Triton kernels directly, the default",
+                      "through Triton's own launch")
 
 
 _DIRECT_LAUNCH = _direct_launch_default()
