@@ -560,11 +560,8 @@ def _run_kernels(torch_impl, x, weight, bias, eps: float, offset: float, is_rms:
         return _norm_fwd_op(_rows(x), *args)[0].view(x.shape)
     if _launchers is None:
         _import_launchers()
-    # Both callers have made sure no torch.func transform is active; a functorch wrapper that a
-    # finished transform left behind is unwrapped only by Function.apply's Python
-    wrapped = _apply_norm is None or _functorch_wrapped(x) or (weight is not None and _functorch_wrapped(weight)) or (
-        bias is not None and _functorch_wrapped(bias))
-    if _cuda_launch.ENABLED and not wrapped and (x.is_cuda or _cuda_launch.cpu_stub) and _direct.plain_launches():
+    if (_cuda_launch.ENABLED and (x.is_cuda or _cuda_launch.cpu_stub) and not _needs_function_apply(x, weight, bias)
+            and _direct.plain_launches()):
         # one C++ operator allocates, launches and records the node (_cuda_launch); None where it
         # has no plan for this kind of call yet: then the Python path, and its launch's plan
         y, family = _cuda_launch.forward(torch_impl, x, *args)
@@ -574,21 +571,29 @@ def _run_kernels(torch_impl, x, weight, bias, eps: float, offset: float, is_rms:
         if family is not None:
             record = _launchers.record = []
             try:
-                y = _kernels_in_python(torch_impl, x, wrapped, *args)
+                y = _kernels_in_python(torch_impl, x, *args)
             finally:
                 _launchers.record = None
             _cuda_launch.learn_forward(family, record, x)
             return y
-    return _kernels_in_python(torch_impl, x, wrapped, *args)
+    return _kernels_in_python(torch_impl, x, *args)
 
 
-def _kernels_in_python(torch_impl, x, wrapped: bool, weight, bias, eps, offset, is_rms, rounding) -> Tensor:
+def _needs_function_apply(x, weight, bias) -> bool:
+    """Whether an input is a functorch wrapper that a finished torch.func transform left behind
+    (the callers have made sure no transform is active), which only Function.apply's Python
+    unwraps; or this torch build lacks what the direct C++ apply needs."""
+    return _apply_norm is None or _functorch_wrapped(x) or (weight is not None and _functorch_wrapped(weight)) or (
+        bias is not None and _functorch_wrapped(bias))
+
+
+def _kernels_in_python(torch_impl, x, weight, bias, eps, offset, is_rms, rounding) -> Tensor:
     args = (weight, bias, eps, offset, is_rms, rounding)
     if needs_grad(x, weight, bias):
-        # eager: cheaper than the custom op's dispatch. Without a functorch wrapper (``wrapped``)
-        # Function.apply's Python would do nothing, and its C++ apply is called directly (CI
-        # CPU: 18.9 -> 16.0 µs a call).
-        if wrapped:
+        # eager: cheaper than the custom op's dispatch. Without a functorch wrapper Function.apply's
+        # Python would do nothing, and its C++ apply is called directly (CI CPU: 18.9 -> 16.0 µs
+        # a call).
+        if _needs_function_apply(x, weight, bias):
             return _NormFunction.apply(x, *args, torch_impl)
         return _apply_norm(x, *args, torch_impl)
     return _fwd_impl(x, *args)[0]  # nothing to differentiate: no autograd node at all
