@@ -156,9 +156,10 @@ def build_library(stem: str, c_source: Optional[Path], op_source: Path, openmp: 
                 try:
                     _log.info("building %s into %s (once per machine)", what, path)
                     # with OpenMP where asked and the compiler has it; without, one thread a call
-                    error = _compile(cxx, tmp, namespace, openmp=True, c_source=c_source, op_source=op_source) \
-                        if openmp else "no OpenMP asked"
-                    error = error and _compile(cxx, tmp, namespace, openmp=False, c_source=c_source, op_source=op_source)
+                    for with_openmp in (True, False) if openmp else (False,):
+                        error = _compile(cxx, tmp, namespace, with_openmp, c_source=c_source, op_source=op_source)
+                        if error is None:
+                            break
                     if error:
                         return None, "", f"building {what} failed: {error}"
                     os.replace(tmp, path)
