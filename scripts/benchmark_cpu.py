@@ -145,10 +145,11 @@ def module_rows(shapes, dtypes, rounds: int, min_run_time: float) -> list[dict]:
 
 @contextlib.contextmanager
 def launches_stubbed():
-    """Run the Triton path with every kernel launch a no-op (host time only): on CPU tensors,
-    and on CUDA ones once a real call of the same shape has run (the backward then takes its
-    programs from the launch plan that call made instead of compiling; ``profile_norms.py``)."""
-    from hf_rmsnorm.ops import _triton_norm
+    """Run the Triton path from Python with every kernel launch a no-op (host time only): on CPU
+    tensors, and on CUDA ones once a real call of the same shape has run (the backward then takes
+    its programs from the launch plan that call made instead of compiling; ``profile_norms.py``).
+    The C++ launch operator is off meanwhile: it would launch the real kernels."""
+    from hf_rmsnorm.ops import _cuda_launch, _triton_norm
 
     def nop(*args, **kwargs):
         return None
@@ -160,12 +161,15 @@ def launches_stubbed():
     saved = {k: os.environ.get(k) for k in ("HF_RMSNORM_BACKEND", "TRITON_INTERPRET")}
     names = ("_norm_fwd_kernel", "_norm_bwd_kernel", "_sum_rows_kernel")
     kernels = {name: getattr(_triton_norm, name) for name in names}
+    operator = _cuda_launch.ENABLED
     os.environ.update(HF_RMSNORM_BACKEND="triton", TRITON_INTERPRET="1")
+    _cuda_launch.ENABLED = False
     for name in names:
         setattr(_triton_norm, name, Stub())
     try:
         yield
     finally:
+        _cuda_launch.ENABLED = operator
         for name, kernel in kernels.items():
             setattr(_triton_norm, name, kernel)
         for k, v in saved.items():

@@ -92,17 +92,17 @@ def _compiled(setup):
     return compiled_setup
 
 
-def _cpp_launch(setup):
-    """``setup``'s call with the norms launched through the C++ launch operator
-    (``HF_RMSNORM_CPP_LAUNCH=1``'s path, ``_cuda_launch``) during it, and the setting as it was
-    after it, so that the other providers of the same run keep the package's default."""
-    def cpp_setup(x, w, b):
+def _launched(setup, cpp: bool):
+    """``setup``'s call with the C++ launch operator (``_cuda_launch``, the default on CUDA) on
+    (``cpp``) or off (launched from Python) during it, and the setting as it was after it, so
+    that the other providers of the same run keep the package's default."""
+    def launched_setup(x, w, b):
         from hf_rmsnorm.ops import _cuda_launch
 
         fn, default = setup(x, w, b), _cuda_launch.ENABLED
 
         def call(x):
-            _cuda_launch.ENABLED = True
+            _cuda_launch.ENABLED = cpp
             try:
                 return fn(x)
             finally:
@@ -110,7 +110,7 @@ def _cpp_launch(setup):
 
         return call
 
-    return cpp_setup
+    return launched_setup
 
 
 def _setup_liger_rms(x, w, b):
@@ -143,11 +143,14 @@ PROVIDERS: dict[str, tuple[Callable, str, Optional[str]]] = {
     "torch.compile LayerNorm": (_compiled(_setup_torch_layer_norm), "layer", "compile"),
     "torch.compile HF RMSNorm": (_compiled(_setup_hf_eager), "rms", "compile"),
     # only when named (--providers): the same calls launched through the C++ launch operator
-    "hf_rmsnorm RMSNorm (C++ launch)": (_cpp_launch(_setup_hf_rmsnorm_rms), "rms", "cpp"),
-    "hf_rmsnorm LayerNorm (C++ launch)": (_cpp_launch(_setup_hf_rmsnorm_layer), "layer", "cpp"),
+    # whatever HF_RMSNORM_CPP_LAUNCH says, and launched from Python (the default before run 15)
+    "hf_rmsnorm RMSNorm (C++ launch)": (_launched(_setup_hf_rmsnorm_rms, True), "rms", "cpp"),
+    "hf_rmsnorm LayerNorm (C++ launch)": (_launched(_setup_hf_rmsnorm_layer, True), "layer", "cpp"),
+    "hf_rmsnorm RMSNorm (Python launch)": (_launched(_setup_hf_rmsnorm_rms, False), "rms", "python"),
+    "hf_rmsnorm LayerNorm (Python launch)": (_launched(_setup_hf_rmsnorm_layer, False), "layer", "python"),
 }
 # the run's providers unless --providers names others
-DEFAULT_PROVIDERS = [name for name, (_, _, need) in PROVIDERS.items() if need != "cpp"]
+DEFAULT_PROVIDERS = [name for name, (_, _, need) in PROVIDERS.items() if need not in ("cpp", "python")]
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -200,6 +203,8 @@ def floor_bytes(m: int, n: int, x_dtype: torch.dtype, mode: str) -> int:
 
 def _available(need: Optional[str], device: torch.device) -> Optional[str]:
     """None when the provider can run here, else the reason it cannot."""
+    if need == "python" and device.type != "cuda":
+        return "off CUDA the norms launch from Python anyway: the same row as the provider without '(Python launch)'"
     if need == "cpp":
         if device.type != "cuda":
             return "the C++ launch operator launches on CUDA GPUs only"

@@ -13,9 +13,11 @@ the GPU clock changing between one variant's steps and the next's; a group that 
 the device at once is timed one variant at a time, and the table says so. ``--variants`` adds
 ``layernorm+triton`` and ``rmsnorm+triton``: the same patches with the kernels launched
 through Triton's own launch instead of the package's direct one (``_direct._DIRECT_LAUNCH``,
-on by default since run 10), for the host-bound steps where the difference shows; and
-``layernorm+cpp`` and ``rmsnorm+cpp``: with the kernels launched through the C++ launch operator
-(``HF_RMSNORM_CPP_LAUNCH=1``'s path, ``_cuda_launch``).
+on by default since run 10), for the host-bound steps where the difference shows;
+``layernorm+python`` and ``rmsnorm+python``: launched directly from Python, the C++ launch
+operator off (the default before run 15); and ``layernorm+cpp`` and ``rmsnorm+cpp``: through the
+C++ launch operator (``_cuda_launch``, the default on CUDA since run 15) whatever
+``HF_RMSNORM_CPP_LAUNCH`` says.
 
     python scripts/benchmark_training.py            # on a GPU
     python scripts/benchmark_training.py --quick    # tiny configs, runs anywhere (CI)
@@ -55,11 +57,10 @@ QUICK = {
     "llama-1b": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=256, max_position_embeddings=64)),
 }
 VARIANTS = ("as shipped", "layernorm", "rmsnorm", "norms -> Identity", "layernorm+triton", "rmsnorm+triton",
-            "layernorm+cpp", "rmsnorm+cpp")
-# the table's rows; the "+triton" variants (the same patch, with the kernels launched through
-# Triton's own launch rather than directly) and the "+cpp" ones (the kernels launched through the C++
-# launch operator) only on request
-LAUNCH_SUFFIXES = ("+triton", "+cpp")
+            "layernorm+python", "rmsnorm+python", "layernorm+cpp", "rmsnorm+cpp")
+# the table's rows; the same patches launched another way only on request: "+triton" through
+# Triton's own launch, "+python" directly from Python, "+cpp" through the C++ launch operator
+LAUNCH_SUFFIXES = ("+triton", "+python", "+cpp")
 DEFAULT_VARIANTS = VARIANTS[:4]
 PRECISIONS = ("bf16 params", "fp32 params + bf16 autocast")
 PROFILE_STEPS = 2  # steps a row runs under the profiler with --profile
@@ -118,20 +119,21 @@ def kernel_kind(name: str) -> str:
 
 def _launch_path(variant: str) -> None:
     """Set how the kernels launch for ``variant``'s step: "+triton", through Triton's own launch;
-    "+cpp", through the C++ launch operator; otherwise as the package launches them
-    by default (directly, ``_direct._DIRECT_LAUNCH``, unless ``HF_RMSNORM_DIRECT_LAUNCH=0``;
-    the operator only with ``HF_RMSNORM_CPP_LAUNCH=1``)."""
-    through_triton, cpp = variant.endswith("+triton"), variant.endswith("+cpp")
+    "+python", directly from Python (``_direct._DIRECT_LAUNCH`` as the environment sets it, the
+    C++ launch operator off); "+cpp", through the C++ launch operator; otherwise as the package
+    launches them by default (through the operator on CUDA unless ``HF_RMSNORM_CPP_LAUNCH=0``,
+    directly unless ``HF_RMSNORM_DIRECT_LAUNCH=0``)."""
+    suffix = next((s for s in LAUNCH_SUFFIXES if variant.endswith(s)), "")
     direct = sys.modules.get("hf_rmsnorm.ops._direct")
-    if direct is None and through_triton:
+    if direct is None and suffix == "+triton":
         from hf_rmsnorm.ops import _direct as direct
     if direct is not None:
-        direct._DIRECT_LAUNCH = not through_triton and direct._direct_launch_default()
+        direct._DIRECT_LAUNCH = suffix != "+triton" and direct._direct_launch_default()
     launch = sys.modules.get("hf_rmsnorm.ops._cuda_launch")
-    if launch is None and cpp:
+    if launch is None and suffix:
         from hf_rmsnorm.ops import _cuda_launch as launch
     if launch is not None:
-        launch.ENABLED = cpp or (not through_triton and launch._enabled_by_environment())
+        launch.ENABLED = suffix == "+cpp" or (not suffix and launch._enabled_by_environment())
 
 
 class _GcClock:

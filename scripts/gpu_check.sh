@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: the GPU tests, the kernel benchmark (bf16; bf16 activations with
 # fp32 weights; fp32), the launch-parameter sweep and the training-step benchmark; tables
-# printed last, full JSON/markdown in $OUT. Each step has its own time limit (700 s for the
+# printed last, full JSON/markdown in $OUT. Each step has its own time limit (715 s for the
 # default steps: more than one 600 s device call, so a call names a subset), so a hung step
-# cannot hold the machine; on an H200 (runs 7-14): tests 51-85 s warm, 120-128 on a fresh
-# machine, where every kernel compiles cold; bench 77-82, training 37-48 with 10 steps a row and 61-76 with 20,
-# mixed 30-32 (40 cold), fp32 40-41, tune 94-131, profile 14-19; trainprof 58, direct 59.
+# cannot hold the machine; on an H200 (runs 7-15): tests 51-85 s warm, 120-128 on a fresh
+# machine, where every kernel compiles cold (160 since run 15: more tests, and the C++ launch
+# operator built); bench 77-88, training 37-48 with 10 steps a row and 61-76 with 20,
+# mixed 30-33 (40 cold), fp32 40-45, tune 94-131, profile 14-20; trainprof 58, direct 59;
+# hostprobe 30, cpp 39, cppkernels 32.
 #
 #   bash scripts/gpu_check.sh            # on the GPU machine ($OUT defaults to benchmarks/results/gpu)
 #   bash scripts/gpu_check.sh --quick    # dry run of the same steps on a CPU (tiny shapes)
@@ -17,14 +19,14 @@
 #                                                  # row profiled (kernel time by kind, the kernels that differ
 #                                                  # most from the Identity row), in $OUT/trainprof/
 #   STEPS=direct bash scripts/gpu_check.sh        # not in the default set: the training table with its patched
-#                                                  # rows launched directly (the default) and through Triton, in $OUT/direct/
+#                                                  # rows launched directly from Python and through Triton, in $OUT/direct/
 #   STEPS=tunegpt2 bash scripts/gpu_check.sh      # not in the default set: the sweep at GPT-2-medium's norm shape
 #                                                  # (8192x1024), in $OUT/tune_gpt2/
 #   STEPS=hostprobe bash scripts/gpu_check.sh     # not in the default set: the host time of a norm's training forward,
 #                                                  # piece by piece, and of GPT-2-medium's forward (host_probe.py)
 #   STEPS=cpp,cppkernels bash scripts/gpu_check.sh  # not in the default set: GPT-2-medium's training table with the
 #                                                  # patched rows' kernels launched from Python and through the C++
-#                                                  # launch operator (HF_RMSNORM_CPP_LAUNCH), in turn, and the kernel
+#                                                  # launch operator (the default), in turn, and the kernel
 #                                                  # table's rows of ours both ways, in $OUT/cpp/
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -76,7 +78,7 @@ train_steps=20
 [ -n "$quick" ] && train_steps=2
 step training 90 "$PY" scripts/benchmark_training.py $quick --steps "$train_steps" --out "$OUT"
 step mixed 50 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16_fp32w --w-dtype fp32 --providers "$OURS,$PEERS"
-step fp32 45 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_fp32 --x-dtype fp32 --providers "$OURS,$PEERS"
+step fp32 60 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_fp32 --x-dtype fp32 --providers "$OURS,$PEERS"
 step tune 150 "$PY" scripts/tune_kernels.py $quick --out "$OUT"
 # GPT-2-medium's norm shape (batch 8 x 1024) first: its training step is host-bound
 [ -z "$quick" ] && step profile 60 "$PY" scripts/profile_norms.py --shapes 8192x1024,65536x768 --out "$OUT"
@@ -92,14 +94,15 @@ step trainprof 90 "$PY" scripts/benchmark_training.py $quick --profile --out "$O
 # the training table with the patched rows twice, the kernels launched through Triton and
 # directly, in turn (GPT-2-medium's bf16 step is host-bound)
 step direct 90 "$PY" scripts/benchmark_training.py $quick \
-  --variants "as shipped,layernorm,layernorm+triton,rmsnorm,rmsnorm+triton,norms -> Identity" --out "$OUT/direct"
+  --variants "as shipped,layernorm+python,layernorm+triton,rmsnorm+python,rmsnorm+triton,norms -> Identity" --out "$OUT/direct"
 
-# the C++ launch operator against the launch from Python: GPT-2-medium's training table (its
-# forward is host-paced), then the kernel table's rows of both ways (do_bench includes the host)
+# the C++ launch operator (the default on CUDA since run 15) against the launch from Python:
+# GPT-2-medium's training table (its forward is host-paced), then the kernel table's rows of
+# both ways (do_bench includes the host)
 step cpp 90 "$PY" scripts/benchmark_training.py $quick --models gpt2-medium \
-  --variants "as shipped,layernorm,layernorm+cpp,rmsnorm,rmsnorm+cpp,norms -> Identity" --out "$OUT/cpp"
-step cppkernels 60 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT/cpp" --name kernels_cpp \
-  --providers "hf_rmsnorm RMSNorm,hf_rmsnorm RMSNorm (C++ launch),hf_rmsnorm LayerNorm,hf_rmsnorm LayerNorm (C++ launch),torch F.layer_norm"
+  --variants "as shipped,layernorm+python,layernorm,rmsnorm+python,rmsnorm,norms -> Identity" --out "$OUT/cpp"
+step cppkernels 60 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT/cpp" --name kernels_cpp --providers \
+  "hf_rmsnorm RMSNorm (Python launch),hf_rmsnorm RMSNorm,hf_rmsnorm LayerNorm (Python launch),hf_rmsnorm LayerNorm,torch F.layer_norm"
 
 echo
 grep -E "^(FAILED|ERROR)|passed|failed|skipped" "$OUT/tests.log" 2>/dev/null | cut -c1-400

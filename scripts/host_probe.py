@@ -5,10 +5,10 @@ table: the forward's GPU end moves with its host end), so the host time of each 
 *with autograd recording* is what the step pays, and ``profile_norms.py`` times the forward
 without grad. Here, per call (medians over rounds of 49 calls, GPT-2-medium's norm count, their
 outputs kept alive as a model's forward keeps them):
-- the public function and the module, with grad, and both again launched through the
-  C++ launch operator (``_cuda_launch``); ``_NormFunction.apply`` alone; the launch path
-  without autograd (``_fwd_impl``); an empty ``autograd.Function`` taking the same arguments;
-  torch's ``F.layer_norm`` with grad;
+- the public function and the module, with grad, launched from Python and through the C++
+  launch operator (``_cuda_launch``, the default on CUDA since run 15); ``_NormFunction.apply``
+  alone; the launch path without autograd (``_fwd_impl``); an empty ``autograd.Function``
+  taking the same arguments; torch's ``F.layer_norm`` with grad;
 - each with the GPU idle and with it busy (a sleep kernel queued first): a call that waits on
   the GPU shows up as the sleep's length, so equal columns mean no hidden synchronisation.
 Then GPT-2-medium's whole training forward (as shipped, both patched variants launched from
@@ -74,9 +74,9 @@ def norm_rows() -> list[dict]:
     w, b = module.weight, module.bias
     args = (1e-5, 0.0, False, 0)
     calls = {
-        "layer_norm(x, w, b)": lambda: layer_norm(x, w, b),
-        "FusedLayerNorm module": lambda: module(x),
-        # the same two launched through the C++ launch operator (HF_RMSNORM_CPP_LAUNCH=1)
+        "layer_norm(x, w, b), Python launch": lambda: layer_norm(x, w, b),
+        "FusedLayerNorm module, Python launch": lambda: module(x),
+        # the same two launched through the C++ launch operator
         "layer_norm(x, w, b), C++ launch": lambda: layer_norm(x, w, b),
         "FusedLayerNorm module, C++ launch": lambda: module(x),
         "_NormFunction.apply": lambda: _norm._NormFunction.apply(x, w, b, *args, layer_norm_ref),
@@ -86,7 +86,7 @@ def norm_rows() -> list[dict]:
     }
     rows = []
     for name, call in calls.items():
-        _launch_path("+cpp" if name.endswith("C++ launch") else "")
+        _launch_path("+cpp" if name.endswith("C++ launch") else "+python" if name.endswith("Python launch") else "")
         for _ in range(10):
             call()
         idle, busy = per_call_us(call, False), per_call_us(call, True)
@@ -99,7 +99,7 @@ def norm_rows() -> list[dict]:
 def model_rows() -> list[dict]:
     batch = torch.randint(0, 50257, (8, 1024), device="cuda")
     device = torch.device("cuda")
-    variants = ("as shipped", "layernorm", "layernorm+cpp", "rmsnorm", "rmsnorm+cpp", "norms -> Identity")
+    variants = ("as shipped", "layernorm+python", "layernorm+cpp", "rmsnorm+python", "rmsnorm+cpp", "norms -> Identity")
     models = {}
     for variant in variants:
         models[variant] = build("gpt2-medium", MODELS, "bf16 params", device)

@@ -4,10 +4,12 @@ For a few providers of ``benchmark_kernels.py`` at one shape, measures per call:
 - host: the Python thread's time to issue the call (no synchronisation inside the loop);
 - wall: the same loop's time including the wait for the GPU to finish;
 - kernels: the sum of the kernel durations the profiler records, and each kernel's share;
-- for this package's providers, the host time again with every kernel launch a no-op: this
-  package's Python alone, so that host minus it is what Triton's launcher costs on this host;
-  and with Triton's launch and the direct launch (``_direct._DIRECT_LAUNCH``, which skips
-  Triton's ``JITFunction.run`` on every call after a key's first) in turn, five times each;
+- for this package's providers, the host time of the Python path with every kernel launch a
+  no-op: this package's Python alone, so that the direct launch's time minus it is what
+  Triton's launcher costs on this host; and with Triton's launch, the direct launch from Python
+  (``_direct._DIRECT_LAUNCH``, which skips Triton's ``JITFunction.run`` on every call after a
+  key's first) and the C++ launch operator (the default on CUDA since run 15) in turn, five
+  times each;
 - an empty ``autograd.Function`` (forward allocates, backward returns the gradient): the host
   time any Python-defined norm pays for autograd on this host, whatever its kernels;
 - for every forward+backward, the host time again with autograd's backward run on the calling
@@ -147,10 +149,11 @@ def main(argv=None) -> int:
 
 def to_markdown(rows: list[dict], device: str, versions) -> str:
     lines = [f"# Host vs kernel time per call, {device}, bf16", "", f"{versions}", "",
-             "host = the Python thread's time to issue a call; stubbed = the same with every kernel launch a no-op "
-             "(this package's Python alone), launcher = host − stubbed (Triton's launcher, for this package's calls); "
-             "Triton / direct / C++ = host with Triton's launch / with the direct launch (`_DIRECT_LAUNCH`) / through "
-             "the C++ launch operator (`HF_RMSNORM_CPP_LAUNCH=1`'s path; – where it cannot be built), timed "
+             "host = the Python thread's time to issue a call (this package's: as it launches by default); stubbed = "
+             "the Python path with every kernel launch a no-op (this package's Python alone), launcher = direct − "
+             "stubbed (Triton's launcher, for this package's calls); Triton / direct / C++ = host with Triton's launch "
+             "/ with the direct launch from Python (`_DIRECT_LAUNCH`) / through the C++ launch operator (the default "
+             "on CUDA; – where it cannot be built), timed "
              "alternately, median of 5 each; 1 thread = host with autograd's backward "
              "on the calling thread (`torch.autograd.set_multithreading_enabled(False)`).", "",
              "| shape | provider | mode | host µs | stubbed µs | launcher µs | Triton / direct / C++ µs | 1 thread µs | wall µs | kernels µs | launches | kernels (µs each) |",
@@ -160,7 +163,7 @@ def to_markdown(rows: list[dict], device: str, versions) -> str:
                        sorted(r["kernels"].items(), key=lambda kv: -kv[1]["us_per_call"] * kv[1]["calls_per_step"]))
         stubbed = r.get("host_stubbed_us")
         cpp = r.get("host_cpp_us")
-        split = (f"{stubbed:.0f} | {r['host_us'] - stubbed:.0f} | {r['host_triton_ab_us']:.0f} / {r['host_direct_us']:.0f} / "
+        split = (f"{stubbed:.0f} | {r['host_direct_us'] - stubbed:.0f} | {r['host_triton_ab_us']:.0f} / {r['host_direct_us']:.0f} / "
                  + (f"{cpp:.0f}" if cpp is not None else "–") if stubbed is not None else "– | – | –")
         one = r.get("host_one_thread_us")
         split += f" | {one:.0f}" if one is not None else " | –"

@@ -442,8 +442,8 @@ def test_the_operator_launches_as_triton_would_and_its_node_passes_the_forwards_
     assert "operator backward dtypes checked" in stdout, stdout
 
 
-@pytest.mark.parametrize("value, expected", [("1", True), ("0", False), (" 1 ", True), (None, False)])
-def test_the_environment_turns_the_operator_on_and_nothing_else(value, expected, monkeypatch):
+@pytest.mark.parametrize("value, expected", [("1", True), ("0", False), (" 1 ", True), (None, True)])
+def test_the_environment_turns_the_operator_off_and_nothing_else(value, expected, monkeypatch):
     pytest.importorskip("triton")
     from hf_rmsnorm.ops import _cuda_launch
 
@@ -473,21 +473,30 @@ def test_the_operator_compiles_without_warnings(tmp_path):
     assert error is None, error
 
 
-def test_an_operator_that_cannot_be_built_is_said_once_and_the_python_path_serves(monkeypatch, caplog):
+@pytest.mark.parametrize("asked", [True, False], ids=["asked for", "default"])
+def test_an_operator_that_cannot_be_built_is_said_once_and_the_python_path_serves(asked, monkeypatch, caplog):
+    """Said once: a warning where HF_RMSNORM_CPP_LAUNCH=1 asked for the operator, an INFO line
+    where it is only the default (the Python path serves the same results)."""
     pytest.importorskip("triton")
     from hf_rmsnorm.ops import _cuda_launch, _direct
 
     if not _direct._DIRECT_TRITON:
         pytest.skip("the operator is not built for this Triton release at all (its reason says so)")
+    if asked:
+        monkeypatch.setenv(_cuda_launch.CPP_LAUNCH_ENV, "1")
+    else:
+        monkeypatch.delenv(_cuda_launch.CPP_LAUNCH_ENV, raising=False)
     monkeypatch.setattr(_cuda_launch, "_ops", _cuda_launch._UNBUILT)
     monkeypatch.setattr(_cuda_launch, "_norm_op", None)
     monkeypatch.setattr(_cuda_launch, "_reason", _cuda_launch._reason)  # restored afterwards
     monkeypatch.setattr(_cuda_launch, "ENABLED", True)
     monkeypatch.setattr(_cpu_kernel, "build_library", lambda *a, **k: (None, "", "no C++ compiler found (test)"))
-    with caplog.at_level("WARNING", logger=_cuda_launch.__name__):
+    with caplog.at_level("INFO", logger=_cuda_launch.__name__):
         assert _cuda_launch.ops() is None and _cuda_launch.ops() is None
-    said = [r.getMessage() for r in caplog.records]
-    assert said == ["HF_RMSNORM_CPP_LAUNCH=1, but the C++ launch operator cannot serve: no C++ compiler found (test); "
-                    "the norms launch from Python"]
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == _cuda_launch.__name__]
+    who = "HF_RMSNORM_CPP_LAUNCH=1" if asked else "The C++ launch operator is the default on CUDA"
+    assert said == [("WARNING" if asked else "INFO",
+                     f"{who}, but the C++ launch operator cannot serve: no C++ compiler found (test); "
+                     "the norms launch from Python")]
     assert _cuda_launch.unavailable_reason() == "no C++ compiler found (test)"
     assert _cuda_launch.forward(None, None, None, None, 1e-5, 0.0, True, 0) == (None, None)

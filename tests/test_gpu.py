@@ -360,11 +360,12 @@ def test_training_benchmark_charges_each_variant_its_own_peak_memory():
         assert t["peak_memory_bytes"] == pytest.approx(a["peak_memory_bytes"], rel=0.05), t["variant"]
 
 
-# Last in the file: the C++ launch operator has not run on a GPU yet, and a bad launch would leave
-# the CUDA context unusable for every test after it.
+# Last in the file: a bad launch by the C++ launch operator would leave the CUDA context unusable
+# for every test after it, and these tests say so most precisely (they passed in run 15, and the
+# whole file with the operator on, the default since).
 def _cpp_launch_or_skip(monkeypatch):
-    """The C++ launch operator, switched on for one test (HF_RMSNORM_CPP_LAUNCH is read at
-    import), or a skip saying why it cannot serve here."""
+    """The C++ launch operator, on for one test whatever HF_RMSNORM_CPP_LAUNCH said at import, or
+    a skip saying why it cannot serve here."""
     from hf_rmsnorm.ops import _cuda_launch
 
     if _cuda_launch.ops() is None:
@@ -376,7 +377,7 @@ def _cpp_launch_or_skip(monkeypatch):
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 @pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_cpp_launch_computes_the_same_bits(kind, p_dtype, monkeypatch):
-    """The C++ launch operator (``HF_RMSNORM_CPP_LAUNCH=1``) launches the kernels the Python path
+    """The C++ launch operator (the default on CUDA) launches the kernels the Python path
     launches with the parameters Triton's launcher packs (tests/test_cuda_launch.py checks both on
     the CPU): here its outputs and its node's gradients must be the Python path's very bits, for
     row counts, widths and alignments that compile to different kernels, rows of rank 3, on a

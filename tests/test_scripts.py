@@ -39,28 +39,34 @@ def test_benchmark_kernels_quick_writes_json_and_markdown(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason a machine without a GPU gets")
 def test_benchmark_kernels_times_the_cpp_launch_only_when_named_and_says_why_not_here(tmp_path):
-    """The C++ launch operator's rows are not in a default run; named, on a machine without a
-    GPU, they are skipped with the reason, and the row beside them is timed."""
-    proc = _run("--quick", "--out", str(tmp_path), "--modes", "fwd",
-                "--providers", "hf_rmsnorm LayerNorm,hf_rmsnorm LayerNorm (C++ launch)")
+    """The rows launched one way (the C++ launch operator, or from Python) are not in a default
+    run; named, on a machine without a GPU, they are skipped with the reason, and the row beside
+    them is timed."""
+    proc = _run("--quick", "--out", str(tmp_path), "--modes", "fwd", "--providers",
+                "hf_rmsnorm LayerNorm,hf_rmsnorm LayerNorm (C++ launch),hf_rmsnorm LayerNorm (Python launch)")
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "kernels.json").read_text())
     assert list(result["results"]) == ["hf_rmsnorm LayerNorm"]
-    assert result["skipped"] == {"hf_rmsnorm LayerNorm (C++ launch)": "the C++ launch operator launches on CUDA GPUs only"}
+    assert result["skipped"] == {
+        "hf_rmsnorm LayerNorm (C++ launch)": "the C++ launch operator launches on CUDA GPUs only",
+        "hf_rmsnorm LayerNorm (Python launch)":
+            "off CUDA the norms launch from Python anyway: the same row as the provider without '(Python launch)'"}
     sys.path.insert(0, str(ROOT / "scripts"))
     from benchmark_kernels import DEFAULT_PROVIDERS, PROVIDERS
 
     assert [p for p in PROVIDERS if p not in DEFAULT_PROVIDERS] == [
-        "hf_rmsnorm RMSNorm (C++ launch)", "hf_rmsnorm LayerNorm (C++ launch)"]
-    # on for the provider's call only
+        "hf_rmsnorm RMSNorm (C++ launch)", "hf_rmsnorm LayerNorm (C++ launch)",
+        "hf_rmsnorm RMSNorm (Python launch)", "hf_rmsnorm LayerNorm (Python launch)"]
+    # on (off) for the provider's call only
     pytest.importorskip("triton")
-    from benchmark_kernels import _cpp_launch
+    from benchmark_kernels import _launched
 
     from hf_rmsnorm.ops import _cuda_launch
 
-    before = _cuda_launch.ENABLED
-    call = _cpp_launch(lambda x, w, b: (lambda x: _cuda_launch.ENABLED))(None, None, None)
-    assert call(None) is True and _cuda_launch.ENABLED is before
+    for cpp in (True, False):
+        before = _cuda_launch.ENABLED
+        call = _launched(lambda x, w, b: (lambda x: _cuda_launch.ENABLED), cpp)(None, None, None)
+        assert call(None) is cpp and _cuda_launch.ENABLED is before
 
 
 def test_benchmark_rejects_an_unknown_provider(tmp_path):
@@ -155,10 +161,10 @@ def test_training_variants_take_steps_in_turn_and_a_failing_one_drops_out():
 
 
 def test_training_launch_variants_set_their_launch_path_in_their_own_steps_only(monkeypatch):
-    """The "+triton" and "+cpp" rows patch as their plain twins do, and each step runs with the
-    direct launch off exactly when its own variant asks for it, and with the C++ launch operator
-    on exactly when its own variant asks for it or the environment does (the variants step in
-    turn); the other rows keep the package's defaults."""
+    """The "+triton", "+python" and "+cpp" rows patch as their plain twins do, and each step runs
+    with the direct launch off exactly when its own variant asks for it, and with the C++ launch
+    operator on exactly when its own variant asks for it or, for a plain row, the environment
+    does (the variants step in turn); the other rows keep the package's defaults."""
     pytest.importorskip("triton")
     import torch
 
@@ -169,7 +175,7 @@ def test_training_launch_variants_set_their_launch_path_in_their_own_steps_only(
     batch = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(_direct, "_DIRECT_LAUNCH", _direct._DIRECT_LAUNCH)  # restored afterwards
     monkeypatch.setattr(_cuda_launch, "ENABLED", _cuda_launch.ENABLED)
-    for env, default, cpp_env, cpp_default in ((None, True, None, False), ("0", False, "1", True)):
+    for env, default, cpp_env, cpp_default in ((None, True, None, True), ("0", False, "0", False)):
         for name, value in ((_direct.DIRECT_LAUNCH_ENV, env), (_cuda_launch.CPP_LAUNCH_ENV, cpp_env)):
             if value is None:
                 monkeypatch.delenv(name, raising=False)
@@ -177,16 +183,18 @@ def test_training_launch_variants_set_their_launch_path_in_their_own_steps_only(
                 monkeypatch.setenv(name, value)
         seen = []
         runs = []
-        for variant in ("rmsnorm", "rmsnorm+triton", "rmsnorm+cpp", "as shipped"):
+        for variant in ("rmsnorm", "rmsnorm+triton", "rmsnorm+python", "rmsnorm+cpp", "as shipped"):
             run = bt.prepare("gpt2-medium", bt.QUICK, "bf16 params", variant, batch, device, warmup=0)
             run.model.register_forward_pre_hook(
                 lambda m, a, v=variant: seen.append((v, _direct._DIRECT_LAUNCH, _cuda_launch.ENABLED)))
             runs.append(run)
-        assert runs[0].summary == runs[1].summary == runs[2].summary and " 0 exact" not in runs[1].summary
+        assert runs[0].summary == runs[1].summary == runs[2].summary == runs[3].summary
+        assert " 0 exact" not in runs[1].summary
         bt.time_in_turn(runs, batch, 2)
         assert sorted(set(seen)) == [("as shipped", default, cpp_default), ("rmsnorm", default, cpp_default),
-                                     ("rmsnorm+cpp", default, True), ("rmsnorm+triton", False, False)]
-        assert len(seen) == 8
+                                     ("rmsnorm+cpp", default, True), ("rmsnorm+python", default, False),
+                                     ("rmsnorm+triton", False, False)]
+        assert len(seen) == 10
 
 
 @pytest.mark.slow
@@ -414,15 +422,18 @@ def test_profile_splits_our_host_time_into_our_python_and_the_launcher(launches,
     from benchmark_kernels import make_step
     from profile_norms import empty_function_step, host_us, launch_ab_host_us, launches_stubbed, one_thread_host_us, to_markdown
 
-    from hf_rmsnorm.ops import _direct, _triton_norm
+    from hf_rmsnorm.ops import _cuda_launch, _direct, _triton_norm
 
     kernel = _triton_norm._norm_bwd_kernel
     step = make_step("hf_rmsnorm LayerNorm", 64, 96, "fwd+bwd", torch.bfloat16, torch.bfloat16, torch.device("cpu"))
+    monkeypatch.setattr(_cuda_launch, "ENABLED", True)  # the default on CUDA
     with launches_stubbed():
-        assert _triton_norm._norm_bwd_kernel is not kernel
+        # the Python path's launches stubbed: the C++ operator, which would launch the real
+        # kernels, off meanwhile
+        assert _triton_norm._norm_bwd_kernel is not kernel and _cuda_launch.ENABLED is False
         us = host_us(step, 3)
     assert us > 0 and launches() == 2 * (5 + 3)  # a forward and a backward per call, warm-up included
-    assert _triton_norm._norm_bwd_kernel is kernel
+    assert _triton_norm._norm_bwd_kernel is kernel and _cuda_launch.ENABLED is True
     # the launch A/B column: Triton's launch and the direct one in turn, 3 rounds of each (here
     # the interpreter's kernels, which the direct launch leaves to Triton), each on as timed
     # and off again afterwards
@@ -453,8 +464,9 @@ def test_profile_splits_our_host_time_into_our_python_and_the_launcher(launches,
                       {**row("hf_rmsnorm LayerNorm", 360.0, 120.0, (345.0, 310.0), 250.0), "shape": "8x8"},
                       row("torch F.layer_norm", 122.0, one=100.0),
                       {**row("torch F.layer_norm", 20.0), "mode": "fwd", "host_one_thread_us": None}], "GPU", "v")
-    assert "| 8192x1024 | hf_rmsnorm LayerNorm | fwd+bwd | 350 | 120 | 230 | 345 / 310 / 150 | 250 | 400 | 30 | 3 |" in md
-    assert "| 8x8 | hf_rmsnorm LayerNorm | fwd+bwd | 360 | 120 | 240 | 345 / 310 / – | 250 | 400 | 30 | 3 |" in md
+    # launcher = the direct launch's host time − stubbed (host is the default path's: the C++ one on CUDA)
+    assert "| 8192x1024 | hf_rmsnorm LayerNorm | fwd+bwd | 350 | 120 | 190 | 345 / 310 / 150 | 250 | 400 | 30 | 3 |" in md
+    assert "| 8x8 | hf_rmsnorm LayerNorm | fwd+bwd | 360 | 120 | 190 | 345 / 310 / – | 250 | 400 | 30 | 3 |" in md
     assert "| 8192x1024 | torch F.layer_norm | fwd+bwd | 122 | – | – | – | 100 | 400 | 30 | 3 |" in md
     assert "| 8192x1024 | torch F.layer_norm | fwd | 20 | – | – | – | – | 400 | 30 | 3 |" in md
 
@@ -574,7 +586,7 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_the_tables(tmp_path):
     assert (out / "all.tgz").is_file()
     assert "| llama-1b |" in proc.stdout and "== cppkernels: exit 0" in proc.stdout.splitlines()[-1]
     assert "| gpt2-medium | bf16 params | rmsnorm+triton |" in proc.stdout
-    assert "| gpt2-medium | bf16 params | rmsnorm+cpp |" in proc.stdout
+    assert "| gpt2-medium | bf16 params | rmsnorm+python |" in proc.stdout
 
 
 @pytest.mark.parametrize("script", ["tune_kernels.py", "profile_norms.py"])

@@ -2,21 +2,24 @@
 of the Triton-compiled kernels and the autograd node, forward and backward, without Python
 between a call and its launches.
 
-Off unless ``HF_RMSNORM_CPP_LAUNCH=1`` (read at import): it was written on a machine without
-a GPU and has not been measured on one yet (benchmarks/NOTES.md, session 28). On, a norm call
-on CUDA that the kernels take (``_norm._run_kernels``) first asks the operator; the operator
-launches where a plan for the call's kind is registered, and otherwise returns None, so the
-call takes the Python path, after which :func:`learn_forward` registers the plan of the launch
-it made; the node's backward does the same with :func:`learn_backward`. What a plan holds and
-why is in the C++ file. It needs a C++ compiler at first use, as the CPU kernel does (built by
-the same builder, cached alike); without one, or with Triton outside 3.6-3.9 (whose launchers'
-parameter layout it packs), or with the direct launch off (``HF_RMSNORM_DIRECT_LAUNCH=0``),
-every call takes the Python path and :func:`unavailable_reason` says why.
+On by default (``HF_RMSNORM_CPP_LAUNCH=0``, read at import, turns it off): on an H200 it halves
+a norm's host time (run 15, benchmarks/NOTES.md, session 29). A norm call on CUDA that the
+kernels take (``_norm._run_kernels``) first asks the operator; the operator launches where a
+plan for the call's kind is registered, and otherwise returns None, so the call takes the
+Python path, after which :func:`learn_forward` registers the plan of the launch it made; the
+node's backward does the same with :func:`learn_backward`. What a plan holds and why is in the
+C++ file. It needs a C++ compiler at first use, as the CPU kernel does (built by the same
+builder, cached alike; about 15 s once per machine); without one, or with Triton outside
+3.6-3.9 (whose launchers' parameter layout it packs), or with the direct launch off
+(``HF_RMSNORM_DIRECT_LAUNCH=0``), every call takes the Python path and
+:func:`unavailable_reason` says why (a warning says it where the variable asked for the
+operator, an INFO log line where it is merely the default).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Optional
@@ -35,8 +38,8 @@ _log = logging.getLogger(__name__)
 
 
 def _enabled_by_environment() -> bool:
-    return _direct.env_switch(CPP_LAUNCH_ENV, "0", "norms on CUDA launched through one C++ operator",
-                              "launched from Python, the default")
+    return _direct.env_switch(CPP_LAUNCH_ENV, "1", "norms on CUDA launched through one C++ operator, the default",
+                              "launched from Python")
 
 
 ENABLED = _enabled_by_environment()
@@ -63,13 +66,16 @@ def unavailable_reason() -> Optional[str]:
 
 def ops():
     """The operators' namespace, built and loaded on first use; None where it cannot be had
-    (said once in a warning where ``HF_RMSNORM_CPP_LAUNCH=1`` asked for it)."""
+    (said once: in a warning where ``HF_RMSNORM_CPP_LAUNCH=1`` asked for it, else at INFO: the
+    Python path then serves, with the same results and more host time a call)."""
     if _ops is _UNBUILT:
         with _LOCK:
             _load()
             if _ops is None and ENABLED:
-                _log.warning("%s=1, but the C++ launch operator cannot serve: %s; the norms launch from Python",
-                             CPP_LAUNCH_ENV, _reason)
+                asked = os.environ.get(CPP_LAUNCH_ENV, "").strip() == "1"
+                _log.log(logging.WARNING if asked else logging.INFO,
+                         "%s, but the C++ launch operator cannot serve: %s; the norms launch from Python",
+                         f"{CPP_LAUNCH_ENV}=1" if asked else "The C++ launch operator is the default on CUDA", _reason)
     return _ops
 
 
