@@ -443,7 +443,7 @@ def to_markdown(result: dict) -> str:
             "",
             "Kernels compiled for sm_90; every launch through Triton's `JITFunction.run`, or through the "
             "direct launch (`_direct._DIRECT_LAUNCH`) after a key's first call, or through the "
-            "C++ launch operator (`_cuda_launch`, `HF_RMSNORM_CPP_LAUNCH=1`; its launch function a no-op); timed "
+            "C++ launch operator (`_cuda_launch`, the default on CUDA; its launch function a no-op); timed "
             "alternately, medians. The driver's own launch (and its pointer checks) comes on top, on a GPU only.",
             "",
             "| call | mode | shape | Triton's run µs | direct µs | saved µs | C++ launch µs |",
