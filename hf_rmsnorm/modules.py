@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .ops import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
-from .ops._norm import CAST_MODES, _any_autocast, kernels_for_module, selected_backend
+from .ops._norm import CAST_MODES, _any_autocast, kernels_for_module, kernels_settled, selected_backend, settle
 from .ops.layer_norm import torch_layer_norm_computes
 from .ops.rms_norm import _kernel_call_for_module
 
@@ -28,6 +28,8 @@ class _FusedNorm(nn.Module):
     _ref = None  # its torch reference: what the op runs off CUDA
     _kernel = None  # a compiled CPU kernel's call for the CPU shortcut, or None where the reference decides
     _is_rms = None  # RMSNorm (True) or LayerNorm (False): the kernels' flag
+    # what the last call on the kernels settled for the next ones (``_norm.settle``), or None
+    _settled = None
 
     def __init__(
         self,
@@ -72,6 +74,13 @@ class _FusedNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        settled = self._settled
+        if settled is not None:
+            # a call like the last one that the kernels took: straight to the C++ launch operator
+            weight, bias = self._affine()
+            y = kernels_settled(settled, x, weight, bias, self.eps, self.offset, self.cast_mode)
+            if y is not None:
+                return y
         if not x.is_cuda and (backend := selected_backend()) != "triton":
             # Off CUDA the op runs its torch reference anyway; go there directly. The op's
             # per-call checks cost as much as the arithmetic for a few tokens on a CPU, and this
@@ -96,6 +105,9 @@ class _FusedNorm(nn.Module):
         if k == 1:  # the usual case: called once per norm per step, so kept lean
             y = kernels_for_module(self._ref, x, weight, bias, self.eps, self.offset, self._is_rms, self.cast_mode)
             if y is not None:
+                now = settle(self._ref, x, weight, bias, self._is_rms, self.cast_mode)
+                if now != settled:
+                    self._settled = now
                 return y
             return self._fn(x, weight, bias, self.eps, self.offset, self.cast_mode,
                             follow_autocast=self.follow_autocast)

@@ -163,15 +163,9 @@ _CHILD = textwrap.dedent('''
             rstd = torch.rsqrt((xc * xc).mean(-1) + eps)
             return mean, rstd
 
-        def numbers(kind, x, w, b, with_bias, offset, eps, wants):
-            ref_fn = rms_norm_ref if kind == "rms" else layer_norm_ref
-            params = (w, b) if with_bias else (w,)
-            y_ref = ref_fn(x.detach().double(), *(p.detach().double() for p in params), eps=eps, offset=offset)
-            y_ref = y_ref.to(x.dtype)
-            mean, rstd = reference(kind, x, w, b, offset, eps)
-            mean_f, rstd_f = mean.float().contiguous(), rstd.float().contiguous()
-            saved = {{}}
-
+        def writer(kind, with_bias, y_ref, mean_f, rstd_f):
+            """The stub's write for a forward launch: the reference's y, mean and rstd where the
+            kernel would write them."""
             def write(function, values):
                 kept_ptrs = [v for v in values[:6]]  # the pointers come first, absent ones left out
                 ptrs = dict(zip([i for i in range(6) if not (kind == "rms" and i == 4) and (with_bias or i != 3)],
@@ -180,6 +174,17 @@ _CHILD = textwrap.dedent('''
                 for index, source in ((1, y_ref), (4, mean_f), (5, rstd_f)):
                     if index in ptrs:
                         ctypes.memmove(ptrs[index], source.data_ptr(), source.numel() * source.element_size())
+            return write
+
+        def numbers(kind, x, w, b, with_bias, offset, eps, wants):
+            ref_fn = rms_norm_ref if kind == "rms" else layer_norm_ref
+            params = (w, b) if with_bias else (w,)
+            y_ref = ref_fn(x.detach().double(), *(p.detach().double() for p in params), eps=eps, offset=offset)
+            y_ref = y_ref.to(x.dtype)
+            mean, rstd = reference(kind, x, w, b, offset, eps)
+            mean_f, rstd_f = mean.float().contiguous(), rstd.float().contiguous()
+            saved = {{}}
+            write = writer(kind, with_bias, y_ref, mean_f, rstd_f)
 
             def backward(dy, x_, w_, b_, mean_, rstd_, offset_, is_rms, rounding):
                 saved.update(x=x_, w=w_, b=b_, mean=mean_, rstd=rstd_, offset=offset_, is_rms=is_rms)
@@ -421,6 +426,123 @@ _CHILD = textwrap.dedent('''
         rms_norm(x, w)
         assert ops.plan_count() == plans + 1 and C.launches() == launches + 1
         print("operator foreign records checked")
+
+        # A module's calls once one has gone to the kernels: straight to the operator with the
+        # family that call settled (_norm.kernels_settled), the general way not asked, with the
+        # reference's numbers (the stub writes them). Whatever changed since sends a call the
+        # general way, which settles again where the operator serves it.
+        import copy
+        import torch.autograd.forward_ad as fwAD
+        from hf_rmsnorm import FusedLayerNorm, modules
+
+        general = []
+        real_general = modules.kernels_for_module
+
+        def counted(*args, **kwargs):
+            general.append(1)
+            return real_general(*args, **kwargs)
+
+        def through(module, x):
+            """(y, calls the general way took, the operator's launches) for one call"""
+            calls, launches = len(general), C.launches()
+            y = module(x)
+            return y, len(general) - calls, C.launches() - launches
+
+        modules.kernels_for_module = counted
+        torch.manual_seed(1)
+        m = FusedLayerNorm(1024)
+        with torch.no_grad():
+            m.weight.normal_()
+            m.bias.normal_()
+        x = torch.randn(16, 1024, requires_grad=True)
+        expect("layer", x, m.weight, m.bias, True, 0.0)  # the plan, from the functional call
+        assert m._settled is None
+        _, taken, _ = through(m, x)
+        assert taken == 1 and m._settled is not None and m._settled[1] is _norm._SETTLED
+        y_ref = layer_norm_ref(x.detach().double(), m.weight.detach().double(), m.bias.detach().double(), eps=m.eps)
+        mean, rstd = reference("layer", x, None, None, 0.0, m.eps)
+        y_ref, mean_f, rstd_f = y_ref.float(), mean.float().contiguous(), rstd.float().contiguous()
+        stub["write"] = writer("layer", True, y_ref, mean_f, rstd_f)
+        y, taken, launched = through(m, x)
+        stub["write"] = None
+        assert (taken, launched) == (0, 1) and torch.equal(y, y_ref) and y.grad_fn.name() == "HFNormBackward"
+        with torch.no_grad():
+            y, taken, launched = through(m, x)
+        assert (taken, launched) == (0, 1) and y.grad_fn is None
+
+        def general_way(module, x):
+            y, taken, launched = through(module, x)
+            assert taken == 1, "the settled call took it"
+            return y, launched
+
+        general_way(m, torch.randn(1024, 16).t())  # x not contiguous
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            general_way(m, x)
+        with fwAD.dual_level():
+            general_way(m, x)
+        knobs.runtime.launch_enter_hook.add(lambda metadata: None)
+        try:
+            general_way(m, x)
+        finally:
+            knobs.runtime.launch_enter_hook.calls.clear()
+        C.ENABLED = False
+        assert general_way(m, x)[1] == 0 and m._settled is None  # off: settles nothing
+        C.ENABLED = True
+        general_way(m, x)
+        assert through(m, x)[1:] == (0, 1)
+        os.environ["HF_RMSNORM_BACKEND"] = "torch"
+        y, taken, launched = through(m, x)  # the module's CPU shortcut: no kernel at all
+        os.environ["HF_RMSNORM_BACKEND"] = "triton"
+        assert (taken, launched) == (0, 0)
+        torch.testing.assert_close(y, y_ref)
+        mode = m.cast_mode
+        m.cast_mode = "input"  # another family: found again
+        general_way(m, x)
+        assert m._settled[2] == "input" and through(m, x)[1:] == (0, 1)
+        m.cast_mode = mode
+        general_way(m, x)
+        try:
+            m(torch.randn(4, 512))
+            raise AssertionError("a row of another width went through")
+        except ValueError as e:
+            assert "normalises the last dims (1024,)" in str(e), e
+        # a parameter replaced by a strided view: the general way copies it for the kernels
+        m.weight = torch.nn.Parameter(torch.randn(2048)[::2])
+        general_way(m, x)
+        # a copy holds a copy of this process's token: it settles afresh
+        twin = copy.deepcopy(m)
+        assert twin._settled[1] is not _norm._SETTLED
+        general_way(twin, x)
+        assert twin._settled[1] is _norm._SETTLED and through(twin, x)[1:] == (0, 1)
+        # converted to half precision: the operator refuses the old family, the general way finds the new one
+        twin.half()
+        x16 = x.detach().half().requires_grad_(True)
+        expect("layer", x16, twin.weight, twin.bias, True, 0.0)
+        before = twin._settled
+        general_way(twin, x16)
+        assert twin._settled != before and through(twin, x16)[1:] == (0, 1)
+        # the operator itself refuses a tensor subclass, even one with memory of its own: its
+        # calls are its own to see
+        class Seen(torch.Tensor):
+            @classmethod
+            def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+                plain = lambda t: t.as_subclass(torch.Tensor) if isinstance(t, Seen) else t
+                return func(*[plain(a) for a in args], **{{k: plain(v) for k, v in (kwargs or {{}}).items()}})
+
+        seen, w = torch.Tensor._make_subclass(Seen, x.detach()), m.weight.detach().contiguous()
+        launches = C.launches()
+        assert C._norm_op(seen, w, m.bias, m.eps, 0.0, m._settled[0]) is None and C.launches() == launches
+        assert C._norm_op(x.detach(), w, m.bias, m.eps, 0.0, m._settled[0]) is not None  # the plain tensor's call
+        assert C.launches() == launches + 1
+        # torch.compile traces a settled module whole, through the custom op, not the operator
+        fresh = FusedLayerNorm(1024)
+        fresh(x)
+        assert fresh._settled is not None
+        launches = C.launches()
+        torch.compile(fresh, backend="eager", fullgraph=True)(x).sum().backward()
+        assert C.launches() == launches
+        modules.kernels_for_module = real_general
+        print("operator settled module calls checked")
 ''')
 
 
@@ -440,6 +562,7 @@ def test_the_operator_launches_as_triton_would_and_its_node_passes_the_forwards_
     assert "operator foreign records checked" in stdout, stdout
     assert "operator backward launches checked" in stdout, stdout
     assert "operator backward dtypes checked" in stdout, stdout
+    assert "operator settled module calls checked" in stdout, stdout
 
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("0", False), (" 1 ", True), (None, True)])

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FNS
+from hf_rmsnorm import FusedLayerNorm, FusedRMSNorm
 from hf_rmsnorm.ops import layer_norm, rms_norm
 from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_torch_same_dtype, second_order
 
@@ -467,3 +468,43 @@ def test_cpp_launch_in_a_cuda_graph_and_with_second_derivatives(monkeypatch):
     ours, name = second(True)
     assert name == "HFNormBackward"
     torch.testing.assert_close(ours, python)
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_cpp_launch_settled_module_calls_compute_the_same_bits(kind, monkeypatch):
+    """A module's calls after one on the kernels go straight to the operator with the family that
+    call settled (``_norm.kernels_settled``): the general way is not asked, all three kernels are
+    the operator's launches, and the output and gradients are the Python path's very bits."""
+    cpp = _cpp_launch_or_skip(monkeypatch)
+    from hf_rmsnorm import modules
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    m = (FusedRMSNorm if kind == "rms" else FusedLayerNorm)(2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        m.weight.copy_(torch.rand(2048, device="cuda", generator=g) + 0.5)
+    x = torch.randn(4, 512, 2048, device="cuda", generator=g).bfloat16()
+    dy = torch.randn(x.shape, device="cuda", generator=g).bfloat16()
+
+    def run():
+        leaf = x.detach().requires_grad_(True)
+        m.zero_grad(set_to_none=True)
+        y = m(leaf)
+        y.backward(dy)
+        return [y.detach(), leaf.grad, *(p.grad for p in m.parameters())]
+
+    monkeypatch.setattr(cpp, "ENABLED", False)
+    python = run()
+    assert m._settled is None  # nothing to settle with the operator off
+    monkeypatch.setattr(cpp, "ENABLED", True)
+    run()  # registers the forward's plan
+    run()  # and the backward's; settled
+    assert m._settled is not None
+    general = []
+    real = modules.kernels_for_module
+    monkeypatch.setattr(modules, "kernels_for_module", lambda *a, **k: general.append(1) or real(*a, **k))
+    before = cpp.launch_counts()
+    ours = run()
+    assert general == [] and cpp.launch_counts() == [c + 1 for c in before]
+    assert len(ours) == len(python) == (3 if kind == "rms" else 4)
+    for a, b in zip(python, ours):
+        assert torch.equal(a, b)

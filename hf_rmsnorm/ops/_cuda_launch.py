@@ -155,12 +155,21 @@ def forward(torch_impl, x, weight, bias, eps: float, offset: float, is_rms: bool
     where the operator cannot be had."""
     if _norm_op is None and ops() is None:
         return None, None
-    key = (x.shape[-1], x.dtype, weight.dtype if weight is not None else None,
-           bias.dtype if bias is not None else None, is_rms, rounding, x.get_device(), torch_impl)
+    key = _family_key(torch_impl, x, weight, bias, is_rms, rounding)
     family = _FAMILIES.get(key)
     if family is None:
         family = _new_family(key, weight, bias)
     return _norm_op(x, weight, bias, eps, offset, family), family
+
+
+def _family_key(torch_impl, x, weight, bias, is_rms: bool, rounding: int) -> tuple:
+    return (x.shape[-1], x.dtype, weight.dtype if weight is not None else None,
+            bias.dtype if bias is not None else None, is_rms, rounding, x.get_device(), torch_impl)
+
+
+def family_of_call(torch_impl, x, weight, bias, is_rms: bool, rounding: int) -> Optional[int]:
+    """The family :func:`forward` has made for this kind of call, or None where it has made none."""
+    return _FAMILIES.get(_family_key(torch_impl, x, weight, bias, is_rms, rounding))
 
 
 def _new_family(key, weight, bias) -> int:

@@ -75,6 +75,7 @@ constexpr int kMaxArgs = 12, kMaxPtrs = 7, kMaxInts = 4;
 constexpr int kShape[3][3] = {{6, 3, 2}, {7, 4, 1}, {3, 3, 0}};  // pointers, integers, floats
 // how a kept argument is packed (_cuda_launch.py's KINDS): 0 not passed (a constant in the kernel)
 enum Kind : int64_t { kConst = 0, kPtr = 1, kI32 = 2, kI64 = 3, kF32 = 4 };
+constexpr int64_t kRoundToWeight = 2;  // _norm.ROUNDING["weight"]
 
 struct Family {  // what every call of one norm signature shares (_cuda_launch.py, family)
     at::ScalarType x, w, b, y;  // b, w: Undefined where absent
@@ -144,17 +145,34 @@ Family family_of(int64_t id) {
     return families[id];
 }
 
-// The call as the family promises it (the operator is visible in torch.ops: no call may make the
-// kernel read memory the tensors do not have); false where the Python path must take it.
-bool fits(const Family &f, const at::Tensor &x, const OptTensor &w, const OptTensor &b) {
-    const bool has_w = w.has_value() && w->defined(), has_b = b.has_value() && b->defined();
-    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == f.n && x.scalar_type() == f.x && has_w == f.has_w && has_b == f.has_b &&
-                    (!has_w || (w->scalar_type() == f.w && w->dim() == 1 && w->size(0) == f.n && w->is_contiguous() &&
-                                w->device() == x.device())) &&
-                    (!has_b || (b->scalar_type() == f.b && b->dim() == 1 && b->size(0) == f.n && b->is_contiguous() &&
-                                b->device() == x.device())),
-                "hf_rmsnorm's CUDA norm: the call does not match its family (", x.scalar_type(), " ", x.sizes(), ")");
-    return x.is_contiguous() && x.numel() > 0 && (x.is_cuda() ? x.get_device() == f.device : stubbed.load());
+// Tensors whose calls others must see, or that are not plain memory: a tensor subclass or a
+// Python mode, functorch's wrappers (a finished torch.func transform leaves them behind),
+// functionalization.
+const c10::DispatchKeySet kNotPlain({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                     c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::FuncTorchBatched,
+                                     c10::DispatchKey::Functionalize});
+
+bool plain(const at::Tensor &t) { return t.layout() == at::kStrided && !t.key_set().has_any(kNotPlain); }
+
+// A parameter as the family promises it: present where it has one, of its dtype and length,
+// contiguous, on x's device.
+bool param_fits(const OptTensor &p, bool has, at::ScalarType dtype, const Family &f, const at::Tensor &x) {
+    const bool present = p.has_value() && p->defined();
+    return present == has && (!present || (plain(*p) && p->scalar_type() == dtype && p->dim() == 1 &&
+                                           p->size(0) == f.n && p->is_contiguous() && p->device() == x.device()));
+}
+
+// Whether the call is as the family promises it; false where the Python path must take it. A
+// module's settled call passes the family its earlier call found without asking again (the
+// module's parameters can be replaced or converted, its input can be anything), and the operator
+// is visible in torch.ops: no call may make a kernel read memory the tensors do not have, or
+// compute what the family's kernels do not (a weightless call with an offset, or rounding to the
+// weight's dtype, is the general path's to refuse).
+bool fits(const Family &f, const at::Tensor &x, const OptTensor &w, const OptTensor &b, double eps, double offset) {
+    return plain(x) && x.dim() >= 1 && x.size(-1) == f.n && x.scalar_type() == f.x && x.is_contiguous() &&
+           x.numel() > 0 && (x.is_cuda() ? x.get_device() == f.device : stubbed.load()) &&
+           param_fits(w, f.has_w, f.w, f, x) && param_fits(b, f.has_b, f.b, f, x) && eps >= 0 &&
+           (f.has_w || (offset == 0 && f.rounding != kRoundToWeight));
 }
 
 // (row stride, M, N) as _triton_norm._row_layout reads a contiguous tensor of rows
@@ -327,7 +345,7 @@ auto make_node() {  // a node as this torch version holds them (intrusive, or sh
 // y, or an undefined tensor where no plan covers the call (the caller then takes the Python path)
 at::Tensor norm(const at::Tensor &x, const OptTensor &w, const OptTensor &b, double eps, double offset, int64_t family) {
     const Family f = family_of(family);
-    if (!fits(f, x, w, b)) return at::Tensor();
+    if (!fits(f, x, w, b, eps, offset)) return at::Tensor();
     c10::OptionalDeviceGuard device_guard;
     if (x.is_cuda()) device_guard.reset_device(x.device());  // a model spread over GPUs: x's device current
     const auto [stride, m, n] = layout(x);

@@ -607,6 +607,44 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: 
     _autocasting(d) for d in _AUTOCAST_DEVICE_TYPES))
 
 
+# A module's settled call (``settle``, ``kernels_settled``) holds this process's object: the C++
+# launch operator's family ids are this process's own, and a copied or unpickled module holds a
+# copy, not this object, so it settles afresh on its next call.
+_SETTLED = object()
+
+
+def settle(torch_impl, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], is_rms: bool,
+           cast_mode: str) -> Optional[tuple]:
+    """What a module keeps after a call that ``kernels_for_module`` ran, so that its next calls
+    go to the C++ launch operator with the least Python (``kernels_settled``): (the operator's
+    family for this kind of call, ``_SETTLED``, the cast mode it was found for), or None where the
+    operator has not served such a call (off, off CUDA, not yet)."""
+    if _cuda_launch is None or not _cuda_launch.ENABLED or not (x.is_cuda or _cuda_launch.cpu_stub):
+        return None
+    family = _cuda_launch.family_of_call(torch_impl, x, weight, bias, is_rms, ROUNDING[cast_mode])
+    return None if family is None else (family, _SETTLED, cast_mode)
+
+
+def kernels_settled(settled: tuple, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                    offset: float, cast_mode: str) -> Optional[Tensor]:
+    """A module's call straight to the C++ launch operator with the family ``settle`` found for
+    its earlier call, or None where the general way must take it. In a model's forward every
+    check of the general way costs several times what it costs in a loop (CI CPU, GPT-2-shaped
+    forward: 33 µs a norm call in the model, 14 in a loop; the operator alone 12 and 3:
+    benchmarks/NOTES.md, session 29), so only what can change between calls and the operator
+    cannot see is asked here: torch.compile, autocast, a transform, the backend, Triton's launch
+    hooks, the operator switched off. The operator checks the rest, the tensors against the
+    family (type, dtype, length, layout, device, wrappers), and returns None where they differ."""
+    if (torch.compiler.is_compiling() or settled[1] is not _SETTLED or settled[2] != cast_mode
+            or not _cuda_launch.ENABLED or _any_autocast() or transforms_active() or selected_backend() == "torch"
+            or not _direct.plain_launches()):
+        return None
+    y = _cuda_launch._norm_op(x, weight, bias, eps, offset, settled[0])
+    if y is not None:
+        _launchers.LAUNCHES["norm_fwd"] += 1  # counted as the Python path counts its launches
+    return y
+
+
 def kernels_for_module(torch_impl, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                        offset: float, is_rms: bool, cast_mode: str) -> Optional[Tensor]:
     """A ``FusedRMSNorm`` / ``FusedLayerNorm`` call with one normalised dimension on the
