@@ -12,7 +12,9 @@ parameter); the time is the median of ``torch.utils.benchmark``'s blocked measur
 launches replaced by no-ops, i.e. the Python this package runs around every GPU launch (the
 time Triton's own launcher takes comes on top and needs a GPU: ``profile_norms.py``).
 ``--launcher`` (a run of its own) times the same calls through Triton's launch path, kernels
-compiled for sm_90 and the driver's launch a no-op, with and without the direct launch.
+compiled for sm_90 and the driver's launch a no-op, with and without the direct launch and
+through the C++ launch operator, and a norm call's host time inside a GPT-2-shaped training
+forward against the same call in a loop.
 
     python scripts/benchmark_cpu.py --host               # full table
     python scripts/benchmark_cpu.py --launcher --no-modules --out benchmarks/results/cpu/launcher
@@ -33,6 +35,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -377,6 +380,94 @@ def launcher_rows(shape, min_run_time: float, rounds: int) -> list[dict]:
     return rows
 
 
+def in_model_rows(quick: bool, rounds: int) -> list[dict]:
+    """Host time of a norm call inside a model's training forward against the same call made 49
+    times in a row: GPT-2-medium's 24 blocks and 49 LayerNorms, 128 wide on 4 tokens (so that the
+    rest of the model is cheap on a CPU), in bf16, each norm module's forward timed on its own;
+    torch's nn.LayerNorm, and FusedLayerNorm launched from Python, through the C++ launch
+    operator by the general way, and by its settled call (``_norm.kernels_settled``, the
+    default), each kernel launch a no-op (``triton_without_gpu``). In the model the same code meets
+    cold caches between attention and MLP calls: the gap between the columns is what a call's
+    code costs there (on a GPU the host time GPT-2-medium's bf16 step waits for)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hf_rmsnorm import FusedLayerNorm, modules, patch_model
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=128, n_layer=2 if quick else 24, n_head=2, vocab_size=256, n_positions=64)
+    batch = torch.randint(0, 256, (1, 4))
+    shipped = GPT2LMHeadModel(config).to(torch.bfloat16)
+    fused = GPT2LMHeadModel(config).to(torch.bfloat16)
+    fused.load_state_dict(shipped.state_dict())
+    patch_model(fused, target="layernorm", probe_inputs={"input_ids": batch})  # probed on the torch path, here
+    spent: list = []
+
+    def timed(module):
+        forward = module.forward
+
+        def timed_forward(x):
+            start = time.perf_counter()
+            y = forward(x)
+            spent.append(time.perf_counter() - start)
+            return y
+
+        module.forward = timed_forward
+
+    norms = {model: [m for m in model.modules() if isinstance(m, (nn.LayerNorm, FusedLayerNorm))]
+             for model in (shipped, fused)}
+    for found in norms.values():
+        for m in found:
+            timed(m)
+    x = torch.randn(1, 4, 128, dtype=torch.bfloat16, requires_grad=True)
+    reps = 2 if quick else 30
+
+    def per_call_us(call) -> float:
+        per = []
+        for _ in range(reps):
+            spent.clear()
+            call()
+            per.append(sum(spent) / len(spent) * 1e6)
+        return statistics.median(per)
+
+    rows = []
+    with triton_without_gpu():
+        from hf_rmsnorm.ops import _cuda_launch
+
+        operator = _cuda_launch.ops()
+        if operator is None:
+            print(f"the C++ launch operator is not timed in the model: {_cuda_launch.unavailable_reason()}", flush=True)
+        else:
+            operator.set_launch_function(operator.noop_launch_address())
+        settled = modules.kernels_settled
+        # (name, model, C++ operator on, settled calls on)
+        ways = [("torch nn.LayerNorm", shipped, False, False), ("FusedLayerNorm, launched from Python", fused, False, False)]
+        if operator is not None:
+            ways += [("FusedLayerNorm, C++ operator by the general way", fused, True, False),
+                     ("FusedLayerNorm, C++ operator, settled (the default)", fused, True, True)]
+        saved = _cuda_launch.ENABLED, _cuda_launch.cpu_stub
+        try:
+            for name, model, on, settle in ways:
+                _cuda_launch.ENABLED = _cuda_launch.cpu_stub = on
+                modules.kernels_settled = settled if settle else (lambda *args: None)
+                loop_module = norms[model][0]
+                for _ in range(3):  # the plans learnt, the modules settled
+                    model(input_ids=batch, labels=batch)
+                    loop_module(x)
+                launches = _cuda_launch.launches()
+                model(input_ids=batch, labels=batch)
+                launched = _cuda_launch.launches() - launches  # by the operator, in one forward
+                in_model, in_loop = alternating_medians(
+                    (lambda: per_call_us(lambda: model(input_ids=batch, labels=batch)),
+                     lambda: per_call_us(lambda: [loop_module(x) for _ in range(49)])), rounds)
+                rows.append({"call": name, "norms": len(norms[model]), "operator_launches": launched,
+                             "in_model_us": in_model, "in_loop_us": in_loop})
+                print(f"{name:52s} in the model {in_model:7.1f} µs   in a loop {in_loop:7.1f} µs", flush=True)
+        finally:
+            _cuda_launch.ENABLED, _cuda_launch.cpu_stub = saved
+            modules.kernels_settled = settled
+    return rows
+
+
 def _rms_norm_path() -> str:
     """What this package's RMSNorm runs on the CPU in this process: the compiled kernel or torch ops."""
     from hf_rmsnorm.ops import _cpu_kernel
@@ -453,6 +544,21 @@ def to_markdown(result: dict) -> str:
             cpp = f"{r['cpp_us']:.1f}" if r.get("cpp_us") is not None else "–"
             lines.append(f"| {r['call']} | {r['mode']} | {'×'.join(map(str, r['shape']))} | {r['triton_us']:.1f} | "
                          f"{r['direct_us']:.1f} | {r['triton_us'] - r['direct_us']:.1f} | {cpp} |")
+    if result.get("in_model"):
+        lines += [
+            "",
+            "## Host time per norm call inside a model's training forward and in a loop (bf16)",
+            "",
+            "A GPT-2-medium-shaped model (24 blocks, 49 LayerNorms; 128 wide, 4 tokens), each norm module's "
+            "forward timed on its own, median over forwards of the mean per call; against the same module "
+            "called 49 times in a row. FusedLayerNorm's kernels compiled for sm_90, every launch a no-op "
+            "(torch's nn.LayerNorm computes on the CPU, a few µs of its time here).",
+            "",
+            "| call | norms | in the model µs | in a loop µs |",
+            "|---|---|---|---|",
+        ]
+        for r in result["in_model"]:
+            lines.append(f"| {r['call']} | {r['norms']} | {r['in_model_us']:.1f} | {r['in_loop_us']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -494,6 +600,7 @@ def main(argv=None) -> int:
         result["host"] = host_rows(HOST_SHAPE, min_run_time)
     if args.launcher:
         result["launcher"] = launcher_rows(HOST_SHAPE, min_run_time, rounds)
+        result["in_model"] = in_model_rows(args.quick, rounds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -556,6 +556,15 @@ def test_benchmark_cpu_times_the_launch_path_both_ways_in_a_run_of_its_own(tmp_p
     if _cpu_kernel._compiler() is not None:
         assert all(r["cpp_us"] > 0 for r in rows)
     assert "| layer_norm(x, w, b) | forward + backward | 2×8×1024 |" in (tmp_path / "cpu.md").read_text()
+    # a norm call inside a (two-block) model's forward and in a loop: the operator launches each
+    # of the five norms where it is on, never where the norms launch from Python
+    in_model = json.loads((tmp_path / "cpu.json").read_text())["in_model"]
+    cpp_rows = ["FusedLayerNorm, C++ operator by the general way", "FusedLayerNorm, C++ operator, settled (the default)"]
+    assert [r["call"] for r in in_model] == ["torch nn.LayerNorm", "FusedLayerNorm, launched from Python"] + (
+        cpp_rows if _cpu_kernel._compiler() is not None else [])
+    assert all(r["norms"] == 5 and r["in_model_us"] > 0 and r["in_loop_us"] > 0 for r in in_model)
+    assert [r["operator_launches"] for r in in_model] == [0, 0, 5, 5][:len(in_model)]
+    assert "| FusedLayerNorm, launched from Python | 5 |" in (tmp_path / "cpu.md").read_text()
     both = _run_cpu_benchmark("--quick", "--host", "--launcher", "--out", str(tmp_path / "both"))
     assert both.returncode == 2 and "--host and --launcher need separate runs" in both.stderr
     assert not (tmp_path / "both").exists()
