@@ -3,13 +3,15 @@
     hf-rmsnorm inspect MODEL [--target rmsnorm|layernorm] [--include P] [--exclude P] [--json]
     hf-rmsnorm convert IN OUT [...]
     hf-rmsnorm build-cpu-kernel
+    hf-rmsnorm build-cuda-launch
 
 MODEL is a local Hugging Face model directory (its weights are loaded), a config.json file,
 or a ``model_type`` such as ``llama`` (a default config; built on the meta device, only the
 norms are materialised, so even a large configuration inspects in seconds). It prints the
 report ``patch_model`` would produce, without changing anything. ``build-cpu-kernel`` builds the
 compiled CPU RMSNorm into its cache now rather than at the first CPU call (a container image,
-a machine about to go offline), or says why it cannot be built.
+a machine about to go offline), or says why it cannot be built; ``build-cuda-launch`` does the
+same for the C++ launch operator that issues the norms on CUDA (no GPU needed to build it).
 """
 
 from __future__ import annotations
@@ -138,6 +140,20 @@ def _build_cpu_kernel(args) -> int:
     return 0
 
 
+def _build_cuda_launch(args) -> int:
+    command = "hf-rmsnorm build-cuda-launch"
+    try:
+        from .ops import _cuda_launch
+    except ImportError as e:  # Triton, which the kernels it launches need
+        print(f"{command}: {e}; without Triton the norms run the torch path and need no operator", file=sys.stderr)
+        return 1
+    if _cuda_launch.ops() is None:
+        print(f"{command}: {_cuda_launch.unavailable_reason()}; the norms on CUDA will launch from Python", file=sys.stderr)
+        return 1
+    print(f"the C++ launch operator is built: {_cuda_launch.built_path()}")
+    return 0
+
+
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="a local Hugging Face model directory (from save_pretrained)")
     p.add_argument("output", help="the directory to write (must not exist or be empty, unless --force)")
@@ -170,9 +186,15 @@ def main(argv=None) -> int:
     sub.add_parser(
         "build-cpu-kernel", help="build the compiled CPU RMSNorm into its cache now (HF_RMSNORM_CACHE), not at first use"
     )
+    sub.add_parser(
+        "build-cuda-launch",
+        help="build the C++ launch operator (the norms' launches on CUDA) into its cache now, not at the first CUDA call",
+    )
     args = parser.parse_args(argv)
     if args.command == "build-cpu-kernel":
         return _build_cpu_kernel(args)
+    if args.command == "build-cuda-launch":
+        return _build_cuda_launch(args)
     try:
         return _convert(args) if args.command == "convert" else _inspect(args)
     except (CliError, ConversionError, ValueError, TypeError, NotImplementedError) as exc:

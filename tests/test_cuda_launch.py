@@ -623,3 +623,26 @@ def test_an_operator_that_cannot_be_built_is_said_once_and_the_python_path_serve
                      "the norms launch from Python")]
     assert _cuda_launch.unavailable_reason() == "no C++ compiler found (test)"
     assert _cuda_launch.forward(None, None, None, None, 1e-5, 0.0, True, 0) == (None, None)
+
+
+def test_the_cli_builds_the_operator_ahead_of_time_or_says_why_not(monkeypatch, capsys):
+    """``hf-rmsnorm build-cuda-launch``: the operator built before the first CUDA call (a
+    container image, a machine about to go offline; no GPU needed); where it cannot be built,
+    why, and a non-zero exit."""
+    pytest.importorskip("triton")
+    from hf_rmsnorm.cli import main
+    from hf_rmsnorm.ops import _cuda_launch, _direct
+
+    if not _direct._DIRECT_TRITON:
+        pytest.skip("the operator is not built for this Triton release at all (its reason says so)")
+    if _cpu_kernel._compiler() is not None:
+        assert main(["build-cuda-launch"]) == 0
+        path = _cuda_launch.built_path()
+        assert path is not None and path.exists() and str(path) in capsys.readouterr().out
+    for name, value in (("_ops", _cuda_launch._UNBUILT), ("_reason", None), ("_norm_op", None), ("_path", None)):
+        monkeypatch.setattr(_cuda_launch, name, value)
+    monkeypatch.setattr(_cpu_kernel, "build_library", lambda *a, **k: (None, "", "no C++ compiler found (test)"))
+    assert main(["build-cuda-launch"]) == 1
+    err = capsys.readouterr().err
+    assert "no C++ compiler found (test); the norms on CUDA will launch from Python" in err
+    assert _cuda_launch.built_path() is None

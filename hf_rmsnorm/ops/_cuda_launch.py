@@ -48,6 +48,7 @@ _LOCK = threading.Lock()
 _ops = _UNBUILT  # torch.ops.<namespace> once loaded, None where it cannot be
 _reason: Optional[str] = None
 _norm_op = None  # the C++ callable behind ops.norm.default
+_path: Optional[Path] = None  # the library file it was loaded from
 # (N, x dtype, weight dtype, bias dtype, is_rms, rounding, device, torch reference) -> the
 # operator's family id; _FAMILY_REF[id] = (torch reference, cast mode, is_rms, rounding, y's dtype)
 # for the node's backward
@@ -79,8 +80,13 @@ def ops():
     return _ops
 
 
+def built_path() -> Optional[Path]:
+    """The library file :func:`ops` loaded the operator from (None while it is not loaded)."""
+    return _path if _ops not in (None, _UNBUILT) else None
+
+
 def _load() -> None:
-    global _ops, _reason, _norm_op
+    global _ops, _reason, _norm_op, _path
     if _ops is not _UNBUILT:
         return
     _ops = None
@@ -121,7 +127,7 @@ def _load() -> None:
             return
     overload = loaded.norm.default
     _norm_op = getattr(overload, "_op", overload)  # past OpOverload.__call__'s Python frame
-    _ops = loaded
+    _path, _ops = path, loaded
 
 
 def _backward(grad, x, weight, bias, mean, rstd, eps, offset, family, needs):
