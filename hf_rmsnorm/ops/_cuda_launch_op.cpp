@@ -40,6 +40,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <optional>
@@ -162,6 +163,15 @@ bool param_fits(const OptTensor &p, bool has, at::ScalarType dtype, const Family
                                            p->size(0) == f.n && p->is_contiguous() && p->device() == x.device()));
 }
 
+// HF_RMSNORM_BACKEND as _norm.selected_backend reads it, asked here so that a module's settled
+// call need not ask it in Python (in a model's forward every Python check costs ~1 µs): unset,
+// empty, "auto" and "triton" let the kernels run; anything else is the general path's to read,
+// and to refuse where it names no backend. (os.environ's assignments reach getenv: they putenv.)
+bool backend_allows_kernels() {
+    const char *value = std::getenv("HF_RMSNORM_BACKEND");
+    return value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0 || std::strcmp(value, "triton") == 0;
+}
+
 // Whether the call is as the family promises it; false where the Python path must take it. A
 // module's settled call passes the family its earlier call found without asking again (the
 // module's parameters can be replaced or converted, its input can be anything), and the operator
@@ -172,7 +182,7 @@ bool fits(const Family &f, const at::Tensor &x, const OptTensor &w, const OptTen
     return plain(x) && x.dim() >= 1 && x.size(-1) == f.n && x.scalar_type() == f.x && x.is_contiguous() &&
            x.numel() > 0 && (x.is_cuda() ? x.get_device() == f.device : stubbed.load()) &&
            param_fits(w, f.has_w, f.w, f, x) && param_fits(b, f.has_b, f.b, f, x) && eps >= 0 &&
-           (f.has_w || (offset == 0 && f.rounding != kRoundToWeight));
+           (f.has_w || (offset == 0 && f.rounding != kRoundToWeight)) && backend_allows_kernels();
 }
 
 // (row stride, M, N) as _triton_norm._row_layout reads a contiguous tensor of rows

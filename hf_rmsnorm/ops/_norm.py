@@ -632,12 +632,12 @@ def kernels_settled(settled: tuple, x: Tensor, weight: Optional[Tensor], bias: O
     check of the general way costs several times what it costs in a loop (CI CPU, GPT-2-shaped
     forward: 33 µs a norm call in the model, 14 in a loop; the operator alone 12 and 3:
     benchmarks/NOTES.md, session 29), so only what can change between calls and the operator
-    cannot see is asked here: torch.compile, autocast, a transform, the backend, Triton's launch
-    hooks, the operator switched off. The operator checks the rest, the tensors against the
-    family (type, dtype, length, layout, device, wrappers), and returns None where they differ."""
+    cannot see is asked here: torch.compile, autocast, a transform, Triton's launch hooks, the
+    operator switched off. The operator checks the rest, the tensors against the
+    family (type, dtype, length, layout, device, wrappers) and ``HF_RMSNORM_BACKEND``, and
+    returns None where they differ."""
     if (torch.compiler.is_compiling() or settled[1] is not _SETTLED or settled[2] != cast_mode
-            or not _cuda_launch.ENABLED or _any_autocast() or transforms_active() or selected_backend() == "torch"
-            or not _direct.plain_launches()):
+            or not _cuda_launch.ENABLED or _any_autocast() or transforms_active() or not _direct.plain_launches()):
         return None
     y = _cuda_launch._norm_op(x, weight, bias, eps, offset, settled[0])
     if y is not None:
