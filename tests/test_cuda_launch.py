@@ -432,6 +432,7 @@ _CHILD = textwrap.dedent('''
         # reference's numbers (the stub writes them). Whatever changed since sends a call the
         # general way, which settles again where the operator serves it.
         import copy
+        import pickle
         import torch.autograd.forward_ad as fwAD
         from hf_rmsnorm import FusedLayerNorm, modules
 
@@ -509,7 +510,9 @@ _CHILD = textwrap.dedent('''
         # a parameter replaced by a strided view: the general way copies it for the kernels
         m.weight = torch.nn.Parameter(torch.randn(2048)[::2])
         general_way(m, x)
-        # a copy holds a copy of this process's token: it settles afresh
+        # a copy holds a copy of this process's token: it settles afresh (pickled likewise, as
+        # torch.save of a whole model does)
+        assert pickle.loads(pickle.dumps(m))._settled[1] is not _norm._SETTLED
         twin = copy.deepcopy(m)
         assert twin._settled[1] is not _norm._SETTLED
         general_way(twin, x)
