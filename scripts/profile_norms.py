@@ -85,13 +85,6 @@ def launch_ab_host_us(step, iters: int, rounds: int = 5, cpp: bool = False) -> t
     return launches_ab(lambda: host_us(step, iters), rounds, cpp=cpp)
 
 
-def cpp_operator_available() -> bool:
-    """Whether the C++ launch operator can serve here (built and loaded; on a GPU)."""
-    from hf_rmsnorm.ops import _cuda_launch
-
-    return _cuda_launch.ops() is not None
-
-
 def one_thread_host_us(step, iters: int) -> float:
     """``host_us`` with autograd's backward on the calling thread, not the device's."""
     with torch.autograd.set_multithreading_enabled(False):
@@ -115,7 +108,7 @@ def main(argv=None) -> int:
         parser.error("this profiles GPU kernels; run it on a GPU")
     shapes = args.shapes
     device = torch.device("cuda")
-    with_cpp = cpp_operator_available()
+    with_cpp = _available("cpp", device) is None  # the C++ launch operator built and loaded here
     rows = []
     for m, n in shapes:
         for name in [p.strip() for p in args.providers.split(",") if p.strip()]:

@@ -544,9 +544,10 @@ def _dispatch(torch_impl, x, device_type, weight, bias, eps, offset, is_rms, cas
 
 
 def _run_kernels(torch_impl, x, weight, bias, eps: float, offset: float, is_rms: bool, rounding: int) -> Tensor:
-    """The Triton path, once chosen: through the custom op while torch.compile traces, else
-    (``HF_RMSNORM_CPP_LAUNCH=1``, CUDA) through the C++ launch operator where it has a plan,
-    else through an autograd node where gradients flow, else the forward launch alone."""
+    """The Triton path, once chosen: through the custom op while torch.compile traces, else on
+    CUDA through the C++ launch operator where it has a plan (the default; off with
+    ``HF_RMSNORM_CPP_LAUNCH=0``), else through an autograd node where gradients flow, else the
+    forward launch alone."""
     # The kernels read the parameters with unit stride. A strided one (a slice of a fused
     # parameter, say) is copied first, outside the kernels' autograd node, so that autograd
     # carries its gradient back to the viewed elements.
