@@ -304,6 +304,30 @@ def test_a_norm_on_a_gpu_that_is_not_the_current_one(kind):
     assert torch.cuda.current_device() == 0
 
 
+@pytest.mark.parametrize("target", ["rmsnorm", "layernorm"])
+def test_a_dispatched_model_whose_final_norm_sits_on_another_device(target):
+    """A device_map with GPT-2's final norm on the GPU and the rest on the CPU: the norm's
+    accelerate hook carries the hidden states over and the lm_head's carries them back. Patched
+    (the final norm on the kernels, the blocks' on the CPU path), the fused norm must keep its
+    hook and the model its function, against the dispatched model unpatched."""
+    from accelerate import dispatch_model
+
+    from hf_rmsnorm import patch_model
+    from tiny_models import build, run
+
+    model, inputs = build("gpt2")
+    cpu = ["transformer.wte", "transformer.wpe", "transformer.drop", "transformer.h", "lm_head"]
+    dispatch_model(model, device_map={**dict.fromkeys(cpu, "cpu"), "transformer.ln_f": 0}, main_device="cpu")
+    assert model.transformer.ln_f.weight.is_cuda and model.lm_head.weight.device.type == "cpu"
+    ref = run(model, inputs)
+    report = patch_model(model, target=target)
+    assert "transformer.ln_f" in {e["name"] for e in report.changed}
+    assert model.transformer.ln_f.weight.is_cuda
+    out = run(model, inputs)
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
 @pytest.mark.parametrize("is_rms", [True, False])
 def test_eager_function_and_custom_op_agree_bit_for_bit_on_cuda(is_rms):
     from hf_rmsnorm.ops import _norm

@@ -7,6 +7,8 @@ import json
 
 import pytest
 import torch
+from accelerate import cpu_offload
+from accelerate.hooks import AlignDevicesHook, ModelHook, add_hook_to_module, attach_align_device_hook_on_blocks
 from torch import nn
 
 from hf_rmsnorm import FusedLayerNorm, FusedRMSNorm, PatchReport, patch_model, unpatch_model
@@ -304,6 +306,64 @@ def test_meta_device_is_refused_with_what_to_do():
     with pytest.raises(ValueError, match="meta device: load the real weights first"):
         patch_model(model)
     assert isinstance(model[1], nn.LayerNorm)
+
+
+class _Recorder(ModelHook):
+    """An accelerate hook that records the class of each module it runs in front of."""
+
+    def __init__(self):
+        self.seen = []
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.seen.append(type(module).__name__)
+        return args, kwargs
+
+
+def test_accelerate_hooks_of_a_dispatched_model_move_to_the_fused_modules():
+    """A model dispatched with a device_map carries an accelerate hook on every module with
+    weights (it moves the module's inputs to the module's device); the fused modules must keep
+    running behind them, with the same parameters, and unpatching gives the originals back
+    with theirs."""
+    model, inputs = build("gpt2")
+    ref = run(model, inputs)
+    blocks = ["transformer.wte", "transformer.wpe", "transformer.drop", "transformer.h", "transformer.ln_f", "lm_head"]
+    attach_align_device_hook_on_blocks(model, execution_device={b: "cpu" for b in blocks})  # what dispatch_model does
+    recorder = _Recorder()
+    add_hook_to_module(model.transformer.ln_f, recorder, append=True)
+    originals = dict(norm_modules(model))
+    hooks = {n: m._hf_hook for n, m in originals.items()}
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    report = patch_model(model)
+    assert {e["name"] for e in report.changed} == set(originals)
+    for name in originals:
+        new = model.get_submodule(name)
+        assert isinstance(new, FusedRMSNorm) and new._hf_hook is hooks[name], name
+    assert all(p is params[k] for k, p in model.named_parameters(remove_duplicate=False))
+    out = run(model, inputs)
+    assert recorder.seen[-1] == "FusedRMSNorm"  # the hook ran in front of the fused module
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-5)
+
+    unpatch_model(model)
+    assert all(model.get_submodule(n) is m and m._hf_hook is hooks[n] for n, m in originals.items())
+    run(model, inputs)
+    assert recorder.seen[-1] == "LayerNorm"
+
+
+@pytest.mark.parametrize("where", ["every module", "the block above"])
+def test_offloaded_norms_are_refused_with_what_to_do(where):
+    model, _ = build("gpt2")
+    if where == "every module":
+        cpu_offload(model, execution_device="cpu")
+    else:  # one hook on the block offloads its submodules' weights too; the norms have none of their own
+        block = model.transformer.h[0]
+        weights = {k: v.detach().clone() for k, v in block.state_dict().items()}
+        add_hook_to_module(block, AlignDevicesHook(execution_device="cpu", offload=True, weights_map=weights, place_submodules=True))
+        assert "_hf_hook" not in block.ln_1.__dict__ and block.ln_1.weight.device.type == "meta"
+    with pytest.raises(ValueError, match="is offloaded by accelerate .* Load the model with every layer on a device"):
+        patch_model(model)
+    assert type(model.transformer.h[0].ln_1) is nn.LayerNorm
 
 
 def test_quantized_norm_is_refused_with_what_to_do():

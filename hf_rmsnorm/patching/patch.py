@@ -94,6 +94,30 @@ def _walk(module: nn.Module, prefix: str, visit, seen: dict, replaced: dict) -> 
             replaced[fqn] = child
 
 
+def _carry_accelerate_hook(original: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the accelerate hook ``original`` carries, if any. A model dispatched with a
+    ``device_map`` has one on every module with weights: it moves the module's inputs to the
+    module's GPU, which matters where a norm sits on another GPU than the layer before it (a
+    final norm on a device boundary). The original keeps its hook for ``unpatch_model``."""
+    hook = original.__dict__.get("_hf_hook")
+    if hook is None:
+        return
+    from accelerate.hooks import add_hook_to_module  # only a dispatched model has such a hook
+
+    add_hook_to_module(new, hook)
+
+
+def _offloaded_by_accelerate(model: nn.Module, fqn: str) -> bool:
+    """Whether an accelerate hook on the module at ``fqn`` or on a module above it offloads
+    its weights (they live on the meta device between calls)."""
+    parts = fqn.split(".")
+    for depth in range(len(parts) + 1):
+        hook = model.get_submodule(".".join(parts[:depth])).__dict__.get("_hf_hook")
+        if any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,))):  # SequentialHook holds several
+            return True
+    return False
+
+
 def _settings(module: nn.Module) -> tuple:
     """The plain settings an instance carries besides its parameters (``data_format``,
     ``eps``, flags): instances of one class that differ there may compute different functions
@@ -211,6 +235,8 @@ def patch_model(
         return report
 
     by_id = {id(planned[fqn][0]): new for fqn, new in replacements.items()}
+    for fqn, new in replacements.items():
+        _carry_accelerate_hook(planned[fqn][0], new)
     originals: dict[str, nn.Module] = {}
     hooks: list = []
     try:
@@ -255,6 +281,13 @@ def _plan(model, report, include_p, exclude_p, strict, probe_autocast) -> dict:
                 f"{fqn} ({old}) {sig}: patch the model before quantizing it (or load it unquantized), then quantize."
             )
         if any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+            if _offloaded_by_accelerate(model, fqn):
+                raise ValueError(
+                    f"{fqn} ({old}) is offloaded by accelerate (a device_map with \"cpu\" or \"disk\" "
+                    "entries, or cpu_offload): its weights are loaded only while it runs, so it cannot be "
+                    "patched in place. Load the model with every layer on a device (a device_map "
+                    "without \"cpu\" or \"disk\" entries), then patch."
+                )
             raise ValueError(
                 f"{fqn} ({old}) has parameters on the meta device: load the real weights first "
                 "(not init_empty_weights / a device_map still to be dispatched), then patch."
