@@ -309,13 +309,14 @@ def test_meta_device_is_refused_with_what_to_do():
 
 
 class _Recorder(ModelHook):
-    """An accelerate hook that records the class of each module it runs in front of."""
+    """An accelerate hook that records the class of each module it runs in front of, and the
+    dtype of its input. In a class attribute: the conversion's float64 copy of the model holds
+    a deep copy of the hook, which must record here too."""
 
-    def __init__(self):
-        self.seen = []
+    seen: list = []
 
     def pre_forward(self, module, *args, **kwargs):
-        self.seen.append(type(module).__name__)
+        _Recorder.seen.append((type(module).__name__, args[0].dtype))
         return args, kwargs
 
 
@@ -328,27 +329,29 @@ def test_accelerate_hooks_of_a_dispatched_model_move_to_the_fused_modules():
     ref = run(model, inputs)
     blocks = ["transformer.wte", "transformer.wpe", "transformer.drop", "transformer.h", "transformer.ln_f", "lm_head"]
     attach_align_device_hook_on_blocks(model, execution_device={b: "cpu" for b in blocks})  # what dispatch_model does
-    recorder = _Recorder()
-    add_hook_to_module(model.transformer.ln_f, recorder, append=True)
+    _Recorder.seen = []
+    add_hook_to_module(model.transformer.ln_f, _Recorder(), append=True)
     originals = dict(norm_modules(model))
     hooks = {n: m._hf_hook for n, m in originals.items()}
     params = dict(model.named_parameters(remove_duplicate=False))
 
     report = patch_model(model)
     assert {e["name"] for e in report.changed} == set(originals)
+    # the conversion ran the fused final norm in its float64 copy of the model behind the hook
+    assert any(name.startswith("Fused") and dtype == torch.float64 for name, dtype in _Recorder.seen)
     for name in originals:
         new = model.get_submodule(name)
         assert isinstance(new, FusedRMSNorm) and new._hf_hook is hooks[name], name
     assert all(p is params[k] for k, p in model.named_parameters(remove_duplicate=False))
     out = run(model, inputs)
-    assert recorder.seen[-1] == "FusedRMSNorm"  # the hook ran in front of the fused module
+    assert _Recorder.seen[-1] == ("FusedRMSNorm", torch.float32)  # the hook ran in front of the fused module
     for k in ref:
         torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-5)
 
     unpatch_model(model)
     assert all(model.get_submodule(n) is m and m._hf_hook is hooks[n] for n, m in originals.items())
     run(model, inputs)
-    assert recorder.seen[-1] == "LayerNorm"
+    assert _Recorder.seen[-1] == ("LayerNorm", torch.float32)
 
 
 @pytest.mark.parametrize("where", ["every module", "the block above"])

@@ -116,7 +116,11 @@ def _specs(module, has_weight, follow_autocast):
 
 
 def build_fused(spec: NormSpec, module: nn.Module, shape: tuple) -> _FusedNorm:
-    """A fused module for ``spec`` holding the very same Parameter objects as ``module``."""
+    """A fused module for ``spec`` holding the very same Parameter objects as ``module``, and
+    behind the same accelerate hook if ``module`` has one. A model dispatched with a
+    ``device_map`` has one on every module with weights: it moves the module's inputs to the
+    module's device, which matters where a norm sits on another device than the layer before
+    it (a final norm on a device boundary), in the model and in its float64 copy alike."""
     cls = FusedLayerNorm if spec.kind == "layer" else FusedRMSNorm
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
@@ -130,6 +134,11 @@ def build_fused(spec: NormSpec, module: nn.Module, shape: tuple) -> _FusedNorm:
         new.weight = weight
     if bias is not None:
         new.bias = bias
+    hook = module.__dict__.get("_hf_hook")
+    if hook is not None:
+        from accelerate.hooks import add_hook_to_module  # only a dispatched model has such a hook
+
+        add_hook_to_module(new, hook)
     return new
 
 

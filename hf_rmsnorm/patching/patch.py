@@ -94,19 +94,6 @@ def _walk(module: nn.Module, prefix: str, visit, seen: dict, replaced: dict) -> 
             replaced[fqn] = child
 
 
-def _carry_accelerate_hook(original: nn.Module, new: nn.Module) -> None:
-    """Give ``new`` the accelerate hook ``original`` carries, if any. A model dispatched with a
-    ``device_map`` has one on every module with weights: it moves the module's inputs to the
-    module's GPU, which matters where a norm sits on another GPU than the layer before it (a
-    final norm on a device boundary). The original keeps its hook for ``unpatch_model``."""
-    hook = original.__dict__.get("_hf_hook")
-    if hook is None:
-        return
-    from accelerate.hooks import add_hook_to_module  # only a dispatched model has such a hook
-
-    add_hook_to_module(new, hook)
-
-
 def _offloaded_by_accelerate(model: nn.Module, fqn: str) -> bool:
     """Whether an accelerate hook on the module at ``fqn`` or on a module above it offloads
     its weights (they live on the meta device between calls)."""
@@ -235,8 +222,6 @@ def patch_model(
         return report
 
     by_id = {id(planned[fqn][0]): new for fqn, new in replacements.items()}
-    for fqn, new in replacements.items():
-        _carry_accelerate_hook(planned[fqn][0], new)
     originals: dict[str, nn.Module] = {}
     hooks: list = []
     try:
