@@ -426,12 +426,17 @@ def main(argv=None) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
-def _write(out: Path, env: dict, results: list) -> str:
+def write_results(out: Path, stem: str, env: dict, results: list, to_markdown) -> str:
+    """``<out>/<stem>.json`` (the environment, every row) and ``<out>/<stem>.md``; the markdown."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "training.json").write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
-    md = _markdown(env, results)
-    (out / "training.md").write_text(md)
+    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
+    md = to_markdown(env, results)
+    (out / f"{stem}.md").write_text(md)
     return md
+
+
+def _write(out: Path, env: dict, results: list) -> str:
+    return write_results(out, "training", env, results, _markdown)
 
 
 def _version(pkg):

@@ -28,6 +28,8 @@
 #                                                  # patched rows' kernels launched from Python and through the C++
 #                                                  # launch operator (the default), in turn, and the kernel
 #                                                  # table's rows of ours both ways, in $OUT/cpp/
+#   STEPS=generate bash scripts/gpu_check.sh      # not in the default set: token-by-token generation (greedy, KV
+#                                                  # cache) as shipped and patched, in $OUT/generate/
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick=""
@@ -103,10 +105,12 @@ step cpp 90 "$PY" scripts/benchmark_training.py $quick --models gpt2-medium \
   --variants "as shipped,layernorm+python,layernorm,rmsnorm+python,rmsnorm,norms -> Identity" --out "$OUT/cpp"
 step cppkernels 60 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT/cpp" --name kernels_cpp --providers \
   "hf_rmsnorm RMSNorm (Python launch),hf_rmsnorm RMSNorm,hf_rmsnorm LayerNorm (Python launch),hf_rmsnorm LayerNorm,torch F.layer_norm"
+# token-by-token generation: a few rows a norm call, so the norms' host time decides
+step generate 150 "$PY" scripts/benchmark_generation.py $quick --out "$OUT/generate"
 
 echo
 grep -E "^(FAILED|ERROR)|passed|failed|skipped" "$OUT/tests.log" 2>/dev/null | cut -c1-400
-for f in cpp/kernels_cpp cpp/training direct/training trainprof/training tune_gpt2/tuning tuning host_probe profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
+for f in generate/generation cpp/kernels_cpp cpp/training direct/training trainprof/training tune_gpt2/tuning tuning host_probe profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
   [ -f "$OUT/$f.md" ] && sed -n '/^# /p;/^copy/p;/^torch/p;/^|/p;/^- /p;/^`do_bench`/p;/^CUDA-graph/p;/against the Identity row/p' "$OUT/$f.md"
 done
 cat "$OUT/steps.txt" 2>/dev/null

@@ -107,6 +107,29 @@ def test_benchmark_training_quick_writes_json_and_markdown(tmp_path):
     assert "| gpt2-medium | bf16 params | rmsnorm |" in (tmp_path / "training.md").read_text()
 
 
+def test_benchmark_generation_quick_writes_json_and_markdown(tmp_path):
+    script = str(ROOT / "scripts" / "benchmark_generation.py")
+    proc = subprocess.run([sys.executable, script, "--quick", "--batches", "1,2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "generation.json").read_text())
+    rows = {(r["model"], r["batch"], r["variant"]): r for r in result["results"]}
+    for batch in (1, 2):
+        assert {("gpt2-medium", batch, v) for v in ("as shipped", "layernorm", "rmsnorm", "norms -> Identity")} <= set(rows)
+        assert ("llama-1b", batch, "rmsnorm") not in rows  # nothing to convert in an RMSNorm model
+        # the patched models generate what the model as shipped generates (greedy, fp32)
+        for model, variant in (("gpt2-medium", "layernorm"), ("gpt2-medium", "rmsnorm"), ("llama-1b", "layernorm")):
+            assert rows[model, batch, variant]["tokens_differing"] == 0, (model, batch, variant)
+    for r in result["results"]:
+        assert 0 < r["generate_ms_min"] <= r["generate_ms"] <= r["generate_ms_max"] and r["rounds"] == 2
+        assert r["tokens_per_second"] == pytest.approx(r["batch"] * r["new_tokens"] / r["generate_ms"] * 1e3)
+    assert "| gpt2-medium | fp32 | 2 | 8 + 4 | rmsnorm |" in (tmp_path / "generation.md").read_text()
+    bad = subprocess.run([sys.executable, script, "--quick", "--batches", "one", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "--batches takes comma-separated integers, got 'one'" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.slow
 def test_benchmark_training_profile_attributes_the_norms(tmp_path):
     """--profile: each row's profiled time by kind; the patched row spends time in norms that the
@@ -581,19 +604,21 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_the_tables(tmp_path):
         pytest.skip("a GPU is present: the dry run would time the real kernels")
     out = tmp_path / "gpu"
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OUT": str(out),
-           "STEPS": "tests,bench,training,mixed,fp32,tune,trainprof,direct,cpp,cppkernels", "PYTHON": sys.executable}
+           "STEPS": "tests,bench,training,mixed,fp32,tune,trainprof,direct,cpp,cppkernels,generate", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--quick"], capture_output=True, text=True,
                           cwd=ROOT, timeout=900, env=env)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-2000:])
     steps = (out / "steps.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in steps] == [
-        f"== {s}" for s in ("tests", "bench", "training", "mixed", "fp32", "tune", "trainprof", "direct", "cpp", "cppkernels")]
+        f"== {s}" for s in ("tests", "bench", "training", "mixed", "fp32", "tune", "trainprof", "direct", "cpp", "cppkernels",
+                             "generate")]
     assert all(": exit 0 in" in line for line in steps), steps
     for name in ("kernels_bf16", "kernels_bf16_fp32w", "kernels_fp32", "training", "tuning", "trainprof/training", "direct/training",
-                 "cpp/training", "cpp/kernels_cpp"):
+                 "cpp/training", "cpp/kernels_cpp", "generate/generation"):
         assert (out / f"{name}.json").is_file() and (out / f"{name}.md").is_file(), name
     assert (out / "all.tgz").is_file()
-    assert "| llama-1b |" in proc.stdout and "== cppkernels: exit 0" in proc.stdout.splitlines()[-1]
+    assert "| llama-1b |" in proc.stdout and "== generate: exit 0" in proc.stdout.splitlines()[-1]
+    assert "| gpt2-medium | fp32 | 1 | 8 + 4 | rmsnorm |" in proc.stdout
     assert "| gpt2-medium | bf16 params | rmsnorm+triton |" in proc.stdout
     assert "| gpt2-medium | bf16 params | rmsnorm+python |" in proc.stdout
 
