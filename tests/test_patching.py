@@ -314,6 +314,11 @@ class _Recorder(ModelHook):
     a deep copy of the hook, which must record here too."""
 
     seen: list = []
+    inits = 0
+
+    def init_hook(self, module):
+        _Recorder.inits += 1
+        return module
 
     def pre_forward(self, module, *args, **kwargs):
         _Recorder.seen.append((type(module).__name__, args[0].dtype))
@@ -329,8 +334,9 @@ def test_accelerate_hooks_of_a_dispatched_model_move_to_the_fused_modules():
     ref = run(model, inputs)
     blocks = ["transformer.wte", "transformer.wpe", "transformer.drop", "transformer.h", "transformer.ln_f", "lm_head"]
     attach_align_device_hook_on_blocks(model, execution_device={b: "cpu" for b in blocks})  # what dispatch_model does
-    _Recorder.seen = []
+    _Recorder.seen, _Recorder.inits = [], 0
     add_hook_to_module(model.transformer.ln_f, _Recorder(), append=True)
+    assert _Recorder.inits == 1
     originals = dict(norm_modules(model))
     hooks = {n: m._hf_hook for n, m in originals.items()}
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -339,6 +345,9 @@ def test_accelerate_hooks_of_a_dispatched_model_move_to_the_fused_modules():
     assert {e["name"] for e in report.changed} == set(originals)
     # the conversion ran the fused final norm in its float64 copy of the model behind the hook
     assert any(name.startswith("Fused") and dtype == torch.float64 for name, dtype in _Recorder.seen)
+    # and the hooks were not initialised again for the fused modules (accelerate's placement of
+    # the parameters, which on a GPU collects garbage and empties the CUDA cache per parameter)
+    assert _Recorder.inits == 1
     for name in originals:
         new = model.get_submodule(name)
         assert isinstance(new, FusedRMSNorm) and new._hf_hook is hooks[name], name

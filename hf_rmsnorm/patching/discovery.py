@@ -136,10 +136,23 @@ def build_fused(spec: NormSpec, module: nn.Module, shape: tuple) -> _FusedNorm:
         new.bias = bias
     hook = module.__dict__.get("_hf_hook")
     if hook is not None:
-        from accelerate.hooks import add_hook_to_module  # only a dispatched model has such a hook
-
-        add_hook_to_module(new, hook)
+        _attach_without_init(new, hook)
     return new
+
+
+def _attach_without_init(module: nn.Module, hook) -> None:
+    """``accelerate.hooks.add_hook_to_module`` without the hook's ``init_hook``: the fused module
+    holds the original's parameters, which that hook placed already, and placing them again
+    would, on a GPU, run ``gc.collect()`` and empty the CUDA cache once per parameter (accelerate's
+    ``set_module_tensor_to_device``): ≈ 0.1-0.2 s each with a model loaded, several per norm
+    while patching probes and converts."""
+    from accelerate.hooks import add_hook_to_module  # only a dispatched model has such a hook
+
+    hook.init_hook = lambda m: m  # an instance attribute, shadowing the method for this call only
+    try:
+        add_hook_to_module(module, hook)
+    finally:
+        del hook.init_hook
 
 
 class _OpRecorder(TorchFunctionMode):
