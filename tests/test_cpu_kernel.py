@@ -131,6 +131,26 @@ def test_torch_backend_and_float16_take_the_torch_ops(monkeypatch, compiled_call
     assert compiled_calls() == 2
 
 
+def test_an_installed_package_carries_every_header_its_sources_include():
+    """The operators are built on first use from the sources in the installed package, so every
+    file a source includes locally must be package data too; else a wheel's build fails and the
+    slow path serves everywhere, with only a log line to say so."""
+    import fnmatch
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["hf_rmsnorm.ops"]
+    ops = root / "hf_rmsnorm" / "ops"
+    sources = [p for p in ops.iterdir() if p.suffix in (".c", ".cpp")]
+    assert sources and all(any(fnmatch.fnmatch(p.name, pat) for pat in patterns) for p in sources)
+    local = {name for p in sources for name in re.findall(r'#include "([^"]+)"', p.read_text())}
+    assert "_autograd_node.h" in local  # both operators' autograd nodes
+    for name in local:
+        assert (ops / name).is_file() and any(fnmatch.fnmatch(name, pat) for pat in patterns), name
+
+
 def test_the_sources_build_without_warnings(tmp_path):
     """-Wall -Wextra -Werror, with and without OpenMP: the C file and the operator stay clean
     (torch's headers are system headers there)."""

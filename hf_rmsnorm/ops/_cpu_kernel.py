@@ -130,8 +130,9 @@ def build_library(stem: str, c_source: Optional[Path], op_source: Path, openmp: 
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, "", f"the C++ compiler {cxx} does not run: {e}"
-    facts = (  # this file too: it holds the build's command lines
-        c_source.read_text() if c_source is not None else "", op_source.read_text(), Path(__file__).read_text(), cxx,
+    facts = (  # this file too: it holds the build's command lines; and the headers the sources include
+        c_source.read_text() if c_source is not None else "", op_source.read_text(), Path(__file__).read_text(),
+        *(h.read_text() for h in sorted(op_source.parent.glob("*.h"))), cxx,
         version, torch.__version__, str(torch.version.git_version), platform.machine(), sys.platform,
     )
     key = hashlib.sha256(b"\0".join(s.encode() for s in facts)).hexdigest()[:16]

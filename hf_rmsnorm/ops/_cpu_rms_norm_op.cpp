@@ -22,6 +22,8 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include "_autograd_node.h"  // make_node
+
 #include <atomic>
 #include <optional>
 #include <string>
@@ -174,15 +176,6 @@ struct RMSNormBackward : public torch::autograd::Node {
         return {dx, dw, db};
     }
 };
-
-// a node as this torch version holds them (an intrusive pointer; a shared one before 2.12 or so)
-template <class T>
-auto make_node() {
-    if constexpr (std::is_same_v<decltype(torch::autograd::Edge::function), std::shared_ptr<torch::autograd::Node>>)
-        return std::make_shared<T>();
-    else
-        return c10::make_intrusive<T>();
-}
 
 at::Tensor rms_norm(const at::Tensor &x, const OptTensor &w, const OptTensor &b, double eps, double offset,
                     int64_t flags, std::string_view cast_mode) {

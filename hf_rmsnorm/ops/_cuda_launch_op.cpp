@@ -35,6 +35,8 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include "_autograd_node.h"  // make_node
+
 #include <dlfcn.h>
 
 #include <array>
@@ -343,14 +345,6 @@ struct NormBackward : public torch::autograd::Node {
         return out;
     }
 };
-
-template <class T>
-auto make_node() {  // a node as this torch version holds them (intrusive, or shared before ~2.12)
-    if constexpr (std::is_same_v<decltype(torch::autograd::Edge::function), std::shared_ptr<torch::autograd::Node>>)
-        return std::make_shared<T>();
-    else
-        return c10::make_intrusive<T>();
-}
 
 // y, or an undefined tensor where no plan covers the call (the caller then takes the Python path)
 at::Tensor norm(const at::Tensor &x, const OptTensor &w, const OptTensor &b, double eps, double offset, int64_t family) {
