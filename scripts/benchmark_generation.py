@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from benchmark_cpu import _cpu_model
-from benchmark_training import MODELS, QUICK, _version, apply_variant, build, write_results
+from benchmark_kernels import _versions
+from benchmark_training import MODELS, QUICK, apply_variant, build, converts_nothing, write_results
 
 VARIANTS = ("as shipped", "layernorm", "rmsnorm", "norms -> Identity")
 DTYPES = {"bf16": "bf16 params", "fp32": "fp32 params"}
@@ -46,7 +47,7 @@ def prepare(name, table, dtype, variant, prompt, device):
     time (the ``rmsnorm`` variant of a model without LayerNorms is the ``layernorm`` one)."""
     model = build(name, table, DTYPES[dtype], device).eval()
     summary = apply_variant(model, variant, prompt)
-    if variant == "rmsnorm" and " 0 exact" in summary:
+    if converts_nothing(variant, summary):
         return None
     model.config.use_cache = True
     # no end-of-sequence token: every call generates exactly the tokens asked for (a random
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({_cpu_model()}, {torch.get_num_threads()} threads)",
         "quick": q,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch": torch.__version__, **{p: _version(p) for p in ("triton", "transformers", "hf_rmsnorm")},
+        **_versions(),
     }
     results = []
     for name in names:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib.metadata
 import json
 import statistics
 import sys
@@ -45,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmark_kernels import _versions
 from hf_rmsnorm import patch_model
 from hf_rmsnorm.patching.discovery import is_norm_like
 
@@ -80,6 +80,12 @@ def build(name, table, precision, device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     dtype = torch.bfloat16 if precision == "bf16 params" else torch.float32
     return model.to(device=device, dtype=dtype).train()
+
+
+def converts_nothing(variant: str, summary: str) -> bool:
+    """Whether ``variant`` is an ``rmsnorm`` one that converted nothing (a model without
+    LayerNorms): its rows would be the ``layernorm`` variant's."""
+    return variant.startswith("rmsnorm") and " 0 exact" in summary
 
 
 def apply_variant(model, variant, batch) -> str:
@@ -265,7 +271,7 @@ def prepare(name, table, precision, variant, batch, device, warmup):
     ``rmsnorm`` variant of a model without LayerNorms is the ``layernorm`` one)."""
     model = build(name, table, precision, device)
     summary = apply_variant(model, variant, batch)
-    if variant.startswith("rmsnorm") and " 0 exact" in summary:
+    if converts_nothing(variant, summary):
         return None
     run = Run(variant, model, precision, device, summary)
     for _ in range(warmup):  # compiles the kernels and creates the optimizer state
@@ -409,8 +415,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
         "batch": list(batch_shape), "quick": args.quick, "profile": args.profile,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch": torch.__version__,
-        **{p: _version(p) for p in ("triton", "transformers", "hf_rmsnorm")},
+        **_versions(),
     }
     g = torch.Generator().manual_seed(0)
     results = []
@@ -437,13 +442,6 @@ def write_results(out: Path, stem: str, env: dict, results: list, to_markdown) -
 
 def _write(out: Path, env: dict, results: list) -> str:
     return write_results(out, "training", env, results, _markdown)
-
-
-def _version(pkg):
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _markdown(env, results) -> str:
