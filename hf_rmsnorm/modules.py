@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .ops import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 from .ops._norm import CAST_MODES, _any_autocast, kernels_for_module, kernels_settled, selected_backend, settle
 from .ops.layer_norm import torch_layer_norm_computes
-from .ops.rms_norm import _kernel_call_for_module
+from .ops.rms_norm import _kernel_call_for_module, settle_on_cpu
 
 _Shape = Union[int, Sequence[int]]
 
@@ -27,6 +27,7 @@ class _FusedNorm(nn.Module):
     _fn = None  # the functional op, set by subclasses
     _ref = None  # its torch reference: what the op runs off CUDA
     _kernel = None  # a compiled CPU kernel's call for the CPU shortcut, or None where the reference decides
+    _settle_kernel = None  # what the module keeps after ``_kernel`` served a call (``_settled``)
     _is_rms = None  # RMSNorm (True) or LayerNorm (False): the kernels' flag
     # what the last call on the kernels settled for the next ones (``_norm.settle``), or None
     _settled = None
@@ -127,9 +128,14 @@ class _FusedNorm(nn.Module):
         if len(self.normalized_shape) != 1 or not x.is_floating_point() or _any_autocast():
             return None
         weight, bias = self._affine()
+        if weight is None and x.shape[-1:] != self.normalized_shape:
+            # the general way's message: the torch ops and the kernel check x's width against
+            # the weight's length, and a weightless module has none
+            return None
         if self._kernel is not None and backend != "torch":
             y = self._kernel(x, weight, bias, self.eps, self.offset, self.cast_mode)
             if y is not None:
+                self._settled = self._settle_kernel(x, weight, bias, self.cast_mode)
                 return y
         return self._ref(x, weight, bias, self.eps, self.offset, self.cast_mode)
 
@@ -166,6 +172,7 @@ class FusedRMSNorm(_FusedNorm):
     _fn = staticmethod(rms_norm)
     _ref = staticmethod(rms_norm_ref)
     _kernel = staticmethod(_kernel_call_for_module)
+    _settle_kernel = staticmethod(settle_on_cpu)
     _is_rms = True
 
     def __init__(

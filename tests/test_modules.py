@@ -161,6 +161,14 @@ def test_the_forward_reads_the_parameters_the_module_holds_now(cls):
         torch.testing.assert_close(m(x).double(), norm_fp64(kind, x, w, b, m.eps), rtol=2e-6, atol=2e-6)
 
 
+def _settled(module):
+    """``module`` after one call of 16 float32 values, which settles a FusedRMSNorm on the
+    compiled CPU kernel where it serves (with ``HF_RMSNORM_BACKEND=auto``)."""
+    with torch.no_grad():
+        module(torch.randn(2, 16))
+    return module
+
+
 def _cpu_kernel_or_skip():
     from hf_rmsnorm.ops import _cpu_kernel
 
@@ -196,11 +204,13 @@ def test_the_rms_modules_cpu_shortcut_takes_the_kernel_only_where_it_can(case, m
 
 
 @pytest.mark.parametrize("transform", ["forward_ad", "jvp", "vmap", "grad_x"])
-@pytest.mark.parametrize("cls", [FusedRMSNorm, FusedLayerNorm])
-def test_modules_under_torch_func_transforms_and_forward_ad(cls, transform, compiled_calls):
-    """A module's CPU shortcut must not take the compiled kernel under a transform (it has no
-    forward mode and no functorch rules): the tangents and gradients are the norm's, against
-    float64, and the kernel did not run."""
+# only FusedRMSNorm settles on the CPU (FusedLayerNorm calls torch's own layer_norm there)
+@pytest.mark.parametrize("cls,settled", [(FusedRMSNorm, False), (FusedRMSNorm, True), (FusedLayerNorm, False)],
+                         ids=["rms", "rms_settled", "layer"])
+def test_modules_under_torch_func_transforms_and_forward_ad(cls, settled, transform, compiled_calls):
+    """A module's CPU shortcut, and a FusedRMSNorm's settled call, must not take the compiled
+    kernel under a transform (it has no forward mode and no functorch rules): the tangents and
+    gradients are the norm's, against float64, and the kernel did not run."""
     from test_ops_behaviour import _transformed
 
     g = torch.Generator().manual_seed(4)
@@ -209,11 +219,15 @@ def test_modules_under_torch_func_transforms_and_forward_ad(cls, transform, comp
     m = cls(24, eps=1e-5, bias=True)
     m.weight, m.bias = nn.Parameter(w.clone()), nn.Parameter(b.clone())
     kind = "rms" if cls is FusedRMSNorm else "layer"
+    if settled:
+        _cpu_kernel_or_skip()
+        _settle_on_the_cpu_kernel(m, x)
+    calls = compiled_calls()
     got = _transformed(transform, lambda x, w, b: m(x), x, w, b, t)
     truth = _transformed(transform, lambda x, w, b: norm_fp64(kind, x, w, b, 1e-5), x.double(), w.double(), b.double(),
                          t.double())
     torch.testing.assert_close(got.double(), truth, rtol=1e-5, atol=1e-5)
-    assert compiled_calls() == 0
+    assert compiled_calls() == calls
 
 
 def test_extra_repr_is_readable():
@@ -255,16 +269,17 @@ SHORTCUT_CASES = {
 }
 
 
-def _module_against_its_op(case, dtype, after_each=lambda run, module: None) -> None:
+def _module_against_its_op(case, dtype, after_each=lambda run, module: None, first=lambda module, x: None) -> None:
     """A module of ``SHORTCUT_CASES`` and its functional op with the module's arguments: output,
     every gradient and the no-grad output must be the very bits; ``after_each(run, module)`` is
-    called after each of the two has run."""
+    called after each of the two has run, ``first(module, x)`` before either."""
     from hf_rmsnorm.ops import layer_norm, rms_norm
 
     build, p_dtype = SHORTCUT_CASES[case]
     module = _randomize(build()).to(p_dtype or dtype)
     fn = layer_norm if isinstance(module, FusedLayerNorm) else rms_norm
     x = (torch.randn(3, 5, 64) * 2 + 0.5).to(dtype)
+    first(module, x)
     dy = torch.randn(3, 5, 64)
     results = []
     for run in (module, lambda x: fn(x, module.weight, module.bias, module.eps, module.offset, module.cast_mode,
@@ -313,6 +328,165 @@ def test_modules_on_the_kernels_compute_the_bits_of_the_functional_op(case, dtyp
 
     _module_against_its_op(case, dtype, checked)
     assert launches() == 6  # forward and backward, then the forward without grad, twice
+
+
+def _settle_on_the_cpu_kernel(module, x):
+    """Call ``module`` once without grad: a FusedRMSNorm the compiled CPU kernel served keeps its
+    settled call for the next ones (``rms_norm.settle_on_cpu``)."""
+    from hf_rmsnorm.ops import _cpu_kernel
+
+    with torch.no_grad():
+        module(x)
+    assert module._settled is not None and module._settled[1] is _cpu_kernel.settled_token
+
+
+class _SettledCalls:
+    """Records what the compiled CPU kernel's settled operator answered: True where it computed,
+    False where it left the call to the general way (None)."""
+
+    def __init__(self, monkeypatch):
+        from hf_rmsnorm.ops import _cpu_kernel
+
+        real, self.answers = _cpu_kernel.settled_op, []
+
+        def settled_op(*args):
+            y = real(*args)
+            self.answers.append(y is not None)
+            return y
+
+        monkeypatch.setattr(_cpu_kernel, "settled_op", settled_op)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [c for c in SHORTCUT_CASES if not c.startswith("layernorm")])
+def test_a_settled_rms_module_on_the_cpu_computes_the_bits_of_the_functional_op(case, dtype, monkeypatch,
+                                                                                compiled_calls):
+    """After its first call on the compiled CPU kernel, a FusedRMSNorm's calls of the same kind
+    go to the kernel in one C++ call (``_cpu_kernel.settled_op``), past the module's shortcut:
+    output, every gradient and the no-grad output must be the very bits the functional op gives,
+    with the shortcut not asked and the settled operator computing every module call."""
+    _cpu_kernel_or_skip()
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")
+    settled, shortcut = _SettledCalls(monkeypatch), []
+
+    def first(module, x):
+        _settle_on_the_cpu_kernel(module, x)
+        module._kernel = lambda *args: shortcut.append(args)  # the shortcut, should anything ask it
+
+    _module_against_its_op(case, dtype, first=first)
+    assert shortcut == [] and settled.answers == [True, True]  # with grad, without
+    assert compiled_calls() == 1 + 3 + 3  # settling; forward, backward, no-grad forward by each
+
+
+# (what changes after the module settled, what it then holds, and x): each goes the general way
+_AFTER_SETTLING = {
+    "autocast": lambda m, x: (m, x),  # the call is made under CPU autocast (below)
+    "backend_torch": lambda m, x: (m, x),  # HF_RMSNORM_BACKEND=torch from then on (below)
+    "bfloat16_input": lambda m, x: (m, x.bfloat16()),
+    "float16_bias": lambda m, x: (_with(m, bias=m.bias.detach().half()), x),
+    "strided_weight": lambda m, x: (_with(m, weight=torch.stack([m.weight.detach()] * 2, 1).reshape(-1)[::2]), x),
+    "no_weight": lambda m, x: (_with(m, weight=None), x),
+    "no_rows": lambda m, x: (m, x[:0]),
+    "negative_view": lambda m, x: (m, torch._neg_view(-x)),  # the values of x, negated lazily twice over
+    "tensor_subclass": lambda m, x: (m, _Doubling(x)),
+}
+
+
+def _with(module, **params):
+    for name, value in params.items():
+        setattr(module, name, None if value is None else nn.Parameter(value.clone() if value.is_contiguous() else value))
+    return module
+
+
+class _Doubling(torch.Tensor):
+    """A tensor subclass whose ops see the values doubled (what a kernel reading its memory would
+    miss): torch ops on it compute on 2x."""
+
+    @staticmethod
+    def __new__(cls, data):
+        return torch.Tensor._make_wrapper_subclass(cls, data.shape, dtype=data.dtype, device=data.device)
+
+    def __init__(self, data):
+        self.data_ = data
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda a: a.data_ * 2 if isinstance(a, _Doubling) else a  # noqa: E731
+        return func(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+
+
+@pytest.mark.parametrize("case", list(_AFTER_SETTLING))
+def test_a_settled_rms_module_leaves_to_the_general_way_what_its_kind_does_not_cover(case, monkeypatch,
+                                                                                    compiled_calls):
+    """Whatever differs from the call a FusedRMSNorm settled on (a dtype, a parameter replaced, no
+    rows, a lazily negated or wrapped input, autocast, the torch backend) is refused by the settled
+    operator and goes the general way: the output is the norm of what the module holds and gets,
+    against float64 (or, under autocast, the functional op's own answer there)."""
+    from hf_rmsnorm.ops import rms_norm
+
+    _cpu_kernel_or_skip()
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")
+    g = torch.Generator().manual_seed(6)
+    m = _randomize(FusedRMSNorm(64, eps=1e-5, bias=True))
+    x = torch.randn(5, 64, generator=g) * 2 + 0.5
+    _settle_on_the_cpu_kernel(m, x)
+    m, x = _AFTER_SETTLING[case](m, x)
+    settled = _SettledCalls(monkeypatch)
+    if case == "backend_torch":
+        monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    calls = compiled_calls()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        y = m(x)
+        if case == "autocast":
+            truth = rms_norm(x, m.weight, m.bias, m.eps, follow_autocast=True)
+    assert settled.answers == [False]
+    if case != "autocast":
+        values = x.data_ * 2 if case == "tensor_subclass" else x.resolve_neg()
+        weight, bias = (None if p is None else p.detach().float() for p in (m.weight, m.bias))
+        truth = norm_fp64("rms", values.float(), weight, bias, m.eps).to(y.dtype)
+    assert y.shape == x.shape and y.dtype == truth.dtype
+    torch.testing.assert_close(y.double(), truth.double(), rtol=1e-2 if y.dtype == torch.bfloat16 else 2e-6,
+                               atol=1e-2 if y.dtype == torch.bfloat16 else 2e-6)
+    if case == "backend_torch":
+        assert compiled_calls() == calls
+
+
+def test_a_settled_rms_module_copied_or_pickled_settles_afresh():
+    """A module's settled call names a kind of this process's operator table: a copy or an
+    unpickled module (possibly in another process) holds a stale token, goes the general way once,
+    settles again, and computes as the original."""
+    import copy
+    import pickle
+
+    from hf_rmsnorm.ops import _cpu_kernel
+
+    _cpu_kernel_or_skip()
+    m = _randomize(FusedRMSNorm(64, eps=1e-5, bias=True))
+    x = torch.randn(5, 64)
+    _settle_on_the_cpu_kernel(m, x)
+    with torch.no_grad():
+        for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+            assert twin._settled[1] is not _cpu_kernel.settled_token
+            assert torch.equal(twin(x), m(x)) and twin._settled[1] is _cpu_kernel.settled_token
+
+
+def test_torch_jit_trace_of_a_settled_rms_module_records_the_checked_operator():
+    """torch.jit.trace records the operators a call makes and replays them as they are: a
+    settled call's operator, whose answer depends on more than its arguments (None included),
+    must not be among them. The trace records the operator that checks its arguments (and raises
+    where they differ), replays the module's bits, and tracing does not warn."""
+    import warnings
+
+    _cpu_kernel_or_skip()
+    m = _randomize(FusedRMSNorm(64, eps=1e-5, bias=True))
+    x = torch.randn(5, 64)
+    _settle_on_the_cpu_kernel(m, x)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)  # the trace may not generalise
+        traced = torch.jit.trace(m, x)
+        kinds = [node.kind().split("::")[-1] for node in traced.graph.nodes()]
+        assert "rms_norm" in kinds and "rms_norm_settled" not in kinds
+        assert torch.equal(traced(x), m(x))
 
 
 @pytest.mark.parametrize("case", ["autocast", "float64_weight", "offset_without_weight", "vmap", "torch_backend"])
@@ -374,11 +548,22 @@ def test_the_kernel_shortcut_leaves_to_the_general_path_what_it_does_not_check(c
         (lambda: FusedRMSNorm(16, bias=True).to("meta")(torch.randn(2, 16)), ValueError, "weight is on meta but x is on cpu"),
         (lambda: FusedLayerNorm(16)(torch.randn(2, 15)), ValueError, r"normalises the last dims \(16,\)"),
         (lambda: FusedRMSNorm(16)(torch.randn(2, 15)), ValueError, r"normalises the last dims \(16,\)"),
+        # without a weight whose length the kernel would check
+        (lambda: FusedRMSNorm(16, elementwise_affine=False)(torch.randn(2, 15)), ValueError,
+         r"normalises the last dims \(16,\)"),
+        # the same after a call of the right kind settled the module on the compiled CPU kernel
+        (lambda: _settled(FusedRMSNorm(16, elementwise_affine=False))(torch.randn(2, 15)), ValueError,
+         r"normalises the last dims \(16,\)"),
+        (lambda: _settled(FusedRMSNorm(16, bias=True)).to("meta")(torch.randn(2, 16)), ValueError,
+         "weight is on meta but x is on cpu"),
     ],
-    ids=["int_input", "other_device", "rmsnorm_other_device", "layernorm_shape", "rmsnorm_shape"],
+    ids=["int_input", "other_device", "rmsnorm_other_device", "layernorm_shape", "rmsnorm_shape",
+         "rmsnorm_no_affine_shape", "settled_no_affine_shape", "settled_other_device"],
 )
 @pytest.mark.parametrize("backend", ["auto", "triton"])  # triton: the module's shortcut to the kernels defers them
 def test_bad_input_to_a_module_off_cuda_is_still_a_clear_error(call, error, message, backend, monkeypatch):
+    """Wrong input gets the general way's one message, on every way a module takes (the shortcut,
+    a settled call, the kernels' shortcut)."""
     monkeypatch.setenv("HF_RMSNORM_BACKEND", backend)
     with pytest.raises(error, match=message):
         call()

@@ -120,6 +120,35 @@ def test_strided_weight_and_bias(kind, w_dtype, backend, launches):
 
 
 @pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_lazily_negated_tensors_are_normalised_as_their_values(kind, backend, launches, compiled_calls):
+    """A lazily negated tensor (the negation bit: ``torch._neg_view``, or the imaginary part of a
+    conjugated complex tensor) keeps its values un-negated in memory, which is what the kernels
+    read. As x, weight, bias and the output's gradient, each contiguous: output and gradients
+    against float64, within twice PyTorch's own error, on every backend; the kernels still run."""
+    torch.manual_seed(0)
+    x = (torch.randn(6, 64) * 2 + 0.5).to(torch.bfloat16)
+    w = (torch.randn(64) * 0.5 + 1).to(torch.bfloat16)
+    b = (torch.randn(64) * 0.1).to(torch.bfloat16)
+    dy = torch.randn(6, 64).to(torch.bfloat16)
+    eps = EPS[kind]
+
+    def negated(fn):  # the values of x, w and b, each held negated twice over
+        return lambda x, w, b: fn(*(torch._neg_view(-t) for t in (x, w, b)))
+
+    lazy_dy = torch._neg_view(-dy)
+    assert all(t.is_neg() and t.is_contiguous() for t in (torch._neg_view(-x), lazy_dy))
+    got = fwd_bwd(negated(lambda x, w, b: FNS[kind](x, w, b, eps)), x, w, b, lazy_dy)
+    pt = fwd_bwd(negated(lambda x, w, b: norm_torch_same_dtype(kind, x, w, b, eps)), x, w, b, dy)
+    truth = fwd_bwd(negated(lambda x, w, b: norm_fp64(kind, x, w, b, eps)), x.double(), w.double(), b.double(), dy)
+    for what, g, p, t in zip(["output", "grad x", "grad w", "grad b"], got, pt, truth):
+        assert_close_to_fp64(g, p, t, torch.bfloat16, what)
+    if backend == "triton":
+        assert launches() == 2
+    if backend == "compiled" and kind == "rms":
+        assert compiled_calls() == 2
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
 def test_reference_equals_float64_definition_in_float64(kind):
     """The torch reference itself (the CPU path) is the textbook formula: checked in fp64."""
     x, w, b, _, _ = make_inputs((4, 33), torch.float64, "wb")

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from ._norm import selected_backend
+from . import _norm  # (a cycle: _norm reaches settled_op through this module; only called names are read)
 
 CACHE_ENV = "HF_RMSNORM_CACHE"
 _SOURCE = Path(__file__).with_name("_cpu_rms_norm.c")
@@ -194,7 +194,7 @@ def op():
 
 
 def _load() -> None:
-    global _op, _ops, _path, _reason
+    global _op, _ops, _path, _reason, settled_op, settled_token
     if _op is not _UNBUILT:
         return
     for attempt in (1, 2):
@@ -219,10 +219,36 @@ def _load() -> None:
     # runtime would keep its own threads spinning beside torch's: then the kernel runs on one
     # thread.
     ops.set_parallel(_openmp_runtimes() == 1)
-    overload = ops.rms_norm.default
-    # the C++ callable behind the overload: OpOverload.__call__ only forwards to it, and that
+    # the C++ callables behind the overloads: OpOverload.__call__ only forwards to them, and that
     # Python frame is 0.4 of the ≈ 11 µs a one-token module call takes on the CI CPU
-    _ops, _path, _op = ops, path, getattr(overload, "_op", overload)
+    settled_op, settled_token = _callable(ops.rms_norm_settled.default), object()
+    _ops, _path, _op = ops, path, _callable(ops.rms_norm.default)
+
+
+def _callable(overload):
+    return getattr(overload, "_op", overload)
+
+
+def settle(flags: int, cast_mode: str, n: int, has_weight: bool, has_bias: bool) -> int:
+    """The id of this kind of call (``dtype_flags``, the cast mode, the row's length, which
+    parameters it has) for :data:`settled_op`, registered once per kind in this process. Only
+    after :func:`op` loaded the operator."""
+    key = (flags, cast_mode, n, has_weight, has_bias)
+    kind = _SETTLED_KINDS.get(key)
+    if kind is None:
+        kind = _SETTLED_KINDS[key] = _ops.settle(flags, cast_mode, n, has_weight, has_bias)
+    return kind
+
+
+# ``settle``'s ids, by the kind of call: this process's, as the operator's table is
+_SETTLED_KINDS: dict = {}
+# ``settled_op(x, weight, bias, eps, offset, kind)``: y, or None where the call is not of that
+# kind or this thread asks for the general way (autocast, a transform or Python mode, a tangent,
+# HF_RMSNORM_BACKEND other than auto); None until :func:`op` loaded the operator
+settled_op = None
+# what a module's settled tuple holds for this library's kinds (rms_norm.settle_on_cpu): new at
+# each load, so that a tuple from another load (another build, in the tests) settles afresh
+settled_token = object()
 
 
 def _operators(path: Path, namespace: str):
@@ -255,13 +281,13 @@ def calls() -> int:
 
 def op_unless_torch_ops():
     """:func:`op`, or None with ``HF_RMSNORM_BACKEND=torch`` (asked on every CPU call)."""
-    return None if selected_backend() == "torch" else op()
+    return None if _norm.selected_backend() == "torch" else op()
 
 
 def torch_ops_reason() -> Optional[str]:
     """Why RMSNorm calls on CPU tensors run torch ops in this process rather than the compiled
     kernel, or None where they run the kernel (float32/bfloat16 calls; what the reports say)."""
-    if selected_backend() == "torch":
+    if _norm.selected_backend() == "torch":
         return TORCH_BACKEND
     return unavailable_reason() if op() is None else None
 

@@ -22,10 +22,13 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
-#include "_autograd_node.h"  // make_node
+#include "_op_shared.h"  // make_node, plain, backend_is_one_of
 
 #include <atomic>
+#include <memory>
+#include <mutex>
 #include <optional>
+#include <shared_mutex>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -70,6 +73,11 @@ void *data(const OptTensor &t) { return t.has_value() ? data(*t) : nullptr; }
 
 int64_t rows_of(const at::Tensor &x) { return x.numel() / x.size(-1); }
 
+// t's values as memory holds them: a negative view (the lazy negation bit; the imaginary part of
+// a conjugated complex tensor is one) keeps them un-negated, so it is materialised first
+at::Tensor values(const at::Tensor &t) { return t.defined() && t.is_neg() ? t.resolve_neg() : t; }
+OptTensor values(const OptTensor &t) { return t.has_value() ? OptTensor(values(*t)) : std::nullopt; }
+
 // rms_norm.py decides all of this once per signature before it calls; checked again here, a few
 // comparisons a call, so that no call of the operator (it is visible in torch.ops) can make the
 // C functions read memory the tensors do not have
@@ -93,11 +101,12 @@ void check_inputs(const at::Tensor &x, const OptTensor &w, const OptTensor &b, i
 std::pair<at::Tensor, at::Tensor> forward_rows(const at::Tensor &x_in, const OptTensor &w, const OptTensor &b,
                                                double eps, double offset, int64_t flags, at::ScalarType out_dtype,
                                                bool with_rstd) {
-    const at::Tensor x = x_in.contiguous();  // the kernel reads rows in place
+    const at::Tensor x = values(x_in).contiguous();  // the kernel reads rows in place
+    const OptTensor wv = values(w), bv = values(b);
     const int64_t n = x.size(-1), m = rows_of(x);
     at::Tensor y = at::empty(x.sizes(), x.options().dtype(out_dtype));
     at::Tensor rstd = with_rstd ? at::empty({m}, x.options().dtype(at::kFloat)) : at::Tensor();
-    const int status = rms_norm_forward(x.data_ptr(), data(w), data(b), y.data_ptr(),
+    const int status = rms_norm_forward(x.data_ptr(), data(wv), data(bv), y.data_ptr(),
                                         with_rstd ? rstd.data_ptr<float>() : nullptr, m, n, eps,
                                         static_cast<float>(offset), with_threads(flags, x.numel()));
     TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "rms_norm on the CPU: no memory for a few rows of ", n, " floats");
@@ -158,9 +167,9 @@ struct RMSNormBackward : public torch::autograd::Node {
                 if (need) *out = got.at(i++);
             return {dx, dw, db};
         }
-        at::Tensor dy = grads[0].contiguous();  // autograd may hand over an expanded gradient
+        at::Tensor dy = values(grads[0]).contiguous();  // autograd may hand over an expanded gradient
         if (dy.scalar_type() != at::kFloat && dy.scalar_type() != at::kBFloat16) dy = dy.to(at::kFloat);
-        const at::Tensor xc = x.contiguous();
+        const at::Tensor xc = values(x).contiguous(), wv = values(w);
         const int64_t flags = (flags_ & ~kYBf16) | (dy.scalar_type() == at::kBFloat16 ? kYBf16 : 0);
         // the parameter gradients are summed and rounded to the parameters' dtypes in the call
         if (need_x) dx = at::empty(xc.sizes(), xc.options());
@@ -168,7 +177,7 @@ struct RMSNormBackward : public torch::autograd::Node {
         if (need_b) db = at::empty(b.sizes(), b.options());
         const int64_t n = xc.size(-1);
         const int status =
-            rms_norm_backward(dy.data_ptr(), xc.data_ptr(), rstd.data_ptr<float>(), data(w), data(dx), data(dw), data(db),
+            rms_norm_backward(dy.data_ptr(), xc.data_ptr(), rstd.data_ptr<float>(), data(wv), data(dx), data(dw), data(db),
                               rows_of(xc), n, static_cast<float>(offset_), with_threads(flags, xc.numel()));
         TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "rms_norm backward on the CPU: no memory for a few rows of ",
                          n, " floats");
@@ -177,9 +186,9 @@ struct RMSNormBackward : public torch::autograd::Node {
     }
 };
 
-at::Tensor rms_norm(const at::Tensor &x, const OptTensor &w, const OptTensor &b, double eps, double offset,
-                    int64_t flags, std::string_view cast_mode) {
-    check_inputs(x, w, b, flags);
+// y, and the autograd node where a gradient is wanted; the inputs checked by the caller
+at::Tensor run(const at::Tensor &x, const OptTensor &w, const OptTensor &b, double eps, double offset, int64_t flags,
+               std::string_view cast_mode) {
     const at::ScalarType out_dtype = flags & kYBf16 ? at::kBFloat16 : at::kFloat;
     if (!torch::autograd::compute_requires_grad(x, w, b))  // no graph to record: no node, no statistics
         return forward_rows(x, w, b, eps, offset, flags, out_dtype, /*with_rstd=*/false).first;
@@ -198,6 +207,77 @@ at::Tensor rms_norm(const at::Tensor &x, const OptTensor &w, const OptTensor &b,
     return y;
 }
 
+at::Tensor rms_norm(const at::Tensor &x, const OptTensor &w, const OptTensor &b, double eps, double offset,
+                    int64_t flags, std::string_view cast_mode) {
+    check_inputs(x, w, b, flags);
+    return run(x, w, b, eps, offset, flags, cast_mode);
+}
+
+// A FusedRMSNorm's settled call (rms_norm.py, settle_on_cpu): the kind of call its earlier call
+// ran here, found in Python once (the dtypes' flags, the row's length, which parameters it has),
+// so that its later calls ask everything in one C++ call. At one token a norm's arithmetic takes
+// about 3 us on the CI CPU and each check in Python 0.1-0.2 us: asked there, they made the
+// converted module 1.2x nn.LayerNorm (benchmarks/NOTES.md, session 31).
+struct Settled {
+    int64_t flags = 0, n = 0;
+    bool has_w = false, has_b = false;
+    std::string cast_mode;
+};
+
+std::shared_mutex settled_lock;  // registrations are rare (one per kind of call), lookups every call
+std::vector<std::unique_ptr<const Settled>> settled_kinds;  // never removed: a pointer stays valid
+
+int64_t settle(int64_t flags, std::string_view cast_mode, int64_t n, bool has_w, bool has_b) {
+    TORCH_CHECK(n > 0 && flags >= 0 && flags < (int64_t{1} << kThreadsShift) && (has_w || !(flags & kWBf16)) &&
+                    (has_b || !(flags & kBBf16)),
+                "hf_rmsnorm's CPU rms_norm: no such call to settle (flags ", flags, ", n ", n, ")");
+    std::unique_lock<std::shared_mutex> write(settled_lock);
+    settled_kinds.push_back(std::make_unique<const Settled>(Settled{flags, n, has_w, has_b, std::string(cast_mode)}));
+    return static_cast<int64_t>(settled_kinds.size()) - 1;
+}
+
+const Settled *settled_of(int64_t id) {
+    std::shared_lock<std::shared_mutex> read(settled_lock);
+    return id >= 0 && id < static_cast<int64_t>(settled_kinds.size()) ? settled_kinds[id].get() : nullptr;
+}
+
+// Where this thread's dispatcher state leaves the kernel's call to the general way: autocast on
+// any device (its policy is the general way's: _norm.normalize), a Python dispatch mode or a
+// functorch layer (their keys included). (A torch.func transform and torch.jit.trace are asked in
+// Python, _norm.kernels_settled: vmap's fallback calls this operator per slice with those keys
+// lifted, and the tracer clears its state before the call reaches this kernel.)
+bool dispatch_state_is_default() {
+    const auto tls = c10::impl::tls_local_dispatch_key_set();
+    return (tls.included_ - c10::default_included_set).empty() &&
+           tls.excluded_.isSupersetOf(c10::autocast_dispatch_keyset);
+}
+
+// forward-mode AD's tangent (level 0, the only one torch has): the kernel would drop it
+bool has_tangent(const at::Tensor &t) { return t._fw_grad(/*level=*/0).defined(); }
+
+// A tensor the settled kind reads: plain CPU memory of the flags' dtype (and, for a parameter,
+// the row's length, contiguous), no tangent. Present exactly where the kind has it.
+bool fits(const OptTensor &t, bool has, int64_t bf16_bit, const Settled &s) {
+    const bool present = t.has_value() && t->defined();
+    return present == has && (!present || (plain(*t) && t->device().is_cpu() && t->dim() == 1 && t->size(0) == s.n &&
+                                           t->scalar_type() == (s.flags & bf16_bit ? at::kBFloat16 : at::kFloat) &&
+                                           t->is_contiguous() && !has_tangent(*t)));
+}
+
+// y, or an undefined tensor (None in Python) where the call is not of the settled kind or this
+// thread's state asks for the general way: the module then takes that way, which decides afresh
+// (and settles again) or says what is wrong.
+at::Tensor rms_norm_settled(const at::Tensor &x, const OptTensor &w, const OptTensor &b, double eps, double offset,
+                            int64_t id) {
+    const Settled *s = settled_of(id);
+    if (s == nullptr || !plain(x) || !x.device().is_cpu() || x.dim() < 1 || x.size(-1) != s->n || x.numel() == 0 ||
+        x.scalar_type() != (s->flags & kXBf16 ? at::kBFloat16 : at::kFloat) || has_tangent(x) ||
+        !fits(w, s->has_w, kWBf16, *s) || !fits(b, s->has_b, kBBf16, *s) || !dispatch_state_is_default() ||
+        !backend_is_one_of({"", "auto"}))
+        return at::Tensor();
+    return run(x, w, b, eps, offset, s->flags, s->cast_mode);
+}
+
 std::vector<int64_t> calls() { return {forward_calls.load(), backward_calls.load()}; }
 
 void set_parallel(bool allowed) { parallel_allowed = allowed; }
@@ -211,8 +291,15 @@ TORCH_LIBRARY(HF_RMSNORM_NS, m) {
     // implemented in Python (rms_norm.py) on torch ops, for second derivatives only
     m.def("rms_norm_graph_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, float eps, float offset, "
           "str cast_mode, int needs) -> Tensor[]");
+    // y, or None where the call is not of the kind settle() registered (or the thread's state asks
+    // for the general way)
+    m.def("rms_norm_settled(Tensor x, Tensor? weight, Tensor? bias, float eps, float offset, int kind) -> Tensor");
+    m.def("settle(int flags, str cast_mode, int n, bool has_weight, bool has_bias) -> int", &settle);
     m.def("calls() -> int[]", &calls);
     m.def("set_parallel(bool allowed) -> ()", &set_parallel);
 }
 
-TORCH_LIBRARY_IMPL(HF_RMSNORM_NS, CompositeImplicitAutograd, m) { m.impl("rms_norm", &rms_norm); }
+TORCH_LIBRARY_IMPL(HF_RMSNORM_NS, CompositeImplicitAutograd, m) {
+    m.impl("rms_norm", &rms_norm);
+    m.impl("rms_norm_settled", &rms_norm_settled);
+}

@@ -35,7 +35,7 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
-#include "_autograd_node.h"  // make_node
+#include "_op_shared.h"  // make_node, plain, backend_is_one_of
 
 #include <dlfcn.h>
 
@@ -148,14 +148,6 @@ Family family_of(int64_t id) {
     return families[id];
 }
 
-// Tensors whose calls others must see, or that are not plain memory: a tensor subclass or a
-// Python mode, functorch's wrappers (a finished torch.func transform leaves them behind),
-// functionalization.
-const c10::DispatchKeySet kNotPlain({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
-                                     c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::FuncTorchBatched,
-                                     c10::DispatchKey::Functionalize});
-
-bool plain(const at::Tensor &t) { return t.layout() == at::kStrided && !t.key_set().has_any(kNotPlain); }
 
 // A parameter as the family promises it: present where it has one, of its dtype and length,
 // contiguous, on x's device.
@@ -163,15 +155,6 @@ bool param_fits(const OptTensor &p, bool has, at::ScalarType dtype, const Family
     const bool present = p.has_value() && p->defined();
     return present == has && (!present || (plain(*p) && p->scalar_type() == dtype && p->dim() == 1 &&
                                            p->size(0) == f.n && p->is_contiguous() && p->device() == x.device()));
-}
-
-// HF_RMSNORM_BACKEND as _norm.selected_backend reads it, asked here so that a module's settled
-// call need not ask it in Python (in a model's forward every Python check costs ~1 µs): unset,
-// empty, "auto" and "triton" let the kernels run; anything else is the general path's to read,
-// and to refuse where it names no backend. (os.environ's assignments reach getenv: they putenv.)
-bool backend_allows_kernels() {
-    const char *value = std::getenv("HF_RMSNORM_BACKEND");
-    return value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0 || std::strcmp(value, "triton") == 0;
 }
 
 // Whether the call is as the family promises it; false where the Python path must take it. A
@@ -184,7 +167,7 @@ bool fits(const Family &f, const at::Tensor &x, const OptTensor &w, const OptTen
     return plain(x) && x.dim() >= 1 && x.size(-1) == f.n && x.scalar_type() == f.x && x.is_contiguous() &&
            x.numel() > 0 && (x.is_cuda() ? x.get_device() == f.device : stubbed.load()) &&
            param_fits(w, f.has_w, f.w, f, x) && param_fits(b, f.has_b, f.b, f, x) && eps >= 0 &&
-           (f.has_w || (offset == 0 && f.rounding != kRoundToWeight)) && backend_allows_kernels();
+           (f.has_w || (offset == 0 && f.rounding != kRoundToWeight)) && backend_is_one_of({"", "auto", "triton"});
 }
 
 // (row stride, M, N) as _triton_norm._row_layout reads a contiguous tensor of rows
@@ -240,14 +223,15 @@ void launch(const Plan &plan, int64_t kernel, const uintptr_t *ptrs, const int64
     ++launches[kernel];
 }
 
-// The backward's two launches, where plans for both are registered and dy is laid out as the
-// forward's rows are: (dx, dweight, dbias), absent ones undefined; nullopt otherwise (the caller
-// then takes the Python backward, which registers its launches' plans).
+// The backward's two launches, where plans for both are registered and dy is plain memory laid
+// out as the forward's rows are: (dx, dweight, dbias), absent ones undefined; nullopt otherwise
+// (the caller then takes the Python backward, which registers its launches' plans).
 std::optional<std::array<at::Tensor, 3>> backward_launches(int64_t family, const Family &f, const at::Tensor &x,
                                                           const at::Tensor &w, const at::Tensor &mean,
                                                           const at::Tensor &rstd,
                                                           const at::Tensor &dy, double offset) {
-    if (!dy.is_contiguous() || dy.scalar_type() != f.y || !dy.sizes().equals(x.sizes()) || dy.device() != x.device())
+    if (!dy.is_contiguous() || !plain(dy) || dy.scalar_type() != f.y || !dy.sizes().equals(x.sizes()) ||
+        dy.device() != x.device())
         return std::nullopt;
     c10::OptionalDeviceGuard device_guard;
     if (x.is_cuda()) device_guard.reset_device(x.device());

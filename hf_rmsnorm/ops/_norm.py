@@ -17,6 +17,8 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
+from . import _cpu_kernel  # (a cycle: _cpu_kernel reads selected_backend from here when called)
+
 BACKEND_ENV = "HF_RMSNORM_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
 # cast_mode -> which dtype the normalised row is rounded to before the affine (kernel code)
@@ -206,7 +208,11 @@ def transformed() -> bool:
 def transforms_active() -> bool:
     """``transformed()`` without asking whether torch.compile traces (for a caller that asks
     that itself)."""
-    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+    return _forward_ad._current_level >= 0 or _functorch_active()
+
+
+_functorch_active = torch._C._are_functorch_transforms_active
+_tracing_state = torch._C._get_tracing_state
 
 
 def needs_grad(*tensors: Optional[Tensor]) -> bool:
@@ -307,6 +313,8 @@ def _rows(x: Tensor) -> Tensor:
     rank: the kernels need a pointer, a row count and a row stride, no view), else an (M, N)
     matrix of rows with unit column stride, a view wherever the leading dimensions allow one, a
     copy otherwise."""
+    if x.is_neg():  # a lazily negated tensor: its memory holds the values un-negated
+        x = x.resolve_neg()
     if x.is_contiguous():
         return x  # a reshape costs ≈ 1.3 µs of host time, three per forward+backward
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
@@ -548,13 +556,14 @@ def _run_kernels(torch_impl, x, weight, bias, eps: float, offset: float, is_rms:
     CUDA through the C++ launch operator where it has a plan (the default; off with
     ``HF_RMSNORM_CPP_LAUNCH=0``), else through an autograd node where gradients flow, else the
     forward launch alone."""
-    # The kernels read the parameters with unit stride. A strided one (a slice of a fused
-    # parameter, say) is copied first, outside the kernels' autograd node, so that autograd
-    # carries its gradient back to the viewed elements.
-    if weight is not None and not weight.is_contiguous():
-        weight = weight.contiguous()
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
+    # The kernels read the parameters' memory with unit stride. A strided one (a slice of a
+    # fused parameter, say) or a lazily negated one (whose memory holds its values un-negated;
+    # ``_rows`` does the same for x and dy) is copied first, outside the kernels' autograd node,
+    # so that autograd carries its gradient back to the viewed elements.
+    if weight is not None and not (weight.is_contiguous() and not weight.is_neg()):
+        weight = weight.resolve_neg().contiguous()
+    if bias is not None and not (bias.is_contiguous() and not bias.is_neg()):
+        bias = bias.resolve_neg().contiguous()
     args = (weight, bias, eps, offset, is_rms, rounding)
     if torch.compiler.is_compiling():
         # traceable and opaque to the compiler; it takes the rows as ``_rows`` lays them out
@@ -636,9 +645,22 @@ def kernels_settled(settled: tuple, x: Tensor, weight: Optional[Tensor], bias: O
     cannot see is asked here: torch.compile, autocast, a transform, Triton's launch hooks, the
     operator switched off. The operator checks the rest, the tensors against the
     family (type, dtype, length, layout, device, wrappers) and ``HF_RMSNORM_BACKEND``, and
-    returns None where they differ."""
-    if (torch.compiler.is_compiling() or settled[1] is not _SETTLED or settled[2] != cast_mode
-            or not _cuda_launch.ENABLED or _any_autocast() or transforms_active() or not _direct.plain_launches()):
+    returns None where they differ.
+
+    A ``FusedRMSNorm`` that the compiled CPU kernel served holds that kernel's settled call
+    instead (``rms_norm.settle_on_cpu``), whose operator asks all but torch.compile itself."""
+    if torch.compiler.is_compiling() or settled[2] != cast_mode:
+        return None
+    if settled[1] is _cpu_kernel.settled_token:
+        # Two things the operator cannot see: a torch.func transform, whose dispatch would hand
+        # it x's slices one call each (vmap's fallback: right, slow, warned about), and
+        # torch.jit.trace, which records the call and would replay it where the operator's
+        # answer (None included) differs
+        if _functorch_active() or _tracing_state() is not None:
+            return None
+        return _cpu_kernel.settled_op(x, weight, bias, eps, offset, settled[0])
+    if (settled[1] is not _SETTLED or not _cuda_launch.ENABLED or _any_autocast() or transforms_active()
+            or not _direct.plain_launches()):
         return None
     y = _cuda_launch._norm_op(x, weight, bias, eps, offset, settled[0])
     if y is not None:
