@@ -532,3 +532,31 @@ def test_cpp_launch_settled_module_calls_compute_the_same_bits(kind, monkeypatch
     assert len(ours) == len(python) == (3 if kind == "rms" else 4)
     for a, b in zip(python, ours):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_lazily_negated_tensors_on_cuda_give_the_bits_of_their_values(kind):
+    """The kernels read memory, where a lazily negated tensor (the negation bit) holds its values
+    un-negated. x, weight, bias and the output's gradient given so, each contiguous: the output
+    and gradients are the very bits of the same values given plainly, by the functional op and by
+    a module that settled on the C++ launch operator with plain calls (which must refuse them)."""
+    g = torch.Generator(device="cuda").manual_seed(6)
+    x = torch.randn(64, 2048, device="cuda", generator=g).bfloat16()
+    w = (torch.rand(2048, device="cuda", generator=g) + 0.5).bfloat16()
+    b = (0.1 * torch.randn(2048, device="cuda", generator=g)).bfloat16()
+    dy = torch.randn(64, 2048, device="cuda", generator=g).bfloat16()
+
+    def lazily(t):  # t's values, held negated twice over
+        return torch._neg_view(-t)
+
+    eps = EPS[kind]
+    plain = fwd_bwd(lambda x, w, b: FNS[kind](x, w, b, eps), x, w, b, dy)
+    lazy = fwd_bwd(lambda x, w, b: FNS[kind](lazily(x), lazily(w), lazily(b), eps), x, w, b, lazily(dy))
+    assert all(torch.equal(a, c) for a, c in zip(plain, lazy))
+    m = (FusedRMSNorm if kind == "rms" else FusedLayerNorm)(2048, eps=eps, bias=True, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        m.weight.copy_(w)
+        m.bias.copy_(b)
+        for _ in range(3):  # the operator's plans learnt, the module settled
+            want = m(x)
+        assert torch.equal(m(lazily(x)), want)

@@ -313,8 +313,6 @@ def _rows(x: Tensor) -> Tensor:
     rank: the kernels need a pointer, a row count and a row stride, no view), else an (M, N)
     matrix of rows with unit column stride, a view wherever the leading dimensions allow one, a
     copy otherwise."""
-    if x.is_neg():  # a lazily negated tensor: its memory holds the values un-negated
-        x = x.resolve_neg()
     if x.is_contiguous():
         return x  # a reshape costs ≈ 1.3 µs of host time, three per forward+backward
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
@@ -350,12 +348,22 @@ def _import_launchers():
     return _triton_norm
 
 
+def _memory(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` with its values in memory, which is what the kernels read: a lazily negated tensor
+    (the negation bit: ``torch._neg_view``, the imaginary part of a conjugated complex tensor)
+    holds them un-negated. Resolved inside the kernels' node (whose gradients are with respect to
+    the values; autograd carries them through the negation) and at run time, where torch.compile
+    does not trace (it cannot trace ``is_neg``)."""
+    return t.resolve_neg() if t is not None and t.is_neg() else t
+
+
 def _fwd_impl(x, weight, bias, eps, offset, is_rms, rounding):
     """The forward on ``x`` of any shape: y in x's shape, the statistics one per row."""
     launchers = _launchers or _import_launchers()
     if _elsewhere(x):
         with torch.cuda.device(x.device):
             return _fwd_impl(x, weight, bias, eps, offset, is_rms, rounding)
+    x, weight, bias = _memory(x), _memory(weight), _memory(bias)
     out_dtype = output_dtype(x.dtype, weight, bias, CAST_MODES[rounding])
     return launchers.norm_fwd(_rows(x), weight, bias, eps, offset, is_rms, rounding, out_dtype, like=x)
 
@@ -367,6 +375,7 @@ def _bwd_impl(dy, x, weight, bias, mean, rstd, offset, is_rms, rounding):
     if _elsewhere(x):  # autograd's device threads make x's device current; a caller of the op need not
         with torch.cuda.device(x.device):
             return _bwd_impl(dy, x, weight, bias, mean, rstd, offset, is_rms, rounding)
+    dy, x, weight = _memory(dy), _memory(x), _memory(weight)
     dx, part = launchers.norm_bwd(
         _rows(dy), _rows(x), weight, mean, rstd, offset, is_rms, rounding, bias is not None, like=x
     )
@@ -556,14 +565,13 @@ def _run_kernels(torch_impl, x, weight, bias, eps: float, offset: float, is_rms:
     CUDA through the C++ launch operator where it has a plan (the default; off with
     ``HF_RMSNORM_CPP_LAUNCH=0``), else through an autograd node where gradients flow, else the
     forward launch alone."""
-    # The kernels read the parameters' memory with unit stride. A strided one (a slice of a
-    # fused parameter, say) or a lazily negated one (whose memory holds its values un-negated;
-    # ``_rows`` does the same for x and dy) is copied first, outside the kernels' autograd node,
-    # so that autograd carries its gradient back to the viewed elements.
-    if weight is not None and not (weight.is_contiguous() and not weight.is_neg()):
-        weight = weight.resolve_neg().contiguous()
-    if bias is not None and not (bias.is_contiguous() and not bias.is_neg()):
-        bias = bias.resolve_neg().contiguous()
+    # The kernels read the parameters with unit stride. A strided one (a slice of a fused
+    # parameter, say) is copied first, outside the kernels' autograd node, so that autograd
+    # carries its gradient back to the viewed elements.
+    if weight is not None and not weight.is_contiguous():
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     args = (weight, bias, eps, offset, is_rms, rounding)
     if torch.compiler.is_compiling():
         # traceable and opaque to the compiler; it takes the rows as ``_rows`` lays them out
