@@ -29,7 +29,8 @@ class _FusedNorm(nn.Module):
     _kernel = None  # a compiled CPU kernel's call for the CPU shortcut, or None where the reference decides
     _settle_kernel = None  # what the module keeps after ``_kernel`` served a call (``_settled``)
     _is_rms = None  # RMSNorm (True) or LayerNorm (False): the kernels' flag
-    # what the last call on the kernels settled for the next ones (``_norm.settle``), or None
+    # what the last call on the kernels settled for the next ones (``_norm.settle`` on CUDA,
+    # ``rms_norm.settle_on_cpu`` on the compiled CPU kernel), or None
     _settled = None
 
     def __init__(

@@ -23,6 +23,12 @@ C++ launch operator (``_cuda_launch``, the default on CUDA since run 15) whateve
     python scripts/benchmark_training.py --quick    # tiny configs, runs anywhere (CI)
     python scripts/benchmark_training.py --profile  # also: where each row's kernel time goes
 
+On a GPU the SM clock, the power draw and whether the power cap held the clock down are sampled
+(NVML, every few milliseconds, on a thread) while the variants take their timed steps, and each
+row gets the medians over its own steps: where the same matmuls take longer in one row than in
+another (the Llama rows against the Identity row, benchmarks/NOTES.md run 17), its clock says
+whether the GPU ran them slower.
+
 Writes ``<out>/training.json`` and ``<out>/training.md``. With ``--profile`` each row also runs
 two steps under the profiler and the table gains the kernel time per step by kind, and, per
 model and precision, the kernels whose time differs most from the Identity row: what a
@@ -37,6 +43,7 @@ import gc
 import json
 import statistics
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -64,6 +71,10 @@ LAUNCH_SUFFIXES = ("+triton", "+python", "+cpp")
 DEFAULT_VARIANTS = VARIANTS[:4]
 PRECISIONS = ("bf16 params", "fp32 params + bf16 autocast")
 PROFILE_STEPS = 2  # steps a row runs under the profiler with --profile
+# seconds between two readings of the GPU's clock and power while the steps run (--sample-ms;
+# 0: none). Each reading takes the GIL from the thread issuing the steps for a few tens of µs:
+# every 10 ms is ≈ 0.3 % of a host-paced step's host time, on every variant alike.
+SAMPLE_EVERY_S = 0.01
 
 
 def build(name, table, precision, device):
@@ -183,6 +194,7 @@ class Run:
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         self.autocast = precision != "bf16 params"
         self.times = []  # ms of each timed step
+        self.spans = []  # (start, end) of each timed step, perf_counter seconds (GpuSampler.summary)
         self.host_ms = []  # ms of each timed step until the host had issued all of it (before its synchronize)
         self.gc_ms = []  # ms of each timed step the garbage collector ran
         self.allocator = Counter()  # the CUDA caching allocator's event counters over the timed steps
@@ -230,7 +242,9 @@ class Run:
         issued = time.perf_counter()
         if cuda:
             torch.cuda.synchronize()
-        self.times.append((time.perf_counter() - start) * 1e3)
+        end = time.perf_counter()
+        self.spans.append((start, end))
+        self.times.append((end - start) * 1e3)
         self.host_ms.append((issued - start) * 1e3)
         self.gc_ms.append(GC_CLOCK.ms - gc_before)
         # Per phase, since the step began: when the host had issued it, and (CUDA) when the GPU
@@ -291,6 +305,72 @@ def _resident_bytes(run) -> int:
     return sum(t.numel() * t.element_size() for t in unique.values())
 
 
+class GpuSampler:
+    """Readings of ``read()`` every ``interval`` seconds on a thread while the ``with`` block runs,
+    each kept with its time; nothing where ``read`` is None. A reading is (SM clock MHz, power W,
+    whether the power cap held the clock down) (``nvml_reader``); a reading that fails ends the
+    sampling and keeps what was read."""
+
+    def __init__(self, read, interval: float = SAMPLE_EVERY_S):
+        self.read, self.interval = read, interval
+        self.samples: list = []  # (perf_counter seconds, reading)
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        if self.read is not None:
+            self._thread = threading.Thread(target=self._sample, name="gpu-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            try:
+                reading = self.read()
+            except Exception:
+                return
+            self.samples.append((time.perf_counter(), reading))
+
+    def summary(self, spans) -> dict:
+        """Over the readings taken within any of ``spans`` ((start, end), perf_counter seconds):
+        the median SM clock and power, the share of readings with the power cap holding the clock,
+        and how many readings; {} where there are none."""
+        inside = [r for t, r in self.samples if any(a <= t <= b for a, b in spans)]
+        if not inside:
+            return {}
+        return {"sm_clock_mhz": statistics.median(r[0] for r in inside), "power_w": statistics.median(r[1] for r in inside),
+                "power_capped_share": sum(bool(r[2]) for r in inside) / len(inside), "samples": len(inside)}
+
+
+def nvml_reader(device):
+    """() -> (SM clock MHz, power W, whether the power cap is holding the clock down) of
+    ``device`` through NVML (nvidia-ml-py, which torch.cuda's own clock_rate uses), or None where
+    that cannot be read (not CUDA, no nvidia-ml-py, no NVML)."""
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+
+        handle = torch.cuda._get_pynvml_handler(device)  # NVML's index for torch's device
+        reasons = (getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+                   or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons)
+        power_cap = getattr(pynvml, "nvmlClocksEventReasonSwPowerCap", 0x4)
+
+        def read():
+            return (pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+                    pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3, bool(reasons(handle) & power_cap))
+
+        read()  # fails here rather than on the sampling thread
+        return read
+    except Exception:
+        return None
+
+
 def time_in_turn(runs, batch, steps) -> None:
     """``steps`` timed steps of every run, one step each in turn, each round starting one run
     later: a slow moment of the host or a change of GPU clock falls on every variant alike,
@@ -348,7 +428,8 @@ def _time_together(name, table, precision, variants, batch, device, warmup, step
         if run is not None:
             runs.append(run)
     try:
-        time_in_turn(runs, batch, steps)
+        with GpuSampler(nvml_reader(device) if SAMPLE_EVERY_S > 0 else None, SAMPLE_EVERY_S) as sampler:
+            time_in_turn(runs, batch, steps)
     except torch.cuda.OutOfMemoryError:
         if together:
             raise
@@ -380,6 +461,8 @@ def _time_together(name, table, precision, variants, batch, device, warmup, step
             # how many variants took their steps in turn; 1 and not together: its group did not fit at once
             "timed_with": len(runs), "did_not_fit_together": not together,
             "tokens_per_second": batch.numel() / (ms / 1e3), "peak_memory_bytes": run.peak_bytes(), "report": run.summary,
+            # the GPU's clock and power while this row's steps ran ({} off CUDA or without NVML)
+            "gpu_while_timed": sampler.summary(run.spans),
             **({"kernel_us_per_step": kernels} if profile_steps else {}),
         }
     return [rows[v] for v in variants if v in rows]
@@ -390,6 +473,7 @@ def _error_row(name, precision, variant, message) -> dict:
 
 
 def main(argv=None) -> int:
+    global SAMPLE_EVERY_S
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny configs, few steps (CI, CPU)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -400,7 +484,13 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--profile", action="store_true",
                         help="also profile two steps a row: kernel time by kind, and what differs from the Identity row")
+    parser.add_argument("--sample-ms", type=float, default=SAMPLE_EVERY_S * 1e3,
+                        help="on a GPU, read its SM clock and power every this many ms while the steps run "
+                             "(NVML; 0: not at all)")
     args = parser.parse_args(argv)
+    if not args.sample_ms >= 0:
+        parser.error(f"--sample-ms must be 0 (off) or a positive number of milliseconds, got {args.sample_ms}")
+    SAMPLE_EVERY_S = args.sample_ms / 1e3
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     if any(n not in MODELS for n in names):
         parser.error(f"--models takes a subset of {', '.join(MODELS)}")
@@ -413,7 +503,7 @@ def main(argv=None) -> int:
     warmup, steps = (1, args.steps or 2) if args.quick else (3, args.steps or 10)
     env = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
-        "batch": list(batch_shape), "quick": args.quick, "profile": args.profile,
+        "batch": list(batch_shape), "quick": args.quick, "profile": args.profile, "sample_ms": args.sample_ms,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         **_versions(),
     }
@@ -484,6 +574,16 @@ def _markdown(env, results) -> str:
             lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | "
                          + " | ".join(f"{e.get('host', 0):.1f} / " + (f"{e['gpu']:.1f}" if "gpu" in e else "–") for e in ends)
                          + " |")
+    sampled = [r for r in results if r.get("gpu_while_timed")]
+    if sampled:
+        lines += ["", f"The GPU while each row's steps ran (NVML, every {env.get('sample_ms', 10):g} ms; medians over the readings within the row's "
+                  "own steps): SM clock, power draw, and the share of readings with the power cap holding the clock "
+                  "down. The same kernels run slower at a lower clock.", "",
+                  "| model | precision | variant | SM clock MHz | power W | power-capped | readings |", "|---|---|---|---|---|---|---|"]
+        for r in sampled:
+            g = r["gpu_while_timed"]
+            lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | {g['sm_clock_mhz']:.0f} | {g['power_w']:.0f} | "
+                         f"{g['power_capped_share']:.0%} | {g['samples']} |")
     profiled = [r for r in results if "kernel_us_per_step" in r]
     if profiled:
         lines += _profile_markdown(profiled)

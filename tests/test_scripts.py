@@ -183,6 +183,60 @@ def test_training_variants_take_steps_in_turn_and_a_failing_one_drops_out():
     assert runs[0].error is None and runs[0].steps == runs[2].steps == 4
 
 
+def test_gpu_sampler_gives_each_row_the_readings_within_its_own_steps():
+    """The sampler reads on a thread while the steps run; each row's summary holds only the
+    readings taken within that row's steps (medians, the power-capped share, the count), here two
+    rows whose GPU state differs, with gaps between their steps; a reader that fails ends the
+    sampling quietly, and no reader (no GPU, no NVML) samples nothing."""
+    import time
+
+    bt = _training_module()
+    state = {"now": (1000, 300.0, False)}
+    spans = {"a": [], "b": []}
+    with bt.GpuSampler(lambda: state["now"], interval=0.002) as sampler:
+        for _ in range(2):
+            for row, reading in (("a", (1000, 300.0, False)), ("b", (1500, 450.0, True))):
+                state["now"] = reading
+                time.sleep(0.02)  # a gap: a reading taken before the switch falls outside every step
+                start = time.perf_counter()
+                time.sleep(0.05)
+                spans[row].append((start, time.perf_counter()))
+    a, b = sampler.summary(spans["a"]), sampler.summary(spans["b"])
+    assert (a["sm_clock_mhz"], a["power_w"], a["power_capped_share"]) == (1000, 300.0, 0.0) and a["samples"] >= 10
+    assert (b["sm_clock_mhz"], b["power_w"], b["power_capped_share"]) == (1500, 450.0, 1.0) and b["samples"] >= 10
+    assert a["samples"] + b["samples"] < len(sampler.samples)  # the gaps' readings belong to no row
+
+    calls = []
+
+    def failing():
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("NVML went away")
+        return (900, 200.0, False)
+
+    with bt.GpuSampler(failing, interval=0.001) as sampler:
+        time.sleep(0.05)
+    assert len(sampler.samples) == 3 and len(calls) == 4
+    with bt.GpuSampler(None) as sampler:
+        time.sleep(0.01)
+    assert sampler.samples == [] and sampler.summary([(0, float("inf"))]) == {}
+    import torch
+
+    assert bt.nvml_reader(torch.device("cpu")) is None
+
+
+def test_training_markdown_shows_the_gpu_readings_of_each_row():
+    bt = _training_module()
+    row = {"model": "llama-1b", "precision": "bf16 params", "variant": "norms -> Identity", "step_ms": 100.0,
+           "step_ms_min": 99.0, "step_ms_max": 101.0, "tokens_per_second": 81920.0, "peak_memory_bytes": 2**30,
+           "host_ms": 20.0, "gc_ms_per_step": 0.0, "gc_ms_max": 0.0, "allocator_events": {},
+           "gpu_while_timed": {"sm_clock_mhz": 1755.0, "power_w": 612.4, "power_capped_share": 0.25, "samples": 240}}
+    env = {"device": "GPU", "batch": [8, 1024], "torch": "t", "triton": "t", "transformers": "t", "date": "d"}
+    md = bt._markdown(env, [row])
+    assert "| llama-1b | bf16 params | norms -> Identity | 1755 | 612 | 25% | 240 |" in md
+    assert "The GPU while each row's steps ran" not in bt._markdown(env, [{**row, "gpu_while_timed": {}}])
+
+
 def test_training_launch_variants_set_their_launch_path_in_their_own_steps_only(monkeypatch):
     """The "+triton", "+python" and "+cpp" rows patch as their plain twins do, and each step runs
     with the direct launch off exactly when its own variant asks for it, and with the C++ launch
