@@ -560,3 +560,21 @@ def test_lazily_negated_tensors_on_cuda_give_the_bits_of_their_values(kind):
         for _ in range(3):  # the operator's plans learnt, the module settled
             want = m(x)
         assert torch.equal(m(lazily(x)), want)
+
+
+@pytest.mark.parametrize("cls", [FusedRMSNorm, FusedLayerNorm])
+def test_torch_jit_trace_on_cuda_replays_the_kernels(cls):
+    """torch.jit.trace of a module on CUDA, settled first: the trace records the kernels' custom
+    op (not the C++ launch operator, whose answer depends on its plans), and replays the eager
+    module's very bits on another input."""
+    g = torch.Generator(device="cuda").manual_seed(8)
+    m = cls(2048, bias=True, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        m.weight.copy_(torch.rand(2048, device="cuda", generator=g) + 0.5)
+    x, other = (torch.randn(64, 2048, device="cuda", generator=g).bfloat16() for _ in range(2))
+    with torch.no_grad():
+        for _ in range(3):  # the operator's plans learnt, the module settled
+            m(x)
+        traced = torch.jit.trace(m, x, check_trace=False)
+        assert "norm_fwd" in [node.kind().split("::")[-1] for node in traced.graph.nodes()]
+        assert torch.equal(traced(other), m(other))

@@ -489,6 +489,32 @@ def test_torch_jit_trace_of_a_settled_rms_module_records_the_checked_operator():
         assert torch.equal(traced(x), m(x))
 
 
+@pytest.mark.parametrize("cls", [FusedRMSNorm, FusedLayerNorm])
+def test_torch_jit_trace_of_a_module_on_the_kernels_replays_the_kernels(cls, monkeypatch, launches):
+    """On the kernels (CUDA; here the interpreter) torch.jit.trace records the kernels' custom op,
+    whose trace then replays on other inputs: the output and x's gradient are the eager module's
+    very bits (the launchers, had they run while the trace recorded, would have seen x's sizes
+    as tensors and failed)."""
+    from conftest import needs_interpreter
+
+    needs_interpreter("runs the kernels on CPU tensors")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    m = _randomize(cls(64, eps=1e-5, bias=True))
+    g = torch.Generator().manual_seed(7)
+    x, other = (torch.randn(5, 64, generator=g) * 2 + 0.5 for _ in range(2))
+    traced = torch.jit.trace(m, x.requires_grad_(True), check_trace=False)
+    assert "norm_fwd" in [node.kind().split("::")[-1] for node in traced.graph.nodes()]
+    dy = torch.randn(5, 64, generator=g)
+    results = []
+    for run in (traced, m):
+        leaf = other.clone().requires_grad_(True)
+        y = run(leaf)
+        y.backward(dy)
+        results.append((y.detach(), leaf.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert launches() > 0
+
+
 @pytest.mark.parametrize("case", ["autocast", "float64_weight", "offset_without_weight", "vmap", "torch_backend"])
 def test_the_kernel_shortcut_leaves_to_the_general_path_what_it_does_not_check(case, monkeypatch, launches):
     """Whatever the module's shortcut to the kernels does not settle goes the general way, which

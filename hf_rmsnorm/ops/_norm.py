@@ -573,8 +573,10 @@ def _run_kernels(torch_impl, x, weight, bias, eps: float, offset: float, is_rms:
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     args = (weight, bias, eps, offset, is_rms, rounding)
-    if torch.compiler.is_compiling():
-        # traceable and opaque to the compiler; it takes the rows as ``_rows`` lays them out
+    if torch.compiler.is_compiling() or _tracing_state() is not None:
+        # traceable and opaque to the compiler; it takes the rows as ``_rows`` lays them out.
+        # Also what torch.jit.trace records: one operator its trace replays (the launchers, run
+        # while it records, would see x's sizes as tensors, and no operator of theirs is recorded)
         return _norm_fwd_op(_rows(x), *args)[0].view(x.shape)
     if _launchers is None:
         _import_launchers()
@@ -650,21 +652,21 @@ def kernels_settled(settled: tuple, x: Tensor, weight: Optional[Tensor], bias: O
     check of the general way costs several times what it costs in a loop (CI CPU, GPT-2-shaped
     forward: 33 µs a norm call in the model, 14 in a loop; the operator alone 12 and 3:
     benchmarks/NOTES.md, session 29), so only what can change between calls and the operator
-    cannot see is asked here: torch.compile, autocast, a transform, Triton's launch hooks, the
-    operator switched off. The operator checks the rest, the tensors against the
+    cannot see is asked here: torch.compile, torch.jit.trace, autocast, a transform, Triton's
+    launch hooks, the operator switched off. The operator checks the rest, the tensors against the
     family (type, dtype, length, layout, device, wrappers) and ``HF_RMSNORM_BACKEND``, and
     returns None where they differ.
 
     A ``FusedRMSNorm`` that the compiled CPU kernel served holds that kernel's settled call
     instead (``rms_norm.settle_on_cpu``), whose operator asks all but torch.compile itself."""
-    if torch.compiler.is_compiling() or settled[2] != cast_mode:
+    # torch.jit.trace would record the operator's call and replay it where its answer (None
+    # included) differs: a trace takes the general way, which records an operator that replays
+    if torch.compiler.is_compiling() or _tracing_state() is not None or settled[2] != cast_mode:
         return None
     if settled[1] is _cpu_kernel.settled_token:
-        # Two things the operator cannot see: a torch.func transform, whose dispatch would hand
-        # it x's slices one call each (vmap's fallback: right, slow, warned about), and
-        # torch.jit.trace, which records the call and would replay it where the operator's
-        # answer (None included) differs
-        if _functorch_active() or _tracing_state() is not None:
+        # what the operator cannot see: a torch.func transform, whose dispatch would hand it x's
+        # slices one call each (vmap's fallback: right, slow, warned about)
+        if _functorch_active():
             return None
         return _cpu_kernel.settled_op(x, weight, bias, eps, offset, settled[0])
     if (settled[1] is not _SETTLED or not _cuda_launch.ENABLED or _any_autocast() or transforms_active()
