@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from .ops import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
-from .ops._norm import CAST_MODES, _any_autocast, kernels_for_module, kernels_settled, selected_backend, settle
+from .ops._module_calls import kernels_for_module, kernels_settled, settle
+from .ops._norm import CAST_MODES, _any_autocast, selected_backend
 from .ops.layer_norm import torch_layer_norm_computes
 from .ops.rms_norm import _kernel_call_for_module, settle_on_cpu
 
@@ -29,7 +30,7 @@ class _FusedNorm(nn.Module):
     _kernel = None  # a compiled CPU kernel's call for the CPU shortcut, or None where the reference decides
     _settle_kernel = None  # what the module keeps after ``_kernel`` served a call (``_settled``)
     _is_rms = None  # RMSNorm (True) or LayerNorm (False): the kernels' flag
-    # what the last call on the kernels settled for the next ones (``_norm.settle`` on CUDA,
+    # what the last call on the kernels settled for the next ones (``_module_calls.settle`` on CUDA,
     # ``rms_norm.settle_on_cpu`` on the compiled CPU kernel), or None
     _settled = None
 

@@ -385,7 +385,7 @@ def in_model_rows(quick: bool, rounds: int) -> list[dict]:
     times in a row: GPT-2-medium's 24 blocks and 49 LayerNorms, 128 wide on 4 tokens (so that the
     rest of the model is cheap on a CPU), in bf16, each norm module's forward timed on its own;
     torch's nn.LayerNorm, and FusedLayerNorm launched from Python, through the C++ launch
-    operator by the general way, and by its settled call (``_norm.kernels_settled``, the
+    operator by the general way, and by its settled call (``_module_calls.kernels_settled``, the
     default), each kernel launch a no-op (``triton_without_gpu``). In the model the same code meets
     cold caches between attention and MLP calls: the gap between the columns is what a call's
     code costs there (on a GPU the host time GPT-2-medium's bf16 step waits for)."""

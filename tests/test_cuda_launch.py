@@ -72,7 +72,7 @@ _CHILD = textwrap.dedent('''
         return kinds, kept
 
     with triton_without_gpu():
-        from hf_rmsnorm.ops import _cuda_launch as C, _norm, layer_norm, rms_norm
+        from hf_rmsnorm.ops import _cuda_launch as C, _module_calls, _norm, layer_norm, rms_norm
         from hf_rmsnorm.ops.layer_norm import layer_norm_ref
         from hf_rmsnorm.ops.rms_norm import rms_norm_ref
         from triton import knobs
@@ -428,7 +428,7 @@ _CHILD = textwrap.dedent('''
         print("operator foreign records checked")
 
         # A module's calls once one has gone to the kernels: straight to the operator with the
-        # family that call settled (_norm.kernels_settled), the general way not asked, with the
+        # family that call settled (_module_calls.kernels_settled), the general way not asked, with the
         # reference's numbers (the stub writes them). Whatever changed since sends a call the
         # general way, which settles again where the operator serves it.
         import copy
@@ -459,7 +459,7 @@ _CHILD = textwrap.dedent('''
         expect("layer", x, m.weight, m.bias, True, 0.0)  # the plan, from the functional call
         assert m._settled is None
         _, taken, _ = through(m, x)
-        assert taken == 1 and m._settled is not None and m._settled[1] is _norm._SETTLED
+        assert taken == 1 and m._settled is not None and m._settled[1] is _module_calls._SETTLED
         y_ref = layer_norm_ref(x.detach().double(), m.weight.detach().double(), m.bias.detach().double(), eps=m.eps)
         mean, rstd = reference("layer", x, None, None, 0.0, m.eps)
         y_ref, mean_f, rstd_f = y_ref.float(), mean.float().contiguous(), rstd.float().contiguous()
@@ -512,11 +512,11 @@ _CHILD = textwrap.dedent('''
         general_way(m, x)
         # a copy holds a copy of this process's token: it settles afresh (pickled likewise, as
         # torch.save of a whole model does)
-        assert pickle.loads(pickle.dumps(m))._settled[1] is not _norm._SETTLED
+        assert pickle.loads(pickle.dumps(m))._settled[1] is not _module_calls._SETTLED
         twin = copy.deepcopy(m)
-        assert twin._settled[1] is not _norm._SETTLED
+        assert twin._settled[1] is not _module_calls._SETTLED
         general_way(twin, x)
-        assert twin._settled[1] is _norm._SETTLED and through(twin, x)[1:] == (0, 1)
+        assert twin._settled[1] is _module_calls._SETTLED and through(twin, x)[1:] == (0, 1)
         # converted to half precision: the operator refuses the old family, the general way finds the new one
         twin.half()
         x16 = x.detach().half().requires_grad_(True)

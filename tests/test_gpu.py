@@ -497,7 +497,7 @@ def test_cpp_launch_in_a_cuda_graph_and_with_second_derivatives(monkeypatch):
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 def test_cpp_launch_settled_module_calls_compute_the_same_bits(kind, monkeypatch):
     """A module's calls after one on the kernels go straight to the operator with the family that
-    call settled (``_norm.kernels_settled``): the general way is not asked, all three kernels are
+    call settled (``_module_calls.kernels_settled``): the general way is not asked, all three kernels are
     the operator's launches, and the output and gradients are the Python path's very bits."""
     cpp = _cpp_launch_or_skip(monkeypatch)
     from hf_rmsnorm import modules

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from . import _norm  # (a cycle: _norm reaches settled_op through this module; only called names are read)
+from ._norm import selected_backend
 
 CACHE_ENV = "HF_RMSNORM_CACHE"
 _SOURCE = Path(__file__).with_name("_cpu_rms_norm.c")
@@ -282,13 +282,13 @@ def calls() -> int:
 
 def op_unless_torch_ops():
     """:func:`op`, or None with ``HF_RMSNORM_BACKEND=torch`` (asked on every CPU call)."""
-    return None if _norm.selected_backend() == "torch" else op()
+    return None if selected_backend() == "torch" else op()
 
 
 def torch_ops_reason() -> Optional[str]:
     """Why RMSNorm calls on CPU tensors run torch ops in this process rather than the compiled
     kernel, or None where they run the kernel (float32/bfloat16 calls; what the reports say)."""
-    if _norm.selected_backend() == "torch":
+    if selected_backend() == "torch":
         return TORCH_BACKEND
     return unavailable_reason() if op() is None else None
 

@@ -244,7 +244,7 @@ const Settled *settled_of(int64_t id) {
 // Where this thread's dispatcher state leaves the kernel's call to the general way: autocast on
 // any device (its policy is the general way's: _norm.normalize), a Python dispatch mode or a
 // functorch layer (their keys included). (A torch.func transform and torch.jit.trace are asked in
-// Python, _norm.kernels_settled: vmap's fallback calls this operator per slice with those keys
+// Python, _module_calls.kernels_settled: vmap's fallback calls this operator per slice with those keys
 // lifted, and the tracer clears its state before the call reaches this kernel.)
 bool dispatch_state_is_default() {
     const auto tls = c10::impl::tls_local_dispatch_key_set();

@@ -148,7 +148,6 @@ Family family_of(int64_t id) {
     return families[id];
 }
 
-
 // A parameter as the family promises it: present where it has one, of its dtype and length,
 // contiguous, on x's device.
 bool param_fits(const OptTensor &p, bool has, at::ScalarType dtype, const Family &f, const at::Tensor &x) {

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _cpu_kernel
 from ._norm import (
-    _PLAIN_TENSORS, ROUNDING, affine_torch, backward_by_autograd, cast, compute_dtype, needs_grad, normalize, output_dtype,
+    _PLAIN_TENSORS, ROUNDING, _tracing_state, affine_torch, backward_by_autograd, cast, compute_dtype, needs_grad, normalize, output_dtype,
     rounding_dtype, transformed, transforms_active, wanted_gradients_as_graph, weight_plus_offset,
 )
 
@@ -139,13 +139,13 @@ def _kernel_call_for_module(x: Tensor, weight: Optional[Tensor], bias: Optional[
 
 def settle_on_cpu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], cast_mode: str) -> Optional[tuple]:
     """What a ``FusedRMSNorm`` keeps after ``_kernel_call_for_module`` ran its call, so that its
-    next calls of the same kind go to the kernel in one C++ call (``_norm.kernels_settled``, then
+    next calls of the same kind go to the kernel in one C++ call (``_module_calls.kernels_settled``, then
     ``_cpu_kernel.settled_op``, which asks everything this module's shortcut asks in Python and
     returns None where any of it differs): (the kind's id, this load's token, the cast mode), as
-    ``_norm.settle`` keeps for the CUDA operator. None where the kernel has no such kind, and
+    ``_module_calls.settle`` keeps for the CUDA operator. None where the kernel has no such kind, and
     while torch.jit.trace records (which would see x's width as a tensor)."""
     flags = _flags_of(x, weight, bias, cast_mode)
-    if flags is None or _cpu_kernel.op() is None or torch.jit.is_tracing():
+    if flags is None or _cpu_kernel.op() is None or _tracing_state() is not None:
         return None
     kind = _cpu_kernel.settle(flags, cast_mode, x.shape[-1], weight is not None, bias is not None)
     return kind, _cpu_kernel.settled_token, cast_mode
