@@ -3,12 +3,14 @@
 Their parameters are called ``weight`` and ``bias`` with shape ``normalized_shape``, like
 ``nn.LayerNorm`` and the HF norm classes, so state_dict keys and shapes are unchanged when one
 replaces the other (and ``patch_model`` can hand them the very same ``nn.Parameter`` objects).
+A module without parameters may take ``normalized_shape=None``: it normalises the last dim,
+whatever its width, as the weightless HF norms do (Llama 4's q/k norm, NanoChat's).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +25,8 @@ _Shape = Union[int, Sequence[int]]
 
 
 class _FusedNorm(nn.Module):
-    """Shared body: the last ``len(normalized_shape)`` dims are normalised as one row."""
+    """Shared body: the last ``len(normalized_shape)`` dims are normalised as one row (the last
+    dim, of any width, where ``normalized_shape`` is None)."""
 
     _fn = None  # the functional op, set by subclasses
     _ref = None  # its torch reference: what the op runs off CUDA
@@ -36,7 +39,7 @@ class _FusedNorm(nn.Module):
 
     def __init__(
         self,
-        normalized_shape: _Shape,
+        normalized_shape: Optional[_Shape],
         eps: float,
         elementwise_affine: bool,
         bias: bool,
@@ -47,9 +50,17 @@ class _FusedNorm(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        shape = (normalized_shape,) if isinstance(normalized_shape, (int, float)) else tuple(normalized_shape)
-        if not shape or any(not isinstance(d, int) or d <= 0 for d in shape):
-            raise ValueError(f"normalized_shape must be a positive int or a tuple of them, got {normalized_shape!r}.")
+        if normalized_shape is None:
+            if elementwise_affine:
+                raise ValueError(
+                    "normalized_shape=None (the last dim, any width) is for a norm without parameters: "
+                    "pass the weight's shape, or elementwise_affine=False."
+                )
+            shape = None
+        else:
+            shape = (normalized_shape,) if isinstance(normalized_shape, (int, float)) else tuple(normalized_shape)
+            if not shape or any(not isinstance(d, int) or d <= 0 for d in shape):
+                raise ValueError(f"normalized_shape must be a positive int or a tuple of them, or None, got {normalized_shape!r}.")
         if cast_mode not in CAST_MODES:
             raise ValueError(f"cast_mode must be one of {CAST_MODES}, got {cast_mode!r}.")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
@@ -98,6 +109,10 @@ class _FusedNorm(nn.Module):
             if y is not None:
                 return y
         shape = self.normalized_shape
+        if shape is None:
+            if not x.dim():
+                raise ValueError(f"{type(self).__name__} normalises the last dim, but got a 0-dim input.")
+            shape = x.shape[-1:]
         k = len(shape)
         if x.shape[x.dim() - k:] != shape:  # torch.Size compares equal to a tuple
             raise ValueError(
@@ -127,10 +142,11 @@ class _FusedNorm(nn.Module):
         """This module's output by its torch reference, or None where only the general path
         applies (several normalised dims, non-float input, autocast, whose policy ``normalize``
         applies). ``backend``: ``selected_backend()``, asked once per call by ``forward``."""
-        if len(self.normalized_shape) != 1 or not x.is_floating_point() or _any_autocast():
+        shape = self.normalized_shape
+        if (len(shape) != 1 if shape is not None else not x.dim()) or not x.is_floating_point() or _any_autocast():
             return None
         weight, bias = self._affine()
-        if weight is None and x.shape[-1:] != self.normalized_shape:
+        if weight is None and shape is not None and x.shape[-1:] != shape:
             # the general way's message: the torch ops and the kernel check x's width against
             # the weight's length, and a weightless module has none
             return None
@@ -151,7 +167,8 @@ class _FusedNorm(nn.Module):
                 params["bias"] if "bias" in params else self.bias)
 
     def extra_repr(self) -> str:
-        shape = self.normalized_shape[0] if len(self.normalized_shape) == 1 else self.normalized_shape
+        shape = self.normalized_shape
+        shape = shape[0] if shape is not None and len(shape) == 1 else shape
         parts = [f"{shape}", f"eps={self.eps}", f"elementwise_affine={self.elementwise_affine}"]
         parts.append(f"bias={self.bias is not None}")
         if self.offset:
@@ -179,7 +196,7 @@ class FusedRMSNorm(_FusedNorm):
 
     def __init__(
         self,
-        normalized_shape: _Shape,
+        normalized_shape: Optional[_Shape],
         eps: float = 1e-6,
         elementwise_affine: bool = True,
         bias: bool = False,
@@ -203,7 +220,7 @@ class FusedLayerNorm(_FusedNorm):
 
     def __init__(
         self,
-        normalized_shape: _Shape,
+        normalized_shape: Optional[_Shape],
         eps: float = 1e-5,
         elementwise_affine: bool = True,
         bias: bool = True,
@@ -220,7 +237,7 @@ class FusedLayerNorm(_FusedNorm):
         w, b = self._affine()
         if self.follow_autocast and torch_layer_norm_computes(x, w, b, self.offset, self.cast_mode):
             # nn.LayerNorm's own op, autocast policy included: exactly what this module computes
-            return torch.layer_norm(x, self.normalized_shape, w, b, self.eps)
+            return torch.layer_norm(x, self.normalized_shape or x.shape[-1:], w, b, self.eps)
         return super()._torch_forward(x, backend)
 
 

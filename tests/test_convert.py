@@ -446,3 +446,65 @@ def test_a_first_list_of_modules_that_takes_ids_is_not_shifted():
     assert report.count("exact") == 0 and report.count("fused") == 5, str(report)  # post-LN, BERT-like
     for k, got in run(model, inputs).items():
         assert rel_err(got, truth[k]) <= 2 * rel_err(ref[k], truth[k]) + ATOL[torch.float32], k
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_head_as_wide_as_a_layernorm_that_feeds_no_layernorm_is_left_alone(tied):
+    """ELECTRA's generator with embedding_size == vocab_size: its LM head's output is as wide as
+    the embedding LayerNorm, and shifting it per position changes nothing a LayerNorm sees, but it
+    feeds no LayerNorm, so it is no stream writer. Centring it anyway shifted the logits and,
+    with the head tied to the embedding table, changed the embeddings (the conversion then
+    failed its verification)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "electra", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=VOCAB, embedding_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=tied,
+    )
+    torch.manual_seed(0)
+    model = randomize_for_conversion(AutoModelForCausalLM.from_config(config).eval())
+    randomize_norms(model)
+    assert (model.generator_lm_head.weight is model.electra.embeddings.word_embeddings.weight) == tied
+    head = model.generator_lm_head.weight.detach().clone()
+    inputs = {"input_ids": torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))}
+    ref, truth = run(model, inputs), float64_truth(model, inputs)
+    report = patch_model(model)
+    assert "generator_lm_head" not in report.conversion["writers"], report.conversion
+    assert torch.equal(model.generator_lm_head.weight, head)
+    for k, got in run(model, inputs).items():  # the logits themselves, not only up to a shift
+        assert rel_err(got, truth[k]) <= 2 * rel_err(ref[k], truth[k]) + ATOL[torch.float32], k
+
+
+class _TiedWriterToy(torch.nn.Module):
+    """A pre-LN block whose output projection shares its weight with a side head that reads the
+    final norm's output through a non-linearity: centring that projection as a writer would
+    change the side head too."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, d)
+        self.ln1, self.ln_f = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.inner, self.out = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+        self.side = torch.nn.Linear(d, d)
+        self.side.weight = self.out.weight
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids)
+        x = x + self.out(torch.relu(self.inner(self.ln1(x))))
+        y = self.ln_f(x)
+        return {"main": y, "side": torch.tanh(self.side(y))}
+
+
+def test_a_writer_whose_weight_another_module_holds_is_not_centred():
+    torch.manual_seed(0)
+    model = randomize_for_conversion(_TiedWriterToy().eval())
+    randomize_norms(model)
+    inputs = {"input_ids": torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))}
+    ref, truth = run(model, inputs), float64_truth(model, inputs)
+    weight = model.out.weight.detach().clone()
+    report = patch_model(model, probe_inputs=inputs)
+    assert report.conversion["writers"] == [] and torch.equal(model.out.weight, weight)
+    # nothing centres the stream here, so both norms stay LayerNorms, and say so
+    assert all(e["change"] == "fused" and "not centred" in e["reason"] for e in report), str(report)
+    for k, got in run(model, inputs).items():
+        assert rel_err(got, truth[k]) <= 2 * rel_err(ref[k], truth[k]) + ATOL[torch.float32], k

@@ -41,6 +41,28 @@ def test_full_size_kernels_against_float64(kind, shape, w_dtype, launches):
 
 
 @pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_a_module_of_no_fixed_width_on_the_kernels(kind, launches):
+    """normalized_shape=None on CUDA: each width the one instance meets (alternating, so a call
+    settled at one width meets the other) against float64, forward and backward."""
+    cls = FusedRMSNorm if kind == "rms" else FusedLayerNorm
+    module = cls(None, eps=1e-6, elementwise_affine=False)
+    for n in (128, 2048, 128, 2048):
+        x = (torch.randn(64, n, device="cuda") * 2 + 0.5).to(torch.bfloat16).requires_grad_(True)
+        dy = torch.randn_like(x)
+        y = module(x)
+        (gx,) = torch.autograd.grad(y, x, dy)
+        x64 = x.detach().double().requires_grad_(True)
+        y64 = norm_fp64(kind, x64, eps=1e-6)
+        (gx64,) = torch.autograd.grad(y64, x64, dy.double())
+        xs = x.detach().requires_grad_(True)
+        ys = norm_torch_same_dtype(kind, xs, eps=1e-6)
+        (gxs,) = torch.autograd.grad(ys, xs, dy)
+        assert_close_to_fp64(y, ys, y64, torch.bfloat16, f"output at {n}")
+        assert_close_to_fp64(gx, gxs, gx64, torch.bfloat16, f"grad of x at {n}")
+    assert launches() > 0
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
 def test_weight_gradient_is_deterministic_on_the_gpu(kind):
     torch.manual_seed(0)
     x = torch.randn(16384, 2048, device="cuda", dtype=torch.bfloat16)
@@ -86,7 +108,7 @@ def test_torch_compile_inductor_fullgraph_on_cuda(launches):
     assert launches() >= 2
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma", "t5", "olmo", "cohere"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma", "t5", "olmo", "cohere", "nanochat", "llama4_text"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_patched_models_on_cuda_under_autocast(name, dtype, launches):
     """Each norm's autocast behaviour (nn.LayerNorm: float32; HF RMSNorms: unaffected) is

@@ -230,7 +230,21 @@ def test_modules_under_torch_func_transforms_and_forward_ad(cls, settled, transf
     assert compiled_calls() == calls
 
 
+@pytest.mark.parametrize("cls,kind,torch_cls", [(FusedRMSNorm, "rms", nn.RMSNorm), (FusedLayerNorm, "layer", nn.LayerNorm)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_module_without_a_shape_normalises_the_last_dim_at_any_width(cls, kind, torch_cls, dtype, backend):
+    """normalized_shape=None, as the weightless HF norms (Llama 4's q/k norm, NanoChat's) have
+    it: one instance takes any width, each call against torch's own module of that width and
+    float64; widths alternate so that a call settled at one width meets another."""
+    eps = 1e-6
+    module = cls(None, eps=eps, elementwise_affine=False)
+    for width in (64, 24, 64, 24):
+        x = (torch.randn(3, 5, width) * 2 + 0.5).to(dtype)
+        _check_same_function(module, torch_cls(width, eps=eps, elementwise_affine=False).to(dtype), x, dtype, kind, eps)
+
+
 def test_extra_repr_is_readable():
+    assert repr(FusedRMSNorm(None, elementwise_affine=False)).startswith("FusedRMSNorm(None, eps=1e-06, elementwise_affine=False")
     assert repr(FusedLayerNorm(768)) == "FusedLayerNorm(768, eps=1e-05, elementwise_affine=True, bias=True, cast_mode=float32)"
     r = repr(FusedRMSNorm(2048, eps=1e-6, offset=1.0, cast_mode="float32", follow_autocast=False))
     assert r == "FusedRMSNorm(2048, eps=1e-06, elementwise_affine=True, bias=False, offset=1.0, cast_mode=float32, follow_autocast=False)"
@@ -241,6 +255,8 @@ def test_extra_repr_is_readable():
     "ctor,message",
     [
         (lambda: FusedRMSNorm(0.5), "normalized_shape must be a positive int"),
+        (lambda: FusedRMSNorm(None), r"normalized_shape=None \(the last dim, any width\) is for a norm without parameters"),
+        (lambda: FusedLayerNorm(None, bias=False), "pass the weight's shape, or elementwise_affine=False"),
         (lambda: FusedRMSNorm(8, cast_mode="llama"), "cast_mode must be one of"),
         (lambda: FusedRMSNorm(8, elementwise_affine=False, offset=1.0), "needs elementwise_affine=True"),
         (lambda: FusedLayerNorm(8, eps=-1e-5), "eps must be a non-negative number"),
@@ -262,6 +278,8 @@ SHORTCUT_CASES = {
     "layernorm": (lambda: FusedLayerNorm(64), None),
     "layernorm_fp32_params": (lambda: FusedLayerNorm(64), torch.float32),
     "layernorm_no_affine": (lambda: FusedLayerNorm(64, elementwise_affine=False), None),
+    "layernorm_any_width": (lambda: FusedLayerNorm(None, elementwise_affine=False), None),
+    "rmsnorm_any_width": (lambda: FusedRMSNorm(None, elementwise_affine=False), None),
     "llama": (lambda: FusedRMSNorm(64, cast_mode="input", follow_autocast=False), None),
     "gemma": (lambda: FusedRMSNorm(64, offset=1.0, follow_autocast=False), None),
     "t5_fp32_weight": (lambda: FusedRMSNorm(64, cast_mode="weight", follow_autocast=False), torch.float32),
@@ -582,9 +600,14 @@ def test_the_kernel_shortcut_leaves_to_the_general_path_what_it_does_not_check(c
          r"normalises the last dims \(16,\)"),
         (lambda: _settled(FusedRMSNorm(16, bias=True)).to("meta")(torch.randn(2, 16)), ValueError,
          "weight is on meta but x is on cpu"),
+        (lambda: FusedRMSNorm(None, elementwise_affine=False)(torch.tensor(2.0)), ValueError,
+         "normalises the last dim, but got a 0-dim input"),
+        (lambda: FusedLayerNorm(None, elementwise_affine=False)(torch.tensor(2.0)), ValueError,
+         "normalises the last dim, but got a 0-dim input"),
     ],
     ids=["int_input", "other_device", "rmsnorm_other_device", "layernorm_shape", "rmsnorm_shape",
-         "rmsnorm_no_affine_shape", "settled_no_affine_shape", "settled_other_device"],
+         "rmsnorm_no_affine_shape", "settled_no_affine_shape", "settled_other_device", "rmsnorm_any_width_0dim",
+         "layernorm_any_width_0dim"],
 )
 @pytest.mark.parametrize("backend", ["auto", "triton"])  # triton: the module's shortcut to the kernels defers them
 def test_bad_input_to_a_module_off_cuda_is_still_a_clear_error(call, error, message, backend, monkeypatch):

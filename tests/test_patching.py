@@ -280,6 +280,70 @@ def test_shared_norm_module_is_replaced_once_and_stays_shared():
     assert model.ln is model.ln2 and type(model.ln) is nn.LayerNorm
 
 
+class _AnyWidthRMSNorm(nn.Module):
+    """No parameters, no normalized_shape: RMS over the last dim at whatever width comes (in
+    float32, cast back), as Llama 4's q/k norm and NanoChat's norms."""
+
+    def __init__(self, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+class _AnyWidthLayerNorm(nn.Module):
+    def forward(self, x):
+        return nn.functional.layer_norm(x, x.shape[-1:], eps=1e-5)
+
+
+class _SphereNorm(_AnyWidthRMSNorm):
+    """Onto the unit sphere (nGPT): the sum of squares, not their mean. At any one width that is
+    an RMSNorm times a constant, but no fused module without a weight computes it."""
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+class _AnyWidthToy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.shared_norm = _AnyWidthRMSNorm()  # called at width 16, then at width 8
+        self.ln_norm, self.sphere_norm = _AnyWidthLayerNorm(), _SphereNorm()
+
+    def forward(self, x):
+        h = self.shared_norm(self.up(x))
+        return self.sphere_norm(self.ln_norm(self.shared_norm(self.down(h) + x)))
+
+
+def test_norms_without_parameters_or_shape_are_fused_for_any_width():
+    """A parameterless norm says nothing of its width: it is probed at several, fused as a
+    module of no fixed width, and the one instance then serves every width the model calls it
+    at; what no fused module computes is left alone, and a parameterless LayerNorm is fused,
+    not converted (nothing says which stream it reads)."""
+    torch.manual_seed(0)
+    model = _AnyWidthToy()
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    want = model(x)
+    want_grads = torch.autograd.grad(want.sum(), [x, *model.parameters()])
+    report = patch_model(model)
+    by_name = {e["name"]: e for e in report}
+    assert by_name["shared_norm"]["change"] == "fused" and by_name["ln_norm"]["change"] == "fused"
+    assert isinstance(model.shared_norm, FusedRMSNorm) and model.shared_norm.normalized_shape is None
+    assert isinstance(model.ln_norm, FusedLayerNorm) and model.ln_norm.normalized_shape is None
+    assert "no normalized_shape" in by_name["ln_norm"]["reason"]
+    assert by_name["sphere_norm"]["change"] == "skipped" and isinstance(model.sphere_norm, _SphereNorm)
+    assert "no fused LayerNorm/RMSNorm reproduces its output" in by_name["sphere_norm"]["reason"]
+    for _ in range(2):  # the second call goes the way the first one settled, where there is one
+        got = model(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for g, w in zip(torch.autograd.grad(got.sum(), [x, *model.parameters()]), want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_tied_weights_stay_tied():
     model, _ = build("gpt2")
     assert model.lm_head.weight is model.transformer.wte.weight

@@ -250,11 +250,15 @@ def _shift(x: torch.Tensor, shifts: dict, outputs: dict, name: str) -> torch.Ten
     return shifted
 
 
-def shift_invariant(model64: nn.Module, inputs: dict, outputs_of: list[str], inputs_of: list[str]) -> set[str]:
+def shift_invariant(model64: nn.Module, inputs: dict, outputs_of: list[str], inputs_of: list[str],
+                    readers: list[str]) -> set[str]:
     """Which of the named modules' outputs (``outputs_of``) or hidden-state inputs
     (``inputs_of``) can be shifted along the ones direction, per position, without changing
-    any model output: one float64 forward and backward through ``model64`` (eval mode)."""
-    shifts, shifted, handles = {}, {}, []
+    any model output, and reach the input of one of ``readers`` (the LayerNorms): one float64
+    forward and two backwards through ``model64`` (eval mode). A module of the stream's width
+    that feeds no LayerNorm (an LM head as wide as an embedding, say) is no stream writer:
+    centring it would only shift its outputs, and change what shares its weight."""
+    shifts, shifted, handles, read = {}, {}, [], []
 
     def post_hook(name):
         return lambda mod, args, out: _shift(out, shifts, shifted, name) if _is_hidden(out) else None
@@ -273,6 +277,8 @@ def shift_invariant(model64: nn.Module, inputs: dict, outputs_of: list[str], inp
         handles.append(model64.get_submodule(name).register_forward_hook(post_hook(name)))
     for name in inputs_of:
         handles.append(model64.get_submodule(name).register_forward_pre_hook(pre_hook(name), with_kwargs=True))
+    for name in readers:
+        handles.append(model64.get_submodule(name).register_forward_pre_hook(lambda mod, args: read.append(args[0]) if args and _is_hidden(args[0]) else None))
     try:
         results = model_outputs(model64, inputs)
     finally:
@@ -290,15 +296,22 @@ def shift_invariant(model64: nn.Module, inputs: dict, outputs_of: list[str], inp
         loss = loss + (t * (r - r.mean(-1, keepdim=True))).sum()
     names = list(shifts)
     flat = [t for n in names for t in shifts[n]] + [t for n in names for t in shifted[n]]
-    grads = torch.autograd.grad(loss, flat, allow_unused=True)
+    grads = torch.autograd.grad(loss, flat, allow_unused=True, retain_graph=bool(read))
     count = len(flat) // 2
+    # what reaches a LayerNorm: a random projection of their inputs, whose gradient with
+    # respect to a shift is non-zero exactly where the shift reaches one of them
+    reach = [None] * count
+    if read:
+        seen = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)).sum() for t in read)
+        reach = torch.autograd.grad(seen, flat[:count], allow_unused=True)
     invariant, i = set(), 0
     for n in names:
         k = len(shifts[n])
         gs, go = grads[i : i + k], grads[count + i : count + i + k]
+        reaches = any(r is not None and float(r.abs().max()) > 0.0 for r in reach[i : i + k])
         i += k
-        if any(g is None for g in go + gs) or all(float(g.abs().max()) == 0.0 for g in go):
-            continue  # unused: nothing to centre, nothing proven
+        if any(g is None for g in go + gs) or all(float(g.abs().max()) == 0.0 for g in go) or not reaches:
+            continue  # unused, or read by no LayerNorm: nothing to centre, nothing proven
         ratio = max(
             (s.abs() / (o.norm(dim=-1, keepdim=True) * math.sqrt(o.shape[-1])).clamp_min(1e-300)).max().item()
             for s, o in zip(gs, go)
@@ -306,6 +319,16 @@ def shift_invariant(model64: nn.Module, inputs: dict, outputs_of: list[str], inp
         if ratio <= _INVARIANT_FP64:
             invariant.add(n)
     return invariant
+
+
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters that more than one module holds (a head tied to an embedding
+    table): centring one as a writer's would change the other holder's function too."""
+    holders: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    return {k for k, count in holders.items() if count > 1}
 
 
 @torch.no_grad()
@@ -511,8 +534,12 @@ def _measure(model64: nn.Module, layer_norms: dict[str, int], inputs64: dict, sp
     widths = set(layer_norms.values())
     candidates = [n for n, m in model64.named_modules() if _out_features(m) in widths]
     lists = block_lists(model64)
-    invariant = shift_invariant(model64, inputs64, candidates, list(lists.values()))
-    writers = [n for n in candidates if n in invariant]
+    invariant = shift_invariant(model64, inputs64, candidates, list(lists.values()), list(layer_norms))
+    shared = _shared_parameters(model64)
+    writers = [
+        n for n in candidates
+        if n in invariant and not any(id(getattr(model64.get_submodule(n), p)) in shared for p in output_params(model64.get_submodule(n)))
+    ]
     # a stream's start may be centred only where nothing but LayerNorms reads it (pre-LN);
     # in a post-LN block the input also feeds q/k/v directly, and the test above says so
     starts = sorted(first for name, first in lists.items() if first in invariant and any(w.startswith(f"{name}.") for w in writers))
@@ -557,8 +584,13 @@ class _Conversion:
         layer_norms = {
             fqn: math.prod(new.normalized_shape)
             for fqn, (_, spec, new) in planned.items()
-            if spec.kind == "layer" and len(new.normalized_shape) == 1
+            if spec.kind == "layer" and new.normalized_shape is not None and len(new.normalized_shape) == 1
         }
+        for fqn, (_, spec, new) in planned.items():
+            if spec.kind == "layer" and new.normalized_shape is None:
+                # the writers are found by their output width, which such a norm does not say
+                _update(report, fqn, reason="kept as LayerNorm (fused): it has no parameters and no normalized_shape, so nothing "
+                        "says which stream it reads; give it a normalized_shape to have it converted")
         self.plan = None
         if not layer_norms:
             return

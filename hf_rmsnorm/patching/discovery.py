@@ -67,7 +67,9 @@ def is_norm_like(module: nn.Module) -> bool:
 
 
 def _param_signature(module: nn.Module):
-    """(normalized_shape, has_weight, has_bias) or a reason why this is no LayerNorm/RMSNorm."""
+    """(normalized_shape, has_weight, has_bias) or a reason why this is no LayerNorm/RMSNorm.
+    The shape is None for a module with neither parameters nor ``normalized_shape``: a norm of
+    that kind normalises the last dim whatever its width, and is probed at several widths."""
     if any(True for _ in module.children()):
         return "has submodules: a composite block, not a single norm"
     if any(True for _ in module.buffers()):
@@ -84,8 +86,8 @@ def _param_signature(module: nn.Module):
     else:
         shape = getattr(module, "normalized_shape", None)
         shape = (shape,) if isinstance(shape, int) else tuple(shape) if shape else None
-        if not shape:
-            return "has no parameters and no normalized_shape: cannot tell its hidden size"
+        if shape is None:
+            return None, False, False
     if not shape or math.prod(shape) == 0:
         return f"empty normalized shape {shape}"
     if "bias" in params and "weight" not in params:
@@ -180,6 +182,16 @@ def _follows_autocast(module: nn.Module, x: torch.Tensor) -> bool:
     return recorder.half_inputs_to_fp32_ops
 
 
+# The widths a norm without parameters or normalized_shape is probed at: a function of the
+# last dim alone must match at each (one that only works at one width is no such norm).
+_ANY_WIDTH = ((64,), (24,))
+
+
+def probe_shapes(shape) -> tuple:
+    """The normalized shapes to probe a norm of this signature shape at."""
+    return _ANY_WIDTH if shape is None else (shape,)
+
+
 def _probes(shape, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(3, 5, *shape, generator=g)
@@ -232,15 +244,16 @@ def match_norm(module: nn.Module, autocast_dtype: Optional[torch.dtype] = None) 
     if device.type == "meta":
         return Match(None, None, "parameters are on the meta device")
     probe_module = _randomised(module)
+    shapes = probe_shapes(shape)
     try:
-        follow = _follows_autocast(probe_module, _probes(shape, dtype, device)[0])
+        follow = _follows_autocast(probe_module, _probes(shapes[0], dtype, device)[0])
     except Exception as exc:  # noqa: BLE001 - any failure means we cannot vouch for it
-        return Match(None, None, f"raised on a probe input of shape (3, 5, {', '.join(map(str, shape))}): {type(exc).__name__}: {exc}")
+        return Match(None, None, f"raised on a probe input of shape (3, 5, {', '.join(map(str, shapes[0]))}): {type(exc).__name__}: {exc}")
 
     references = []
     with torch.no_grad():
         for amp in (None, autocast_dtype) if autocast_dtype is not None else (None,):
-            for x in _probes(shape, dtype, device):
+            for x in (x for s in shapes for x in _probes(s, dtype, device)):
                 try:
                     with _autocast(device, amp):
                         references.append((x, amp, probe_module(x)))
