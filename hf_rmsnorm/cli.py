@@ -25,7 +25,7 @@ import torch
 
 from .checkpoint import architecture_class, build_meta, materialise_norms_
 from .patching import patch_model
-from .patching.discovery import is_norm_like
+from .patching.discovery import is_norm_like, model_name_of
 from .patching.patch import TARGETS
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,8 +58,9 @@ def _from_config(config, dtype, target="layernorm"):
         # trained model's are not. Random norm parameters make the report speak for the latter.
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
+            model_name = model_name_of(model)
             for m in model.modules():
-                if is_norm_like(m):
+                if is_norm_like(m, model_name):
                     for p in m.parameters(recurse=False):
                         p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.1)
     else:

@@ -344,6 +344,28 @@ def test_norms_without_parameters_or_shape_are_fused_for_any_width():
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_a_model_whose_name_says_norm_reports_only_its_norms(monkeypatch):
+    """RoBERTa-PreLayerNorm puts "Norm" in every class name (RobertaPreLayerNormAttention, ...):
+    its blocks are not norms, and the report lists its LayerNorms alone, every one fused."""
+    from transformers import AutoConfig, AutoModel
+
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    config = AutoConfig.for_model("roberta-prelayernorm", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, vocab_size=128, max_position_embeddings=80)
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config).eval()
+    composites = [n for n, m in model.named_modules() if "norm" in type(m).__name__.lower() and any(m.children())]
+    assert len(composites) > 5  # what used to be reported as skipped
+    layer_norms = sorted(n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm))
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state
+    report = patch_model(model, target="layernorm")
+    assert sorted(e["name"] for e in report) == layer_norms and report.count("fused") == len(layer_norms)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+
+
 def test_tied_weights_stay_tied():
     model, _ = build("gpt2")
     assert model.lm_head.weight is model.transformer.wte.weight

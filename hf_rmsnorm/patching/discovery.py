@@ -60,10 +60,22 @@ class Match:
     reason: str
 
 
-def is_norm_like(module: nn.Module) -> bool:
+def is_norm_like(module: nn.Module, model_name: str = "") -> bool:
+    """``model_name``: the prefix a model's classes carry (``model_name_of``), which does not
+    make one of them a norm: every block of RoBERTa-PreLayerNorm has "Norm" in its class name."""
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm, _FusedNorm)):
         return True
-    return "norm" in type(module).__name__.lower()
+    name = type(module).__name__
+    if model_name and name.startswith(model_name):
+        name = name[len(model_name):]
+    return "norm" in name.lower()
+
+
+def model_name_of(model: nn.Module) -> str:
+    """The name transformers prefixes a model's classes with: its config class's, less "Config"
+    (``RobertaPreLayerNormConfig`` -> ``RobertaPreLayerNorm``); "" for anything else."""
+    name = type(getattr(model, "config", None)).__name__
+    return name[: -len("Config")] if name.endswith("Config") and len(name) > len("Config") else ""
 
 
 def _param_signature(module: nn.Module):

@@ -26,6 +26,7 @@ from .discovery import (
     build_fused,
     is_norm_like,
     match_norm,
+    model_name_of,
     probe_shapes,
 )
 from .convert import _Conversion
@@ -255,9 +256,10 @@ def _plan(model, report, include_p, exclude_p, strict, probe_autocast) -> dict:
     for the ones that have a fused equivalent; report entries for all of them."""
     planned: dict = {}
     cache: dict = {}
+    model_name = model_name_of(model)
 
     def visit(fqn: str, module: nn.Module) -> None:
-        if not is_norm_like(module):
+        if not is_norm_like(module, model_name):
             return None
         old = type(module).__name__
         if isinstance(module, _FusedNorm):
