@@ -277,8 +277,12 @@ def shift_invariant(model64: nn.Module, inputs: dict, outputs_of: list[str], inp
         handles.append(model64.get_submodule(name).register_forward_hook(post_hook(name)))
     for name in inputs_of:
         handles.append(model64.get_submodule(name).register_forward_pre_hook(pre_hook(name), with_kwargs=True))
+    def read_hook(mod, args):
+        if args and _is_hidden(args[0]):
+            read.append(args[0])
+
     for name in readers:
-        handles.append(model64.get_submodule(name).register_forward_pre_hook(lambda mod, args: read.append(args[0]) if args and _is_hidden(args[0]) else None))
+        handles.append(model64.get_submodule(name).register_forward_pre_hook(read_hook))
     try:
         results = model_outputs(model64, inputs)
     finally:
@@ -323,7 +327,7 @@ def shift_invariant(model64: nn.Module, inputs: dict, outputs_of: list[str], inp
 
 def _shared_parameters(model: nn.Module) -> set[int]:
     """ids of the parameters that more than one module holds (a head tied to an embedding
-    table): centring one as a writer's would change the other holder's function too."""
+    table)."""
     holders: dict[int, int] = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
@@ -532,14 +536,16 @@ def _measure(model64: nn.Module, layer_norms: dict[str, int], inputs64: dict, sp
     for name, spec in specs.items():
         model64.set_submodule(name, build_fused(spec, model64.get_submodule(name), (layer_norms[name],)))
     widths = set(layer_norms.values())
-    candidates = [n for n, m in model64.named_modules() if _out_features(m) in widths]
+    shared = _shared_parameters(model64)
+    # not a module whose weight another module holds (a head tied to an embedding table):
+    # centring it would change the other holder's function too
+    candidates = [
+        n for n, m in model64.named_modules()
+        if _out_features(m) in widths and not any(id(getattr(m, p)) in shared for p in output_params(m))
+    ]
     lists = block_lists(model64)
     invariant = shift_invariant(model64, inputs64, candidates, list(lists.values()), list(layer_norms))
-    shared = _shared_parameters(model64)
-    writers = [
-        n for n in candidates
-        if n in invariant and not any(id(getattr(model64.get_submodule(n), p)) in shared for p in output_params(model64.get_submodule(n)))
-    ]
+    writers = [n for n in candidates if n in invariant]
     # a stream's start may be centred only where nothing but LayerNorms reads it (pre-LN);
     # in a post-LN block the input also feeds q/k/v directly, and the test above says so
     starts = sorted(first for name, first in lists.items() if first in invariant and any(w.startswith(f"{name}.") for w in writers))
