@@ -379,7 +379,8 @@ def _verify(src: Path, out: Path, source: _Source, block: dict) -> dict:
     """Load the input, the output run converted, and the output in plain transformers (only
     when the model fits in memory three times over) and compare their outputs on a probe
     batch, by STYLE.md's rule against the float64 input."""
-    from .patching.convert import EXACT_TOLERANCE, ProbeError, available_bytes, compare_outputs, describe_error, float64_default, float64_inputs, model_outputs, run_probe, to_float64_
+    from .patching.convert import EXACT_TOLERANCE, available_bytes, float64_default, to_float64_
+    from .patching.probe import ProbeError, compare_outputs, describe_error, float64_inputs, model_outputs, run_probe
 
     size = sum(s.stat().st_size for s in source.shards)
     if 3 * size > available_bytes(torch.device("cpu")):

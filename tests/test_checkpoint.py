@@ -164,12 +164,12 @@ def test_a_model_that_rejects_the_probe_batch_is_converted_and_said_unverified(t
     """The check after writing runs the model on a probe batch; where no batch built from the
     config runs through it, the conversion is written, said to be unverified (with the model's
     own error) in the config block and on stderr, and loads to the original's function."""
-    from hf_rmsnorm.patching import convert
+    from hf_rmsnorm.patching import probe
 
     src, out = tmp_path / "in", tmp_path / "out"
     model, inputs = _save("gpt2", src)
-    built = convert.probe_inputs
-    monkeypatch.setattr(convert, "probe_inputs", lambda m: {"input_ids": built(m)["input_ids"] + 10_000})  # past the vocabulary
+    built = probe.probe_inputs
+    monkeypatch.setattr(probe, "probe_inputs", lambda m: {"input_ids": built(m)["input_ids"] + 10_000})  # past the vocabulary
     assert _cli(src, out) == 0
     err = capsys.readouterr().err
     assert "NOT VERIFIED: no probe batch runs through the model" in err and "IndexError" in err, err

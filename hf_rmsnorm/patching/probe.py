@@ -1,0 +1,148 @@
+"""The probe batch a conversion is measured and verified on: built from a model's config and
+forward signature (``probe_inputs``), run through the model (``run_probe``, which falls back to
+a vision-language model's text alone), and the outputs compared with the original's and with a
+float64 truth (``compare_outputs``). ``convert.py`` and ``checkpoint.py`` use it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .discovery import _rel_err
+
+
+def _config_value(config, name):
+    """A value from the config or any of its sub-configs (CLIP keeps image_size in one)."""
+    if hasattr(config, name) and getattr(config, name) is not None:
+        return getattr(config, name)
+    for value in vars(config).values():
+        if hasattr(value, "to_dict") and hasattr(value, name):
+            found = _config_value(value, name)
+            if found is not None:
+                return found
+    return None
+
+
+def probe_inputs(model: nn.Module, batch: int = 2, length: int = 12, seed: int = 0) -> dict:
+    """A probe batch for the model's forward: token ids, pixel values or audio features (and
+    decoder ids for encoder-decoders), chosen from its signature and config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} has no config to build a probe input from; pass probe_inputs={{...}} to convert it")
+    params = inspect.signature(model.forward).parameters
+    param = next(iter(model.parameters()))
+    g = torch.Generator().manual_seed(seed)
+    inputs = {}
+    vocab = _config_value(config, "vocab_size")
+    if "input_ids" in params and vocab:
+        inputs["input_ids"] = torch.randint(min(3, vocab - 1), vocab, (batch, length), generator=g)
+    if "pixel_values" in params and _config_value(config, "image_size"):
+        size = _config_value(config, "image_size")
+        size = size if isinstance(size, int) else size[0]
+        channels = _config_value(config, "num_channels") or 3
+        inputs["pixel_values"] = torch.randn(batch, channels, size, size, generator=g)
+    if "input_features" in params and _config_value(config, "num_mel_bins"):
+        frames = 2 * (_config_value(config, "max_source_positions") or 1500)
+        inputs["input_features"] = torch.randn(batch, _config_value(config, "num_mel_bins"), frames, generator=g)
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params and vocab:
+        inputs["decoder_input_ids"] = torch.randint(min(3, vocab - 1), vocab, (batch, max(2, length // 2)), generator=g)
+    if not inputs:
+        raise ValueError(f"cannot build a probe input for {type(model).__name__}; pass probe_inputs={{...}} to convert it")
+    return {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+
+
+class ProbeError(RuntimeError):
+    """No probe batch runs through the model; the message says why (the model's own error)."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first[:200]}{'...' if len(first) > 200 else ''}"
+
+
+# what a text-only probe keeps of a multimodal one
+_TEXT_KEYS = ("input_ids", "decoder_input_ids")
+
+
+def run_probe(model: nn.Module, inputs: Optional[dict] = None) -> tuple[dict, dict, Optional[str]]:
+    """(a probe batch, the model's outputs on it, without gradients, and a note when the batch
+    is not the first one tried; the model's mode is the caller's). ``inputs`` when given; else
+    the batch ``probe_inputs`` builds or, when that one raises in a model that also takes text,
+    the text alone: a vision-language model wants image tokens placed to match its images (and
+    image sizes, grids), which no generic batch knows, while its text path runs on token ids.
+    Raises ProbeError with the model's own error."""
+    candidates = [inputs] if inputs is not None else []
+    if inputs is None:
+        try:
+            built = probe_inputs(model)
+        except ValueError as exc:
+            raise ProbeError(str(exc)) from exc
+        candidates.append(built)
+        text = {k: v for k, v in built.items() if k in _TEXT_KEYS}
+        if "input_ids" in text and len(text) < len(built):
+            candidates.append(text)
+    first = None
+    for batch in candidates:
+        try:
+            with torch.no_grad():
+                outputs = model_outputs(model, batch)
+        except Exception as exc:  # the model's forward: any error it raises means "does not fit"
+            first = first or exc
+            continue
+        note = None if first is None else f"probed on {', '.join(batch)} alone: {_raised(candidates[0], first)}"
+        return batch, outputs, note
+    raise ProbeError(_raised(candidates[0], first)) from first
+
+
+def _raised(batch: dict, exc: BaseException) -> str:
+    return f"the model's forward raised on the probe batch ({', '.join(batch)}): {describe_error(exc)}"
+
+
+def float64_inputs(inputs: dict) -> dict:
+    """The batch with its floating tensors in float64 (ids, masks and non-tensor arguments
+    such as ``use_cache=False`` as they are)."""
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def model_outputs(model: nn.Module, inputs: dict) -> dict:
+    """Every floating tensor the model returns, by dotted name (caches left out)."""
+    return _tensors(model(**inputs), "")
+
+
+def _tensors(value, prefix: str) -> dict:
+    if isinstance(value, torch.Tensor):
+        return {prefix: value} if value.is_floating_point() else {}
+    if isinstance(value, dict):  # ModelOutput is a dict
+        items = value.items()
+    elif isinstance(value, (tuple, list)):
+        items = enumerate(value)
+    else:
+        return {}  # a KV cache or anything else that is not an output tensor
+    found = {}
+    for key, item in items:
+        found.update(_tensors(item, f"{prefix}.{key}" if prefix else str(key)))
+    return found
+
+
+def compare_outputs(before: dict, after: dict, truth: dict, tolerance: float) -> tuple[float, float, list[str]]:
+    """(max relative difference converted vs original, the largest excess of the converted
+    model's error against the float64 truth over 2x the original's own error, the outputs
+    left out). Left out are outputs that differ only by a per-position mean: they expose the
+    raw residual stream, whose mean the conversion removes by design (no LayerNorm saw it)."""
+    diff, excess, stream_outputs = 0.0, -math.inf, []
+    for key, ref in before.items():
+        got = after[key]
+        over = _rel_err(got, truth[key]) - (2 * _rel_err(ref, truth[key]) + tolerance)
+        if over > 0 and _rel_err(got, truth[key], centre=True) <= 2 * _rel_err(ref, truth[key], centre=True) + tolerance:
+            stream_outputs.append(key)
+            continue
+        diff = max(diff, _rel_err(got, ref))
+        excess = max(excess, over)
+    return diff, excess, stream_outputs
