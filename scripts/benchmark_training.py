@@ -389,18 +389,19 @@ def time_in_turn(runs, batch, steps) -> None:
                     run.error = f"{type(exc).__name__}: {exc}"
 
 
-def time_group(name, table, precision, variants, batch, device, warmup, steps, profile_steps=0) -> list:
+def time_group(name, table, precision, variants, batch, device, warmup, steps, profile_steps=0,
+               sample_s=SAMPLE_EVERY_S) -> list:
     """The rows of one model and precision: its variants built side by side and timed in
     turn; where they do not fit the device together (a 1B model's fp32 variants on an 80 GB
-    GPU), each one alone, as the rows then say."""
+    GPU), each one alone, as the rows then say. ``sample_s``: the GPU sampler's interval (0: off)."""
     try:
-        return _time_together(name, table, precision, variants, batch, device, warmup, steps, profile_steps, True)
+        return _time_together(name, table, precision, variants, batch, device, warmup, steps, profile_steps, sample_s, True)
     except torch.cuda.OutOfMemoryError:
         pass  # out of the except clause: the traceback, and with it every model built, is dropped
     rows = []
     for variant in variants:
         _release(device)
-        rows += _time_together(name, table, precision, [variant], batch, device, warmup, steps, profile_steps, False)
+        rows += _time_together(name, table, precision, [variant], batch, device, warmup, steps, profile_steps, sample_s, False)
     return rows
 
 
@@ -411,7 +412,7 @@ def _release(device) -> None:
         torch.cuda.empty_cache()
 
 
-def _time_together(name, table, precision, variants, batch, device, warmup, steps, profile_steps, together) -> list:
+def _time_together(name, table, precision, variants, batch, device, warmup, steps, profile_steps, sample_s, together) -> list:
     rows, runs = {}, []
     out_of_memory = "OutOfMemoryError: the model does not fit the device"
     for variant in variants:
@@ -428,7 +429,7 @@ def _time_together(name, table, precision, variants, batch, device, warmup, step
         if run is not None:
             runs.append(run)
     try:
-        with GpuSampler(nvml_reader(device) if SAMPLE_EVERY_S > 0 else None, SAMPLE_EVERY_S) as sampler:
+        with GpuSampler(nvml_reader(device) if sample_s > 0 else None, sample_s) as sampler:
             time_in_turn(runs, batch, steps)
     except torch.cuda.OutOfMemoryError:
         if together:
@@ -473,7 +474,6 @@ def _error_row(name, precision, variant, message) -> dict:
 
 
 def main(argv=None) -> int:
-    global SAMPLE_EVERY_S
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny configs, few steps (CI, CPU)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -490,7 +490,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.sample_ms >= 0:
         parser.error(f"--sample-ms must be 0 (off) or a positive number of milliseconds, got {args.sample_ms}")
-    SAMPLE_EVERY_S = args.sample_ms / 1e3
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     if any(n not in MODELS for n in names):
         parser.error(f"--models takes a subset of {', '.join(MODELS)}")
@@ -514,7 +513,7 @@ def main(argv=None) -> int:
         batch = torch.randint(0, vocab, batch_shape, generator=g).to(device)
         for precision in PRECISIONS:
             results += time_group(name, table, precision, variants, batch, device, warmup, steps,
-                                  PROFILE_STEPS if args.profile else 0)
+                                  PROFILE_STEPS if args.profile else 0, args.sample_ms / 1e3)
             _write(args.out, env, results)  # after each group: a run cut short keeps what it measured
             _release(device)
     print(_write(args.out, env, results))
