@@ -508,3 +508,74 @@ def test_a_writer_whose_weight_another_module_holds_is_not_centred():
     assert all(e["change"] == "fused" and "not centred" in e["reason"] for e in report), str(report)
     for k, got in run(model, inputs).items():
         assert rel_err(got, truth[k]) <= 2 * rel_err(ref[k], truth[k]) + ATOL[torch.float32], k
+
+
+class _PreLNBlock(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.mix, self.out = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+        self.up, self.down = torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        x = x + self.out(torch.tanh(self.mix(self.ln1(x))))
+        return x + self.down(torch.relu(self.up(self.ln2(x))))
+
+
+class _PooledStage(torch.nn.Module):
+    def __init__(self, d, pool):
+        super().__init__()
+        self.ln_pool = torch.nn.LayerNorm(d) if pool else None
+        self.proj = torch.nn.Linear(d, d) if pool else None
+        self.blocks = torch.nn.ModuleList([_PreLNBlock(d), _PreLNBlock(d)])
+
+    def forward(self, x):
+        if self.proj is not None:  # Hiera's stage transition: pool a projection of the normalised stream
+            b, t, d = x.shape
+            x = self.proj(self.ln_pool(x)).view(b, t // 2, 2, d).amax(2)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class _PooledStagesToy(torch.nn.Module):
+    """Two stages of pre-LN blocks in one list, as Hiera's: the second stage's stream begins at a
+    projection max-pooled over pairs of positions, which no centring makes zero-mean, so only the
+    first stage's LayerNorms convert; last_hidden_state is the raw stream at the end."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, d)
+        self.stages = torch.nn.ModuleList([_PooledStage(d, False), _PooledStage(d, True)])
+        self.ln_f = torch.nn.LayerNorm(d)
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids)
+        for stage in self.stages:
+            x = stage(x)
+        return {"last_hidden_state": x, "pooled": self.ln_f(x).mean(1)}
+
+
+def test_only_writers_of_a_stream_that_a_converted_norm_reads_are_centred():
+    """Centring the second stage's writers would leave its LayerNorms as they are and take the
+    per-position mean off last_hidden_state: they stay as they were, and every output, the raw
+    stream included, is the original's."""
+    torch.manual_seed(0)
+    model = randomize_for_conversion(_PooledStagesToy().eval())
+    randomize_norms(model)
+    inputs = {"input_ids": torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))}
+    ref, truth = run(model, inputs), float64_truth(model, inputs)
+    second = {n: p.detach().clone() for n, p in model.stages[1].named_parameters()}
+    report = patch_model(model, probe_inputs=inputs)
+    changes = {e["name"]: e["change"] for e in report}
+    assert {n for n, c in changes.items() if c == "exact"} == {f"stages.0.blocks.{i}.ln{k}" for i in (0, 1) for k in (1, 2)} | {"stages.1.ln_pool"}, str(report)
+    assert sorted(report.conversion["writers"]) == sorted(f"stages.0.blocks.{i}.{w}" for i in (0, 1) for w in ("out", "down"))
+    assert all(torch.equal(p, second[n]) for n, p in model.stages[1].named_parameters())
+    assert report.verification["outputs_exposing_the_stream"] == []
+    for k, got in run(model, inputs).items():
+        assert rel_err(got, truth[k]) <= 2 * rel_err(ref[k], truth[k]) + ATOL[torch.float32], k
+    # converting the rest approximately, on request, still centres every writer: it brings
+    # those norms' inputs as near zero-mean as the writers can
+    approx = randomize_for_conversion(_PooledStagesToy().eval())
+    report = patch_model(approx, probe_inputs=inputs, allow_approximate=True)
+    assert {f"stages.1.blocks.{i}.{w}" for i in (0, 1) for w in ("out", "down")} <= set(report.conversion["writers"])

@@ -97,14 +97,11 @@ def _shift(x: torch.Tensor, shifts: dict, outputs: dict, name: str) -> torch.Ten
     return shifted
 
 
-def shift_invariant(model64: nn.Module, inputs: dict, outputs_of: list[str], inputs_of: list[str],
-                    readers: list[str]) -> set[str]:
-    """Which of the named modules' outputs (``outputs_of``) or hidden-state inputs
-    (``inputs_of``) can be shifted along the ones direction, per position, without changing
-    any model output, and reach the input of one of ``readers`` (the LayerNorms): one float64
-    forward and two backwards through ``model64`` (eval mode). A module of the stream's width
-    that feeds no LayerNorm (an LM head as wide as an embedding, say) is no stream writer:
-    centring it would only shift its outputs, and change what shares its weight."""
+def _shifted_forward(model64: nn.Module, inputs: dict, outputs_of: list[str], inputs_of: list[str], readers: list[str]):
+    """One float64 forward (no_grad off) with a zero per-position shift along the ones
+    direction added to the named modules' outputs (``outputs_of``) and hidden-state inputs
+    (``inputs_of``): (the model's outputs, {name: [shift]}, {name: [shifted tensor]}, the
+    inputs of ``readers``)."""
     shifts, shifted, handles, read = {}, {}, [], []
 
     def post_hook(name):
@@ -120,14 +117,14 @@ def shift_invariant(model64: nn.Module, inputs: dict, outputs_of: list[str], inp
 
         return hook
 
-    for name in outputs_of:
-        handles.append(model64.get_submodule(name).register_forward_hook(post_hook(name)))
-    for name in inputs_of:
-        handles.append(model64.get_submodule(name).register_forward_pre_hook(pre_hook(name), with_kwargs=True))
     def read_hook(mod, args):
         if args and _is_hidden(args[0]):
             read.append(args[0])
 
+    for name in outputs_of:
+        handles.append(model64.get_submodule(name).register_forward_hook(post_hook(name)))
+    for name in inputs_of:
+        handles.append(model64.get_submodule(name).register_forward_pre_hook(pre_hook(name), with_kwargs=True))
     for name in readers:
         handles.append(model64.get_submodule(name).register_forward_pre_hook(read_hook))
     try:
@@ -135,6 +132,34 @@ def shift_invariant(model64: nn.Module, inputs: dict, outputs_of: list[str], inp
     finally:
         for h in handles:
             h.remove()
+    return results, shifts, shifted, read
+
+
+def _reaching(read: list, shifts: dict, g: torch.Generator) -> set[str]:
+    """The names whose shifts reach one of the ``read`` tensors: the gradient of a random
+    projection of them with respect to a shift is non-zero exactly where the shift reaches one."""
+    names = [n for n in shifts]
+    flat = [t for n in names for t in shifts[n]]
+    if not read or not flat:
+        return set()
+    seen = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)).sum() for t in read)
+    grads = iter(torch.autograd.grad(seen, flat, allow_unused=True))
+    reached = set()
+    for n in names:
+        if any([r is not None and float(r.abs().max()) > 0.0 for r in (next(grads) for _ in shifts[n])]):
+            reached.add(n)
+    return reached
+
+
+def shift_invariant(model64: nn.Module, inputs: dict, outputs_of: list[str], inputs_of: list[str],
+                    readers: list[str]) -> set[str]:
+    """Which of the named modules' outputs (``outputs_of``) or hidden-state inputs
+    (``inputs_of``) can be shifted along the ones direction, per position, without changing
+    any model output, and reach the input of one of ``readers`` (the LayerNorms): one float64
+    forward and two backwards through ``model64`` (eval mode). A module of the stream's width
+    that feeds no LayerNorm (an LM head as wide as an embedding, say) is no stream writer:
+    centring it would only shift its outputs, and change what shares its weight."""
+    results, shifts, shifted, read = _shifted_forward(model64, inputs, outputs_of, inputs_of, readers)
     if not shifts:
         return set()
     # A random projection of every output, blind to per-position mean shifts: outputs that
@@ -149,19 +174,13 @@ def shift_invariant(model64: nn.Module, inputs: dict, outputs_of: list[str], inp
     flat = [t for n in names for t in shifts[n]] + [t for n in names for t in shifted[n]]
     grads = torch.autograd.grad(loss, flat, allow_unused=True, retain_graph=bool(read))
     count = len(flat) // 2
-    # what reaches a LayerNorm: a random projection of their inputs, whose gradient with
-    # respect to a shift is non-zero exactly where the shift reaches one of them
-    reach = [None] * count
-    if read:
-        seen = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)).sum() for t in read)
-        reach = torch.autograd.grad(seen, flat[:count], allow_unused=True)
+    reached = _reaching(read, shifts, g)
     invariant, i = set(), 0
     for n in names:
         k = len(shifts[n])
         gs, go = grads[i : i + k], grads[count + i : count + i + k]
-        reaches = any(r is not None and float(r.abs().max()) > 0.0 for r in reach[i : i + k])
         i += k
-        if any(g is None for g in go + gs) or all(float(g.abs().max()) == 0.0 for g in go) or not reaches:
+        if any(g is None for g in go + gs) or all(float(g.abs().max()) == 0.0 for g in go) or n not in reached:
             continue  # unused, or read by no LayerNorm: nothing to centre, nothing proven
         ratio = max(
             (s.abs() / (o.norm(dim=-1, keepdim=True) * math.sqrt(o.shape[-1])).clamp_min(1e-300)).max().item()
@@ -360,15 +379,18 @@ def float64_copy_shortfall(model: nn.Module) -> Optional[str]:
     return None
 
 
-def plan_conversion(model: nn.Module, layer_norms: dict[str, int], inputs: dict, specs: dict[str, NormSpec]) -> ConversionPlan:
+def plan_conversion(model: nn.Module, layer_norms: dict[str, int], inputs: dict, specs: dict[str, NormSpec],
+                    only_for_exact: bool = True) -> ConversionPlan:
     """Measure, on a float64 copy of ``model``, which of ``layer_norms`` ({name: width}, each
     computing what ``specs[name]`` says) read a stream that centring its writers (and its
-    start) makes zero-mean."""
+    start) makes zero-mean. With ``only_for_exact``, the plan centres only the writers and
+    starts that those norms read (the rest would change nothing but the raw stream)."""
     with float64_default():
-        return _measure(float64_copy(model), layer_norms, float64_inputs(inputs), specs)
+        return _measure(model, float64_copy(model), layer_norms, float64_inputs(inputs), specs, only_for_exact)
 
 
-def _measure(model64: nn.Module, layer_norms: dict[str, int], inputs64: dict, specs: dict[str, NormSpec]) -> ConversionPlan:
+def _measure(model: nn.Module, model64: nn.Module, layer_norms: dict[str, int], inputs64: dict, specs: dict[str, NormSpec],
+             only_for_exact: bool) -> ConversionPlan:
     try:
         with torch.no_grad():
             truth = model_outputs(model64, inputs64)
@@ -398,15 +420,48 @@ def _measure(model64: nn.Module, layer_norms: dict[str, int], inputs64: dict, sp
     starts = sorted(first for name, first in lists.items() if first in invariant and any(w.startswith(f"{name}.") for w in writers))
     for name in writers:
         centre_writer_(model64.get_submodule(name))
+    centring = _centring_with(model64, starts, list(layer_norms), inputs64)
+    exact = [n for n in layer_norms if centring.get(n, math.inf) <= _CENTRED_FP64]
+    if only_for_exact and exact and len(exact) < len(layer_norms) and writers:
+        writers, starts, centring = _only_what_exact_norms_read(model, model64, writers, starts, exact, centring, inputs64)
+    del model64
+    return ConversionPlan(writers, starts, centring, exact, truth)
+
+
+def _centring_with(model64: nn.Module, starts: list[str], norms: list[str], inputs64: dict) -> dict[str, float]:
+    """``input_centring`` of ``norms`` with the stream ``starts`` centred at run time."""
     handles = add_start_hooks(model64, starts)
     try:
-        centring = input_centring(model64, list(layer_norms), inputs64)
+        return input_centring(model64, norms, inputs64)
     finally:
         for h in handles:
             h.remove()
-    exact = [n for n in layer_norms if centring.get(n, math.inf) <= _CENTRED_FP64]
-    del model64
-    return ConversionPlan(writers, starts, centring, exact, truth)
+
+
+def _only_what_exact_norms_read(model, model64, writers, starts, exact, centring, inputs64):
+    """(writers, starts, centring) cut down to the writers and starts whose stream reaches a
+    norm that converts exactly. The others write streams that only LayerNorms kept as they are
+    read (Hiera's later stages, which begin at a max-pooled projection that no centring
+    reaches; the post-LN part of a model): centring them would change nothing those norms see
+    and only take the per-position mean off the raw stream, which outputs like
+    last_hidden_state expose. Measured on ``model64`` (writers centred), whose dropped writers
+    are then restored from ``model`` and the norms' centring measured again; where that
+    uncovers a dependence the gradient did not show, the full plan stands."""
+    _, shifts, _, read = _shifted_forward(model64, inputs64, writers, starts, exact)
+    needed = _reaching(read, shifts, torch.Generator().manual_seed(11))
+    dropped = [n for n in writers if n not in needed]
+    if not dropped:
+        return writers, starts, centring
+    with torch.no_grad():
+        for name in dropped:
+            original, copy64 = model.get_submodule(name), model64.get_submodule(name)
+            for p in output_params(copy64):
+                getattr(copy64, p).copy_(getattr(original, p).detach().double())
+    kept_starts = [s for s in starts if s in needed]
+    recentred = _centring_with(model64, kept_starts, list(centring), inputs64)
+    if any(recentred.get(n, math.inf) > _CENTRED_FP64 for n in exact):
+        return writers, starts, centring
+    return [n for n in writers if n in needed], kept_starts, recentred
 
 
 # ----------------------------------------------------------------------------- the conversion
@@ -481,7 +536,8 @@ class _Conversion:
                     raise ValueError(f"patch_model: probe_inputs do not run through {type(model).__name__}: {exc}") from exc.__cause__
                 return _not_converted(report, layer_norms, str(exc))
             try:
-                self.plan = plan_conversion(model, layer_norms, self.inputs, {fqn: planned[fqn][1] for fqn in layer_norms})
+                specs = {fqn: planned[fqn][1] for fqn in layer_norms}
+                self.plan = plan_conversion(model, layer_norms, self.inputs, specs, only_for_exact=not allow_approximate)
             except ProbeError as exc:
                 return _not_converted(report, layer_norms, str(exc))
         finally:
