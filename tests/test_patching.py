@@ -13,6 +13,7 @@ from torch import nn
 
 from hf_rmsnorm import FusedLayerNorm, FusedRMSNorm, PatchReport, patch_model, unpatch_model
 from conftest import HAS_TRITON, INTERPRETING
+from reference import rel_err
 from tiny_models import MODELS, build, norm_modules, run
 
 TRITON_SUBSET = ["gpt2", "llama", "gemma", "t5", "cohere", "olmo"]
@@ -208,6 +209,40 @@ def test_unmatched_norms_are_left_alone_with_the_reason():
     assert "no fused LayerNorm/RMSNorm reproduces its output" in by_name["weird_norm"]["reason"]
     assert "running statistics" in by_name["bn"]["reason"]
     assert isinstance(model.weird_norm, _WeirdNorm) and isinstance(model.bn, nn.BatchNorm1d)
+
+
+class _ActivationDtypeRMSNorm(nn.Module):
+    """ImageGPT's norm: normalises in the activations' dtype, then multiplies by the weight, so
+    bf16 activations with fp32 weights give fp32 outputs holding bf16 rounding."""
+
+    def __init__(self, n, scale=1.0):
+        super().__init__()
+        self.weight, self.eps, self.scale = nn.Parameter(torch.ones(n)), 1e-5, scale
+
+    def forward(self, x):
+        return x / torch.sqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.weight * self.scale
+
+
+def test_a_norm_computed_in_the_activations_dtype_is_fused_and_a_near_miss_is_not(monkeypatch):
+    """The fused module computes the statistics in fp32, so it does not reproduce the module's
+    bf16 rounding; it is accepted where it is no further from the float64 value of the
+    module's function than twice the module's own error (plus two ulps), and that rule still
+    tells a function 0.2 % off apart."""
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    model = nn.ModuleDict({"norm": _ActivationDtypeRMSNorm(64), "off_norm": _ActivationDtypeRMSNorm(64, scale=1.002)})
+    with torch.no_grad():
+        for m in model.values():
+            m.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(0)) * 0.3 + 1)
+    original = copy.deepcopy(model["norm"])
+    report = {e["name"]: e for e in patch_model(model)}
+    assert report["norm"]["change"] == "fused" and isinstance(model["norm"], FusedRMSNorm)
+    assert report["off_norm"]["change"] == "skipped" and isinstance(model["off_norm"], _ActivationDtypeRMSNorm)
+    x = torch.randn(4, 7, 64, generator=torch.Generator().manual_seed(1)) * 3 + 0.5
+    truth = original.double()(x.double())
+    for dtype in (torch.float32, torch.bfloat16):
+        want, got = copy.deepcopy(original).float()(x.to(dtype)), model["norm"](x.to(dtype))
+        assert got.dtype == want.dtype == torch.float32
+        assert rel_err(got, truth) <= 2 * rel_err(want, truth) + 1e-6, dtype
 
 
 class _Formula(enum.Enum):

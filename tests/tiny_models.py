@@ -62,6 +62,8 @@ MODELS = {
     # norms without parameters or normalized_shape (q/k norms; every norm of NanoChat)
     "llama4_text": ("llama4_text", dict(_LLAMA_LIKE, intermediate_size_mlp=64, num_local_experts=4), AutoModelForCausalLM, "text"),
     "nanochat": ("nanochat", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
+    # an RMSNorm computed in the activations' dtype, returned in the weight's (fp32 weight, bf16 activations)
+    "imagegpt": ("imagegpt", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64), AutoModel, "text"),
     "whisper": ("whisper", dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16, max_target_positions=32, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1), AutoModel, "audio"),
 }
 
