@@ -200,6 +200,58 @@ class _Toy(nn.Module):
         return self.weird_norm(self.ln(self.lin(x)))
 
 
+class _GatedRMSNorm(nn.Module):
+    """Qwen3-Next's linear-attention norm: RMSNorm(x) * silu(gate)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, hidden_states, gate):
+        xf = hidden_states.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)) * nn.functional.silu(gate.float())
+
+
+class _ImageNorm(nn.Module):
+    """Normalises (B, C, H, W) over C, and says so nowhere but in its forward."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        return nn.functional.layer_norm(x.permute(0, 2, 3, 1), (c,), self.weight).permute(0, 3, 1, 2)
+
+
+class _NormedBlock(nn.Module):
+    """Named for the norm it holds (as wav2vec2's LayerNormConvLayer), and not one."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.proj, self.norm = nn.Linear(n, n), nn.LayerNorm(n)
+
+    def forward(self, x):
+        return self.norm(self.proj(x))
+
+
+def test_what_is_no_norm_of_one_tensor_over_its_last_dim_says_what_it_is():
+    model = nn.ModuleDict({
+        "gated_norm": _GatedRMSNorm(8), "group_norm": nn.GroupNorm(2, 8), "image_norm": _ImageNorm(8),
+        "block": _NormedBlock(8),
+        # weight normalisation of a conv (torch's parametrization, as in wav2vec2's positional conv)
+        "conv": nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 8, 3)),
+    })
+    report = {e["name"]: e for e in patch_model(model, target="layernorm")}
+    assert sorted(report) == ["block.norm", "gated_norm", "group_norm", "image_norm"]  # no block, no weight norm
+    assert report["block.norm"]["change"] == "fused"
+    assert "takes 2 inputs (hidden_states, gate)" in report["gated_norm"]["reason"]
+    assert "GroupNorm normalises over channels" in report["group_norm"]["reason"]
+    assert report["image_norm"]["reason"].startswith("raised on a probe input")
+    assert all(report[n]["change"] == "skipped" for n in ("gated_norm", "group_norm", "image_norm"))
+    assert isinstance(model["gated_norm"], _GatedRMSNorm) and isinstance(model["group_norm"], nn.GroupNorm)
+
+
 def test_unmatched_norms_are_left_alone_with_the_reason():
     model = _Toy()
     report = patch_model(model)
@@ -297,7 +349,7 @@ def test_instances_of_one_class_that_compute_different_functions_are_each_probed
         want = model(x)
     report = patch_model(model, target="layernorm")
     by_name = {e["name"]: e for e in report}
-    assert by_name["stem"]["change"] == "skipped" and by_name["stem"]["reason"].startswith("raised on a probe input")
+    assert by_name["stem"]["change"] == "skipped" and "data_format='channels_first'" in by_name["stem"]["reason"]
     assert isinstance(model.stem, _LayoutNorm)
     assert by_name["first"]["new"] == "FusedLayerNorm"
     assert by_name["as_rms"]["new"] == "FusedRMSNorm" and model.as_rms.bias is not None

@@ -109,8 +109,12 @@ def probe_inputs(config, kind, seed=0, batch=2, length=9):
 
 
 def norm_modules(model):
-    """Norm-like modules, by the tests' own (name-based) definition."""
-    return {n: m for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
+    """Norm-like modules, by the tests' own definition: modules without children named for a
+    norm, less torch's weight-norm parametrizations (they normalise weights, not activations)."""
+    return {
+        n: m for n, m in model.named_modules()
+        if "norm" in type(m).__name__.lower() and not any(m.children()) and ".parametrizations." not in f".{n}."
+    }
 
 
 def randomize_norms(model, seed=0):

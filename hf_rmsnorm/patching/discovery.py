@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import math
 from typing import Optional
 
@@ -60,15 +61,26 @@ class Match:
     reason: str
 
 
-def is_norm_like(module: nn.Module, model_name: str = "") -> bool:
-    """``model_name``: the prefix a model's classes carry (``model_name_of``), which does not
-    make one of them a norm: every block of RoBERTa-PreLayerNorm has "Norm" in its class name."""
+def _named_norm(module: nn.Module, model_name: str) -> bool:
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm, _FusedNorm)):
         return True
+    if type(module).__module__.startswith("torch.nn.utils.parametriz"):
+        return False  # weight normalisation (a conv's parametrization): it normalises weights, not activations
     name = type(module).__name__
     if model_name and name.startswith(model_name):
         name = name[len(model_name):]
     return "norm" in name.lower()
+
+
+def is_norm_like(module: nn.Module, model_name: str = "") -> bool:
+    """A norm by its class: ``nn.LayerNorm``, ``nn.RMSNorm`` or "Norm" in the class name, less
+    ``model_name``, the prefix a model's classes carry (``model_name_of``: every block of
+    RoBERTa-PreLayerNorm has "Norm" in its class name). A block named for the norms it holds
+    (wav2vec2's LayerNormConvLayer, HuBERT's EncoderStableLayerNorm) is not one: its norms are
+    found in turn."""
+    if not _named_norm(module, model_name):
+        return False
+    return not any(_named_norm(m, model_name) for m in module.modules() if m is not module)
 
 
 def model_name_of(model: nn.Module) -> str:
@@ -276,6 +288,24 @@ def _agreement(got: torch.Tensor, want: torch.Tensor, truth: Optional[torch.Tens
     return math.inf
 
 
+def _not_a_last_dim_norm(module: nn.Module) -> Optional[str]:
+    """Why ``module`` is no function of one tensor normalised over its last dim, where its
+    class or forward says so before any probe does."""
+    if isinstance(module, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
+        return f"{type(module).__name__} normalises over channels (dim 1) and space, not the last dim: no fused equivalent"
+    if getattr(module, "data_format", None) == "channels_first":
+        return "normalises over channels first (data_format='channels_first'), not the last dim: no fused equivalent"
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    required = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(required) > 1:
+        return (f"its forward takes {len(required)} inputs ({', '.join(required)}): a gated or conditioned norm; "
+                "the fused kernels normalise one tensor")
+    return None
+
+
 def match_norm(module: nn.Module, autocast_dtype: Optional[torch.dtype] = None) -> Match:
     """Probe ``module`` and return the fused spec that computes the same function, or why not.
 
@@ -285,6 +315,9 @@ def match_norm(module: nn.Module, autocast_dtype: Optional[torch.dtype] = None) 
     sig = _param_signature(module)
     if isinstance(sig, str):
         return Match(None, None, sig)
+    unlike = _not_a_last_dim_norm(module)
+    if unlike:
+        return Match(None, None, unlike)
     shape, has_weight, has_bias = sig
     params = list(module.parameters(recurse=False))
     dtype = params[0].dtype if params else torch.float32
