@@ -33,3 +33,11 @@ def test_opt_post_ln_layout_is_refused_by_the_table():
 
     assert ARCHITECTURES["opt"].refusal(OPTConfig(do_layer_norm_before=False)).startswith("post-LN")
     assert ARCHITECTURES["opt"].refusal(OPTConfig()) is None
+
+
+@pytest.mark.parametrize("model_type", ["wav2vec2", "hubert"])
+def test_wav2vec2_base_layout_is_refused_by_the_table(model_type):
+    from transformers import AutoConfig
+
+    assert ARCHITECTURES[model_type].refusal(AutoConfig.for_model(model_type, do_stable_layer_norm=False)).startswith("post-LN")
+    assert ARCHITECTURES[model_type].refusal(AutoConfig.for_model(model_type, do_stable_layer_norm=True)) is None

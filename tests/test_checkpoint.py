@@ -47,7 +47,8 @@ def _close(got, ref, model=None, inputs=None):
 
 
 # family -> how its norms end up (exact conversion, fused only, approximate)
-FAMILIES = {"gpt2": {"exact"}, "opt": {"exact"}, "gpt_neox": {"exact"}, "bloom": {"exact", "fused"}, "falcon": {"exact"}, "phi": {"exact"}, "phimoe": {"exact"}, "xglm": {"exact"}, "llama": {"fused"}, "bert": {"approximate"}}
+FAMILIES = {"gpt2": {"exact"}, "opt": {"exact"}, "gpt_neox": {"exact"}, "bloom": {"exact", "fused"}, "falcon": {"exact"}, "phi": {"exact"}, "phimoe": {"exact"}, "xglm": {"exact"}, "llama": {"fused"}, "bert": {"approximate"},
+            "wav2vec2": {"exact", "fused"}}
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

@@ -22,8 +22,9 @@ PRE_LN = {
     "gpt2": 5, "gpt_neo": 5, "gptj": 3, "codegen": 3, "gpt_neox": 5, "gpt_neox_sequential": 5,
     "opt": 5, "bloom": 5, "falcon": 3, "falcon_new": 5, "phi": 3, "biogpt": 5, "mpt": 5,
     "stablelm": 5, "persimmon": 5, "olmo": 5, "cohere": 3, "vit": 5, "clip": 10, "whisper": 12, "phimoe": 5, "xglm": 5,
+    "wav2vec2": 5, "hubert": 5,
 }
-POST_LN = ["bert", "roberta", "electra", "distilbert", "bart"]
+POST_LN = ["bert", "roberta", "electra", "distilbert", "bart", "wav2vec2_post_ln"]
 # outputs that are the raw residual stream (no norm after them): they differ by their mean
 STREAM_OUTPUTS = {"clip": {"vision_model_output.last_hidden_state"}}
 # on top of 2x the original's error: the converted model pays one extra rounding of each
@@ -91,7 +92,7 @@ def test_pre_ln_families_convert_exactly(name, dtype):
     assert max(ratios.values()) <= {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
 
 
-DECODERS = [n for n in PRE_LN if n not in ("vit", "clip", "whisper")]
+DECODERS = [n for n in PRE_LN if n not in ("vit", "clip", "whisper", "wav2vec2", "hubert")]
 
 
 @pytest.mark.parametrize("name", DECODERS)
@@ -579,3 +580,15 @@ def test_only_writers_of_a_stream_that_a_converted_norm_reads_are_centred():
     approx = randomize_for_conversion(_PooledStagesToy().eval())
     report = patch_model(approx, probe_inputs=inputs, allow_approximate=True)
     assert {f"stages.1.blocks.{i}.{w}" for i in (0, 1) for w in ("out", "down")} <= set(report.conversion["writers"])
+
+
+def test_a_raw_audio_probe_gives_the_encoder_the_frames_asked_for():
+    """The raw-audio probe's length comes from the config's conv stack; transformers' own
+    arithmetic for that stack says how many frames it makes."""
+    from hf_rmsnorm.patching.probe import probe_inputs
+
+    model, _ = build_tiny("wav2vec2")
+    for length in (1, 12):
+        samples = probe_inputs(model, length=length)["input_values"].shape[-1]
+        assert int(model._get_feat_extract_output_lengths(samples)) == length
+        assert int(model._get_feat_extract_output_lengths(samples - 1)) == length - 1  # the fewest that make them

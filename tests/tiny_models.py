@@ -19,6 +19,9 @@ VOCAB = 128
 _DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64)
 _LLAMA_LIKE = dict(_DECODER, num_key_value_heads=2, head_dim=8)
 _ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64)
+_WAV2VEC2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16, 16),
+                 conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4,
+                 feat_extract_norm="layer")
 
 # name -> (model_type, config kwargs, auto class, inputs kind)
 MODELS = {
@@ -64,6 +67,11 @@ MODELS = {
     "nanochat": ("nanochat", _LLAMA_LIKE, AutoModelForCausalLM, "text"),
     # an RMSNorm computed in the activations' dtype, returned in the weight's (fp32 weight, bf16 activations)
     "imagegpt": ("imagegpt", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64), AutoModel, "text"),
+    # raw audio through a convolutional feature encoder; pre-LN ("stable layer norm", as the
+    # large checkpoints) and post-LN (as wav2vec2-base) encoders
+    "wav2vec2": ("wav2vec2", dict(_WAV2VEC2, do_stable_layer_norm=True), AutoModel, "raw audio"),
+    "wav2vec2_post_ln": ("wav2vec2", dict(_WAV2VEC2, do_stable_layer_norm=False), AutoModel, "raw audio"),
+    "hubert": ("hubert", dict(_WAV2VEC2, do_stable_layer_norm=True), AutoModel, "raw audio"),
     "whisper": ("whisper", dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16, max_target_positions=32, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1), AutoModel, "audio"),
 }
 
@@ -103,6 +111,8 @@ def probe_inputs(config, kind, seed=0, batch=2, length=9):
         return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
     if kind == "text+image":
         return {"input_ids": ids, "pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
+    if kind == "raw audio":  # 200 samples: 9 frames of the feature encoder above (field 40, stride 20)
+        return {"input_values": torch.randn(batch, 200, generator=g)}
     if kind == "audio":
         return {"input_features": torch.randn(batch, 16, 32, generator=g), "decoder_input_ids": ids[:, :5]}
     raise ValueError(kind)

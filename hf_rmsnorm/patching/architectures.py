@@ -38,6 +38,21 @@ def _post_ln(config) -> Optional[str]:
     return "post-LN (gamma * n + beta rides the residual stream)"
 
 
+def _wav2vec2_layout(config) -> Optional[str]:
+    if getattr(config, "do_stable_layer_norm", False):
+        return None
+    return "post-LN (do_stable_layer_norm=False, as in wav2vec2-base and hubert-base)"
+
+
+# wav2vec2-style encoders with do_stable_layer_norm (the large checkpoints): pre-LN blocks after a
+# convolutional feature encoder, whose LayerNorms normalise conv features, not the stream
+_WAV2VEC2 = Architecture(
+    ("encoder.layers.*.attention.out_proj", "encoder.layers.*.feed_forward.output_dense"),
+    ("encoder.layers.*.layer_norm", "encoder.layers.*.final_layer_norm", "encoder.layer_norm"),
+    ("encoder.layers.0",),
+    _wav2vec2_layout,
+)
+
 # Post-LN families: listed so that they are refused for what they are, not as unknown.
 _POST_LN = Architecture((), (), (), _post_ln)
 
@@ -82,6 +97,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         ("text_model.encoder.layers.0", "vision_model.encoder.layers.0"),
     ),
+    "wav2vec2": _WAV2VEC2,
+    "hubert": _WAV2VEC2,
     **{t: _POST_LN for t in ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "bart", "mbart", "camembert")},
     "whisper": Architecture(
         (

@@ -28,9 +28,22 @@ def _config_value(config, name):
     return None
 
 
+def _audio_samples(config, frames: int) -> int:
+    """Raw-audio samples that make ``frames`` frames out of a wav2vec2-style convolutional
+    feature encoder (``conv_kernel`` and ``conv_stride`` in the config: its receptive field
+    plus a stride per frame), or 3200 (0.2 s at 16 kHz) where the config names no such stack."""
+    kernels, strides = _config_value(config, "conv_kernel"), _config_value(config, "conv_stride")
+    if not (isinstance(kernels, (list, tuple)) and isinstance(strides, (list, tuple)) and len(kernels) == len(strides)):
+        return 3200
+    field, jump = 1, 1
+    for k, s in zip(kernels, strides):
+        field, jump = field + (k - 1) * jump, jump * s
+    return field + (frames - 1) * jump
+
+
 def probe_inputs(model: nn.Module, batch: int = 2, length: int = 12, seed: int = 0) -> dict:
-    """A probe batch for the model's forward: token ids, pixel values or audio features (and
-    decoder ids for encoder-decoders), chosen from its signature and config."""
+    """A probe batch for the model's forward: token ids, pixel values, audio features or raw
+    audio (and decoder ids for encoder-decoders), chosen from its signature and config."""
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError(f"{type(model).__name__} has no config to build a probe input from; pass probe_inputs={{...}} to convert it")
@@ -49,6 +62,8 @@ def probe_inputs(model: nn.Module, batch: int = 2, length: int = 12, seed: int =
     if "input_features" in params and _config_value(config, "num_mel_bins"):
         frames = 2 * (_config_value(config, "max_source_positions") or 1500)
         inputs["input_features"] = torch.randn(batch, _config_value(config, "num_mel_bins"), frames, generator=g)
+    if "input_values" in params and not inputs:  # raw audio (wav2vec2, HuBERT, WavLM)
+        inputs["input_values"] = torch.randn(batch, _audio_samples(config, length), generator=g)
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params and vocab:
         inputs["decoder_input_ids"] = torch.randint(min(3, vocab - 1), vocab, (batch, max(2, length // 2)), generator=g)
     if not inputs:
