@@ -380,7 +380,7 @@ def _verify(src: Path, out: Path, source: _Source, block: dict) -> dict:
     when the model fits in memory three times over) and compare their outputs on a probe
     batch, by STYLE.md's rule against the float64 input."""
     from .patching.convert import EXACT_TOLERANCE, available_bytes, float64_default, to_float64_
-    from .patching.probe import ProbeError, compare_outputs, describe_error, float64_inputs, model_outputs, run_probe
+    from .patching.probe import ProbeError, compare_outputs, describe_error, float64_inputs, model_outputs, random_outputs, run_probe
 
     size = sum(s.stat().st_size for s in source.shards)
     if 3 * size > available_bytes(torch.device("cpu")):
@@ -391,6 +391,7 @@ def _verify(src: Path, out: Path, source: _Source, block: dict) -> dict:
         inputs, ref, _ = run_probe(original)
     except ProbeError as exc:
         return {"skipped": f"no probe batch runs through the model ({exc})"}
+    random = random_outputs(original, inputs, ref)  # before `original` turns float64 below
     models = {"converted": from_pretrained(out, model_class=cls).eval(), "plain transformers": cls.from_pretrained(out).eval()}
     with torch.no_grad():
         results = {label: model_outputs(m, inputs) for label, m in models.items()}
@@ -403,7 +404,7 @@ def _verify(src: Path, out: Path, source: _Source, block: dict) -> dict:
     approximate = "approximate" in block.get("modules", {}).values()
     diffs = {}
     for label, got in results.items():
-        diffs[label], excess, _ = compare_outputs(ref, got, truth, tolerance)
+        diffs[label], excess, _ = compare_outputs(ref, got, truth, tolerance, random)
         if excess > 0 and not (approximate and label == "converted"):
             raise ConversionError(f"verification failed: the {label} model's outputs differ from the input's by {diffs[label]:.2e}.")
     return {"max_rel_diff": diffs}

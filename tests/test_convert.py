@@ -592,3 +592,63 @@ def test_a_raw_audio_probe_gives_the_encoder_the_frames_asked_for():
         samples = probe_inputs(model, length=length)["input_values"].shape[-1]
         assert int(model._get_feat_extract_output_lengths(samples)) == length
         assert int(model._get_feat_extract_output_lengths(samples - 1)) == length - 1  # the fewest that make them
+
+
+class _MaskingToy(torch.nn.Module):
+    """Pre-LN blocks over a random half of the positions, as ViTMAE's encoder: the forward
+    draws its mask from torch's generator, in the default dtype (so a float64 run of it draws
+    another mask than a float32 one, from the same seed)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, d)
+        self.blocks = torch.nn.ModuleList([_PreLNBlock(d), _PreLNBlock(d)])
+        self.ln_f = torch.nn.LayerNorm(d)
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids)
+        keep = torch.rand(x.shape[:2]).argsort(-1)[:, : x.shape[1] // 2].to(x.device)
+        x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        for block in self.blocks:
+            x = block(x)
+        return {"hidden": self.ln_f(x)}
+
+
+def _masking_toy():
+    torch.manual_seed(0)
+    model = randomize_for_conversion(_MaskingToy().eval())
+    randomize_norms(model)
+    return model, {"input_ids": torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))}
+
+
+def test_a_forward_that_draws_random_numbers_is_verified_on_the_same_draws():
+    """Its outputs are compared with the original's on the same draws (a float64 run draws
+    other ones), the conversion is still exact, and the caller's random stream is untouched."""
+    model, inputs = _masking_toy()
+    original = copy.deepcopy(model)
+    state = torch.get_rng_state()
+    report = patch_model(model, probe_inputs=inputs)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert report.count("exact") == 5 and report.verification["random_outputs"] == ["hidden"]
+    assert "compared with the original's on the same draws" in report.note
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        ref = run(original, inputs)
+        torch.manual_seed(seed)
+        assert rel_err(run(model, inputs)["hidden"], ref["hidden"]) <= ATOL[torch.float32]
+
+
+def test_a_planted_non_centred_writer_in_a_random_forward_fails_verification(monkeypatch):
+    """Against a float64 run with another mask, the original's own error is of order one, and
+    twice it would let any conversion pass: the check has to hold on the same draws."""
+    model, inputs = _masking_toy()
+    real_plan = convert.plan_conversion
+
+    def plan_missing_a_writer(*args, **kwargs):
+        plan = real_plan(*args, **kwargs)
+        plan.writers.remove("blocks.1.down")
+        return plan
+
+    monkeypatch.setattr(convert, "plan_conversion", plan_missing_a_writer)
+    with pytest.raises(RuntimeError, match="exact conversion failed verification"):
+        patch_model(model, probe_inputs=inputs)

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..ops import _cpu_kernel
 from .discovery import NormSpec, build_fused
-from .probe import ProbeError, compare_outputs, describe_error, float64_inputs, model_outputs, run_probe
+from .probe import ProbeError, compare_outputs, describe_error, float64_inputs, model_outputs, random_outputs, run_probe
 
 # |mean| / rms of a norm's input at or below this (in float64) counts as centred
 _CENTRED_FP64 = 1e-6
@@ -615,18 +615,23 @@ class _Conversion:
         try:
             with torch.no_grad():
                 after = model_outputs(self.model, self.inputs)
+            random = random_outputs(self.model, self.inputs, after)
             exact = [n for n in self.plan.exact if n in self.replacements]
             ratios = input_centring(self.model, exact, self.inputs)
         finally:
             self.model.train(was_training)
         dtype = next(iter(self.before.values())).dtype
         tolerance = EXACT_TOLERANCE.get(dtype, 1e-4)
-        err, excess, stream_outputs = compare_outputs(self.before, after, self.plan.truth, tolerance)
-        self.report.verification = {"max_rel_diff": err, "outputs_exposing_the_stream": stream_outputs, "input_centring": ratios}
+        err, excess, stream_outputs = compare_outputs(self.before, after, self.plan.truth, tolerance, random)
+        self.report.verification = {"max_rel_diff": err, "outputs_exposing_the_stream": stream_outputs, "input_centring": ratios,
+                                    "random_outputs": random}
         verb = "measured" if self.approximate else "verified"
         line = f"{verb} on a probe batch: outputs differ from the original's by {err:.1e} (max relative)"
         if stream_outputs:
             line += f"; {', '.join(stream_outputs)} expose the raw residual stream and differ only by its mean, as designed"
+        if random:
+            line += (f"; {', '.join(random)} depend on random draws in the forward (masking, sampling), so they were "
+                     "compared with the original's on the same draws, not with a float64 run")
         self.report.note = f"{self.report.note} {line}."
         for fqn in exact:
             _update(self.report, fqn, max_rel_error=err)

@@ -126,9 +126,29 @@ def float64_inputs(inputs: dict) -> dict:
     return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
 
 
-def model_outputs(model: nn.Module, inputs: dict) -> dict:
-    """Every floating tensor the model returns, by dotted name (caches left out)."""
-    return _tensors(model(**inputs), "")
+# the seed of every probe forward's random draws (``model_outputs``)
+PROBE_SEED = 0
+
+
+def model_outputs(model: nn.Module, inputs: dict, seed: int = PROBE_SEED) -> dict:
+    """Every floating tensor the model returns, by dotted name (caches left out). A forward
+    that draws random numbers (ViTMAE's masking, ViLT's patch sampling) draws them from torch's
+    generators seeded with ``seed``, in a fork of their state: two runs of the same model draw
+    the same numbers, and the caller's random stream is left as it was."""
+    devices = sorted({t.device.index if t.device.index is not None else torch.cuda.current_device()
+                      for t in model.parameters() if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return _tensors(model(**inputs), "")
+
+
+def random_outputs(model: nn.Module, inputs: dict, outputs: dict) -> list[str]:
+    """Which of ``outputs`` (the model's, seeded with PROBE_SEED) change when the forward draws
+    other random numbers. The float64 truth does not describe them: a float64 forward draws
+    other numbers than one in the model's dtype, even from the same seed."""
+    with torch.no_grad():
+        other = model_outputs(model, inputs, seed=PROBE_SEED + 1)
+    return [k for k, v in outputs.items() if k in other and not torch.equal(other[k], v)]
 
 
 def _tensors(value, prefix: str) -> dict:
@@ -146,16 +166,23 @@ def _tensors(value, prefix: str) -> dict:
     return found
 
 
-def compare_outputs(before: dict, after: dict, truth: dict, tolerance: float) -> tuple[float, float, list[str]]:
+def compare_outputs(before: dict, after: dict, truth: dict, tolerance: float, random: tuple = ()) -> tuple[float, float, list[str]]:
     """(max relative difference converted vs original, the largest excess of the converted
     model's error against the float64 truth over 2x the original's own error, the outputs
     left out). Left out are outputs that differ only by a per-position mean: they expose the
-    raw residual stream, whose mean the conversion removes by design (no LayerNorm saw it)."""
+    raw residual stream, whose mean the conversion removes by design (no LayerNorm saw it).
+    The ``random`` outputs (``random_outputs``), which the truth does not describe, are held to
+    the original's on the same draws instead, within ``tolerance``."""
     diff, excess, stream_outputs = 0.0, -math.inf, []
     for key, ref in before.items():
         got = after[key]
-        over = _rel_err(got, truth[key]) - (2 * _rel_err(ref, truth[key]) + tolerance)
-        if over > 0 and _rel_err(got, truth[key], centre=True) <= 2 * _rel_err(ref, truth[key], centre=True) + tolerance:
+        if key in random:
+            over = _rel_err(got, ref) - tolerance
+            exposes = _rel_err(got, ref, centre=True) <= tolerance
+        else:
+            over = _rel_err(got, truth[key]) - (2 * _rel_err(ref, truth[key]) + tolerance)
+            exposes = _rel_err(got, truth[key], centre=True) <= 2 * _rel_err(ref, truth[key], centre=True) + tolerance
+        if over > 0 and exposes:
             stream_outputs.append(key)
             continue
         diff = max(diff, _rel_err(got, ref))
