@@ -652,3 +652,18 @@ def test_a_planted_non_centred_writer_in_a_random_forward_fails_verification(mon
     monkeypatch.setattr(convert, "plan_conversion", plan_missing_a_writer)
     with pytest.raises(RuntimeError, match="exact conversion failed verification"):
         patch_model(model, probe_inputs=inputs)
+
+
+def test_the_writers_are_cut_down_only_where_a_norm_that_stays_was_reached(monkeypatch):
+    """The cut costs a float64 forward and backward: BLOOM's one LayerNorm that stays (on the
+    embeddings) is reached by no writer, so there is nothing to cut and it is not run; in the
+    Hiera-like toy it is."""
+    calls = []
+    real = convert._only_what_exact_norms_read
+    monkeypatch.setattr(convert, "_only_what_exact_norms_read", lambda *a: calls.append(1) or real(*a))
+    model, _ = build("bloom")
+    report = patch_model(model)
+    assert report.count("exact") == PRE_LN["bloom"] and not calls
+    toy = randomize_for_conversion(_PooledStagesToy().eval())
+    patch_model(toy, probe_inputs={"input_ids": torch.randint(3, VOCAB, (2, 10))})
+    assert calls == [1]

@@ -101,8 +101,9 @@ def _shifted_forward(model64: nn.Module, inputs: dict, outputs_of: list[str], in
     """One float64 forward (no_grad off) with a zero per-position shift along the ones
     direction added to the named modules' outputs (``outputs_of``) and hidden-state inputs
     (``inputs_of``): (the model's outputs, {name: [shift]}, {name: [shifted tensor]}, the
-    inputs of ``readers``)."""
-    shifts, shifted, handles, read = {}, {}, [], []
+    inputs of ``readers``, {reader: the centring ratio of its input}: ``input_centring``'s,
+    before any centring)."""
+    shifts, shifted, handles, read, ratios = {}, {}, [], [], {}
 
     def post_hook(name):
         return lambda mod, args, out: _shift(out, shifts, shifted, name) if _is_hidden(out) else None
@@ -117,22 +118,26 @@ def _shifted_forward(model64: nn.Module, inputs: dict, outputs_of: list[str], in
 
         return hook
 
-    def read_hook(mod, args):
-        if args and _is_hidden(args[0]):
-            read.append(args[0])
+    def read_hook(name):
+        def hook(mod, args):
+            if args and _is_hidden(args[0]):
+                read.append(args[0])
+                ratios[name] = max(ratios.get(name, 0.0), _centring_ratio(args[0]))
+
+        return hook
 
     for name in outputs_of:
         handles.append(model64.get_submodule(name).register_forward_hook(post_hook(name)))
     for name in inputs_of:
         handles.append(model64.get_submodule(name).register_forward_pre_hook(pre_hook(name), with_kwargs=True))
     for name in readers:
-        handles.append(model64.get_submodule(name).register_forward_pre_hook(read_hook))
+        handles.append(model64.get_submodule(name).register_forward_pre_hook(read_hook(name)))
     try:
         results = model_outputs(model64, inputs)
     finally:
         for h in handles:
             h.remove()
-    return results, shifts, shifted, read
+    return results, shifts, shifted, read, ratios
 
 
 def _reaching(read: list, shifts: dict, g: torch.Generator) -> set[str]:
@@ -152,14 +157,17 @@ def _reaching(read: list, shifts: dict, g: torch.Generator) -> set[str]:
 
 
 def shift_invariant(model64: nn.Module, inputs: dict, outputs_of: list[str], inputs_of: list[str],
-                    readers: list[str]) -> set[str]:
+                    readers: list[str], ratios: Optional[dict] = None) -> set[str]:
     """Which of the named modules' outputs (``outputs_of``) or hidden-state inputs
     (``inputs_of``) can be shifted along the ones direction, per position, without changing
     any model output, and reach the input of one of ``readers`` (the LayerNorms): one float64
     forward and two backwards through ``model64`` (eval mode). A module of the stream's width
     that feeds no LayerNorm (an LM head as wide as an embedding, say) is no stream writer:
-    centring it would only shift its outputs, and change what shares its weight."""
-    results, shifts, shifted, read = _shifted_forward(model64, inputs, outputs_of, inputs_of, readers)
+    centring it would only shift its outputs, and change what shares its weight. ``ratios``, when
+    given, receives the readers' input centring as they are."""
+    results, shifts, shifted, read, seen = _shifted_forward(model64, inputs, outputs_of, inputs_of, readers)
+    if ratios is not None:
+        ratios.update(seen)
     if not shifts:
         return set()
     # A random projection of every output, blind to per-position mean shifts: outputs that
@@ -264,16 +272,19 @@ def add_start_hooks(model: nn.Module, starts: list[str]) -> list:
     return [model.get_submodule(s).register_forward_pre_hook(_centre_first_input, with_kwargs=True) for s in starts]
 
 
+def _centring_ratio(x: torch.Tensor) -> float:
+    """max |mean| / rms over the positions of x, in float64."""
+    x = x.detach().double()
+    return (x.mean(-1).abs() / x.pow(2).mean(-1).sqrt().clamp_min(1e-300)).max().item()
+
+
 def input_centring(model: nn.Module, names: list[str], inputs: dict) -> dict[str, float]:
     """max |mean| / rms of each named module's input over the probe batch."""
     ratios, handles = {}, []
     for name in names:
 
         def hook(mod, args, name=name):
-            x = args[0].detach().double()
-            mean = x.mean(-1)
-            rms = x.pow(2).mean(-1).sqrt().clamp_min(1e-300)
-            ratios[name] = max(ratios.get(name, 0.0), (mean.abs() / rms).max().item())
+            ratios[name] = max(ratios.get(name, 0.0), _centring_ratio(args[0]))
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
@@ -413,7 +424,8 @@ def _measure(model: nn.Module, model64: nn.Module, layer_norms: dict[str, int], 
         if _out_features(m) in widths and not any(id(getattr(m, p)) in shared for p in output_params(m))
     ]
     lists = block_lists(model64)
-    invariant = shift_invariant(model64, inputs64, candidates, list(lists.values()), list(layer_norms))
+    as_they_are: dict[str, float] = {}
+    invariant = shift_invariant(model64, inputs64, candidates, list(lists.values()), list(layer_norms), as_they_are)
     writers = [n for n in candidates if n in invariant]
     # a stream's start may be centred only where nothing but LayerNorms reads it (pre-LN);
     # in a post-LN block the input also feeds q/k/v directly, and the test above says so
@@ -422,10 +434,18 @@ def _measure(model: nn.Module, model64: nn.Module, layer_norms: dict[str, int], 
         centre_writer_(model64.get_submodule(name))
     centring = _centring_with(model64, starts, list(layer_norms), inputs64)
     exact = [n for n in layer_norms if centring.get(n, math.inf) <= _CENTRED_FP64]
-    if only_for_exact and exact and len(exact) < len(layer_norms) and writers:
+    # a writer that no converted norm reads reaches one that stays, whose input it then changes;
+    # where none of those changed (BLOOM's embedding LayerNorm), there is nothing to drop
+    kept = [n for n in layer_norms if n not in exact]
+    if only_for_exact and exact and kept and writers and any(_moved(as_they_are.get(n), centring.get(n)) for n in kept):
         writers, starts, centring = _only_what_exact_norms_read(model, model64, writers, starts, exact, centring, inputs64)
     del model64
     return ConversionPlan(writers, starts, centring, exact, truth)
+
+
+def _moved(before: Optional[float], after: Optional[float]) -> bool:
+    """Did a centring ratio change (beyond float64 rounding), or is either side unknown?"""
+    return before is None or after is None or abs(after - before) > 1e-9 * max(before, after, 1e-300)
 
 
 def _centring_with(model64: nn.Module, starts: list[str], norms: list[str], inputs64: dict) -> dict[str, float]:
@@ -447,7 +467,7 @@ def _only_what_exact_norms_read(model, model64, writers, starts, exact, centring
     last_hidden_state expose. Measured on ``model64`` (writers centred), whose dropped writers
     are then restored from ``model`` and the norms' centring measured again; where that
     uncovers a dependence the gradient did not show, the full plan stands."""
-    _, shifts, _, read = _shifted_forward(model64, inputs64, writers, starts, exact)
+    _, shifts, _, read, _ = _shifted_forward(model64, inputs64, writers, starts, exact)
     needed = _reaching(read, shifts, torch.Generator().manual_seed(11))
     dropped = [n for n in writers if n not in needed]
     if not dropped:
