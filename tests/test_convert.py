@@ -667,3 +667,38 @@ def test_the_writers_are_cut_down_only_where_a_norm_that_stays_was_reached(monke
     toy = randomize_for_conversion(_PooledStagesToy().eval())
     patch_model(toy, probe_inputs={"input_ids": torch.randint(3, VOCAB, (2, 10))})
     assert calls == [1]
+
+
+class _ConvBlockToy(torch.nn.Module):
+    """LayerNorms around a block of 1x1 convolutions, as SqueezeBERT's: the one Linear as wide
+    as the stream is a pooler that reaches no LayerNorm, and with ``pooled=False`` not even the
+    outputs."""
+
+    def __init__(self, pooled, d=16):
+        super().__init__()
+        self.pooled = pooled
+        self.emb = torch.nn.Embedding(VOCAB, d)
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.mix = torch.nn.Conv1d(d, d, 1)
+        self.pooler = torch.nn.Linear(d, d)
+
+    def forward(self, input_ids):
+        x = self.ln1(self.emb(input_ids))
+        y = self.ln2(x + self.mix(x.transpose(1, 2)).transpose(1, 2))
+        pooled = torch.tanh(self.pooler(y[:, 0]))
+        return {"hidden": y, **({"pooled": pooled} if self.pooled else {})}
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_a_model_where_no_linear_writes_the_stream_keeps_its_layernorms(pooled):
+    """Nothing a shift could be put on reaches a LayerNorm (or, unpooled, any output): the
+    measurement finds no writer, rather than failing inside autograd, and the model is unchanged."""
+    torch.manual_seed(0)
+    model = randomize_for_conversion(_ConvBlockToy(pooled).eval())
+    inputs = {"input_ids": torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))}
+    ref = run(model, inputs)
+    report = patch_model(model, probe_inputs=inputs)
+    assert report.conversion["writers"] == [] and report.count("exact") == 0
+    assert all(e["change"] == "fused" and "not centred" in e["reason"] for e in report), str(report)
+    for k, got in run(model, inputs).items():
+        torch.testing.assert_close(got, ref[k], rtol=1e-5, atol=1e-5)

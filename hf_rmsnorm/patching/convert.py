@@ -148,6 +148,8 @@ def _reaching(read: list, shifts: dict, g: torch.Generator) -> set[str]:
     if not read or not flat:
         return set()
     seen = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)).sum() for t in read)
+    if not seen.requires_grad:  # no shift reaches any of them (SqueezeBERT's conv blocks have no Linear writers)
+        return set()
     grads = iter(torch.autograd.grad(seen, flat, allow_unused=True))
     reached = set()
     for n in names:
@@ -178,6 +180,8 @@ def shift_invariant(model64: nn.Module, inputs: dict, outputs_of: list[str], inp
     for t in results.values():
         r = torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
         loss = loss + (t * (r - r.mean(-1, keepdim=True))).sum()
+    if not (isinstance(loss, torch.Tensor) and loss.requires_grad):
+        return set()  # no shifted output reaches the model's outputs: nothing is proven a writer
     names = list(shifts)
     flat = [t for n in names for t in shifts[n]] + [t for n in names for t in shifted[n]]
     grads = torch.autograd.grad(loss, flat, allow_unused=True, retain_graph=bool(read))
