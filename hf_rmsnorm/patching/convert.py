@@ -670,6 +670,11 @@ class _Conversion:
                 f"rounding in {dtype} explains; the least centred converted norm is {worst} "
                 f"(input |mean|/rms {ratios.get(worst, float('nan')):.2g})"
             )
+            if random:
+                # no float64 run bounds their rounding: a deep model may amplify its own past the tolerance
+                message += (f"; {', '.join(random)} depend on random draws in the forward and were held to the "
+                            f"original's on the same draws within {tolerance:.0e}, with no float64 run to say how much "
+                            "rounding the model itself amplifies")
             if self.strict:
                 raise RuntimeError(message + '; the model was restored. Use target="layernorm" or exclude=[...] for that module.')
             warnings.warn(message, stacklevel=3)
