@@ -235,15 +235,26 @@ class _NormedBlock(nn.Module):
         return self.norm(self.proj(x))
 
 
+class _NoLayerNormConvLayer(nn.Module):
+    """Named for the norm it lacks (wav2vec2's first conv layers without feat_extract_norm)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.conv = nn.Conv1d(n, n, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
 def test_what_is_no_norm_of_one_tensor_over_its_last_dim_says_what_it_is():
     model = nn.ModuleDict({
         "gated_norm": _GatedRMSNorm(8), "group_norm": nn.GroupNorm(2, 8), "image_norm": _ImageNorm(8),
-        "block": _NormedBlock(8),
+        "block": _NormedBlock(8), "conv_layer": _NoLayerNormConvLayer(8),
         # weight normalisation of a conv (torch's parametrization, as in wav2vec2's positional conv)
         "conv": nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 8, 3)),
     })
     report = {e["name"]: e for e in patch_model(model, target="layernorm")}
-    assert sorted(report) == ["block.norm", "gated_norm", "group_norm", "image_norm"]  # no block, no weight norm
+    assert sorted(report) == ["block.norm", "gated_norm", "group_norm", "image_norm"]  # no block, no weight norm, no "NoLayerNorm"
     assert report["block.norm"]["change"] == "fused"
     assert "takes 2 inputs (hidden_states, gate)" in report["gated_norm"]["reason"]
     assert "GroupNorm normalises over channels" in report["group_norm"]["reason"]
