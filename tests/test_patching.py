@@ -212,6 +212,13 @@ class _GatedRMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)) * nn.functional.silu(gate.float())
 
 
+class _OptionalGateRMSNorm(_GatedRMSNorm):
+    """Mamba2's gated norm: its gate defaults to None, and its mixer passes one."""
+
+    def forward(self, hidden_states, gate=None):
+        return super().forward(hidden_states, torch.zeros_like(hidden_states) + 10 if gate is None else gate)
+
+
 class _ImageNorm(nn.Module):
     """Normalises (B, C, H, W) over C, and says so nowhere but in its forward."""
 
@@ -248,18 +255,20 @@ class _NoLayerNormConvLayer(nn.Module):
 
 def test_what_is_no_norm_of_one_tensor_over_its_last_dim_says_what_it_is():
     model = nn.ModuleDict({
-        "gated_norm": _GatedRMSNorm(8), "group_norm": nn.GroupNorm(2, 8), "image_norm": _ImageNorm(8),
+        "gated_norm": _GatedRMSNorm(8), "optional_gate": _OptionalGateRMSNorm(8), "group_norm": nn.GroupNorm(2, 8), "image_norm": _ImageNorm(8),
         "block": _NormedBlock(8), "conv_layer": _NoLayerNormConvLayer(8),
         # weight normalisation of a conv (torch's parametrization, as in wav2vec2's positional conv)
         "conv": nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 8, 3)),
     })
     report = {e["name"]: e for e in patch_model(model, target="layernorm")}
-    assert sorted(report) == ["block.norm", "gated_norm", "group_norm", "image_norm"]  # no block, no weight norm, no "NoLayerNorm"
+    assert sorted(report) == ["block.norm", "gated_norm", "group_norm", "image_norm", "optional_gate"]  # no block, no weight norm, no "NoLayerNorm"
     assert report["block.norm"]["change"] == "fused"
     assert "takes 2 inputs (hidden_states, gate)" in report["gated_norm"]["reason"]
+    # without its gate it is an RMSNorm (silu(10) ≈ 10), but a caller that passes one needs a module that takes it
+    assert "takes 2 inputs (hidden_states, gate=None)" in report["optional_gate"]["reason"]
     assert "GroupNorm normalises over channels" in report["group_norm"]["reason"]
     assert report["image_norm"]["reason"].startswith("raised on a probe input")
-    assert all(report[n]["change"] == "skipped" for n in ("gated_norm", "group_norm", "image_norm"))
+    assert all(report[n]["change"] == "skipped" for n in ("gated_norm", "optional_gate", "group_norm", "image_norm"))
     assert isinstance(model["gated_norm"], _GatedRMSNorm) and isinstance(model["group_norm"], nn.GroupNorm)
 
 

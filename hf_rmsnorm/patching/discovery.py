@@ -301,11 +301,18 @@ def _not_a_last_dim_norm(module: nn.Module) -> Optional[str]:
         params = inspect.signature(module.forward).parameters.values()
     except (TypeError, ValueError):
         return None
-    required = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(required) > 1:
-        return (f"its forward takes {len(required)} inputs ({', '.join(required)}): a gated or conditioned norm; "
+    # every input a caller may pass counts, optional ones too: Mamba2's gated norm is called
+    # as norm(x, gate) though its gate defaults to None, and the fused modules take one tensor
+    inputs = [_shown(p) for p in params]
+    if len(inputs) > 1:
+        return (f"its forward takes {len(inputs)} inputs ({', '.join(inputs)}): a gated or conditioned norm; "
                 "the fused kernels normalise one tensor")
     return None
+
+
+def _shown(p: inspect.Parameter) -> str:
+    stars = {p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "")
+    return stars + p.name + ("" if p.default is p.empty else f"={p.default!r}")
 
 
 def match_norm(module: nn.Module, autocast_dtype: Optional[torch.dtype] = None) -> Match:
