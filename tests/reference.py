@@ -86,3 +86,41 @@ def assert_close_to_fp64(got, yardstick, truth, dtype, what):
     """|got - truth| <= 2 |yardstick - truth| + atol, elementwise max."""
     err, budget = max_err(got, truth), 2 * max_err(yardstick, truth) + ATOL[dtype]
     assert err <= budget, f"{what}: error {err:.3g} vs fp64 exceeds budget {budget:.3g} (2x PyTorch's same-dtype error + atol)"
+
+
+def gated_fp64(x, gate, weight, eps, group_size, norm_before_gate, activation):
+    """The gated RMSNorm from its definition, in float64: act(z) = z/(1+e^-z) (silu) or
+    1/(1+e^-z) (sigmoid); each group of ``group_size`` of h = x·act(z) (or of x, with the gate
+    after) divided by its root mean square, times the weight (times act(z), gate after)."""
+    x = x.double()
+    n_cols = x.shape[-1]
+    size = group_size or n_cols
+    a = None
+    if gate is not None:
+        z = gate.double()
+        a = z / (1 + torch.exp(-z)) if activation == "silu" else 1 / (1 + torch.exp(-z))
+    h = x * a if a is not None and not norm_before_gate else x
+    groups = h.reshape(*h.shape[:-1], n_cols // size, size)
+    y = (groups / torch.sqrt((groups * groups).mean(-1, keepdim=True) + eps)).reshape(h.shape)
+    if weight is not None:
+        y = y * weight.double()
+    return y * a if a is not None and norm_before_gate else y
+
+
+def gated_torch_same_dtype(x, gate, weight, eps, group_size, norm_before_gate, activation, cast_mode):
+    """The gated norm as the HF classes compute it eagerly: Mamba2's ``w * n.to(dtype)`` and
+    Qwen3-Next's ``(w * n.to(dtype)) * act(gate)`` (cast_mode "input"); Kimi's and FalconH1's
+    all-fp32 order, cast at the end ("float32")."""
+    dtype, n_cols = x.dtype, x.shape[-1]
+    size = group_size or n_cols
+    act = F.silu if activation == "silu" else torch.sigmoid
+    h = x.float()
+    if gate is not None and not norm_before_gate:
+        h = h * act(gate.float())
+    groups = h.unflatten(-1, (n_cols // size, size))
+    n = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)
+    if cast_mode == "input":
+        y = weight * n.to(dtype) if weight is not None else n.to(dtype)
+        return (y * act(gate.float())).to(dtype) if gate is not None and norm_before_gate else y
+    y = weight.float() * n if weight is not None else n
+    return (y * act(gate.float()) if gate is not None and norm_before_gate else y).to(dtype)

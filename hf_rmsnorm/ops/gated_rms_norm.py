@@ -1,0 +1,264 @@
+"""Gated RMSNorm: an RMSNorm and a gate, ``act(gate)``, multiplied in, in one kernel.
+
+The norm of the linear-attention and state-space mixers (Mamba2 and its hybrids: Bamba,
+Zamba2, NemotronH, GraniteMoeHybrid, FalconH1; Qwen3-Next and Qwen3.5's gated delta net; Kimi
+Linear). Two orders, as ``mamba_ssm``'s ``norm_before_gate``:
+
+    norm_before_gate=False:  h = x · act(gate),   y = RMSNorm(h) · w          (Mamba2)
+    norm_before_gate=True:   y = RMSNorm(x) · w · act(gate)                   (Qwen3-Next, Kimi)
+
+``act`` is silu or sigmoid. With ``group_size`` S, each run of S elements of the last dim is
+normalised on its own (Mamba2's ``n_groups`` = N / S). Statistics are fp32. ``cast_mode``
+follows the HF classes' order of casts: ``"input"`` rounds the normalised row to x's dtype
+before the weight (Llama's order; with the gate after, the weighted row is rounded again, to
+the weight-promoted dtype, before the gate), ``"float32"`` keeps everything in fp32 and
+rounds once, at the end.
+
+Read top to bottom: the torch reference (also the CPU path and the fallback), the custom ops
+around the Triton launchers (``_triton_gated.py``, imported when first needed), the public
+function.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._norm import _KERNEL_DTYPES, _autocasting, _elsewhere, _memory, _use_triton, cast
+
+ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
+GATED_CAST_MODES = ("input", "float32")
+# Largest tile the kernels take (a whole row of the input: the power of two at or above the
+# group count, times the one at or above the group size); beyond it the torch path runs.
+MAX_TILE = 65536
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two ≥ n (1 for n ≤ 1)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def output_dtype(x_dtype: torch.dtype, gate: Optional[Tensor], weight: Optional[Tensor],
+                 norm_before_gate: bool, cast_mode: str) -> torch.dtype:
+    """x's dtype, except where the row ends with ``w · n.to(x.dtype)`` (``cast_mode="input"``
+    without a gate after the norm): then promoted with the weight's, as Mamba2's ``weight *
+    hidden_states.to(input_dtype)``."""
+    if cast_mode == "float32" or weight is None or (gate is not None and norm_before_gate):
+        return x_dtype
+    return torch.promote_types(x_dtype, weight.dtype)
+
+
+def gated_rms_norm_ref(
+    x: Tensor,
+    gate: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    group_size: Optional[int] = None,
+    norm_before_gate: bool = False,
+    activation: str = "silu",
+    cast_mode: str = "input",
+) -> Tensor:
+    """Plain-torch gated RMSNorm with the kernels' semantics (module docstring): statistics in
+    fp32 (fp64 for fp64 input), the roundings of ``cast_mode`` where the kernels make them.
+    Differentiable by autograd."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n_cols = x.shape[-1]
+    size = group_size or n_cols
+    h = cast(x, compute)
+    g = ACTIVATIONS[activation](cast(gate, compute)) if gate is not None else None
+    if g is not None and not norm_before_gate:
+        h = h * g
+    groups = h.unflatten(-1, (n_cols // size, size))
+    n = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)
+    if cast_mode == "input":
+        m = cast(n, x.dtype)
+        if weight is not None:
+            m = weight * m  # in the promoted dtype, rounded once, as the HF classes' own product
+        if g is None or not norm_before_gate:
+            return m
+        return cast(cast(m, compute) * g, x.dtype)
+    m = n * cast(weight, compute) if weight is not None else n
+    if g is not None and norm_before_gate:
+        m = m * g
+    return cast(m, x.dtype)
+
+
+def check_settings(name: str, hidden: int, eps, group_size, activation, cast_mode) -> None:
+    """One clear error per way the settings can be wrong (shared with ``FusedGatedRMSNorm``)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"{name}: eps must be a non-negative number, got {eps!r}.")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"{name}: group_size must be a positive int or None (one group), got {group_size!r}.")
+        if hidden % group_size:
+            raise ValueError(
+                f"{name}: group_size {group_size} does not divide the normalised dimension {hidden}; "
+                f"pass a divisor of {hidden} (the width of one group), or None for one group."
+            )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{name}: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}.")
+    if cast_mode not in GATED_CAST_MODES:
+        raise ValueError(f"{name}: cast_mode must be one of {GATED_CAST_MODES}, got {cast_mode!r}.")
+
+
+def _check_inputs(x, gate, weight, eps, group_size, activation, cast_mode) -> None:
+    name = "gated_rms_norm"
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
+        got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"{name}: x must be a floating-point tensor with at least one dimension, got {got}.")
+    for pname, t, shape in (("gate", gate, tuple(x.shape)), ("weight", weight, (x.shape[-1],))):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            got = f"dtype {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+            raise TypeError(f"{name}: {pname} must be a floating-point tensor or None, got {got}.")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: {pname} has shape {tuple(t.shape)}; it must have shape {shape} (x is {tuple(x.shape)}).")
+        if t.device != x.device:
+            raise ValueError(f"{name}: {pname} is on {t.device} but x is on {x.device}; move them to the same device.")
+    check_settings(name, x.shape[-1], eps, group_size, activation, cast_mode)
+
+
+# --------------------------------------------------------------------------------------------
+# The Triton forward and backward as torch custom ops: opaque to torch.compile (no graph
+# breaks), with fake implementations for tracing. Absent gradients come back empty.
+# --------------------------------------------------------------------------------------------
+
+_launchers = None
+
+
+def _kernels():
+    global _launchers
+    if _launchers is None:
+        from . import _triton_gated
+
+        _launchers = _triton_gated
+    return _launchers
+
+
+def _rows_of(t: Optional[Tensor], n_cols: int) -> Optional[Tensor]:
+    return None if t is None else _memory(t).reshape(-1, n_cols).contiguous()
+
+
+def _round_m(x_dtype, gate, weight, norm_before_gate, cast_input) -> bool:
+    # Qwen3-Next's ``(w * n.to(dtype)) * act(gate)``: the product is rounded where its dtype is x's
+    return cast_input and gate is not None and norm_before_gate and output_dtype(
+        x_dtype, None, weight, False, "input") == x_dtype
+
+
+@torch.library.custom_op("hf_rmsnorm::gated_rms_norm_fwd", mutates_args=())
+def _fwd_op(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: float, group_size: int,
+            norm_before_gate: bool, sigmoid: bool, cast_input: bool) -> tuple[Tensor, Tensor]:
+    if _elsewhere(x):  # Triton launches on the current device
+        with torch.cuda.device(x.device):
+            return _fwd_op(x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input)
+    n_cols = x.shape[-1]
+    out = output_dtype(x.dtype, gate, weight, norm_before_gate, "input" if cast_input else "float32")
+    y, rstd = _kernels().gated_fwd(
+        _rows_of(x, n_cols), _rows_of(gate, n_cols), _rows_of(weight, n_cols).view(-1) if weight is not None else None,
+        eps, group_size, norm_before_gate, sigmoid, cast_input, _round_m(x.dtype, gate, weight, norm_before_gate, cast_input), out,
+    )
+    return y.view(x.shape), rstd
+
+
+@_fwd_op.register_fake
+def _(x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input):
+    out = output_dtype(x.dtype, gate, weight, norm_before_gate, "input" if cast_input else "float32")
+    return x.new_empty(x.shape, dtype=out), x.new_empty((x.numel() // group_size,), dtype=torch.float32)
+
+
+@torch.library.custom_op("hf_rmsnorm::gated_rms_norm_bwd", mutates_args=())
+def _bwd_op(dy: Tensor, x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], rstd: Tensor, group_size: int,
+            norm_before_gate: bool, sigmoid: bool, cast_input: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if _elsewhere(x):
+        with torch.cuda.device(x.device):
+            return _bwd_op(dy, x, gate, weight, rstd, group_size, norm_before_gate, sigmoid, cast_input)
+    n_cols = x.shape[-1]
+    dx, dz, dw = _kernels().gated_bwd(
+        _rows_of(dy, n_cols), _rows_of(x, n_cols), _rows_of(gate, n_cols),
+        _rows_of(weight, n_cols).view(-1) if weight is not None else None, rstd, group_size,
+        norm_before_gate, sigmoid, cast_input, _round_m(x.dtype, gate, weight, norm_before_gate, cast_input),
+    )
+    empty = x.new_empty((0,))
+    return dx.view(x.shape), dz.view(x.shape) if dz is not None else empty, dw.to(weight.dtype) if dw is not None else empty
+
+
+@_bwd_op.register_fake
+def _(dy, x, gate, weight, rstd, group_size, norm_before_gate, sigmoid, cast_input):
+    empty = x.new_empty((0,))
+    return (x.new_empty(x.shape), gate.new_empty(gate.shape) if gate is not None else empty,
+            weight.new_empty(weight.shape) if weight is not None else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    x, gate, weight, _eps, group_size, norm_before_gate, sigmoid, cast_input = inputs
+    ctx.save_for_backward(x, gate, weight, output[1])
+    ctx.settings = (group_size, norm_before_gate, sigmoid, cast_input)
+    ctx.set_materialize_grads(False)  # rstd is an output nobody differentiates
+
+
+def _backward(ctx, dy, _drstd):
+    if dy is None:
+        return (None,) * 8
+    x, gate, weight, rstd = ctx.saved_tensors
+    dx, dz, dw = _bwd_op(dy, x, gate, weight, rstd, *ctx.settings)
+    return dx, dz if gate is not None else None, dw if weight is not None else None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kernels_take(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], size: int) -> bool:
+    n_cols = x.shape[-1]
+    return (
+        _use_triton(x, x.device.type, weight, None)
+        and (gate is None or gate.dtype in _KERNEL_DTYPES)
+        and pow2(n_cols // size) * pow2(size) <= MAX_TILE
+    )
+
+
+def gated_rms_norm(
+    x: Tensor,
+    gate: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    *,
+    group_size: Optional[int] = None,
+    norm_before_gate: bool = False,
+    activation: str = "silu",
+    cast_mode: str = "input",
+) -> Tensor:
+    """Fused gated RMSNorm over the last dimension of ``x`` (module docstring for the maths),
+    differentiable in x, gate and weight.
+
+    Args:
+        x: input of any leading shape, fp32 / fp16 / bf16 (fp64 runs on the torch path).
+        gate: None (a plain, possibly grouped, RMSNorm) or a tensor of x's shape.
+        weight: optional ``(hidden,)`` tensor; its dtype may differ from x's.
+        eps: added to each group's mean square before the square root.
+        group_size: normalise each run of ``group_size`` elements on its own (a divisor of
+            the hidden size); None: the whole row.
+        norm_before_gate: the gate multiplies the normalised row (True) or the input (False).
+        activation: ``"silu"`` or ``"sigmoid"``, applied to the gate in fp32.
+        cast_mode: ``"input"`` or ``"float32"`` (module docstring). The output has x's dtype,
+            except with ``"input"`` and no gate after the norm: then it is promoted with the
+            weight's, as ``w * n.to(x.dtype)`` is.
+
+    Autocast does not change it: the HF classes it replaces compute in the dtypes they choose.
+    The Triton kernels run on CUDA tensors (``HF_RMSNORM_BACKEND=auto``), or on CPU tensors
+    with ``HF_RMSNORM_BACKEND=triton TRITON_INTERPRET=1``; everything else uses
+    :func:`gated_rms_norm_ref`.
+    """
+    _check_inputs(x, gate, weight, eps, group_size, activation, cast_mode)
+    size = group_size or x.shape[-1]
+    if x.shape[-1] and _kernels_take(x, gate, weight, size):
+        return _fwd_op(x, gate, weight, float(eps), size, norm_before_gate, activation == "sigmoid", cast_mode == "input")[0]
+    if x.shape[-1] == 0:
+        return x.new_empty(x.shape, dtype=output_dtype(x.dtype, gate, weight, norm_before_gate, cast_mode))
+    if _autocasting(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return gated_rms_norm_ref(x, gate, weight, eps, group_size, norm_before_gate, activation, cast_mode)
+    return gated_rms_norm_ref(x, gate, weight, eps, group_size, norm_before_gate, activation, cast_mode)

@@ -1,0 +1,199 @@
+"""Numerics of gated_rms_norm, forward and every gradient (x, gate, weight), on the torch path
+and on the Triton kernels (interpreted on CPU tensors), against the float64 definition with
+the STYLE.md error budget: within 2x the error of the HF classes' own eager composition in the
+same dtype, plus a small atol."""
+
+import pytest
+import torch
+
+from conftest import HAS_TRITON, INTERPRETING
+from hf_rmsnorm.ops import gated_rms_norm, gated_rms_norm_ref
+from reference import ATOL, assert_close_to_fp64, gated_fp64, gated_torch_same_dtype, max_err
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (norm_before_gate, activation, cast_mode): Mamba2 and its hybrids, Qwen3-Next / Qwen3.5,
+# Kimi Linear, FalconH1's two orders
+SETTINGS = {
+    "mamba2": (False, "silu", "input"),
+    "qwen3_next": (True, "silu", "input"),
+    "kimi": (True, "sigmoid", "float32"),
+    "falcon_h1": (True, "silu", "float32"),
+    "falcon_h1_gate_first": (False, "silu", "float32"),
+    "sigmoid_first": (False, "sigmoid", "input"),
+}
+
+
+def _strided(dtype):  # every other column: the launcher must make it contiguous
+    return torch.randn(6, 96).to(dtype)[:, ::2]
+
+
+# (x shape or maker, group_size)
+SHAPES = {
+    "6x64": ((6, 64), None),
+    "5x40": ((5, 40), None),  # a row of no power of two: the tile masked
+    "4x60_g20": ((4, 60), 20),  # groups of no power of two
+    "3x5x48_g16": ((3, 5, 48), 16),  # three groups: a non-power-of-two group count
+    "1000x48_g16": ((1000, 48), 16),  # 24 backward tiles over 8 programs: each loops, the last tile masked
+    "33x128": ((33, 128), None),  # head_dim rows (Qwen3.5's gated delta net), 16 to a tile
+    "1x8192_g1024": ((1, 8192), 1024),  # Mamba2-sized row, 8 groups
+    "0rows": ((0, 32), 8),
+    "strided": (_strided, 16),
+}
+CASES = [(s, "mamba2") for s in SHAPES] + [(s, "qwen3_next") for s in SHAPES] + [
+    ("3x5x48_g16", k) for k in SETTINGS if k not in ("mamba2", "qwen3_next")
+]
+
+
+@pytest.fixture(params=["torch", "triton"])
+def path(request, monkeypatch):
+    if request.param == "triton" and not (HAS_TRITON and INTERPRETING):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 (the GPU suite covers CUDA)")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def gated_launches():
+    """Gated-norm kernel launches (forward and backward) during the test."""
+    if not HAS_TRITON:
+        return lambda: 0
+    from hf_rmsnorm.ops import _triton_gated
+
+    before = sum(_triton_gated.LAUNCHES.values())
+    return lambda: sum(_triton_gated.LAUNCHES.values()) - before
+
+
+def make(shape, dtype, w_dtype=None, seed=0):
+    torch.manual_seed(seed)
+    x = shape(dtype) if callable(shape) else (torch.randn(shape) * 2 + 0.3).to(dtype)
+    gate = (torch.randn(x.shape) * 2).to(dtype)
+    if callable(shape):
+        gate = gate.t().contiguous().t()  # column-major: also not in rows
+    weight = (torch.randn(x.shape[-1]) * 0.3 + 1).to(w_dtype or dtype)
+    return x, gate, weight
+
+
+def run(fn, x, gate, weight, dy):
+    """y and the gradients of x, gate and weight (None for an absent one), on fresh leaves."""
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, gate, weight)]
+    y = fn(*leaves)
+    y.backward(dy.to(y.dtype))
+    return [y.detach()] + [t.grad if t is not None else None for t in leaves]
+
+
+def check(x, gate, weight, size, setting, dtype, eps=1e-6):
+    before, activation, cast_mode = SETTINGS[setting]
+    dy = torch.randn(x.shape).to(dtype)
+    ours = run(lambda x, g, w: gated_rms_norm(x, g, w, eps, group_size=size, norm_before_gate=before,
+                                              activation=activation, cast_mode=cast_mode), x, gate, weight, dy)
+    truth = run(lambda x, g, w: gated_fp64(x, g, w, eps, size, before, activation),
+                *(t.double() if t is not None else None for t in (x, gate, weight)), dy)
+    yardstick = run(lambda x, g, w: gated_torch_same_dtype(x, g, w, eps, size, before, activation, cast_mode), x, gate, weight, dy)
+    assert ours[0].shape == x.shape
+    assert ours[0].dtype == yardstick[0].dtype, "output dtype differs from the HF classes' for the same inputs"
+    assert_close_to_fp64(ours[0], yardstick[0], truth[0], dtype, "output")
+    for name, got, want, t64, t in zip(("x", "gate", "weight"), ours[1:], yardstick[1:], truth[1:], (x, gate, weight)):
+        if t is None:
+            assert got is None
+            continue
+        assert got.dtype == t.dtype and got.shape == t.shape, f"grad of {name}: dtype/shape differ from the input's"
+        assert_close_to_fp64(got, want, t64, dtype, f"grad of {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape_id,setting", CASES, ids=[f"{s}-{k}" for s, k in CASES])
+def test_forward_and_gradients_against_float64(shape_id, setting, dtype, path, gated_launches):
+    shape, size = SHAPES[shape_id]
+    x, gate, weight = make(shape, dtype)
+    check(x, gate, weight, size, setting, dtype)
+    assert gated_launches() == (2 if path == "triton" and x.numel() else 0)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("variant", ["fp32_weight", "no_weight", "no_gate"])
+def test_weight_in_fp32_without_weight_and_without_gate(setting, variant, path, gated_launches):
+    """bf16 activations with an fp32 weight (a mixed-precision model), no weight, and a call
+    without a gate (Mamba2's norm(x) is then a grouped RMSNorm)."""
+    x, gate, weight = make((4, 3, 48), torch.bfloat16, w_dtype=torch.float32 if variant == "fp32_weight" else None)
+    check(x, None if variant == "no_gate" else gate, None if variant == "no_weight" else weight, 16, setting, torch.bfloat16)
+    assert gated_launches() == (2 if path == "triton" else 0)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_reference_is_the_definition_in_float64(setting):
+    before, activation, cast_mode = SETTINGS[setting]
+    x, gate, weight = make((5, 48), torch.float64)
+    got = gated_rms_norm_ref(x, gate, weight, 1e-6, 16, before, activation, cast_mode)
+    assert got.dtype == torch.float64
+    assert max_err(got, gated_fp64(x, gate, weight, 1e-6, 16, before, activation)) <= ATOL[torch.float64]
+
+
+@pytest.mark.parametrize("dtype,w_dtype", [(torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, torch.float32)], ids=str)
+def test_kernels_round_where_the_torch_path_rounds(dtype, w_dtype, monkeypatch, gated_launches):
+    """Both paths make the HF classes' roundings in the same places (Qwen3-Next's weighted row
+    rounded before the gate; Mamba2's output promoted with an fp32 weight): with half-precision
+    outputs, at most 1 % of the elements differ (the fp32 statistics are summed in another
+    order, which can move the rounded normalised row by an ulp, and the weight, near 1, up to
+    two ulps of the output). A rounding left out differs in a quarter of them."""
+    if not (HAS_TRITON and INTERPRETING):
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    x, gate, weight = make((64, 48), dtype, w_dtype)
+    for before, activation, cast_mode in SETTINGS.values():
+        outs = {}
+        for backend in ("torch", "triton"):
+            monkeypatch.setenv("HF_RMSNORM_BACKEND", backend)
+            outs[backend] = gated_rms_norm(x, gate, weight, group_size=16, norm_before_gate=before, activation=activation, cast_mode=cast_mode)
+        ours, theirs = outs["triton"], outs["torch"]
+        assert ours.dtype == theirs.dtype == gated_torch_same_dtype(x, gate, weight, 1e-6, 16, before, activation, cast_mode).dtype
+        if ours.dtype == torch.float32:
+            torch.testing.assert_close(ours, theirs, rtol=2.4e-7, atol=0)
+            continue
+        differ = ours != theirs
+        assert differ.float().mean() <= 0.01
+        two_ulps = 2 * torch.finfo(ours.dtype).eps * theirs.float().abs()  # an ulp is at most eps·|value|
+        assert ((ours.float() - theirs.float()).abs()[differ] <= two_ulps[differ]).all()
+    assert gated_launches() == len(SETTINGS)
+
+
+def test_under_autocast_it_computes_what_it_computes_without(path):
+    x, gate, weight = make((4, 48), torch.float32)
+    want = gated_rms_norm(x, gate, weight, group_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gated_rms_norm(x, gate, weight, group_size=16)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_torch_compile_fullgraph_traces_the_custom_op(path, gated_launches):
+    torch._dynamo.reset()
+    x, gate, weight = make((2, 5, 48), torch.float32)
+    weight.requires_grad_(True)
+
+    def fn(x, gate, weight):
+        return gated_rms_norm(x * 2, gate, weight, group_size=16, norm_before_gate=True).sum(-1)
+
+    eager = fn(x, gate, weight)
+    (dw,) = torch.autograd.grad(eager.sum(), weight)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")  # fullgraph: a break raises
+    out = compiled(x, gate, weight)
+    (dw_c,) = torch.autograd.grad(out.sum(), weight)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dw_c, dw, rtol=1e-6, atol=1e-6)
+    assert gated_launches() == (4 if path == "triton" else 0)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda x, g, w: gated_rms_norm(x, g, w, group_size=5), "group_size 5 does not divide the normalised dimension 48"),
+    (lambda x, g, w: gated_rms_norm(x, g, w, group_size=0), "group_size must be a positive int"),
+    (lambda x, g, w: gated_rms_norm(x, g[:, :8], w), "gate has shape (4, 8); it must have shape (4, 48)"),
+    (lambda x, g, w: gated_rms_norm(x, g, w[:8]), "weight has shape (8,); it must have shape (48,)"),
+    (lambda x, g, w: gated_rms_norm(x, g, w, activation="gelu"), "activation must be one of ('silu', 'sigmoid'), got 'gelu'"),
+    (lambda x, g, w: gated_rms_norm(x, g, w, cast_mode="weight"), "cast_mode must be one of ('input', 'float32')"),
+    (lambda x, g, w: gated_rms_norm(x, g, w, eps=-1.0), "eps must be a non-negative number"),
+    (lambda x, g, w: gated_rms_norm(x.long(), g, w), "x must be a floating-point tensor"),
+    (lambda x, g, w: gated_rms_norm(x, g.long(), w), "gate must be a floating-point tensor or None, got dtype torch.int64"),
+])
+def test_bad_arguments_say_what_was_wrong(call, message):
+    x, gate, weight = make((4, 48), torch.float32)
+    with pytest.raises((ValueError, TypeError)) as info:
+        call(x, gate, weight)
+    assert message in str(info.value)
