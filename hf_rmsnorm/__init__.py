@@ -4,7 +4,7 @@ exact LayerNorm -> RMSNorm conversion of pre-LN models."""
 __version__ = "0.1.0"
 
 from .checkpoint import convert_checkpoint, from_pretrained  # noqa: E402
-from .modules import FusedLayerNorm, FusedRMSNorm  # noqa: E402
+from .modules import FusedGatedRMSNorm, FusedLayerNorm, FusedRMSNorm  # noqa: E402
 from .patching import PatchReport, patch_model, unpatch_model  # noqa: E402
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "PatchReport",
     "FusedRMSNorm",
     "FusedLayerNorm",
+    "FusedGatedRMSNorm",
     "convert_checkpoint",
     "from_pretrained",
     "__version__",

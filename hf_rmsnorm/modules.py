@@ -15,7 +15,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .ops import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+from .ops import gated_rms_norm, layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+from .ops.gated_rms_norm import check_settings
 from .ops._module_calls import kernels_for_module, kernels_settled, settle
 from .ops._norm import CAST_MODES, _any_autocast, selected_backend
 from .ops.layer_norm import torch_layer_norm_computes
@@ -241,4 +242,61 @@ class FusedLayerNorm(_FusedNorm):
         return super()._torch_forward(x, backend)
 
 
-__all__ = ["FusedRMSNorm", "FusedLayerNorm"]
+class FusedGatedRMSNorm(nn.Module):
+    """Gated RMSNorm on the fused kernels (``ops/gated_rms_norm.py`` for the maths): a drop-in
+    for the gated norms of Mamba2 and its hybrids (``norm_before_gate=False``, groups of
+    ``group_size``), Qwen3-Next / Qwen3.5 (``norm_before_gate=True``) and Kimi Linear
+    (``activation="sigmoid", cast_mode="float32"``). Called as they are:
+    ``forward(hidden_states, gate=None)``; its one parameter is ``weight``, of shape
+    ``(hidden_size,)``, as theirs. Autocast does not change it, as it does not change them."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        group_size: Optional[int] = None,
+        *,
+        norm_before_gate: bool = False,
+        activation: str = "silu",
+        cast_mode: str = "input",
+        elementwise_affine: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise ValueError(f"FusedGatedRMSNorm: hidden_size must be a positive int, got {hidden_size!r}.")
+        check_settings("FusedGatedRMSNorm", hidden_size, eps, group_size, activation, cast_mode)
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.group_size = group_size
+        self.norm_before_gate = norm_before_gate
+        self.activation = activation
+        self.cast_mode = cast_mode
+        weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype)) if elementwise_affine else None
+        self.register_parameter("weight", weight)
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, hidden_states: Tensor, gate: Optional[Tensor] = None) -> Tensor:
+        return gated_rms_norm(
+            hidden_states, gate, self.weight, self.eps, group_size=self.group_size,
+            norm_before_gate=self.norm_before_gate, activation=self.activation, cast_mode=self.cast_mode,
+        )
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.hidden_size}", f"eps={self.eps}"]
+        if self.group_size is not None:
+            parts.append(f"group_size={self.group_size}")
+        parts += [f"norm_before_gate={self.norm_before_gate}", f"activation={self.activation}", f"cast_mode={self.cast_mode}"]
+        if self.weight is None:
+            parts.append("elementwise_affine=False")
+        return ", ".join(parts)
+
+
+# every module class patch_model puts in (what it recognises as patched already)
+FUSED_MODULES = (_FusedNorm, FusedGatedRMSNorm)
+
+__all__ = ["FusedRMSNorm", "FusedLayerNorm", "FusedGatedRMSNorm"]

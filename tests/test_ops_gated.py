@@ -44,25 +44,6 @@ CASES = [(s, "mamba2") for s in SHAPES] + [(s, "qwen3_next") for s in SHAPES] + 
 ]
 
 
-@pytest.fixture(params=["torch", "triton"])
-def path(request, monkeypatch):
-    if request.param == "triton" and not (HAS_TRITON and INTERPRETING):
-        pytest.skip("needs triton and TRITON_INTERPRET=1 (the GPU suite covers CUDA)")
-    monkeypatch.setenv("HF_RMSNORM_BACKEND", request.param)
-    return request.param
-
-
-@pytest.fixture
-def gated_launches():
-    """Gated-norm kernel launches (forward and backward) during the test."""
-    if not HAS_TRITON:
-        return lambda: 0
-    from hf_rmsnorm.ops import _triton_gated
-
-    before = sum(_triton_gated.LAUNCHES.values())
-    return lambda: sum(_triton_gated.LAUNCHES.values()) - before
-
-
 def make(shape, dtype, w_dtype=None, seed=0):
     torch.manual_seed(seed)
     x = shape(dtype) if callable(shape) else (torch.randn(shape) * 2 + 0.3).to(dtype)

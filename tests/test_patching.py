@@ -11,7 +11,7 @@ from accelerate import cpu_offload
 from accelerate.hooks import AlignDevicesHook, ModelHook, add_hook_to_module, attach_align_device_hook_on_blocks
 from torch import nn
 
-from hf_rmsnorm import FusedLayerNorm, FusedRMSNorm, PatchReport, patch_model, unpatch_model
+from hf_rmsnorm import FusedGatedRMSNorm, FusedLayerNorm, FusedRMSNorm, PatchReport, patch_model, unpatch_model
 from conftest import HAS_TRITON, INTERPRETING
 from reference import rel_err
 from tiny_models import MODELS, build, norm_modules, run
@@ -34,7 +34,7 @@ def check_patch_roundtrip(name, dtype=torch.float32):
     assert report.skipped == [], report.skipped
     for e in report:
         new = model.get_submodule(e["name"])
-        assert isinstance(new, (FusedLayerNorm, FusedRMSNorm)) and type(new).__name__ == e["new"]
+        assert isinstance(new, (FusedLayerNorm, FusedRMSNorm, FusedGatedRMSNorm)) and type(new).__name__ == e["new"]
         assert e["reason"].startswith("same function as")
     # the same Parameter objects under the same names; state_dict unchanged
     params_after = dict(model.named_parameters(remove_duplicate=False))
@@ -79,6 +79,18 @@ def test_interpreted_triton_kernels_in_patched_models(name, monkeypatch, launche
     monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
     check_patch_roundtrip(name)
     assert launches() > 0
+
+
+@pytest.mark.parametrize("name", ["mamba2", "qwen3_next"])
+def test_interpreted_gated_kernels_in_patched_models(name, monkeypatch):
+    if not (HAS_TRITON and INTERPRETING):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 (the GPU suite covers CUDA)")
+    from hf_rmsnorm.ops import _triton_gated
+
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    before = _triton_gated.LAUNCHES["gated_fwd"]
+    check_patch_roundtrip(name)
+    assert _triton_gated.LAUNCHES["gated_fwd"] > before, "the gated norms did not run on the Triton kernels"
 
 
 @pytest.mark.parametrize("name", TRAIN_SUBSET)
@@ -200,23 +212,31 @@ class _Toy(nn.Module):
         return self.weird_norm(self.ln(self.lin(x)))
 
 
-class _GatedRMSNorm(nn.Module):
-    """Qwen3-Next's linear-attention norm: RMSNorm(x) * silu(gate)."""
+class _ConditionedRMSNorm(nn.Module):
+    """An adaptive norm: RMSNorm(x) scaled by 1 + a conditioning tensor (no gate activation)."""
 
     def __init__(self, n):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(n))
 
-    def forward(self, hidden_states, gate):
+    def forward(self, hidden_states, condition):
         xf = hidden_states.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)) * nn.functional.silu(gate.float())
+        n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (self.weight * n * (1 + condition.float())).to(hidden_states.dtype)
 
 
-class _OptionalGateRMSNorm(_GatedRMSNorm):
-    """Mamba2's gated norm: its gate defaults to None, and its mixer passes one."""
+class _MaskedRMSNorm(_ConditionedRMSNorm):
+    """A norm that zeroes padded positions: its second input is a (batch, length) mask."""
 
-    def forward(self, hidden_states, gate=None):
-        return super().forward(hidden_states, torch.zeros_like(hidden_states) + 10 if gate is None else gate)
+    def forward(self, hidden_states, padding_mask=None):
+        if padding_mask is not None:
+            hidden_states = hidden_states.masked_fill(~padding_mask[..., None].bool(), 0.0)
+        return super().forward(hidden_states, torch.zeros_like(hidden_states))
+
+
+class _ThreeInputNorm(_ConditionedRMSNorm):
+    def forward(self, hidden_states, scale, shift):
+        return super().forward(hidden_states, scale) + shift
 
 
 class _ImageNorm(nn.Module):
@@ -255,21 +275,23 @@ class _NoLayerNormConvLayer(nn.Module):
 
 def test_what_is_no_norm_of_one_tensor_over_its_last_dim_says_what_it_is():
     model = nn.ModuleDict({
-        "gated_norm": _GatedRMSNorm(8), "optional_gate": _OptionalGateRMSNorm(8), "group_norm": nn.GroupNorm(2, 8), "image_norm": _ImageNorm(8),
+        "conditioned": _ConditionedRMSNorm(8), "three_inputs": _ThreeInputNorm(8), "masked": _MaskedRMSNorm(8), "group_norm": nn.GroupNorm(2, 8), "image_norm": _ImageNorm(8),
         "block": _NormedBlock(8), "conv_layer": _NoLayerNormConvLayer(8),
         # weight normalisation of a conv (torch's parametrization, as in wav2vec2's positional conv)
         "conv": nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 8, 3)),
     })
     report = {e["name"]: e for e in patch_model(model, target="layernorm")}
-    assert sorted(report) == ["block.norm", "gated_norm", "group_norm", "image_norm", "optional_gate"]  # no block, no weight norm, no "NoLayerNorm"
+    assert sorted(report) == ["block.norm", "conditioned", "group_norm", "image_norm", "masked", "three_inputs"]  # no block, no weight norm, no "NoLayerNorm"
     assert report["block.norm"]["change"] == "fused"
-    assert "takes 2 inputs (hidden_states, gate)" in report["gated_norm"]["reason"]
-    # without its gate it is an RMSNorm (silu(10) ≈ 10), but a caller that passes one needs a module that takes it
-    assert "takes 2 inputs (hidden_states, gate=None)" in report["optional_gate"]["reason"]
+    # two inputs: probed as a gated norm, which it is not
+    assert "a gated norm (forward(hidden_states, gate)) that no fused gated RMSNorm reproduces" in report["conditioned"]["reason"]
+    assert "takes 3 inputs (hidden_states, scale, shift)" in report["three_inputs"]["reason"]
+    # without its mask it is an RMSNorm, but its callers pass one, which is no gate
+    assert report["masked"]["reason"].startswith("raised on a probe (hidden_states, gate) of shape (3, 5, 8)")
     assert "GroupNorm normalises over channels" in report["group_norm"]["reason"]
     assert report["image_norm"]["reason"].startswith("raised on a probe input")
-    assert all(report[n]["change"] == "skipped" for n in ("gated_norm", "optional_gate", "group_norm", "image_norm"))
-    assert isinstance(model["gated_norm"], _GatedRMSNorm) and isinstance(model["group_norm"], nn.GroupNorm)
+    assert all(report[n]["change"] == "skipped" for n in ("conditioned", "three_inputs", "masked", "group_norm", "image_norm"))
+    assert isinstance(model["conditioned"], _ConditionedRMSNorm) and isinstance(model["group_norm"], nn.GroupNorm)
 
 
 def test_unmatched_norms_are_left_alone_with_the_reason():

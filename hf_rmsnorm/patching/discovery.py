@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..modules import FusedLayerNorm, FusedRMSNorm, _FusedNorm
+from ..modules import FUSED_MODULES, FusedGatedRMSNorm, FusedLayerNorm, FusedRMSNorm
+from ..ops.gated_rms_norm import ACTIVATIONS, GATED_CAST_MODES
 from ..ops._norm import CAST_MODES
 
 # Attributes HF and torch norm classes keep their epsilon in.
@@ -54,15 +55,32 @@ class NormSpec:
         return f"{name}(eps={self.eps:g}, cast_mode={self.cast_mode}{extra}, {autocast})"
 
 
+@dataclasses.dataclass(frozen=True)
+class GatedSpec:
+    """What a ``FusedGatedRMSNorm`` needs to compute what a gated norm computes."""
+
+    eps: float
+    group_size: Optional[int]  # None: the whole row
+    norm_before_gate: bool
+    activation: str
+    cast_mode: str
+    kind = "gated"  # a class attribute, not a field: a gated norm is never converted
+
+    def describe(self) -> str:
+        groups = f", group_size={self.group_size}" if self.group_size else ""
+        order = "after" if self.norm_before_gate else "before"
+        return f"gated RMSNorm(eps={self.eps:g}{groups}, {self.activation} gate {order} the norm, cast_mode={self.cast_mode})"
+
+
 @dataclasses.dataclass
 class Match:
-    spec: Optional[NormSpec]
+    spec: Optional[NormSpec | GatedSpec]
     error: Optional[float]  # max relative error of the chosen candidate on the probes
     reason: str
 
 
 def _named_norm(module: nn.Module, model_name: str) -> bool:
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm, _FusedNorm)):
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm) + FUSED_MODULES):
         return True
     if type(module).__module__.startswith("torch.nn.utils.parametriz"):
         return False  # weight normalisation (a conv's parametrization): it normalises weights, not activations
@@ -143,21 +161,27 @@ def _specs(module, has_weight, follow_autocast):
                     yield NormSpec(kind, eps, cast_mode, offset, follow_autocast)
 
 
-def build_fused(spec: NormSpec, module: nn.Module, shape: tuple) -> _FusedNorm:
+def build_fused(spec: NormSpec | GatedSpec, module: nn.Module, shape: tuple) -> nn.Module:
     """A fused module for ``spec`` holding the very same Parameter objects as ``module``, and
     behind the same accelerate hook if ``module`` has one. A model dispatched with a
     ``device_map`` has one on every module with weights: it moves the module's inputs to the
     module's device, which matters where a norm sits on another device than the layer before
     it (a final norm on a device boundary), in the model and in its float64 copy alike."""
-    cls = FusedLayerNorm if spec.kind == "layer" else FusedRMSNorm
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
     weight = weight if isinstance(weight, nn.Parameter) else None
     bias = bias if isinstance(bias, nn.Parameter) else None
-    new = cls(
-        shape, eps=spec.eps, elementwise_affine=weight is not None, bias=bias is not None,
-        offset=spec.offset, cast_mode=spec.cast_mode, follow_autocast=spec.follow_autocast, device="meta",
-    )
+    if isinstance(spec, GatedSpec):
+        new = FusedGatedRMSNorm(
+            shape[0], spec.eps, spec.group_size, norm_before_gate=spec.norm_before_gate, activation=spec.activation,
+            cast_mode=spec.cast_mode, elementwise_affine=weight is not None, device="meta",
+        )
+    else:
+        cls = FusedLayerNorm if spec.kind == "layer" else FusedRMSNorm
+        new = cls(
+            shape, eps=spec.eps, elementwise_affine=weight is not None, bias=bias is not None,
+            offset=spec.offset, cast_mode=spec.cast_mode, follow_autocast=spec.follow_autocast, device="meta",
+        )
     if weight is not None:
         new.weight = weight
     if bias is not None:
@@ -262,11 +286,11 @@ def _float64_twin(module: nn.Module) -> Optional[nn.Module]:
         return None
 
 
-def _float64_output(twin: Optional[nn.Module], x: torch.Tensor) -> Optional[torch.Tensor]:
+def _float64_output(twin: Optional[nn.Module], *inputs: torch.Tensor) -> Optional[torch.Tensor]:
     if twin is None:
         return None
     try:
-        out = twin(x.double())
+        out = twin(*(x.double() for x in inputs))
     except Exception:  # noqa: BLE001 - a module that hard-codes a dtype
         return None
     return out if isinstance(out, torch.Tensor) and out.dtype == torch.float64 else None
@@ -302,12 +326,112 @@ def _not_a_last_dim_norm(module: nn.Module) -> Optional[str]:
     except (TypeError, ValueError):
         return None
     # every input a caller may pass counts, optional ones too: Mamba2's gated norm is called
-    # as norm(x, gate) though its gate defaults to None, and the fused modules take one tensor
+    # as norm(x, gate) though its gate defaults to None. Two are probed as (hidden_states, gate).
     inputs = [_shown(p) for p in params]
-    if len(inputs) > 1:
-        return (f"its forward takes {len(inputs)} inputs ({', '.join(inputs)}): a gated or conditioned norm; "
-                "the fused kernels normalise one tensor")
+    if len(inputs) > 2 or (len(inputs) == 2 and _gate_input(module) is None):
+        return (f"its forward takes {len(inputs)} inputs ({', '.join(inputs)}): a conditioned norm; "
+                "the fused kernels normalise one tensor, or one with a gate")
     return None
+
+
+def _gate_input(module: nn.Module) -> Optional[bool]:
+    """For a forward of exactly two inputs, ``(hidden_states, gate)``, whether the second is
+    optional; None for any other forward."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if len(params) != 2 or any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params):
+        return None
+    return params[1].default is not params[1].empty
+
+
+def _group_sizes(module: nn.Module, n_cols: int) -> tuple:
+    """Group sizes to try: the one the module names (``group_size``, or ``n_groups`` groups),
+    else the whole row and every divisor of it."""
+    named = getattr(module, "group_size", None)
+    groups = getattr(module, "n_groups", None)
+    if isinstance(groups, int) and not isinstance(groups, bool) and groups > 0 and n_cols % groups == 0:
+        named = n_cols // groups
+    if isinstance(named, int) and not isinstance(named, bool) and 0 < named <= n_cols and n_cols % named == 0:
+        return (None,) if named == n_cols else (named,)
+    return (None,) + tuple(d for d in range(1, n_cols) if n_cols % d == 0)
+
+
+def gate_probes(shape, dtype, device, optional_gate: bool, seed=0) -> list:
+    """The argument tuples a gated norm is probed with: each of ``_probes``' inputs with a gate
+    of its dtype (a unit-scale one beside the tiny input, where eps matters), and each alone
+    where the gate is optional (a call without it is a plain, possibly grouped, RMSNorm)."""
+    xs, zs = _probes(shape, dtype, device, seed), _probes(shape, dtype, device, seed + 7)
+    calls = [(x, zs[0] if i == 1 else z) for i, (x, z) in enumerate(zip(xs, zs))]
+    return calls + ([(x,) for x in xs] if optional_gate else [])
+
+
+def _gated_specs(module, n_cols):
+    for eps in _eps_candidates(module):
+        for size in _group_sizes(module, n_cols):
+            for before in (False, True):
+                for activation in ACTIVATIONS:
+                    for cast_mode in GATED_CAST_MODES:
+                        yield GatedSpec(eps, size, before, activation, cast_mode)
+
+
+def _match_gated(module: nn.Module, sig, optional_gate: bool, autocast_dtype) -> Match:
+    """``match_norm`` for a forward ``(hidden_states, gate)``: the gated RMSNorm that computes
+    what it computes, on every probe call (``gate_probes``), or why none does."""
+    shape, has_weight, has_bias = sig
+    if has_bias or shape is None or len(shape) != 1:
+        what = "a bias" if has_bias else "no weight" if shape is None else f"a {len(shape)}-D weight"
+        return Match(None, None, f"a gated norm (forward(hidden_states, gate)) with {what}: no fused equivalent")
+    weight = module.weight
+    if weight.device.type == "meta":
+        return Match(None, None, "parameters are on the meta device")
+    probe_module = _randomised(module)
+    twin = _float64_twin(probe_module)
+    references = []
+    with torch.no_grad():
+        for amp in (None, autocast_dtype) if autocast_dtype is not None else (None,):
+            for args in gate_probes(shape, weight.dtype, weight.device, optional_gate):
+                try:
+                    with _autocast(weight.device, amp):
+                        want = probe_module(*args)
+                except Exception as exc:  # noqa: BLE001
+                    if len(args) == 2 and args[0].dtype == weight.dtype:
+                        # its second input is no gate of x's shape (a mask, a conditioning vector)
+                        return Match(None, None, f"raised on a probe (hidden_states, gate) of shape {tuple(args[0].shape)}: "
+                                                 f"{type(exc).__name__}: {exc}")
+                    continue  # e.g. a mixed-dtype probe it does not support
+                references.append((args, amp, want, _float64_output(twin, *args)))
+    if not references or not isinstance(references[0][2], torch.Tensor):
+        return Match(None, None, "does not map (hidden_states, gate) to a tensor on the probe inputs")
+    best = _best(probe_module, references, _gated_specs(module, shape[0]), shape)
+    if best is None:
+        return Match(None, None, "a gated norm (forward(hidden_states, gate)) that no fused gated RMSNorm reproduces on the probe inputs")
+    return Match(best[1], best[0], f"same function as {best[1].describe()}")
+
+
+def _best(module, references, specs, shape):
+    """(error, spec) of the candidate closest to the module's outputs on every reference
+    ``(args, autocast dtype, output, float64 output)``; None if none agrees (``_agreement``)."""
+    best = None
+    device = references[0][0][0].device
+    for spec in specs:
+        candidate = build_fused(spec, module, shape)
+        worst = 0.0
+        with torch.no_grad():
+            for args, amp, want, truth in references:
+                try:
+                    with _autocast(device, amp):
+                        got = candidate(*args)
+                except Exception:  # noqa: BLE001
+                    worst = math.inf
+                    break
+                worst = max(worst, _agreement(got, want, truth))
+                if worst == math.inf:
+                    break
+        if worst < math.inf and (best is None or worst < best[0]):
+            best = (worst, spec)
+    return best
 
 
 def _shown(p: inspect.Parameter) -> str:
@@ -327,6 +451,9 @@ def match_norm(module: nn.Module, autocast_dtype: Optional[torch.dtype] = None) 
     unlike = _not_a_last_dim_norm(module)
     if unlike:
         return Match(None, None, unlike)
+    optional_gate = _gate_input(module)
+    if optional_gate is not None:
+        return _match_gated(module, sig, optional_gate, autocast_dtype)
     shape, has_weight, has_bias = sig
     params = list(module.parameters(recurse=False))
     dtype = params[0].dtype if params else torch.float32
@@ -354,23 +481,8 @@ def match_norm(module: nn.Module, autocast_dtype: Optional[torch.dtype] = None) 
     if not references or not isinstance(references[0][2], torch.Tensor):
         return Match(None, None, "does not map a tensor to a tensor on the probe input")
 
-    best: Optional[tuple[float, NormSpec]] = None
-    for spec in _specs(module, has_weight, follow):
-        candidate = build_fused(spec, probe_module, shape)
-        worst = 0.0
-        with torch.no_grad():
-            for x, amp, want, truth in references:
-                try:
-                    with _autocast(device, amp):
-                        got = candidate(x)
-                except Exception:  # noqa: BLE001
-                    worst = math.inf
-                    break
-                worst = max(worst, _agreement(got, want, truth))
-                if worst == math.inf:
-                    break
-        if worst < math.inf and (best is None or worst < best[0]):
-            best = (worst, spec)
+    best = _best(probe_module, [((x,), amp, want, truth) for x, amp, want, truth in references],
+                 _specs(module, has_weight, follow), shape)
     if best is None:
         return Match(None, None, "no fused LayerNorm/RMSNorm reproduces its output on the probe inputs")
     return Match(best[1], best[0], f"same function as {best[1].describe()}")

@@ -16,13 +16,15 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..modules import _FusedNorm
+from ..modules import FUSED_MODULES, FusedGatedRMSNorm
 from .discovery import (
     _agreement,
     _eps_candidates,
     _param_signature,
+    _gate_input,
     _probes,
     build_fused,
+    gate_probes,
     is_norm_like,
     match_norm,
     model_name_of,
@@ -119,7 +121,7 @@ def _settings(module: nn.Module) -> tuple:
     return tuple(sorted((k, v) for k, v in vars(module).items() if not k.startswith("_") and is_plain(v)))
 
 
-def _fit(module: nn.Module, match, shape) -> tuple[Optional[_FusedNorm], float]:
+def _fit(module: nn.Module, match, shape) -> tuple[Optional[nn.Module], float]:
     """The fused module ``match`` names for this instance, and its error against the instance
     (inf: it does not fit); (None, inf) where the match names none."""
     if match.spec is None:
@@ -128,17 +130,20 @@ def _fit(module: nn.Module, match, shape) -> tuple[Optional[_FusedNorm], float]:
     return new, _verify_instance(module, new, shape)
 
 
-def _verify_instance(module: nn.Module, new: _FusedNorm, shape) -> float:
+def _verify_instance(module: nn.Module, new: nn.Module, shape) -> float:
     """The chosen fused module against this very instance (its real parameters)."""
     params = list(module.parameters(recurse=False))
     dtype = params[0].dtype if params else torch.float32
     device = params[0].device if params else torch.device("cpu")
+    if isinstance(new, FusedGatedRMSNorm):
+        calls = [c for c in gate_probes(shape, dtype, device, _gate_input(module), seed=1) if c[0].dtype == dtype]
+    else:
+        calls = [(_probes(s, dtype, device, seed=1)[0],) for s in probe_shapes(shape)]
     worst = 0.0
-    for s in probe_shapes(shape):
-        x = _probes(s, dtype, device, seed=1)[0]
+    for args in calls:
         try:
             with torch.no_grad():
-                want, got = module(x), new(x)
+                want, got = module(*args), new(*args)
         except Exception:  # noqa: BLE001 - e.g. an instance that needs another input layout: not this function
             return float("inf")
         if not isinstance(want, torch.Tensor):
@@ -262,7 +267,7 @@ def _plan(model, report, include_p, exclude_p, strict, probe_autocast) -> dict:
         if not is_norm_like(module, model_name):
             return None
         old = type(module).__name__
-        if isinstance(module, _FusedNorm):
+        if isinstance(module, FUSED_MODULES):
             report.add(fqn, old, None, SKIPPED, "already a fused module")
             return None
         if not _selected(fqn, include_p, exclude_p):

@@ -1,0 +1,145 @@
+"""The gated norm classes of transformers (every one this install has), matched by probing and
+replaced by FusedGatedRMSNorm: the match names their maths, and the replacement computes what
+they compute, forward and backward, on the torch path and on the Triton kernels (interpreted on
+CPU tensors). The HF modules themselves are the reference: in float64 the truth, in bf16 the
+yardstick for the error budget (STYLE.md)."""
+
+import copy
+import importlib
+
+import pytest
+import torch
+
+from hf_rmsnorm import FusedGatedRMSNorm
+from hf_rmsnorm.patching.discovery import GatedSpec, build_fused, match_norm
+from reference import ATOL, assert_close_to_fp64
+
+MAMBA2 = dict(norm_before_gate=False, activation="silu", cast_mode="input")
+QWEN3_NEXT = dict(norm_before_gate=True, activation="silu", cast_mode="input")
+KIMI = dict(norm_before_gate=True, activation="sigmoid", cast_mode="float32")
+GROUPS_OF_16 = dict(group_size=16)
+
+# module path, class, constructor kwargs, the spec the probe must find (None: only that it finds one)
+CLASSES = {
+    "mamba2": ("mamba2", "MambaRMSNormGated", dict(hidden_size=48, group_size=16, eps=1e-5), dict(MAMBA2, eps=1e-5, group_size=16)),
+    "bamba": ("bamba", "BambaRMSNormGated", dict(hidden_size=48, group_size=16, eps=1e-5), dict(MAMBA2, eps=1e-5, group_size=16)),
+    "nemotron_h": ("nemotron_h", "NemotronHRMSNormGated", dict(hidden_size=48, group_size=48, eps=1e-5), dict(MAMBA2, eps=1e-5, group_size=None)),
+    "zamba2": ("zamba2", "Zamba2RMSNormGated", dict(hidden_size=48, group_size=16, eps=1e-5), dict(MAMBA2, eps=1e-5, group_size=16)),
+    "granitemoehybrid": ("granitemoehybrid", "GraniteMoeHybridRMSNormGated", dict(hidden_size=48, group_size=16, eps=1e-6), dict(MAMBA2, eps=1e-6, group_size=16)),
+    "qwen3_next": ("qwen3_next", "Qwen3NextRMSNormGated", dict(hidden_size=48, eps=1e-6), dict(QWEN3_NEXT, eps=1e-6, group_size=None)),
+    "qwen3_5": ("qwen3_5", "Qwen3_5RMSNormGated", dict(hidden_size=48, eps=1e-6), dict(QWEN3_NEXT, eps=1e-6, group_size=None)),
+    "olmo_hybrid": ("olmo_hybrid", "OlmoHybridRMSNormGated", dict(hidden_size=48, eps=1e-6), None),
+    "kimi_linear": ("kimi_linear", "KimiLinearRMSNormGated", dict(hidden_size=48, eps=1e-6), dict(KIMI, eps=1e-6, group_size=None)),
+    "bailing_hybrid": ("bailing_hybrid", "BailingHybridRMSNormGated", dict(hidden_size=48, eps=1e-6), None),
+    "glm5_next": ("glm5_next", "Glm5NextTextRMSNormGated", dict(hidden_size=48, eps=1e-6), None),
+    "falcon_h1": ("falcon_h1", "FalconH1RMSNormGated", dict(hidden_size=48, eps=1e-5, n_groups=3, norm_before_gate=True),
+                  dict(norm_before_gate=True, activation="silu", cast_mode="float32", eps=1e-5, group_size=16)),
+    "falcon_h1_gate_first": ("falcon_h1", "FalconH1RMSNormGated", dict(hidden_size=48, eps=1e-5, n_groups=3, norm_before_gate=False),
+                             dict(norm_before_gate=False, activation="silu", cast_mode="float32", eps=1e-5, group_size=16)),
+}
+
+
+def hf_module(name, dtype):
+    module_path, cls_name, kwargs, _ = CLASSES[name]
+    try:
+        cls = getattr(importlib.import_module(f"transformers.models.{module_path}.modeling_{module_path}"), cls_name)
+    except (ImportError, AttributeError):
+        pytest.skip(f"this transformers has no {cls_name}")
+    module = cls(**kwargs)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(module.weight.shape, generator=torch.Generator().manual_seed(3)) * 0.3 + 1)
+    return module.to(dtype)
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_the_probe_names_its_maths(name):
+    module = hf_module(name, torch.float32)
+    match = match_norm(module)
+    assert isinstance(match.spec, GatedSpec), match.reason
+    expected = CLASSES[name][3]
+    if expected is not None:
+        assert match.spec == GatedSpec(**expected)
+    assert match.reason.startswith("same function as gated RMSNorm(")
+
+
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_the_replacement_computes_what_it_computes(name, w_dtype, path):
+    """bf16 activations, with the weight in bf16 (a bf16 model) or fp32 (mixed precision):
+    same output dtype, outputs two ulps apart at most, and gradients of x, gate and weight
+    within 2x the module's own bf16 error (against its float64 twin) plus atol."""
+    module = hf_module(name, w_dtype)
+    fused = build_fused(match_norm(module).spec, module, (48,))
+    assert isinstance(fused, FusedGatedRMSNorm) and fused.weight is module.weight
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 5, 48, generator=g) * 2 + 0.3).to(torch.bfloat16)
+    gate = (torch.randn(4, 5, 48, generator=g) * 2).to(torch.bfloat16)
+    dy = torch.randn(4, 5, 48, generator=g).to(torch.bfloat16)
+
+    def run(m, dtype=None):
+        leaves = [t.to(dtype or t.dtype).detach().requires_grad_(True) for t in (x, gate)]
+        m.zero_grad()
+        y = m(*leaves)
+        y.backward(dy.to(y.dtype))
+        return [y.detach(), leaves[0].grad, leaves[1].grad, m.weight.grad.clone()]
+
+    ours, theirs = run(fused), run(module)
+    truth = run(copy.deepcopy(module).double(), torch.float64)
+    assert ours[0].dtype == theirs[0].dtype
+    assert (ours[0].float() - theirs[0].float()).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * theirs[0].float().abs().max()
+    for what, got, want, t64 in zip(("output", "grad of x", "grad of gate", "grad of weight"), ours, theirs, truth):
+        assert got.dtype == want.dtype, what
+        assert_close_to_fp64(got, want, t64, torch.bfloat16, what)
+
+
+def test_a_gated_model_patched_by_name_keeps_its_callers_working():
+    """Mamba2 with one group, whose mixer calls norm(x, gate): once taken for a plain RMSNorm
+    (its gate defaults to None) and swapped for a module that takes one input."""
+    from tiny_models import build, run
+
+    from hf_rmsnorm import patch_model
+
+    model, inputs = build("mamba2_one_group")
+    want = run(model, inputs)
+    report = patch_model(model)
+    gated = [e for e in report if e["new"] == "FusedGatedRMSNorm"]
+    assert len(gated) == 2 and all(e["change"] == "fused" for e in gated)
+    got = run(model, inputs)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=ATOL[torch.float32])
+
+
+class _GroupsNamedNowhere(torch.nn.Module):
+    """Groups of 12 that no attribute names: the probe tries every divisor of the width."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(48))
+
+    def forward(self, hidden_states, gate):
+        h = (hidden_states.float() * torch.sigmoid(gate.float())).unflatten(-1, (4, 12))
+        n = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).flatten(-2)
+        return (self.weight.float() * n).to(hidden_states.dtype)
+
+
+def test_groups_are_found_where_no_attribute_names_them():
+    match = match_norm(_GroupsNamedNowhere())
+    assert match.spec == GatedSpec(1e-5, 12, False, "sigmoid", "float32"), match.reason
+
+
+def test_module_state_dict_and_arguments():
+    hf = hf_module("mamba2", torch.float32)
+    fused = FusedGatedRMSNorm(48, 1e-5, 16)
+    assert list(fused.state_dict()) == list(hf.state_dict()) == ["weight"]
+    fused.load_state_dict(hf.state_dict())
+    x, gate = torch.randn(3, 48), torch.randn(3, 48)
+    torch.testing.assert_close(fused(x, gate), hf(x, gate), rtol=1e-6, atol=1e-6)
+    assert FusedGatedRMSNorm(48, elementwise_affine=False).weight is None
+    for kwargs, message in [
+        (dict(hidden_size=48, group_size=10), "group_size 10 does not divide the normalised dimension 48"),
+        (dict(hidden_size=0), "hidden_size must be a positive int, got 0"),
+        (dict(hidden_size=48, activation="relu"), "activation must be one of ('silu', 'sigmoid')"),
+        (dict(hidden_size=48, cast_mode="weight"), "cast_mode must be one of ('input', 'float32')"),
+    ]:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            FusedGatedRMSNorm(**kwargs)
