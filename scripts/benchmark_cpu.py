@@ -59,13 +59,19 @@ def _hf_class(module: str, name: str):
 
 
 # name -> (builds the original module for a hidden size, whether the replacement is the exact
-# LayerNorm -> RMSNorm conversion rather than the same-function fused module)
+# LayerNorm -> RMSNorm conversion rather than the same-function fused module, whether it is
+# called with a gate of x's shape)
 CASES = {
-    "LayerNorm → FusedLayerNorm": (lambda n: nn.LayerNorm(n), False),
-    "LayerNorm → RMSNorm+bias (exact conversion)": (lambda n: nn.LayerNorm(n), True),
-    "LlamaRMSNorm → FusedRMSNorm": (lambda n: _hf_class("llama", "LlamaRMSNorm")(n, eps=1e-6), False),
-    "GemmaRMSNorm → FusedRMSNorm": (lambda n: _hf_class("gemma", "GemmaRMSNorm")(n, eps=1e-6), False),
-    "T5LayerNorm → FusedRMSNorm": (lambda n: _hf_class("t5", "T5LayerNorm")(n, eps=1e-6), False),
+    "LayerNorm → FusedLayerNorm": (lambda n: nn.LayerNorm(n), False, False),
+    "LayerNorm → RMSNorm+bias (exact conversion)": (lambda n: nn.LayerNorm(n), True, False),
+    "LlamaRMSNorm → FusedRMSNorm": (lambda n: _hf_class("llama", "LlamaRMSNorm")(n, eps=1e-6), False, False),
+    "GemmaRMSNorm → FusedRMSNorm": (lambda n: _hf_class("gemma", "GemmaRMSNorm")(n, eps=1e-6), False, False),
+    "T5LayerNorm → FusedRMSNorm": (lambda n: _hf_class("t5", "T5LayerNorm")(n, eps=1e-6), False, False),
+    # Mamba2's (gate before the norm, in 4 groups) and Qwen3-Next's (gate after it)
+    "MambaRMSNormGated → FusedGatedRMSNorm": (
+        lambda n: _hf_class("mamba2", "MambaRMSNormGated")(n, group_size=n // 4, eps=1e-5), False, True),
+    "Qwen3NextRMSNormGated → FusedGatedRMSNorm": (
+        lambda n: _hf_class("qwen3_next", "Qwen3NextRMSNormGated")(n, eps=1e-6), False, True),
 }
 
 
@@ -84,23 +90,25 @@ def _median_us(fn, min_run_time: float) -> float:
     return tbench.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e6
 
 
-def _step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str):
+def _step(module: nn.Module, args: tuple, dy: torch.Tensor, mode: str):
+    """One call on ``args`` (x, or x and a gate): under no_grad, or with the gradients of every
+    argument and parameter."""
     if mode == "inference":
         def run():
             with torch.no_grad():
-                module(x)
+                module(*args)
     else:
-        inputs = (x, *module.parameters())
+        inputs = (*args, *module.parameters())
 
         def run():
-            torch.autograd.grad(module(x), inputs, dy)
+            torch.autograd.grad(module(*args), inputs, dy)
     return run
 
 
-def time_pair(original, patched, x, dy, mode, rounds: int, min_run_time: float) -> tuple[float, float]:
+def time_pair(original, patched, args, dy, mode, rounds: int, min_run_time: float) -> tuple[float, float]:
     """Medians over ``rounds`` alternating measurements, so that drift hits both alike; the
     order flips every round, so that going first or second is no advantage either."""
-    steps = (_step(original, x, dy, mode), _step(patched, x, dy, mode))
+    steps = (_step(original, args, dy, mode), _step(patched, args, dy, mode))
     for step in steps:
         step()  # first-call work (allocator, lazy init) outside the timing
     return alternating_medians([lambda step=step: _median_us(step, min_run_time) for step in steps], rounds)
@@ -118,9 +126,11 @@ def alternating_medians(measures, rounds: int, flip_order: bool = True) -> tuple
     return tuple(statistics.median(t) for t in times)
 
 
-def module_rows(shapes, dtypes, rounds: int, min_run_time: float) -> list[dict]:
+def module_rows(shapes, dtypes, rounds: int, min_run_time: float, cases: str = "") -> list[dict]:
     rows = []
-    for case, (build, convert) in CASES.items():
+    for case, (build, convert, gated) in CASES.items():
+        if cases and cases.lower() not in case.lower():
+            continue
         for dname in dtypes:
             dtype = DTYPES[dname]
             for m, n in shapes:
@@ -134,9 +144,10 @@ def module_rows(shapes, dtypes, rounds: int, min_run_time: float) -> list[dict]:
                 if convert:
                     x = x - x.float().mean(-1, keepdim=True).to(dtype)  # what a converted model's norms see
                 x.requires_grad_(True)
+                args = (x, torch.randn(m, n, dtype=dtype).requires_grad_(True)) if gated else (x,)
                 dy = torch.randn(m, n, dtype=dtype)
                 for mode in MODES:
-                    base, ours = time_pair(original, patched, x, dy, mode, rounds, min_run_time)
+                    base, ours = time_pair(original, patched, args, dy, mode, rounds, min_run_time)
                     rows.append({
                         "case": case, "dtype": dname, "shape": [m, n], "mode": mode,
                         "original_us": base, "patched_us": ours, "ratio": ours / base,
@@ -570,6 +581,7 @@ def main(argv=None) -> int:
                         help="also time the Triton path's host code through Triton's own launch path (kernels compiled "
                              "for sm_90, launches no-ops), with and without the direct launch; not with --host")
     parser.add_argument("--no-modules", action="store_true", help="skip the module table (host times only)")
+    parser.add_argument("--cases", default="", help="only the replacements whose name contains this (e.g. Gated)")
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {sorted(DTYPES)}")
     parser.add_argument("--rounds", type=int, default=None, help="alternating measurements per pair (default 5, quick 1)")
     parser.add_argument("--out", default="benchmarks/results/cpu", help="output folder")
@@ -581,6 +593,8 @@ def main(argv=None) -> int:
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 5)
     if rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.cases and not any(args.cases.lower() in case.lower() for case in CASES):
+        parser.error(f"--cases {args.cases!r} names none of: {', '.join(CASES)}")
     if args.host and args.launcher:
         parser.error("--host and --launcher need separate runs: one defines the kernels for Triton's interpreter, "
                      "the other compiles them")
@@ -595,7 +609,7 @@ def main(argv=None) -> int:
     result = {"environment": _machine(), "shapes": shapes, "rounds": rounds}
     if args.no_modules and not (args.host or args.launcher):
         parser.error("--no-modules leaves nothing to measure without --host or --launcher")
-    result["modules"] = [] if args.no_modules else module_rows(shapes, dtypes, rounds, min_run_time)
+    result["modules"] = [] if args.no_modules else module_rows(shapes, dtypes, rounds, min_run_time, args.cases)
     if args.host:
         result["host"] = host_rows(HOST_SHAPE, min_run_time)
     if args.launcher:

@@ -593,15 +593,26 @@ def test_benchmark_cpu_quick_times_every_replacement_and_the_host_path(tmp_path)
     result = json.loads((tmp_path / "cpu.json").read_text())
     assert result["environment"]["threads"] >= 1 and result["environment"]["torch"]
     cases = {r["case"] for r in result["modules"]}
-    assert len(cases) == 5 and "LayerNorm → RMSNorm+bias (exact conversion)" in cases
+    assert len(cases) == 7 and "LayerNorm → RMSNorm+bias (exact conversion)" in cases
+    assert "MambaRMSNormGated → FusedGatedRMSNorm" in cases  # called with a gate
     for r in result["modules"]:
         assert r["original_us"] > 0 and r["patched_us"] > 0
         assert r["ratio"] == pytest.approx(r["patched_us"] / r["original_us"])
-    assert len(result["modules"]) == 5 * 2 * 2 * 2  # cases × dtypes × shapes × modes
+    assert len(result["modules"]) == 7 * 2 * 2 * 2  # cases × dtypes × shapes × modes
     host = {(r["call"], r["mode"]) for r in result["host"]}
     assert ("layer_norm(x, w, b)", "forward + backward") in host and len(host) == 13
     markdown = (tmp_path / "cpu.md").read_text()
     assert "| LlamaRMSNorm → FusedRMSNorm | bf16 |" in markdown and "kernel launches stubbed" in markdown
+
+
+def test_benchmark_cpu_times_only_the_cases_asked_for(tmp_path):
+    proc = _run_cpu_benchmark("--quick", "--cases", "gated", "--dtypes", "bf16", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cases = {r["case"] for r in json.loads((tmp_path / "cpu.json").read_text())["modules"]}
+    assert cases == {"MambaRMSNormGated → FusedGatedRMSNorm", "Qwen3NextRMSNormGated → FusedGatedRMSNorm"}
+    proc = _run_cpu_benchmark("--quick", "--cases", "BatchNorm", "--out", str(tmp_path / "none"))
+    assert proc.returncode == 2 and "--cases 'BatchNorm' names none of: LayerNorm → FusedLayerNorm" in proc.stderr
+    assert not (tmp_path / "none").exists()
 
 
 def test_benchmark_cpu_rejects_an_unknown_dtype(tmp_path):
