@@ -9,6 +9,10 @@ plus written). See ../shared/PERF.md.
 
     python scripts/benchmark_kernels.py                  # full table on a GPU
     python scripts/benchmark_kernels.py --quick          # tiny shapes; runs anywhere (CI)
+    python scripts/benchmark_kernels.py --gated          # the gated norms (Qwen3-Next's, Mamba2's) on their shapes
+
+A gated norm also reads the gate forward and writes its gradient backward: 6 B and 16 B per
+element in bf16.
 
 Writes ``<out>/kernels.json`` (every number, device and versions) and ``<out>/kernels.md``.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import importlib.metadata
 import json
 import statistics
@@ -28,10 +33,15 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from hf_rmsnorm.ops import layer_norm, rms_norm
+from hf_rmsnorm.ops import gated_rms_norm, layer_norm, rms_norm
 
 FULL_SHAPES = [(65536, 768), (16384, 2048), (16384, 4096), (16384, 8192)]
 QUICK_SHAPES = [(256, 768), (64, 2048)]
+# the gated norms' rows: Qwen3.5's gated delta net (8 x 1024 tokens x 32 value heads of 128) and
+# Mamba2-style mixers (an inner width of 4096 or 8192, in 8 groups)
+GATED_SHAPES = [(262144, 128), (16384, 4096), (16384, 8192)]
+QUICK_GATED_SHAPES = [(256, 128), (64, 512)]
+MAMBA2_GROUPS = 8
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -129,6 +139,38 @@ def _setup_liger_layer(x, w, b):
     return m
 
 
+# The gated providers' setups take (x, w, gate) and return a function of x (weight and gate bound).
+
+
+def _hf_gated(cls_module: str, cls_name: str, n: int, w, **kwargs):
+    """The HF class itself, reading ``w`` as its weight (so that ``w``'s gradient is its)."""
+    mod = importlib.import_module(f"transformers.models.{cls_module}.modeling_{cls_module}")
+    m = getattr(mod, cls_name)(n, **kwargs).to(device=w.device, dtype=w.dtype)
+    del m.weight
+    m.weight = w
+    return m
+
+
+def _setup_ours_gate_after(x, w, z):
+    return lambda x: gated_rms_norm(x, z, w, 1e-6, norm_before_gate=True)
+
+
+def _setup_ours_gate_before(x, w, z):
+    n = x.shape[-1]
+    return lambda x: gated_rms_norm(x, z, w, 1e-5, group_size=n // MAMBA2_GROUPS)
+
+
+def _setup_hf_gate_after(x, w, z):
+    m = _hf_gated("qwen3_next", "Qwen3NextRMSNormGated", x.shape[-1], w, eps=1e-6)
+    return lambda x: m(x, z)
+
+
+def _setup_hf_gate_before(x, w, z):
+    n = x.shape[-1]
+    m = _hf_gated("mamba2", "MambaRMSNormGated", n, w, group_size=n // MAMBA2_GROUPS, eps=1e-5)
+    return lambda x: m(x, z)
+
+
 # name -> (setup, which norm it computes, needs)
 PROVIDERS: dict[str, tuple[Callable, str, Optional[str]]] = {
     "hf_rmsnorm RMSNorm": (_setup_hf_rmsnorm_rms, "rms", None),
@@ -148,9 +190,17 @@ PROVIDERS: dict[str, tuple[Callable, str, Optional[str]]] = {
     "hf_rmsnorm LayerNorm (C++ launch)": (_launched(_setup_hf_rmsnorm_layer, True), "layer", "cpp"),
     "hf_rmsnorm RMSNorm (Python launch)": (_launched(_setup_hf_rmsnorm_rms, False), "rms", "python"),
     "hf_rmsnorm LayerNorm (Python launch)": (_launched(_setup_hf_rmsnorm_layer, False), "layer", "python"),
+    # --gated: the gated norms, gate after the norm (Qwen3-Next, Qwen3.5) and before it in groups (Mamba2)
+    "hf_rmsnorm gated: gate after": (_setup_ours_gate_after, "gated", None),
+    "HF eager Qwen3NextRMSNormGated": (_setup_hf_gate_after, "gated", None),
+    "torch.compile Qwen3NextRMSNormGated": (_compiled(_setup_hf_gate_after), "gated", "compile"),
+    "hf_rmsnorm gated: gate before in 8 groups": (_setup_ours_gate_before, "gated", None),
+    "HF eager MambaRMSNormGated": (_setup_hf_gate_before, "gated", None),
+    "torch.compile MambaRMSNormGated": (_compiled(_setup_hf_gate_before), "gated", "compile"),
 }
-# the run's providers unless --providers names others
-DEFAULT_PROVIDERS = [name for name, (_, _, need) in PROVIDERS.items() if need not in ("cpp", "python")]
+GATED_PROVIDERS = [name for name, (_, kind, _) in PROVIDERS.items() if kind == "gated"]
+# the run's providers unless --providers names others (or --gated)
+DEFAULT_PROVIDERS = [name for name, (_, kind, need) in PROVIDERS.items() if need not in ("cpp", "python") and kind != "gated"]
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -194,11 +244,12 @@ def copy_bandwidth_gbps(device: torch.device, quick: bool) -> float:
     return 2 * numel * src.element_size() / (ms * 1e-3) / 1e9
 
 
-def floor_bytes(m: int, n: int, x_dtype: torch.dtype, mode: str) -> int:
-    """Fewest bytes a norm moves: fwd reads x and writes y; bwd reads x and dy, writes dx."""
+def floor_bytes(m: int, n: int, x_dtype: torch.dtype, mode: str, gated: bool = False) -> int:
+    """Fewest bytes a norm moves: fwd reads x and writes y; bwd reads x and dy, writes dx. A
+    gated norm also reads the gate forward, and reads it and writes its gradient backward."""
     e = torch.empty((), dtype=x_dtype).element_size()
-    fwd = 2 * m * n * e
-    return fwd if mode == "fwd" else fwd + 3 * m * n * e
+    fwd = (3 if gated else 2) * m * n * e
+    return fwd if mode == "fwd" else fwd + (5 if gated else 3) * m * n * e
 
 
 def _available(need: Optional[str], device: torch.device) -> Optional[str]:
@@ -226,13 +277,16 @@ def make_step(name, m, n, mode, x_dtype, w_dtype, device) -> Callable[[], object
     """One call of provider ``name`` on fresh random (m, n) inputs: the forward under
     no_grad (``"fwd"``), the forward with autograd recording it as a training forward does,
     nothing differentiated (``"fwd, grad"``), or the forward and every gradient (``"fwd+bwd"``)."""
-    setup = PROVIDERS[name][0]
+    setup, kind, _ = PROVIDERS[name]
     g = torch.Generator(device=device).manual_seed(0)
     # random data, never zeros; each tensor here is larger than a GPU's L2 at full size, so
     # repeated calls read from memory rather than cache
     x = torch.randn(m, n, device=device, generator=g).to(x_dtype)
     w = (1 + 0.1 * torch.randn(n, device=device, generator=g)).to(w_dtype).requires_grad_(mode != "fwd")
-    b = (0.1 * torch.randn(n, device=device, generator=g)).to(w_dtype).requires_grad_(mode != "fwd")
+    if kind == "gated":  # the gate takes the bias's place: an input with a gradient
+        b = (2 * torch.randn(m, n, device=device, generator=g)).to(x_dtype).requires_grad_(mode != "fwd")
+    else:
+        b = (0.1 * torch.randn(n, device=device, generator=g)).to(w_dtype).requires_grad_(mode != "fwd")
     fn = setup(x, w, b)
     if mode == "fwd":
         def step():
@@ -260,13 +314,14 @@ def run_case(name, m, n, mode, x_dtype, w_dtype, device, quick):
     kind = PROVIDERS[name][1]
     step = make_step(name, m, n, mode, x_dtype, w_dtype, device)
     ms = _bench(step, device, quick=quick)
-    out = {"time_us": ms * 1e3, "gbps": floor_bytes(m, n, x_dtype, mode) / (ms * 1e-3) / 1e9, "kind": kind}
+    floor = floor_bytes(m, n, x_dtype, mode, gated=kind == "gated")
+    out = {"time_us": ms * 1e3, "gbps": floor / (ms * 1e-3) / 1e9, "kind": kind}
     if device.type == "cuda":
         # the same step captured in a CUDA graph and replayed: GPU time alone
         try:
             ms = graph_ms(step, device)
             out["graph_time_us"] = ms * 1e3
-            out["graph_gbps"] = floor_bytes(m, n, x_dtype, mode) / (ms * 1e-3) / 1e9
+            out["graph_gbps"] = floor / (ms * 1e-3) / 1e9
         except Exception as exc:  # a provider that cannot be captured keeps its do_bench number
             out["graph_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
     return out
@@ -333,9 +388,12 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", default=None, help="comma-separated subset of: " + ", ".join(PROVIDERS))
     parser.add_argument("--modes", default=",".join(MODES), help="fwd, fwd+bwd or both")
     parser.add_argument("--name", default="kernels", help="basename of the JSON and markdown files")
+    parser.add_argument("--gated", action="store_true",
+                        help="the gated norms' providers (unless --providers names others) on their own shapes")
     args = parser.parse_args(argv)
 
-    names = DEFAULT_PROVIDERS if args.providers is None else [p.strip() for p in args.providers.split(",") if p.strip()]
+    names = (GATED_PROVIDERS if args.gated else DEFAULT_PROVIDERS) if args.providers is None else [
+        p.strip() for p in args.providers.split(",") if p.strip()]
     unknown = [p for p in names if p not in PROVIDERS]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown or not names:
@@ -351,7 +409,10 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x_dtype = DTYPES[args.x_dtype]
     w_dtype = DTYPES[args.w_dtype or args.x_dtype]
-    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    if args.gated:
+        shapes = QUICK_GATED_SHAPES if args.quick else GATED_SHAPES
+    else:
+        shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     copy_gbps = copy_bandwidth_gbps(device, args.quick)
     result = {
         "environment": {

@@ -30,6 +30,8 @@
 #                                                  # table's rows of ours both ways, in $OUT/cpp/
 #   STEPS=generate bash scripts/gpu_check.sh      # not in the default set: token-by-token generation (greedy, KV
 #                                                  # cache) as shipped and patched, in $OUT/generate/
+#   STEPS=gated bash scripts/gpu_check.sh         # not in the default set: the gated norms' kernel table (ours,
+#                                                  # the HF classes eager and compiled), in $OUT/kernels_gated.md
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick=""
@@ -71,7 +73,7 @@ step() {
 
 PEERS="torch F.layer_norm,torch F.rms_norm,HF eager RMSNorm"
 OURS="hf_rmsnorm RMSNorm,hf_rmsnorm RMSNorm+bias,hf_rmsnorm LayerNorm"
-step tests 210 "$PY" -m pytest tests/test_gpu.py -q -rfEs -p no:cacheprovider
+step tests 240 "$PY" -m pytest tests/test_gpu.py tests/test_gpu_gated.py -q -rfEs -p no:cacheprovider
 step bench 95 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16 ${BENCH_PROVIDERS:+--providers "$BENCH_PROVIDERS"}
 # 20 steps a row: with 10, one GPT-2-medium bf16 row's median moved by up to 0.13x between
 # repeats on one machine (run 12); with 20 the step took 61 s after the GPU tests and ran past
@@ -105,12 +107,14 @@ step cpp 90 "$PY" scripts/benchmark_training.py $quick --models gpt2-medium \
   --variants "as shipped,layernorm+python,layernorm,rmsnorm+python,rmsnorm,norms -> Identity" --out "$OUT/cpp"
 step cppkernels 60 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT/cpp" --name kernels_cpp --providers \
   "hf_rmsnorm RMSNorm (Python launch),hf_rmsnorm RMSNorm,hf_rmsnorm LayerNorm (Python launch),hf_rmsnorm LayerNorm,torch F.layer_norm"
+# the gated norms (Qwen3-Next's gate after the norm, Mamba2's before it in groups) on their shapes
+step gated 90 "$PY" scripts/benchmark_kernels.py $quick --gated --out "$OUT" --name kernels_gated
 # token-by-token generation: a few rows a norm call, so the norms' host time decides
 step generate 150 "$PY" scripts/benchmark_generation.py $quick --out "$OUT/generate"
 
 echo
 grep -E "^(FAILED|ERROR)|passed|failed|skipped" "$OUT/tests.log" 2>/dev/null | cut -c1-400
-for f in generate/generation cpp/kernels_cpp cpp/training direct/training trainprof/training tune_gpt2/tuning tuning host_probe profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
+for f in kernels_gated generate/generation cpp/kernels_cpp cpp/training direct/training trainprof/training tune_gpt2/tuning tuning host_probe profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
   [ -f "$OUT/$f.md" ] && sed -n '/^# /p;/^copy/p;/^torch/p;/^|/p;/^- /p;/^`do_bench`/p;/^CUDA-graph/p;/against the Identity row/p' "$OUT/$f.md"
 done
 cat "$OUT/steps.txt" 2>/dev/null

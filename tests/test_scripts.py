@@ -37,6 +37,30 @@ def test_benchmark_kernels_quick_writes_json_and_markdown(tmp_path):
     assert markdown.strip() in proc.stdout
 
 
+def test_benchmark_kernels_gated_times_the_gated_norms_over_their_own_floor(tmp_path):
+    """--gated: ours and the HF classes (Qwen3-Next's gate after the norm, Mamba2's before it in
+    groups) on the gated shapes, each byte of the gate counted; every gradient taken, the HF
+    modules' weight included."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark_kernels import GATED_PROVIDERS, QUICK_GATED_SHAPES, floor_bytes, make_step
+
+    eager = [p for p in GATED_PROVIDERS if not p.startswith("torch.compile")]
+    proc = _run("--quick", "--gated", "--out", str(tmp_path), "--providers", ",".join(eager))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "kernels.json").read_text())
+    assert [tuple(s) for s in result["shapes"]] == QUICK_GATED_SHAPES and list(result["results"]) == eager
+    for per in result["results"].values():
+        for m, n in QUICK_GATED_SHAPES:
+            for mode in result["modes"]:
+                r = per[f"{m}x{n}"][mode]
+                assert r["kind"] == "gated"
+                assert r["gbps"] == pytest.approx(floor_bytes(m, n, torch.bfloat16, mode, gated=True) / (r["time_us"] * 1e-6) / 1e9)
+    assert floor_bytes(4, 8, torch.bfloat16, "fwd+bwd", gated=True) == 16 * 4 * 8  # x, gate, y; x, gate, dy, dx, dgate
+    for name in eager:
+        grads = make_step(name, 8, 64, "fwd+bwd", torch.bfloat16, torch.bfloat16, torch.device("cpu"))()
+        assert len(grads) == 3 and all(g is not None for g in grads), name  # x, weight, gate
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason a machine without a GPU gets")
 def test_benchmark_kernels_times_the_cpp_launch_only_when_named_and_says_why_not_here(tmp_path):
     """The rows launched one way (the C++ launch operator, or from Python) are not in a default
@@ -54,7 +78,7 @@ def test_benchmark_kernels_times_the_cpp_launch_only_when_named_and_says_why_not
     sys.path.insert(0, str(ROOT / "scripts"))
     from benchmark_kernels import DEFAULT_PROVIDERS, PROVIDERS
 
-    assert [p for p in PROVIDERS if p not in DEFAULT_PROVIDERS] == [
+    assert [p for p in PROVIDERS if p not in DEFAULT_PROVIDERS and PROVIDERS[p][1] != "gated"] == [
         "hf_rmsnorm RMSNorm (C++ launch)", "hf_rmsnorm LayerNorm (C++ launch)",
         "hf_rmsnorm RMSNorm (Python launch)", "hf_rmsnorm LayerNorm (Python launch)"]
     # on (off) for the provider's call only
@@ -669,20 +693,21 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_the_tables(tmp_path):
         pytest.skip("a GPU is present: the dry run would time the real kernels")
     out = tmp_path / "gpu"
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OUT": str(out),
-           "STEPS": "tests,bench,training,mixed,fp32,tune,trainprof,direct,cpp,cppkernels,generate", "PYTHON": sys.executable}
+           "STEPS": "tests,bench,training,mixed,fp32,tune,trainprof,direct,cpp,cppkernels,gated,generate", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--quick"], capture_output=True, text=True,
                           cwd=ROOT, timeout=900, env=env)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-2000:])
     steps = (out / "steps.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in steps] == [
         f"== {s}" for s in ("tests", "bench", "training", "mixed", "fp32", "tune", "trainprof", "direct", "cpp", "cppkernels",
-                             "generate")]
+                             "gated", "generate")]
     assert all(": exit 0 in" in line for line in steps), steps
     for name in ("kernels_bf16", "kernels_bf16_fp32w", "kernels_fp32", "training", "tuning", "trainprof/training", "direct/training",
-                 "cpp/training", "cpp/kernels_cpp", "generate/generation"):
+                 "cpp/training", "cpp/kernels_cpp", "kernels_gated", "generate/generation"):
         assert (out / f"{name}.json").is_file() and (out / f"{name}.md").is_file(), name
     assert (out / "all.tgz").is_file()
     assert "| llama-1b |" in proc.stdout and "== generate: exit 0" in proc.stdout.splitlines()[-1]
+    assert "| hf_rmsnorm gated: gate after |" in proc.stdout
     assert "| gpt2-medium | fp32 | 1 | 8 + 4 | rmsnorm |" in proc.stdout
     assert "| gpt2-medium | bf16 params | rmsnorm+triton |" in proc.stdout
     assert "| gpt2-medium | bf16 params | rmsnorm+python |" in proc.stdout

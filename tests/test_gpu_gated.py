@@ -1,0 +1,92 @@
+"""GPU-only checks of the gated norm: its compiled (not interpreted) kernels at full size against
+float64, the weight gradient's determinism, torch.compile with Inductor, and patched hybrid
+models on CUDA. Skipped with a reason on a CPU-only machine; scripts/gpu_check.sh runs them."""
+
+import pytest
+import torch
+
+from hf_rmsnorm import patch_model
+from hf_rmsnorm.ops import gated_rms_norm
+from reference import assert_close_to_fp64, gated_fp64, gated_torch_same_dtype
+
+pytestmark = pytest.mark.gpu
+
+# (shape, group_size, norm_before_gate, activation, cast_mode)
+CASES = {
+    "qwen3.5_heads": ((262144, 128), None, True, "silu", "input"),  # 8 x 1024 tokens x 32 heads
+    "mamba2_8_groups": ((16384, 8192), 1024, False, "silu", "input"),
+    "kimi_sigmoid": ((16384, 2048), None, True, "sigmoid", "float32"),
+    "falcon_h1_ten_groups": ((4, 3, 100, 960), 96, False, "silu", "float32"),  # a group count of no power of two
+    "widest_row": ((8, 65536), None, False, "silu", "input"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _auto_backend(monkeypatch):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")  # auto must pick Triton for CUDA tensors
+
+
+def _inputs(shape, w_dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = (torch.randn(shape, device="cuda", generator=g) * 2 + 0.3).to(torch.bfloat16)
+    gate = (torch.randn(shape, device="cuda", generator=g) * 2).to(torch.bfloat16)
+    w = (1 + 0.3 * torch.randn(shape[-1], device="cuda", generator=g)).to(w_dtype)
+    dy = torch.randn(shape, device="cuda", generator=g).to(torch.bfloat16)
+    return x, gate, w, dy
+
+
+def _run(fn, x, gate, w, dy):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, gate, w)]
+    y = fn(*leaves)
+    y.backward(dy.to(y.dtype))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32], ids=["w_bf16", "w_fp32"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_full_size_gated_kernels_against_float64(case, w_dtype, gated_launches):
+    shape, size, before, activation, cast_mode = CASES[case]
+    x, gate, w, dy = _inputs(shape, w_dtype)
+    ours = _run(lambda x, g, w: gated_rms_norm(x, g, w, 1e-6, group_size=size, norm_before_gate=before,
+                                               activation=activation, cast_mode=cast_mode), x, gate, w, dy)
+    assert gated_launches() == 2, "auto did not run the gated Triton kernels on CUDA"
+    theirs = _run(lambda x, g, w: gated_torch_same_dtype(x, g, w, 1e-6, size, before, activation, cast_mode), x, gate, w, dy)
+    truth = _run(lambda x, g, w: gated_fp64(x, g, w, 1e-6, size, before, activation), x.double(), gate.double(), w.double(), dy)
+    assert ours[0].dtype == theirs[0].dtype
+    for what, got, want, t64 in zip(("output", "grad x", "grad gate", "grad w"), ours, theirs, truth):
+        assert_close_to_fp64(got, want, t64, torch.bfloat16, what)
+
+
+def test_gated_weight_gradient_is_deterministic_on_the_gpu():
+    x, gate, w, dy = _inputs((16384, 4096), torch.float32)
+    runs = [_run(lambda x, g, w: gated_rms_norm(x, g, w, group_size=512), x, gate, w, dy) for _ in range(3)]
+    assert all(torch.equal(r[3], runs[0][3]) for r in runs[1:]), "the weight gradient changed between identical runs"
+
+
+def test_gated_torch_compile_inductor_fullgraph_on_cuda(gated_launches):
+    torch._dynamo.reset()
+    x, gate, w, dy = _inputs((64, 8, 128), torch.bfloat16)
+
+    def fn(x, g, w):
+        return gated_rms_norm(x * 2, g, w, norm_before_gate=True) * 3
+
+    eager = _run(fn, x, gate, w, dy)
+    compiled = _run(torch.compile(fn, fullgraph=True), x, gate, w, dy)  # fullgraph: a break raises
+    assert gated_launches() >= 4
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e)
+
+
+@pytest.mark.parametrize("name", ["mamba2", "qwen3_next"])
+def test_patched_hybrid_models_on_cuda(name, gated_launches):
+    from tiny_models import build, run
+
+    model, inputs = build(name)
+    model, inputs = model.cuda(), {k: v.cuda() for k, v in inputs.items()}
+    want = run(model, inputs)
+    report = patch_model(model)
+    assert any(e["new"] == "FusedGatedRMSNorm" for e in report)
+    got = run(model, inputs)
+    assert gated_launches() > 0
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=k)
