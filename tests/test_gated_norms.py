@@ -95,6 +95,20 @@ def test_the_replacement_computes_what_it_computes(name, w_dtype, path):
         assert_close_to_fp64(got, want, t64, torch.bfloat16, what)
 
 
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_patch_model_swaps_each_and_keeps_its_function(name):
+    """Through patch_model, each instance verified with its own parameters (Kimi's gate defaults
+    to None but is needed: a call without it raises, and is no evidence against the match)."""
+    from hf_rmsnorm import patch_model
+
+    model = torch.nn.ModuleDict({"norm": hf_module(name, torch.bfloat16)})
+    x, gate = torch.randn(2, 3, 48).to(torch.bfloat16), torch.randn(2, 3, 48).to(torch.bfloat16)
+    want = model["norm"](x, gate)
+    (entry,) = patch_model(model)
+    assert entry["change"] == "fused" and isinstance(model["norm"], FusedGatedRMSNorm), entry["reason"]
+    assert torch.equal(model["norm"](x, gate), want)
+
+
 def test_a_gated_model_patched_by_name_keeps_its_callers_working():
     """Mamba2 with one group, whose mixer calls norm(x, gate): once taken for a plain RMSNorm
     (its gate defaults to None) and swapped for a module that takes one input."""

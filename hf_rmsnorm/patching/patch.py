@@ -143,8 +143,15 @@ def _verify_instance(module: nn.Module, new: nn.Module, shape) -> float:
     for args in calls:
         try:
             with torch.no_grad():
-                want, got = module(*args), new(*args)
-        except Exception:  # noqa: BLE001 - e.g. an instance that needs another input layout: not this function
+                want = module(*args)
+        except Exception:  # noqa: BLE001
+            if isinstance(new, FusedGatedRMSNorm) and len(args) == 1:
+                continue  # a gate that defaults to None but is needed (Kimi's): the probe skipped that call too
+            return float("inf")  # e.g. an instance that needs another input layout: not this function
+        try:
+            with torch.no_grad():
+                got = new(*args)
+        except Exception:  # noqa: BLE001
             return float("inf")
         if not isinstance(want, torch.Tensor):
             return float("inf")
