@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .ops import gated_rms_norm, layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
-from .ops.gated_rms_norm import check_settings, gated_rms_norm_ref
+from .ops.gated_rms_norm import check_settings, dispatch, gated_rms_norm_ref
 from .ops._module_calls import kernels_for_module, kernels_settled, settle
 from .ops._norm import CAST_MODES, _any_autocast, selected_backend
 from .ops.layer_norm import torch_layer_norm_computes
@@ -282,17 +282,27 @@ class FusedGatedRMSNorm(nn.Module):
 
     def forward(self, hidden_states: Tensor, gate: Optional[Tensor] = None) -> Tensor:
         weight = self._parameters["weight"] if "weight" in self._parameters else self.weight
+        x = hidden_states
         if (
-            not hidden_states.is_cuda and selected_backend() != "triton" and not _any_autocast()
-            and (gate is None or gate.shape == hidden_states.shape) and hidden_states.shape[-1:] == (self.hidden_size,)
+            isinstance(x, Tensor) and not x.is_cuda and selected_backend() != "triton" and not _any_autocast()
+            and (gate is None or gate.shape == x.shape) and x.shape[-1:] == (self.hidden_size,)
         ):
-            # Off CUDA the op runs its torch reference anyway: go there directly, past the
-            # per-call checks (this module's settings were checked when it was built; the
-            # shapes just now), which cost as much as the arithmetic for a few tokens.
-            return gated_rms_norm_ref(hidden_states, gate, weight, self.eps, self.group_size, self.norm_before_gate,
+            # Off CUDA the op runs its torch reference anyway: straight there (this module's
+            # settings were checked when it was built, the shapes just now), as the other
+            # fused modules do: the checks below cost as much as a few tokens' arithmetic
+            return gated_rms_norm_ref(x, gate, weight, self.eps, self.group_size, self.norm_before_gate,
                                       self.activation, self.cast_mode)
-        return gated_rms_norm(
-            hidden_states, gate, weight, self.eps, group_size=self.group_size,
+        if (
+            isinstance(x, Tensor) and x.is_floating_point() and x.shape[-1:] == (self.hidden_size,)
+            and (gate is None or (gate.shape == x.shape and gate.device == x.device and gate.is_floating_point()))
+            and (weight is None or weight.device == x.device)
+        ):
+            # this module's settings were checked when it was built, its inputs just now: past
+            # the op's per-call checks, which cost as much host time as a small call's kernels
+            return dispatch(x, gate, weight, self.eps, self.group_size, self.norm_before_gate, self.activation,
+                            self.cast_mode)
+        return gated_rms_norm(  # says what is wrong
+            x, gate, weight, self.eps, group_size=self.group_size,
             norm_before_gate=self.norm_before_gate, activation=self.activation, cast_mode=self.cast_mode,
         )
 

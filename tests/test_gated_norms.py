@@ -160,3 +160,15 @@ def test_module_state_dict_and_arguments():
     ]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             FusedGatedRMSNorm(**kwargs)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda m, x: m(x, x[..., :8]), "gate has shape (3, 8); it must have shape (3, 48)"),
+    (lambda m, x: m(x[..., :40], None), "weight has shape (48,); it must have shape (40,)"),
+    (lambda m, x: m("not a tensor"), "x must be a floating-point tensor with at least one dimension, got str"),
+])
+def test_module_calls_with_wrong_inputs_say_what_is_wrong(call, message, path):
+    module = FusedGatedRMSNorm(48, group_size=16)
+    with pytest.raises((ValueError, TypeError)) as info:
+        call(module, torch.randn(3, 48))
+    assert message in str(info.value)

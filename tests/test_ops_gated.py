@@ -178,3 +178,19 @@ def test_bad_arguments_say_what_was_wrong(call, message):
     with pytest.raises((ValueError, TypeError)) as info:
         call(x, gate, weight)
     assert message in str(info.value)
+
+
+def test_eager_function_and_custom_op_agree_bit_for_bit(gated_launches):
+    """Eager calls take the autograd.Function, torch.compile (and torch.jit.trace) the custom
+    op: the same launches, so the same bits, forward and every gradient."""
+    if not (HAS_TRITON and INTERPRETING):
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    from hf_rmsnorm.ops.gated_rms_norm import _fwd_op, _GatedFunction
+
+    x, gate, weight = make((6, 48), torch.bfloat16)
+    dy = torch.randn(6, 48).to(torch.bfloat16)
+    args = (16, True, False, True)  # group_size, norm_before_gate, sigmoid, cast_input
+    eager = run(lambda x, g, w: _GatedFunction.apply(x, g, w, 1e-6, *args), x, gate, weight, dy)
+    op = run(lambda x, g, w: _fwd_op(x, g, w, 1e-6, *args)[0], x, gate, weight, dy)
+    assert all(torch.equal(a, b) for a, b in zip(eager, op))
+    assert gated_launches() == 4

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._norm import _KERNEL_DTYPES, _autocasting, _elsewhere, _memory, _use_triton, cast
+from ._norm import _KERNEL_DTYPES, _autocasting, _elsewhere, _memory, _tracing_state, _use_triton, cast
 
 ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
 GATED_CAST_MODES = ("input", "float32")
@@ -149,12 +149,11 @@ def _round_m(x_dtype, gate, weight, norm_before_gate, cast_input) -> bool:
         x_dtype, None, weight, False, "input") == x_dtype
 
 
-@torch.library.custom_op("hf_rmsnorm::gated_rms_norm_fwd", mutates_args=())
-def _fwd_op(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: float, group_size: int,
-            norm_before_gate: bool, sigmoid: bool, cast_input: bool) -> tuple[Tensor, Tensor]:
+def _fwd_impl(x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input):
+    """The forward launch on x of any shape: y in x's shape, rstd per group row."""
     if _elsewhere(x):  # Triton launches on the current device
         with torch.cuda.device(x.device):
-            return _fwd_op(x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input)
+            return _fwd_impl(x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input)
     n_cols = x.shape[-1]
     out = output_dtype(x.dtype, gate, weight, norm_before_gate, "input" if cast_input else "float32")
     y, rstd = _kernels().gated_fwd(
@@ -162,6 +161,27 @@ def _fwd_op(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: fl
         eps, group_size, norm_before_gate, sigmoid, cast_input, _round_m(x.dtype, gate, weight, norm_before_gate, cast_input), out,
     )
     return y.view(x.shape), rstd
+
+
+def _bwd_impl(dy, x, gate, weight, rstd, group_size, norm_before_gate, sigmoid, cast_input):
+    """The backward launch: dx in x's shape, dgate in its (None without one), dw in the
+    weight's dtype (None without one)."""
+    if _elsewhere(x):
+        with torch.cuda.device(x.device):
+            return _bwd_impl(dy, x, gate, weight, rstd, group_size, norm_before_gate, sigmoid, cast_input)
+    n_cols = x.shape[-1]
+    dx, dz, dw = _kernels().gated_bwd(
+        _rows_of(dy, n_cols), _rows_of(x, n_cols), _rows_of(gate, n_cols),
+        _rows_of(weight, n_cols).view(-1) if weight is not None else None, rstd, group_size,
+        norm_before_gate, sigmoid, cast_input, _round_m(x.dtype, gate, weight, norm_before_gate, cast_input),
+    )
+    return dx.view(x.shape), dz.view(x.shape) if dz is not None else None, dw.to(weight.dtype) if dw is not None else None
+
+
+@torch.library.custom_op("hf_rmsnorm::gated_rms_norm_fwd", mutates_args=())
+def _fwd_op(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: float, group_size: int,
+            norm_before_gate: bool, sigmoid: bool, cast_input: bool) -> tuple[Tensor, Tensor]:
+    return _fwd_impl(x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input)
 
 
 @_fwd_op.register_fake
@@ -173,17 +193,9 @@ def _(x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input):
 @torch.library.custom_op("hf_rmsnorm::gated_rms_norm_bwd", mutates_args=())
 def _bwd_op(dy: Tensor, x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], rstd: Tensor, group_size: int,
             norm_before_gate: bool, sigmoid: bool, cast_input: bool) -> tuple[Tensor, Tensor, Tensor]:
-    if _elsewhere(x):
-        with torch.cuda.device(x.device):
-            return _bwd_op(dy, x, gate, weight, rstd, group_size, norm_before_gate, sigmoid, cast_input)
-    n_cols = x.shape[-1]
-    dx, dz, dw = _kernels().gated_bwd(
-        _rows_of(dy, n_cols), _rows_of(x, n_cols), _rows_of(gate, n_cols),
-        _rows_of(weight, n_cols).view(-1) if weight is not None else None, rstd, group_size,
-        norm_before_gate, sigmoid, cast_input, _round_m(x.dtype, gate, weight, norm_before_gate, cast_input),
-    )
+    dx, dz, dw = _bwd_impl(dy, x, gate, weight, rstd, group_size, norm_before_gate, sigmoid, cast_input)
     empty = x.new_empty((0,))
-    return dx.view(x.shape), dz.view(x.shape) if dz is not None else empty, dw.to(weight.dtype) if dw is not None else empty
+    return dx, dz if dz is not None else empty, dw if dw is not None else empty
 
 
 @_bwd_op.register_fake
@@ -209,6 +221,26 @@ def _backward(ctx, dy, _drstd):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _GatedFunction(torch.autograd.Function):
+    """The eager twin of ``_fwd_op``: the same launches and saved tensors, without a custom
+    op's dispatch, which costs more host time per call than the kernels take on a GPU at a
+    model's sizes (measured for the plain norms: ``_norm.py``). torch.compile traces the op."""
+
+    @staticmethod
+    def forward(ctx, x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input):
+        y, rstd = _fwd_impl(x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input)
+        ctx.save_for_backward(x, gate, weight, rstd)
+        ctx.settings = (group_size, norm_before_gate, sigmoid, cast_input)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, gate, weight, rstd = ctx.saved_tensors
+        dx, dz, dw = _bwd_impl(dy, x, gate, weight, rstd, *ctx.settings)
+        return dx, dz, dw, None, None, None, None, None
 
 
 def _kernels_take(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], size: int) -> bool:
@@ -253,9 +285,19 @@ def gated_rms_norm(
     :func:`gated_rms_norm_ref`.
     """
     _check_inputs(x, gate, weight, eps, group_size, activation, cast_mode)
+    return dispatch(x, gate, weight, eps, group_size, norm_before_gate, activation, cast_mode)
+
+
+def dispatch(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: float, group_size: Optional[int],
+             norm_before_gate: bool, activation: str, cast_mode: str) -> Tensor:
+    """``gated_rms_norm`` past its argument checks, for a caller that has made them
+    (``FusedGatedRMSNorm``: about 5 µs of host time a call, as much as a small kernel takes)."""
     size = group_size or x.shape[-1]
     if x.shape[-1] and _kernels_take(x, gate, weight, size):
-        return _fwd_op(x, gate, weight, float(eps), size, norm_before_gate, activation == "sigmoid", cast_mode == "input")[0]
+        args = (x, gate, weight, float(eps), size, norm_before_gate, activation == "sigmoid", cast_mode == "input")
+        if torch.compiler.is_compiling() or _tracing_state() is not None:
+            return _fwd_op(*args)[0]
+        return _GatedFunction.apply(*args)
     if x.shape[-1] == 0:
         return x.new_empty(x.shape, dtype=output_dtype(x.dtype, gate, weight, norm_before_gate, cast_mode))
     if _autocasting(x.device.type):
