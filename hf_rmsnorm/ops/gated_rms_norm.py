@@ -71,15 +71,17 @@ def gated_rms_norm_ref(
     g = ACTIVATIONS[activation](cast(gate, compute)) if gate is not None else None
     if g is not None and not norm_before_gate:
         h = h * g
-    # torch's rms_norm: one pass over the row where the composition (pow, mean, rsqrt, mul) takes four
-    n = F.rms_norm(h.unflatten(-1, (n_cols // size, size)), (size,), None, eps).flatten(-2)
+    # the composition, not F.rms_norm: on the CPU torch composes that of the same ops, and its
+    # autograd took 2-3 µs more a small training call (benchmarks/NOTES.md, session 34)
+    groups = h.unflatten(-1, (n_cols // size, size))
+    n = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)
     if cast_mode == "input":
         m = cast(n, x.dtype)
         if weight is not None:
             m = weight * m  # in the promoted dtype, rounded once, as the HF classes' own product
         if g is None or not norm_before_gate:
             return m
-        return cast(cast(m, compute) * g, x.dtype)
+        return cast(m * g, x.dtype)  # m promoted to g's dtype exactly, as the HF classes' product
     m = n * cast(weight, compute) if weight is not None else n
     if g is not None and norm_before_gate:
         m = m * g
