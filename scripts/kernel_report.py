@@ -24,6 +24,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # FMA contraction, Trito
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
+from hf_rmsnorm.ops import _triton_gated as gated  # noqa: E402
 from hf_rmsnorm.ops import _triton_norm as kernels  # noqa: E402
 
 # the most blocks one SM holds (sm_80 to sm_90); the report shows what registers and threads
@@ -145,19 +146,55 @@ def report(arch: int) -> list[dict]:
     return rows
 
 
+# the gated norm (ops/_triton_gated.py) at the --gated benchmark's shapes:
+# (rows, columns, group size, gate after the norm, weight dtype)
+GATED = [
+    (262144, 128, 128, True, "bf16"),  # Qwen3.5's value heads, the gate after the norm
+    (16384, 4096, 512, False, "bf16"),  # Mamba2's order, 8 groups
+    (16384, 8192, 1024, False, "bf16"),
+    (16384, 8192, 1024, False, "fp32"),  # mixed precision
+]
+
+
+def gated_report(arch: int) -> list[dict]:
+    rows = []
+    for m, n, size, after, p_dtype in GATED:
+        groups = n // size
+        label = f"gated, gate {'after' if after else 'before'}" + (f", {groups} groups" if groups > 1 else "") + \
+            (", fp32 w" if p_dtype == "fp32" else "")
+        const = {"HAS_GATE": True, "HAS_WEIGHT": True, "NORM_BEFORE_GATE": after, "SIGMOID": False,
+                 "ROUND_N": True, "ROUND_M": after and p_dtype == "bf16"}
+        for kernel, target in (("fwd", gated._FWD_TILE), ("bwd", gated._BWD_TILE)):
+            block_r, block_s = gated.layout(size, target)
+            warps = gated._warps(block_r * block_s)
+            ints = {"M": "i32", "N": "i32", "S": "i32", "G": "i32"}
+            if kernel == "fwd":
+                sig = {"X": "*bf16", "Z": "*bf16", "W": f"*{p_dtype}", "Y": "*bf16", "RSTD": "*fp32", **ints, "eps": "fp32"}
+                fn, cap = gated._gated_fwd_kernel, _HW_BLOCKS_PER_SM
+            else:
+                sig = {"DY": "*bf16", "X": "*bf16", "Z": "*bf16", "W": f"*{p_dtype}", "RSTD": "*fp32", "DX": "*bf16",
+                       "DZ": "*bf16", "DW_PART": "*fp32", **ints, "n_tiles": "i32"}
+                fn, cap = gated._gated_bwd_kernel, gated._BWD_PROGRAMS_PER_SM
+            aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"N", "S"} if size % 16 == 0 else set())
+            c = _compile(fn, sig, {**const, "BLOCK_R": block_r, "BLOCK_S": block_s}, warps, arch, aligned)
+            rows.append(_row(kernel, label, m, n, f"{block_r}×{block_s}", warps, c, cap=cap, arch=arch))
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     parser.add_argument("--out", type=Path, default=None, help="also write kernel_report_sm<arch>_triton<version>.md into this folder")
     args = parser.parse_args(argv)
-    rows = report(args.arch)
+    rows = report(args.arch) + gated_report(args.arch)
     lines = [
         f"# Kernel compiler report: sm_{args.arch}, bf16 activations, triton {triton.__version__}", "",
         "Tile = BLOCK_M×BLOCK_N (×T: T tiles per forward program; ≤R regs: the launcher caps the registers "
         "at R; S stages: the tile loop software-pipelined, the next tile's loads into shared memory); spilled "
         "registers show as stack bytes; shared = bytes of shared memory a program asks for at launch. "
         f"`sum` rows: the weight-gradient sums over the backward's partial rows, one per program on {_SMS} SMs "
-        "(shape = partial rows × columns). "
+        "(shape = partial rows × columns). Gated rows: tile = rows × one group's columns; "
+        "their backward launches at most 4 programs an SM. "
         f"Programs per SM: how many fit at once by registers, threads and shared memory "
         f"({_sm_shared_kib(args.arch)} KiB an SM, 1 KiB a program held by the system; the backward's "
         "persistent grid launches that many per SM, at most 8). Register counts differ between Triton releases: "

@@ -379,8 +379,14 @@ def test_kernels_compile_for_hopper_vectorised_and_without_spills():
     # the weight-gradient sums: every load a 16-byte vector, nothing spilled, whatever the width
     sums = [line.split(" | ") for line in lines if line.startswith("| sum")]
     assert len(sums) == 30 and all("(≤16 B)" in r[10].split(",")[0] and r[7] == "0" for r in sums), sums
-    rows = [line.split(" | ") for line in lines if line.startswith("| fwd") or line.startswith("| bwd")]
+    rows = [line.split(" | ") for line in lines if (line.startswith("| fwd") or line.startswith("| bwd"))]
+    gated = [r for r in rows if r[1].startswith("gated")]
+    rows = [r for r in rows if not r[1].startswith("gated")]
     assert len(rows) == 60  # 6 variants x 5 shapes x forward and backward
+    # the gated norm's kernels at the --gated benchmark's shapes: 16-byte vectors, nothing spilled
+    assert len(gated) == 8
+    for r in gated:
+        assert r[7] == "0" and "(≤16 B)" in r[10] and r[10].count("≤16 B") == 2, r
     pipelined = 0
     for r in rows:
         kernel, norm, shape, tile, warps, regs, per_sm, stack, shared, memory = (

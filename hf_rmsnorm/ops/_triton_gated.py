@@ -2,13 +2,14 @@
 
 Imported the first time the Triton backend runs a gated norm, never at package import.
 
-Layout: a row of N = G·S elements holds G groups of S; the kernels see the input as R = M·G
-*group rows* of S elements (contiguous), each normalised on its own, with the weight slice
-of its group. A program takes a tile of TILE = k·G consecutive group rows (k whole rows of
-the input; BLOCK_R = the power of two ≥ TILE): tiles start at multiples of G, so the i-th
-row of every tile belongs to group i mod G, and a program's weight-gradient partial sums
-stay per position of its tile. The partials are summed afterwards in a fixed order:
-deterministic, no atomics (DESIGN.md §5).
+Layout: a row of N = G·S elements holds G groups of S, each normalised on its own with the
+weight slice of its group. A program works on one group g: a tile is BLOCK_R consecutive input
+rows of that group (a BLOCK_R × S block, rows N apart), so its weight slice is one vector for
+the whole tile, and a backward program, which loops over the tiles of its group, keeps one row
+of weight-gradient sums per tile position. Those are summed afterwards by torch in a fixed
+order: deterministic, no atomics (DESIGN.md §5), and pairwise (a sum over a tile's rows inside
+the kernel doubled the fp32 error, measured in the interpreter). With one group this is the
+usual tiling of rows.
 """
 
 from __future__ import annotations
@@ -39,33 +40,33 @@ def _gate(z, SIGMOID: tl.constexpr):
 
 
 @triton.jit
-def _tile(t, R, S, G, TILE, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Offsets of tile ``t``: into the activations, into the weight, the element mask, the
-    group-row indices and their mask."""
-    i = tl.arange(0, BLOCK_R)
+def _tile(t, g, M, N, S, G, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Tile ``t`` of group ``g``: offsets into the activations, the element mask, the indices
+    of its group rows' statistics (row·G + g) and their mask, the weight slice's offsets and mask."""
     s = tl.arange(0, BLOCK_S)
-    r = (t * TILE + i).to(tl.int64)  # R < 2**31 group rows; their element offsets may not be
-    row_mask = (i < TILE) & (r < R)
-    mask = row_mask[:, None] & (s < S)[None, :]
-    offs = r[:, None] * S + s[None, :]
-    w_offs = (i % G)[:, None] * S + s[None, :]
-    return offs, w_offs, mask, r, row_mask
+    rows = (t * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # M < 2**31 rows; their offsets may not be
+    row_mask = rows < M
+    col_mask = s < S
+    mask = row_mask[:, None] & col_mask[None, :]
+    offs = rows[:, None] * N + g * S + s[None, :]
+    return offs, mask, rows * G + g, row_mask, g * S + s, col_mask
 
 
 @triton.jit
 def _gated_fwd_kernel(
-    X,  # input, (R, S) group rows, contiguous
+    X,  # input, (M, N) contiguous
     Z,  # gate, like X (unused without HAS_GATE)
-    W,  # weight, (G·S,) (unused without HAS_WEIGHT)
+    W,  # weight, (N,) (unused without HAS_WEIGHT)
     Y,  # output, like X, in the output dtype
-    RSTD,  # (R,) fp32: 1/sqrt(mean(h²) + eps) per group row, for the backward
-    R, S, G, TILE, eps,
+    RSTD,  # (M·G,) fp32: 1/sqrt(mean(h²) + eps) per row and group, for the backward
+    M, N, S, G, eps,
     HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, SIGMOID: tl.constexpr,
     ROUND_N: tl.constexpr,  # round the normalised row to x's dtype before the weight (cast_mode "input")
     ROUND_M: tl.constexpr,  # round the weighted row to x's dtype before the gate (Qwen3-Next's order)
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    offs, w_offs, mask, r, row_mask = _tile(tl.program_id(0), R, S, G, TILE, BLOCK_R, BLOCK_S)
+    pid = tl.program_id(0)
+    offs, mask, r, row_mask, w_offs, col_mask = _tile(pid // G, pid % G, M, N, S, G, BLOCK_R, BLOCK_S)
     h = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
         g, _ = _gate(tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32), SIGMOID)
@@ -77,7 +78,7 @@ def _gated_fwd_kernel(
     if ROUND_N:
         m = m.to(X.dtype.element_ty).to(tl.float32)
     if HAS_WEIGHT:
-        m = m * tl.load(W + w_offs, mask=mask, other=0.0).to(tl.float32)
+        m = m * tl.load(W + w_offs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_GATE:
         if NORM_BEFORE_GATE:
             if ROUND_M:
@@ -88,19 +89,25 @@ def _gated_fwd_kernel(
 
 @triton.jit
 def _gated_bwd_kernel(
-    DY,  # gradient of the output, (R, S) contiguous
+    DY,  # gradient of the output, (M, N) contiguous
     X, Z, W, RSTD,  # as in the forward
     DX, DZ,  # gradients of x and of the gate, like X (DZ unused without HAS_GATE)
     DW_PART,  # (programs, BLOCK_R·BLOCK_S) fp32: each program's weight-gradient sums per tile position
-    R, S, G, TILE, n_tiles,
+    M, N, S, G, n_tiles,
     HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, SIGMOID: tl.constexpr,
     ROUND_N: tl.constexpr, ROUND_M: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    # programs are launched G at a time: program p works on group p mod G, on every
+    # (programs / G)-th tile of it
     pid = tl.program_id(0)
+    grp = pid % G
     acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32)
-    for t in range(pid, n_tiles, tl.num_programs(0)):
-        offs, w_offs, mask, r, row_mask = _tile(t, R, S, G, TILE, BLOCK_R, BLOCK_S)
+    s = tl.arange(0, BLOCK_S)
+    if HAS_WEIGHT:
+        w = tl.load(W + grp * S + s, mask=s < S, other=0.0).to(tl.float32)[None, :]
+    for t in range(pid // G, n_tiles, tl.num_programs(0) // G):
+        offs, mask, r, row_mask, _, _ = _tile(t, grp, M, N, S, G, BLOCK_R, BLOCK_S)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + r, mask=row_mask, other=0.0)
@@ -115,8 +122,6 @@ def _gated_bwd_kernel(
         if ROUND_N:
             nr = n.to(X.dtype.element_ty).to(tl.float32)
         dm = dy
-        if HAS_WEIGHT:
-            w = tl.load(W + w_offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_GATE:
             if NORM_BEFORE_GATE:
                 # y = m·act(z), m = w·n
@@ -143,25 +148,21 @@ def _gated_bwd_kernel(
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
     if HAS_WEIGHT:
         i = tl.arange(0, BLOCK_R)
-        s = tl.arange(0, BLOCK_S)
         tl.store(DW_PART + pid.to(tl.int64) * (BLOCK_R * BLOCK_S) + i[:, None] * BLOCK_S + s[None, :], acc)
 
 
 # Elements a program's tile holds: registers for the forward's few fp32 arrays, and enough
-# rows per program for a narrow group (Qwen3.5's head_dim 128: 32 rows a tile).
+# rows a tile for a narrow group (Qwen3.5's head_dim 128: 32 rows a forward tile).
 _FWD_TILE = 4096
 _BWD_TILE = 2048
-# Backward programs per SM (persistent: each loops over tiles, keeping its partial sums).
+# Backward programs per SM (persistent: each loops over its group's tiles, keeping its sums).
 _BWD_PROGRAMS_PER_SM = 4
 
 
-def layout(N: int, S: int, target: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_S, TILE) for rows of N = G·S: whole input rows per tile, about
-    ``target`` elements."""
-    G = N // S
+def layout(S: int, target: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_S) for groups of S: rows of the group a tile, about ``target`` elements."""
     block_s = pow2(S)
-    block_r = max(pow2(G), pow2(max(1, target // block_s)))
-    return block_r, block_s, (block_r // G) * G
+    return pow2(max(1, target // block_s)), block_s
 
 
 def _warps(elements: int) -> int:
@@ -177,47 +178,43 @@ def gated_fwd(x, z, w, eps, S, norm_before_gate, sigmoid, round_n, round_m, out_
     """x, z: (M, N) contiguous; returns y (M, N) in ``out_dtype`` and rstd (M·G,) fp32."""
     M, N = x.shape
     G = N // S
-    R = M * G
-    block_r, block_s, tile = layout(N, S, _FWD_TILE)
+    block_r, block_s = layout(S, _FWD_TILE)
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
-    rstd = torch.empty((R,), dtype=torch.float32, device=x.device)
-    if R:
+    rstd = torch.empty((M * G,), dtype=torch.float32, device=x.device)
+    if M:
         LAUNCHES["gated_fwd"] += 1
-        _gated_fwd_kernel[(triton.cdiv(R, tile),)](
-            x, z if z is not None else x, w if w is not None else x, y, rstd, R, S, G, tile, eps,
+        _gated_fwd_kernel[(triton.cdiv(M, block_r) * G,)](
+            x, z if z is not None else x, w if w is not None else x, y, rstd, M, N, S, G, eps,
             **_flags(z, w, norm_before_gate, sigmoid, round_n, round_m),
             BLOCK_R=block_r, BLOCK_S=block_s, num_warps=_warps(block_r * block_s),
         )
     return y, rstd
 
 
-def _programs(device: torch.device, n_tiles: int) -> int:
+def _programs(device: torch.device, G: int, n_tiles: int) -> int:
+    """A multiple of G: programs per group, as many as fit a few to an SM, at most one a tile."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return max(1, min(n_tiles, sms * _BWD_PROGRAMS_PER_SM))
+    return G * max(1, min(n_tiles, sms * _BWD_PROGRAMS_PER_SM // G))
 
 
 def gated_bwd(dy, x, z, w, rstd, S, norm_before_gate, sigmoid, round_n, round_m):
     """dy, x, z: (M, N) contiguous. Returns dx, dz (None without a gate), dw (fp32, or None)."""
     M, N = x.shape
     G = N // S
-    R = M * G
-    block_r, block_s, tile = layout(N, S, _BWD_TILE)
-    n_tiles = triton.cdiv(R, tile)
-    programs = _programs(x.device, n_tiles)
+    block_r, block_s = layout(S, _BWD_TILE)
+    n_tiles = triton.cdiv(M, block_r)
+    programs = _programs(x.device, G, n_tiles)
     dx = torch.empty_like(x)
     dz = torch.empty_like(z) if z is not None else None
     part = torch.zeros((programs, block_r * block_s) if w is not None else (0,), dtype=torch.float32, device=x.device)
-    if R:
+    if M:
         LAUNCHES["gated_bwd"] += 1
         _gated_bwd_kernel[(programs,)](
             dy, x, z if z is not None else x, w if w is not None else x, rstd,
-            dx, dz if dz is not None else dx, part if w is not None else dx, R, S, G, tile, n_tiles,
+            dx, dz if dz is not None else dx, part if w is not None else dx, M, N, S, G, n_tiles,
             **_flags(z, w, norm_before_gate, sigmoid, round_n, round_m),
             BLOCK_R=block_r, BLOCK_S=block_s, num_warps=_warps(block_r * block_s),
         )
-    dw = None
-    if w is not None:
-        # position i of every tile is group i mod G: fold the k rows of G, then the programs
-        k = tile // G
-        dw = part.view(programs, block_r, block_s)[:, :tile, :S].reshape(programs, k, G, S).sum((0, 1)).reshape(N)
+    # program p summed group p mod G: fold the programs of each group and the tile's rows
+    dw = part.view(programs // G, G, block_r, block_s)[..., :S].sum((0, 2)).reshape(N) if w is not None else None
     return dx, dz, dw

@@ -31,9 +31,9 @@ from ._norm import _KERNEL_DTYPES, _autocasting, _elsewhere, _memory, _tracing_s
 
 ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
 GATED_CAST_MODES = ("input", "float32")
-# Largest tile the kernels take (a whole row of the input: the power of two at or above the
-# group count, times the one at or above the group size); beyond it the torch path runs.
-MAX_TILE = 65536
+# Widest group the kernels take (a program holds at least one row of a group: the power of
+# two at or above its size); wider groups take the torch path.
+MAX_GROUP = 65536
 
 
 def pow2(n: int) -> int:
@@ -250,7 +250,7 @@ def _kernels_take(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], s
     return (
         _use_triton(x, x.device.type, weight, None)
         and (gate is None or gate.dtype in _KERNEL_DTYPES)
-        and pow2(n_cols // size) * pow2(size) <= MAX_TILE
+        and pow2(size) <= MAX_GROUP
     )
 
 
