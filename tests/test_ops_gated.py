@@ -194,3 +194,11 @@ def test_eager_function_and_custom_op_agree_bit_for_bit(gated_launches):
     op = run(lambda x, g, w: _fwd_op(x, g, w, 1e-6, *args)[0], x, gate, weight, dy)
     assert all(torch.equal(a, b) for a, b in zip(eager, op))
     assert gated_launches() == 4
+
+
+def test_rows_beyond_the_kernels_limit_take_the_torch_path(path, gated_launches):
+    x, gate, weight = make((2, 2 * 65536), torch.float32)
+    got = gated_rms_norm(x, gate, weight, group_size=65536 * 2, norm_before_gate=True)
+    assert gated_launches() == 0
+    want = gated_fp64(x, gate, weight, 1e-6, None, True, "silu")
+    assert max_err(got, want) <= 4 * torch.finfo(torch.float32).eps * want.abs().max().item()

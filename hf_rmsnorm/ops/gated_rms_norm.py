@@ -31,9 +31,6 @@ from ._norm import _KERNEL_DTYPES, _autocasting, _elsewhere, _memory, _tracing_s
 
 ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
 GATED_CAST_MODES = ("input", "float32")
-# Widest group the kernels take (a program holds at least one row of a group: the power of
-# two at or above its size); wider groups take the torch path.
-MAX_GROUP = 65536
 
 
 def pow2(n: int) -> int:
@@ -245,13 +242,10 @@ class _GatedFunction(torch.autograd.Function):
         return dx, dz, dw, None, None, None, None, None
 
 
-def _kernels_take(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], size: int) -> bool:
-    n_cols = x.shape[-1]
-    return (
-        _use_triton(x, x.device.type, weight, None)
-        and (gate is None or gate.dtype in _KERNEL_DTYPES)
-        and pow2(size) <= MAX_GROUP
-    )
+def _kernels_take(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor]) -> bool:
+    # rows wider than the plain norms' kernel limit (65536) take the torch path, and with them
+    # any group a program could not hold in registers
+    return _use_triton(x, x.device.type, weight, None) and (gate is None or gate.dtype in _KERNEL_DTYPES)
 
 
 def gated_rms_norm(
@@ -295,7 +289,7 @@ def dispatch(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: f
     """``gated_rms_norm`` past its argument checks, for a caller that has made them
     (``FusedGatedRMSNorm``: about 5 µs of host time a call, as much as a small kernel takes)."""
     size = group_size or x.shape[-1]
-    if x.shape[-1] and _kernels_take(x, gate, weight, size):
+    if x.shape[-1] and _kernels_take(x, gate, weight):
         args = (x, gate, weight, float(eps), size, norm_before_gate, activation == "sigmoid", cast_mode == "input")
         if torch.compiler.is_compiling() or _tracing_state() is not None:
             return _fwd_op(*args)[0]
