@@ -202,3 +202,28 @@ def test_rows_beyond_the_kernels_limit_take_the_torch_path(path, gated_launches)
     assert gated_launches() == 0
     want = gated_fp64(x, gate, weight, 1e-6, None, True, "silu")
     assert max_err(got, want) <= 4 * torch.finfo(torch.float32).eps * want.abs().max().item()
+
+
+@pytest.mark.parametrize("setting", ["mamba2", "qwen3_next"])
+def test_second_derivatives_are_right(setting, path, gated_launches):
+    """A gradient penalty (create_graph=True) through the gated norm: the kernels' backward has
+    no derivative of its own, so the gradients are then taken as a graph of torch ops; the
+    second derivatives of x and weight against float64, within the budget."""
+    from reference import second_order
+
+    before, activation, cast_mode = SETTINGS[setting]
+    x, gate, weight = make((6, 48), torch.float32)
+    dy = torch.randn(6, 48)
+
+    def fn(impl):
+        return lambda x, w, g: impl(x, g, w)  # second_order differentiates its first two arguments
+
+    got = second_order(fn(lambda x, g, w: gated_rms_norm(x, g, w, group_size=16, norm_before_gate=before,
+                                                         activation=activation, cast_mode=cast_mode)), x, weight, gate, dy)
+    truth = second_order(fn(lambda x, g, w: gated_fp64(x, g, w, 1e-6, 16, before, activation)),
+                         x.double(), weight.double(), gate.double(), dy.double())
+    yardstick = second_order(fn(lambda x, g, w: gated_torch_same_dtype(x, g, w, 1e-6, 16, before, activation, cast_mode)),
+                             x, weight, gate, dy)
+    for what, a, b, t in zip(("dx", "dw", "d2/dx", "d2/dw"), got, yardstick, truth):
+        assert_close_to_fp64(a, b, t, torch.float32, what)
+    assert gated_launches() == (1 if path == "triton" else 0)  # the forward on the kernels, the backward as a graph

@@ -231,15 +231,28 @@ class _GatedFunction(torch.autograd.Function):
     def forward(ctx, x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input):
         y, rstd = _fwd_impl(x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input)
         ctx.save_for_backward(x, gate, weight, rstd)
-        ctx.settings = (group_size, norm_before_gate, sigmoid, cast_input)
+        ctx.eps, ctx.settings = eps, (group_size, norm_before_gate, sigmoid, cast_input)
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, gate, weight, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernels have no second derivative; the reference's
+            # gradients, as a graph, do (gradient penalties come out right, not without the norm)
+            return (*_gradients_as_graph(ctx, dy, x, gate, weight), None, None, None, None, None)
         dx, dz, dw = _bwd_impl(dy, x, gate, weight, rstd, *ctx.settings)
         return dx, dz, dw, None, None, None, None, None
+
+
+def _gradients_as_graph(ctx, dy, x, gate, weight) -> tuple:
+    size, before, sigmoid, cast_input = ctx.settings
+    inputs, needs = (x, gate, weight), ctx.needs_input_grad[:3]
+    with torch.enable_grad():
+        y = gated_rms_norm_ref(x, gate, weight, ctx.eps, size, before, "sigmoid" if sigmoid else "silu",
+                               "input" if cast_input else "float32")
+        grads = iter(torch.autograd.grad(y, [t for t, need in zip(inputs, needs) if need], dy, create_graph=True))
+    return tuple(next(grads) if need else None for need in needs)
 
 
 def _kernels_take(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor]) -> bool:
