@@ -165,6 +165,17 @@ def _setup_hf_gate_after(x, w, z):
     return lambda x: m(x, z)
 
 
+def _setup_fla_gate_after(x, w, z):
+    # flash-linear-attention's Triton kernel, which transformers' Qwen3-Next itself runs when
+    # the package is installed: the peer for the gate after the norm
+    from fla.modules import FusedRMSNormGated
+
+    m = FusedRMSNormGated(x.shape[-1], eps=1e-6, activation="swish").to(device=w.device, dtype=w.dtype)
+    del m.weight
+    m.weight = w
+    return lambda x: m(x, z)
+
+
 def _setup_hf_gate_before(x, w, z):
     n = x.shape[-1]
     m = _hf_gated("mamba2", "MambaRMSNormGated", n, w, group_size=n // MAMBA2_GROUPS, eps=1e-5)
@@ -194,6 +205,7 @@ PROVIDERS: dict[str, tuple[Callable, str, Optional[str]]] = {
     "hf_rmsnorm gated: gate after": (_setup_ours_gate_after, "gated", None),
     "HF eager Qwen3NextRMSNormGated": (_setup_hf_gate_after, "gated", None),
     "torch.compile Qwen3NextRMSNormGated": (_compiled(_setup_hf_gate_after), "gated", "compile"),
+    "fla FusedRMSNormGated": (_setup_fla_gate_after, "gated", "fla"),
     "hf_rmsnorm gated: gate before in 8 groups": (_setup_ours_gate_before, "gated", None),
     "HF eager MambaRMSNormGated": (_setup_hf_gate_before, "gated", None),
     "torch.compile MambaRMSNormGated": (_compiled(_setup_hf_gate_before), "gated", "compile"),
@@ -263,6 +275,13 @@ def _available(need: Optional[str], device: torch.device) -> Optional[str]:
 
         if _cuda_launch.ops() is None:
             return f"the C++ launch operator is unavailable: {_cuda_launch.unavailable_reason()}"
+    if need == "fla":
+        try:
+            import fla  # noqa: F401
+        except ImportError:
+            return "flash-linear-attention (fla-core) not installed"
+        if device.type != "cuda":
+            return "flash-linear-attention's kernels need a GPU"
     if need == "liger_kernel":
         try:
             import liger_kernel  # noqa: F401

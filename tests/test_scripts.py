@@ -42,13 +42,16 @@ def test_benchmark_kernels_gated_times_the_gated_norms_over_their_own_floor(tmp_
     groups) on the gated shapes, each byte of the gate counted; every gradient taken, the HF
     modules' weight included."""
     sys.path.insert(0, str(ROOT / "scripts"))
-    from benchmark_kernels import GATED_PROVIDERS, QUICK_GATED_SHAPES, floor_bytes, make_step
+    from benchmark_kernels import GATED_PROVIDERS, PROVIDERS, QUICK_GATED_SHAPES, floor_bytes, make_step
 
-    eager = [p for p in GATED_PROVIDERS if not p.startswith("torch.compile")]
-    proc = _run("--quick", "--gated", "--out", str(tmp_path), "--providers", ",".join(eager))
+    eager = [p for p in GATED_PROVIDERS if PROVIDERS[p][2] is None]  # no compile, no GPU-only peer
+    proc = _run("--quick", "--gated", "--out", str(tmp_path), "--providers", ",".join(eager + ["fla FusedRMSNormGated"]))
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "kernels.json").read_text())
     assert [tuple(s) for s in result["shapes"]] == QUICK_GATED_SHAPES and list(result["results"]) == eager
+    if not torch.cuda.is_available():  # flash-linear-attention's kernel, the peer, runs on GPUs only
+        assert result["skipped"]["fla FusedRMSNormGated"] in (
+            "flash-linear-attention (fla-core) not installed", "flash-linear-attention's kernels need a GPU")
     for per in result["results"].values():
         for m, n in QUICK_GATED_SHAPES:
             for mode in result["modes"]:
