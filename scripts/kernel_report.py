@@ -147,35 +147,39 @@ def report(arch: int) -> list[dict]:
 
 
 # the gated norm (ops/_triton_gated.py) at the --gated benchmark's shapes:
-# (rows, columns, group size, gate after the norm, weight dtype)
+# (rows, columns, group size, gate after the norm, weight dtype, every row stride N)
 GATED = [
-    (262144, 128, 128, True, "bf16"),  # Qwen3.5's value heads, the gate after the norm
-    (16384, 4096, 512, False, "bf16"),  # Mamba2's order, 8 groups
-    (16384, 8192, 1024, False, "bf16"),
-    (16384, 8192, 1024, False, "fp32"),  # mixed precision
+    (262144, 128, 128, True, "bf16", True),  # Qwen3.5's value heads, the gate after the norm
+    (16384, 4096, 512, False, "bf16", True),  # Mamba2's order, 8 groups
+    (16384, 8192, 1024, False, "bf16", True),
+    (16384, 8192, 1024, False, "bf16", False),  # as Mamba2's mixer calls it: the gate a slice of a projection
+    (16384, 8192, 1024, False, "fp32", True),  # mixed precision
 ]
 
 
 def gated_report(arch: int) -> list[dict]:
     rows = []
-    for m, n, size, after, p_dtype in GATED:
+    for m, n, size, after, p_dtype, dense in GATED:
         groups = n // size
         label = f"gated, gate {'after' if after else 'before'}" + (f", {groups} groups" if groups > 1 else "") + \
-            (", fp32 w" if p_dtype == "fp32" else "")
+            (", fp32 w" if p_dtype == "fp32" else "") + ("" if dense else ", strided gate")
         const = {"HAS_GATE": True, "HAS_WEIGHT": True, "NORM_BEFORE_GATE": after, "SIGMOID": False,
-                 "ROUND_N": True, "ROUND_M": after and p_dtype == "bf16"}
+                 "ROUND_N": True, "ROUND_M": after and p_dtype == "bf16", "DENSE": dense}
         for kernel, target in (("fwd", gated._FWD_TILE), ("bwd", gated._BWD_TILE)):
             block_r, block_s = gated.layout(size, target)
             warps = gated._warps(block_r * block_s)
             ints = {"M": "i32", "N": "i32", "S": "i32", "G": "i32"}
             if kernel == "fwd":
-                sig = {"X": "*bf16", "Z": "*bf16", "W": f"*{p_dtype}", "Y": "*bf16", "RSTD": "*fp32", **ints, "eps": "fp32"}
+                sig = {"X": "*bf16", "Z": "*bf16", "W": f"*{p_dtype}", "Y": "*bf16", "RSTD": "*fp32",
+                       "stride_x": "i32", "stride_z": "i32", **ints, "eps": "fp32"}
                 fn, cap = gated._gated_fwd_kernel, _HW_BLOCKS_PER_SM
             else:
                 sig = {"DY": "*bf16", "X": "*bf16", "Z": "*bf16", "W": f"*{p_dtype}", "RSTD": "*fp32", "DX": "*bf16",
-                       "DZ": "*bf16", "DW_PART": "*fp32", **ints, "n_tiles": "i32"}
+                       "DZ": "*bf16", "DW_PART": "*fp32", "stride_dy": "i32", "stride_x": "i32", "stride_z": "i32",
+                       **ints, "n_tiles": "i32"}
                 fn, cap = gated._gated_bwd_kernel, gated._BWD_PROGRAMS_PER_SM
-            aligned = {a for a, t in sig.items() if t.startswith("*")} | ({"N", "S"} if size % 16 == 0 else set())
+            aligned = {a for a, t in sig.items() if t.startswith("*")} | (
+                {a for a in sig if a.startswith("stride")} | {"N", "S"} if size % 16 == 0 else set())
             c = _compile(fn, sig, {**const, "BLOCK_R": block_r, "BLOCK_S": block_s}, warps, arch, aligned)
             rows.append(_row(kernel, label, m, n, f"{block_r}×{block_s}", warps, c, cap=cap, arch=arch))
     return rows

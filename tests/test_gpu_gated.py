@@ -57,6 +57,18 @@ def test_full_size_gated_kernels_against_float64(case, w_dtype, gated_launches):
         assert_close_to_fp64(got, want, t64, torch.bfloat16, what)
 
 
+def test_backward_grid_is_sized_from_the_compiled_kernel():
+    """The persistent backward launches as many programs an SM as its compiled registers let
+    run at once (read without a launch); none of those reads fell back."""
+    from hf_rmsnorm.ops import _triton_gated
+
+    for shape, size in (((262144, 128), None), ((16384, 8192), 1024)):
+        x, gate, w, dy = _inputs(shape, torch.bfloat16)
+        _run(lambda x, g, w: gated_rms_norm(x, g, w, group_size=size), x, gate, w, dy)
+    assert _triton_gated._PER_SM and not _triton_gated.PER_SM_FAILED, _triton_gated.PER_SM_FAILED
+    assert all(1 <= n <= _triton_gated._BWD_PROGRAMS_PER_SM for n in _triton_gated._PER_SM.values())
+
+
 def test_gated_weight_gradient_is_deterministic_on_the_gpu():
     x, gate, w, dy = _inputs((16384, 4096), torch.float32)
     runs = [_run(lambda x, g, w: gated_rms_norm(x, g, w, group_size=512), x, gate, w, dy) for _ in range(3)]

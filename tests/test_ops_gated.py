@@ -227,3 +227,36 @@ def test_second_derivatives_are_right(setting, path, gated_launches):
     for what, a, b, t in zip(("dx", "dw", "d2/dx", "d2/dw"), got, yardstick, truth):
         assert_close_to_fp64(a, b, t, torch.float32, what)
     assert gated_launches() == (1 if path == "triton" else 0)  # the forward on the kernels, the backward as a graph
+
+
+@pytest.mark.parametrize("setting", ["mamba2", "qwen3_next"])
+def test_a_gate_split_off_a_projection_is_read_in_place(setting, path, gated_launches, monkeypatch):
+    """Mamba2's mixer passes x and its gate as slices of one projection's output (rows wider
+    than the slice): the kernels read them with their row stride, copying nothing, and compute
+    what they compute on contiguous copies, gradients included."""
+    before, activation, cast_mode = SETTINGS[setting]
+    torch.manual_seed(0)
+    proj = (torch.randn(2, 5, 3 * 48) * 2).to(torch.bfloat16)
+    weight = (torch.randn(48) * 0.3 + 1).to(torch.bfloat16)
+    dy = torch.randn(2, 5, 48).to(torch.bfloat16)
+    kwargs = dict(group_size=16, norm_before_gate=before, activation=activation, cast_mode=cast_mode)
+
+    def split_and_norm(dense):
+        p, w = proj.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        x, gate = p[..., :48], p[..., 48:96]  # row stride 144, unit column stride
+        if dense:
+            x, gate = x.contiguous(), gate.contiguous()
+        y = gated_rms_norm(x, gate, w, **kwargs)
+        y.backward(dy)
+        return y.detach(), p.grad, w.grad
+
+    copies = []
+    with monkeypatch.context() as m:
+        original = torch.Tensor.contiguous
+        m.setattr(torch.Tensor, "contiguous", lambda t, *a, **k: copies.append(tuple(t.shape)) or original(t, *a, **k))
+        strided = split_and_norm(dense=False)
+    dense = split_and_norm(dense=True)
+    assert all(torch.equal(a, b) for a, b in zip(strided, dense))
+    if path == "triton":
+        assert not [s for s in copies if s[-1] == 48 and len(s) > 1], copies  # no activation was copied
+    assert gated_launches() == (4 if path == "triton" else 0)

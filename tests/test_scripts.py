@@ -387,7 +387,7 @@ def test_kernels_compile_for_hopper_vectorised_and_without_spills():
     rows = [r for r in rows if not r[1].startswith("gated")]
     assert len(rows) == 60  # 6 variants x 5 shapes x forward and backward
     # the gated norm's kernels at the --gated benchmark's shapes: 16-byte vectors, nothing spilled
-    assert len(gated) == 8
+    assert len(gated) == 10
     for r in gated:
         assert r[7] == "0" and "(≤16 B)" in r[10] and r[10].count("≤16 B") == 2, r
     pipelined = 0

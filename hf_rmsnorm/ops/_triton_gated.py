@@ -40,36 +40,40 @@ def _gate(z, SIGMOID: tl.constexpr):
 
 
 @triton.jit
-def _tile(t, g, M, N, S, G, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Tile ``t`` of group ``g``: offsets into the activations, the element mask, the indices
-    of its group rows' statistics (row·G + g) and their mask, the weight slice's offsets and mask."""
+def _tile(t, g, M, S, G, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Tile ``t`` of group ``g``: its rows (to be scaled by each tensor's row stride), its
+    columns, the element mask, the indices of its group rows' statistics (row·G + g) and their
+    mask, and the column mask (the weight slice's)."""
     s = tl.arange(0, BLOCK_S)
     rows = (t * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # M < 2**31 rows; their offsets may not be
     row_mask = rows < M
     col_mask = s < S
     mask = row_mask[:, None] & col_mask[None, :]
-    offs = rows[:, None] * N + g * S + s[None, :]
-    return offs, mask, rows * G + g, row_mask, g * S + s, col_mask
+    return rows[:, None], (g * S + s)[None, :], mask, rows * G + g, row_mask, col_mask
 
 
 @triton.jit
 def _gated_fwd_kernel(
-    X,  # input, (M, N) contiguous
-    Z,  # gate, like X (unused without HAS_GATE)
+    X,  # input, (M, N) rows of unit column stride, stride_x apart
+    Z,  # gate, (M, N) rows stride_z apart (unused without HAS_GATE)
     W,  # weight, (N,) (unused without HAS_WEIGHT)
-    Y,  # output, like X, in the output dtype
+    Y,  # output, (M, N) contiguous, in the output dtype
     RSTD,  # (M·G,) fp32: 1/sqrt(mean(h²) + eps) per row and group, for the backward
-    M, N, S, G, eps,
+    stride_x, stride_z, M, N, S, G, eps,
     HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, SIGMOID: tl.constexpr,
     ROUND_N: tl.constexpr,  # round the normalised row to x's dtype before the weight (cast_mode "input")
     ROUND_M: tl.constexpr,  # round the weighted row to x's dtype before the gate (Qwen3-Next's order)
+    DENSE: tl.constexpr,  # every row stride is N: one offset serves every tensor (fewer registers)
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    if DENSE:
+        stride_x = N
+        stride_z = N
     pid = tl.program_id(0)
-    offs, mask, r, row_mask, w_offs, col_mask = _tile(pid // G, pid % G, M, N, S, G, BLOCK_R, BLOCK_S)
-    h = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask, r, row_mask, col_mask = _tile(pid // G, pid % G, M, S, G, BLOCK_R, BLOCK_S)
+    h = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
-        g, _ = _gate(tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32), SIGMOID)
+        g, _ = _gate(tl.load(Z + rows * stride_z + cols, mask=mask, other=0.0).to(tl.float32), SIGMOID)
         if not NORM_BEFORE_GATE:
             h = h * g
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / S + eps)
@@ -78,26 +82,30 @@ def _gated_fwd_kernel(
     if ROUND_N:
         m = m.to(X.dtype.element_ty).to(tl.float32)
     if HAS_WEIGHT:
-        m = m * tl.load(W + w_offs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        m = m * tl.load(W + cols, mask=col_mask[None, :], other=0.0).to(tl.float32)
     if HAS_GATE:
         if NORM_BEFORE_GATE:
             if ROUND_M:
                 m = m.to(X.dtype.element_ty).to(tl.float32)
             m = m * g
-    tl.store(Y + offs, m.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows * N + cols, m.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gated_bwd_kernel(
-    DY,  # gradient of the output, (M, N) contiguous
+    DY,  # gradient of the output, (M, N) rows stride_dy apart
     X, Z, W, RSTD,  # as in the forward
-    DX, DZ,  # gradients of x and of the gate, like X (DZ unused without HAS_GATE)
+    DX, DZ,  # gradients of x and of the gate, (M, N) contiguous (DZ unused without HAS_GATE)
     DW_PART,  # (programs, BLOCK_R·BLOCK_S) fp32: each program's weight-gradient sums per tile position
-    M, N, S, G, n_tiles,
+    stride_dy, stride_x, stride_z, M, N, S, G, n_tiles,
     HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, SIGMOID: tl.constexpr,
-    ROUND_N: tl.constexpr, ROUND_M: tl.constexpr,
+    ROUND_N: tl.constexpr, ROUND_M: tl.constexpr, DENSE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    if DENSE:
+        stride_dy = N
+        stride_x = N
+        stride_z = N
     # programs are launched G at a time: program p works on group p mod G, on every
     # (programs / G)-th tile of it
     pid = tl.program_id(0)
@@ -107,13 +115,14 @@ def _gated_bwd_kernel(
     if HAS_WEIGHT:
         w = tl.load(W + grp * S + s, mask=s < S, other=0.0).to(tl.float32)[None, :]
     for t in range(pid // G, n_tiles, tl.num_programs(0) // G):
-        offs, mask, r, row_mask, _, _ = _tile(t, grp, M, N, S, G, BLOCK_R, BLOCK_S)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        rows, cols, mask, r, row_mask, _ = _tile(t, grp, M, S, G, BLOCK_R, BLOCK_S)
+        offs = rows * N + cols  # of the gradients written
+        x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + r, mask=row_mask, other=0.0)
         h = x
         if HAS_GATE:
-            g, dg = _gate(tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32), SIGMOID)
+            g, dg = _gate(tl.load(Z + rows * stride_z + cols, mask=mask, other=0.0).to(tl.float32), SIGMOID)
             if not NORM_BEFORE_GATE:
                 h = x * g
         n = h * rstd[:, None]
@@ -155,7 +164,8 @@ def _gated_bwd_kernel(
 # rows a tile for a narrow group (Qwen3.5's head_dim 128: 32 rows a forward tile).
 _FWD_TILE = 4096
 _BWD_TILE = 2048
-# Backward programs per SM (persistent: each loops over its group's tiles, keeping its sums).
+# Backward programs per SM at most (persistent: each loops over its group's tiles, keeping its
+# sums), fewer where the compiled kernel's registers allow fewer (``_per_sm``).
 _BWD_PROGRAMS_PER_SM = 4
 
 
@@ -169,13 +179,20 @@ def _warps(elements: int) -> int:
     return min(16, max(1, elements // 256))
 
 
-def _flags(z, w, norm_before_gate, sigmoid, round_n, round_m):
+def _flags(z, w, norm_before_gate, sigmoid, round_n, round_m, *rows):
+    """The kernels' constexprs; ``rows``: the (M, N) inputs whose row strides decide DENSE."""
+    n = rows[0].shape[1]
     return dict(HAS_GATE=z is not None, HAS_WEIGHT=w is not None, NORM_BEFORE_GATE=norm_before_gate,
-                SIGMOID=sigmoid, ROUND_N=round_n, ROUND_M=round_m)
+                SIGMOID=sigmoid, ROUND_N=round_n, ROUND_M=round_m,
+                DENSE=all(t is None or t.stride(0) == n or t.shape[0] <= 1 for t in rows))
+
+
+def _stride(t) -> int:
+    return t.stride(0) if t is not None else 0
 
 
 def gated_fwd(x, z, w, eps, S, norm_before_gate, sigmoid, round_n, round_m, out_dtype):
-    """x, z: (M, N) contiguous; returns y (M, N) in ``out_dtype`` and rstd (M·G,) fp32."""
+    """x, z: (M, N) with unit column stride; returns y (M, N) in ``out_dtype`` and rstd (M·G,) fp32."""
     M, N = x.shape
     G = N // S
     block_r, block_s = layout(S, _FWD_TILE)
@@ -184,36 +201,77 @@ def gated_fwd(x, z, w, eps, S, norm_before_gate, sigmoid, round_n, round_m, out_
     if M:
         LAUNCHES["gated_fwd"] += 1
         _gated_fwd_kernel[(triton.cdiv(M, block_r) * G,)](
-            x, z if z is not None else x, w if w is not None else x, y, rstd, M, N, S, G, eps,
-            **_flags(z, w, norm_before_gate, sigmoid, round_n, round_m),
+            x, z if z is not None else x, w if w is not None else x, y, rstd, _stride(x), _stride(z), M, N, S, G, eps,
+            **_flags(z, w, norm_before_gate, sigmoid, round_n, round_m, x, z),
             BLOCK_R=block_r, BLOCK_S=block_s, num_warps=_warps(block_r * block_s),
         )
     return y, rstd
 
 
-def _programs(device: torch.device, G: int, n_tiles: int) -> int:
-    """A multiple of G: programs per group, as many as fit a few to an SM, at most one a tile."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return G * max(1, min(n_tiles, sms * _BWD_PROGRAMS_PER_SM // G))
+# (device, launch meta) -> backward programs that fit on one SM at once (the compiled kernel's),
+# and why, where that could not be read (the GPU tests assert there is no such entry)
+_PER_SM: dict = {}
+PER_SM_FAILED: dict = {}
+
+
+def _per_sm(dy, x, z, w, meta: dict) -> int:
+    """How many backward programs of this compile fit on one SM at once, at most
+    ``_BWD_PROGRAMS_PER_SM``: a persistent program that must wait for another to finish leaves
+    its tiles to a second wave. Read from the kernel compiled (or fetched from Triton's cache)
+    without a launch, as the plain norms' backward grid is (``_triton_norm._backward_specimen``);
+    the same stand-ins whatever call comes first, so the grid, the partial sums' layout and the
+    weight gradient's bits do not depend on call order. 2 if that fails."""
+    key = (x.device, tuple(sorted(meta.items())))
+    if key not in _PER_SM:
+        from . import _triton_norm
+
+        def stand_in(t, dtype=None):
+            return torch.empty((0,), dtype=dtype or (t.dtype if t is not None else x.dtype), device=x.device)
+
+        try:
+            f32 = torch.float32
+            compiled = _gated_bwd_kernel.warmup(
+                stand_in(dy), stand_in(x), stand_in(z), stand_in(w), stand_in(x, f32), stand_in(x), stand_in(z),
+                stand_in(x, f32), 4096, 4096, 4096, 4096, 4096, 1024, 4, 16, grid=(1,), **meta,
+            )
+            compiled._init_handles()
+            _PER_SM[key] = _triton_norm._programs_per_sm(
+                compiled.n_regs, meta["num_warps"], cap=_BWD_PROGRAMS_PER_SM, shared=compiled.metadata.shared,
+                sm_shared=_triton_norm._sm_shared(x.device))
+        except Exception as exc:  # noqa: BLE001 - a Triton without warmup: fewer programs, never wrong
+            _PER_SM[key] = 2
+            PER_SM_FAILED[key] = f"{type(exc).__name__}: {exc}"
+    return _PER_SM[key]
+
+
+def _programs(dy, x, z, w, meta: dict, G: int, n_tiles: int) -> int:
+    """A multiple of G: programs per group, as many as fit on the SMs at once, at most one a tile
+    (2 on the CPU, where the interpreter runs them one after another)."""
+    if x.device.type != "cuda":
+        return G * max(1, min(n_tiles, 2 * _BWD_PROGRAMS_PER_SM // G))
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    return G * max(1, min(n_tiles, sms * _per_sm(dy, x, z, w, meta) // G))
 
 
 def gated_bwd(dy, x, z, w, rstd, S, norm_before_gate, sigmoid, round_n, round_m):
-    """dy, x, z: (M, N) contiguous. Returns dx, dz (None without a gate), dw (fp32, or None)."""
+    """dy, x, z: (M, N) with unit column stride. Returns dx and dz (contiguous; dz None without a
+    gate), dw (fp32, or None)."""
     M, N = x.shape
     G = N // S
     block_r, block_s = layout(S, _BWD_TILE)
     n_tiles = triton.cdiv(M, block_r)
-    programs = _programs(x.device, G, n_tiles)
-    dx = torch.empty_like(x)
-    dz = torch.empty_like(z) if z is not None else None
+    meta = dict(_flags(z, w, norm_before_gate, sigmoid, round_n, round_m, dy, x, z),
+                BLOCK_R=block_r, BLOCK_S=block_s, num_warps=_warps(block_r * block_s))
+    programs = _programs(dy, x, z, w, meta, G, n_tiles)
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    dz = torch.empty((M, N), dtype=z.dtype, device=z.device) if z is not None else None
     part = torch.zeros((programs, block_r * block_s) if w is not None else (0,), dtype=torch.float32, device=x.device)
     if M:
         LAUNCHES["gated_bwd"] += 1
         _gated_bwd_kernel[(programs,)](
             dy, x, z if z is not None else x, w if w is not None else x, rstd,
-            dx, dz if dz is not None else dx, part if w is not None else dx, M, N, S, G, n_tiles,
-            **_flags(z, w, norm_before_gate, sigmoid, round_n, round_m),
-            BLOCK_R=block_r, BLOCK_S=block_s, num_warps=_warps(block_r * block_s),
+            dx, dz if dz is not None else dx, part if w is not None else dx,
+            _stride(dy), _stride(x), _stride(z), M, N, S, G, n_tiles, **meta,
         )
     # program p summed group p mod G: fold the programs of each group and the tile's rows
     dw = part.view(programs // G, G, block_r, block_s)[..., :S].sum((0, 2)).reshape(N) if w is not None else None

@@ -139,7 +139,12 @@ def _kernels():
 
 
 def _rows_of(t: Optional[Tensor], n_cols: int) -> Optional[Tensor]:
-    return None if t is None else _memory(t).reshape(-1, n_cols).contiguous()
+    """``t`` as an (M, N) matrix whose columns are adjacent (the kernels take any row stride): a
+    view wherever one exists, so a gate split off a projection (Mamba2's) is read in place."""
+    if t is None:
+        return None
+    t = _memory(t).reshape(-1, n_cols)
+    return t if t.stride(1) == 1 or n_cols == 1 else t.contiguous()
 
 
 def _round_m(x_dtype, gate, weight, norm_before_gate, cast_input) -> bool:
