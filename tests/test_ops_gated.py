@@ -260,3 +260,25 @@ def test_a_gate_split_off_a_projection_is_read_in_place(setting, path, gated_lau
     if path == "triton":
         assert not [s for s in copies if s[-1] == 48 and len(s) > 1], copies  # no activation was copied
     assert gated_launches() == (4 if path == "triton" else 0)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("dtype,w_dtype", [(torch.bfloat16, None), (torch.float32, None), (torch.bfloat16, torch.float32),
+                                           (torch.float64, None)], ids=str)
+def test_torch_path_outside_autograd_computes_the_same_bits_in_its_own_buffers(setting, dtype, w_dtype, monkeypatch):
+    """Under no_grad the torch path writes each step into a buffer of its own (fewer large
+    temporaries, fewer page faults on the CPU): the same bits as the path autograd records, and
+    the caller's x, gate and weight untouched."""
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    before, activation, cast_mode = SETTINGS[setting]
+    x, gate, weight = make((4, 3, 48), dtype, w_dtype)
+    kept = [t.clone() for t in (x, gate, weight)]
+    kwargs = dict(group_size=16, norm_before_gate=before, activation=activation, cast_mode=cast_mode)
+    with torch.no_grad():
+        in_place = gated_rms_norm(x, gate, weight, **kwargs)
+        no_gate = gated_rms_norm(x, None, weight, **kwargs)
+    recorded = gated_rms_norm(x, gate, weight.clone().requires_grad_(True), **kwargs)
+    recorded_no_gate = gated_rms_norm(x, None, weight.clone().requires_grad_(True), **kwargs)
+    assert in_place.dtype == recorded.dtype and torch.equal(in_place, recorded.detach())
+    assert torch.equal(no_gate, recorded_no_gate.detach())
+    assert all(torch.equal(t, k) for t, k in zip((x, gate, weight), kept))
