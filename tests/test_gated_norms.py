@@ -10,9 +10,12 @@ import importlib
 import pytest
 import torch
 
-from hf_rmsnorm import FusedGatedRMSNorm
+from conftest import HAS_TRITON, INTERPRETING
+from hf_rmsnorm import FusedGatedRMSNorm, patch_model
 from hf_rmsnorm.patching.discovery import GatedSpec, build_fused, match_norm
 from reference import ATOL, assert_close_to_fp64
+from test_patching import check_patch_roundtrip
+from tiny_models import build, run
 
 MAMBA2 = dict(norm_before_gate=False, activation="silu", cast_mode="input")
 QWEN3_NEXT = dict(norm_before_gate=True, activation="silu", cast_mode="input")
@@ -102,8 +105,6 @@ def test_the_replacement_computes_what_it_computes(name, w_dtype, path, monkeypa
 def test_patch_model_swaps_each_and_keeps_its_function(name):
     """Through patch_model, each instance verified with its own parameters (Kimi's gate defaults
     to None but is needed: a call without it raises, and is no evidence against the match)."""
-    from hf_rmsnorm import patch_model
-
     model = torch.nn.ModuleDict({"norm": hf_module(name, torch.bfloat16)})
     x, gate = torch.randn(2, 3, 48).to(torch.bfloat16), torch.randn(2, 3, 48).to(torch.bfloat16)
     want = model["norm"](x, gate)
@@ -115,10 +116,6 @@ def test_patch_model_swaps_each_and_keeps_its_function(name):
 def test_a_gated_model_patched_by_name_keeps_its_callers_working():
     """Mamba2 with one group, whose mixer calls norm(x, gate): once taken for a plain RMSNorm
     (its gate defaults to None) and swapped for a module that takes one input."""
-    from tiny_models import build, run
-
-    from hf_rmsnorm import patch_model
-
     model, inputs = build("mamba2_one_group")
     want = run(model, inputs)
     report = patch_model(model)
@@ -175,3 +172,39 @@ def test_module_calls_with_wrong_inputs_say_what_is_wrong(call, message, path):
     with pytest.raises((ValueError, TypeError)) as info:
         call(module, torch.randn(3, 48))
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["mamba2", "qwen3_next"])
+def test_interpreted_gated_kernels_in_patched_models(name, monkeypatch):
+    if not (HAS_TRITON and INTERPRETING):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 (the GPU suite covers CUDA)")
+    from hf_rmsnorm.ops import _triton_gated
+
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    before = _triton_gated.LAUNCHES["gated_fwd"]
+    check_patch_roundtrip(name)
+    assert _triton_gated.LAUNCHES["gated_fwd"] > before, "the gated norms did not run on the Triton kernels"
+
+
+@pytest.mark.parametrize("name", ["mamba2", "qwen3_next"])
+def test_gradients_through_interpreted_gated_kernels_match_the_original(name, monkeypatch):
+    """One backward of a patched hybrid model on the Triton kernels: every parameter's gradient
+    as the unpatched model's (the gate's gradient reaches the projection that made it, the
+    weight's lands on the same Parameter)."""
+    if not (HAS_TRITON and INTERPRETING):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 (the GPU suite covers CUDA)")
+    from hf_rmsnorm.ops import _triton_gated
+
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    base, inputs = build(name)
+    patched = copy.deepcopy(base)
+    patch_model(patched)
+    before = _triton_gated.LAUNCHES["gated_bwd"]
+    grads = []
+    for model in (base, patched):
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert _triton_gated.LAUNCHES["gated_bwd"] > before, "the gated backward did not run on the Triton kernels"
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
