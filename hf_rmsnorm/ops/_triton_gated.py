@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .gated_rms_norm import pow2
+# plain-Python host helpers: Triton's own (triton.cdiv, next_power_of_2) cost ≈ 5 µs a call
+# from host code in Triton 3.9 (_triton_norm's note)
+from ._triton_norm import _ceil_div, _pow2_at_least, _programs_per_sm, _sm_shared
 
 # launches per pass, for tests that must know the kernels ran (as ``_triton_norm.LAUNCHES``)
 LAUNCHES: collections.Counter = collections.Counter()
@@ -171,8 +173,8 @@ _BWD_PROGRAMS_PER_SM = 4
 
 def layout(S: int, target: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_S) for groups of S: rows of the group a tile, about ``target`` elements."""
-    block_s = pow2(S)
-    return pow2(max(1, target // block_s)), block_s
+    block_s = _pow2_at_least(S)
+    return _pow2_at_least(max(1, target // block_s)), block_s
 
 
 def _warps(elements: int) -> int:
@@ -200,7 +202,7 @@ def gated_fwd(x, z, w, eps, S, norm_before_gate, sigmoid, round_n, round_m, out_
     rstd = torch.empty((M * G,), dtype=torch.float32, device=x.device)
     if M:
         LAUNCHES["gated_fwd"] += 1
-        _gated_fwd_kernel[(triton.cdiv(M, block_r) * G,)](
+        _gated_fwd_kernel[(_ceil_div(M, block_r) * G,)](
             x, z if z is not None else x, w if w is not None else x, y, rstd, _stride(x), _stride(z), M, N, S, G, eps,
             **_flags(z, w, norm_before_gate, sigmoid, round_n, round_m, x, z),
             BLOCK_R=block_r, BLOCK_S=block_s, num_warps=_warps(block_r * block_s),
@@ -223,8 +225,6 @@ def _per_sm(dy, x, z, w, meta: dict) -> int:
     weight gradient's bits do not depend on call order. 2 if that fails."""
     key = (x.device, tuple(sorted(meta.items())))
     if key not in _PER_SM:
-        from . import _triton_norm
-
         def stand_in(t, dtype=None):
             return torch.empty((0,), dtype=dtype or (t.dtype if t is not None else x.dtype), device=x.device)
 
@@ -235,9 +235,9 @@ def _per_sm(dy, x, z, w, meta: dict) -> int:
                 stand_in(x, f32), 4096, 4096, 4096, 4096, 4096, 1024, 4, 16, grid=(1,), **meta,
             )
             compiled._init_handles()
-            _PER_SM[key] = _triton_norm._programs_per_sm(
+            _PER_SM[key] = _programs_per_sm(
                 compiled.n_regs, meta["num_warps"], cap=_BWD_PROGRAMS_PER_SM, shared=compiled.metadata.shared,
-                sm_shared=_triton_norm._sm_shared(x.device))
+                sm_shared=_sm_shared(x.device))
         except Exception as exc:  # noqa: BLE001 - a Triton without warmup: fewer programs, never wrong
             _PER_SM[key] = 2
             PER_SM_FAILED[key] = f"{type(exc).__name__}: {exc}"
@@ -259,7 +259,7 @@ def gated_bwd(dy, x, z, w, rstd, S, norm_before_gate, sigmoid, round_n, round_m)
     M, N = x.shape
     G = N // S
     block_r, block_s = layout(S, _BWD_TILE)
-    n_tiles = triton.cdiv(M, block_r)
+    n_tiles = _ceil_div(M, block_r)
     meta = dict(_flags(z, w, norm_before_gate, sigmoid, round_n, round_m, dy, x, z),
                 BLOCK_R=block_r, BLOCK_S=block_s, num_warps=_warps(block_r * block_s))
     programs = _programs(dy, x, z, w, meta, G, n_tiles)

@@ -28,16 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._norm import (
-    _KERNEL_DTYPES, _autocasting, _elsewhere, _memory, _tracing_state, _use_triton, cast, needs_grad, transforms_active,
+    _KERNEL_DTYPES, _autocasting, _elsewhere, _memory, _rows, _tracing_state, _use_triton, cast, needs_grad,
+    transforms_active,
 )
 
 ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
 GATED_CAST_MODES = ("input", "float32")
-
-
-def pow2(n: int) -> int:
-    """The smallest power of two ≥ n (1 for n ≤ 1)."""
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def output_dtype(x_dtype: torch.dtype, gate: Optional[Tensor], weight: Optional[Tensor],
@@ -94,7 +90,7 @@ def _in_place(x, gate, weight, eps, size, norm_before_gate, activation, cast_mod
     allow (three where the composition takes up to nine), each op after the first writing into
     a buffer of its own: on the CPU a fresh large temporary costs page faults, which took more
     time than the arithmetic (benchmarks/NOTES.md, session 34). The same ops on the same
-    values as the composition below, so the same bits."""
+    values as ``gated_rms_norm_ref``'s composition, so the same bits."""
     g = None
     if gate is not None:
         g = gate.to(compute, copy=True)
@@ -177,12 +173,10 @@ def _kernels():
 
 
 def _rows_of(t: Optional[Tensor], n_cols: int) -> Optional[Tensor]:
-    """``t`` as an (M, N) matrix whose columns are adjacent (the kernels take any row stride): a
-    view wherever one exists, so a gate split off a projection (Mamba2's) is read in place."""
-    if t is None:
-        return None
-    t = _memory(t).reshape(-1, n_cols)
-    return t if t.stride(1) == 1 or n_cols == 1 else t.contiguous()
+    """``t`` as an (M, N) matrix whose columns are adjacent (the kernels take any row stride;
+    ``_norm._rows``): a view wherever one exists, so a gate split off a projection (Mamba2's) is
+    read in place."""
+    return None if t is None else _rows(_memory(t)).reshape(-1, n_cols)
 
 
 def _round_m(x_dtype, gate, weight, norm_before_gate, cast_input) -> bool:
