@@ -287,9 +287,10 @@ class FusedGatedRMSNorm(nn.Module):
             isinstance(x, Tensor) and not x.is_cuda and selected_backend() != "triton" and not _any_autocast()
             and (gate is None or gate.shape == x.shape) and x.shape[-1:] == (self.hidden_size,)
         ):
-            # Off CUDA the op runs its torch reference anyway: straight there (this module's
-            # settings were checked when it was built, the shapes just now), as the other
-            # fused modules do: the checks below cost as much as a few tokens' arithmetic
+            # Off CUDA the op runs its reference anyway (the compiled CPU kernel, or torch ops):
+            # straight there (this module's settings were checked when it was built, the shapes
+            # just now), as the other fused modules do: the checks below cost as much as a few
+            # tokens' arithmetic
             return gated_rms_norm_ref(x, gate, weight, self.eps, self.group_size, self.norm_before_gate,
                                       self.activation, self.cast_mode)
         if (

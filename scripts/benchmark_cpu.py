@@ -480,7 +480,8 @@ def in_model_rows(quick: bool, rounds: int) -> list[dict]:
 
 
 def _rms_norm_path() -> str:
-    """What this package's RMSNorm runs on the CPU in this process: the compiled kernel or torch ops."""
+    """What this package's RMSNorm and gated RMSNorm run on the CPU in this process (float32 and
+    bfloat16): the compiled kernel or torch ops."""
     from hf_rmsnorm.ops import _cpu_kernel
 
     reason = _cpu_kernel.torch_ops_reason()
@@ -514,7 +515,7 @@ def to_markdown(result: dict) -> str:
         f"# CPU: patched modules vs the modules they replace — {env['cpu_model']}, {env['threads']} threads",
         "",
         f"torch {env['torch']}, transformers {env['transformers']}; {env['date']}. "
-        f"RMSNorm runs {env.get('rms_norm_path', 'torch ops')}. "
+        f"RMSNorm and the gated norm run {env.get('rms_norm_path', 'torch ops')}. "
         "Median µs per call (torch.utils.benchmark), the two modules timed alternately; "
         "ratio = patched / original (target ≤ 1).",
         "",

@@ -94,25 +94,22 @@ def backend(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["torch", "triton"])
-def path(request, monkeypatch):
-    """The torch path, then the Triton kernels interpreted on CPU tensors (for ops with no
-    compiled CPU kernel: the gated norm)."""
-    if request.param == "triton" and not (HAS_TRITON and INTERPRETING):
-        pytest.skip("needs triton and TRITON_INTERPRET=1 (the GPU suite covers CUDA)")
-    monkeypatch.setenv("HF_RMSNORM_BACKEND", request.param)
-    return request.param
-
-
 @pytest.fixture
-def gated_launches():
-    """Gated-norm kernel launches (forward and backward) during the test."""
-    if not HAS_TRITON:
-        return lambda: 0
-    from hf_rmsnorm.ops import _triton_gated
+def gated_runs():
+    """Runs of a gated-norm kernel during the test, forward and backward: Triton launches, and the
+    compiled CPU kernel's calls (a gated test makes no other)."""
+    from hf_rmsnorm.ops import _cpu_kernel
 
-    before = sum(_triton_gated.LAUNCHES.values())
-    return lambda: sum(_triton_gated.LAUNCHES.values()) - before
+    def runs():
+        launches = 0
+        if HAS_TRITON:
+            from hf_rmsnorm.ops import _triton_gated
+
+            launches = sum(_triton_gated.LAUNCHES.values())
+        return launches + _cpu_kernel.calls()
+
+    before = runs()
+    return lambda: runs() - before
 
 
 @pytest.fixture

@@ -57,7 +57,8 @@ def norm_inputs(m=64, n=300, dtype=torch.bfloat16, seed=0):
 
 
 def fwd_bwd(fn, x, w, b, dy):
-    """Forward + backward of ``fn(x, w, b)`` on fresh leaves; returns [y, dx, dw, db]."""
+    """Forward + backward of ``fn(x, w, b)`` on fresh leaves; returns [y, dx, dw, db] (None for an
+    absent input). Gated norms pass ``(x, gate, weight)`` in those places."""
     x, w, b = (None if t is None else t.detach().clone().requires_grad_(True) for t in (x, w, b))
     y = fn(x, w, b)
     y.backward(dy.to(y.dtype))

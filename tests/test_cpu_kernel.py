@@ -20,7 +20,7 @@ def fresh_build(monkeypatch, tmp_path):
     """The kernel's module as in a new process, its cache in an empty folder."""
     monkeypatch.setenv(_cpu_kernel.CACHE_ENV, str(tmp_path))
     monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto")
-    for name, value in (("_op", _cpu_kernel._UNBUILT), ("_ops", None), ("_path", None), ("_reason", None)):
+    for name, value in (("_op", _cpu_kernel._UNBUILT), ("_ops", None), ("_path", None), ("_reason", None), ("_gated", None)):
         monkeypatch.setattr(_cpu_kernel, name, value)
     return tmp_path
 
@@ -77,6 +77,7 @@ def test_without_a_compiler_the_torch_ops_serve(fresh_build, monkeypatch, compil
     y_pt, dx_pt, _, _ = fwd_bwd(lambda x, w, b: norm_torch_same_dtype("rms", x, w, b, 1e-6), x, w, b, dy)
     assert_close_to_fp64(y, y_pt, y64, torch.float32, "output")
     assert_close_to_fp64(dx, dx_pt, dx64, torch.float32, "grad of x")
+    assert _cpu_kernel.gated_ops() is None  # and the gated norm takes torch ops too
 
 
 def test_a_failed_build_says_why_and_leaves_nothing_behind(fresh_build, monkeypatch, tmp_path_factory):

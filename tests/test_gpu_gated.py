@@ -7,7 +7,7 @@ import torch
 
 from hf_rmsnorm import patch_model
 from hf_rmsnorm.ops import gated_rms_norm
-from reference import assert_close_to_fp64, gated_fp64, gated_torch_same_dtype
+from reference import assert_close_to_fp64, fwd_bwd, gated_fp64, gated_torch_same_dtype
 
 pytestmark = pytest.mark.gpu
 
@@ -35,23 +35,16 @@ def _inputs(shape, w_dtype, seed=0):
     return x, gate, w, dy
 
 
-def _run(fn, x, gate, w, dy):
-    leaves = [t.detach().clone().requires_grad_(True) for t in (x, gate, w)]
-    y = fn(*leaves)
-    y.backward(dy.to(y.dtype))
-    return [y.detach()] + [t.grad for t in leaves]
-
-
 @pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32], ids=["w_bf16", "w_fp32"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_full_size_gated_kernels_against_float64(case, w_dtype, gated_launches):
+def test_full_size_gated_kernels_against_float64(case, w_dtype, gated_runs):
     shape, size, before, activation, cast_mode = CASES[case]
     x, gate, w, dy = _inputs(shape, w_dtype)
-    ours = _run(lambda x, g, w: gated_rms_norm(x, g, w, 1e-6, group_size=size, norm_before_gate=before,
+    ours = fwd_bwd(lambda x, g, w: gated_rms_norm(x, g, w, 1e-6, group_size=size, norm_before_gate=before,
                                                activation=activation, cast_mode=cast_mode), x, gate, w, dy)
-    assert gated_launches() == 2, "auto did not run the gated Triton kernels on CUDA"
-    theirs = _run(lambda x, g, w: gated_torch_same_dtype(x, g, w, 1e-6, size, before, activation, cast_mode), x, gate, w, dy)
-    truth = _run(lambda x, g, w: gated_fp64(x, g, w, 1e-6, size, before, activation), x.double(), gate.double(), w.double(), dy)
+    assert gated_runs() == 2, "auto did not run the gated Triton kernels on CUDA"
+    theirs = fwd_bwd(lambda x, g, w: gated_torch_same_dtype(x, g, w, 1e-6, size, before, activation, cast_mode), x, gate, w, dy)
+    truth = fwd_bwd(lambda x, g, w: gated_fp64(x, g, w, 1e-6, size, before, activation), x.double(), gate.double(), w.double(), dy)
     assert ours[0].dtype == theirs[0].dtype
     for what, got, want, t64 in zip(("output", "grad x", "grad gate", "grad w"), ours, theirs, truth):
         assert_close_to_fp64(got, want, t64, torch.bfloat16, what)
@@ -64,33 +57,33 @@ def test_backward_grid_is_sized_from_the_compiled_kernel():
 
     for shape, size in (((262144, 128), None), ((16384, 8192), 1024)):
         x, gate, w, dy = _inputs(shape, torch.bfloat16)
-        _run(lambda x, g, w: gated_rms_norm(x, g, w, group_size=size), x, gate, w, dy)
+        fwd_bwd(lambda x, g, w: gated_rms_norm(x, g, w, group_size=size), x, gate, w, dy)
     assert _triton_gated._PER_SM and not _triton_gated.PER_SM_FAILED, _triton_gated.PER_SM_FAILED
     assert all(1 <= n <= _triton_gated._BWD_PROGRAMS_PER_SM for n in _triton_gated._PER_SM.values())
 
 
 def test_gated_weight_gradient_is_deterministic_on_the_gpu():
     x, gate, w, dy = _inputs((16384, 4096), torch.float32)
-    runs = [_run(lambda x, g, w: gated_rms_norm(x, g, w, group_size=512), x, gate, w, dy) for _ in range(3)]
+    runs = [fwd_bwd(lambda x, g, w: gated_rms_norm(x, g, w, group_size=512), x, gate, w, dy) for _ in range(3)]
     assert all(torch.equal(r[3], runs[0][3]) for r in runs[1:]), "the weight gradient changed between identical runs"
 
 
-def test_gated_torch_compile_inductor_fullgraph_on_cuda(gated_launches):
+def test_gated_torch_compile_inductor_fullgraph_on_cuda(gated_runs):
     torch._dynamo.reset()
     x, gate, w, dy = _inputs((64, 8, 128), torch.bfloat16)
 
     def fn(x, g, w):
         return gated_rms_norm(x * 2, g, w, norm_before_gate=True) * 3
 
-    eager = _run(fn, x, gate, w, dy)
-    compiled = _run(torch.compile(fn, fullgraph=True), x, gate, w, dy)  # fullgraph: a break raises
-    assert gated_launches() >= 4
+    eager = fwd_bwd(fn, x, gate, w, dy)
+    compiled = fwd_bwd(torch.compile(fn, fullgraph=True), x, gate, w, dy)  # fullgraph: a break raises
+    assert gated_runs() >= 4
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c, e)
 
 
 @pytest.mark.parametrize("name", ["mamba2", "qwen3_next"])
-def test_patched_hybrid_models_on_cuda(name, gated_launches):
+def test_patched_hybrid_models_on_cuda(name, gated_runs):
     from tiny_models import build, run
 
     model, inputs = build(name)
@@ -99,6 +92,6 @@ def test_patched_hybrid_models_on_cuda(name, gated_launches):
     report = patch_model(model)
     assert any(e["new"] == "FusedGatedRMSNorm" for e in report)
     got = run(model, inputs)
-    assert gated_launches() > 0
+    assert gated_runs() > 0
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=k)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import HAS_TRITON, INTERPRETING
 from hf_rmsnorm.ops import gated_rms_norm, gated_rms_norm_ref
-from reference import ATOL, assert_close_to_fp64, gated_fp64, gated_torch_same_dtype, max_err
+from reference import ATOL, assert_close_to_fp64, fwd_bwd, gated_fp64, gated_torch_same_dtype, max_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (norm_before_gate, activation, cast_mode): Mamba2 and its hybrids, Qwen3-Next / Qwen3.5,
@@ -44,6 +44,12 @@ CASES = [(s, "mamba2") for s in SHAPES] + [(s, "qwen3_next") for s in SHAPES] + 
 ]
 
 
+def kernel_runs(backend, dtype):
+    """Whether a kernel computes a call on this backend: Triton's any of DTYPES, the compiled CPU
+    kernel float32 and bfloat16 (float16 takes torch ops there)."""
+    return backend == "triton" or (backend == "compiled" and dtype != torch.float16)
+
+
 def make(shape, dtype, w_dtype=None, seed=0):
     torch.manual_seed(seed)
     x = shape(dtype) if callable(shape) else (torch.randn(shape) * 2 + 0.3).to(dtype)
@@ -54,22 +60,14 @@ def make(shape, dtype, w_dtype=None, seed=0):
     return x, gate, weight
 
 
-def run(fn, x, gate, weight, dy):
-    """y and the gradients of x, gate and weight (None for an absent one), on fresh leaves."""
-    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, gate, weight)]
-    y = fn(*leaves)
-    y.backward(dy.to(y.dtype))
-    return [y.detach()] + [t.grad if t is not None else None for t in leaves]
-
-
 def check(x, gate, weight, size, setting, dtype, eps=1e-6):
     before, activation, cast_mode = SETTINGS[setting]
     dy = torch.randn(x.shape).to(dtype)
-    ours = run(lambda x, g, w: gated_rms_norm(x, g, w, eps, group_size=size, norm_before_gate=before,
+    ours = fwd_bwd(lambda x, g, w: gated_rms_norm(x, g, w, eps, group_size=size, norm_before_gate=before,
                                               activation=activation, cast_mode=cast_mode), x, gate, weight, dy)
-    truth = run(lambda x, g, w: gated_fp64(x, g, w, eps, size, before, activation),
+    truth = fwd_bwd(lambda x, g, w: gated_fp64(x, g, w, eps, size, before, activation),
                 *(t.double() if t is not None else None for t in (x, gate, weight)), dy)
-    yardstick = run(lambda x, g, w: gated_torch_same_dtype(x, g, w, eps, size, before, activation, cast_mode), x, gate, weight, dy)
+    yardstick = fwd_bwd(lambda x, g, w: gated_torch_same_dtype(x, g, w, eps, size, before, activation, cast_mode), x, gate, weight, dy)
     assert ours[0].shape == x.shape
     assert ours[0].dtype == yardstick[0].dtype, "output dtype differs from the HF classes' for the same inputs"
     assert_close_to_fp64(ours[0], yardstick[0], truth[0], dtype, "output")
@@ -83,21 +81,21 @@ def check(x, gate, weight, size, setting, dtype, eps=1e-6):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape_id,setting", CASES, ids=[f"{s}-{k}" for s, k in CASES])
-def test_forward_and_gradients_against_float64(shape_id, setting, dtype, path, gated_launches):
+def test_forward_and_gradients_against_float64(shape_id, setting, dtype, backend, gated_runs):
     shape, size = SHAPES[shape_id]
     x, gate, weight = make(shape, dtype)
     check(x, gate, weight, size, setting, dtype)
-    assert gated_launches() == (2 if path == "triton" and x.numel() else 0)
+    assert gated_runs() == (2 if kernel_runs(backend, dtype) and x.numel() else 0)
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("variant", ["fp32_weight", "no_weight", "no_gate"])
-def test_weight_in_fp32_without_weight_and_without_gate(setting, variant, path, gated_launches):
+def test_weight_in_fp32_without_weight_and_without_gate(setting, variant, backend, gated_runs):
     """bf16 activations with an fp32 weight (a mixed-precision model), no weight, and a call
     without a gate (Mamba2's norm(x) is then a grouped RMSNorm)."""
     x, gate, weight = make((4, 3, 48), torch.bfloat16, w_dtype=torch.float32 if variant == "fp32_weight" else None)
     check(x, None if variant == "no_gate" else gate, None if variant == "no_weight" else weight, 16, setting, torch.bfloat16)
-    assert gated_launches() == (2 if path == "triton" else 0)
+    assert gated_runs() == (2 if backend != "torch" else 0)
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -109,22 +107,24 @@ def test_reference_is_the_definition_in_float64(setting):
     assert max_err(got, gated_fp64(x, gate, weight, 1e-6, 16, before, activation)) <= ATOL[torch.float64]
 
 
+@pytest.mark.parametrize("backend", ["compiled", "triton"], indirect=True)
 @pytest.mark.parametrize("dtype,w_dtype", [(torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, torch.float32)], ids=str)
-def test_kernels_round_where_the_torch_path_rounds(dtype, w_dtype, monkeypatch, gated_launches):
-    """Both paths make the HF classes' roundings in the same places (Qwen3-Next's weighted row
-    rounded before the gate; Mamba2's output promoted with an fp32 weight): with half-precision
-    outputs, at most 1 % of the elements differ (the fp32 statistics are summed in another
-    order, which can move the rounded normalised row by an ulp, and the weight, near 1, up to
-    two ulps of the output). A rounding left out differs in a quarter of them."""
-    if not (HAS_TRITON and INTERPRETING):
-        pytest.skip("needs triton and TRITON_INTERPRET=1")
+def test_kernels_round_where_the_torch_path_rounds(dtype, w_dtype, backend, monkeypatch, gated_runs):
+    """The kernels make the HF classes' roundings where the torch path makes them (Qwen3-Next's
+    weighted row rounded before the gate; Mamba2's output promoted with an fp32 weight): with
+    half-precision outputs, at most 1 % of the elements differ (the statistics are summed in
+    another order, or in float64 by the compiled CPU kernel, which can move the rounded
+    normalised row by an ulp, and the weight, near 1, up to two ulps of the output). A rounding
+    left out differs in a quarter of them."""
+    if not kernel_runs(backend, dtype):
+        pytest.skip(f"no kernel computes {dtype} on the {backend} backend")
     x, gate, weight = make((64, 48), dtype, w_dtype)
     for before, activation, cast_mode in SETTINGS.values():
         outs = {}
-        for backend in ("torch", "triton"):
-            monkeypatch.setenv("HF_RMSNORM_BACKEND", backend)
-            outs[backend] = gated_rms_norm(x, gate, weight, group_size=16, norm_before_gate=before, activation=activation, cast_mode=cast_mode)
-        ours, theirs = outs["triton"], outs["torch"]
+        for path in ("torch", backend):
+            monkeypatch.setenv("HF_RMSNORM_BACKEND", "auto" if path == "compiled" else path)
+            outs[path] = gated_rms_norm(x, gate, weight, group_size=16, norm_before_gate=before, activation=activation, cast_mode=cast_mode)
+        ours, theirs = outs[backend], outs["torch"]
         assert ours.dtype == theirs.dtype == gated_torch_same_dtype(x, gate, weight, 1e-6, 16, before, activation, cast_mode).dtype
         if ours.dtype == torch.float32:
             torch.testing.assert_close(ours, theirs, rtol=2.4e-7, atol=0)
@@ -133,10 +133,10 @@ def test_kernels_round_where_the_torch_path_rounds(dtype, w_dtype, monkeypatch, 
         assert differ.float().mean() <= 0.01
         two_ulps = 2 * torch.finfo(ours.dtype).eps * theirs.float().abs()  # an ulp is at most eps·|value|
         assert ((ours.float() - theirs.float()).abs()[differ] <= two_ulps[differ]).all()
-    assert gated_launches() == len(SETTINGS)
+    assert gated_runs() == len(SETTINGS)
 
 
-def test_under_autocast_it_computes_what_it_computes_without(path):
+def test_under_autocast_it_computes_what_it_computes_without(backend):
     x, gate, weight = make((4, 48), torch.float32)
     want = gated_rms_norm(x, gate, weight, group_size=16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -144,7 +144,7 @@ def test_under_autocast_it_computes_what_it_computes_without(path):
     assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
-def test_torch_compile_fullgraph_traces_the_custom_op(path, gated_launches):
+def test_torch_compile_fullgraph_traces_the_custom_op(backend, gated_runs):
     torch._dynamo.reset()
     x, gate, weight = make((2, 5, 48), torch.float32)
     weight.requires_grad_(True)
@@ -159,7 +159,9 @@ def test_torch_compile_fullgraph_traces_the_custom_op(path, gated_launches):
     (dw_c,) = torch.autograd.grad(out.sum(), weight)
     torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dw_c, dw, rtol=1e-6, atol=1e-6)
-    assert gated_launches() == (4 if path == "triton" else 0)
+    # eager and compiled on the Triton kernels; on the compiled CPU kernel only the eager forward
+    # and backward (it has no meta kernel: the compiler traces and fuses the torch ops)
+    assert gated_runs() == {"torch": 0, "compiled": 2, "triton": 4}[backend]
 
 
 @pytest.mark.parametrize("call,message", [
@@ -180,7 +182,7 @@ def test_bad_arguments_say_what_was_wrong(call, message):
     assert message in str(info.value)
 
 
-def test_eager_function_and_custom_op_agree_bit_for_bit(gated_launches):
+def test_eager_function_and_custom_op_agree_bit_for_bit(gated_runs):
     """Eager calls take the autograd.Function, torch.compile (and torch.jit.trace) the custom
     op: the same launches, so the same bits, forward and every gradient."""
     if not (HAS_TRITON and INTERPRETING):
@@ -190,22 +192,26 @@ def test_eager_function_and_custom_op_agree_bit_for_bit(gated_launches):
     x, gate, weight = make((6, 48), torch.bfloat16)
     dy = torch.randn(6, 48).to(torch.bfloat16)
     args = (16, True, False, True)  # group_size, norm_before_gate, sigmoid, cast_input
-    eager = run(lambda x, g, w: _GatedFunction.apply(x, g, w, 1e-6, *args), x, gate, weight, dy)
-    op = run(lambda x, g, w: _fwd_op(x, g, w, 1e-6, *args)[0], x, gate, weight, dy)
+    eager = fwd_bwd(lambda x, g, w: _GatedFunction.apply(x, g, w, 1e-6, *args, None), x, gate, weight, dy)
+    op = fwd_bwd(lambda x, g, w: _fwd_op(x, g, w, 1e-6, *args)[0], x, gate, weight, dy)
     assert all(torch.equal(a, b) for a, b in zip(eager, op))
-    assert gated_launches() == 4
+    assert gated_runs() == 4
 
 
-def test_rows_beyond_the_kernels_limit_take_the_torch_path(path, gated_launches):
+def test_rows_beyond_the_triton_kernels_limit_take_another_path(backend, gated_runs):
+    """Beyond Triton's limit (65536) rows take the CPU path as shipped: the compiled CPU kernel,
+    which has none, wherever it was built; torch ops with HF_RMSNORM_BACKEND=torch."""
+    from hf_rmsnorm.ops import _cpu_kernel
+
     x, gate, weight = make((2, 2 * 65536), torch.float32)
     got = gated_rms_norm(x, gate, weight, group_size=65536 * 2, norm_before_gate=True)
-    assert gated_launches() == 0
+    assert gated_runs() == (0 if backend == "torch" or _cpu_kernel.op() is None else 1)
     want = gated_fp64(x, gate, weight, 1e-6, None, True, "silu")
     assert max_err(got, want) <= 4 * torch.finfo(torch.float32).eps * want.abs().max().item()
 
 
 @pytest.mark.parametrize("setting", ["mamba2", "qwen3_next"])
-def test_second_derivatives_are_right(setting, path, gated_launches):
+def test_second_derivatives_are_right(setting, backend, gated_runs):
     """A gradient penalty (create_graph=True) through the gated norm: the kernels' backward has
     no derivative of its own, so the gradients are then taken as a graph of torch ops; the
     second derivatives of x and weight against float64, within the budget."""
@@ -226,11 +232,11 @@ def test_second_derivatives_are_right(setting, path, gated_launches):
                              x, weight, gate, dy)
     for what, a, b, t in zip(("dx", "dw", "d2/dx", "d2/dw"), got, yardstick, truth):
         assert_close_to_fp64(a, b, t, torch.float32, what)
-    assert gated_launches() == (1 if path == "triton" else 0)  # the forward on the kernels, the backward as a graph
+    assert gated_runs() == (1 if backend != "torch" else 0)  # the forward on the kernels, the backward as a graph
 
 
 @pytest.mark.parametrize("setting", ["mamba2", "qwen3_next"])
-def test_a_gate_split_off_a_projection_is_read_in_place(setting, path, gated_launches, monkeypatch):
+def test_a_gate_split_off_a_projection_is_read_in_place(setting, backend, gated_runs, monkeypatch):
     """Mamba2's mixer passes x and its gate as slices of one projection's output (rows wider
     than the slice): the kernels read them with their row stride, copying nothing, and compute
     what they compute on contiguous copies, gradients included."""
@@ -257,9 +263,9 @@ def test_a_gate_split_off_a_projection_is_read_in_place(setting, path, gated_lau
         strided = split_and_norm(dense=False)
     dense = split_and_norm(dense=True)
     assert all(torch.equal(a, b) for a, b in zip(strided, dense))
-    if path == "triton":
+    if backend == "triton":  # (the compiled kernel's views are taken in C++, which no patch sees)
         assert not [s for s in copies if s[-1] == 48 and len(s) > 1], copies  # no activation was copied
-    assert gated_launches() == (4 if path == "triton" else 0)
+    assert gated_runs() == (4 if backend != "torch" else 0)
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -282,3 +288,28 @@ def test_torch_path_outside_autograd_computes_the_same_bits_in_its_own_buffers(s
     assert in_place.dtype == recorded.dtype and torch.equal(in_place, recorded.detach())
     assert torch.equal(no_gate, recorded_no_gate.detach())
     assert all(torch.equal(t, k) for t, k in zip((x, gate, weight), kept))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy, on the overflows meant here
+@pytest.mark.parametrize("backend", ["compiled", "triton"], indirect=True)
+@pytest.mark.parametrize("setting", ["mamba2", "qwen3_next", "kimi"])
+def test_saturated_and_non_finite_gates_give_what_the_torch_path_gives(setting, backend, gated_runs):
+    """Gates far beyond the activation's saturation, infinite and NaN: the activation saturates
+    to exactly 0 or the identity, silu(-inf) is NaN, and NaN spreads to its group, as on the
+    torch path (the compiled CPU kernel computes its own exponential)."""
+    before, activation, cast_mode = SETTINGS[setting]
+    x, gate, weight = make((4, 48), torch.float32)
+    # (+1e15, not more: silu is the identity there, and with the gate first a larger one's square
+    # overflows float32's sum of squares, but not the compiled kernel's float64 one)
+    extremes = torch.tensor([-1e30, -200.0, -88.8, -88.0, 88.0, 88.8, 200.0, 1e15, -float("inf"), float("inf"),
+                             float("nan"), 0.0])
+    gate[:, :12] = extremes
+    gate[2:, :12] = extremes.nan_to_num(nan=1.0, posinf=50.0, neginf=-50.0)  # and rows where only the finite ones are
+    kwargs = dict(group_size=16, norm_before_gate=before, activation=activation, cast_mode=cast_mode)
+    got = gated_rms_norm(x, gate, weight, **kwargs)
+    assert gated_runs() == 1
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("HF_RMSNORM_BACKEND", "torch")
+        want = gated_rms_norm(x, gate, weight, **kwargs)
+    assert torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)

@@ -50,6 +50,7 @@ _UNBUILT = object()
 _BUILD_LOCK = threading.Lock()
 _op = _UNBUILT
 _ops = None  # the operators' namespace, torch.ops.<name>, once loaded
+_gated = None  # gated_ops()'s pair, once loaded
 _path: Optional[Path] = None  # the library loaded
 _reason: Optional[str] = None
 # the Python half of each namespace loaded (the second-derivative operator), kept alive
@@ -194,7 +195,7 @@ def op():
 
 
 def _load() -> None:
-    global _op, _ops, _path, _reason, settled_op, settled_token
+    global _op, _ops, _path, _reason, settled_op, settled_token, _gated
     if _op is not _UNBUILT:
         return
     for attempt in (1, 2):
@@ -223,6 +224,7 @@ def _load() -> None:
     # Python frame is 0.4 of the ≈ 11 µs a one-token module call takes on the CI CPU
     settled_op, settled_token = _callable(ops.rms_norm_settled.default), object()
     _SETTLED_KINDS.clear()  # ids of the library loaded before, if another was
+    _gated = _callable(ops.gated_rms_norm_fwd.default), _callable(ops.gated_rms_norm_bwd.default)
     _ops, _path, _op = ops, path, _callable(ops.rms_norm.default)
 
 
@@ -269,6 +271,13 @@ def _operators(path: Path, namespace: str):
     return ops
 
 
+def gated_ops():
+    """The gated RMSNorm's operators ``(forward, backward)`` (``_cpu_rms_norm_op.cpp`` has their
+    schemas; ``gated_rms_norm.py`` calls them), or None where the library cannot be had or
+    ``HF_RMSNORM_BACKEND=torch`` asks for torch ops."""
+    return None if op_unless_torch_ops() is None else _gated
+
+
 def built_path() -> Optional[Path]:
     """The library file :func:`op` was loaded from (None while it is not loaded)."""
     return _path
@@ -301,8 +310,10 @@ def unavailable_reason() -> Optional[str]:
     return _reason
 
 
-# the bits of the C functions' ``flags`` (FLAG_* in the source)
+# the bits of the C functions' ``flags`` (FLAG_* in the source); the gated functions' gate dtype
+# takes the bias's bit
 X_BF16, W_BF16, B_BF16, Y_BF16, ROUND_N = 1, 2, 4, 8, 16
+Z_BF16, ROUND_M, NORM_BEFORE_GATE, SIGMOID = B_BF16, 32, 64, 128
 
 
 def dtype_flags(x: torch.dtype, weight: Optional[torch.dtype], bias: Optional[torch.dtype], y: torch.dtype, round_n: bool) -> int:

@@ -1,4 +1,5 @@
-/* RMSNorm forward and backward for CPU tensors, one pass over each row.
+/* RMSNorm forward and backward for CPU tensors, one pass over each row; the gated RMSNorm's
+ * likewise (the second half of this file).
  *
  * Built at first use by _cpu_kernel.py, compiled as C and linked into the torch operator around
  * it (_cpu_rms_norm_op.cpp). torch has a fused LayerNorm kernel for the CPU but no fused
@@ -53,17 +54,19 @@ static inline uint16_t f32_to_bf16(float f) {
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
-/* row i of a float32 or bfloat16 matrix as float32: the row itself, or converted into buf */
-static inline const float *row_f32(const void *base, int bf16, int64_t i, int64_t n, float *buf) {
-    if (!bf16) return (const float *)base + i * n;
-    const uint16_t *h = (const uint16_t *)base + i * n;
+/* the n values from element `start` of float32 or bfloat16 memory as float32: in place, or
+ * converted into buf (a row: start = i * its row stride) */
+static inline const float *row_f32(const void *base, int bf16, int64_t start, int64_t n, float *buf) {
+    if (!bf16) return (const float *)base + start;
+    const uint16_t *h = (const uint16_t *)base + start;
     for (int64_t j = 0; j < n; j++) buf[j] = bf16_to_f32(h[j]);
     return buf;
 }
 
-/* row i of a bfloat16 matrix from float32 values (float32 rows are written in place instead) */
-static inline void store_row_bf16(void *base, int64_t i, int64_t n, const float *v) {
-    uint16_t *h = (uint16_t *)base + i * n;
+/* n bfloat16 values from element `start` on, from float32 ones (float32 rows are written in
+ * place instead) */
+static inline void store_row_bf16(void *base, int64_t start, int64_t n, const float *v) {
+    uint16_t *h = (uint16_t *)base + start;
     for (int64_t j = 0; j < n; j++) h[j] = f32_to_bf16(v[j]);
 }
 
@@ -109,7 +112,7 @@ int rms_norm_forward(const void *x, const void *w, const void *b, void *y, float
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < m; i++) {
             if (failed) continue;
-            const float *xr = row_f32(x, x_bf16, i, n, in);
+            const float *xr = row_f32(x, x_bf16, i * n, n, in);
             float *yr = y_bf16 ? out : (float *)y + i * n; /* float32 is written in place */
             float r = inv_rms(xr, n, eps);
             if (rstd) rstd[i] = r;
@@ -120,7 +123,7 @@ int rms_norm_forward(const void *x, const void *w, const void *b, void *y, float
                 if (bf) v = v + bf[j];
                 yr[j] = v;
             }
-            if (y_bf16) store_row_bf16(y, i, n, out);
+            if (y_bf16) store_row_bf16(y, i * n, n, out);
         }
         free(in);
         free(out);
@@ -153,6 +156,24 @@ static inline void store_param(void *p, int bf16, int64_t j, double v) {
         ((float *)p)[j] = (float)v;
 }
 
+/* the threads a call asks for (flags >> THREADS_SHIFT, at least 1), and this thread's number */
+static inline int thread_count(int flags) { return flags >> THREADS_SHIFT > 1 ? flags >> THREADS_SHIFT : 1; }
+
+static inline int thread_num(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* each thread's row of `sums` float64 sums added into the first, in thread order: the result
+ * depends on the thread count, not on scheduling */
+static void add_thread_sums(double *part, int threads, int64_t sums) {
+    for (int t = 1; t < threads; t++)
+        for (int64_t j = 0; j < sums; j++) part[j] += part[(int64_t)t * sums + j];
+}
+
 /* The closed-form backward. With n = x * rstd and g = dy * (offset + w) (g = dy without a weight):
  *   dx = rstd * (g - n * mean(g * n))      in x's dtype
  *   dw = sum over rows of dy * round?(n)   in w's dtype (FLAG_W_BF16)
@@ -165,8 +186,7 @@ int rms_norm_backward(const void *dy, const void *x, const float *rstd, const vo
                       int64_t m, int64_t n, float offset, int flags) {
     const int x_bf16 = flags & FLAG_X_BF16, w_bf16 = flags & FLAG_W_BF16, b_bf16 = flags & FLAG_B_BF16;
     const int dy_bf16 = flags & FLAG_Y_BF16, round_n = flags & FLAG_ROUND_N;
-    int threads = flags >> THREADS_SHIFT;
-    if (threads < 1) threads = 1;
+    const int threads = thread_count(flags);
     float *wf = param_f32(w, w_bf16, offset, n);
     if (w && !wf) return -1;
     /* per thread: n partial sums for dw, then n for db */
@@ -179,10 +199,7 @@ int rms_norm_backward(const void *dy, const void *x, const float *rstd, const vo
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
     {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
+        const int t = thread_num();
         double *dwp = dw ? part + (int64_t)t * sums : NULL, *dbp = db ? part + (int64_t)t * sums + (dw ? n : 0) : NULL;
         float *xb = (float *)malloc((size_t)n * sizeof(float)), *dyb = (float *)malloc((size_t)n * sizeof(float));
         float *out = (float *)malloc((size_t)n * sizeof(float));
@@ -194,7 +211,7 @@ int rms_norm_backward(const void *dy, const void *x, const float *rstd, const vo
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < m; i++) {
             if (failed) continue;
-            const float *xr = row_f32(x, x_bf16, i, n, xb), *dyr = row_f32(dy, dy_bf16, i, n, dyb);
+            const float *xr = row_f32(x, x_bf16, i * n, n, xb), *dyr = row_f32(dy, dy_bf16, i * n, n, dyb);
             const float r = rstd[i];
             double s = 0.0; /* sum of g * n over the row */
             if (wf) {
@@ -223,7 +240,7 @@ int rms_norm_backward(const void *dy, const void *x, const float *rstd, const vo
                 for (int64_t j = 0; j < n; j++) dxr[j] = (dyr[j] * wf[j] - (xr[j] * r) * mean) * r;
             else
                 for (int64_t j = 0; j < n; j++) dxr[j] = (dyr[j] - (xr[j] * r) * mean) * r;
-            if (x_bf16) store_row_bf16(dx, i, n, out);
+            if (x_bf16) store_row_bf16(dx, i * n, n, out);
         }
         if (!failed) flush_sums(dwp, fw, dbp, fb, n);
         free(xb);
@@ -233,10 +250,245 @@ int rms_norm_backward(const void *dy, const void *x, const float *rstd, const vo
         free(fb);
     }
     if (!failed) {
-        for (int t = 1; t < threads; t++)
-            for (int64_t j = 0; j < sums; j++) part[j] += part[(int64_t)t * sums + j];
+        add_thread_sums(part, threads, sums);
         for (int64_t j = 0; dw && j < n; j++) store_param(dw, w_bf16, j, part[j]);
         for (int64_t j = 0; db && j < n; j++) store_param(db, b_bf16, j, part[(dw ? n : 0) + j]);
+    }
+    free(part);
+    free(wf);
+    return failed ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The gated RMSNorm (gated_rms_norm.py has the maths and the semantics; the Triton kernels in
+ * _triton_gated.py compute the same): each group of s elements of a row normalised on its own,
+ * with the gate act(z) multiplied in before the norm (Mamba2) or after it (Qwen3-Next, Kimi).
+ * As torch ops the HF classes make up to nine passes over the activations forward and autograd
+ * as many again backward; here one pass per row each way. Rows are read with their own stride
+ * (Mamba2's gate is a slice of its projection); the outputs are contiguous.
+ * ------------------------------------------------------------------------------------------- */
+
+/* more bits of `flags` for the gated functions: the gate's dtype (the bias's bit: the gated norm
+ * has none), the weighted row rounded to bfloat16 before the gate, the gate's order, sigmoid
+ * (else silu) */
+enum { FLAG_Z_BF16 = 4, FLAG_ROUND_M = 32, FLAG_NORM_BEFORE_GATE = 64, FLAG_SIGMOID = 128 };
+
+/* e^t within a few ulps, for the sigmoid below: t is clamped to [-87, 88], where the sigmoid has
+ * long saturated (so 2^e below is a normal float), and beyond float's range (88.72) the result is
+ * infinite, as expf's, so that the sigmoid is 0 there and silu(-inf) NaN, as torch's; NaN stays
+ * NaN. The C library's expf is a call per element that does not vectorise without -ffast-math,
+ * and it cost more than the rest of the norm; this is arithmetic, bit moves and selects only, so
+ * the loops around it vectorise. */
+static inline float exp_clamped(float t_in) {
+    const float t = t_in < -87.0f ? -87.0f : (t_in > 88.0f ? 88.0f : t_in);
+    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it leaves round(t / ln 2) in the low bits */
+    bits32 k;
+    k.f = t * 1.44269504f + shifter;
+    const int32_t e = (int32_t)(k.u - 0x4B400000u);
+    const float kf = k.f - shifter;
+    /* t - k ln 2 in two steps: ln 2's high part has few bits, so k times it is exact */
+    const float r = (t - kf * 0.693145752f) - kf * 1.42860677e-6f;
+    /* e^r for |r| <= ln(2)/2: Taylor to r^7, whose remainder is below 1e-8 relative */
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    bits32 scale;
+    scale.u = (uint32_t)(e + 127) << 23; /* 2^e */
+    return t_in > 88.7228394f ? INFINITY : p * scale.f;
+}
+
+/* act(z) into g and act'(z) into dg (dg may be NULL) for n values of z: sigmoid, or
+ * silu(z) = z sigma(z), silu' = sigma(z) (1 + z (1 - sigma(z))) (as the Triton kernels) */
+static inline void gate_row(const float *z, int64_t n, int sigmoid, float *g, float *dg) {
+    /* a loop per case: a branch inside one kept it from vectorising (the exponential then took
+     * 3 ns an element) */
+    if (dg)
+        for (int64_t j = 0; j < n; j++) {
+            const float s = 1.0f / (1.0f + exp_clamped(-z[j]));
+            g[j] = sigmoid ? s : z[j] * s;
+            dg[j] = sigmoid ? s * (1.0f - s) : s * (1.0f + z[j] * (1.0f - s));
+        }
+    else
+        for (int64_t j = 0; j < n; j++) {
+            const float s = 1.0f / (1.0f + exp_clamped(-z[j]));
+            g[j] = sigmoid ? s : z[j] * s;
+        }
+}
+
+/* Forward, over m rows of n = groups * s values; x's rows sx elements apart, z's sz (z, the gate,
+ * may be NULL; so may w). y: contiguous, bfloat16 or float32 (FLAG_Y_BF16); rstd (may be NULL):
+ * 1/rms per row and group, row-major. With h = x act(z) (gate first) or x, and n = h rstd:
+ *   y = round_m?(round_n?(n) w) act(z)   (gate after), else round_n?(n) w
+ * Returns 0, or -1 (no memory for the scratch rows). */
+CLONES
+int gated_rms_norm_forward(const void *x, int64_t sx, const void *z, int64_t sz, const void *w, void *y, float *rstd,
+                           int64_t m, int64_t n, int64_t s, double eps, int flags) {
+    const int x_bf16 = flags & FLAG_X_BF16, z_bf16 = flags & FLAG_Z_BF16, w_bf16 = flags & FLAG_W_BF16;
+    const int y_bf16 = flags & FLAG_Y_BF16, round_n = flags & FLAG_ROUND_N, round_m = flags & FLAG_ROUND_M;
+    const int before = flags & FLAG_NORM_BEFORE_GATE, sigmoid = flags & FLAG_SIGMOID, threads = flags >> THREADS_SHIFT;
+    (void)threads;
+    const int64_t groups = n / s;
+    float *wf = param_f32(w, w_bf16, 0.0f, n);
+    if (w && !wf) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
+    {
+        float *xb = (float *)malloc((size_t)n * sizeof(float)), *zb = (float *)malloc((size_t)n * sizeof(float));
+        float *g = (float *)malloc((size_t)n * sizeof(float)), *hb = (float *)malloc((size_t)n * sizeof(float));
+        float *out = (float *)malloc((size_t)n * sizeof(float));
+        if (!xb || !zb || !g || !hb || !out) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; i++) {
+            if (failed) continue;
+            const float *xr = row_f32(x, x_bf16, i * sx, n, xb), *h = xr;
+            float *yr = y_bf16 ? out : (float *)y + i * n; /* float32 is written in place */
+            if (z) {
+                gate_row(row_f32(z, z_bf16, i * sz, n, zb), n, sigmoid, g, NULL);
+                if (!before) {
+                    for (int64_t j = 0; j < n; j++) hb[j] = xr[j] * g[j];
+                    h = hb;
+                }
+            }
+            for (int64_t k = 0; k < groups; k++) {
+                const int64_t o = k * s;
+                const float r = inv_rms(h + o, s, eps);
+                if (rstd) rstd[i * groups + k] = r;
+                for (int64_t j = o; j < o + s; j++) {
+                    float v = h[j] * r;
+                    if (round_n) v = round_bf16(v);
+                    if (wf) v = v * wf[j];
+                    if (z && before) v = (round_m ? round_bf16(v) : v) * g[j];
+                    yr[j] = v;
+                }
+            }
+            if (y_bf16) store_row_bf16(y, i * n, n, out);
+        }
+        free(xb);
+        free(zb);
+        free(g);
+        free(hb);
+        free(out);
+    }
+    free(wf);
+    return failed ? -1 : 0;
+}
+
+/* Backward of the forward above, dy's rows sdy elements apart in y's dtype (FLAG_Y_BF16). With
+ * nr = round_n?(n) and dm = dy act(z) (gate after) or dy:
+ *   dw = sum over rows of dm nr                  in w's dtype
+ *   dn = dm w;  dh = rstd (dn - n mean(dn n)) per group
+ *   dx = dh act(z), dz = dh x act'(z)            (gate first)
+ *   dx = dh,        dz = dy round_m?(nr w) act'(z)  (gate after)
+ * in x's and z's dtypes. The roundings are taken as exact, as the Triton kernels take them. dx,
+ * dz, dw may each be NULL (not wanted). The weight's sums as rms_norm_backward's: float32 over
+ * blocks of rows, float64 per thread, added in thread order. Returns 0, or -1 (no memory). */
+CLONES
+int gated_rms_norm_backward(const void *dy, int64_t sdy, const void *x, int64_t sx, const void *z, int64_t sz,
+                            const void *w, const float *rstd, void *dx, void *dz, void *dw, int64_t m, int64_t n,
+                            int64_t s, int flags) {
+    const int x_bf16 = flags & FLAG_X_BF16, z_bf16 = flags & FLAG_Z_BF16, w_bf16 = flags & FLAG_W_BF16;
+    const int dy_bf16 = flags & FLAG_Y_BF16, round_n = flags & FLAG_ROUND_N, round_m = flags & FLAG_ROUND_M;
+    const int before = flags & FLAG_NORM_BEFORE_GATE, sigmoid = flags & FLAG_SIGMOID;
+    const int threads = thread_count(flags);
+    const int64_t groups = n / s;
+    float *wf = param_f32(w, w_bf16, 0.0f, n);
+    if (w && !wf) return -1;
+    double *part = dw ? (double *)calloc((size_t)threads * (size_t)n, sizeof(double)) : NULL;
+    if (dw && !part) {
+        free(wf);
+        return -1;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
+    {
+        const int t = thread_num();
+        double *dwp = dw ? part + (int64_t)t * n : NULL;
+        /* scratch rows: converted inputs, the gate's act and act', h, n, round_n?(n), dm, dn, and
+         * bfloat16 outputs' staging */
+        float *buf[12];
+        for (int b = 0; b < 12; b++) buf[b] = (float *)malloc((size_t)n * sizeof(float));
+        float *xb = buf[0], *dyb = buf[1], *zb = buf[2], *g = buf[3], *dg = buf[4], *hb = buf[5], *nb = buf[6];
+        float *nrb = buf[7], *dmb = buf[8], *dn = buf[9], *dxo = buf[10], *dzo = buf[11];
+        float *fw = (float *)calloc((size_t)n, sizeof(float));
+        for (int b = 0; b < 12; b++)
+            if (!buf[b]) failed = 1;
+        if (!fw) failed = 1;
+        int64_t in_block = 0;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; i++) {
+            if (failed) continue;
+            const float *xr = row_f32(x, x_bf16, i * sx, n, xb), *dyr = row_f32(dy, dy_bf16, i * sdy, n, dyb);
+            float *dxr = x_bf16 || !dx ? dxo : (float *)dx + i * n; /* float32 is written in place */
+            float *dzr = z_bf16 || !dz ? dzo : (float *)dz + i * n;
+            const float *h = xr, *dm = dyr;
+            if (z) {
+                gate_row(row_f32(z, z_bf16, i * sz, n, zb), n, sigmoid, g, dg);
+                if (!before) {
+                    for (int64_t j = 0; j < n; j++) hb[j] = xr[j] * g[j];
+                    h = hb;
+                } else {
+                    for (int64_t j = 0; j < n; j++) dmb[j] = dyr[j] * g[j];
+                    dm = dmb;
+                }
+            }
+            /* one simple loop per step (a branch inside a loop kept it from vectorising: 7 ns an
+             * element where these take under 1) */
+            for (int64_t k = 0; k < groups; k++) {
+                const int64_t o = k * s, e = o + s;
+                const float r = rstd[i * groups + k];
+                for (int64_t j = o; j < e; j++) nb[j] = h[j] * r;
+                const float *nr = nb;
+                if (round_n) {
+                    for (int64_t j = o; j < e; j++) nrb[j] = round_bf16(nb[j]);
+                    nr = nrb;
+                }
+                if (z && before) { /* y = m act(z), m = round_m?(nr w): dz = dy m act'(z) */
+                    if (wf && round_m)
+                        for (int64_t j = o; j < e; j++) dzr[j] = dyr[j] * round_bf16(nr[j] * wf[j]) * dg[j];
+                    else if (wf)
+                        for (int64_t j = o; j < e; j++) dzr[j] = dyr[j] * (nr[j] * wf[j]) * dg[j];
+                    else
+                        for (int64_t j = o; j < e; j++) dzr[j] = dyr[j] * nr[j] * dg[j];
+                }
+                const float *dnr = dm;
+                if (wf) {
+                    for (int64_t j = o; j < e; j++) fw[j] += dm[j] * nr[j];
+                    for (int64_t j = o; j < e; j++) dn[j] = dm[j] * wf[j];
+                    dnr = dn;
+                }
+                double c = 0.0;
+#pragma omp simd reduction(+ : c)
+                for (int64_t j = o; j < e; j++) c += (double)(dnr[j] * nb[j]);
+                const float mean = (float)(c / (double)s);
+                if (z && !before) { /* h = x act(z): dx = dh act(z), dz = dh x act'(z) */
+                    for (int64_t j = o; j < e; j++) {
+                        const float dh = (dnr[j] - nb[j] * mean) * r;
+                        dxr[j] = dh * g[j];
+                        dzr[j] = dh * xr[j] * dg[j];
+                    }
+                } else {
+                    for (int64_t j = o; j < e; j++) dxr[j] = (dnr[j] - nb[j] * mean) * r;
+                }
+            }
+            if (dx && x_bf16) store_row_bf16(dx, i * n, n, dxo);
+            if (dz && z_bf16) store_row_bf16(dz, i * n, n, dzo);
+            if (dwp && ++in_block == SUM_BLOCK) {
+                flush_sums(dwp, fw, NULL, NULL, n);
+                in_block = 0;
+            }
+        }
+        if (!failed && dwp) flush_sums(dwp, fw, NULL, NULL, n);
+        for (int b = 0; b < 12; b++) free(buf[b]);
+        free(fw);
+    }
+    if (!failed && dw) {
+        add_thread_sums(part, threads, n);
+        for (int64_t j = 0; j < n; j++) store_param(dw, w_bf16, j, part[j]);
     }
     free(part);
     free(wf);

@@ -1,4 +1,5 @@
-// The compiled CPU RMSNorm (_cpu_rms_norm.c) as a torch operator, its autograd node in C++.
+// The compiled CPU RMSNorm (_cpu_rms_norm.c) as a torch operator, its autograd node in C++; and
+// the gated RMSNorm's forward and backward as two plain operators (at the end).
 //
 // Why an operator and not the C functions called from Python: at a few tokens a call the
 // arithmetic takes a few microseconds, and a Python-defined op costs more than that around it.
@@ -39,6 +40,11 @@ int rms_norm_forward(const void *x, const void *w, const void *b, void *y, float
                      double eps, float offset, int flags);
 int rms_norm_backward(const void *dy, const void *x, const float *rstd, const void *w, void *dx, void *dw, void *db,
                       int64_t m, int64_t n, float offset, int flags);
+int gated_rms_norm_forward(const void *x, int64_t sx, const void *z, int64_t sz, const void *w, void *y, float *rstd,
+                           int64_t m, int64_t n, int64_t s, double eps, int flags);
+int gated_rms_norm_backward(const void *dy, int64_t sdy, const void *x, int64_t sx, const void *z, int64_t sz,
+                            const void *w, const float *rstd, void *dx, void *dz, void *dw, int64_t m, int64_t n,
+                            int64_t s, int flags);
 }
 
 #define HF_STR2(s) #s
@@ -52,6 +58,8 @@ using OptTensor = std::optional<at::Tensor>;
 
 // the C functions' flag bits (FLAG_* in _cpu_rms_norm.c); the thread count goes above them
 constexpr int64_t kXBf16 = 1, kWBf16 = 2, kBBf16 = 4, kYBf16 = 8, kThreadsShift = 8;
+// the gated functions' gate dtype takes the bias's bit (the gated norm has no bias)
+constexpr int64_t kZBf16 = kBBf16;
 // Below this many elements one thread does the call: waking a second costs more than it saves
 // (the grain torch's own CPU kernels use).
 constexpr int64_t kParallelMin = 32768;
@@ -78,23 +86,35 @@ int64_t rows_of(const at::Tensor &x) { return x.numel() / x.size(-1); }
 at::Tensor values(const at::Tensor &t) { return t.defined() && t.is_neg() ? t.resolve_neg() : t; }
 OptTensor values(const OptTensor &t) { return t.has_value() ? OptTensor(values(*t)) : std::nullopt; }
 
+at::ScalarType flag_dtype(int64_t flags, int64_t bit) { return flags & bit ? at::kBFloat16 : at::kFloat; }
+
+bool present(const OptTensor &t) { return t.has_value() && t->defined(); }
+
+// A parameter the C functions read n values of: contiguous CPU memory of the flags' dtype.
+void check_param(const OptTensor &p, int64_t bit, const char *name, int64_t n, int64_t flags, const char *op) {
+    if (!present(p)) return;
+    const at::Tensor &t = *p;
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == flag_dtype(flags, bit) && t.dim() == 1 && t.size(0) == n &&
+                    t.is_contiguous(),
+                "hf_rmsnorm's CPU ", op, ": ", name, " must be a contiguous CPU tensor of ", n, " ",
+                flag_dtype(flags, bit), " values (as flags say), got ", t.scalar_type(), " on ", t.device(),
+                " of shape ", t.sizes());
+}
+
+// Activations the C functions read: a non-empty CPU tensor of the flags' dtype.
+void check_activations(const at::Tensor &t, int64_t bit, const char *name, int64_t flags, const char *op) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == flag_dtype(flags, bit) && t.dim() >= 1 && t.numel() > 0,
+                "hf_rmsnorm's CPU ", op, ": ", name, " must be a non-empty CPU tensor of ", flag_dtype(flags, bit),
+                " (as flags say), got ", t.scalar_type(), " on ", t.device(), " of shape ", t.sizes());
+}
+
 // rms_norm.py decides all of this once per signature before it calls; checked again here, a few
 // comparisons a call, so that no call of the operator (it is visible in torch.ops) can make the
 // C functions read memory the tensors do not have
 void check_inputs(const at::Tensor &x, const OptTensor &w, const OptTensor &b, int64_t flags) {
-    const auto dtype = [flags](int64_t bit) { return flags & bit ? at::kBFloat16 : at::kFloat; };
-    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == dtype(kXBf16) && x.dim() >= 1 && x.numel() > 0,
-                "hf_rmsnorm's CPU rms_norm: x must be a non-empty CPU tensor of ", dtype(kXBf16), " (as flags say), got ",
-                x.scalar_type(), " on ", x.device(), " of shape ", x.sizes());
-    for (auto [p, bit, name] : {std::tuple{&w, kWBf16, "weight"}, {&b, kBBf16, "bias"}}) {
-        if (!p->has_value() || !(*p)->defined()) continue;
-        const at::Tensor &t = **p;
-        TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype(bit) && t.dim() == 1 && t.size(0) == x.size(-1) &&
-                        t.is_contiguous(),
-                    "hf_rmsnorm's CPU rms_norm: ", name, " must be a contiguous CPU tensor of ", x.size(-1), " ",
-                    dtype(bit), " values (as flags say), got ", t.scalar_type(), " on ", t.device(), " of shape ",
-                    t.sizes());
-    }
+    check_activations(x, kXBf16, "x", flags, "rms_norm");
+    check_param(w, kWBf16, "weight", x.size(-1), flags, "rms_norm");
+    check_param(b, kBBf16, "bias", x.size(-1), flags, "rms_norm");
 }
 
 // (y, rstd): rstd, float32 one per row, only with_rstd
@@ -278,6 +298,88 @@ at::Tensor rms_norm_settled(const at::Tensor &x, const OptTensor &w, const OptTe
     return run(x, w, b, eps, offset, s->flags, s->cast_mode);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The gated RMSNorm's forward and backward (the C functions' second half), as plain operators:
+// gated_rms_norm.py's autograd.Function calls them (the gated norm runs in Mamba2-style mixers, a
+// few calls a layer, where a Python node's microseconds are small beside the mixer's own).
+// ---------------------------------------------------------------------------------------------
+
+// t as rows of n adjacent values, a view wherever one exists (a gate sliced off a projection is
+// read in place), else a copy; and the elements from one row to the next
+std::pair<at::Tensor, int64_t> as_rows(const at::Tensor &t, int64_t n) {
+    at::Tensor rows = values(t).reshape({-1, n});
+    if (n > 1 && rows.stride(1) != 1) rows = rows.contiguous();
+    return {rows, rows.size(0) > 1 ? rows.stride(0) : n};
+}
+
+void check_gated(const at::Tensor &x, const OptTensor &z, const OptTensor &w, int64_t s, int64_t flags) {
+    const char *op = "gated_rms_norm";
+    check_activations(x, kXBf16, "x", flags, op);
+    TORCH_CHECK(flags >= 0 && flags < (int64_t{1} << kThreadsShift) && s > 0 && x.size(-1) % s == 0,
+                "hf_rmsnorm's CPU gated_rms_norm: no such call (flags ", flags, ", group size ", s, " of a row of ",
+                x.size(-1), ")");
+    if (present(z)) {
+        check_activations(*z, kZBf16, "gate", flags, op);
+        TORCH_CHECK(z->sizes() == x.sizes(), "hf_rmsnorm's CPU gated_rms_norm: the gate's shape ", z->sizes(),
+                    " is not x's ", x.sizes());
+    }
+    check_param(w, kWBf16, "weight", x.size(-1), flags, op);
+}
+
+// (y, rstd): rstd, one float32 per row and group, only with_rstd (for a backward)
+std::tuple<at::Tensor, at::Tensor> gated_rms_norm_fwd(const at::Tensor &x, const OptTensor &z, const OptTensor &w,
+                                                      double eps, int64_t s, int64_t flags, bool with_rstd) {
+    check_gated(x, z, w, s, flags);
+    const int64_t n = x.size(-1);
+    const auto [xr, sx] = as_rows(x, n);
+    const auto [zr, sz] = present(z) ? as_rows(*z, n) : std::pair{at::Tensor(), int64_t{0}};
+    const OptTensor wv = values(w);
+    const int64_t m = xr.size(0);
+    at::Tensor y = at::empty(x.sizes(), x.options().dtype(flag_dtype(flags, kYBf16)));
+    at::Tensor rstd = with_rstd ? at::empty({m * (n / s)}, x.options().dtype(at::kFloat)) : at::Tensor();
+    const int status = gated_rms_norm_forward(xr.data_ptr(), sx, data(zr), sz, data(wv), y.data_ptr(),
+                                              with_rstd ? rstd.data_ptr<float>() : nullptr, m, n, s, eps,
+                                              with_threads(flags, x.numel()));
+    TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "gated_rms_norm on the CPU: no memory for a few rows of ", n,
+                     " floats");
+    ++forward_calls;
+    return {y, rstd};
+}
+
+// (dx, dgate, dweight), each undefined (None) where not wanted; dy of y's dtype or any other
+// (then read as float32)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_bwd(const at::Tensor &dy_in, const at::Tensor &x,
+                                                                  const OptTensor &z, const OptTensor &w,
+                                                                  const at::Tensor &rstd, int64_t s, int64_t flags,
+                                                                  bool need_x, bool need_z, bool need_w) {
+    check_gated(x, z, w, s, flags);
+    const int64_t n = x.size(-1);
+    at::Tensor dy = dy_in;
+    if (dy.scalar_type() != at::kFloat && dy.scalar_type() != at::kBFloat16) dy = dy.to(at::kFloat);
+    TORCH_CHECK(dy.device().is_cpu() && dy.sizes() == x.sizes(), "hf_rmsnorm's CPU gated_rms_norm: the gradient's shape ",
+                dy.sizes(), " on ", dy.device(), " is not x's, ", x.sizes(), " on the CPU");
+    const auto [dyr, sdy] = as_rows(dy, n);
+    const auto [xr, sx] = as_rows(x, n);
+    const auto [zr, sz] = present(z) ? as_rows(*z, n) : std::pair{at::Tensor(), int64_t{0}};
+    const int64_t m = xr.size(0);
+    TORCH_CHECK(rstd.device().is_cpu() && rstd.scalar_type() == at::kFloat && rstd.is_contiguous() &&
+                    rstd.numel() == m * (n / s),
+                "hf_rmsnorm's CPU gated_rms_norm: rstd must be the forward's, ", m * (n / s),
+                " contiguous float32 values on the CPU");
+    const OptTensor wv = values(w);
+    at::Tensor dw = need_w && present(w) ? at::empty(w->sizes(), w->options()) : at::Tensor();
+    at::Tensor dx = need_x ? at::empty(x.sizes(), x.options()) : at::Tensor();
+    at::Tensor dz = need_z && present(z) ? at::empty(z->sizes(), z->options()) : at::Tensor();
+    const int64_t dy_flags = (flags & ~kYBf16) | (dy.scalar_type() == at::kBFloat16 ? kYBf16 : 0);
+    const int status = gated_rms_norm_backward(dyr.data_ptr(), sdy, xr.data_ptr(), sx, data(zr), sz, data(wv),
+                                               rstd.data_ptr<float>(), data(dx), data(dz), data(dw), m, n, s,
+                                               with_threads(dy_flags, x.numel()));
+    TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "gated_rms_norm backward on the CPU: no memory for a few rows of ",
+                     n, " floats");
+    ++backward_calls;
+    return {dx, dz, dw};
+}
+
 std::vector<int64_t> calls() { return {forward_calls.load(), backward_calls.load()}; }
 
 void set_parallel(bool allowed) { parallel_allowed = allowed; }
@@ -295,6 +397,11 @@ TORCH_LIBRARY(HF_RMSNORM_NS, m) {
     // for the general way)
     m.def("rms_norm_settled(Tensor x, Tensor? weight, Tensor? bias, float eps, float offset, int kind) -> Tensor");
     m.def("settle(int flags, str cast_mode, int n, bool has_weight, bool has_bias) -> int", &settle);
+    // the gated RMSNorm: y and rstd (None without with_rstd); the gradients wanted (None for others)
+    m.def("gated_rms_norm_fwd(Tensor x, Tensor? gate, Tensor? weight, float eps, int group_size, int flags, "
+          "bool with_rstd) -> (Tensor, Tensor)");
+    m.def("gated_rms_norm_bwd(Tensor dy, Tensor x, Tensor? gate, Tensor? weight, Tensor rstd, int group_size, "
+          "int flags, bool dx, bool dgate, bool dweight) -> (Tensor, Tensor, Tensor)");
     m.def("calls() -> int[]", &calls);
     m.def("set_parallel(bool allowed) -> ()", &set_parallel);
 }
@@ -302,4 +409,6 @@ TORCH_LIBRARY(HF_RMSNORM_NS, m) {
 TORCH_LIBRARY_IMPL(HF_RMSNORM_NS, CompositeImplicitAutograd, m) {
     m.impl("rms_norm", &rms_norm);
     m.impl("rms_norm_settled", &rms_norm_settled);
+    m.impl("gated_rms_norm_fwd", &gated_rms_norm_fwd);
+    m.impl("gated_rms_norm_bwd", &gated_rms_norm_bwd);
 }

@@ -14,9 +14,9 @@ before the weight (Llama's order; with the gate after, the weighted row is round
 the weight-promoted dtype, before the gate), ``"float32"`` keeps everything in fp32 and
 rounds once, at the end.
 
-Read top to bottom: the torch reference (also the CPU path and the fallback), the custom ops
-around the Triton launchers (``_triton_gated.py``, imported when first needed), the public
-function.
+Read top to bottom: the reference (torch ops, or on the CPU the compiled kernel of
+``_cpu_rms_norm.c``; also the fallback), the custom ops around the Triton launchers
+(``_triton_gated.py``, imported when first needed), the public function.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _cpu_kernel
 from ._norm import (
-    _KERNEL_DTYPES, _autocasting, _elsewhere, _memory, _rows, _tracing_state, _use_triton, cast, needs_grad,
-    transforms_active,
+    _KERNEL_DTYPES, _PLAIN_TENSORS, _autocasting, _elsewhere, _memory, _rows, _tracing_state, _use_triton, cast,
+    needs_grad, transforms_active,
 )
 
 ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
@@ -56,14 +57,29 @@ def gated_rms_norm_ref(
     activation: str = "silu",
     cast_mode: str = "input",
 ) -> Tensor:
-    """Plain-torch gated RMSNorm with the kernels' semantics (module docstring): statistics in
-    fp32 (fp64 for fp64 input), the roundings of ``cast_mode`` where the kernels make them.
-    Differentiable by autograd."""
+    """The gated RMSNorm off the Triton kernels, with their semantics (module docstring):
+    statistics in fp32 (fp64 for fp64 input), the roundings of ``cast_mode`` where the kernels
+    make them. Torch ops, differentiable by autograd; on the CPU, as ``rms_norm_ref``, the
+    compiled kernel wherever it computes the call (``_compiled_kernel``), unless
+    ``HF_RMSNORM_BACKEND=torch`` asks for torch ops only."""
+    size = group_size or x.shape[-1]
+    if x.is_cpu and not transforms_active():
+        compiled = _compiled_kernel(x, gate, weight, norm_before_gate, activation, cast_mode)
+        if compiled is not None:
+            fwd, flags = compiled
+            if needs_grad(x, gate, weight):
+                return _GatedFunction.apply(x, gate, weight, float(eps), size, norm_before_gate, activation == "sigmoid",
+                                            cast_mode == "input", flags)
+            return fwd(x, gate, weight, eps, size, flags, False)[0]
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    n_cols = x.shape[-1]
-    size = group_size or n_cols
     if not needs_grad(x, gate, weight) and not transforms_active():
         return _in_place(x, gate, weight, eps, size, norm_before_gate, activation, cast_mode, compute)
+    return _composite(x, gate, weight, eps, size, norm_before_gate, activation, cast_mode, compute)
+
+
+def _composite(x, gate, weight, eps, size, norm_before_gate, activation, cast_mode, compute) -> Tensor:
+    """The definition as torch ops, for autograd (and second derivatives) to differentiate."""
+    n_cols = x.shape[-1]
     h = cast(x, compute)
     g = ACTIVATIONS[activation](cast(gate, compute)) if gate is not None else None
     if g is not None and not norm_before_gate:
@@ -117,6 +133,59 @@ def _in_place(x, gate, weight, eps, size, norm_before_gate, activation, cast_mod
     if g is not None and norm_before_gate:
         n = n.mul_(g)
     return cast(n, x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The compiled CPU kernel (``_cpu_rms_norm.c``'s second half): one pass over each row forward
+# and one backward, where the torch ops make up to nine each way.
+# --------------------------------------------------------------------------------------------
+
+
+def _compiled_kernel(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], norm_before_gate: bool,
+                     activation: str, cast_mode: str):
+    """(the forward operator, its flags) where the compiled CPU kernel computes this call, else
+    None: float32/bfloat16 plain CPU tensors, at least one element, a gate of x's shape, a
+    contiguous weight of the row's length; not while torch.compile traces (the operator has no
+    meta kernel: the compiler fuses the torch ops itself); not where the library cannot be had
+    or ``HF_RMSNORM_BACKEND=torch``."""
+    flags = _cpu_flags(x.dtype, gate, weight, norm_before_gate, activation, cast_mode)
+    if flags is None or type(x) not in _PLAIN_TENSORS or not x.numel() or torch.compiler.is_compiling():
+        return None
+    if gate is not None and (type(gate) not in _PLAIN_TENSORS or not gate.is_cpu or gate.shape != x.shape):
+        return None
+    if weight is not None and (type(weight) not in _PLAIN_TENSORS or not weight.is_cpu
+                               or weight.shape != x.shape[-1:] or not weight.is_contiguous()):
+        return None
+    ops = _cpu_kernel.gated_ops()
+    return None if ops is None else (ops[0], flags)
+
+
+def _cpu_flags(x_dtype, gate, weight, norm_before_gate, activation, cast_mode) -> Optional[int]:
+    """The C functions' flags for these dtypes and settings (None where the kernel has no such
+    dtypes), worked out once per signature."""
+    key = (x_dtype, None if gate is None else gate.dtype, None if weight is None else weight.dtype, norm_before_gate,
+           activation, cast_mode)
+    flags = _CPU_FLAGS.get(key, _UNSEEN)
+    if flags is _UNSEEN:
+        k, bf16 = _cpu_kernel, torch.bfloat16
+        out = output_dtype(x_dtype, gate, weight, norm_before_gate, cast_mode)
+        if not all(d in k.DTYPES for d in (x_dtype, out, *(t.dtype for t in (gate, weight) if t is not None))):
+            flags = None
+        else:
+            rounds = x_dtype == bf16 and cast_mode == "input"  # a rounding to float32 changes nothing
+            before = gate is not None and norm_before_gate
+            flags = (
+                k.dtype_flags(x_dtype, None if weight is None else weight.dtype, None, out, rounds)
+                | (k.Z_BF16 if gate is not None and gate.dtype == bf16 else 0)
+                | (k.ROUND_M if rounds and _round_m(x_dtype, gate, weight, norm_before_gate, True) else 0)
+                | (k.NORM_BEFORE_GATE if before else 0) | (k.SIGMOID if activation == "sigmoid" else 0)
+            )
+        _CPU_FLAGS[key] = flags
+    return flags
+
+
+_CPU_FLAGS: dict = {}
+_UNSEEN = object()
 
 
 def check_settings(name: str, hidden: int, eps, group_size, activation, cast_mode) -> None:
@@ -262,13 +331,17 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 class _GatedFunction(torch.autograd.Function):
     """The eager twin of ``_fwd_op``: the same launches and saved tensors, without a custom
     op's dispatch, which costs more host time per call than the kernels take on a GPU at a
-    model's sizes (measured for the plain norms: ``_norm.py``). torch.compile traces the op."""
+    model's sizes (measured for the plain norms: ``_norm.py``). torch.compile traces the op.
+    With ``cpu_flags`` (not None) the compiled CPU kernel's operators run instead of Triton."""
 
     @staticmethod
-    def forward(ctx, x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input):
-        y, rstd = _fwd_impl(x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input)
+    def forward(ctx, x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input, cpu_flags):
+        if cpu_flags is None:
+            y, rstd = _fwd_impl(x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input)
+        else:
+            y, rstd = _cpu_kernel.gated_ops()[0](x, gate, weight, eps, group_size, cpu_flags, True)
         ctx.save_for_backward(x, gate, weight, rstd)
-        ctx.eps, ctx.settings = eps, (group_size, norm_before_gate, sigmoid, cast_input)
+        ctx.eps, ctx.settings, ctx.cpu_flags = eps, (group_size, norm_before_gate, sigmoid, cast_input), cpu_flags
         return y
 
     @staticmethod
@@ -277,17 +350,22 @@ class _GatedFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: the kernels have no second derivative; the reference's
             # gradients, as a graph, do (gradient penalties come out right, not without the norm)
-            return (*_gradients_as_graph(ctx, dy, x, gate, weight), None, None, None, None, None)
-        dx, dz, dw = _bwd_impl(dy, x, gate, weight, rstd, *ctx.settings)
-        return dx, dz, dw, None, None, None, None, None
+            return (*_gradients_as_graph(ctx, dy, x, gate, weight), None, None, None, None, None, None)
+        if ctx.cpu_flags is None:
+            dx, dz, dw = _bwd_impl(dy, x, gate, weight, rstd, *ctx.settings)
+        else:
+            dx, dz, dw = _cpu_kernel.gated_ops()[1](dy, x, gate, weight, rstd, ctx.settings[0], ctx.cpu_flags,
+                                                    *ctx.needs_input_grad[:3])
+        return dx, dz, dw, None, None, None, None, None, None
 
 
 def _gradients_as_graph(ctx, dy, x, gate, weight) -> tuple:
     size, before, sigmoid, cast_input = ctx.settings
     inputs, needs = (x, gate, weight), ctx.needs_input_grad[:3]
     with torch.enable_grad():
-        y = gated_rms_norm_ref(x, gate, weight, ctx.eps, size, before, "sigmoid" if sigmoid else "silu",
-                               "input" if cast_input else "float32")
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        y = _composite(x, gate, weight, ctx.eps, size, before, "sigmoid" if sigmoid else "silu",
+                       "input" if cast_input else "float32", compute)
         grads = iter(torch.autograd.grad(y, [t for t, need in zip(inputs, needs) if need], dy, create_graph=True))
     return tuple(next(grads) if need else None for need in needs)
 
@@ -328,7 +406,8 @@ def gated_rms_norm(
     Autocast does not change it: the HF classes it replaces compute in the dtypes they choose.
     The Triton kernels run on CUDA tensors (``HF_RMSNORM_BACKEND=auto``), or on CPU tensors
     with ``HF_RMSNORM_BACKEND=triton TRITON_INTERPRET=1``; everything else uses
-    :func:`gated_rms_norm_ref`.
+    :func:`gated_rms_norm_ref`: on the CPU the compiled kernel (float32 and bfloat16, built on
+    first use as the plain RMSNorm's), else torch ops.
     """
     _check_inputs(x, gate, weight, eps, group_size, activation, cast_mode)
     return dispatch(x, gate, weight, eps, group_size, norm_before_gate, activation, cast_mode)
@@ -343,7 +422,7 @@ def dispatch(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: f
         args = (x, gate, weight, float(eps), size, norm_before_gate, activation == "sigmoid", cast_mode == "input")
         if torch.compiler.is_compiling() or _tracing_state() is not None:
             return _fwd_op(*args)[0]
-        return _GatedFunction.apply(*args)
+        return _GatedFunction.apply(*args, None)
     if x.shape[-1] == 0:
         return x.new_empty(x.shape, dtype=output_dtype(x.dtype, gate, weight, norm_before_gate, cast_mode))
     if _autocasting(x.device.type):
