@@ -133,3 +133,31 @@ def test_the_operators_refuse_tensors_their_flags_do_not_describe():
             call()
     dx, dz, dw = bwd(dy, x, gate, weight, rstd, 8, flags, True, False, False)
     assert dx.shape == x.shape and dz is None and dw is None  # only what is wanted
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_torch_jit_trace_records_torch_ops_that_a_saved_trace_can_hold(grad, gated_runs, tmp_path):
+    """torch.jit.trace of a gated module on the CPU records torch ops, not the kernel's Python
+    autograd.Function (which torch.jit.save refuses) nor this build's operator (which another
+    process lacks): the saved trace loads and computes the module's function, gradients
+    included."""
+    from hf_rmsnorm import FusedGatedRMSNorm
+
+    m = FusedGatedRMSNorm(48, eps=1e-5, group_size=16)
+    x, gate, _, dy = inputs(6, 48, torch.float32)
+    m.weight.data = torch.randn(48) * 0.3 + 1
+    m.weight.requires_grad_(grad)
+    traced = torch.jit.trace(m, (x, gate), check_trace=False)
+    assert gated_runs() == 0
+    assert not [n.kind() for n in traced.graph.nodes() if n.kind().startswith(("prim::PythonOp", "hf_rmsnorm"))]
+    torch.jit.save(traced, tmp_path / "norm.pt")
+    loaded = torch.jit.load(tmp_path / "norm.pt")
+    xs = [t.clone().requires_grad_(grad) for t in (x, x)]
+    got, want = loaded(xs[0], gate), m(xs[1], gate)
+    assert gated_runs() == 1
+    truth = gated_fp64(*(t.double() for t in (x, gate, m.weight.detach())), 1e-5, 16, False, "silu")
+    assert_close_to_fp64(got.detach(), want.detach(), truth, torch.float32, "output")
+    if grad:
+        (got * dy).sum().backward()
+        (want * dy).sum().backward()
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)

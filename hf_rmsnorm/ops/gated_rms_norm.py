@@ -146,10 +146,13 @@ def _compiled_kernel(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor]
     """(the forward operator, its flags) where the compiled CPU kernel computes this call, else
     None: float32/bfloat16 plain CPU tensors, at least one element, a gate of x's shape, a
     contiguous weight of the row's length; not while torch.compile traces (the operator has no
-    meta kernel: the compiler fuses the torch ops itself); not where the library cannot be had
-    or ``HF_RMSNORM_BACKEND=torch``."""
+    meta kernel: the compiler fuses the torch ops itself) or torch.jit.trace records (it would
+    record the Python autograd.Function, which a saved trace cannot hold, or this build's
+    operator, which another process does not have: torch ops trace into a portable graph); not
+    where the library cannot be had or ``HF_RMSNORM_BACKEND=torch``."""
     flags = _cpu_flags(x.dtype, gate, weight, norm_before_gate, activation, cast_mode)
-    if flags is None or type(x) not in _PLAIN_TENSORS or not x.numel() or torch.compiler.is_compiling():
+    if (flags is None or type(x) not in _PLAIN_TENSORS or not x.numel() or torch.compiler.is_compiling()
+            or _tracing_state() is not None):
         return None
     if gate is not None and (type(gate) not in _PLAIN_TENSORS or not gate.is_cpu or gate.shape != x.shape):
         return None
