@@ -1,7 +1,7 @@
 """The gated norm classes of transformers (every one this install has), matched by probing and
 replaced by FusedGatedRMSNorm: the match names their maths, and the replacement computes what
-they compute, forward and backward, on the torch path and on the Triton kernels (interpreted on
-CPU tensors). The HF modules themselves are the reference: in float64 the truth, in bf16 the
+they compute, forward and backward, on the torch path, on the compiled CPU kernel and on the
+Triton kernels (interpreted on CPU tensors). The HF modules themselves are the reference: in float64 the truth, in bf16 the
 yardstick for the error budget (STYLE.md)."""
 
 import copy
@@ -10,7 +10,6 @@ import importlib
 import pytest
 import torch
 
-from conftest import HAS_TRITON, INTERPRETING
 from hf_rmsnorm import FusedGatedRMSNorm, patch_model
 from hf_rmsnorm.patching.discovery import GatedSpec, build_fused, match_norm
 from reference import ATOL, assert_close_to_fp64
@@ -189,37 +188,30 @@ def test_module_calls_with_wrong_inputs_say_what_is_wrong(call, message, backend
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("backend", ["compiled", "triton"], indirect=True)
 @pytest.mark.parametrize("name", ["mamba2", "qwen3_next"])
-def test_interpreted_gated_kernels_in_patched_models(name, monkeypatch):
-    if not (HAS_TRITON and INTERPRETING):
-        pytest.skip("needs triton and TRITON_INTERPRET=1 (the GPU suite covers CUDA)")
-    from hf_rmsnorm.ops import _triton_gated
-
-    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
-    before = _triton_gated.LAUNCHES["gated_fwd"]
+def test_gated_kernels_in_patched_models(name, backend, gated_runs):
+    """The patched hybrid model's outputs as the unpatched model's, its gated norms on the
+    compiled CPU kernel or the Triton kernels (interpreted)."""
     check_patch_roundtrip(name)
-    assert _triton_gated.LAUNCHES["gated_fwd"] > before, "the gated norms did not run on the Triton kernels"
+    assert gated_runs() > 0, f"the gated norms did not run on the {backend} kernels"
 
 
+@pytest.mark.parametrize("backend", ["compiled", "triton"], indirect=True)
 @pytest.mark.parametrize("name", ["mamba2", "qwen3_next"])
-def test_gradients_through_interpreted_gated_kernels_match_the_original(name, monkeypatch):
-    """One backward of a patched hybrid model on the Triton kernels: every parameter's gradient
-    as the unpatched model's (the gate's gradient reaches the projection that made it, the
-    weight's lands on the same Parameter)."""
-    if not (HAS_TRITON and INTERPRETING):
-        pytest.skip("needs triton and TRITON_INTERPRET=1 (the GPU suite covers CUDA)")
-    from hf_rmsnorm.ops import _triton_gated
-
-    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+def test_gradients_through_gated_kernels_match_the_original(name, backend, gated_runs):
+    """One backward of a patched hybrid model on the kernels: every parameter's gradient as the
+    unpatched model's (the gate's gradient reaches the projection that made it, the weight's
+    lands on the same Parameter)."""
     base, inputs = build(name)
     patched = copy.deepcopy(base)
     patch_model(patched)
-    before = _triton_gated.LAUNCHES["gated_bwd"]
     grads = []
     for model in (base, patched):
+        before = gated_runs()
         model(**inputs, labels=inputs["input_ids"]).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    assert _triton_gated.LAUNCHES["gated_bwd"] > before, "the gated backward did not run on the Triton kernels"
+    assert gated_runs() - before >= 2, f"the gated forward and backward did not run on the {backend} kernels"
     assert grads[0].keys() == grads[1].keys()
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)

@@ -285,8 +285,14 @@ def built_path() -> Optional[Path]:
 
 def calls() -> int:
     """How many times the compiled kernel has run in this process, forward and backward calls
-    together (0 before it was built): what the tests read to know which path a call took."""
+    together, plain and gated norms (0 before it was built): what the tests read to know which
+    path a call took."""
     return sum(_ops.calls()) if _ops is not None else 0
+
+
+def gated_calls() -> int:
+    """:func:`calls` of the gated norm only."""
+    return sum(_ops.calls()[2:]) if _ops is not None else 0
 
 
 def op_unless_torch_ops():

@@ -67,8 +67,9 @@ constexpr int64_t kParallelMin = 32768;
 // false where the process has a second OpenMP runtime beside torch's (set by the loader): then
 // every call runs on one thread rather than keep two thread pools spinning
 std::atomic<bool> parallel_allowed{true};
-// calls of the C functions, forward and backward: what the tests read to know the kernel ran
-std::atomic<int64_t> forward_calls{0}, backward_calls{0};
+// calls of the C functions, forward and backward, the plain norm's and the gated norm's: what the
+// tests read to know the kernel ran
+std::atomic<int64_t> forward_calls{0}, backward_calls{0}, gated_forward_calls{0}, gated_backward_calls{0};
 
 int with_threads(int64_t flags, int64_t numel) {
     const int64_t threads = parallel_allowed && numel >= kParallelMin ? at::get_num_threads() : 1;
@@ -342,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor> gated_rms_norm_fwd(const at::Tensor &x, const
                                               with_threads(flags, x.numel()));
     TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "gated_rms_norm on the CPU: no memory for a few rows of ", n,
                      " floats");
-    ++forward_calls;
+    ++gated_forward_calls;
     return {y, rstd};
 }
 
@@ -376,11 +377,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_bwd(const at::Tens
                                                with_threads(dy_flags, x.numel()));
     TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "gated_rms_norm backward on the CPU: no memory for a few rows of ",
                      n, " floats");
-    ++backward_calls;
+    ++gated_backward_calls;
     return {dx, dz, dw};
 }
 
-std::vector<int64_t> calls() { return {forward_calls.load(), backward_calls.load()}; }
+// forward and backward calls of the plain norm, then of the gated norm
+std::vector<int64_t> calls() {
+    return {forward_calls.load(), backward_calls.load(), gated_forward_calls.load(), gated_backward_calls.load()};
+}
 
 void set_parallel(bool allowed) { parallel_allowed = allowed; }
 
