@@ -1,8 +1,8 @@
 """The gated norm classes of transformers (every one this install has), matched by probing and
 replaced by FusedGatedRMSNorm: the match names their maths, and the replacement computes what
 they compute, forward and backward, on the torch path, on the compiled CPU kernel and on the
-Triton kernels (interpreted on CPU tensors). The HF modules themselves are the reference: in float64 the truth, in bf16 the
-yardstick for the error budget (STYLE.md)."""
+Triton kernels (interpreted on CPU tensors). The HF modules themselves are the reference: in
+float64 the truth, in bf16 the yardstick for the error budget (STYLE.md)."""
 
 import copy
 import importlib
