@@ -124,7 +124,7 @@ def materialise_norms_(meta_model) -> None:
 
 
 def _norm_kinds(meta_model) -> dict[str, str]:
-    """{module: "layer" | "rms" | reason} for every norm, by probing it."""
+    """{module: "layer" | "rms" | "gated" | reason} for every norm, by probing it."""
     from .patching.discovery import is_norm_like, match_norm
 
     materialise_norms_(meta_model)
@@ -171,7 +171,8 @@ def _plan(source: _Source, meta_model, target: str, allow_approximate: bool):
             else:
                 modules[name] = "approximate" if allow_approximate else "fused"
     for name, kind in kinds.items():
-        modules.setdefault(name, "fused" if kind in ("layer", "rms") else "skipped")
+        # "gated": gated and grouped RMSNorms, fused when loaded as the plain norms are
+        modules.setdefault(name, "fused" if kind in ("layer", "rms", "gated") else "skipped")
     block["modules"] = modules
     block["centred_writers"] = len(writers)
     return writers, block

@@ -246,8 +246,9 @@ class FusedGatedRMSNorm(nn.Module):
     """Gated RMSNorm on the fused kernels (``ops/gated_rms_norm.py`` for the maths): a drop-in
     for the gated norms of Mamba2 and its hybrids (``norm_before_gate=False``, groups of
     ``group_size``), Qwen3-Next / Qwen3.5 (``norm_before_gate=True``) and Kimi Linear
-    (``activation="sigmoid", cast_mode="float32"``). Called as they are:
-    ``forward(hidden_states, gate=None)``; its one parameter is ``weight``, of shape
+    (``activation="sigmoid", cast_mode="float32"``); without a gate, a grouped RMSNorm
+    (Qwen4-Exp's hyper-connection norms: ``offset=1``, the weight stored as w - 1). Called as
+    they are: ``forward(hidden_states, gate=None)``; its one parameter is ``weight``, of shape
     ``(hidden_size,)``, as theirs. Autocast does not change it, as it does not change them."""
 
     def __init__(
@@ -259,6 +260,7 @@ class FusedGatedRMSNorm(nn.Module):
         norm_before_gate: bool = False,
         activation: str = "silu",
         cast_mode: str = "input",
+        offset: float = 0.0,
         elementwise_affine: bool = True,
         device=None,
         dtype=None,
@@ -266,19 +268,22 @@ class FusedGatedRMSNorm(nn.Module):
         super().__init__()
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
             raise ValueError(f"FusedGatedRMSNorm: hidden_size must be a positive int, got {hidden_size!r}.")
-        check_settings("FusedGatedRMSNorm", hidden_size, eps, group_size, activation, cast_mode)
+        check_settings("FusedGatedRMSNorm", hidden_size, eps, group_size, activation, cast_mode, offset, elementwise_affine)
         self.hidden_size = hidden_size
         self.eps = eps
         self.group_size = group_size
         self.norm_before_gate = norm_before_gate
         self.activation = activation
         self.cast_mode = cast_mode
-        weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype)) if elementwise_affine else None
+        self.offset = float(offset)
+        # the identity at initialisation: offset + weight = 1 (ones; zeros under an offset of one)
+        weight = nn.Parameter(torch.full((hidden_size,), 1.0 - offset, device=device, dtype=dtype)) \
+            if elementwise_affine else None
         self.register_parameter("weight", weight)
 
     def reset_parameters(self) -> None:
         if self.weight is not None:
-            nn.init.ones_(self.weight)
+            nn.init.constant_(self.weight, 1.0 - self.offset)
 
     def forward(self, hidden_states: Tensor, gate: Optional[Tensor] = None) -> Tensor:
         weight = self._parameters["weight"] if "weight" in self._parameters else self.weight
@@ -292,7 +297,7 @@ class FusedGatedRMSNorm(nn.Module):
             # just now), as the other fused modules do: the checks below cost as much as a few
             # tokens' arithmetic
             return gated_rms_norm_ref(x, gate, weight, self.eps, self.group_size, self.norm_before_gate,
-                                      self.activation, self.cast_mode)
+                                      self.activation, self.cast_mode, self.offset)
         if (
             isinstance(x, Tensor) and x.is_floating_point() and x.shape[-1:] == (self.hidden_size,)
             and (gate is None or (gate.shape == x.shape and gate.device == x.device and gate.is_floating_point()))
@@ -301,10 +306,11 @@ class FusedGatedRMSNorm(nn.Module):
             # this module's settings were checked when it was built, its inputs just now: past
             # the op's per-call checks, which cost as much host time as a small call's kernels
             return dispatch(x, gate, weight, self.eps, self.group_size, self.norm_before_gate, self.activation,
-                            self.cast_mode)
+                            self.cast_mode, self.offset)
         return gated_rms_norm(  # says what is wrong
             x, gate, weight, self.eps, group_size=self.group_size,
             norm_before_gate=self.norm_before_gate, activation=self.activation, cast_mode=self.cast_mode,
+            offset=self.offset,
         )
 
     def extra_repr(self) -> str:
@@ -312,6 +318,8 @@ class FusedGatedRMSNorm(nn.Module):
         if self.group_size is not None:
             parts.append(f"group_size={self.group_size}")
         parts += [f"norm_before_gate={self.norm_before_gate}", f"activation={self.activation}", f"cast_mode={self.cast_mode}"]
+        if self.offset:
+            parts.append(f"offset={self.offset:g}")
         if self.weight is None:
             parts.append("elementwise_affine=False")
         return ", ".join(parts)

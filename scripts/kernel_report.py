@@ -171,12 +171,12 @@ def gated_report(arch: int) -> list[dict]:
             ints = {"M": "i32", "N": "i32", "S": "i32", "G": "i32"}
             if kernel == "fwd":
                 sig = {"X": "*bf16", "Z": "*bf16", "W": f"*{p_dtype}", "Y": "*bf16", "RSTD": "*fp32",
-                       "stride_x": "i32", "stride_z": "i32", **ints, "eps": "fp32"}
+                       "stride_x": "i32", "stride_z": "i32", **ints, "eps": "fp32", "offset": "fp32"}
                 fn, cap = gated._gated_fwd_kernel, _HW_BLOCKS_PER_SM
             else:
                 sig = {"DY": "*bf16", "X": "*bf16", "Z": "*bf16", "W": f"*{p_dtype}", "RSTD": "*fp32", "DX": "*bf16",
                        "DZ": "*bf16", "DW_PART": "*fp32", "stride_dy": "i32", "stride_x": "i32", "stride_z": "i32",
-                       **ints, "n_tiles": "i32"}
+                       **ints, "n_tiles": "i32", "offset": "fp32"}
                 fn, cap = gated._gated_bwd_kernel, gated._BWD_PROGRAMS_PER_SM
             aligned = {a for a, t in sig.items() if t.startswith("*")} | (
                 {a for a in sig if a.startswith("stride")} | {"N", "S"} if size % 16 == 0 else set())

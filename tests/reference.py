@@ -89,10 +89,11 @@ def assert_close_to_fp64(got, yardstick, truth, dtype, what):
     assert err <= budget, f"{what}: error {err:.3g} vs fp64 exceeds budget {budget:.3g} (2x PyTorch's same-dtype error + atol)"
 
 
-def gated_fp64(x, gate, weight, eps, group_size, norm_before_gate, activation):
+def gated_fp64(x, gate, weight, eps, group_size, norm_before_gate, activation, offset=0.0):
     """The gated RMSNorm from its definition, in float64: act(z) = z/(1+e^-z) (silu) or
     1/(1+e^-z) (sigmoid); each group of ``group_size`` of h = x·act(z) (or of x, with the gate
-    after) divided by its root mean square, times the weight (times act(z), gate after)."""
+    after) divided by its root mean square, times (offset + the weight) (times act(z), gate
+    after)."""
     x = x.double()
     n_cols = x.shape[-1]
     size = group_size or n_cols
@@ -104,14 +105,15 @@ def gated_fp64(x, gate, weight, eps, group_size, norm_before_gate, activation):
     groups = h.reshape(*h.shape[:-1], n_cols // size, size)
     y = (groups / torch.sqrt((groups * groups).mean(-1, keepdim=True) + eps)).reshape(h.shape)
     if weight is not None:
-        y = y * weight.double()
+        y = y * (weight.double() + offset)
     return y * a if a is not None and norm_before_gate else y
 
 
-def gated_torch_same_dtype(x, gate, weight, eps, group_size, norm_before_gate, activation, cast_mode):
+def gated_torch_same_dtype(x, gate, weight, eps, group_size, norm_before_gate, activation, cast_mode, offset=0.0):
     """The gated norm as the HF classes compute it eagerly: Mamba2's ``w * n.to(dtype)`` and
     Qwen3-Next's ``(w * n.to(dtype)) * act(gate)`` (cast_mode "input"); Kimi's and FalconH1's
-    all-fp32 order, cast at the end ("float32")."""
+    all-fp32 order, cast at the end ("float32"), which Qwen4-Exp's grouped norm takes with its
+    weight stored as w - 1 (``offset`` 1: ``n * (1 + w.float())``)."""
     dtype, n_cols = x.dtype, x.shape[-1]
     size = group_size or n_cols
     act = F.silu if activation == "silu" else torch.sigmoid
@@ -121,7 +123,9 @@ def gated_torch_same_dtype(x, gate, weight, eps, group_size, norm_before_gate, a
     groups = h.unflatten(-1, (n_cols // size, size))
     n = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)
     if cast_mode == "input":
-        y = weight * n.to(dtype) if weight is not None else n.to(dtype)
+        y = n.to(dtype)
+        if weight is not None:  # an offset added in fp32, the product rounded as without one
+            y = weight * y if not offset else ((weight.float() + offset) * y).to(torch.promote_types(dtype, weight.dtype))
         return (y * act(gate.float())).to(dtype) if gate is not None and norm_before_gate else y
-    y = weight.float() * n if weight is not None else n
+    y = (weight.float() + offset) * n if weight is not None else n
     return (y * act(gate.float()) if gate is not None and norm_before_gate else y).to(dtype)

@@ -48,7 +48,7 @@ def _close(got, ref, model=None, inputs=None):
 
 # family -> how its norms end up (exact conversion, fused only, approximate)
 FAMILIES = {"gpt2": {"exact"}, "opt": {"exact"}, "gpt_neox": {"exact"}, "bloom": {"exact", "fused"}, "falcon": {"exact"}, "phi": {"exact"}, "phimoe": {"exact"}, "xglm": {"exact"}, "llama": {"fused"}, "bert": {"approximate"},
-            "wav2vec2": {"exact", "fused"}}
+            "wav2vec2": {"exact", "fused"}, "mamba2": {"fused"}}
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

@@ -115,23 +115,23 @@ def test_the_operators_refuse_tensors_their_flags_do_not_describe():
     fwd, bwd = _cpu_kernel.gated_ops()
     x, gate, weight, dy = inputs(4, 16, torch.float32)
     flags = _cpu_flags(torch.float32, gate, weight, False, "silu", "input")
-    y, rstd = fwd(x, gate, weight, 1e-6, 8, flags, True)
+    y, rstd = fwd(x, gate, weight, 1e-6, 0.0, 8, flags, True)
     want = gated_fp64(*(t.double() for t in (x, gate, weight)), 1e-6, 8, False, "silu")
     torch.testing.assert_close(y.double(), want, rtol=2e-6, atol=1e-6)
-    assert rstd.shape == (8,) and fwd(x, gate, weight, 1e-6, 8, flags, False)[1] is None
+    assert rstd.shape == (8,) and fwd(x, gate, weight, 1e-6, 0.0, 8, flags, False)[1] is None
     for call, message in (
-        (lambda: fwd(x.bfloat16(), gate, weight, 1e-6, 8, flags, False), "x must be a non-empty CPU tensor of Float"),
-        (lambda: fwd(x, gate.bfloat16(), weight, 1e-6, 8, flags, False), "gate must be a non-empty CPU tensor of Float"),
-        (lambda: fwd(x, gate[:, :8], weight, 1e-6, 8, flags, False), "the gate's shape"),
-        (lambda: fwd(x, gate, weight[:8], 1e-6, 8, flags, False), "weight must be a contiguous CPU tensor of 16"),
-        (lambda: fwd(x, gate, weight, 1e-6, 5, flags, False), "no such call"),
-        (lambda: fwd(x, gate, weight, 1e-6, 0, flags, False), "no such call"),
-        (lambda: bwd(dy, x, gate, weight, rstd[:4], 8, flags, True, True, True), "rstd must be the forward's, 8"),
-        (lambda: bwd(dy[:2], x, gate, weight, rstd, 8, flags, True, True, True), "the gradient's shape"),
+        (lambda: fwd(x.bfloat16(), gate, weight, 1e-6, 0.0, 8, flags, False), "x must be a non-empty CPU tensor of Float"),
+        (lambda: fwd(x, gate.bfloat16(), weight, 1e-6, 0.0, 8, flags, False), "gate must be a non-empty CPU tensor of Float"),
+        (lambda: fwd(x, gate[:, :8], weight, 1e-6, 0.0, 8, flags, False), "the gate's shape"),
+        (lambda: fwd(x, gate, weight[:8], 1e-6, 0.0, 8, flags, False), "weight must be a contiguous CPU tensor of 16"),
+        (lambda: fwd(x, gate, weight, 1e-6, 0.0, 5, flags, False), "no such call"),
+        (lambda: fwd(x, gate, weight, 1e-6, 0.0, 0, flags, False), "no such call"),
+        (lambda: bwd(dy, x, gate, weight, rstd[:4], 0.0, 8, flags, True, True, True), "rstd must be the forward's, 8"),
+        (lambda: bwd(dy[:2], x, gate, weight, rstd, 0.0, 8, flags, True, True, True), "the gradient's shape"),
     ):
         with pytest.raises(RuntimeError, match=message):
             call()
-    dx, dz, dw = bwd(dy, x, gate, weight, rstd, 8, flags, True, False, False)
+    dx, dz, dw = bwd(dy, x, gate, weight, rstd, 0.0, 8, flags, True, False, False)
     assert dx.shape == x.shape and dz is None and dw is None  # only what is wanted
 
 

@@ -101,6 +101,61 @@ def test_the_replacement_computes_what_it_computes(name, w_dtype, backend, monke
 
 
 @pytest.mark.parametrize("backend", ["torch", "compiled"], indirect=True)
+def test_a_grouped_norm_is_matched_and_replaced_by_the_gated_kernel_without_a_gate(backend, gated_runs):
+    """Qwen4-Exp's hyper-connection norm normalises each stream (a group of the last dim) on its
+    own, its weight stored as w - 1: matched as a grouped RMSNorm with offset 1 and replaced by
+    FusedGatedRMSNorm, called with one input; forward and the gradients of x and weight within
+    the budget against its float64 twin (bf16 activations, fp32 weight, as the model holds it)."""
+    try:
+        from transformers.models.qwen4_exp.modeling_qwen4_exp import Qwen4ExpTextRMSNorm
+    except ImportError:
+        pytest.skip("this transformers has no Qwen4ExpTextRMSNorm")
+    module = Qwen4ExpTextRMSNorm(48, group_size=16, eps=1e-6)
+    with torch.no_grad():
+        module.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("HF_RMSNORM_BACKEND", "torch")  # the probe's candidates, fast
+        match = match_norm(module)
+    assert match.spec == GatedSpec(1e-6, 16, False, "silu", "float32", offset=1.0, gated=False), match.reason
+    assert match.reason == "same function as grouped RMSNorm(eps=1e-06, group_size=16, cast_mode=float32, offset=1)"
+    fused = build_fused(match.spec, module, (48,))
+    assert isinstance(fused, FusedGatedRMSNorm) and fused.weight is module.weight and fused.offset == 1.0
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 5, 48, generator=g) * 2 + 0.3).to(torch.bfloat16)
+    dy = torch.randn(4, 5, 48, generator=g).to(torch.bfloat16)
+
+    def run(m, dtype=None):
+        leaf = x.to(dtype or x.dtype).detach().requires_grad_(True)
+        m.zero_grad()
+        y = m(leaf)
+        y.backward(dy.to(y.dtype))
+        return [y.detach(), leaf.grad, m.weight.grad.clone()]
+
+    before = gated_runs()
+    ours = run(fused)
+    assert gated_runs() - before == (0 if backend == "torch" else 2)
+    theirs, truth = run(module), run(copy.deepcopy(module).double(), torch.float64)
+    for what, got, want, t64 in zip(("output", "grad of x", "grad of weight"), ours, theirs, truth):
+        assert got.dtype == want.dtype, what
+        assert_close_to_fp64(got, want, t64, torch.bfloat16, what)
+
+
+def test_a_norm_that_names_groups_but_is_no_grouped_rms_norm_says_so():
+    class Centred(torch.nn.Module):  # a grouped LayerNorm: centred groups, which no candidate is
+        def __init__(self):
+            super().__init__()
+            self.weight, self.group_size = torch.nn.Parameter(torch.ones(48)), 16
+
+        def forward(self, x):
+            g = x.unflatten(-1, (3, 16))
+            g = g - g.mean(-1, keepdim=True)
+            return (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + 1e-6)).flatten(-2) * self.weight
+
+    match = match_norm(Centred())
+    assert match.spec is None
+    assert match.reason == "no fused LayerNorm/RMSNorm or grouped RMSNorm (groups of 16) reproduces its output on the probe inputs"
+
+
 @pytest.mark.parametrize("name", list(CLASSES))
 def test_patch_model_swaps_each_and_keeps_its_function(name, backend, gated_runs):
     """Through patch_model, each instance verified with its own parameters (Kimi's gate defaults
@@ -189,7 +244,7 @@ def test_module_calls_with_wrong_inputs_say_what_is_wrong(call, message, backend
 
 
 @pytest.mark.parametrize("backend", ["compiled", "triton"], indirect=True)
-@pytest.mark.parametrize("name", ["mamba2", "qwen3_next"])
+@pytest.mark.parametrize("name", ["mamba2", "qwen3_next", "qwen4_exp"])
 def test_gated_kernels_in_patched_models(name, backend, gated_runs):
     """The patched hybrid model's outputs as the unpatched model's, its gated norms on the
     compiled CPU kernel or the Triton kernels (interpreted)."""
@@ -198,7 +253,7 @@ def test_gated_kernels_in_patched_models(name, backend, gated_runs):
 
 
 @pytest.mark.parametrize("backend", ["compiled", "triton"], indirect=True)
-@pytest.mark.parametrize("name", ["mamba2", "qwen3_next"])
+@pytest.mark.parametrize("name", ["mamba2", "qwen3_next", "qwen4_exp"])
 def test_gradients_through_gated_kernels_match_the_original(name, backend, gated_runs):
     """One backward of a patched hybrid model on the kernels: every parameter's gradient as the
     unpatched model's (the gate's gradient reaches the projection that made it, the weight's

@@ -82,7 +82,7 @@ def test_gated_torch_compile_inductor_fullgraph_on_cuda(gated_runs):
         torch.testing.assert_close(c, e)
 
 
-@pytest.mark.parametrize("name", ["mamba2", "qwen3_next"])
+@pytest.mark.parametrize("name", ["mamba2", "qwen3_next", "qwen4_exp"])
 def test_patched_hybrid_models_on_cuda(name, gated_runs):
     from tiny_models import build, run
 

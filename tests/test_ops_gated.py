@@ -60,14 +60,16 @@ def make(shape, dtype, w_dtype=None, seed=0):
     return x, gate, weight
 
 
-def check(x, gate, weight, size, setting, dtype, eps=1e-6):
+def check(x, gate, weight, size, setting, dtype, eps=1e-6, offset=0.0):
     before, activation, cast_mode = SETTINGS[setting]
     dy = torch.randn(x.shape).to(dtype)
     ours = fwd_bwd(lambda x, g, w: gated_rms_norm(x, g, w, eps, group_size=size, norm_before_gate=before,
-                                              activation=activation, cast_mode=cast_mode), x, gate, weight, dy)
-    truth = fwd_bwd(lambda x, g, w: gated_fp64(x, g, w, eps, size, before, activation),
-                *(t.double() if t is not None else None for t in (x, gate, weight)), dy)
-    yardstick = fwd_bwd(lambda x, g, w: gated_torch_same_dtype(x, g, w, eps, size, before, activation, cast_mode), x, gate, weight, dy)
+                                                  activation=activation, cast_mode=cast_mode, offset=offset),
+                   x, gate, weight, dy)
+    truth = fwd_bwd(lambda x, g, w: gated_fp64(x, g, w, eps, size, before, activation, offset),
+                    *(t.double() if t is not None else None for t in (x, gate, weight)), dy)
+    yardstick = fwd_bwd(lambda x, g, w: gated_torch_same_dtype(x, g, w, eps, size, before, activation, cast_mode, offset),
+                        x, gate, weight, dy)
     assert ours[0].shape == x.shape
     assert ours[0].dtype == yardstick[0].dtype, "output dtype differs from the HF classes' for the same inputs"
     assert_close_to_fp64(ours[0], yardstick[0], truth[0], dtype, "output")
@@ -96,6 +98,28 @@ def test_weight_in_fp32_without_weight_and_without_gate(setting, variant, backen
     x, gate, weight = make((4, 3, 48), torch.bfloat16, w_dtype=torch.float32 if variant == "fp32_weight" else None)
     check(x, None if variant == "no_gate" else gate, None if variant == "no_weight" else weight, 16, setting, torch.bfloat16)
     assert gated_runs() == (2 if backend != "torch" else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_an_offset_is_added_to_the_weight(setting, dtype, backend, gated_runs):
+    """A weight stored as a difference from one (Qwen4-Exp's grouped norms, Gemma's): ``offset``
+    1 multiplies by 1 + w, on every path, forward and every gradient (the weight's is the same
+    as without the offset), against float64; with and without a gate (the grouped norm has
+    none)."""
+    x, gate, weight = make((4, 3, 48), dtype)
+    weight = (weight.float() - 1).to(dtype)  # about 0: the offset carries the scale
+    check(x, gate, weight, 16, setting, dtype, offset=1.0)
+    check(x, None, weight, 16, setting, dtype, offset=1.0)
+    assert gated_runs() == (4 if kernel_runs(backend, dtype) else 0)
+
+
+def test_an_offset_needs_a_weight():
+    x, gate, _ = make((4, 48), torch.float32)
+    with pytest.raises(ValueError, match="offset is added to the weight, but there is no weight"):
+        gated_rms_norm(x, gate, None, offset=1.0)
+    with pytest.raises(ValueError, match="offset must be a finite number"):
+        gated_rms_norm(x, gate, torch.ones(48), offset=float("nan"))
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -192,8 +216,8 @@ def test_eager_function_and_custom_op_agree_bit_for_bit(gated_runs):
     x, gate, weight = make((6, 48), torch.bfloat16)
     dy = torch.randn(6, 48).to(torch.bfloat16)
     args = (16, True, False, True)  # group_size, norm_before_gate, sigmoid, cast_input
-    eager = fwd_bwd(lambda x, g, w: _GatedFunction.apply(x, g, w, 1e-6, *args, None), x, gate, weight, dy)
-    op = fwd_bwd(lambda x, g, w: _fwd_op(x, g, w, 1e-6, *args)[0], x, gate, weight, dy)
+    eager = fwd_bwd(lambda x, g, w: _GatedFunction.apply(x, g, w, 1e-6, 0.0, *args, None), x, gate, weight, dy)
+    op = fwd_bwd(lambda x, g, w: _fwd_op(x, g, w, 1e-6, 0.0, *args)[0], x, gate, weight, dy)
     assert all(torch.equal(a, b) for a, b in zip(eager, op))
     assert gated_runs() == 4
 

@@ -78,6 +78,9 @@ MODELS = {
     "mamba2_one_group": ("mamba2", dict(hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16, n_groups=1, state_size=8, expand=2, chunk_size=8, vocab_size=VOCAB), AutoModelForCausalLM, "text"),
     "qwen3_next": ("qwen3_next", dict(_LLAMA_LIKE, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32), AutoModelForCausalLM, "text"),
     "falcon_h1": ("falcon_h1", dict(_LLAMA_LIKE, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=8, mamba_rms_norm=True), AutoModelForCausalLM, "text"),
+    # Qwen4-Exp: Qwen3-Next's gated norms, hyper-connections (two streams) whose norms normalise
+    # one stream at a time (a grouped RMSNorm, weights stored as w - 1), an indexed-attention layer
+    "qwen4_exp": ("qwen4_exp_text", dict(_LLAMA_LIKE, layer_types=["linear_attention", "indexed_attention"], linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, hc_count=2, hc_lowrank=8, ple_embed_dim=16, ngram_vocab_size_base=256, make_ngram_vocab_size_divisible_by=8, split_ngram_parts=4, heads_per_ngram=2, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=2), AutoModelForCausalLM, "text"),
     "whisper": ("whisper", dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16, max_target_positions=32, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1), AutoModel, "audio"),
 }
 

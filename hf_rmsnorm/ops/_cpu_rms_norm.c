@@ -321,19 +321,20 @@ static inline void gate_row(const float *z, int64_t n, int sigmoid, float *g, fl
 }
 
 /* Forward, over m rows of n = groups * s values; x's rows sx elements apart, z's sz (z, the gate,
- * may be NULL; so may w). y: contiguous, bfloat16 or float32 (FLAG_Y_BF16); rstd (may be NULL):
+ * may be NULL; so may w, to which offset is added). y: contiguous, bfloat16 or float32
+ * (FLAG_Y_BF16); rstd (may be NULL):
  * 1/rms per row and group, row-major. With h = x act(z) (gate first) or x, and n = h rstd:
  *   y = round_m?(round_n?(n) w) act(z)   (gate after), else round_n?(n) w
  * Returns 0, or -1 (no memory for the scratch rows). */
 CLONES
 int gated_rms_norm_forward(const void *x, int64_t sx, const void *z, int64_t sz, const void *w, void *y, float *rstd,
-                           int64_t m, int64_t n, int64_t s, double eps, int flags) {
+                           int64_t m, int64_t n, int64_t s, double eps, float offset, int flags) {
     const int x_bf16 = flags & FLAG_X_BF16, z_bf16 = flags & FLAG_Z_BF16, w_bf16 = flags & FLAG_W_BF16;
     const int y_bf16 = flags & FLAG_Y_BF16, round_n = flags & FLAG_ROUND_N, round_m = flags & FLAG_ROUND_M;
     const int before = flags & FLAG_NORM_BEFORE_GATE, sigmoid = flags & FLAG_SIGMOID, threads = flags >> THREADS_SHIFT;
     (void)threads;
     const int64_t groups = n / s;
-    float *wf = param_f32(w, w_bf16, 0.0f, n);
+    float *wf = param_f32(w, w_bf16, offset, n);
     if (w && !wf) return -1;
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
@@ -390,13 +391,13 @@ int gated_rms_norm_forward(const void *x, int64_t sx, const void *z, int64_t sz,
 CLONES
 int gated_rms_norm_backward(const void *dy, int64_t sdy, const void *x, int64_t sx, const void *z, int64_t sz,
                             const void *w, const float *rstd, void *dx, void *dz, void *dw, int64_t m, int64_t n,
-                            int64_t s, int flags) {
+                            int64_t s, float offset, int flags) {
     const int x_bf16 = flags & FLAG_X_BF16, z_bf16 = flags & FLAG_Z_BF16, w_bf16 = flags & FLAG_W_BF16;
     const int dy_bf16 = flags & FLAG_Y_BF16, round_n = flags & FLAG_ROUND_N, round_m = flags & FLAG_ROUND_M;
     const int before = flags & FLAG_NORM_BEFORE_GATE, sigmoid = flags & FLAG_SIGMOID;
     const int threads = thread_count(flags);
     const int64_t groups = n / s;
-    float *wf = param_f32(w, w_bf16, 0.0f, n);
+    float *wf = param_f32(w, w_bf16, offset, n);
     if (w && !wf) return -1;
     double *part = dw ? (double *)calloc((size_t)threads * (size_t)n, sizeof(double)) : NULL;
     if (dw && !part) {

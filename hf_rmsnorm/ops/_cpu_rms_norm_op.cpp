@@ -41,10 +41,10 @@ int rms_norm_forward(const void *x, const void *w, const void *b, void *y, float
 int rms_norm_backward(const void *dy, const void *x, const float *rstd, const void *w, void *dx, void *dw, void *db,
                       int64_t m, int64_t n, float offset, int flags);
 int gated_rms_norm_forward(const void *x, int64_t sx, const void *z, int64_t sz, const void *w, void *y, float *rstd,
-                           int64_t m, int64_t n, int64_t s, double eps, int flags);
+                           int64_t m, int64_t n, int64_t s, double eps, float offset, int flags);
 int gated_rms_norm_backward(const void *dy, int64_t sdy, const void *x, int64_t sx, const void *z, int64_t sz,
                             const void *w, const float *rstd, void *dx, void *dz, void *dw, int64_t m, int64_t n,
-                            int64_t s, int flags);
+                            int64_t s, float offset, int flags);
 }
 
 #define HF_STR2(s) #s
@@ -329,7 +329,8 @@ void check_gated(const at::Tensor &x, const OptTensor &z, const OptTensor &w, in
 
 // (y, rstd): rstd, one float32 per row and group, only with_rstd (for a backward)
 std::tuple<at::Tensor, at::Tensor> gated_rms_norm_fwd(const at::Tensor &x, const OptTensor &z, const OptTensor &w,
-                                                      double eps, int64_t s, int64_t flags, bool with_rstd) {
+                                                      double eps, double offset, int64_t s, int64_t flags,
+                                                      bool with_rstd) {
     check_gated(x, z, w, s, flags);
     const int64_t n = x.size(-1);
     const auto [xr, sx] = as_rows(x, n);
@@ -340,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> gated_rms_norm_fwd(const at::Tensor &x, const
     at::Tensor rstd = with_rstd ? at::empty({m * (n / s)}, x.options().dtype(at::kFloat)) : at::Tensor();
     const int status = gated_rms_norm_forward(xr.data_ptr(), sx, data(zr), sz, data(wv), y.data_ptr(),
                                               with_rstd ? rstd.data_ptr<float>() : nullptr, m, n, s, eps,
-                                              with_threads(flags, x.numel()));
+                                              static_cast<float>(offset), with_threads(flags, x.numel()));
     TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "gated_rms_norm on the CPU: no memory for a few rows of ", n,
                      " floats");
     ++gated_forward_calls;
@@ -351,8 +352,9 @@ std::tuple<at::Tensor, at::Tensor> gated_rms_norm_fwd(const at::Tensor &x, const
 // (then read as float32)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_bwd(const at::Tensor &dy_in, const at::Tensor &x,
                                                                   const OptTensor &z, const OptTensor &w,
-                                                                  const at::Tensor &rstd, int64_t s, int64_t flags,
-                                                                  bool need_x, bool need_z, bool need_w) {
+                                                                  const at::Tensor &rstd, double offset, int64_t s,
+                                                                  int64_t flags, bool need_x, bool need_z,
+                                                                  bool need_w) {
     check_gated(x, z, w, s, flags);
     const int64_t n = x.size(-1);
     at::Tensor dy = dy_in;
@@ -374,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_bwd(const at::Tens
     const int64_t dy_flags = (flags & ~kYBf16) | (dy.scalar_type() == at::kBFloat16 ? kYBf16 : 0);
     const int status = gated_rms_norm_backward(dyr.data_ptr(), sdy, xr.data_ptr(), sx, data(zr), sz, data(wv),
                                                rstd.data_ptr<float>(), data(dx), data(dz), data(dw), m, n, s,
-                                               with_threads(dy_flags, x.numel()));
+                                               static_cast<float>(offset), with_threads(dy_flags, x.numel()));
     TORCH_CHECK_WITH(OutOfMemoryError, status == 0, "gated_rms_norm backward on the CPU: no memory for a few rows of ",
                      n, " floats");
     ++gated_backward_calls;
@@ -402,10 +404,10 @@ TORCH_LIBRARY(HF_RMSNORM_NS, m) {
     m.def("rms_norm_settled(Tensor x, Tensor? weight, Tensor? bias, float eps, float offset, int kind) -> Tensor");
     m.def("settle(int flags, str cast_mode, int n, bool has_weight, bool has_bias) -> int", &settle);
     // the gated RMSNorm: y and rstd (None without with_rstd); the gradients wanted (None for others)
-    m.def("gated_rms_norm_fwd(Tensor x, Tensor? gate, Tensor? weight, float eps, int group_size, int flags, "
-          "bool with_rstd) -> (Tensor, Tensor)");
-    m.def("gated_rms_norm_bwd(Tensor dy, Tensor x, Tensor? gate, Tensor? weight, Tensor rstd, int group_size, "
-          "int flags, bool dx, bool dgate, bool dweight) -> (Tensor, Tensor, Tensor)");
+    m.def("gated_rms_norm_fwd(Tensor x, Tensor? gate, Tensor? weight, float eps, float offset, int group_size, "
+          "int flags, bool with_rstd) -> (Tensor, Tensor)");
+    m.def("gated_rms_norm_bwd(Tensor dy, Tensor x, Tensor? gate, Tensor? weight, Tensor rstd, float offset, "
+          "int group_size, int flags, bool dx, bool dgate, bool dweight) -> (Tensor, Tensor, Tensor)");
     m.def("calls() -> int[]", &calls);
     m.def("set_parallel(bool allowed) -> ()", &set_parallel);
 }

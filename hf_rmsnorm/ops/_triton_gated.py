@@ -62,6 +62,7 @@ def _gated_fwd_kernel(
     Y,  # output, (M, N) contiguous, in the output dtype
     RSTD,  # (M·G,) fp32: 1/sqrt(mean(h²) + eps) per row and group, for the backward
     stride_x, stride_z, M, N, S, G, eps,
+    offset,  # added to the weight (Gemma-style weights stored as w - 1)
     HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, SIGMOID: tl.constexpr,
     ROUND_N: tl.constexpr,  # round the normalised row to x's dtype before the weight (cast_mode "input")
     ROUND_M: tl.constexpr,  # round the weighted row to x's dtype before the gate (Qwen3-Next's order)
@@ -84,7 +85,7 @@ def _gated_fwd_kernel(
     if ROUND_N:
         m = m.to(X.dtype.element_ty).to(tl.float32)
     if HAS_WEIGHT:
-        m = m * tl.load(W + cols, mask=col_mask[None, :], other=0.0).to(tl.float32)
+        m = m * (tl.load(W + cols, mask=col_mask[None, :], other=0.0).to(tl.float32) + offset)
     if HAS_GATE:
         if NORM_BEFORE_GATE:
             if ROUND_M:
@@ -100,6 +101,7 @@ def _gated_bwd_kernel(
     DX, DZ,  # gradients of x and of the gate, (M, N) contiguous (DZ unused without HAS_GATE)
     DW_PART,  # (programs, BLOCK_R·BLOCK_S) fp32: each program's weight-gradient sums per tile position
     stride_dy, stride_x, stride_z, M, N, S, G, n_tiles,
+    offset,  # added to the weight
     HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, SIGMOID: tl.constexpr,
     ROUND_N: tl.constexpr, ROUND_M: tl.constexpr, DENSE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -115,7 +117,7 @@ def _gated_bwd_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32)
     s = tl.arange(0, BLOCK_S)
     if HAS_WEIGHT:
-        w = tl.load(W + grp * S + s, mask=s < S, other=0.0).to(tl.float32)[None, :]
+        w = (tl.load(W + grp * S + s, mask=s < S, other=0.0).to(tl.float32) + offset)[None, :]
     for t in range(pid // G, n_tiles, tl.num_programs(0) // G):
         rows, cols, mask, r, row_mask, _ = _tile(t, grp, M, S, G, BLOCK_R, BLOCK_S)
         offs = rows * N + cols  # of the gradients written
@@ -193,7 +195,7 @@ def _stride(t) -> int:
     return t.stride(0) if t is not None else 0
 
 
-def gated_fwd(x, z, w, eps, S, norm_before_gate, sigmoid, round_n, round_m, out_dtype):
+def gated_fwd(x, z, w, eps, offset, S, norm_before_gate, sigmoid, round_n, round_m, out_dtype):
     """x, z: (M, N) with unit column stride; returns y (M, N) in ``out_dtype`` and rstd (M·G,) fp32."""
     M, N = x.shape
     G = N // S
@@ -203,7 +205,7 @@ def gated_fwd(x, z, w, eps, S, norm_before_gate, sigmoid, round_n, round_m, out_
     if M:
         LAUNCHES["gated_fwd"] += 1
         _gated_fwd_kernel[(_ceil_div(M, block_r) * G,)](
-            x, z if z is not None else x, w if w is not None else x, y, rstd, _stride(x), _stride(z), M, N, S, G, eps,
+            x, z if z is not None else x, w if w is not None else x, y, rstd, _stride(x), _stride(z), M, N, S, G, eps, offset,
             **_flags(z, w, norm_before_gate, sigmoid, round_n, round_m, x, z),
             BLOCK_R=block_r, BLOCK_S=block_s, num_warps=_warps(block_r * block_s),
         )
@@ -232,7 +234,7 @@ def _per_sm(dy, x, z, w, meta: dict) -> int:
             f32 = torch.float32
             compiled = _gated_bwd_kernel.warmup(
                 stand_in(dy), stand_in(x), stand_in(z), stand_in(w), stand_in(x, f32), stand_in(x), stand_in(z),
-                stand_in(x, f32), 4096, 4096, 4096, 4096, 4096, 1024, 4, 16, grid=(1,), **meta,
+                stand_in(x, f32), 4096, 4096, 4096, 4096, 4096, 1024, 4, 16, 0.0, grid=(1,), **meta,
             )
             compiled._init_handles()
             _PER_SM[key] = _programs_per_sm(
@@ -253,7 +255,7 @@ def _programs(dy, x, z, w, meta: dict, G: int, n_tiles: int) -> int:
     return G * max(1, min(n_tiles, sms * _per_sm(dy, x, z, w, meta) // G))
 
 
-def gated_bwd(dy, x, z, w, rstd, S, norm_before_gate, sigmoid, round_n, round_m):
+def gated_bwd(dy, x, z, w, rstd, offset, S, norm_before_gate, sigmoid, round_n, round_m):
     """dy, x, z: (M, N) with unit column stride. Returns dx and dz (contiguous; dz None without a
     gate), dw (fp32, or None)."""
     M, N = x.shape
@@ -271,7 +273,7 @@ def gated_bwd(dy, x, z, w, rstd, S, norm_before_gate, sigmoid, round_n, round_m)
         _gated_bwd_kernel[(programs,)](
             dy, x, z if z is not None else x, w if w is not None else x, rstd,
             dx, dz if dz is not None else dx, part if w is not None else dx,
-            _stride(dy), _stride(x), _stride(z), M, N, S, G, n_tiles, **meta,
+            _stride(dy), _stride(x), _stride(z), M, N, S, G, n_tiles, offset, **meta,
         )
     # program p summed group p mod G: fold the programs of each group and the tile's rows
     dw = part.view(programs // G, G, block_r, block_s)[..., :S].sum((0, 2)).reshape(N) if w is not None else None

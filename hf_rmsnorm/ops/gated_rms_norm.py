@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,7 +32,7 @@ from torch import Tensor
 from . import _cpu_kernel
 from ._norm import (
     _KERNEL_DTYPES, _PLAIN_TENSORS, _autocasting, _elsewhere, _memory, _rows, _tracing_state, _use_triton, cast,
-    needs_grad, transforms_active,
+    needs_grad, transforms_active, weight_plus_offset,
 )
 
 ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
@@ -56,6 +58,7 @@ def gated_rms_norm_ref(
     norm_before_gate: bool = False,
     activation: str = "silu",
     cast_mode: str = "input",
+    offset: float = 0.0,
 ) -> Tensor:
     """The gated RMSNorm off the Triton kernels, with their semantics (module docstring):
     statistics in fp32 (fp64 for fp64 input), the roundings of ``cast_mode`` where the kernels
@@ -68,16 +71,16 @@ def gated_rms_norm_ref(
         if compiled is not None:
             fwd, flags = compiled
             if needs_grad(x, gate, weight):
-                return _GatedFunction.apply(x, gate, weight, float(eps), size, norm_before_gate, activation == "sigmoid",
-                                            cast_mode == "input", flags)
-            return fwd(x, gate, weight, eps, size, flags, False)[0]
+                return _GatedFunction.apply(x, gate, weight, float(eps), float(offset), size, norm_before_gate,
+                                            activation == "sigmoid", cast_mode == "input", flags)
+            return fwd(x, gate, weight, eps, offset, size, flags, False)[0]
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     if not needs_grad(x, gate, weight) and not transforms_active():
-        return _in_place(x, gate, weight, eps, size, norm_before_gate, activation, cast_mode, compute)
-    return _composite(x, gate, weight, eps, size, norm_before_gate, activation, cast_mode, compute)
+        return _in_place(x, gate, weight, eps, offset, size, norm_before_gate, activation, cast_mode, compute)
+    return _composite(x, gate, weight, eps, offset, size, norm_before_gate, activation, cast_mode, compute)
 
 
-def _composite(x, gate, weight, eps, size, norm_before_gate, activation, cast_mode, compute) -> Tensor:
+def _composite(x, gate, weight, eps, offset, size, norm_before_gate, activation, cast_mode, compute) -> Tensor:
     """The definition as torch ops, for autograd (and second derivatives) to differentiate."""
     n_cols = x.shape[-1]
     h = cast(x, compute)
@@ -91,17 +94,23 @@ def _composite(x, gate, weight, eps, size, norm_before_gate, activation, cast_mo
     if cast_mode == "input":
         m = cast(n, x.dtype)
         if weight is not None:
-            m = weight * m  # in the promoted dtype, rounded once, as the HF classes' own product
+            # in the promoted dtype, rounded once, as the HF classes' own product (with an
+            # offset: its fp32 value, rounded once, as the kernels)
+            m = weight * m if not offset else cast(weight_plus_offset(weight, compute, offset) * m, promoted(m, weight))
         if g is None or not norm_before_gate:
             return m
         return cast(m * g, x.dtype)  # m promoted to g's dtype exactly, as the HF classes' product
-    m = n * cast(weight, compute) if weight is not None else n
+    m = n * weight_plus_offset(weight, compute, offset) if weight is not None else n
     if g is not None and norm_before_gate:
         m = m * g
     return cast(m, x.dtype)
 
 
-def _in_place(x, gate, weight, eps, size, norm_before_gate, activation, cast_mode, compute) -> Tensor:
+def promoted(m: Tensor, weight: Tensor) -> torch.dtype:
+    return torch.promote_types(m.dtype, weight.dtype)
+
+
+def _in_place(x, gate, weight, eps, offset, size, norm_before_gate, activation, cast_mode, compute) -> Tensor:
     """``gated_rms_norm_ref`` outside autograd, in as few full-size temporaries as the casts
     allow (three where the composition takes up to nine), each op after the first writing into
     a buffer of its own: on the CPU a fresh large temporary costs page faults, which took more
@@ -123,13 +132,15 @@ def _in_place(x, gate, weight, eps, size, norm_before_gate, activation, cast_mod
     n = (groups.mul_(rstd) if own else groups * rstd).flatten(-2)
     if cast_mode == "input":
         m = cast(n, x.dtype)  # n itself (ours) where x is in the compute dtype, else a new buffer
-        if weight is not None:
-            m = m.mul_(weight) if torch.promote_types(m.dtype, weight.dtype) == m.dtype else weight * m
+        if offset and weight is not None:
+            m = cast(weight_plus_offset(weight, compute, offset) * m, promoted(m, weight))
+        elif weight is not None:
+            m = m.mul_(weight) if promoted(m, weight) == m.dtype else weight * m
         if g is None or not norm_before_gate:
             return m
         return cast(g.mul_(m), x.dtype)
     if weight is not None:
-        n = n.mul_(weight)
+        n = n.mul_(weight_plus_offset(weight, compute, offset))
     if g is not None and norm_before_gate:
         n = n.mul_(g)
     return cast(n, x.dtype)
@@ -191,10 +202,15 @@ _CPU_FLAGS: dict = {}
 _UNSEEN = object()
 
 
-def check_settings(name: str, hidden: int, eps, group_size, activation, cast_mode) -> None:
+def check_settings(name: str, hidden: int, eps, group_size, activation, cast_mode, offset=0.0,
+                   has_weight: bool = True) -> None:
     """One clear error per way the settings can be wrong (shared with ``FusedGatedRMSNorm``)."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"{name}: eps must be a non-negative number, got {eps!r}.")
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise ValueError(f"{name}: offset must be a finite number, got {offset!r}.")
+    if offset and not has_weight:
+        raise ValueError(f"{name}: offset is added to the weight, but there is no weight; pass a weight or offset=0.")
     if group_size is not None:
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
             raise ValueError(f"{name}: group_size must be a positive int or None (one group), got {group_size!r}.")
@@ -209,7 +225,7 @@ def check_settings(name: str, hidden: int, eps, group_size, activation, cast_mod
         raise ValueError(f"{name}: cast_mode must be one of {GATED_CAST_MODES}, got {cast_mode!r}.")
 
 
-def _check_inputs(x, gate, weight, eps, group_size, activation, cast_mode) -> None:
+def _check_inputs(x, gate, weight, eps, group_size, activation, cast_mode, offset) -> None:
     name = "gated_rms_norm"
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
         got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
@@ -224,7 +240,7 @@ def _check_inputs(x, gate, weight, eps, group_size, activation, cast_mode) -> No
             raise ValueError(f"{name}: {pname} has shape {tuple(t.shape)}; it must have shape {shape} (x is {tuple(x.shape)}).")
         if t.device != x.device:
             raise ValueError(f"{name}: {pname} is on {t.device} but x is on {x.device}; move them to the same device.")
-    check_settings(name, x.shape[-1], eps, group_size, activation, cast_mode)
+    check_settings(name, x.shape[-1], eps, group_size, activation, cast_mode, offset, weight is not None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,75 +273,75 @@ def _round_m(x_dtype, gate, weight, norm_before_gate, cast_input) -> bool:
         x_dtype, None, weight, False, "input") == x_dtype
 
 
-def _fwd_impl(x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input):
+def _fwd_impl(x, gate, weight, eps, offset, group_size, norm_before_gate, sigmoid, cast_input):
     """The forward launch on x of any shape: y in x's shape, rstd per group row."""
     if _elsewhere(x):  # Triton launches on the current device
         with torch.cuda.device(x.device):
-            return _fwd_impl(x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input)
+            return _fwd_impl(x, gate, weight, eps, offset, group_size, norm_before_gate, sigmoid, cast_input)
     n_cols = x.shape[-1]
     out = output_dtype(x.dtype, gate, weight, norm_before_gate, "input" if cast_input else "float32")
     y, rstd = _kernels().gated_fwd(
         _rows_of(x, n_cols), _rows_of(gate, n_cols), _rows_of(weight, n_cols).view(-1) if weight is not None else None,
-        eps, group_size, norm_before_gate, sigmoid, cast_input, _round_m(x.dtype, gate, weight, norm_before_gate, cast_input), out,
+        eps, offset, group_size, norm_before_gate, sigmoid, cast_input, _round_m(x.dtype, gate, weight, norm_before_gate, cast_input), out,
     )
     return y.view(x.shape), rstd
 
 
-def _bwd_impl(dy, x, gate, weight, rstd, group_size, norm_before_gate, sigmoid, cast_input):
+def _bwd_impl(dy, x, gate, weight, rstd, offset, group_size, norm_before_gate, sigmoid, cast_input):
     """The backward launch: dx in x's shape, dgate in its (None without one), dw in the
     weight's dtype (None without one)."""
     if _elsewhere(x):
         with torch.cuda.device(x.device):
-            return _bwd_impl(dy, x, gate, weight, rstd, group_size, norm_before_gate, sigmoid, cast_input)
+            return _bwd_impl(dy, x, gate, weight, rstd, offset, group_size, norm_before_gate, sigmoid, cast_input)
     n_cols = x.shape[-1]
     dx, dz, dw = _kernels().gated_bwd(
         _rows_of(dy, n_cols), _rows_of(x, n_cols), _rows_of(gate, n_cols),
-        _rows_of(weight, n_cols).view(-1) if weight is not None else None, rstd, group_size,
+        _rows_of(weight, n_cols).view(-1) if weight is not None else None, rstd, offset, group_size,
         norm_before_gate, sigmoid, cast_input, _round_m(x.dtype, gate, weight, norm_before_gate, cast_input),
     )
     return dx.view(x.shape), dz.view(x.shape) if dz is not None else None, dw.to(weight.dtype) if dw is not None else None
 
 
 @torch.library.custom_op("hf_rmsnorm::gated_rms_norm_fwd", mutates_args=())
-def _fwd_op(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: float, group_size: int,
+def _fwd_op(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: float, offset: float, group_size: int,
             norm_before_gate: bool, sigmoid: bool, cast_input: bool) -> tuple[Tensor, Tensor]:
-    return _fwd_impl(x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input)
+    return _fwd_impl(x, gate, weight, eps, offset, group_size, norm_before_gate, sigmoid, cast_input)
 
 
 @_fwd_op.register_fake
-def _(x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input):
+def _(x, gate, weight, eps, offset, group_size, norm_before_gate, sigmoid, cast_input):
     out = output_dtype(x.dtype, gate, weight, norm_before_gate, "input" if cast_input else "float32")
     return x.new_empty(x.shape, dtype=out), x.new_empty((x.numel() // group_size,), dtype=torch.float32)
 
 
 @torch.library.custom_op("hf_rmsnorm::gated_rms_norm_bwd", mutates_args=())
-def _bwd_op(dy: Tensor, x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], rstd: Tensor, group_size: int,
+def _bwd_op(dy: Tensor, x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], rstd: Tensor, offset: float, group_size: int,
             norm_before_gate: bool, sigmoid: bool, cast_input: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dz, dw = _bwd_impl(dy, x, gate, weight, rstd, group_size, norm_before_gate, sigmoid, cast_input)
+    dx, dz, dw = _bwd_impl(dy, x, gate, weight, rstd, offset, group_size, norm_before_gate, sigmoid, cast_input)
     empty = x.new_empty((0,))
     return dx, dz if dz is not None else empty, dw if dw is not None else empty
 
 
 @_bwd_op.register_fake
-def _(dy, x, gate, weight, rstd, group_size, norm_before_gate, sigmoid, cast_input):
+def _(dy, x, gate, weight, rstd, offset, group_size, norm_before_gate, sigmoid, cast_input):
     empty = x.new_empty((0,))
     return (x.new_empty(x.shape), gate.new_empty(gate.shape) if gate is not None else empty,
             weight.new_empty(weight.shape) if weight is not None else empty)
 
 
 def _setup_context(ctx, inputs, output):
-    x, gate, weight, _eps, group_size, norm_before_gate, sigmoid, cast_input = inputs
+    x, gate, weight, _eps, offset, group_size, norm_before_gate, sigmoid, cast_input = inputs
     ctx.save_for_backward(x, gate, weight, output[1])
-    ctx.settings = (group_size, norm_before_gate, sigmoid, cast_input)
+    ctx.settings = (offset, group_size, norm_before_gate, sigmoid, cast_input)
     ctx.set_materialize_grads(False)  # rstd is an output nobody differentiates
 
 
 def _backward(ctx, dy, _drstd):
     if dy is None:
-        return (None,) * 8
+        return (None,) * 9
     x, gate, weight, rstd = ctx.saved_tensors
     dx, dz, dw = _bwd_op(dy, x, gate, weight, rstd, *ctx.settings)
-    return dx, dz if gate is not None else None, dw if weight is not None else None, None, None, None, None, None
+    return dx, dz if gate is not None else None, dw if weight is not None else None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -338,13 +354,14 @@ class _GatedFunction(torch.autograd.Function):
     With ``cpu_flags`` (not None) the compiled CPU kernel's operators run instead of Triton."""
 
     @staticmethod
-    def forward(ctx, x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input, cpu_flags):
+    def forward(ctx, x, gate, weight, eps, offset, group_size, norm_before_gate, sigmoid, cast_input, cpu_flags):
         if cpu_flags is None:
-            y, rstd = _fwd_impl(x, gate, weight, eps, group_size, norm_before_gate, sigmoid, cast_input)
+            y, rstd = _fwd_impl(x, gate, weight, eps, offset, group_size, norm_before_gate, sigmoid, cast_input)
         else:
-            y, rstd = _cpu_kernel.gated_ops()[0](x, gate, weight, eps, group_size, cpu_flags, True)
+            y, rstd = _cpu_kernel.gated_ops()[0](x, gate, weight, eps, offset, group_size, cpu_flags, True)
         ctx.save_for_backward(x, gate, weight, rstd)
-        ctx.eps, ctx.settings, ctx.cpu_flags = eps, (group_size, norm_before_gate, sigmoid, cast_input), cpu_flags
+        ctx.eps, ctx.settings = eps, (offset, group_size, norm_before_gate, sigmoid, cast_input)
+        ctx.cpu_flags = cpu_flags
         return y
 
     @staticmethod
@@ -353,21 +370,21 @@ class _GatedFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: the kernels have no second derivative; the reference's
             # gradients, as a graph, do (gradient penalties come out right, not without the norm)
-            return (*_gradients_as_graph(ctx, dy, x, gate, weight), None, None, None, None, None, None)
+            return (*_gradients_as_graph(ctx, dy, x, gate, weight), None, None, None, None, None, None, None)
         if ctx.cpu_flags is None:
             dx, dz, dw = _bwd_impl(dy, x, gate, weight, rstd, *ctx.settings)
         else:
-            dx, dz, dw = _cpu_kernel.gated_ops()[1](dy, x, gate, weight, rstd, ctx.settings[0], ctx.cpu_flags,
+            dx, dz, dw = _cpu_kernel.gated_ops()[1](dy, x, gate, weight, rstd, *ctx.settings[:2], ctx.cpu_flags,
                                                     *ctx.needs_input_grad[:3])
-        return dx, dz, dw, None, None, None, None, None, None
+        return dx, dz, dw, None, None, None, None, None, None, None
 
 
 def _gradients_as_graph(ctx, dy, x, gate, weight) -> tuple:
-    size, before, sigmoid, cast_input = ctx.settings
+    offset, size, before, sigmoid, cast_input = ctx.settings
     inputs, needs = (x, gate, weight), ctx.needs_input_grad[:3]
     with torch.enable_grad():
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        y = _composite(x, gate, weight, ctx.eps, size, before, "sigmoid" if sigmoid else "silu",
+        y = _composite(x, gate, weight, ctx.eps, offset, size, before, "sigmoid" if sigmoid else "silu",
                        "input" if cast_input else "float32", compute)
         grads = iter(torch.autograd.grad(y, [t for t, need in zip(inputs, needs) if need], dy, create_graph=True))
     return tuple(next(grads) if need else None for need in needs)
@@ -389,6 +406,7 @@ def gated_rms_norm(
     norm_before_gate: bool = False,
     activation: str = "silu",
     cast_mode: str = "input",
+    offset: float = 0.0,
 ) -> Tensor:
     """Fused gated RMSNorm over the last dimension of ``x`` (module docstring for the maths),
     differentiable in x, gate and weight.
@@ -405,6 +423,8 @@ def gated_rms_norm(
         cast_mode: ``"input"`` or ``"float32"`` (module docstring). The output has x's dtype,
             except with ``"input"`` and no gate after the norm: then it is promoted with the
             weight's, as ``w * n.to(x.dtype)`` is.
+        offset: added to the weight (in fp32) before it multiplies: ``(1 + w)`` for a weight
+            stored as a difference from one (Gemma's, Qwen4-Exp's grouped norms). Needs a weight.
 
     Autocast does not change it: the HF classes it replaces compute in the dtypes they choose.
     The Triton kernels run on CUDA tensors (``HF_RMSNORM_BACKEND=auto``), or on CPU tensors
@@ -412,17 +432,18 @@ def gated_rms_norm(
     :func:`gated_rms_norm_ref`: on the CPU the compiled kernel (float32 and bfloat16, built on
     first use as the plain RMSNorm's), else torch ops.
     """
-    _check_inputs(x, gate, weight, eps, group_size, activation, cast_mode)
-    return dispatch(x, gate, weight, eps, group_size, norm_before_gate, activation, cast_mode)
+    _check_inputs(x, gate, weight, eps, group_size, activation, cast_mode, offset)
+    return dispatch(x, gate, weight, eps, group_size, norm_before_gate, activation, cast_mode, offset)
 
 
 def dispatch(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: float, group_size: Optional[int],
-             norm_before_gate: bool, activation: str, cast_mode: str) -> Tensor:
+             norm_before_gate: bool, activation: str, cast_mode: str, offset: float = 0.0) -> Tensor:
     """``gated_rms_norm`` past its argument checks, for a caller that has made them
     (``FusedGatedRMSNorm``: about 5 µs of host time a call, as much as a small kernel takes)."""
     size = group_size or x.shape[-1]
     if x.shape[-1] and _kernels_take(x, gate, weight):
-        args = (x, gate, weight, float(eps), size, norm_before_gate, activation == "sigmoid", cast_mode == "input")
+        args = (x, gate, weight, float(eps), float(offset), size, norm_before_gate, activation == "sigmoid",
+                cast_mode == "input")
         if torch.compiler.is_compiling() or _tracing_state() is not None:
             return _fwd_op(*args)[0]
         return _GatedFunction.apply(*args, None)
@@ -430,5 +451,5 @@ def dispatch(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: f
         return x.new_empty(x.shape, dtype=output_dtype(x.dtype, gate, weight, norm_before_gate, cast_mode))
     if _autocasting(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
-            return gated_rms_norm_ref(x, gate, weight, eps, group_size, norm_before_gate, activation, cast_mode)
-    return gated_rms_norm_ref(x, gate, weight, eps, group_size, norm_before_gate, activation, cast_mode)
+            return gated_rms_norm_ref(x, gate, weight, eps, group_size, norm_before_gate, activation, cast_mode, offset)
+    return gated_rms_norm_ref(x, gate, weight, eps, group_size, norm_before_gate, activation, cast_mode, offset)

@@ -64,12 +64,18 @@ class GatedSpec:
     norm_before_gate: bool
     activation: str
     cast_mode: str
-    kind = "gated"  # a class attribute, not a field: a gated norm is never converted
+    offset: float = 0.0  # added to the weight
+    gated: bool = True  # False: a one-input grouped RMSNorm (the gate's settings then unused)
+    kind = "gated"  # a class attribute, not a field: neither is ever converted
 
     def describe(self) -> str:
         groups = f", group_size={self.group_size}" if self.group_size else ""
+        offset = f", offset={self.offset:g}" if self.offset else ""
+        if not self.gated:
+            return f"grouped RMSNorm(eps={self.eps:g}{groups}, cast_mode={self.cast_mode}{offset})"
         order = "after" if self.norm_before_gate else "before"
-        return f"gated RMSNorm(eps={self.eps:g}{groups}, {self.activation} gate {order} the norm, cast_mode={self.cast_mode})"
+        return (f"gated RMSNorm(eps={self.eps:g}{groups}, {self.activation} gate {order} the norm, "
+                f"cast_mode={self.cast_mode}{offset})")
 
 
 @dataclasses.dataclass
@@ -174,7 +180,7 @@ def build_fused(spec: NormSpec | GatedSpec, module: nn.Module, shape: tuple) -> 
     if isinstance(spec, GatedSpec):
         new = FusedGatedRMSNorm(
             shape[0], spec.eps, spec.group_size, norm_before_gate=spec.norm_before_gate, activation=spec.activation,
-            cast_mode=spec.cast_mode, elementwise_affine=weight is not None, device="meta",
+            cast_mode=spec.cast_mode, offset=spec.offset, elementwise_affine=weight is not None, device="meta",
         )
     else:
         cls = FusedLayerNorm if spec.kind == "layer" else FusedRMSNorm
@@ -346,14 +352,22 @@ def _gate_input(module: nn.Module) -> Optional[bool]:
     return params[1].default is not params[1].empty
 
 
-def _group_sizes(module: nn.Module, n_cols: int) -> tuple:
-    """Group sizes to try: the one the module names (``group_size``, or ``n_groups`` groups),
-    else the whole row and every divisor of it."""
+def _named_group_size(module: nn.Module, n_cols: int) -> Optional[int]:
+    """The group size the module names (``group_size``, or ``n_groups`` groups), if it divides
+    the row; None where it names none."""
     named = getattr(module, "group_size", None)
     groups = getattr(module, "n_groups", None)
     if isinstance(groups, int) and not isinstance(groups, bool) and groups > 0 and n_cols % groups == 0:
         named = n_cols // groups
     if isinstance(named, int) and not isinstance(named, bool) and 0 < named <= n_cols and n_cols % named == 0:
+        return named
+    return None
+
+
+def _group_sizes(module: nn.Module, n_cols: int) -> tuple:
+    """Group sizes to try: the one the module names, else the whole row and every divisor of it."""
+    named = _named_group_size(module, n_cols)
+    if named is not None:
         return (None,) if named == n_cols else (named,)
     return (None,) + tuple(d for d in range(1, n_cols) if n_cols % d == 0)
 
@@ -365,6 +379,17 @@ def gate_probes(shape, dtype, device, optional_gate: bool, seed=0) -> list:
     xs, zs = _probes(shape, dtype, device, seed), _probes(shape, dtype, device, seed + 7)
     calls = [(x, zs[0] if i == 1 else z) for i, (x, z) in enumerate(zip(xs, zs))]
     return calls + ([(x,) for x in xs] if optional_gate else [])
+
+
+def _grouped_specs(module, size: int, has_weight: bool):
+    """Candidates for a one-input norm that names groups smaller than its row: a grouped RMSNorm
+    (the gated kernel without a gate), its weight as it is or stored as w - 1 (Qwen4-Exp)."""
+    for eps in _eps_candidates(module):
+        for cast_mode in GATED_CAST_MODES:
+            if cast_mode != "float32" and not has_weight:
+                continue  # without a weight the two orders of casts are one
+            for offset in (0.0, 1.0) if has_weight else (0.0,):
+                yield GatedSpec(eps, size, False, "silu", cast_mode, offset, gated=False)
 
 
 def _gated_specs(module, n_cols):
@@ -481,8 +506,13 @@ def match_norm(module: nn.Module, autocast_dtype: Optional[torch.dtype] = None) 
     if not references or not isinstance(references[0][2], torch.Tensor):
         return Match(None, None, "does not map a tensor to a tensor on the probe input")
 
-    best = _best(probe_module, [((x,), amp, want, truth) for x, amp, want, truth in references],
-                 _specs(module, has_weight, follow), shape)
+    calls = [((x,), amp, want, truth) for x, amp, want, truth in references]
+    best = _best(probe_module, calls, _specs(module, has_weight, follow), shape)
+    groups = _named_group_size(module, shape[-1]) if shape is not None and len(shape) == 1 and not has_bias else None
+    if best is None and groups is not None and groups < shape[-1]:
+        # it names groups (Qwen4-Exp's hyper-connection norms): normalised a group at a time
+        best = _best(probe_module, calls, _grouped_specs(module, groups, has_weight), shape)
     if best is None:
-        return Match(None, None, "no fused LayerNorm/RMSNorm reproduces its output on the probe inputs")
+        named = f" or grouped RMSNorm (groups of {groups})" if groups is not None and groups < shape[-1] else ""
+        return Match(None, None, f"no fused LayerNorm/RMSNorm{named} reproduces its output on the probe inputs")
     return Match(best[1], best[0], f"same function as {best[1].describe()}")
