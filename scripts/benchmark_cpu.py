@@ -72,6 +72,9 @@ CASES = {
         lambda n: _hf_class("mamba2", "MambaRMSNormGated")(n, group_size=n // 4, eps=1e-5), False, True),
     "Qwen3NextRMSNormGated → FusedGatedRMSNorm": (
         lambda n: _hf_class("qwen3_next", "Qwen3NextRMSNormGated")(n, eps=1e-6), False, True),
+    # Qwen4-Exp's hyper-connection norm: four streams, each normalised on its own (no gate)
+    "Qwen4ExpTextRMSNorm (grouped) → FusedGatedRMSNorm": (
+        lambda n: _hf_class("qwen4_exp", "Qwen4ExpTextRMSNorm")(n, group_size=n // 4, eps=1e-6), False, False),
 }
 
 
@@ -582,7 +585,7 @@ def main(argv=None) -> int:
                         help="also time the Triton path's host code through Triton's own launch path (kernels compiled "
                              "for sm_90, launches no-ops), with and without the direct launch; not with --host")
     parser.add_argument("--no-modules", action="store_true", help="skip the module table (host times only)")
-    parser.add_argument("--cases", default="", help="only the replacements whose name contains this (e.g. Gated)")
+    parser.add_argument("--cases", default="", help="only the replacements whose name contains this (e.g. RMSNormGated)")
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {sorted(DTYPES)}")
     parser.add_argument("--rounds", type=int, default=None, help="alternating measurements per pair (default 5, quick 1)")
     parser.add_argument("--out", default="benchmarks/results/cpu", help="output folder")

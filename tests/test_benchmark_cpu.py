@@ -24,12 +24,12 @@ def test_benchmark_cpu_quick_times_every_replacement_and_the_host_path(tmp_path)
     result = json.loads((tmp_path / "cpu.json").read_text())
     assert result["environment"]["threads"] >= 1 and result["environment"]["torch"]
     cases = {r["case"] for r in result["modules"]}
-    assert len(cases) == 7 and "LayerNorm → RMSNorm+bias (exact conversion)" in cases
+    assert len(cases) == 8 and "LayerNorm → RMSNorm+bias (exact conversion)" in cases
     assert "MambaRMSNormGated → FusedGatedRMSNorm" in cases  # called with a gate
     for r in result["modules"]:
         assert r["original_us"] > 0 and r["patched_us"] > 0
         assert r["ratio"] == pytest.approx(r["patched_us"] / r["original_us"])
-    assert len(result["modules"]) == 7 * 2 * 2 * 2  # cases × dtypes × shapes × modes
+    assert len(result["modules"]) == 8 * 2 * 2 * 2  # cases × dtypes × shapes × modes
     host = {(r["call"], r["mode"]) for r in result["host"]}
     assert ("layer_norm(x, w, b)", "forward + backward") in host and len(host) == 13
     markdown = (tmp_path / "cpu.md").read_text()
@@ -37,7 +37,7 @@ def test_benchmark_cpu_quick_times_every_replacement_and_the_host_path(tmp_path)
 
 
 def test_benchmark_cpu_times_only_the_cases_asked_for(tmp_path):
-    proc = _run_cpu_benchmark("--quick", "--cases", "gated", "--dtypes", "bf16", "--out", str(tmp_path))
+    proc = _run_cpu_benchmark("--quick", "--cases", "rmsnormgated", "--dtypes", "bf16", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     cases = {r["case"] for r in json.loads((tmp_path / "cpu.json").read_text())["modules"]}
     assert cases == {"MambaRMSNormGated → FusedGatedRMSNorm", "Qwen3NextRMSNormGated → FusedGatedRMSNorm"}
