@@ -9,7 +9,7 @@ MODEL is a local Hugging Face model directory (its weights are loaded), a config
 or a ``model_type`` such as ``llama`` (a default config; built on the meta device, only the
 norms are materialised, so even a large configuration inspects in seconds). It prints the
 report ``patch_model`` would produce, without changing anything. ``build-cpu-kernel`` builds the
-compiled CPU RMSNorm into its cache now rather than at the first CPU call (a container image,
+compiled CPU RMSNorm (plain and gated) into its cache now rather than at the first CPU call (a container image,
 a machine about to go offline), or says why it cannot be built; ``build-cuda-launch`` does the
 same for the C++ launch operator that issues the norms on CUDA (no GPU needed to build it).
 """
@@ -133,11 +133,12 @@ def _build_cpu_kernel(args) -> int:
 
     if _cpu_kernel.op() is None:
         print(
-            f"hf-rmsnorm build-cpu-kernel: {_cpu_kernel.unavailable_reason()}; RMSNorm on the CPU will run torch ops",
+            f"hf-rmsnorm build-cpu-kernel: {_cpu_kernel.unavailable_reason()}; "
+            "RMSNorm and the gated norms on the CPU will run torch ops",
             file=sys.stderr,
         )
         return 1
-    print(f"the CPU RMSNorm kernel is built: {_cpu_kernel.built_path()}")
+    print(f"the CPU RMSNorm kernel (plain and gated) is built: {_cpu_kernel.built_path()}")
     return 0
 
 
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code to run (off by default)")
     sub.add_parser(
-        "build-cpu-kernel", help="build the compiled CPU RMSNorm into its cache now (HF_RMSNORM_CACHE), not at first use"
+        "build-cpu-kernel", help="build the compiled CPU RMSNorm (plain and gated) into its cache now (HF_RMSNORM_CACHE), not at first use"
     )
     sub.add_parser(
         "build-cuda-launch",

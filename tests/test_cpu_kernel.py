@@ -322,4 +322,4 @@ def test_the_cli_builds_the_kernel_ahead_of_time_or_says_why_not(fresh_build, mo
     monkeypatch.setenv("CXX", str(fresh_build / "no-such-cxx"))
     assert main(["build-cpu-kernel"]) == 1
     err = capsys.readouterr().err
-    assert "no-such-cxx" in err and "RMSNorm on the CPU will run torch ops" in err
+    assert "no-such-cxx" in err and "RMSNorm and the gated norms on the CPU will run torch ops" in err
