@@ -210,6 +210,18 @@ class FusedRMSNorm(_FusedNorm):
     ):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, offset, cast_mode, follow_autocast, device, dtype)
 
+    @property
+    def variance_epsilon(self) -> float:
+        """``eps`` under the name the HF RMSNorm classes keep it in, for code around the norm
+        that reads it: the Mamba2-family mixers (Mamba2, Bamba, Zamba2, NemotronH,
+        GraniteMoeHybrid, FalconH1) pass ``norm.weight`` and ``norm.variance_epsilon`` to their
+        fused scan-and-norm in training rather than calling the norm."""
+        return self.eps
+
+    @variance_epsilon.setter
+    def variance_epsilon(self, value: float) -> None:
+        self.eps = value
+
 
 class FusedLayerNorm(_FusedNorm):
     """LayerNorm on the fused kernels, a drop-in for ``nn.LayerNorm`` (same arguments, same
@@ -284,6 +296,19 @@ class FusedGatedRMSNorm(nn.Module):
     def reset_parameters(self) -> None:
         if self.weight is not None:
             nn.init.constant_(self.weight, 1.0 - self.offset)
+
+    @property
+    def variance_epsilon(self) -> float:
+        """``eps`` under the name the HF RMSNorm classes keep it in, for code around the norm
+        that reads it: the Mamba2-family mixers (Mamba2, Bamba, Zamba2, NemotronH,
+        GraniteMoeHybrid, FalconH1) pass ``norm.weight`` and ``norm.variance_epsilon`` to their
+        fused scan-and-norm in training rather than calling the norm."""
+        return self.eps
+
+    @variance_epsilon.setter
+    def variance_epsilon(self, value: float) -> None:
+        self.eps = value
+
 
     def forward(self, hidden_states: Tensor, gate: Optional[Tensor] = None) -> Tensor:
         weight = self._parameters["weight"] if "weight" in self._parameters else self.weight

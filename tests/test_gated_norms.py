@@ -270,3 +270,32 @@ def test_gradients_through_gated_kernels_match_the_original(name, backend, gated
     assert grads[0].keys() == grads[1].keys()
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", ["mamba2", "falcon_h1"])
+def test_patched_mamba2_family_models_train(name):
+    """In training the Mamba2-family mixers pass ``norm.weight`` and ``norm.variance_epsilon`` to
+    their fused scan-and-norm rather than calling the norm: the patched model must keep what
+    they read (it raised AttributeError on its first training step before), and its gradients
+    be the unpatched model's."""
+    base, inputs = build(name)
+    patched = copy.deepcopy(base)
+    patch_model(patched)
+    assert any(isinstance(m, FusedGatedRMSNorm) for m in patched.modules())
+    grads = []
+    for model in (base, patched):
+        model.train()
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_fused_rms_modules_answer_to_variance_epsilon():
+    from hf_rmsnorm import FusedRMSNorm
+
+    for module in (FusedGatedRMSNorm(48, eps=1e-5), FusedRMSNorm(48, eps=1e-5)):
+        assert module.variance_epsilon == module.eps == 1e-5
+        module.variance_epsilon = 1e-6
+        assert module.eps == 1e-6
