@@ -3,6 +3,7 @@ does not depend on the machine. Its numerics on every shape and affine are in te
 "compiled" backend), against float64."""
 
 import os
+import subprocess
 
 import pytest
 import torch
@@ -163,6 +164,66 @@ def test_the_sources_build_without_warnings(tmp_path):
         error = _cpu_kernel._compile(cxx, out, "hf_rmsnorm_warnings", openmp, extra=("-Wall", "-Wextra", "-Werror"))
         assert error is None, error
         assert os.path.getsize(out) > 0
+
+
+def test_results_do_not_depend_on_the_vector_width(tmp_path):
+    """The C file is built once with a clone per vector width (AVX-512, AVX2, SSE) and the loader
+    picks the CPU's widest; -ffp-contract=off and no reassociation make every clone round the
+    same way. Here each width this CPU runs is built on its own (no clones) and unoptimised
+    scalar code beside them: the plain and gated forward and backward give the same bits, NaN,
+    infinite and saturating gates included."""
+    import ctypes
+    import platform
+
+    cxx = _cpu_kernel._compiler()
+    if cxx is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs a C compiler on x86-64")
+    cpu_flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    widths = [w for w, flag in (("-mavx512f", "avx512f"), ("-mavx2", "avx2")) if f" {flag}" in cpu_flags]
+    source = _cpu_kernel._SOURCE.read_text().replace('__attribute__((target_clones("avx512f", "avx2", "default")))', "")
+    (tmp_path / "k.c").write_text(source)
+    g = torch.Generator().manual_seed(0)
+    m, n, s = 16, 256, 64
+    x, z, dy = (torch.randn(m, n, generator=g) for _ in range(3))
+    z = z * 60
+    z[0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 88.9, -88.9])
+    w = torch.randn(n, generator=g) * 0.3 + 1
+    bf16 = x.bfloat16()
+    outputs = {}
+    for build in [*widths, "-mno-avx", "-O0"]:
+        lib = tmp_path / f"k{build}.so"
+        flags = [f for f in _cpu_kernel._FLAGS if build != "-O0" or f != "-O3"]
+        subprocess.run([cxx, "-x", "c", *flags, *([build] if build != "-O0" else ["-O0"]), "-shared", str(tmp_path / "k.c"),
+                        "-o", str(lib), "-lm"], check=True, capture_output=True)
+        k = ctypes.CDLL(str(lib))
+        p, i64, f32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double
+        k.rms_norm_forward.argtypes = [p, p, p, p, p, i64, i64, f64, f32, ctypes.c_int]
+        k.gated_rms_norm_forward.argtypes = [p, i64, p, i64, p, p, p, i64, i64, i64, f64, f32, ctypes.c_int]
+        k.gated_rms_norm_backward.argtypes = [p, i64, p, i64, p, i64, p, p, p, p, p, i64, i64, i64, f32, ctypes.c_int]
+        one = 1 << 8  # one thread
+        y, yb = torch.empty(m, n), torch.empty(m, n, dtype=torch.bfloat16)
+        k.rms_norm_forward(x.data_ptr(), w.data_ptr(), None, y.data_ptr(), None, m, n, 1e-6, 0.0, one)
+        # bf16 rows, the normalised row rounded (Llama's order), a bf16 output
+        k.rms_norm_forward(bf16.data_ptr(), w.data_ptr(), None, yb.data_ptr(), None, m, n, 1e-6, 0.0, one | 1 | 8 | 16)
+        results = [y, yb]
+        for flags in (0, 64, 128, 64 | 128):  # gate first / after, silu / sigmoid
+            gy, rstd = torch.empty(m, n), torch.empty(m * n // s)
+            dx, dz, dw = torch.empty(m, n), torch.empty(m, n), torch.empty(n)
+            k.gated_rms_norm_forward(x.data_ptr(), n, z.data_ptr(), n, w.data_ptr(), gy.data_ptr(), rstd.data_ptr(),
+                                     m, n, s, 1e-6, 0.0, one | flags)
+            k.gated_rms_norm_backward(dy.data_ptr(), n, x.data_ptr(), n, z.data_ptr(), n, w.data_ptr(), rstd.data_ptr(),
+                                      dx.data_ptr(), dz.data_ptr(), dw.data_ptr(), m, n, s, 0.0, one | flags)
+            results += [gy, rstd, dx, dz, dw]
+        outputs[build] = results
+    first = outputs.pop("-O0")
+    assert first[2].isnan().any() and not first[2][1:].isnan().any()  # the NaN gate reached its own row only
+    for build, results in outputs.items():
+        for a, b in zip(first, results):
+            # the same bits, NaN's sign and payload aside (vector and scalar code differ there)
+            nan = a.isnan()
+            assert torch.equal(nan, b.isnan()), build
+            bits = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
+            assert torch.equal(a.view(bits)[~nan], b.view(bits)[~nan]), build
 
 
 @needs_kernel
