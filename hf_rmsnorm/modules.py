@@ -25,6 +25,17 @@ from .ops.rms_norm import _kernel_call_for_module, settle_on_cpu
 _Shape = Union[int, Sequence[int]]
 
 
+def _set_eps(module: nn.Module, value: float) -> None:
+    module.eps = value
+
+
+# ``eps`` under the name the HF RMSNorm classes keep it in, for code around the norm that reads
+# it: the Mamba2-family mixers (Mamba2, Bamba, Zamba2, NemotronH, GraniteMoeHybrid, FalconH1)
+# pass ``norm.weight`` and ``norm.variance_epsilon`` to their fused scan-and-norm in training
+# rather than calling the norm. Shared by the RMS modules.
+_VARIANCE_EPSILON = property(lambda module: module.eps, _set_eps, doc="``eps``, as the HF RMSNorm classes name it.")
+
+
 class _FusedNorm(nn.Module):
     """Shared body: the last ``len(normalized_shape)`` dims are normalised as one row (the last
     dim, of any width, where ``normalized_shape`` is None)."""
@@ -210,17 +221,7 @@ class FusedRMSNorm(_FusedNorm):
     ):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, offset, cast_mode, follow_autocast, device, dtype)
 
-    @property
-    def variance_epsilon(self) -> float:
-        """``eps`` under the name the HF RMSNorm classes keep it in, for code around the norm
-        that reads it: the Mamba2-family mixers (Mamba2, Bamba, Zamba2, NemotronH,
-        GraniteMoeHybrid, FalconH1) pass ``norm.weight`` and ``norm.variance_epsilon`` to their
-        fused scan-and-norm in training rather than calling the norm."""
-        return self.eps
-
-    @variance_epsilon.setter
-    def variance_epsilon(self, value: float) -> None:
-        self.eps = value
+    variance_epsilon = _VARIANCE_EPSILON
 
 
 class FusedLayerNorm(_FusedNorm):
@@ -297,17 +298,7 @@ class FusedGatedRMSNorm(nn.Module):
         if self.weight is not None:
             nn.init.constant_(self.weight, 1.0 - self.offset)
 
-    @property
-    def variance_epsilon(self) -> float:
-        """``eps`` under the name the HF RMSNorm classes keep it in, for code around the norm
-        that reads it: the Mamba2-family mixers (Mamba2, Bamba, Zamba2, NemotronH,
-        GraniteMoeHybrid, FalconH1) pass ``norm.weight`` and ``norm.variance_epsilon`` to their
-        fused scan-and-norm in training rather than calling the norm."""
-        return self.eps
-
-    @variance_epsilon.setter
-    def variance_epsilon(self, value: float) -> None:
-        self.eps = value
+    variance_epsilon = _VARIANCE_EPSILON
 
 
     def forward(self, hidden_states: Tensor, gate: Optional[Tensor] = None) -> Tensor:

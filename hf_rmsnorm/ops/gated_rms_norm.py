@@ -66,16 +66,17 @@ def gated_rms_norm_ref(
     compiled kernel wherever it computes the call (``_compiled_kernel``), unless
     ``HF_RMSNORM_BACKEND=torch`` asks for torch ops only."""
     size = group_size or x.shape[-1]
-    if x.is_cpu and not transforms_active():
+    grad, transforms = needs_grad(x, gate, weight), transforms_active()
+    if x.is_cpu and not transforms:
         compiled = _compiled_kernel(x, gate, weight, norm_before_gate, activation, cast_mode)
         if compiled is not None:
-            fwd, flags = compiled
-            if needs_grad(x, gate, weight):
+            if grad:
                 return _GatedFunction.apply(x, gate, weight, float(eps), float(offset), size, norm_before_gate,
-                                            activation == "sigmoid", cast_mode == "input", flags)
+                                            activation == "sigmoid", cast_mode == "input", compiled)
+            fwd, _, flags = compiled
             return fwd(x, gate, weight, eps, offset, size, flags, False)[0]
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if not needs_grad(x, gate, weight) and not transforms_active():
+    if not grad and not transforms:
         return _in_place(x, gate, weight, eps, offset, size, norm_before_gate, activation, cast_mode, compute)
     return _composite(x, gate, weight, eps, offset, size, norm_before_gate, activation, cast_mode, compute)
 
@@ -96,7 +97,7 @@ def _composite(x, gate, weight, eps, offset, size, norm_before_gate, activation,
         if weight is not None:
             # in the promoted dtype, rounded once, as the HF classes' own product (with an
             # offset: its fp32 value, rounded once, as the kernels)
-            m = weight * m if not offset else cast(weight_plus_offset(weight, compute, offset) * m, promoted(m, weight))
+            m = weight * m if not offset else cast(weight_plus_offset(weight, compute, offset) * m, _promoted(m, weight))
         if g is None or not norm_before_gate:
             return m
         return cast(m * g, x.dtype)  # m promoted to g's dtype exactly, as the HF classes' product
@@ -106,7 +107,7 @@ def _composite(x, gate, weight, eps, offset, size, norm_before_gate, activation,
     return cast(m, x.dtype)
 
 
-def promoted(m: Tensor, weight: Tensor) -> torch.dtype:
+def _promoted(m: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(m.dtype, weight.dtype)
 
 
@@ -133,9 +134,9 @@ def _in_place(x, gate, weight, eps, offset, size, norm_before_gate, activation, 
     if cast_mode == "input":
         m = cast(n, x.dtype)  # n itself (ours) where x is in the compute dtype, else a new buffer
         if offset and weight is not None:
-            m = cast(weight_plus_offset(weight, compute, offset) * m, promoted(m, weight))
+            m = cast(weight_plus_offset(weight, compute, offset) * m, _promoted(m, weight))
         elif weight is not None:
-            m = m.mul_(weight) if promoted(m, weight) == m.dtype else weight * m
+            m = m.mul_(weight) if _promoted(m, weight) == m.dtype else weight * m
         if g is None or not norm_before_gate:
             return m
         return cast(g.mul_(m), x.dtype)
@@ -154,7 +155,8 @@ def _in_place(x, gate, weight, eps, offset, size, norm_before_gate, activation, 
 
 def _compiled_kernel(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], norm_before_gate: bool,
                      activation: str, cast_mode: str):
-    """(the forward operator, its flags) where the compiled CPU kernel computes this call, else
+    """(the forward operator, the backward operator, their flags) where the compiled CPU kernel
+    computes this call (the backward then runs on the library the forward ran on), else
     None: float32/bfloat16 plain CPU tensors, at least one element, a gate of x's shape, a
     contiguous weight of the row's length; not while torch.compile traces (the operator has no
     meta kernel: the compiler fuses the torch ops itself) or torch.jit.trace records (it would
@@ -171,7 +173,7 @@ def _compiled_kernel(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor]
                                or weight.shape != x.shape[-1:] or not weight.is_contiguous()):
         return None
     ops = _cpu_kernel.gated_ops()
-    return None if ops is None else (ops[0], flags)
+    return None if ops is None else (*ops, flags)
 
 
 def _cpu_flags(x_dtype, gate, weight, norm_before_gate, activation, cast_mode) -> Optional[int]:
@@ -351,17 +353,18 @@ class _GatedFunction(torch.autograd.Function):
     """The eager twin of ``_fwd_op``: the same launches and saved tensors, without a custom
     op's dispatch, which costs more host time per call than the kernels take on a GPU at a
     model's sizes (measured for the plain norms: ``_norm.py``). torch.compile traces the op.
-    With ``cpu_flags`` (not None) the compiled CPU kernel's operators run instead of Triton."""
+    With ``cpu`` (not None: ``_compiled_kernel``'s operators and flags) the compiled CPU
+    kernel runs instead of Triton."""
 
     @staticmethod
-    def forward(ctx, x, gate, weight, eps, offset, group_size, norm_before_gate, sigmoid, cast_input, cpu_flags):
-        if cpu_flags is None:
+    def forward(ctx, x, gate, weight, eps, offset, group_size, norm_before_gate, sigmoid, cast_input, cpu):
+        if cpu is None:
             y, rstd = _fwd_impl(x, gate, weight, eps, offset, group_size, norm_before_gate, sigmoid, cast_input)
         else:
-            y, rstd = _cpu_kernel.gated_ops()[0](x, gate, weight, eps, offset, group_size, cpu_flags, True)
+            y, rstd = cpu[0](x, gate, weight, eps, offset, group_size, cpu[2], True)
         ctx.save_for_backward(x, gate, weight, rstd)
         ctx.eps, ctx.settings = eps, (offset, group_size, norm_before_gate, sigmoid, cast_input)
-        ctx.cpu_flags = cpu_flags
+        ctx.cpu = cpu
         return y
 
     @staticmethod
@@ -371,11 +374,11 @@ class _GatedFunction(torch.autograd.Function):
             # create_graph=True: the kernels have no second derivative; the reference's
             # gradients, as a graph, do (gradient penalties come out right, not without the norm)
             return (*_gradients_as_graph(ctx, dy, x, gate, weight), None, None, None, None, None, None, None)
-        if ctx.cpu_flags is None:
+        if ctx.cpu is None:
             dx, dz, dw = _bwd_impl(dy, x, gate, weight, rstd, *ctx.settings)
         else:
-            dx, dz, dw = _cpu_kernel.gated_ops()[1](dy, x, gate, weight, rstd, *ctx.settings[:2], ctx.cpu_flags,
-                                                    *ctx.needs_input_grad[:3])
+            offset, group_size = ctx.settings[:2]
+            dx, dz, dw = ctx.cpu[1](dy, x, gate, weight, rstd, offset, group_size, ctx.cpu[2], *ctx.needs_input_grad[:3])
         return dx, dz, dw, None, None, None, None, None, None, None
 
 

@@ -509,10 +509,11 @@ def match_norm(module: nn.Module, autocast_dtype: Optional[torch.dtype] = None) 
     calls = [((x,), amp, want, truth) for x, amp, want, truth in references]
     best = _best(probe_module, calls, _specs(module, has_weight, follow), shape)
     groups = _named_group_size(module, shape[-1]) if shape is not None and len(shape) == 1 and not has_bias else None
-    if best is None and groups is not None and groups < shape[-1]:
+    grouped = groups is not None and groups < shape[-1]  # groups smaller than the row
+    if best is None and grouped:
         # it names groups (Qwen4-Exp's hyper-connection norms): normalised a group at a time
         best = _best(probe_module, calls, _grouped_specs(module, groups, has_weight), shape)
     if best is None:
-        named = f" or grouped RMSNorm (groups of {groups})" if groups is not None and groups < shape[-1] else ""
+        named = f" or grouped RMSNorm (groups of {groups})" if grouped else ""
         return Match(None, None, f"no fused LayerNorm/RMSNorm{named} reproduces its output on the probe inputs")
     return Match(best[1], best[0], f"same function as {best[1].describe()}")

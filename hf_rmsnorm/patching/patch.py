@@ -135,9 +135,11 @@ def _verify_instance(module: nn.Module, new: nn.Module, shape) -> float:
     params = list(module.parameters(recurse=False))
     dtype = params[0].dtype if params else torch.float32
     device = params[0].device if params else torch.device("cpu")
-    gated = isinstance(new, FusedGatedRMSNorm) and _gate_input(module) is not None  # else one input (a grouped norm's)
+    # a gated norm's forward (hidden_states, gate), its gate optional or not; else one input (a grouped norm's)
+    optional_gate = _gate_input(module) if isinstance(new, FusedGatedRMSNorm) else None
+    gated = optional_gate is not None
     if gated:
-        calls = [c for c in gate_probes(shape, dtype, device, _gate_input(module), seed=1) if c[0].dtype == dtype]
+        calls = [c for c in gate_probes(shape, dtype, device, optional_gate, seed=1) if c[0].dtype == dtype]
     else:
         calls = [(_probes(s, dtype, device, seed=1)[0],) for s in probe_shapes(shape)]
     worst = 0.0
