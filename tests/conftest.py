@@ -121,6 +121,25 @@ def compiled_calls():
     return lambda: _cpu_kernel.calls() - before
 
 
+@pytest.fixture(scope="session")
+def library_without_operators(tmp_path_factory):
+    """(path, namespace) of a library that loads but registers no operator in that namespace,
+    as the operators' libraries did under torch 2.6-2.10 before their namespace macro was
+    expanded (_op_shared.h); built with the operators' own builder."""
+    from hf_rmsnorm.ops import _cpu_kernel
+
+    cxx = _cpu_kernel._compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler here to build with")
+    folder = tmp_path_factory.mktemp("no_operators")
+    source = folder / "empty.cpp"
+    source.write_text("#include <torch/library.h>\n")
+    namespace = "hf_rmsnorm_no_operators"
+    error = _cpu_kernel._compile(cxx, folder / "empty.so", namespace, False, c_source=None, op_source=source)
+    assert error is None, error
+    return folder / "empty.so", namespace
+
+
 @pytest.fixture
 def launches():
     """Counts the norm passes run on Triton during the test (proof that the kernels ran): one

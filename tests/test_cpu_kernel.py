@@ -67,10 +67,8 @@ def test_non_finite_rows_stay_in_their_rows(monkeypatch, compiled_calls):
     torch.testing.assert_close(y[[0, 3]].double(), norm_fp64("rms", x[[0, 3]]), rtol=2e-6, atol=1e-6)
 
 
-def test_without_a_compiler_the_torch_ops_serve(fresh_build, monkeypatch, compiled_calls):
-    monkeypatch.setenv("CXX", str(fresh_build / "no-such-cxx"))
-    assert _cpu_kernel.op() is None
-    assert "no-such-cxx" in _cpu_kernel.unavailable_reason()
+def _assert_the_torch_ops_serve(compiled_calls):
+    """RMSNorm on the CPU, forward and backward, right (against float64) and off the kernel."""
     x, w, b, dy = norm_inputs(8, 64, torch.float32)
     y, dx, _, _ = fwd_bwd(lambda x, w, b: rms_norm(x, w, b, 1e-6), x, w, b, dy)
     assert compiled_calls() == 0
@@ -78,6 +76,13 @@ def test_without_a_compiler_the_torch_ops_serve(fresh_build, monkeypatch, compil
     y_pt, dx_pt, _, _ = fwd_bwd(lambda x, w, b: norm_torch_same_dtype("rms", x, w, b, 1e-6), x, w, b, dy)
     assert_close_to_fp64(y, y_pt, y64, torch.float32, "output")
     assert_close_to_fp64(dx, dx_pt, dx64, torch.float32, "grad of x")
+
+
+def test_without_a_compiler_the_torch_ops_serve(fresh_build, monkeypatch, compiled_calls):
+    monkeypatch.setenv("CXX", str(fresh_build / "no-such-cxx"))
+    assert _cpu_kernel.op() is None
+    assert "no-such-cxx" in _cpu_kernel.unavailable_reason()
+    _assert_the_torch_ops_serve(compiled_calls)
     assert _cpu_kernel.gated_ops() is None  # and the gated norm takes torch ops too
 
 
@@ -346,6 +351,83 @@ def test_a_cached_library_that_does_not_load_is_built_again(fresh_build, monkeyp
     assert _cpu_kernel.op() is not None, _cpu_kernel.unavailable_reason()
     assert len(loads) == 2 and loads[0] == b"not " and loads[1] != b"not "  # refused, rebuilt, loaded
     assert [p.name for p in fresh_build.iterdir()] == [built.name] and built.read_bytes() != b"not a library"
+
+
+def test_a_library_without_its_operators_is_said_and_the_torch_ops_serve(fresh_build, monkeypatch, compiled_calls,
+                                                                        library_without_operators):
+    """A library that loads but registers nothing where Python looks (the operators' schemas
+    under another namespace, as torch 2.6-2.10 made of them before _op_shared.h expanded the
+    namespace macro) raised AttributeError out of patch_model. It is now a reason, said once,
+    with no second build (which would repeat the fault), and the torch ops serve."""
+    import shutil
+
+    built, namespace = library_without_operators
+    path = fresh_build / "cpu_rms_norm-test.so"  # in the cache, where a library the loader refuses is built again
+    builds = []
+
+    def build():
+        builds.append(1)
+        shutil.copy(built, path)
+        return path, namespace, None
+
+    monkeypatch.setattr(_cpu_kernel, "_build", build)
+    assert _cpu_kernel.op() is None and _cpu_kernel.gated_ops() is None
+    reason = _cpu_kernel.unavailable_reason()
+    assert f"registered no operator {namespace}::rms_norm" in reason and str(path) in reason
+    assert builds == [1] and _cpu_kernel.torch_ops_reason() == reason
+    _assert_the_torch_ops_serve(compiled_calls)
+
+
+@pytest.mark.parametrize("macro", ["HF_RMSNORM_LIBRARY", "TORCH_LIBRARY"])
+def test_the_namespace_macro_is_expanded_before_torch_stringises_it(macro, tmp_path):
+    """Up to torch 2.10, TORCH_LIBRARY(ns, m) stringised ``ns`` as written, so the operators'
+    schemas, defined in a namespace named by the macro HF_RMSNORM_NS, went to a namespace called
+    "HF_RMSNORM_NS". Here TORCH_LIBRARY is redefined to stringise as those versions did: through
+    HF_RMSNORM_LIBRARY (what the sources use) the schema reaches the build's namespace; handed to
+    TORCH_LIBRARY directly (the control) it does not."""
+    import sys
+    from pathlib import Path
+
+    cxx = _cpu_kernel._compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler here")
+    shared = Path(_cpu_kernel.__file__).with_name("_op_shared.h")
+    source = tmp_path / "library.cpp"
+    source.write_text(
+        f'#include "{shared}"\n'
+        "#undef TORCH_LIBRARY\n"
+        "#define TORCH_LIBRARY(ns, m) \\\n"
+        "    static void init_##ns(torch::Library &); \\\n"
+        "    static torch::Library library_##ns(torch::Library::DEF, #ns, std::nullopt, __FILE__, __LINE__); \\\n"
+        "    static const bool registered_##ns = (init_##ns(library_##ns), true); \\\n"
+        "    static void init_##ns(torch::Library &m)\n"
+        "static int64_t one() { return 1; }\n"
+        f"{macro}(HF_RMSNORM_NS, m) {{ m.def(\"one() -> int\", &one); }}\n"
+    )
+    namespace = "hf_rmsnorm_macro_test"
+    error = _cpu_kernel._compile(cxx, tmp_path / "library.so", namespace, False, c_source=None, op_source=source)
+    assert error is None, error
+    # in a child process: the control's namespace must not outlive the test in this one
+    found = subprocess.run(
+        [sys.executable, "-c", "import sys, torch; torch.ops.load_library(sys.argv[1]); "
+         "print(sorted(n for n in torch._C._dispatch_get_all_op_names() if n.endswith('::one')))", str(tmp_path / "library.so")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert found.returncode == 0, found.stderr[-2000:]
+    expected = f"{namespace}::one" if macro == "HF_RMSNORM_LIBRARY" else "HF_RMSNORM_NS::one"
+    assert found.stdout.strip() == repr([expected])
+
+
+def test_the_sources_name_their_namespace_through_the_expanding_macro():
+    """Every TORCH_LIBRARY block of the operators goes through HF_RMSNORM_LIBRARY(_IMPL)."""
+    import re
+    from pathlib import Path
+
+    ops = Path(_cpu_kernel.__file__).parent
+    for source in ops.glob("*.cpp"):
+        text = source.read_text()
+        assert "HF_RMSNORM_LIBRARY(HF_RMSNORM_NS, m)" in text, source.name
+        assert not re.search(r"\bTORCH_LIBRARY(_IMPL)?\(HF_RMSNORM_NS", text), source.name
 
 
 @needs_kernel

@@ -633,6 +633,24 @@ def test_an_operator_that_cannot_be_built_is_said_once_and_the_python_path_serve
     assert _cuda_launch.forward(None, None, None, None, 1e-5, 0.0, True, 0) == (None, None)
 
 
+def test_an_operator_library_without_its_operators_is_a_reason_not_an_error(monkeypatch, library_without_operators):
+    """A library that loads but registers nothing where Python looks (torch 2.6-2.10 before the
+    namespace macro was expanded, _op_shared.h) failed registering the operator's Python half
+    (RuntimeError out of the first norm call on CUDA); now the Python path serves, with why."""
+    pytest.importorskip("triton")
+    from hf_rmsnorm.ops import _cuda_launch, _direct
+
+    if not _direct._DIRECT_TRITON:
+        pytest.skip("the operator is not built for this Triton release at all (its reason says so)")
+    for name, value in (("_ops", _cuda_launch._UNBUILT), ("_reason", None), ("_norm_op", None), ("_path", None)):
+        monkeypatch.setattr(_cuda_launch, name, value)
+    monkeypatch.setattr(_cpu_kernel, "build_library", lambda *a, **k: (*library_without_operators, None))
+    assert _cuda_launch.ops() is None and _cuda_launch.built_path() is None
+    path, namespace = library_without_operators
+    assert f"the CUDA launch operator {path} loaded" in _cuda_launch.unavailable_reason()
+    assert f"registered no operator {namespace}::norm" in _cuda_launch.unavailable_reason()
+
+
 def test_the_cli_builds_the_operator_ahead_of_time_or_says_why_not(monkeypatch, capsys):
     """``hf-rmsnorm build-cuda-launch``: the operator built before the first CUDA call (a
     container image, a machine about to go offline; no GPU needed); where it cannot be built,

@@ -208,6 +208,9 @@ def _load() -> None:
         try:
             ops = _operators(path, namespace)
             break
+        except OperatorsMissing as e:
+            _op, _reason = None, str(e)
+            return
         except (OSError, RuntimeError) as e:
             # a file the loader refuses: damaged, or built where a newer C library was
             # (a cache shared between machines). Built again once, here.
@@ -257,13 +260,8 @@ settled_token = object()
 
 
 def _operators(path: Path, namespace: str):
-    """torch.ops.<namespace>, loading the library unless this process already has (another file
-    of the same build, e.g. after the cache was moved), with its Python half registered."""
-    ops = getattr(torch.ops, namespace)
-    try:
-        ops.rms_norm
-    except (AttributeError, RuntimeError):
-        torch.ops.load_library(str(path))
+    """torch.ops.<namespace>, loaded (:func:`load_library`) with its Python half registered."""
+    ops = load_library(path, namespace, "rms_norm", "the CPU kernel")
     if namespace not in _PYTHON_IMPLS:
         from .rms_norm import graph_backward  # imported here: rms_norm.py imports this module
 
@@ -271,6 +269,35 @@ def _operators(path: Path, namespace: str):
         impl.impl("rms_norm_graph_backward", graph_backward, "CompositeImplicitAutograd")
         _PYTHON_IMPLS[namespace] = impl
     return ops
+
+
+class OperatorsMissing(Exception):
+    """A library that loaded without registering its operators where Python looks for them: a
+    build fault that building again would repeat, so no second build is tried."""
+
+
+def load_library(path: Path, namespace: str, probe: str, what: str):
+    """torch.ops.<namespace>, loading the library at ``path`` unless this process already has
+    (another file of the same build, e.g. after the cache was moved). Raises OSError or
+    RuntimeError where the loader refuses the file, :class:`OperatorsMissing` where it loads but
+    ``namespace::probe`` is still not there."""
+    ops = getattr(torch.ops, namespace)
+    if not _has_operator(ops, probe):
+        torch.ops.load_library(str(path))
+        if not _has_operator(ops, probe):
+            raise OperatorsMissing(
+                f"{what} {path} loaded under torch {torch.__version__} but registered no operator "
+                f"{namespace}::{probe}: a build fault (please report it with this message)"
+            )
+    return ops
+
+
+def _has_operator(ops, name: str) -> bool:
+    try:
+        getattr(ops, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def gated_ops():

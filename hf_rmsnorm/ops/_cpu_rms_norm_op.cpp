@@ -47,9 +47,6 @@ int gated_rms_norm_backward(const void *dy, int64_t sdy, const void *x, int64_t 
                             int64_t s, float offset, int flags);
 }
 
-#define HF_STR2(s) #s
-#define HF_STR(s) HF_STR2(s)
-
 namespace {
 
 using torch::autograd::SavedVariable;
@@ -392,7 +389,7 @@ void set_parallel(bool allowed) { parallel_allowed = allowed; }
 
 }  // namespace
 
-TORCH_LIBRARY(HF_RMSNORM_NS, m) {
+HF_RMSNORM_LIBRARY(HF_RMSNORM_NS, m) {
     // the output is bfloat16 where flags say so (FLAG_Y_BF16), else float32
     m.def("rms_norm(Tensor x, Tensor? weight, Tensor? bias, float eps, float offset, int flags, str cast_mode) "
           "-> Tensor");
@@ -412,7 +409,7 @@ TORCH_LIBRARY(HF_RMSNORM_NS, m) {
     m.def("set_parallel(bool allowed) -> ()", &set_parallel);
 }
 
-TORCH_LIBRARY_IMPL(HF_RMSNORM_NS, CompositeImplicitAutograd, m) {
+HF_RMSNORM_LIBRARY_IMPL(HF_RMSNORM_NS, CompositeImplicitAutograd, m) {
     m.impl("rms_norm", &rms_norm);
     m.impl("rms_norm_settled", &rms_norm_settled);
     m.impl("gated_rms_norm_fwd", &gated_rms_norm_fwd);

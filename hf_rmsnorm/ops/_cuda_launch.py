@@ -98,11 +98,10 @@ def _load() -> None:
     if path is None:
         return
     try:
-        loaded = getattr(torch.ops, namespace)
-        try:
-            loaded.norm
-        except (AttributeError, RuntimeError):
-            torch.ops.load_library(str(path))
+        loaded = _cpu_kernel.load_library(path, namespace, "norm", "the CUDA launch operator")
+    except _cpu_kernel.OperatorsMissing as e:
+        _reason = str(e)
+        return
     except (OSError, RuntimeError) as e:
         _reason = f"could not load the CUDA launch operator {path}: {e}"
         return

@@ -52,8 +52,6 @@
 #include <unordered_map>
 #include <vector>
 
-#define HF_STR2(s) #s
-#define HF_STR(s) HF_STR2(s)
 #define HF_NS_STR HF_STR(HF_RMSNORM_NS)
 
 namespace {
@@ -454,7 +452,7 @@ int64_t plan_count() {
 
 }  // namespace
 
-TORCH_LIBRARY(HF_RMSNORM_NS, m) {
+HF_RMSNORM_LIBRARY(HF_RMSNORM_NS, m) {
     m.def("norm(Tensor x, Tensor? weight, Tensor? bias, float eps, float offset, int family) -> Tensor");
     // implemented in Python (_cuda_launch.py): the backward kernels, and the torch reference's
     // gradients as a graph for second derivatives; `needs` has a bit per input (x, weight, bias)
@@ -472,4 +470,4 @@ TORCH_LIBRARY(HF_RMSNORM_NS, m) {
     m.def("plan_count", &plan_count);
 }
 
-TORCH_LIBRARY_IMPL(HF_RMSNORM_NS, CompositeImplicitAutograd, m) { m.impl("norm", &norm); }
+HF_RMSNORM_LIBRARY_IMPL(HF_RMSNORM_NS, CompositeImplicitAutograd, m) { m.impl("norm", &norm); }

@@ -5,12 +5,23 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/DispatchKeySet.h>
 #include <torch/csrc/autograd/function.h>
+#include <torch/library.h>
 
 #include <cstdlib>
 #include <initializer_list>
 #include <memory>
 #include <string_view>
 #include <type_traits>
+
+// The operators' namespace is a macro, HF_RMSNORM_NS, that each build defines (-D...). Up to torch
+// 2.10 TORCH_LIBRARY stringised its namespace argument unexpanded (#ns; pytorch PR 174424 changed
+// it): given HF_RMSNORM_NS itself, the schemas went to a namespace called "HF_RMSNORM_NS", the
+// implementations (TORCH_LIBRARY_IMPL expands) to the build's, and Python found no operator
+// there. One more macro between expands the name first, under every torch.
+#define HF_STR2(s) #s
+#define HF_STR(s) HF_STR2(s)
+#define HF_RMSNORM_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define HF_RMSNORM_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
 
 namespace {
 
