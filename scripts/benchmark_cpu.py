@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import datetime
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -54,8 +55,11 @@ MODES = ("inference", "training")
 HOST_SHAPE = (2, 8, 1024)
 
 
-def _hf_class(module: str, name: str):
-    return getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
+def _hf_module(module: str, name: str, n: int, **kwargs):
+    """transformers' ``name`` for rows of ``n``, given the arguments of ``kwargs`` it takes:
+    releases before 5.23 built Mamba2's gated norm without groups (no ``group_size``)."""
+    cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
+    return cls(n, **{k: v for k, v in kwargs.items() if k in inspect.signature(cls).parameters})
 
 
 # name -> (builds the original module for a hidden size, whether the replacement is the exact
@@ -64,17 +68,17 @@ def _hf_class(module: str, name: str):
 CASES = {
     "LayerNorm → FusedLayerNorm": (lambda n: nn.LayerNorm(n), False, False),
     "LayerNorm → RMSNorm+bias (exact conversion)": (lambda n: nn.LayerNorm(n), True, False),
-    "LlamaRMSNorm → FusedRMSNorm": (lambda n: _hf_class("llama", "LlamaRMSNorm")(n, eps=1e-6), False, False),
-    "GemmaRMSNorm → FusedRMSNorm": (lambda n: _hf_class("gemma", "GemmaRMSNorm")(n, eps=1e-6), False, False),
-    "T5LayerNorm → FusedRMSNorm": (lambda n: _hf_class("t5", "T5LayerNorm")(n, eps=1e-6), False, False),
+    "LlamaRMSNorm → FusedRMSNorm": (lambda n: _hf_module("llama", "LlamaRMSNorm", n, eps=1e-6), False, False),
+    "GemmaRMSNorm → FusedRMSNorm": (lambda n: _hf_module("gemma", "GemmaRMSNorm", n, eps=1e-6), False, False),
+    "T5LayerNorm → FusedRMSNorm": (lambda n: _hf_module("t5", "T5LayerNorm", n, eps=1e-6), False, False),
     # Mamba2's (gate before the norm, in 4 groups) and Qwen3-Next's (gate after it)
     "MambaRMSNormGated → FusedGatedRMSNorm": (
-        lambda n: _hf_class("mamba2", "MambaRMSNormGated")(n, group_size=n // 4, eps=1e-5), False, True),
+        lambda n: _hf_module("mamba2", "MambaRMSNormGated", n, group_size=n // 4, eps=1e-5), False, True),
     "Qwen3NextRMSNormGated → FusedGatedRMSNorm": (
-        lambda n: _hf_class("qwen3_next", "Qwen3NextRMSNormGated")(n, eps=1e-6), False, True),
+        lambda n: _hf_module("qwen3_next", "Qwen3NextRMSNormGated", n, eps=1e-6), False, True),
     # Qwen4-Exp's hyper-connection norm: four streams, each normalised on its own (no gate)
     "Qwen4ExpTextRMSNorm (grouped) → FusedGatedRMSNorm": (
-        lambda n: _hf_class("qwen4_exp", "Qwen4ExpTextRMSNorm")(n, group_size=n // 4, eps=1e-6), False, False),
+        lambda n: _hf_module("qwen4_exp", "Qwen4ExpTextRMSNorm", n, group_size=n // 4, eps=1e-6), False, False),
 }
 
 

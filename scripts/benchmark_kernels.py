@@ -23,6 +23,7 @@ import argparse
 import datetime
 import importlib
 import importlib.metadata
+import inspect
 import json
 import statistics
 import sys
@@ -144,8 +145,11 @@ def _setup_liger_layer(x, w, b):
 
 def _hf_gated(cls_module: str, cls_name: str, n: int, w, **kwargs):
     """The HF class itself, reading ``w`` as its weight (so that ``w``'s gradient is its)."""
-    mod = importlib.import_module(f"transformers.models.{cls_module}.modeling_{cls_module}")
-    m = getattr(mod, cls_name)(n, **kwargs).to(device=w.device, dtype=w.dtype)
+    cls = getattr(importlib.import_module(f"transformers.models.{cls_module}.modeling_{cls_module}"), cls_name)
+    # transformers before 5.23 (5.17 on the lent GPUs) built Mamba2's gated norm without groups:
+    # the class as the installed release has it (the same bytes moved, whole rows normalised)
+    taken = inspect.signature(cls).parameters
+    m = cls(n, **{k: v for k, v in kwargs.items() if k in taken}).to(device=w.device, dtype=w.dtype)
     del m.weight
     m.weight = w
     return m

@@ -3,6 +3,8 @@ input each: the shared table the patching tests iterate over."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import transformers
 from transformers import (
@@ -80,9 +82,16 @@ MODELS = {
     "falcon_h1": ("falcon_h1", dict(_LLAMA_LIKE, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=8, mamba_rms_norm=True), AutoModelForCausalLM, "text"),
     # Qwen4-Exp: Qwen3-Next's gated norms, hyper-connections (two streams) whose norms normalise
     # one stream at a time (a grouped RMSNorm, weights stored as w - 1), an indexed-attention layer
-    "qwen4_exp": ("qwen4_exp_text", dict(_LLAMA_LIKE, layer_types=["linear_attention", "indexed_attention"], linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, hc_count=2, hc_lowrank=8, ple_embed_dim=16, ngram_vocab_size_base=256, make_ngram_vocab_size_divisible_by=8, split_ngram_parts=4, heads_per_ngram=2, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=2), AutoModelForCausalLM, "text"),
+    # "full_attention": each release maps it to its own attention (indexed in 5.24, sparse in 5.17)
+    "qwen4_exp": ("qwen4_exp_text", dict(_LLAMA_LIKE, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, hc_count=2, hc_lowrank=8, ple_embed_dim=16, ngram_vocab_size_base=256, make_ngram_vocab_size_divisible_by=8, split_ngram_parts=4, heads_per_ngram=2, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=2), AutoModelForCausalLM, "text"),
     "whisper": ("whisper", dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16, max_target_positions=32, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1), AutoModel, "audio"),
 }
+
+
+def taken_arguments(cls, kwargs: dict) -> dict:
+    """``kwargs`` less what ``cls`` does not take: transformers before 5.23 built Mamba2's, Bamba's
+    and GraniteMoeHybrid's gated norms without groups (no ``group_size``; 5.17 on the lent GPUs)."""
+    return {k: v for k, v in kwargs.items() if k in inspect.signature(cls).parameters}
 
 
 def build(name: str, dtype=torch.float32, seed: int = 0):
