@@ -597,7 +597,11 @@ def test_the_environment_rejects_other_values(monkeypatch):
 @pytest.mark.skipif(_cpu_kernel._compiler() is None, reason="no C++ compiler here to build with")
 def test_the_operator_compiles_without_warnings(tmp_path):
     """-Wall -Wextra -Werror with torch's headers as system headers: its own warnings only."""
-    from hf_rmsnorm.ops import _cuda_launch
+    pytest.importorskip("triton")
+    from hf_rmsnorm.ops import _cuda_launch, _direct
+
+    if not _direct._DIRECT_TRITON:  # e.g. torch 2.6 (Triton 3.2), whose c10::Stream lacks native_handle
+        pytest.skip("the operator is not built for this Triton release at all (its reason says so)")
 
     error = _cpu_kernel._compile(_cpu_kernel._compiler(), tmp_path / "op.so", "hf_rmsnorm_cuda_warnings", False,
                                  extra=("-Wall", "-Wextra", "-Werror"), c_source=None, op_source=_cuda_launch._OP_SOURCE)

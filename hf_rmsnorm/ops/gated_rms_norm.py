@@ -164,7 +164,8 @@ def _compiled_kernel(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor]
     operator, which another process does not have: torch ops trace into a portable graph); not
     where the library cannot be had or ``HF_RMSNORM_BACKEND=torch``."""
     flags = _cpu_flags(x.dtype, gate, weight, norm_before_gate, activation, cast_mode)
-    if (flags is None or type(x) not in _PLAIN_TENSORS or not x.numel() or torch.compiler.is_compiling()
+    # is_compiling first: torch 2.6's dynamo cannot trace the frozenset test (it breaks the graph)
+    if (torch.compiler.is_compiling() or flags is None or type(x) not in _PLAIN_TENSORS or not x.numel()
             or _tracing_state() is not None):
         return None
     if gate is not None and (type(gate) not in _PLAIN_TENSORS or not gate.is_cpu or gate.shape != x.shape):

@@ -84,7 +84,8 @@ def _compiled_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     the kernel could not be built. Called on every CPU call: the dtype logic is worked out once
     per signature."""
     flags = _flags_of(x, weight, bias, cast_mode)
-    if flags is None or type(x) not in _PLAIN_TENSORS or not x.numel() or torch.compiler.is_compiling():
+    # is_compiling first: torch 2.6's dynamo cannot trace the frozenset test (it breaks the graph)
+    if torch.compiler.is_compiling() or flags is None or type(x) not in _PLAIN_TENSORS or not x.numel():
         return None
     n = x.shape[-1]
     for p in (weight, bias):
