@@ -190,6 +190,9 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     parser.add_argument("--out", type=Path, default=None, help="also write kernel_report_sm<arch>_triton<version>.md into this folder")
     args = parser.parse_args(argv)
+    if tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) < (3, 6):
+        # the compile API it calls (ASTSource's constexprs, the backends' options) is 3.6's to 3.9's
+        parser.error(f"needs Triton 3.6 or newer (the lent GPUs run 3.6); this is Triton {triton.__version__}")
     rows = report(args.arch) + gated_report(args.arch)
     lines = [
         f"# Kernel compiler report: sm_{args.arch}, bf16 activations, triton {triton.__version__}", "",

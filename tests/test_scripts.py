@@ -377,6 +377,8 @@ def test_kernels_compile_for_hopper_vectorised_and_without_spills():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_report.py"), "--arch", "90"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     if proc.returncode != 0 and "cuobjdump" in proc.stderr:
         pytest.skip("this Triton build ships no NVIDIA tools")
+    if proc.returncode == 2 and "needs Triton 3.6 or newer" in proc.stderr:
+        pytest.skip(proc.stderr.strip().splitlines()[-1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     # the weight-gradient sums: every load a 16-byte vector, nothing spilled, whatever the width
