@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import datetime
 import importlib
+import importlib.metadata
 import inspect
 import json
 import os
@@ -38,6 +39,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -133,10 +135,20 @@ def alternating_medians(measures, rounds: int, flip_order: bool = True) -> tuple
     return tuple(statistics.median(t) for t in times)
 
 
-def module_rows(shapes, dtypes, rounds: int, min_run_time: float, cases: str = "") -> list[dict]:
+def module_rows(shapes, dtypes, rounds: int, min_run_time: float, cases: str = "", skipped: Optional[dict] = None) -> list[dict]:
+    """The rows of every case (or those named like ``cases``); a case whose class the installed
+    transformers lacks goes into ``skipped`` with the reason."""
     rows = []
     for case, (build, convert, gated) in CASES.items():
         if cases and cases.lower() not in case.lower():
+            continue
+        try:
+            build(8)
+        except (ImportError, AttributeError) as e:
+            reason = f"transformers {importlib.metadata.version('transformers')} has no such class ({e})"
+            print(f"{case}: skipped, {reason}", flush=True)
+            if skipped is not None:
+                skipped[case] = reason
             continue
         for dname in dtypes:
             dtype = DTYPES[dname]
@@ -534,6 +546,8 @@ def to_markdown(result: dict) -> str:
             f"| {r['case']} | {r['dtype']} | {r['shape'][0]}×{r['shape'][1]} | {r['mode']} | "
             f"{r['original_us']:.1f} | {r['patched_us']:.1f} | {r['ratio']:.2f} |"
         )
+    if result.get("skipped_cases"):
+        lines += ["", "Not timed: " + "; ".join(f"{case}: {why}" for case, why in result["skipped_cases"].items())]
     if result.get("host"):
         lines += [
             "",
@@ -617,7 +631,9 @@ def main(argv=None) -> int:
     result = {"environment": _machine(), "shapes": shapes, "rounds": rounds}
     if args.no_modules and not (args.host or args.launcher):
         parser.error("--no-modules leaves nothing to measure without --host or --launcher")
-    result["modules"] = [] if args.no_modules else module_rows(shapes, dtypes, rounds, min_run_time, args.cases)
+    result["skipped_cases"] = {}
+    result["modules"] = [] if args.no_modules else module_rows(shapes, dtypes, rounds, min_run_time, args.cases,
+                                                                result["skipped_cases"])
     if args.host:
         result["host"] = host_rows(HOST_SHAPE, min_run_time)
     if args.launcher:

@@ -24,12 +24,14 @@ def test_benchmark_cpu_quick_times_every_replacement_and_the_host_path(tmp_path)
     result = json.loads((tmp_path / "cpu.json").read_text())
     assert result["environment"]["threads"] >= 1 and result["environment"]["torch"]
     cases = {r["case"] for r in result["modules"]}
-    assert len(cases) == 8 and "LayerNorm → RMSNorm+bias (exact conversion)" in cases
+    skipped = result["skipped_cases"]  # classes this transformers lacks (Qwen4-Exp's in 4.x)
+    assert all("has no such class" in why for why in skipped.values())
+    assert len(cases) + len(skipped) == 8 and "LayerNorm → RMSNorm+bias (exact conversion)" in cases
     assert "MambaRMSNormGated → FusedGatedRMSNorm" in cases  # called with a gate
     for r in result["modules"]:
         assert r["original_us"] > 0 and r["patched_us"] > 0
         assert r["ratio"] == pytest.approx(r["patched_us"] / r["original_us"])
-    assert len(result["modules"]) == 8 * 2 * 2 * 2  # cases × dtypes × shapes × modes
+    assert len(result["modules"]) == len(cases) * 2 * 2 * 2  # cases × dtypes × shapes × modes
     host = {(r["call"], r["mode"]) for r in result["host"]}
     assert ("layer_norm(x, w, b)", "forward + backward") in host and len(host) == 13
     markdown = (tmp_path / "cpu.md").read_text()

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 
 from hf_rmsnorm import FusedLayerNorm, FusedRMSNorm, patch_model, unpatch_model
 from hf_rmsnorm.ops import _cpu_kernel
@@ -58,7 +59,13 @@ def test_pre_ln_families_convert_exactly(name, dtype):
     if dtype == torch.float64 and name == "xglm":
         pytest.skip("XGLM as transformers ships it does not run in float64 (its masks overflow float32); its measuring copy runs with float64 as the default dtype")
     model, inputs = build(name, dtype)
-    ref = run(model, inputs)
+    try:
+        ref = run(model, inputs)  # the unpatched model
+    except RuntimeError as e:
+        if dtype != torch.float64 or "without overflow" not in str(e):
+            raise
+        # as XGLM's: transformers 4.x's MPT and CLIP fill their masks with float32's minimum
+        pytest.skip(f"transformers {transformers.__version__}'s {name} does not run in float64 ({e})")
     truth = float64_truth(model, inputs)
     params_before = dict(model.named_parameters(remove_duplicate=False))
     report = patch_model(model)
@@ -285,8 +292,12 @@ def test_centring_fused_expert_weights_centres_every_routed_output(model_type):
     (Mixtral, Phi-MoE) or transposed with a bias (GPT-OSS). Centring it as a stream writer
     must make the experts module's output zero-mean for any routing, in either layout."""
     from transformers import AutoConfig
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
-    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    try:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+    except ImportError:
+        pytest.skip(f"transformers {transformers.__version__} keeps no experts in 3-D parameters (an nn.Linear each)")
 
     config = AutoConfig.for_model(model_type, hidden_size=24, intermediate_size=40, num_local_experts=4, num_experts_per_tok=2)
     config._experts_implementation = "eager"

@@ -85,9 +85,20 @@ ARCHITECTURES: dict[str, Architecture] = {
     "persimmon": Architecture(("layers.*.self_attn.dense", "layers.*.mlp.dense_4h_to_h"), (*_DECODER_LN, "final_layernorm"), ("layers.0",)),
     "olmo": Architecture(("layers.*.self_attn.o_proj", "layers.*.mlp.down_proj"), (*_DECODER_LN, "norm"), ("layers.0",)),
     # mixture of experts: every expert's down-projection is one 3-D parameter of mlp.experts
-    "phimoe": Architecture(("layers.*.self_attn.o_proj", "layers.*.mlp.experts"), (*_DECODER_LN, "norm"), ("layers.0",)),
+    # (transformers 4.x: an nn.Linear per expert, block_sparse_moe.experts.<i>.w2)
+    "phimoe": Architecture(
+        ("layers.*.self_attn.o_proj", "layers.*.mlp.experts", "layers.*.block_sparse_moe.experts.*.w2"),
+        (*_DECODER_LN, "norm"),
+        ("layers.0",),
+    ),
     "cohere": Architecture(("layers.*.self_attn.o_proj", "layers.*.mlp.down_proj"), ("layers.*.input_layernorm", "norm"), ("layers.0",)),
-    "vit": Architecture(("layers.*.attention.o_proj", "layers.*.mlp.fc2"), ("layers.*.layernorm_before", "layers.*.layernorm_after", "layernorm"), ("layers.0",)),
+    # transformers 5.x names, then 4.x's (encoder.layer.<i>.attention.output.dense, output.dense)
+    "vit": Architecture(
+        ("layers.*.attention.o_proj", "layers.*.mlp.fc2", "encoder.layer.*.attention.output.dense", "encoder.layer.*.output.dense"),
+        ("layers.*.layernorm_before", "layers.*.layernorm_after", "encoder.layer.*.layernorm_before",
+         "encoder.layer.*.layernorm_after", "layernorm"),
+        ("layers.0", "encoder.layer.0"),
+    ),
     "clip": Architecture(
         tuple(f"{tower}.encoder.layers.*.{m}" for tower in ("text_model", "vision_model") for m in ("self_attn.out_proj", "mlp.fc2")),
         (
