@@ -289,7 +289,9 @@ def test_interpreter_that_cannot_run_the_kernels_is_one_clear_error(tmp_path):
     """Triton < 3.7's interpreter with NumPy >= 2.4 fails inside the backward kernel with
     "only 0-dimensional arrays..."; the op says so up front instead. Run in a fresh process that
     reports those versions, since the check runs when the launcher module is imported."""
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    if not hasattr(triton, "knobs"):  # the child poses as Triton 3.6 and imports what 3.6 has
+        pytest.skip(f"the child process poses as Triton 3.6, whose triton.knobs Triton {triton.__version__} lacks")
     script = tmp_path / "old_interpreter.py"
     script.write_text(
         "import numpy, triton, torch\n"
