@@ -546,6 +546,8 @@ def test_profile_splits_our_host_time_into_our_python_and_the_launcher(launches,
         us = host_us(step, 3)
     assert us > 0 and launches() == 2 * (5 + 3)  # a forward and a backward per call, warm-up included
     assert _triton_norm._norm_bwd_kernel is kernel and _cuda_launch.ENABLED is True
+    if not _direct._DIRECT_TRITON:  # Triton 3.2 (torch 2.6): no direct launch to set against Triton's
+        pytest.skip("the launch A/B needs the direct launch, off for this Triton release (the stubbed host time passed)")
     # the launch A/B column: Triton's launch and the direct one in turn, 3 rounds of each (here
     # the interpreter's kernels, which the direct launch leaves to Triton), each on as timed
     # and off again afterwards
