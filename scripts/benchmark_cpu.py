@@ -31,7 +31,6 @@ import dataclasses
 import datetime
 import importlib
 import importlib.metadata
-import inspect
 import json
 import os
 import platform
@@ -39,13 +38,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
 from torch.utils import benchmark as tbench
 
-from benchmark_kernels import _versions
+from benchmark_kernels import _hf_module, _versions
 
 FULL_SHAPES = [(1, 768), (128, 768), (2048, 768), (512, 2048)]
 QUICK_SHAPES = [(1, 64), (32, 64)]
@@ -55,13 +53,6 @@ MODES = ("inference", "training")
 # allocating (and freeing) large stand-in tensors would add malloc time no GPU run has. Three
 # dimensions, (batch, sequence, hidden), as a model's norms are called.
 HOST_SHAPE = (2, 8, 1024)
-
-
-def _hf_module(module: str, name: str, n: int, **kwargs):
-    """transformers' ``name`` for rows of ``n``, given the arguments of ``kwargs`` it takes:
-    releases before 5.23 built Mamba2's gated norm without groups (no ``group_size``)."""
-    cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
-    return cls(n, **{k: v for k, v in kwargs.items() if k in inspect.signature(cls).parameters})
 
 
 # name -> (builds the original module for a hidden size, whether the replacement is the exact
@@ -135,7 +126,7 @@ def alternating_medians(measures, rounds: int, flip_order: bool = True) -> tuple
     return tuple(statistics.median(t) for t in times)
 
 
-def module_rows(shapes, dtypes, rounds: int, min_run_time: float, cases: str = "", skipped: Optional[dict] = None) -> list[dict]:
+def module_rows(shapes, dtypes, rounds: int, min_run_time: float, cases: str, skipped: dict) -> list[dict]:
     """The rows of every case (or those named like ``cases``); a case whose class the installed
     transformers lacks goes into ``skipped`` with the reason."""
     rows = []
@@ -147,8 +138,7 @@ def module_rows(shapes, dtypes, rounds: int, min_run_time: float, cases: str = "
         except (ImportError, AttributeError) as e:
             reason = f"transformers {importlib.metadata.version('transformers')} has no such class ({e})"
             print(f"{case}: skipped, {reason}", flush=True)
-            if skipped is not None:
-                skipped[case] = reason
+            skipped[case] = reason
             continue
         for dname in dtypes:
             dtype = DTYPES[dname]

@@ -143,13 +143,18 @@ def _setup_liger_layer(x, w, b):
 # The gated providers' setups take (x, w, gate) and return a function of x (weight and gate bound).
 
 
+def _hf_module(module: str, name: str, n: int, **kwargs):
+    """transformers' ``name`` for rows of ``n``, given the arguments of ``kwargs`` it takes:
+    releases before 5.23 (5.17 on the lent GPUs) built Mamba2's gated norm without groups (no
+    ``group_size``), so the class is timed as the installed release has it (the same bytes
+    moved, whole rows normalised)."""
+    cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
+    return cls(n, **{k: v for k, v in kwargs.items() if k in inspect.signature(cls).parameters})
+
+
 def _hf_gated(cls_module: str, cls_name: str, n: int, w, **kwargs):
     """The HF class itself, reading ``w`` as its weight (so that ``w``'s gradient is its)."""
-    cls = getattr(importlib.import_module(f"transformers.models.{cls_module}.modeling_{cls_module}"), cls_name)
-    # transformers before 5.23 (5.17 on the lent GPUs) built Mamba2's gated norm without groups:
-    # the class as the installed release has it (the same bytes moved, whole rows normalised)
-    taken = inspect.signature(cls).parameters
-    m = cls(n, **{k: v for k, v in kwargs.items() if k in taken}).to(device=w.device, dtype=w.dtype)
+    m = _hf_module(cls_module, cls_name, n, **kwargs).to(device=w.device, dtype=w.dtype)
     del m.weight
     m.weight = w
     return m
