@@ -182,19 +182,22 @@ def launches_stubbed():
             return nop
 
     saved = {k: os.environ.get(k) for k in ("HF_RMSNORM_BACKEND", "TRITON_INTERPRET")}
-    names = ("_norm_fwd_kernel", "_norm_bwd_kernel", "_sum_rows_kernel")
-    kernels = {name: getattr(_triton_norm, name) for name in names}
-    operator = _cuda_launch.ENABLED
     os.environ.update(HF_RMSNORM_BACKEND="triton", TRITON_INTERPRET="1")
+    from hf_rmsnorm.ops import _triton_gated  # imported with the interpreter's variable set, as the op imports it
+
+    kernels = {(module, name): getattr(module, name) for module, names in (
+        (_triton_norm, ("_norm_fwd_kernel", "_norm_bwd_kernel", "_sum_rows_kernel")),
+        (_triton_gated, ("_gated_fwd_kernel", "_gated_bwd_kernel"))) for name in names}
+    operator = _cuda_launch.ENABLED
     _cuda_launch.ENABLED = False
-    for name in names:
-        setattr(_triton_norm, name, Stub())
+    for module, name in kernels:
+        setattr(module, name, Stub())
     try:
         yield
     finally:
         _cuda_launch.ENABLED = operator
-        for name, kernel in kernels.items():
-            setattr(_triton_norm, name, kernel)
+        for (module, name), kernel in kernels.items():
+            setattr(module, name, kernel)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -302,24 +305,34 @@ class EmptyFunction(torch.autograd.Function):
         return dy
 
 
+# host_steps' calls of the gated norm, which the C++ launch operator does not launch (it has the
+# plain norms' kernels only): the gate after the norm in heads of 128 (Qwen3-Next's order), and a
+# patched Mamba2 mixer's module (the gate first, 8 groups)
+GATED_CALLS = ("gated_rms_norm(x, z, w, heads of 128)", "FusedGatedRMSNorm module, 8 groups")
+
+
 def host_steps(shape) -> dict:
     """(call, mode) -> one call of this package's public ops on bf16 input of ``shape``: the
     forward without and with gradients, and the forward + backward."""
-    from hf_rmsnorm import FusedLayerNorm
-    from hf_rmsnorm.ops import layer_norm, rms_norm
+    from hf_rmsnorm import FusedGatedRMSNorm, FusedLayerNorm
+    from hf_rmsnorm.ops import gated_rms_norm, layer_norm, rms_norm
 
     n = shape[-1]
     x = torch.randn(shape, dtype=torch.bfloat16, requires_grad=True)
+    z = torch.randn(shape, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(n, dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(n, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(shape, dtype=torch.bfloat16)
     module = FusedLayerNorm(n, dtype=torch.bfloat16)
+    gated = FusedGatedRMSNorm(n, group_size=n // 8, norm_before_gate=False, dtype=torch.bfloat16)
     calls = {
         "rms_norm(x, w)": (lambda: rms_norm(x, w), (x, w)),
         "rms_norm(x, w, b)": (lambda: rms_norm(x, w, b), (x, w, b)),
         "layer_norm(x, w, b)": (lambda: layer_norm(x, w, b), (x, w, b)),
         # the call a patched model makes: past the functional op's per-call checks
         "FusedLayerNorm module": (lambda: module(x), (x, module.weight, module.bias)),
+        GATED_CALLS[0]: (lambda: gated_rms_norm(x, z, w, group_size=128, norm_before_gate=True), (x, z, w)),
+        GATED_CALLS[1]: (lambda: gated(x, z), (x, z, gated.weight)),
     }
     steps = {}
     for name, (call, inputs) in calls.items():
@@ -392,7 +405,8 @@ def launcher_rows(shape, min_run_time: float, rounds: int) -> list[dict]:
                 step()  # compiles, and fills the direct cache (and the operator's plans)
                 return _median_us(step, min_run_time)
 
-            triton_us, direct_us, *cpp = launches_ab(measure, rounds, flip_order=True, cpp=operator is not None)
+            triton_us, direct_us, *cpp = launches_ab(measure, rounds, flip_order=True,
+                                                     cpp=operator is not None and name not in GATED_CALLS)
             rows.append({"call": name, "mode": mode, "shape": list(shape), "triton_us": triton_us, "direct_us": direct_us,
                          "cpp_us": cpp[0] if cpp else None})
             print(f"{name:24s} {mode:20s} {triton_us:7.1f} {direct_us:7.1f} {cpp[0] if cpp else float('nan'):7.1f} µs",

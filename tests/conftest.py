@@ -41,6 +41,31 @@ def run_with_compiled_kernels(tmp_path, source: str) -> str:
     return proc.stdout
 
 
+def direct_launch_agrees(monkeypatch, kernels, run, what) -> None:
+    """``run()`` (a list of tensors) launched through Triton's own launch, then directly
+    (``_direct``): the very same bits, the direct call (after one that fills its cache) without
+    calling Triton's ``JITFunction.run`` of any of ``kernels``; ``what`` names the case in a failure."""
+    from hf_rmsnorm.ops import _direct
+
+    monkeypatch.setattr(_direct, "_DIRECT_LAUNCH", False)
+    tritons = run()
+    monkeypatch.setattr(_direct, "_DIRECT_LAUNCH", True)
+    run()  # the first call of each key goes through Triton
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the direct launch went through JITFunction.run")
+
+    for kernel in kernels:
+        kernel.run = refuse
+    try:
+        direct = run()
+    finally:
+        for kernel in kernels:
+            del kernel.run
+    for a, b in zip(tritons, direct, strict=True):
+        assert a is b is None or torch.equal(a, b), what
+
+
 def needs_interpreter(what: str) -> None:
     """Skip unless Triton runs here on CPU tensors (TRITON_INTERPRET=1); ``what`` says why."""
     pytest.importorskip("triton")

@@ -67,8 +67,9 @@ _CHILD = textwrap.dedent('''
 
     with triton_without_gpu():
         from hf_rmsnorm.ops import _direct as D
+        from hf_rmsnorm.ops import _triton_gated as GT
         from hf_rmsnorm.ops import _triton_norm as T
-        from hf_rmsnorm.ops import layer_norm, rms_norm
+        from hf_rmsnorm.ops import gated_rms_norm, layer_norm, rms_norm
         from triton import knobs
 
         recorded = []
@@ -101,14 +102,33 @@ _CHILD = textwrap.dedent('''
             ("layer", inputs(16, 1024, dtype=torch.float16), True, 0.0),
             ("layer", inputs(16, 1024, shift=8), True, 0.0),
         ]
-        T._launch = record
+        # the gated norm's: (x, gate, weight), group size, norm_before_gate
+        def gated_inputs(m, n, w_dtype=None, start=0, gate_stride=None):
+            x = torch.randn(start + m * n, dtype=torch.bfloat16)[start:].view(m, n).requires_grad_(True)
+            wide = gate_stride or n  # the gate a slice of a wider projection's rows (Mamba2's mixer)
+            z = torch.randn(m, wide, dtype=torch.bfloat16)[:, wide - n:].detach().requires_grad_(True)
+            return x, z, torch.randn(n, dtype=w_dtype or torch.bfloat16, requires_grad=True)
+
+        gated_cases = [
+            (gated_inputs(16, 1024), 128, True),  # Qwen3-Next's order, 8 heads a row
+            (gated_inputs(16, 1024), None, False),  # one group: G = 1, which Triton specialises on
+            (gated_inputs(16, 1024, gate_stride=3000), 128, False),  # rows of another stride
+            (gated_inputs(16, 1024, w_dtype=torch.float32), 128, True),
+            (gated_inputs(1, 1024), 128, True),  # one row
+            (gated_inputs(16, 1000), 100, True),  # 16 divides neither N nor S
+            (gated_inputs(16, 1024, start=1), 128, True),  # x not 16-byte aligned
+        ]
+        T._launch = GT._launch = record
         for kind, (x, w, b), with_bias, offset in cases:
             fn = rms_norm if kind == "rms" else layer_norm
             params = (w, b) if with_bias else (w,)
             y = fn(x, *params, offset=offset)
             torch.autograd.grad(y, (x, *params), torch.randn_like(y))
-        T._launch = launch
-        assert len(recorded) == 3 * len(cases), len(recorded)
+        for (x, z, w), size, before in gated_cases:
+            y = gated_rms_norm(x, z, w, group_size=size, norm_before_gate=before)
+            torch.autograd.grad(y, (x, z, w), torch.randn_like(y))
+        T._launch = GT._launch = launch
+        assert len(recorded) == 3 * len(cases) + 2 * len(gated_cases), len(recorded)
 
         def launcher_calls(call):
             _NoLaunch.calls = []
@@ -176,7 +196,7 @@ def test_direct_launch_passes_the_launcher_what_triton_passes(tmp_path):
     if not _DIRECT_TRITON:
         pytest.skip("the direct launch is off for this Triton release")
     stdout = run_with_compiled_kernels(tmp_path, _CHILD.format(scripts=str(ROOT / "scripts")))
-    assert "direct launches checked: 36" in stdout, stdout
+    assert "direct launches checked: 50" in stdout, stdout
     assert "backward specimens checked" in stdout, stdout
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FNS
+from conftest import FNS, direct_launch_agrees
 from hf_rmsnorm import FusedLayerNorm, FusedRMSNorm
 from hf_rmsnorm.ops import layer_norm, rms_norm
 from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_torch_same_dtype, second_order
@@ -281,24 +281,8 @@ def test_direct_launch_computes_the_same_bits(kind, p_dtype, monkeypatch):
             y.backward(dy)
             return [y.detach(), *(t.grad for t in leaves)]
 
-        monkeypatch.setattr(_direct, "_DIRECT_LAUNCH", False)
-        tritons = run()
-        monkeypatch.setattr(_direct, "_DIRECT_LAUNCH", True)
-        run()  # the first call of each key goes through Triton
         kernels = (_triton_norm._norm_fwd_kernel, _triton_norm._norm_bwd_kernel, _triton_norm._sum_rows_kernel)
-
-        def refuse(*args, **kwargs):
-            raise AssertionError("the direct launch went through JITFunction.run")
-
-        for kernel in kernels:
-            kernel.run = refuse
-        try:
-            direct = run()
-        finally:
-            for kernel in kernels:
-                del kernel.run
-        for a, c in zip(tritons, direct):
-            assert torch.equal(a, c), (m, n, start)
+        direct_launch_agrees(monkeypatch, kernels, run, (m, n, start))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: x on one while the other is current")

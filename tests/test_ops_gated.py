@@ -206,20 +206,74 @@ def test_bad_arguments_say_what_was_wrong(call, message):
     assert message in str(info.value)
 
 
-def test_eager_function_and_custom_op_agree_bit_for_bit(gated_runs):
-    """Eager calls take the autograd.Function, torch.compile (and torch.jit.trace) the custom
-    op: the same launches, so the same bits, forward and every gradient."""
+def test_eager_paths_and_custom_op_agree_bit_for_bit(gated_runs, monkeypatch):
+    """Eager calls take the autograd.Function (through its C++ apply, or Function.apply where a
+    torch.func wrapper must be unwrapped), or no autograd node at all where nothing needs a
+    gradient; torch.compile (and torch.jit.trace) the custom op: the same launches, so the same
+    bits, forward and every gradient."""
     if not (HAS_TRITON and INTERPRETING):
         pytest.skip("needs triton and TRITON_INTERPRET=1")
+    import importlib
+
     from hf_rmsnorm.ops.gated_rms_norm import _fwd_op, _GatedFunction
 
+    module = importlib.import_module("hf_rmsnorm.ops.gated_rms_norm")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
     x, gate, weight = make((6, 48), torch.bfloat16)
     dy = torch.randn(6, 48).to(torch.bfloat16)
     args = (16, True, False, True)  # group_size, norm_before_gate, sigmoid, cast_input
-    eager = fwd_bwd(lambda x, g, w: _GatedFunction.apply(x, g, w, 1e-6, 0.0, *args, None), x, gate, weight, dy)
     op = fwd_bwd(lambda x, g, w: _fwd_op(x, g, w, 1e-6, 0.0, *args)[0], x, gate, weight, dy)
-    assert all(torch.equal(a, b) for a, b in zip(eager, op))
-    assert gated_runs() == 4
+
+    calls = []  # which way each call went
+    forward, apply = _GatedFunction.forward, module._apply_gated
+    monkeypatch.setattr(_GatedFunction, "forward", staticmethod(lambda *a: calls.append("node") or forward(*a)))
+    monkeypatch.setattr(module, "_apply_gated", lambda *a: calls.append("C++ apply") or apply(*a))
+
+    def public(x, g, w):
+        return gated_rms_norm(x, g, w, 1e-6, group_size=16, norm_before_gate=True, activation="silu", cast_mode="input")
+
+    eager = fwd_bwd(public, x, gate, weight, dy)
+    assert calls == ["C++ apply", "node"]
+    with torch.no_grad():
+        no_grad = public(x, gate, weight)
+    assert calls == ["C++ apply", "node"] and no_grad.grad_fn is None
+    # Function.apply's Python, taken where an input is a functorch wrapper
+    monkeypatch.setattr(module, "_needs_function_apply", lambda *tensors: True)
+    applied = fwd_bwd(public, x, gate, weight, dy)
+    assert calls == ["C++ apply", "node", "node"]
+    assert gated_runs() == 2 + 2 + 1 + 2
+    for got in (eager, applied):
+        assert all(torch.equal(a, b) for a, b in zip(got, op))
+    assert torch.equal(no_grad, op[0])
+
+
+@pytest.mark.parametrize("setting", ["mamba2", "qwen3_next"])
+def test_a_tensor_left_behind_by_a_finished_transform_is_a_valid_input(setting, backend, gated_runs):
+    """A tensor that escaped a torch.func transform (a functorch wrapper whose transform has
+    ended) is an ordinary input to torch's ops. ``autograd.Function.apply`` unwraps it; the
+    kernel path, which calls autograd's C++ apply directly where it can, must leave such inputs
+    to it: the output and the weight's gradient against float64."""
+    before, activation, cast_mode = SETTINGS[setting]
+    x, gate, weight = make((6, 48), torch.float32)
+    leaked = []
+
+    def keep(x):
+        leaked.append(x)
+        return x.sum()
+
+    torch.func.grad(keep)(x)
+    left = leaked[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(left)
+    weight = weight.requires_grad_(True)
+    y = gated_rms_norm(left, gate, weight, 1e-6, group_size=16, norm_before_gate=before, activation=activation,
+                       cast_mode=cast_mode)
+    (y * y).sum().backward()
+    w64 = weight.detach().double().requires_grad_(True)
+    y64 = gated_fp64(x.double(), gate.double(), w64, 1e-6, 16, before, activation)
+    (y64 * y64).sum().backward()
+    torch.testing.assert_close(y.detach().double(), y64.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
+    assert gated_runs() == (2 if backend != "torch" else 0)
 
 
 def test_rows_beyond_the_triton_kernels_limit_take_another_path(backend, gated_runs):
@@ -337,3 +391,38 @@ def test_saturated_and_non_finite_gates_give_what_the_torch_path_gives(setting, 
         want = gated_rms_norm(x, gate, weight, **kwargs)
     assert torch.equal(got.isnan(), want.isnan())
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_each_dtype_gets_a_backward_grid_of_its_own(monkeypatch):
+    """The backward's programs come from the compiled kernel's registers, which depend on the
+    dtypes (Mamba2's 1024-element groups: 96 registers in bf16 and 80 in fp32 for sm_90 under
+    Triton 3.9, 2 programs an SM against 3), so its launch plan is kept per dtype: a bf16 call
+    after an fp32 one with the same settings must not take the fp32 call's grid, else the grid,
+    and the weight gradient's bits, would depend on which call a process made first. The
+    programs a group fit stand in here for the GPU's count (the CPU has none)."""
+    if not (HAS_TRITON and INTERPRETING):
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    from hf_rmsnorm.ops import _triton_gated as G
+
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "triton")
+    monkeypatch.setattr(G, "_PLANS", {})
+    fits = {torch.float32: 1, torch.bfloat16: 3}
+    monkeypatch.setattr(G, "_per_group", lambda key, dy, x, z, w, meta, groups: fits[x.dtype])
+    grids, launch = [], G._launch
+
+    def record(kernel, grid, *rest):
+        if kernel is G._gated_bwd_kernel:
+            grids.append(grid)
+        return launch(kernel, grid, *rest)
+
+    monkeypatch.setattr(G, "_launch", record)
+    for dtype in (torch.float32, torch.bfloat16, torch.float32):
+        x, gate, weight = make((512, 32), dtype)  # 2 groups of 16, 4 tiles of 128 rows each
+        dy = torch.randn(512, 32).to(dtype)
+        ours = fwd_bwd(lambda x, g, w: gated_rms_norm(x, g, w, group_size=16), x, gate, weight, dy)
+        truth = fwd_bwd(lambda x, g, w: gated_fp64(x, g, w, 1e-6, 16, False, "silu"),
+                        x.double(), gate.double(), weight.double(), dy)
+        yardstick = fwd_bwd(lambda x, g, w: gated_torch_same_dtype(x, g, w, 1e-6, 16, False, "silu", "input"),
+                            x, gate, weight, dy)
+        assert_close_to_fp64(ours[3], yardstick[3], truth[3], dtype, "grad w")  # every program's sums counted
+    assert grids == [(2,), (6,), (2,)], grids

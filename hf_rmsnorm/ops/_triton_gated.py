@@ -20,9 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._direct import launch as _launch  # a module global: tests replace it to record launches
+
 # plain-Python host helpers: Triton's own (triton.cdiv, next_power_of_2) cost ≈ 5 µs a call
 # from host code in Triton 3.9 (_triton_norm's note)
-from ._triton_norm import _ceil_div, _pow2_at_least, _programs_per_sm, _sm_shared
+from ._triton_norm import _ceil_div, _pow2_at_least, _programs_per_sm, _sm_count, _sm_shared
 
 # launches per pass, for tests that must know the kernels ran (as ``_triton_norm.LAUNCHES``)
 LAUNCHES: collections.Counter = collections.Counter()
@@ -183,76 +185,90 @@ def _warps(elements: int) -> int:
     return min(16, max(1, elements // 256))
 
 
-def _flags(z, w, norm_before_gate, sigmoid, round_n, round_m, *rows):
-    """The kernels' constexprs; ``rows``: the (M, N) inputs whose row strides decide DENSE."""
-    n = rows[0].shape[1]
-    return dict(HAS_GATE=z is not None, HAS_WEIGHT=w is not None, NORM_BEFORE_GATE=norm_before_gate,
-                SIGMOID=sigmoid, ROUND_N=round_n, ROUND_M=round_m,
-                DENSE=all(t is None or t.stride(0) == n or t.shape[0] <= 1 for t in rows))
+def _dense(n: int, *rows) -> bool:
+    """Whether every one of the (M, N) inputs ``rows`` (None: absent) has rows N apart."""
+    return all(t is None or t.stride(0) == n or t.shape[0] <= 1 for t in rows)
 
 
 def _stride(t) -> int:
     return t.stride(0) if t is not None else 0
 
 
+# Launch plans, one per kind of call, so that a call past its first does no more host work than
+# its launch: (pass, the call's settings) -> (BLOCK_R, meta, meta key[, programs per group]).
+# ``meta`` holds the kernels' constexprs in declaration order and the launch options, as
+# ``_direct.launch`` takes them.
+_PLANS: dict = {}
+
+
+def _meta(target: int, S: int, has_gate, has_weight, norm_before_gate, sigmoid, round_n, round_m, dense) -> tuple:
+    """(BLOCK_R, meta) of a kernel whose tile holds about ``target`` elements, groups of S."""
+    block_r, block_s = layout(S, target)
+    return block_r, dict(HAS_GATE=has_gate, HAS_WEIGHT=has_weight, NORM_BEFORE_GATE=norm_before_gate, SIGMOID=sigmoid,
+                         ROUND_N=round_n, ROUND_M=round_m, DENSE=dense, BLOCK_R=block_r, BLOCK_S=block_s,
+                         num_warps=_warps(block_r * block_s))
+
+
 def gated_fwd(x, z, w, eps, offset, S, norm_before_gate, sigmoid, round_n, round_m, out_dtype):
     """x, z: (M, N) with unit column stride; returns y (M, N) in ``out_dtype`` and rstd (M·G,) fp32."""
     M, N = x.shape
     G = N // S
-    block_r, block_s = layout(S, _FWD_TILE)
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
     rstd = torch.empty((M * G,), dtype=torch.float32, device=x.device)
     if M:
+        key = ("fwd", S, z is not None, w is not None, norm_before_gate, sigmoid, round_n, round_m, _dense(N, x, z))
+        plan = _PLANS.get(key)
+        if plan is None:
+            block_r, meta = _meta(_FWD_TILE, *key[1:])
+            plan = _PLANS[key] = block_r, meta, tuple(meta.items())
+        block_r, meta, meta_key = plan
+        # an absent gate or weight: x in its place, never read (HAS_GATE, HAS_WEIGHT)
+        args = (x, z if z is not None else x, w if w is not None else x, y, rstd, _stride(x), _stride(z), M, N, S, G,
+                eps, offset)
+        _launch(_gated_fwd_kernel, (_ceil_div(M, block_r) * G,), args, meta, meta_key)
         LAUNCHES["gated_fwd"] += 1
-        _gated_fwd_kernel[(_ceil_div(M, block_r) * G,)](
-            x, z if z is not None else x, w if w is not None else x, y, rstd, _stride(x), _stride(z), M, N, S, G, eps, offset,
-            **_flags(z, w, norm_before_gate, sigmoid, round_n, round_m, x, z),
-            BLOCK_R=block_r, BLOCK_S=block_s, num_warps=_warps(block_r * block_s),
-        )
     return y, rstd
 
 
-# (device, launch meta) -> backward programs that fit on one SM at once (the compiled kernel's),
-# and why, where that could not be read (the GPU tests assert there is no such entry)
+# backward programs an SM read from a compiled kernel (the GPU tests look at it), by plan, and
+# why where that could not be read (the GPU tests assert there is no such entry)
 _PER_SM: dict = {}
 PER_SM_FAILED: dict = {}
 
 
-def _per_sm(dy, x, z, w, meta: dict) -> int:
+def _per_sm(key, dy, x, z, w, meta: dict) -> int:
     """How many backward programs of this compile fit on one SM at once, at most
     ``_BWD_PROGRAMS_PER_SM``: a persistent program that must wait for another to finish leaves
     its tiles to a second wave. Read from the kernel compiled (or fetched from Triton's cache)
-    without a launch, as the plain norms' backward grid is (``_triton_norm._backward_specimen``);
-    the same stand-ins whatever call comes first, so the grid, the partial sums' layout and the
-    weight gradient's bits do not depend on call order. 2 if that fails."""
-    key = (x.device, tuple(sorted(meta.items())))
-    if key not in _PER_SM:
-        def stand_in(t, dtype=None):
-            return torch.empty((0,), dtype=dtype or (t.dtype if t is not None else x.dtype), device=x.device)
+    without a launch, as the plain norms' backward grid is (``_triton_norm._backward_specimen``),
+    once per plan, ``key``, which holds the dtypes: they change the registers (Mamba2's
+    1024-element groups compile to 96 in bf16 and 80 in fp32 under Triton 3.9, 2 programs an SM
+    against 3). The same stand-ins whatever call comes first, so the grid, the partial sums'
+    layout and the weight gradient's bits do not depend on call order. 2 if that fails."""
+    def stand_in(t, dtype=None):
+        return torch.empty((0,), dtype=dtype or (t.dtype if t is not None else x.dtype), device=x.device)
 
-        try:
-            f32 = torch.float32
-            compiled = _gated_bwd_kernel.warmup(
-                stand_in(dy), stand_in(x), stand_in(z), stand_in(w), stand_in(x, f32), stand_in(x), stand_in(z),
-                stand_in(x, f32), 4096, 4096, 4096, 4096, 4096, 1024, 4, 16, 0.0, grid=(1,), **meta,
-            )
-            compiled._init_handles()
-            _PER_SM[key] = _programs_per_sm(
-                compiled.n_regs, meta["num_warps"], cap=_BWD_PROGRAMS_PER_SM, shared=compiled.metadata.shared,
-                sm_shared=_sm_shared(x.device))
-        except Exception as exc:  # noqa: BLE001 - a Triton without warmup: fewer programs, never wrong
-            _PER_SM[key] = 2
-            PER_SM_FAILED[key] = f"{type(exc).__name__}: {exc}"
+    try:
+        f32 = torch.float32
+        compiled = _gated_bwd_kernel.warmup(
+            stand_in(dy), stand_in(x), stand_in(z), stand_in(w), stand_in(x, f32), stand_in(x), stand_in(z),
+            stand_in(x, f32), 4096, 4096, 4096, 4096, 4096, 1024, 4, 16, 0.0, grid=(1,), **meta,
+        )
+        compiled._init_handles()
+        _PER_SM[key] = _programs_per_sm(compiled.n_regs, meta["num_warps"], cap=_BWD_PROGRAMS_PER_SM,
+                                        shared=compiled.metadata.shared, sm_shared=_sm_shared(x.device))
+    except Exception as exc:  # noqa: BLE001 - a Triton without warmup: fewer programs, never wrong
+        _PER_SM[key] = 2
+        PER_SM_FAILED[key] = f"{type(exc).__name__}: {exc}"
     return _PER_SM[key]
 
 
-def _programs(dy, x, z, w, meta: dict, G: int, n_tiles: int) -> int:
-    """A multiple of G: programs per group, as many as fit on the SMs at once, at most one a tile
-    (2 on the CPU, where the interpreter runs them one after another)."""
+def _per_group(key, dy, x, z, w, meta: dict, G: int) -> int:
+    """Backward programs a group at most: as many as fit on the SMs at once (2·4 in all on the
+    CPU, where the interpreter runs them one after another)."""
     if x.device.type != "cuda":
-        return G * max(1, min(n_tiles, 2 * _BWD_PROGRAMS_PER_SM // G))
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    return G * max(1, min(n_tiles, sms * _per_sm(dy, x, z, w, meta) // G))
+        return max(1, 2 * _BWD_PROGRAMS_PER_SM // G)
+    return max(1, _sm_count(x.device) * _per_sm(key, dy, x, z, w, meta) // G)
 
 
 def gated_bwd(dy, x, z, w, rstd, offset, S, norm_before_gate, sigmoid, round_n, round_m):
@@ -260,21 +276,27 @@ def gated_bwd(dy, x, z, w, rstd, offset, S, norm_before_gate, sigmoid, round_n, 
     gate), dw (fp32, or None)."""
     M, N = x.shape
     G = N // S
-    block_r, block_s = layout(S, _BWD_TILE)
+    key = ("bwd", S, z is not None, w is not None, norm_before_gate, sigmoid, round_n, round_m, _dense(N, dy, x, z),
+           N, dy.dtype, x.dtype, z.dtype if z is not None else None, w.dtype if w is not None else None, x.get_device())
+    plan = _PLANS.get(key)
+    if plan is None:
+        block_r, meta = _meta(_BWD_TILE, *key[1:9])
+        plan = _PLANS[key] = block_r, meta, tuple(meta.items()), _per_group(key, dy, x, z, w, meta, G)
+    block_r, meta, meta_key, per_group = plan
+    block_s = meta["BLOCK_S"]
     n_tiles = _ceil_div(M, block_r)
-    meta = dict(_flags(z, w, norm_before_gate, sigmoid, round_n, round_m, dy, x, z),
-                BLOCK_R=block_r, BLOCK_S=block_s, num_warps=_warps(block_r * block_s))
-    programs = _programs(dy, x, z, w, meta, G, n_tiles)
+    # a multiple of G (program p works on group p mod G), at most one a tile
+    programs = G * max(1, min(n_tiles, per_group))
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
     dz = torch.empty((M, N), dtype=z.dtype, device=z.device) if z is not None else None
-    part = torch.zeros((programs, block_r * block_s) if w is not None else (0,), dtype=torch.float32, device=x.device)
+    # every program writes its whole row of sums, so only an empty input needs them zeroed
+    part = (torch.empty if M else torch.zeros)((programs, block_r * block_s) if w is not None else (0,),
+                                              dtype=torch.float32, device=x.device)
     if M:
+        args = (dy, x, z if z is not None else x, w if w is not None else x, rstd, dx, dz if dz is not None else dx,
+                part if w is not None else dx, _stride(dy), _stride(x), _stride(z), M, N, S, G, n_tiles, offset)
+        _launch(_gated_bwd_kernel, (programs,), args, meta, meta_key)
         LAUNCHES["gated_bwd"] += 1
-        _gated_bwd_kernel[(programs,)](
-            dy, x, z if z is not None else x, w if w is not None else x, rstd,
-            dx, dz if dz is not None else dx, part if w is not None else dx,
-            _stride(dy), _stride(x), _stride(z), M, N, S, G, n_tiles, offset, **meta,
-        )
     # program p summed group p mod G: fold the programs of each group and the tile's rows
     dw = part.view(programs // G, G, block_r, block_s)[..., :S].sum((0, 2)).reshape(N) if w is not None else None
     return dx, dz, dw

@@ -31,8 +31,8 @@ from torch import Tensor
 
 from . import _cpu_kernel
 from ._norm import (
-    _KERNEL_DTYPES, _PLAIN_TENSORS, _autocasting, _elsewhere, _memory, _rows, _tracing_state, _use_triton, cast,
-    needs_grad, transforms_active, weight_plus_offset,
+    _C_APPLY, _KERNEL_DTYPES, _PLAIN_TENSORS, _apply_norm, _autocasting, _elsewhere, _memory, _needs_function_apply,
+    _rows, _tracing_state, _use_triton, cast, needs_grad, transforms_active, weight_plus_offset,
 )
 
 ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
@@ -383,6 +383,10 @@ class _GatedFunction(torch.autograd.Function):
         return dx, dz, dw, None, None, None, None, None, None, None
 
 
+# autograd.Function's C++ apply bound to _GatedFunction (None where _norm found no such apply)
+_apply_gated = _C_APPLY.__get__(None, _GatedFunction) if _apply_norm is not None else None
+
+
 def _gradients_as_graph(ctx, dy, x, gate, weight) -> tuple:
     offset, size, before, sigmoid, cast_input = ctx.settings
     inputs, needs = (x, gate, weight), ctx.needs_input_grad[:3]
@@ -450,7 +454,13 @@ def dispatch(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: f
                 cast_mode == "input")
         if torch.compiler.is_compiling() or _tracing_state() is not None:
             return _fwd_op(*args)[0]
-        return _GatedFunction.apply(*args, None)
+        if not needs_grad(x, gate, weight):
+            return _fwd_impl(*args)[0]  # nothing to differentiate: no autograd node at all
+        # eager, as the plain norms: Function.apply's Python only unwraps the tensors a finished
+        # torch.func transform left behind; without them its C++ apply is called directly
+        if _needs_function_apply(x, gate, weight):
+            return _GatedFunction.apply(*args, None)
+        return _apply_gated(*args, None)
     if x.shape[-1] == 0:
         return x.new_empty(x.shape, dtype=output_dtype(x.dtype, gate, weight, norm_before_gate, cast_mode))
     if _autocasting(x.device.type):
