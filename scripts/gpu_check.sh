@@ -32,6 +32,8 @@
 #                                                  # cache) as shipped and patched, in $OUT/generate/
 #   STEPS=gated bash scripts/gpu_check.sh         # not in the default set: the gated norms' kernel table (ours,
 #                                                  # the HF classes eager and compiled), in $OUT/kernels_gated.md
+#   STEPS=gatedprof bash scripts/gpu_check.sh     # not in the default set: our gated calls kernel by kernel and
+#                                                  # their host time (profile_norms.py), in $OUT/gated_profile/
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick=""
@@ -109,12 +111,16 @@ step cppkernels 60 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT/cpp" --
   "hf_rmsnorm RMSNorm (Python launch),hf_rmsnorm RMSNorm,hf_rmsnorm LayerNorm (Python launch),hf_rmsnorm LayerNorm,torch F.layer_norm"
 # the gated norms (Qwen3-Next's gate after the norm, Mamba2's before it in groups) on their shapes
 step gated 90 "$PY" scripts/benchmark_kernels.py $quick --gated --out "$OUT" --name kernels_gated
+# their calls kernel by kernel (the weight gradient's fold by torch: a sum and a cast after the
+# backward kernel) and host time, at Qwen3.5's heads and Mamba2's 8 groups
+[ -z "$quick" ] && step gatedprof 60 "$PY" scripts/profile_norms.py --shapes 262144x128,16384x8192 --iters 20 \
+  --providers "hf_rmsnorm gated: gate after,hf_rmsnorm gated: gate before in 8 groups" --out "$OUT/gated_profile"
 # token-by-token generation: a few rows a norm call, so the norms' host time decides
 step generate 150 "$PY" scripts/benchmark_generation.py $quick --out "$OUT/generate"
 
 echo
 grep -E "^(FAILED|ERROR)|passed|failed|skipped" "$OUT/tests.log" 2>/dev/null | cut -c1-400
-for f in kernels_gated generate/generation cpp/kernels_cpp cpp/training direct/training trainprof/training tune_gpt2/tuning tuning host_probe profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
+for f in gated_profile/profile kernels_gated generate/generation cpp/kernels_cpp cpp/training direct/training trainprof/training tune_gpt2/tuning tuning host_probe profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
   [ -f "$OUT/$f.md" ] && sed -n '/^# /p;/^copy/p;/^torch/p;/^|/p;/^- /p;/^`do_bench`/p;/^CUDA-graph/p;/against the Identity row/p' "$OUT/$f.md"
 done
 cat "$OUT/steps.txt" 2>/dev/null

@@ -18,6 +18,7 @@ For a few providers of ``benchmark_kernels.py`` at one shape, measures per call:
 When host ≥ kernels, a ``do_bench`` number measures the launches, not the kernels.
 
     python scripts/profile_norms.py --shapes 65536x768,16384x8192    # on a GPU
+    python scripts/profile_norms.py --shapes 262144x128 --providers "hf_rmsnorm gated: gate after"
 
 Writes ``<out>/profile.json`` and ``<out>/profile.md``.
 """
@@ -124,7 +125,9 @@ def main(argv=None) -> int:
                     # backward's occupancy: the same calls with every launch a no-op
                     with launches_stubbed():
                         r["host_stubbed_us"] = host_us(step, args.iters)
-                    r["host_triton_ab_us"], r["host_direct_us"], *cpp = launch_ab_host_us(step, args.iters, cpp=with_cpp)
+                    # the C++ launch operator has the plain norms' kernels only
+                    cpp = with_cpp and PROVIDERS[name][1] != "gated"
+                    r["host_triton_ab_us"], r["host_direct_us"], *cpp = launch_ab_host_us(step, args.iters, cpp=cpp)
                     r["host_cpp_us"] = cpp[0] if cpp else None
                 if mode == "fwd+bwd":
                     r["host_one_thread_us"] = one_thread_host_us(step, args.iters)
