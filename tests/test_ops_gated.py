@@ -250,9 +250,11 @@ def test_eager_paths_and_custom_op_agree_bit_for_bit(gated_runs, monkeypatch):
 @pytest.mark.parametrize("setting", ["mamba2", "qwen3_next"])
 def test_a_tensor_left_behind_by_a_finished_transform_is_a_valid_input(setting, backend, gated_runs):
     """A tensor that escaped a torch.func transform (a functorch wrapper whose transform has
-    ended) is an ordinary input to torch's ops. ``autograd.Function.apply`` unwraps it; the
-    kernel path, which calls autograd's C++ apply directly where it can, must leave such inputs
-    to it: the output and the weight's gradient against float64."""
+    ended) is an ordinary input to torch's ops, and to this one: the output and the weight's
+    gradient against float64. (The kernel path hands such inputs to ``Function.apply``, which
+    unwraps them, as the plain norms do; here the C++ apply also gets through, since the rows'
+    reshape unwraps x, so this checks the result, and
+    ``test_eager_paths_and_custom_op_agree_bit_for_bit`` which way a call goes.)"""
     before, activation, cast_mode = SETTINGS[setting]
     x, gate, weight = make((6, 48), torch.float32)
     leaked = []
