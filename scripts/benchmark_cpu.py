@@ -305,9 +305,8 @@ class EmptyFunction(torch.autograd.Function):
         return dy
 
 
-# host_steps' calls of the gated norm, which the C++ launch operator does not launch (it has the
-# plain norms' kernels only): the gate after the norm in heads of 128 (Qwen3-Next's order), and a
-# patched Mamba2 mixer's module (the gate first, 8 groups)
+# host_steps' calls of the gated norm: the gate after the norm in heads of 128 (Qwen3-Next's
+# order), and a patched Mamba2 mixer's module (the gate first, 8 groups)
 GATED_CALLS = ("gated_rms_norm(x, z, w, heads of 128)", "FusedGatedRMSNorm module, 8 groups")
 
 
@@ -405,8 +404,7 @@ def launcher_rows(shape, min_run_time: float, rounds: int) -> list[dict]:
                 step()  # compiles, and fills the direct cache (and the operator's plans)
                 return _median_us(step, min_run_time)
 
-            triton_us, direct_us, *cpp = launches_ab(measure, rounds, flip_order=True,
-                                                     cpp=operator is not None and name not in GATED_CALLS)
+            triton_us, direct_us, *cpp = launches_ab(measure, rounds, flip_order=True, cpp=operator is not None)
             rows.append({"call": name, "mode": mode, "shape": list(shape), "triton_us": triton_us, "direct_us": direct_us,
                          "cpp_us": cpp[0] if cpp else None})
             print(f"{name:24s} {mode:20s} {triton_us:7.1f} {direct_us:7.1f} {cpp[0] if cpp else float('nan'):7.1f} µs",

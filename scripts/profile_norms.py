@@ -125,9 +125,7 @@ def main(argv=None) -> int:
                     # backward's occupancy: the same calls with every launch a no-op
                     with launches_stubbed():
                         r["host_stubbed_us"] = host_us(step, args.iters)
-                    # the C++ launch operator has the plain norms' kernels only
-                    cpp = with_cpp and PROVIDERS[name][1] != "gated"
-                    r["host_triton_ab_us"], r["host_direct_us"], *cpp = launch_ab_host_us(step, args.iters, cpp=cpp)
+                    r["host_triton_ab_us"], r["host_direct_us"], *cpp = launch_ab_host_us(step, args.iters, cpp=with_cpp)
                     r["host_cpp_us"] = cpp[0] if cpp else None
                 if mode == "fwd+bwd":
                     r["host_one_thread_us"] = one_thread_host_us(step, args.iters)

@@ -44,9 +44,12 @@ def run_with_compiled_kernels(tmp_path, source: str) -> str:
 def direct_launch_agrees(monkeypatch, kernels, run, what) -> None:
     """``run()`` (a list of tensors) launched through Triton's own launch, then directly
     (``_direct``): the very same bits, the direct call (after one that fills its cache) without
-    calling Triton's ``JITFunction.run`` of any of ``kernels``; ``what`` names the case in a failure."""
-    from hf_rmsnorm.ops import _direct
+    calling Triton's ``JITFunction.run`` of any of ``kernels``; ``what`` names the case in a failure.
+    The C++ launch operator is off meanwhile: on CUDA it would take the calls once the direct
+    launch had taught it their plans (``cpp_launch_or_skip``'s tests check it)."""
+    from hf_rmsnorm.ops import _cuda_launch, _direct
 
+    monkeypatch.setattr(_cuda_launch, "ENABLED", False)
     monkeypatch.setattr(_direct, "_DIRECT_LAUNCH", False)
     tritons = run()
     monkeypatch.setattr(_direct, "_DIRECT_LAUNCH", True)
@@ -64,6 +67,17 @@ def direct_launch_agrees(monkeypatch, kernels, run, what) -> None:
             del kernel.run
     for a, b in zip(tritons, direct, strict=True):
         assert a is b is None or torch.equal(a, b), what
+
+
+def cpp_launch_or_skip(monkeypatch):
+    """The C++ launch operator, on for one test whatever HF_RMSNORM_CPP_LAUNCH said at import, or
+    a skip saying why it cannot serve here."""
+    from hf_rmsnorm.ops import _cuda_launch
+
+    if _cuda_launch.ops() is None:
+        pytest.skip(f"the C++ launch operator is unavailable: {_cuda_launch.unavailable_reason()}")
+    monkeypatch.setattr(_cuda_launch, "ENABLED", True)
+    return _cuda_launch
 
 
 def needs_interpreter(what: str) -> None:
@@ -121,16 +135,17 @@ def backend(request, monkeypatch):
 
 @pytest.fixture
 def gated_runs():
-    """Runs of a gated-norm kernel during the test, forward and backward: Triton launches, and the
-    compiled CPU kernel's gated calls."""
+    """Runs of a gated-norm kernel during the test, forward and backward: Triton launches (the
+    C++ launch operator's among them: it counts its forwards there, its backwards in its own
+    counts), and the compiled CPU kernel's gated calls."""
     from hf_rmsnorm.ops import _cpu_kernel
 
     def runs():
         launches = 0
         if HAS_TRITON:
-            from hf_rmsnorm.ops import _triton_gated
+            from hf_rmsnorm.ops import _cuda_launch, _triton_gated
 
-            launches = sum(_triton_gated.LAUNCHES.values())
+            launches = sum(_triton_gated.LAUNCHES.values()) + _cuda_launch.launch_counts(gated=True)[1]
         return launches + _cpu_kernel.gated_calls()
 
     before = runs()

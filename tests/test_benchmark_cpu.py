@@ -77,10 +77,9 @@ def test_benchmark_cpu_times_the_launch_path_both_ways_in_a_run_of_its_own(tmp_p
     assert all(r["triton_us"] > 0 and r["direct_us"] > 0 for r in rows)
     from hf_rmsnorm.ops import _cpu_kernel
 
-    # the C++ launch operator launches the plain norms' kernels only: no column for the gated calls
+    # the C++ launch operator launches the plain norms' kernels and the gated ones
     if _cpu_kernel._compiler() is not None:
-        assert all((r["cpp_us"] is None) == (r["call"] in gated) for r in rows)
-        assert all(r["cpp_us"] > 0 for r in rows if r["call"] not in gated)
+        assert all(r["cpp_us"] > 0 for r in rows)
     assert "| layer_norm(x, w, b) | forward + backward | 2×8×1024 |" in (tmp_path / "cpu.md").read_text()
     # a norm call inside a (two-block) model's forward and in a loop: the operator launches each
     # of the five norms where it is on, never where the norms launch from Python

@@ -24,52 +24,12 @@ from hf_rmsnorm.ops import _cpu_kernel
 ROOT = Path(__file__).resolve().parents[1]
 
 _CHILD = textwrap.dedent('''
-    import ctypes, math, os, struct, sys
+    import ctypes, math, os, sys
     os.environ["HF_RMSNORM_CPP_LAUNCH"] = "1"
-    sys.path.insert(0, {scripts!r})
+    sys.path[:0] = [{scripts!r}, {tests!r}]
     import torch
     from benchmark_cpu import _NoLaunch, triton_without_gpu
-
-    P = ctypes.c_void_p
-    LAUNCH = ctypes.CFUNCTYPE(ctypes.c_int, P, *[ctypes.c_uint] * 7, P, ctypes.POINTER(P), P)
-    stub = dict(expected=None, calls=[], write=None, by_function={{}})
-
-    def read(address, kind):
-        if kind in ("ptr", "u64"):
-            return ctypes.c_uint64.from_address(address).value
-        if kind == "i32":
-            return ctypes.c_int32.from_address(address).value
-        if kind == "i64":
-            return ctypes.c_int64.from_address(address).value
-        return struct.unpack("f", ctypes.string_at(address, 4))[0]
-
-    def launched(function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
-        kinds = stub["by_function"].get(function, stub["expected"])  # by kernel, where known
-        values = [read(params[i], kind) for i, kind in enumerate(kinds)]
-        stub["calls"].append(dict(function=function, grid=(gx, gy, gz), block=(bx, by, bz), shared=shared,
-                                  stream=stream, extra=extra, values=values))
-        if stub["write"] is not None:
-            stub["write"](function, values)
-        return 0
-
-    callback = LAUNCH(launched)
-
-    def triton_kinds(bound):
-        """Triton's rule: an absent tensor and an integer equal to 1 become constants and are
-        not passed; a pointer is 8 bytes, an integer 4 in int32's range else 8, a float 4."""
-        kinds, kept = [], []
-        for a in bound:
-            if a is None or (type(a) is int and a == 1):
-                kept.append(False)
-                continue
-            kept.append(True)
-            if type(a) is float:
-                kinds.append("f32")
-            elif -2**31 <= a < 2**31:
-                kinds.append("i32")
-            else:
-                kinds.append("i64")
-        return kinds, kept
+    from launch_stub import ADDRESS, as_float32, stub, triton_kinds
 
     with triton_without_gpu():
         from hf_rmsnorm.ops import _cuda_launch as C, _module_calls, _norm, layer_norm, rms_norm
@@ -79,7 +39,7 @@ _CHILD = textwrap.dedent('''
 
         ops = C.ops()
         assert ops is not None, C.unavailable_reason()
-        ops.set_launch_function(ctypes.cast(callback, P).value)
+        ops.set_launch_function(ADDRESS)
 
         def inputs(m, n, dtype=torch.bfloat16, w_dtype=None, start=0, lead=()):
             flat = torch.randn(start + math.prod(lead) * m * n, dtype=dtype)
@@ -145,7 +105,7 @@ _CHILD = textwrap.dedent('''
                 if i in (1, 4, 5):  # y, mean, rstd: fresh tensors, alike in alignment
                     assert v % 16 == e % 16 == 0 or (v % 16 and e % 16), (i, v, e)
                 elif type(e) is float:
-                    assert v == struct.unpack("f", struct.pack("f", e))[0], (i, v, e)
+                    assert v == as_float32(e), (i, v, e)
                 else:
                     assert v == e, (kind, i, v, e)
             assert values[kept_index.index(1)] == y.data_ptr()
@@ -324,7 +284,7 @@ _CHILD = textwrap.dedent('''
                         same = theirs["name"] == "_norm_bwd_kernel" and i in (0, 1, 2)
                         assert (v == e) if same else (v % 16 == e % 16 == 0), (theirs["name"], i)
                     elif type(e) is float:
-                        assert v == struct.unpack("f", struct.pack("f", e))[0], (theirs["name"], i, v, e)
+                        assert v == as_float32(e), (theirs["name"], i, v, e)
                     else:
                         assert v == e, (theirs["name"], i, v, e)
             bwd_values, sum_values = stub["calls"][1]["values"], stub["calls"][2]["values"]
@@ -562,7 +522,7 @@ def test_the_operator_launches_as_triton_would_and_its_node_passes_the_forwards_
         pytest.skip("the C++ launch packs the parameters of Triton 3.6-3.9's launchers")
     if _cpu_kernel._compiler() is None:
         pytest.skip("no C++ compiler here to build the operator with")
-    stdout = run_with_compiled_kernels(tmp_path, _CHILD.format(scripts=str(ROOT / "scripts")))
+    stdout = run_with_compiled_kernels(tmp_path, _CHILD.format(scripts=str(ROOT / "scripts"), tests=str(ROOT / "tests")))
     assert "operator launches checked: 11" in stdout, stdout
     assert "operator numbers checked" in stdout, stdout
     assert "operator bypasses checked" in stdout, stdout

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FNS, direct_launch_agrees
+from conftest import FNS, cpp_launch_or_skip, direct_launch_agrees
 from hf_rmsnorm import FusedLayerNorm, FusedRMSNorm
 from hf_rmsnorm.ops import layer_norm, rms_norm
 from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_torch_same_dtype, second_order
@@ -394,17 +394,6 @@ def test_training_benchmark_charges_each_variant_its_own_peak_memory():
 # Last in the file: a bad launch by the C++ launch operator would leave the CUDA context unusable
 # for every test after it, and these tests say so most precisely (they passed in run 15, and the
 # whole file with the operator on, the default since).
-def _cpp_launch_or_skip(monkeypatch):
-    """The C++ launch operator, on for one test whatever HF_RMSNORM_CPP_LAUNCH said at import, or
-    a skip saying why it cannot serve here."""
-    from hf_rmsnorm.ops import _cuda_launch
-
-    if _cuda_launch.ops() is None:
-        pytest.skip(f"the C++ launch operator is unavailable: {_cuda_launch.unavailable_reason()}")
-    monkeypatch.setattr(_cuda_launch, "ENABLED", True)
-    return _cuda_launch
-
-
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 @pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_cpp_launch_computes_the_same_bits(kind, p_dtype, monkeypatch):
@@ -414,7 +403,7 @@ def test_cpp_launch_computes_the_same_bits(kind, p_dtype, monkeypatch):
     row counts, widths and alignments that compile to different kernels, rows of rank 3, on a
     side stream; once a call of each kind has registered the forward's plans and the next the
     backward's, all three kernels are its own launches."""
-    cpp = _cpp_launch_or_skip(monkeypatch)
+    cpp = cpp_launch_or_skip(monkeypatch)
     g = torch.Generator(device="cuda").manual_seed(11)
     side = torch.cuda.Stream()
     for m, n, start, lead in ((4097, 2048, 0, ()), (4097, 2048, 1, ()), (333, 999, 0, ()), (1, 8192, 0, ()),
@@ -460,7 +449,7 @@ def test_cpp_launch_computes_the_same_bits(kind, p_dtype, monkeypatch):
 def test_cpp_launch_in_a_cuda_graph_and_with_second_derivatives(monkeypatch):
     """The operator's launch captured in a CUDA graph replays with new inputs; create_graph=True
     through its node gives the Python path's second derivative."""
-    cpp = _cpp_launch_or_skip(monkeypatch)
+    cpp = cpp_launch_or_skip(monkeypatch)
     g = torch.Generator(device="cuda").manual_seed(5)
     x = torch.randn(256, 1024, device="cuda", generator=g).bfloat16()
     w = (torch.rand(1024, device="cuda", generator=g) + 0.5).bfloat16()
@@ -505,7 +494,7 @@ def test_cpp_launch_settled_module_calls_compute_the_same_bits(kind, monkeypatch
     """A module's calls after one on the kernels go straight to the operator with the family that
     call settled (``_module_calls.kernels_settled``): the general way is not asked, all three kernels are
     the operator's launches, and the output and gradients are the Python path's very bits."""
-    cpp = _cpp_launch_or_skip(monkeypatch)
+    cpp = cpp_launch_or_skip(monkeypatch)
     from hf_rmsnorm import modules
 
     g = torch.Generator(device="cuda").manual_seed(5)

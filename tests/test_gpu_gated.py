@@ -5,7 +5,7 @@ models on CUDA. Skipped with a reason on a CPU-only machine; scripts/gpu_check.s
 import pytest
 import torch
 
-from conftest import direct_launch_agrees
+from conftest import cpp_launch_or_skip, direct_launch_agrees
 from hf_rmsnorm import patch_model
 from hf_rmsnorm.ops import gated_rms_norm
 from reference import assert_close_to_fp64, fwd_bwd, gated_fp64, gated_torch_same_dtype
@@ -98,6 +98,61 @@ def test_patched_hybrid_models_on_cuda(name, gated_runs):
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
+# (rows, columns, group size, gate after the norm, row stride of the gate, x's start in its buffer): calls
+# that compile to different kernels (heads of 128 after the norm; 8 groups with the gate a slice of a wider
+# projection; one group; an odd width; one row; x one element into its buffer)
+LAUNCH_CASES = ((8192, 128, None, True, 128, 0), (4097, 4096, 512, False, 8320, 0), (4097, 2048, None, False, 2048, 0),
+                (333, 960, 96, False, 960, 0), (1, 8192, 1024, True, 8192, 0), (4097, 1024, 128, True, 1024, 1))
+
+
+def _launch_case(g, m, n, size, before, gate_stride, start, w_dtype):
+    """The inputs of a LAUNCH_CASES row, and a forward+backward on leaves over their storage
+    (fwd_bwd's clone would lay x and the gate out afresh): [y, dx, dgate, dweight]."""
+    x = torch.randn(start + m * n, device="cuda", generator=g).bfloat16()[start:].view(m, n)
+    gate = torch.randn(m, gate_stride, device="cuda", generator=g).bfloat16()[:, gate_stride - n:]
+    w = (torch.rand(n, device="cuda", generator=g) + 0.5).to(w_dtype)
+    dy = torch.randn(m, n, device="cuda", generator=g).bfloat16()
+
+    def run():
+        leaves = [t.detach().requires_grad_(True) for t in (x, gate, w)]
+        y = gated_rms_norm(*leaves, group_size=size, norm_before_gate=before)
+        y.backward(dy)
+        return [y.detach(), *(t.grad for t in leaves)], y.grad_fn
+
+    return run
+
+
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32], ids=["w_bf16", "w_fp32"])
+def test_gated_cpp_launch_computes_the_same_bits(w_dtype, monkeypatch):
+    """The C++ launch operator's gated norm (the default on CUDA) launches the kernels the Python
+    path launches with the parameters Triton's launcher packs, and folds the weight gradient's
+    partials with the same torch ops (tests/test_cuda_launch_gated.py checks that on the CPU):
+    here its outputs and its node's gradients must be the Python path's very bits, also on a
+    side stream; once a call of each kind has registered the forward's plan and the next the
+    backward's, both kernels are its own launches."""
+    cpp = cpp_launch_or_skip(monkeypatch)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    side = torch.cuda.Stream()
+    for case in LAUNCH_CASES:
+        run = _launch_case(g, *case, w_dtype)
+        monkeypatch.setattr(cpp, "ENABLED", False)
+        python, _ = run()
+        monkeypatch.setattr(cpp, "ENABLED", True)
+        run()  # registers the forward's plan
+        run()  # and the backward's
+        before = cpp.launch_counts(gated=True)
+        ours, node = run()
+        assert cpp.launch_counts(gated=True) == [c + 1 for c in before] and node.name() == "HFGatedNormBackward", case
+        for a, c in zip(python, ours, strict=True):
+            assert torch.equal(a, c), case
+        with torch.cuda.stream(side):  # the operator launches on the current stream
+            side.wait_stream(torch.cuda.default_stream())
+            on_side, _ = run()
+        torch.cuda.synchronize()
+        for a, c in zip(python, on_side, strict=True):
+            assert torch.equal(a, c), ("side stream", case)
+
+
 @pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32], ids=["w_bf16", "w_fp32"])
 def test_gated_direct_launch_computes_the_same_bits(w_dtype, monkeypatch):
     """The gated kernels through the direct launch (tests/test_direct_launch.py checks the kernel
@@ -110,20 +165,7 @@ def test_gated_direct_launch_computes_the_same_bits(w_dtype, monkeypatch):
     if not _direct._DIRECT_TRITON:
         pytest.skip("the direct launch is off for this Triton release")
     g = torch.Generator(device="cuda").manual_seed(7)
-    # (rows, columns, group size, gate after the norm, row stride of the gate, x's start in its buffer)
-    for m, n, size, before, gate_stride, start in ((8192, 128, None, True, 128, 0), (4097, 4096, 512, False, 8320, 0),
-                                                   (4097, 2048, None, False, 2048, 0), (333, 960, 96, False, 960, 0),
-                                                   (1, 8192, 1024, True, 8192, 0), (4097, 1024, 128, True, 1024, 1)):
-        x = torch.randn(start + m * n, device="cuda", generator=g).bfloat16()[start:].view(m, n)
-        gate = torch.randn(m, gate_stride, device="cuda", generator=g).bfloat16()[:, gate_stride - n:]
-        w = (torch.rand(n, device="cuda", generator=g) + 0.5).to(w_dtype)
-        dy = torch.randn(m, n, device="cuda", generator=g).bfloat16()
-
-        def run():  # fwd_bwd's clone would lay x and the gate out afresh: leaves on the same storage
-            leaves = [t.detach().requires_grad_(True) for t in (x, gate, w)]
-            y = gated_rms_norm(*leaves, group_size=size, norm_before_gate=before)
-            y.backward(dy)
-            return [y.detach(), *(t.grad for t in leaves)]
-
+    for case in LAUNCH_CASES:
+        run = _launch_case(g, *case, w_dtype)
         kernels = (_triton_gated._gated_fwd_kernel, _triton_gated._gated_bwd_kernel)
-        direct_launch_agrees(monkeypatch, kernels, run, (m, n, size, start))
+        direct_launch_agrees(monkeypatch, kernels, lambda: run()[0], case)

@@ -1,6 +1,7 @@
 """Norms on CUDA through one C++ operator (``_cuda_launch_op.cpp``): allocation, the launches
 of the Triton-compiled kernels and the autograd node, forward and backward, without Python
-between a call and its launches.
+between a call and its launches. The gated norm (``gated_rms_norm``) has an operator of its own
+in the same library, planned and learnt the same way (:func:`gated_forward`).
 
 On by default (``HF_RMSNORM_CPP_LAUNCH=0``, read at import, turns it off): on an H200 it halves
 a norm's host time (run 15, benchmarks/NOTES.md, session 29). A norm call on CUDA that the
@@ -48,10 +49,12 @@ _LOCK = threading.Lock()
 _ops = _UNBUILT  # torch.ops.<namespace> once loaded, None where it cannot be
 _reason: Optional[str] = None
 _norm_op = None  # the C++ callable behind ops.norm.default
+_gated_op = None  # and behind ops.gated_norm.default
 _path: Optional[Path] = None  # the library file it was loaded from
 # (N, x dtype, weight dtype, bias dtype, is_rms, rounding, device, torch reference) -> the
 # operator's family id; _FAMILY_REF[id] = (torch reference, cast mode, is_rms, rounding, y's dtype)
-# for the node's backward
+# for the node's backward. A gated family's key starts with "gated"; its _FAMILY_REF entry is
+# (None, its settings: group size, norm_before_gate, sigmoid, cast_input; None, None, y's dtype).
 _FAMILIES: dict = {}
 _FAMILY_REF: list = []
 _PYTHON_IMPLS: dict = {}
@@ -86,7 +89,7 @@ def built_path() -> Optional[Path]:
 
 
 def _load() -> None:
-    global _ops, _reason, _norm_op, _path
+    global _ops, _reason, _norm_op, _gated_op, _path
     if _ops is not _UNBUILT:
         return
     _ops = None
@@ -109,6 +112,8 @@ def _load() -> None:
         impl = torch.library.Library(namespace, "IMPL")
         impl.impl("backward", _backward, "CompositeImplicitAutograd")
         impl.impl("graph_backward", _graph_backward, "CompositeImplicitAutograd")
+        impl.impl("gated_backward", _gated_backward, "CompositeImplicitAutograd")
+        impl.impl("gated_graph_backward", _gated_graph_backward, "CompositeImplicitAutograd")
         _PYTHON_IMPLS[namespace] = impl
     if torch.cuda.is_available():
         missing = loaded.load_driver()
@@ -124,9 +129,19 @@ def _load() -> None:
         if ours != torchs:
             _reason = f"the operator's current CUDA stream is {ours}, torch's {torchs}"
             return
-    overload = loaded.norm.default
-    _norm_op = getattr(overload, "_op", overload)  # past OpOverload.__call__'s Python frame
+    # past OpOverload.__call__'s Python frame
+    _norm_op, _gated_op = (getattr(o, "_op", o) for o in (loaded.norm.default, loaded.gated_norm.default))
     _path, _ops = path, loaded
+
+
+def recorded(launchers, run, *args) -> tuple:
+    """(``run(*args)``, the launches ``launchers`` (``_triton_norm`` or ``_triton_gated``)
+    recorded meanwhile), for the ``learn_*`` functions."""
+    record = launchers.record = []
+    try:
+        return run(*args), record
+    finally:
+        launchers.record = None
 
 
 def _backward(grad, x, weight, bias, mean, rstd, eps, offset, family, needs):
@@ -137,11 +152,7 @@ def _backward(grad, x, weight, bias, mean, rstd, eps, offset, family, needs):
     from ._norm import _bwd_impl
 
     _, _, is_rms, rounding, _ = _FAMILY_REF[family]
-    record = _triton_norm.record = []
-    try:
-        grads = _bwd_impl(grad, x, weight, bias, mean, rstd, offset, is_rms, rounding)
-    finally:
-        _triton_norm.record = None
+    grads, record = recorded(_triton_norm, _bwd_impl, grad, x, weight, bias, mean, rstd, offset, is_rms, rounding)
     learn_backward(family, record, x, grad)
     return [g for i, g in enumerate(grads) if needs >> i & 1]
 
@@ -152,6 +163,26 @@ def _graph_backward(grad, x, weight, bias, mean, rstd, eps, offset, family, need
 
     torch_impl, cast_mode, _, _, _ = _FAMILY_REF[family]
     return wanted_gradients_as_graph(torch_impl, grad, x, weight, bias, eps, offset, cast_mode, needs)
+
+
+def _gated_backward(grad, x, gate, weight, rstd, eps, offset, family, needs):
+    """As :func:`_backward`, for the gated operator's node (``gated_rms_norm._bwd_impl``)."""
+    from . import _triton_gated
+    from .gated_rms_norm import _bwd_impl
+
+    size, before, sigmoid, cast_input = _FAMILY_REF[family][1]
+    grads, record = recorded(_triton_gated, _bwd_impl, grad, x, gate, weight, rstd, offset, size, before, sigmoid,
+                             cast_input)
+    learn_gated_backward(family, record, x, grad, weight is not None)
+    return [g for i, g in enumerate(grads) if needs >> i & 1]
+
+
+def _gated_graph_backward(grad, x, gate, weight, rstd, eps, offset, family, needs):
+    """As :func:`_graph_backward`, for the gated operator's node."""
+    from .gated_rms_norm import gradients_as_graph
+
+    return [g for g in gradients_as_graph(grad, x, gate, weight, eps, offset, *_FAMILY_REF[family][1],
+                                          [bool(needs >> i & 1) for i in range(3)]) if g is not None]
 
 
 def forward(torch_impl, x, weight, bias, eps: float, offset: float, is_rms: bool, rounding: int):
@@ -165,6 +196,34 @@ def forward(torch_impl, x, weight, bias, eps: float, offset: float, is_rms: bool
     if family is None:
         family = _new_family(key, weight, bias)
     return _norm_op(x, weight, bias, eps, offset, family), family
+
+
+def gated_forward(x, gate, weight, eps: float, offset: float, size: int, norm_before_gate: bool, sigmoid: bool,
+                  cast_input: bool):
+    """As :func:`forward`, for ``gated_rms_norm`` (arguments as its ``dispatch`` passes them to
+    the launchers); the caller then calls :func:`learn_gated_forward`."""
+    if _gated_op is None and ops() is None:
+        return None, None
+    key = ("gated", x.shape[-1], size, x.dtype, gate.dtype if gate is not None else None,
+           weight.dtype if weight is not None else None, norm_before_gate, sigmoid, cast_input, x.get_device())
+    family = _FAMILIES.get(key)
+    if family is None:
+        family = _new_gated_family(key, gate, weight)
+    return _gated_op(x, gate, weight, eps, offset, family), family
+
+
+def _new_gated_family(key, gate, weight) -> int:
+    from .gated_rms_norm import output_dtype
+
+    _, n, size, x_dtype, z_dtype, w_dtype, before, sigmoid, cast_input, device = key
+    with _LOCK:
+        family = _FAMILIES.get(key)
+        if family is None:
+            y_dtype = output_dtype(x_dtype, gate, weight, before, "input" if cast_input else "float32")
+            family = _ops.new_gated_family(x_dtype, z_dtype, w_dtype, y_dtype, n, size, device)
+            _FAMILY_REF.append((None, (size, before, sigmoid, cast_input), None, None, y_dtype))
+            _FAMILIES[key] = family
+    return family
 
 
 def _family_key(torch_impl, x, weight, bias, is_rms: bool, rounding: int) -> tuple:
@@ -196,7 +255,7 @@ def _new_family(key, weight, bias) -> int:
 
 # the kernels as the operator numbers them (its Kernel enum), and their arguments: pointers,
 # integers, floats
-_KERNELS = {"fwd": (0, 6, 3, 2), "bwd": (1, 7, 4, 1), "sum": (2, 3, 3, 0)}
+_KERNELS = {"fwd": (0, 6, 3, 2), "bwd": (1, 7, 4, 1), "sum": (2, 3, 3, 0), "gfwd": (3, 5, 6, 2), "gbwd": (4, 8, 8, 1)}
 
 
 def learn_forward(family: int, record: list, x) -> bool:
@@ -223,9 +282,32 @@ def learn_backward(family: int, record: list, x, dy) -> bool:
     return all([_register(family, *r) for r in record])
 
 
-def _register(family: int, kernel: str, compiled, per_program: int, cap: int, args) -> bool:
+def learn_gated_forward(family: int, record: list, x) -> bool:
+    """As :func:`learn_forward`, for the gated forward (``_triton_gated.record``). The launchers
+    take rows as (M, N) views, never x itself, so the launch is known for x's by its memory:
+    a copy (rows that no view lays out, which the operator does not take) is not registered."""
+    return (len(record) == 1 and record[0][0] == "gfwd" and _same_memory(record[0][4][0], x)
+            and _register(family, *record[0]))
+
+
+def learn_gated_backward(family: int, record: list, x, dy, has_weight: bool) -> bool:
+    """As :func:`learn_backward`, for the gated backward: its one launch, on x's and dy's own
+    memory, dy of y's dtype; the width of its partial sums' rows registered with it."""
+    if (len(record) != 1 or record[0][0] != "gbwd" or not _same_memory(record[0][4][1], x)
+            or not _same_memory(record[0][4][0], dy) or dy.dtype != _FAMILY_REF[family][4]):
+        return False
+    return _register(family, *record[0], width=record[0][4][7].shape[1] if has_weight else 0)
+
+
+def _same_memory(rows, t) -> bool:
+    """Whether the launchers' (M, N) ``rows`` are ``t``'s elements in place: a view of them."""
+    return rows.data_ptr() == t.data_ptr() and rows.numel() == t.numel() and rows.dtype == t.dtype
+
+
+def _register(family: int, kernel: str, compiled, per_program: int, cap: int, args, width: int = 0) -> bool:
     """Register one launch's plan; False where the operator cannot launch that compiled kernel
-    as Triton's launcher would (then that kernel stays Python's)."""
+    as Triton's launcher would (then that kernel stays Python's). ``width``: the gated
+    backward's partial sums a program."""
     number, n_ptrs, n_ints, n_floats = _KERNELS[kernel]
     md = getattr(compiled, "metadata", None)  # None: not a compiled kernel (the interpreter, a test's stub)
     if (md is None or getattr(md, "num_ctas", 1) != 1 or getattr(md, "launch_cooperative_grid", False)
@@ -240,7 +322,7 @@ def _register(family: int, kernel: str, compiled, per_program: int, cap: int, ar
     warps, _, shared = compiled.packed_metadata
     ptrs = [0 if a is None else a.data_ptr() for a in args[:n_ptrs]]
     _ops.register_plan(family, number, ptrs, list(args[n_ptrs:n_ptrs + n_ints]), compiled.function, per_program, cap,
-                       32 * warps, shared, kinds)
+                       32 * warps, shared, kinds, width)
     return True
 
 
@@ -249,7 +331,9 @@ def launches() -> int:
     return launch_counts()[0]
 
 
-def launch_counts() -> list:
+def launch_counts(gated: bool = False) -> list:
     """Launches the operator has made in this process of the forward, the backward and the
-    partial sums (zeros before it was loaded)."""
-    return list(_ops.launch_counts()) if _ops not in (None, _UNBUILT) else [0, 0, 0]
+    partial sums, or with ``gated`` of the gated forward and backward (zeros before it was
+    loaded)."""
+    counts = list(_ops.launch_counts()) if _ops not in (None, _UNBUILT) else [0] * 5
+    return counts[3:] if gated else counts[:3]

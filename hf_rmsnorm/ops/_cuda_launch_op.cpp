@@ -1,7 +1,9 @@
 // A norm on CUDA as one torch operator: it allocates the outputs, launches the Triton-compiled
 // forward kernel with the CUDA driver's cuLaunchKernel and records a C++ autograd node, whose
 // backward launches the backward kernel and the partial sums the same way, with no Python between
-// a call and its launches.
+// a call and its launches. Two operators: ``norm`` (RMSNorm and LayerNorm, _triton_norm's kernels)
+// and ``gated_norm`` (the gated RMSNorm, _triton_gated's, whose node folds the weight gradient's
+// partial sums with the torch ops the Python path uses), on the machinery of _cuda_launch_core.h.
 //
 // Why: in a training forward the host time of each norm call is step time where the host paces
 // the step (GPT-2-medium in bf16 on an H200, benchmarks/NOTES.md run 14b), and a Python
@@ -21,35 +23,23 @@
 // parameters are packed as Triton 3.6-3.9's launchers pack them (their driver.py): each kept
 // argument, then the global and the profile scratch pointers, null here (a plan is registered only
 // for kernels that need neither). For create_graph=True the node calls the torch reference's
-// gradients as a graph (Python), the kernels having no second derivative.
+// gradients as a graph (Python), the kernels having no second derivative. The gated norm's
+// families and plans work alike; its key's extra fact is the kernels' DENSE (every row stride N).
 //
 // Built by _cpu_kernel.py's builder on first use with torch's headers and no CUDA headers: the
 // driver's types are opaque pointers here, the stream comes from c10's device-generic interface.
-#include <ATen/core/Tensor.h>
+#include "_cuda_launch_core.h"  // families, plans, keys, the launch
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
-#include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
-#include <torch/library.h>
-
-#include "_op_shared.h"  // make_node, plain, backend_is_one_of
-
-#include <dlfcn.h>
 
 #include <array>
-#include <atomic>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <mutex>
 #include <optional>
-#include <shared_mutex>
 #include <string>
-#include <type_traits>
-#include <unordered_map>
 #include <vector>
 
 #define HF_NS_STR HF_STR(HF_RMSNORM_NS)
@@ -57,102 +47,6 @@
 namespace {
 
 using torch::autograd::SavedVariable;
-using torch::autograd::variable_list;
-using OptTensor = std::optional<at::Tensor>;
-
-// CUresult cuLaunchKernel(CUfunction, gridX, gridY, gridZ, blockX, blockY, blockZ, sharedBytes,
-// CUstream, void **params, void **extra), CUresult cuCtxGetCurrent(CUcontext *)
-using LaunchFn = int (*)(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *, void **,
-                         void **);
-using CtxFn = int (*)(void **);
-
-// The kernels the operator launches (_triton_norm's), each by its leading non-constexpr
-// arguments: pointers first, then integers, then floats.
-//   forward:  x, y, weight, bias, mean, rstd | stride_x, M, N | eps, offset
-//   backward: x, weight, dy, dx, partials, mean, rstd | stride_x, stride_dy, M, N | offset
-//   sums:     partials, dweight-or-dbias, dbias | rows, columns, N
-enum Kernel : int64_t { kForward = 0, kBackward = 1, kSums = 2 };
-constexpr int kMaxArgs = 12, kMaxPtrs = 7, kMaxInts = 4;
-constexpr int kShape[3][3] = {{6, 3, 2}, {7, 4, 1}, {3, 3, 0}};  // pointers, integers, floats
-// how a kept argument is packed (_cuda_launch.py's KINDS): 0 not passed (a constant in the kernel)
-enum Kind : int64_t { kConst = 0, kPtr = 1, kI32 = 2, kI64 = 3, kF32 = 4 };
-constexpr int64_t kRoundToWeight = 2;  // _norm.ROUNDING["weight"]
-
-struct Family {  // what every call of one norm signature shares (_cuda_launch.py, family)
-    at::ScalarType x, w, b, y;  // b, w: Undefined where absent
-    int64_t n = 0, device = -1, threshold = 0, rounding = 0;
-    bool is_rms = false, has_w = false, has_b = false;
-};
-
-struct Plan {  // one compiled kernel and how to launch it
-    void *function = nullptr;
-    // programs: ceil(count / per_program), at most cap (0: no cap); count is the row count, or
-    // the columns for the sums
-    int64_t per_program = 1, cap = 0;
-    unsigned block = 32, shared = 0;
-    std::array<int64_t, kMaxArgs> kinds{};
-};
-
-std::shared_mutex lock;  // registrations are rare (one per kind of call), lookups every call
-std::vector<Family> families;
-std::unordered_map<uint64_t, Plan> plans;
-std::atomic<LaunchFn> launch_fn{nullptr};
-std::atomic<CtxFn> ctx_fn{nullptr};
-std::atomic<bool> stubbed{false};  // a launch function set by the tests: CPU tensors allowed, no context
-std::atomic<int64_t> launches[3] = {0, 0, 0};
-
-void *driver_symbol(const char *name) {
-    void *lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);  // loaded by torch and Triton already
-    if (lib == nullptr) lib = dlopen("libcuda.so.1", RTLD_LAZY);
-    return lib == nullptr ? nullptr : dlsym(lib, name);
-}
-
-// What Triton specialises an integer argument on: equal to 1, divisible by 16, 64 bits wide.
-uint32_t int_facts(int64_t v) {
-    return (v == 1 ? 1u : 0u) | (v % 16 == 0 ? 2u : 0u) | (v < INT32_MIN || v > INT32_MAX ? 4u : 0u);
-}
-
-// The key of a launch: its family and kernel, then two bits per pointer (present, 16-byte
-// aligned), three per integer, and for the forward whether the row count reaches the family's
-// threshold (fwd_tiles's choice). At most 1 + 2 * 7 + 3 * 4 = 27 bits of facts.
-uint64_t call_key(int64_t family, int64_t kernel, const uintptr_t *ptrs, const int64_t *ints, bool many_rows) {
-    uint64_t bits = many_rows ? 1u : 0u, shift = 1;
-    for (int i = 0; i < kShape[kernel][0]; ++i) {
-        bits |= uint64_t((ptrs[i] != 0 ? 1u : 0u) | (ptrs[i] % 16 == 0 ? 2u : 0u)) << shift;
-        shift += 2;
-    }
-    for (int i = 0; i < kShape[kernel][1]; ++i) {
-        bits |= uint64_t(int_facts(ints[i])) << shift;
-        shift += 3;
-    }
-    return (uint64_t(family) << 32) | (uint64_t(kernel) << 28) | bits;
-}
-
-std::optional<Plan> find_plan(uint64_t key) {
-    std::shared_lock<std::shared_mutex> read(lock);
-    const auto found = plans.find(key);
-    if (found == plans.end()) return std::nullopt;
-    return found->second;
-}
-
-uintptr_t ptr(const at::Tensor &t) { return t.defined() ? reinterpret_cast<uintptr_t>(t.const_data_ptr()) : 0; }
-uintptr_t ptr(const OptTensor &t) { return t.has_value() ? ptr(*t) : 0; }
-OptTensor maybe(const at::Tensor &t) { return t.defined() ? OptTensor(t) : std::nullopt; }
-
-// a copy: a registration from another thread may grow (and move) the vector once the lock is left
-Family family_of(int64_t id) {
-    std::shared_lock<std::shared_mutex> read(lock);
-    TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(families.size()), "hf_rmsnorm's CUDA norm: no family ", id);
-    return families[id];
-}
-
-// A parameter as the family promises it: present where it has one, of its dtype and length,
-// contiguous, on x's device.
-bool param_fits(const OptTensor &p, bool has, at::ScalarType dtype, const Family &f, const at::Tensor &x) {
-    const bool present = p.has_value() && p->defined();
-    return present == has && (!present || (plain(*p) && p->scalar_type() == dtype && p->dim() == 1 &&
-                                           p->size(0) == f.n && p->is_contiguous() && p->device() == x.device()));
-}
 
 // Whether the call is as the family promises it; false where the Python path must take it. A
 // module's settled call passes the family its earlier call found without asking again (the
@@ -161,7 +55,7 @@ bool param_fits(const OptTensor &p, bool has, at::ScalarType dtype, const Family
 // compute what the family's kernels do not (a weightless call with an offset, or rounding to the
 // weight's dtype, is the general path's to refuse).
 bool fits(const Family &f, const at::Tensor &x, const OptTensor &w, const OptTensor &b, double eps, double offset) {
-    return plain(x) && x.dim() >= 1 && x.size(-1) == f.n && x.scalar_type() == f.x && x.is_contiguous() &&
+    return !f.gated && plain(x) && x.dim() >= 1 && x.size(-1) == f.n && x.scalar_type() == f.x && x.is_contiguous() &&
            x.numel() > 0 && (x.is_cuda() ? x.get_device() == f.device : stubbed.load()) &&
            param_fits(w, f.has_w, f.w, f, x) && param_fits(b, f.has_b, f.b, f, x) && eps >= 0 &&
            (f.has_w || (offset == 0 && f.rounding != kRoundToWeight)) && backend_is_one_of({"", "auto", "triton"});
@@ -171,53 +65,6 @@ bool fits(const Family &f, const at::Tensor &x, const OptTensor &w, const OptTen
 std::array<int64_t, 3> layout(const at::Tensor &t) {
     const int64_t n = t.size(-1), m = t.numel() / n;
     return {t.dim() == 2 ? t.stride(0) : n, m, n};
-}
-
-// The stream to launch on (torch's current one on x's device), or false where this thread has
-// no CUDA context current: Triton's launcher makes one current, and the Python path does that.
-bool stream_for(const at::Tensor &x, void **stream) {
-    *stream = nullptr;
-    if (!x.is_cuda()) return true;  // the tests' stub launch
-    void *context = nullptr;
-    if (ctx_fn.load()(&context) != 0 || context == nullptr) return false;
-    *stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
-    return true;
-}
-
-// Launch ``plan`` over ``count`` rows (columns for the sums), its parameters packed as Triton's
-// launchers pack them: each kept argument, then the global and the profile scratch pointers.
-void launch(const Plan &plan, int64_t kernel, const uintptr_t *ptrs, const int64_t *ints, const double *floats,
-            int64_t count, void *stream) {
-    const int n_ptrs = kShape[kernel][0], n_ints = kShape[kernel][1], n_args = n_ptrs + n_ints + kShape[kernel][2];
-    uint64_t values[kMaxArgs];
-    void *params[kMaxArgs + 2];
-    uint64_t scratch[2] = {0, 0};
-    int kept = 0;
-    for (int i = 0; i < n_args; ++i) {
-        const int64_t kind = plan.kinds[i];
-        if (kind == kConst) continue;
-        if (kind == kPtr) {
-            values[i] = ptrs[i];
-        } else if (kind == kI32) {
-            const auto v = static_cast<int32_t>(ints[i - n_ptrs]);
-            std::memcpy(&values[i], &v, sizeof v);
-        } else if (kind == kI64) {
-            values[i] = static_cast<uint64_t>(ints[i - n_ptrs]);
-        } else {  // kF32
-            const auto v = static_cast<float>(floats[i - n_ptrs - n_ints]);
-            std::memcpy(&values[i], &v, sizeof v);
-        }
-        params[kept++] = &values[i];
-    }
-    params[kept++] = &scratch[0];
-    params[kept++] = &scratch[1];
-    int64_t programs = (count + plan.per_program - 1) / plan.per_program;
-    if (plan.cap > 0 && programs > plan.cap) programs = plan.cap;
-    const int status = launch_fn.load()(plan.function, static_cast<unsigned>(programs), 1, 1, plan.block, 1, 1,
-                                        plan.shared, stream, params, nullptr);
-    TORCH_CHECK(status == 0, "hf_rmsnorm's CUDA norm: cuLaunchKernel failed with CUresult ", status,
-                " (set HF_RMSNORM_CPP_LAUNCH=0 to launch from Python instead)");
-    ++launches[kernel];
 }
 
 // The backward's two launches, where plans for both are registered and dy is plain memory laid
@@ -243,8 +90,7 @@ std::optional<std::array<at::Tensor, 3>> backward_launches(int64_t family, const
     const int64_t ints[kMaxInts] = {stride_x, stride_dy, m, n};
     const auto bwd = find_plan(call_key(family, kBackward, ptrs, ints, false));
     if (!bwd) return std::nullopt;
-    int64_t programs = (m + bwd->per_program - 1) / bwd->per_program;
-    if (bwd->cap > 0 && programs > bwd->cap) programs = bwd->cap;
+    const int64_t programs = programs_for(*bwd, m);
     at::Tensor part, sums[2];
     std::optional<Plan> sum;
     uintptr_t sum_ptrs[kMaxPtrs] = {};
@@ -266,8 +112,8 @@ std::optional<std::array<at::Tensor, 3>> backward_launches(int64_t family, const
         if (!sum) return std::nullopt;
     }
     const double floats[1] = {offset};
-    launch(*bwd, kBackward, ptrs, ints, floats, m, stream);
-    if (columns) launch(*sum, kSums, sum_ptrs, sum_ints, nullptr, columns, stream);
+    launch(*bwd, kBackward, ptrs, ints, floats, programs, stream);
+    if (columns) launch(*sum, kSums, sum_ptrs, sum_ints, nullptr, programs_for(*sum, columns), stream);
     std::array<at::Tensor, 3> grads = {dx, at::Tensor(), at::Tensor()};
     int k = 0;
     if (f.has_w) grads[1] = sums[k++];
@@ -296,34 +142,17 @@ struct NormBackward : public torch::autograd::Node {
     variable_list apply(variable_list &&grads) override {
         std::lock_guard<std::mutex> guard(mutex_);
         const at::Tensor x = x_.unpack(), w = w_.unpack(), b = b_.unpack(), mean = mean_.unpack(), rstd = rstd_.unpack();
-        const bool need[3] = {task_should_compute_output(0), task_should_compute_output(1),
-                              task_should_compute_output(2)};
-        variable_list out(3);
-        if (!grads[0].defined()) return out;  // no gradient reached y
-        const bool graph = at::GradMode::is_enabled();  // create_graph=True
-        if (!graph) {
-            const auto launched = backward_launches(family_, family_of(family_), x, w, mean, rstd, grads[0], offset_);
-            if (launched) {
-                for (int k = 0; k < 3; ++k)
-                    if (need[k]) out[k] = (*launched)[k];
-                return out;
-            }
-        }
-        // looked up once: the namespace is this build's
-        static const auto python = c10::Dispatcher::singleton()
-                                       .findSchemaOrThrow(HF_NS_STR "::backward", "")
-                                       .typed<Backward>();
-        static const auto as_graph = c10::Dispatcher::singleton()
-                                         .findSchemaOrThrow(HF_NS_STR "::graph_backward", "")
-                                         .typed<Backward>();
-        // create_graph=True: the kernels have no second derivative, the torch reference has
-        const auto wanted = (graph ? as_graph : python)
-                                .call(grads[0], x, maybe(w), maybe(b), maybe(mean), rstd, eps_, offset_, family_,
-                                      need[0] | (need[1] << 1) | (need[2] << 2));
-        size_t i = 0;
-        for (int k = 0; k < 3; ++k)
-            if (need[k]) out[k] = wanted.at(i++);
-        return out;
+        return node_gradients(
+            *this, grads, [&] { return backward_launches(family_, family_of(family_), x, w, mean, rstd, grads[0], offset_); },
+            [&](bool graph, int64_t needs) {
+                // looked up once: the namespace is this build's
+                static const auto python =
+                    c10::Dispatcher::singleton().findSchemaOrThrow(HF_NS_STR "::backward", "").typed<Backward>();
+                static const auto as_graph =
+                    c10::Dispatcher::singleton().findSchemaOrThrow(HF_NS_STR "::graph_backward", "").typed<Backward>();
+                return (graph ? as_graph : python)
+                    .call(grads[0], x, maybe(w), maybe(b), maybe(mean), rstd, eps_, offset_, family_, needs);
+            });
     }
 };
 
@@ -343,7 +172,7 @@ at::Tensor norm(const at::Tensor &x, const OptTensor &w, const OptTensor &b, dou
     void *stream = nullptr;
     if (!plan || !stream_for(x, &stream)) return at::Tensor();
     const double floats[2] = {eps, offset};
-    launch(*plan, kForward, ptrs, ints, floats, m, stream);
+    launch(*plan, kForward, ptrs, ints, floats, programs_for(*plan, m), stream);
     if (!torch::autograd::compute_requires_grad(x, w, b)) return y;
     auto node = make_node<NormBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(x, w, b));
@@ -359,6 +188,179 @@ at::Tensor norm(const at::Tensor &x, const OptTensor &w, const OptTensor &b, dou
     return y;
 }
 
+// ---- The gated norm (_triton_gated's kernels; gated_rms_norm.py has the maths) ----
+
+// The row stride of t read as (M, N) rows of unit column stride, as gated_rms_norm._rows_of
+// lays it out where that is a view of t (N where every leading size is 1); -1 where it is not a
+// view (the Python path copies such a tensor): the leading dimensions must merge into one.
+int64_t row_stride(const at::Tensor &t) {
+    const int64_t n = t.size(-1);
+    if (n > 1 && t.stride(-1) != 1) return -1;
+    int64_t stride = n, next = -1;  // next: the stride the next outer dimension must have
+    for (int64_t i = t.dim() - 2; i >= 0; --i) {
+        if (t.size(i) == 1) continue;
+        if (next >= 0 && t.stride(i) != next) return -1;
+        if (next < 0) stride = t.stride(i);
+        next = t.stride(i) * t.size(i);
+    }
+    return stride;
+}
+
+// The gated kernels' DENSE: every row stride is N (the leading integers are the row strides,
+// then M and N), or there is at most one row; an absent gate's stride (0) does not count.
+bool gated_dense(int64_t kernel, const Family &f, const int64_t *ints) {
+    const int strides = kernel == kGatedForward ? 2 : 3;
+    const int64_t m = ints[strides], n = ints[strides + 1];
+    for (int i = 0; i < strides; ++i)
+        if (ints[i] != n && !(i == strides - 1 && !f.has_z) && m > 1) return false;
+    return true;
+}
+
+// A gated call as its family promises it (fits' rules, with the gate's): the row strides of x
+// and the gate in ``strides``; false where the Python path must take the call.
+bool gated_fits(const Family &f, const at::Tensor &x, const OptTensor &z, const OptTensor &w, double eps,
+                double offset, int64_t *strides) {
+    if (!f.gated || !plain(x) || x.dim() < 1 || x.size(-1) != f.n || x.scalar_type() != f.x || x.numel() == 0 ||
+        (x.is_cuda() ? x.get_device() != f.device : !stubbed.load()) || !param_fits(w, f.has_w, f.w, f, x) ||
+        eps < 0 || (!f.has_w && offset != 0) || !backend_is_one_of({"", "auto", "triton"}))
+        return false;
+    const bool has_z = z.has_value() && z->defined();
+    if (has_z != f.has_z || (has_z && (!plain(*z) || z->scalar_type() != f.z || !z->sizes().equals(x.sizes()) ||
+                                       z->device() != x.device())))
+        return false;
+    strides[0] = row_stride(x);
+    strides[1] = has_z ? row_stride(*z) : 0;
+    return strides[0] >= 0 && strides[1] >= 0;
+}
+
+// The gated backward's launch, where its plan is registered and dy is plain memory in rows of
+// x's shape: (dx, dgate, dweight), absent ones undefined; nullopt otherwise (the caller then
+// takes the Python backward, which registers the launch's plan). The weight gradient's
+// partial sums are folded as the Python path folds them, with the same torch ops.
+std::optional<std::array<at::Tensor, 3>> gated_backward_launches(int64_t family, const Family &f,
+                                                                const at::Tensor &x, const at::Tensor &z,
+                                                                const at::Tensor &w, const at::Tensor &rstd,
+                                                                const at::Tensor &dy, double offset) {
+    if (f.tile_rows == 0 || !plain(dy) || dy.scalar_type() != f.y || !dy.sizes().equals(x.sizes()) ||
+        dy.device() != x.device())
+        return std::nullopt;
+    const int64_t n = f.n, m = x.numel() / n, groups = n / f.s, tiles = (m + f.tile_rows - 1) / f.tile_rows;
+    const int64_t ints[kMaxInts] = {row_stride(dy), row_stride(x), f.has_z ? row_stride(z) : 0, m, n, f.s, groups,
+                                    tiles};
+    if (ints[0] < 0 || ints[1] < 0 || ints[2] < 0) return std::nullopt;
+    c10::OptionalDeviceGuard device_guard;
+    if (x.is_cuda()) device_guard.reset_device(x.device());
+    void *stream = nullptr;
+    if (!stream_for(x, &stream)) return std::nullopt;
+    at::Tensor dx = at::empty(x.sizes(), x.options());
+    at::Tensor dz = f.has_z ? at::empty(x.sizes(), z.options()) : at::Tensor();
+    // the partials are allocated once the plan says how many programs write them: its key takes
+    // them as a fresh allocation is, aligned
+    uintptr_t ptrs[kMaxPtrs] = {ptr(dy), ptr(x),  ptr(f.has_z ? z : x),  ptr(f.has_w ? w : x),
+                                ptr(rstd), ptr(dx), ptr(f.has_z ? dz : dx), f.has_w ? uintptr_t(256) : ptr(dx)};
+    const auto plan = find_plan(call_key(family, kGatedBackward, ptrs, ints, gated_dense(kGatedBackward, f, ints)));
+    if (!plan) return std::nullopt;
+    // programs work on group p mod G: a multiple of G, at most one a tile (_triton_gated.gated_bwd)
+    const int64_t programs = groups * programs_for(*plan, m);
+    at::Tensor part;
+    if (f.has_w) {
+        part = at::empty({programs, plan->width}, x.options().dtype(at::kFloat));
+        ptrs[7] = ptr(part);
+        if (ptrs[7] % 16 != 0) return std::nullopt;
+    }
+    const double floats[1] = {offset};
+    launch(*plan, kGatedBackward, ptrs, ints, floats, programs, stream);
+    at::Tensor dw;
+    if (f.has_w)  // program p summed group p mod G: fold the programs of each group and the tile's rows
+        dw = part.view({programs / groups, groups, f.tile_rows, plan->width / f.tile_rows})
+                 .slice(3, 0, f.s)
+                 .sum(at::IntArrayRef{0, 2})
+                 .reshape({n})
+                 .to(f.w);
+    return std::array<at::Tensor, 3>{dx, dz, dw};
+}
+
+// as Backward, for the gated norm: (grad, x, gate, weight, rstd, eps, offset, family, needs)
+using GatedBackward = std::vector<at::Tensor>(const at::Tensor &, const at::Tensor &, const OptTensor &,
+                                              const OptTensor &, const at::Tensor &, double, double, int64_t, int64_t);
+
+struct GatedNormBackward : public torch::autograd::Node {
+    SavedVariable x_, z_, w_, rstd_;
+    double eps_ = 0, offset_ = 0;
+    int64_t family_ = 0;
+
+    std::string name() const override { return "HFGatedNormBackward"; }
+
+    void release_variables() override {
+        std::lock_guard<std::mutex> guard(mutex_);
+        for (SavedVariable *v : {&x_, &z_, &w_, &rstd_}) v->reset_data();
+    }
+
+    variable_list apply(variable_list &&grads) override {
+        std::lock_guard<std::mutex> guard(mutex_);
+        const at::Tensor x = x_.unpack(), z = z_.unpack(), w = w_.unpack(), rstd = rstd_.unpack();
+        return node_gradients(
+            *this, grads,
+            [&] { return gated_backward_launches(family_, family_of(family_), x, z, w, rstd, grads[0], offset_); },
+            [&](bool graph, int64_t needs) {
+                static const auto python = c10::Dispatcher::singleton()
+                                               .findSchemaOrThrow(HF_NS_STR "::gated_backward", "")
+                                               .typed<GatedBackward>();
+                static const auto as_graph = c10::Dispatcher::singleton()
+                                                 .findSchemaOrThrow(HF_NS_STR "::gated_graph_backward", "")
+                                                 .typed<GatedBackward>();
+                return (graph ? as_graph : python).call(grads[0], x, maybe(z), maybe(w), rstd, eps_, offset_, family_, needs);
+            });
+    }
+};
+
+// y, or an undefined tensor where no plan covers the call (the caller then takes the Python path)
+at::Tensor gated_norm(const at::Tensor &x, const OptTensor &z, const OptTensor &w, double eps, double offset,
+                      int64_t family) {
+    const Family f = family_of(family);
+    int64_t strides[2] = {0, 0};
+    if (!gated_fits(f, x, z, w, eps, offset, strides)) return at::Tensor();
+    c10::OptionalDeviceGuard device_guard;
+    if (x.is_cuda()) device_guard.reset_device(x.device());
+    const int64_t n = f.n, m = x.numel() / n, groups = n / f.s;
+    at::Tensor y = at::empty(x.sizes(), x.options().dtype(f.y));
+    at::Tensor rstd = at::empty({m * groups}, x.options().dtype(at::kFloat));
+    const uintptr_t ptrs[kMaxPtrs] = {ptr(x), f.has_z ? ptr(z) : ptr(x), f.has_w ? ptr(w) : ptr(x), ptr(y), ptr(rstd)};
+    const int64_t ints[kMaxInts] = {strides[0], strides[1], m, n, f.s, groups};
+    const auto plan = find_plan(call_key(family, kGatedForward, ptrs, ints, gated_dense(kGatedForward, f, ints)));
+    void *stream = nullptr;
+    if (!plan || !stream_for(x, &stream)) return at::Tensor();
+    const double floats[2] = {eps, offset};
+    launch(*plan, kGatedForward, ptrs, ints, floats, groups * programs_for(*plan, m), stream);
+    const at::Tensor zt = f.has_z ? *z : at::Tensor(), wt = f.has_w ? *w : at::Tensor();
+    if (!torch::autograd::compute_requires_grad(x, zt, wt)) return y;
+    auto node = make_node<GatedNormBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, zt, wt));
+    node->x_ = SavedVariable(x, false);
+    node->z_ = SavedVariable(zt, false);
+    node->w_ = SavedVariable(wt, false);
+    node->rstd_ = SavedVariable(rstd, false);
+    node->eps_ = eps;
+    node->offset_ = offset;
+    node->family_ = family;
+    torch::autograd::set_history(y, node);
+    return y;
+}
+
+int64_t new_gated_family(at::ScalarType x, std::optional<at::ScalarType> z, std::optional<at::ScalarType> w,
+                         at::ScalarType y, int64_t n, int64_t s, int64_t device) {
+    TORCH_CHECK(n > 0 && s > 0 && n % s == 0, "hf_rmsnorm's CUDA norm: groups of ", s, " do not divide ", n);
+    Family f{x, w.value_or(at::ScalarType::Undefined), at::ScalarType::Undefined, y, n, device, 0, 0, true,
+             w.has_value(), false};
+    f.gated = true;
+    f.has_z = z.has_value();
+    f.z = z.value_or(at::ScalarType::Undefined);
+    f.s = s;
+    std::unique_lock<std::shared_mutex> write(lock);
+    families.push_back(f);
+    return static_cast<int64_t>(families.size()) - 1;
+}
+
 int64_t new_family(at::ScalarType x, std::optional<at::ScalarType> w, std::optional<at::ScalarType> b,
                    at::ScalarType y, int64_t n, int64_t device, bool is_rms, int64_t rounding, int64_t threshold) {
     Family f{x, w.value_or(at::ScalarType::Undefined), b.value_or(at::ScalarType::Undefined), y, n, device,
@@ -370,15 +372,19 @@ int64_t new_family(at::ScalarType x, std::optional<at::ScalarType> w, std::optio
 
 // The plan of a launch the Python path has just made, under that launch's facts: its pointers
 // (0 for None) and integers as it passed them (the key is computed here, as a call computes it).
+// ``width``: the gated backward's partial sums a program (0 for the other kernels).
 void register_plan(int64_t family, int64_t kernel, std::vector<int64_t> ptrs, std::vector<int64_t> ints,
                    int64_t function, int64_t per_program, int64_t cap, int64_t block, int64_t shared,
-                   std::vector<int64_t> kinds) {
-    TORCH_CHECK(kernel >= kForward && kernel <= kSums, "hf_rmsnorm's CUDA norm: no kernel ", kernel);
+                   std::vector<int64_t> kinds, int64_t width) {
+    TORCH_CHECK(kernel >= kForward && kernel <= kGatedBackward, "hf_rmsnorm's CUDA norm: no kernel ", kernel);
     const int n_ptrs = kShape[kernel][0], n_ints = kShape[kernel][1], n_args = n_ptrs + n_ints + kShape[kernel][2];
     const Family f = family_of(family);
+    const bool gated = kernel >= kGatedForward;
+    TORCH_CHECK(gated == f.gated, "hf_rmsnorm's CUDA norm: kernel ", kernel, " is not family ", family, "'s");
     TORCH_CHECK(static_cast<int>(ptrs.size()) == n_ptrs && static_cast<int>(ints.size()) == n_ints &&
                     static_cast<int>(kinds.size()) == n_args && per_program > 0 && cap >= 0 && block > 0 &&
-                    shared >= 0 && function != 0,
+                    shared >= 0 && function != 0 && (width > 0) == (kernel == kGatedBackward && f.has_w) &&
+                    width % per_program == 0,
                 "hf_rmsnorm's CUDA norm: kernel ", kernel, "'s plan needs ", n_ptrs, " pointers, ", n_ints,
                 " integers, ", n_args, " argument kinds, programs' rows, a block size and a function");
     uintptr_t addresses[kMaxPtrs] = {};
@@ -396,9 +402,17 @@ void register_plan(int64_t family, int64_t kernel, std::vector<int64_t> ptrs, st
     plan.cap = cap;
     plan.block = static_cast<unsigned>(block);
     plan.shared = static_cast<unsigned>(shared);
+    plan.width = width;
     std::copy(kinds.begin(), kinds.end(), plan.kinds.begin());
-    const uint64_t key = call_key(family, kernel, addresses, ints.data(), kernel == kForward && ints[1] >= f.threshold);
+    const bool fact = gated ? gated_dense(kernel, f, ints.data()) : kernel == kForward && ints[1] >= f.threshold;
+    const uint64_t key = call_key(family, kernel, addresses, ints.data(), fact);
     std::unique_lock<std::shared_mutex> write(lock);
+    if (kernel == kGatedBackward) {  // the tile's rows, the same for every plan of the family (its S's)
+        TORCH_CHECK(families[family].tile_rows == 0 || families[family].tile_rows == per_program,
+                    "hf_rmsnorm's CUDA norm: family ", family, "'s backward tiles hold ", families[family].tile_rows,
+                    " rows, not ", per_program);
+        families[family].tile_rows = per_program;
+    }
     plans[key] = plan;
 }
 
@@ -442,8 +456,12 @@ int64_t current_stream(int64_t device) {
         reinterpret_cast<uintptr_t>(c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(d).native_handle()));
 }
 
-// launches the operator has made of each kernel: forward, backward, sums
-std::vector<int64_t> launch_counts() { return {launches[0].load(), launches[1].load(), launches[2].load()}; }
+// launches the operator has made of each kernel: forward, backward, sums, gated forward, gated backward
+std::vector<int64_t> launch_counts() {
+    std::vector<int64_t> counts;
+    for (const auto &count : launches) counts.push_back(count.load());
+    return counts;
+}
 
 int64_t plan_count() {
     std::shared_lock<std::shared_mutex> read(lock);
@@ -460,6 +478,13 @@ HF_RMSNORM_LIBRARY(HF_RMSNORM_NS, m) {
           "float offset, int family, int needs) -> Tensor[]");
     m.def("graph_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, Tensor? mean, Tensor rstd, float eps, "
           "float offset, int family, int needs) -> Tensor[]");
+    // the gated norm's, alike
+    m.def("gated_norm(Tensor x, Tensor? gate, Tensor? weight, float eps, float offset, int family) -> Tensor");
+    m.def("gated_backward(Tensor grad, Tensor x, Tensor? gate, Tensor? weight, Tensor rstd, float eps, float offset, "
+          "int family, int needs) -> Tensor[]");
+    m.def("gated_graph_backward(Tensor grad, Tensor x, Tensor? gate, Tensor? weight, Tensor rstd, float eps, "
+          "float offset, int family, int needs) -> Tensor[]");
+    m.def("new_gated_family", &new_gated_family);
     m.def("new_family", &new_family);
     m.def("register_plan", &register_plan);
     m.def("load_driver", &load_driver);
@@ -470,4 +495,7 @@ HF_RMSNORM_LIBRARY(HF_RMSNORM_NS, m) {
     m.def("plan_count", &plan_count);
 }
 
-HF_RMSNORM_LIBRARY_IMPL(HF_RMSNORM_NS, CompositeImplicitAutograd, m) { m.impl("norm", &norm); }
+HF_RMSNORM_LIBRARY_IMPL(HF_RMSNORM_NS, CompositeImplicitAutograd, m) {
+    m.impl("norm", &norm);
+    m.impl("gated_norm", &gated_norm);
+}

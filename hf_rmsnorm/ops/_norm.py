@@ -587,11 +587,7 @@ def _run_kernels(torch_impl, x, weight, bias, eps: float, offset: float, is_rms:
             _launchers.LAUNCHES["norm_fwd"] += 1  # counted as the Python path counts its launches
             return y
         if family is not None:
-            record = _launchers.record = []
-            try:
-                y = _kernels_in_python(torch_impl, x, *args)
-            finally:
-                _launchers.record = None
+            y, record = _cuda_launch.recorded(_launchers, _kernels_in_python, torch_impl, x, *args)
             _cuda_launch.learn_forward(family, record, x)
             return y
     return _kernels_in_python(torch_impl, x, *args)

@@ -28,6 +28,9 @@ from ._triton_norm import _ceil_div, _pow2_at_least, _programs_per_sm, _sm_count
 
 # launches per pass, for tests that must know the kernels ran (as ``_triton_norm.LAUNCHES``)
 LAUNCHES: collections.Counter = collections.Counter()
+# a list while _cuda_launch wants to see the launches of one call, as ``_triton_norm.record``:
+# (kernel, compiled kernel, rows a tile, the most tiles a group's programs take or 0, the arguments)
+record = None
 
 
 @triton.jit
@@ -225,8 +228,10 @@ def gated_fwd(x, z, w, eps, offset, S, norm_before_gate, sigmoid, round_n, round
         # an absent gate or weight: x in its place, never read (HAS_GATE, HAS_WEIGHT)
         args = (x, z if z is not None else x, w if w is not None else x, y, rstd, _stride(x), _stride(z), M, N, S, G,
                 eps, offset)
-        _launch(_gated_fwd_kernel, (_ceil_div(M, block_r) * G,), args, meta, meta_key)
+        compiled = _launch(_gated_fwd_kernel, (_ceil_div(M, block_r) * G,), args, meta, meta_key)
         LAUNCHES["gated_fwd"] += 1
+        if record is not None:
+            record.append(("gfwd", compiled, block_r, 0, args))
     return y, rstd
 
 
@@ -295,8 +300,10 @@ def gated_bwd(dy, x, z, w, rstd, offset, S, norm_before_gate, sigmoid, round_n, 
     if M:
         args = (dy, x, z if z is not None else x, w if w is not None else x, rstd, dx, dz if dz is not None else dx,
                 part if w is not None else dx, _stride(dy), _stride(x), _stride(z), M, N, S, G, n_tiles, offset)
-        _launch(_gated_bwd_kernel, (programs,), args, meta, meta_key)
+        compiled = _launch(_gated_bwd_kernel, (programs,), args, meta, meta_key)
         LAUNCHES["gated_bwd"] += 1
+        if record is not None:
+            record.append(("gbwd", compiled, block_r, per_group, args))
     # program p summed group p mod G: fold the programs of each group and the tile's rows
     dw = part.view(programs // G, G, block_r, block_s)[..., :S].sum((0, 2)).reshape(N) if w is not None else None
     return dx, dz, dw

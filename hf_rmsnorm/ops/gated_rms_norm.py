@@ -251,15 +251,15 @@ def _check_inputs(x, gate, weight, eps, group_size, activation, cast_mode, offse
 # breaks), with fake implementations for tracing. Absent gradients come back empty.
 # --------------------------------------------------------------------------------------------
 
-_launchers = None
+_launchers = _direct = _cuda_launch = None
 
 
 def _kernels():
-    global _launchers
+    global _launchers, _direct, _cuda_launch
     if _launchers is None:
-        from . import _triton_gated
+        from . import _cuda_launch as cuda_launch, _direct as direct, _triton_gated
 
-        _launchers = _triton_gated
+        _direct, _cuda_launch, _launchers = direct, cuda_launch, _triton_gated
     return _launchers
 
 
@@ -374,7 +374,8 @@ class _GatedFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: the kernels have no second derivative; the reference's
             # gradients, as a graph, do (gradient penalties come out right, not without the norm)
-            return (*_gradients_as_graph(ctx, dy, x, gate, weight), None, None, None, None, None, None, None)
+            return (*gradients_as_graph(dy, x, gate, weight, ctx.eps, *ctx.settings, ctx.needs_input_grad[:3]),
+                    None, None, None, None, None, None, None)
         if ctx.cpu is None:
             dx, dz, dw = _bwd_impl(dy, x, gate, weight, rstd, *ctx.settings)
         else:
@@ -387,12 +388,13 @@ class _GatedFunction(torch.autograd.Function):
 _apply_gated = _C_APPLY.__get__(None, _GatedFunction) if _apply_norm is not None else None
 
 
-def _gradients_as_graph(ctx, dy, x, gate, weight) -> tuple:
-    offset, size, before, sigmoid, cast_input = ctx.settings
-    inputs, needs = (x, gate, weight), ctx.needs_input_grad[:3]
+def gradients_as_graph(dy, x, gate, weight, eps, offset, size, before, sigmoid, cast_input, needs) -> tuple:
+    """The gradients of x, gate and weight that ``needs`` asks for (None for the others) as a
+    graph of the torch composition, for create_graph=True (also the C++ operator's node's)."""
+    inputs = (x, gate, weight)
     with torch.enable_grad():
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        y = _composite(x, gate, weight, ctx.eps, offset, size, before, "sigmoid" if sigmoid else "silu",
+        y = _composite(x, gate, weight, eps, offset, size, before, "sigmoid" if sigmoid else "silu",
                        "input" if cast_input else "float32", compute)
         grads = iter(torch.autograd.grad(y, [t for t, need in zip(inputs, needs) if need], dy, create_graph=True))
     return tuple(next(grads) if need else None for need in needs)
@@ -444,6 +446,15 @@ def gated_rms_norm(
     return dispatch(x, gate, weight, eps, group_size, norm_before_gate, activation, cast_mode, offset)
 
 
+def _eager(args: tuple, unwrap: bool) -> Tensor:
+    """The Triton path in Python: no autograd node where nothing needs a gradient, else as the
+    plain norms: Function.apply's Python only unwraps the tensors a finished torch.func
+    transform left behind (``unwrap``); without them its C++ apply is called directly."""
+    if not needs_grad(*args[:3]):
+        return _fwd_impl(*args)[0]
+    return _GatedFunction.apply(*args, None) if unwrap else _apply_gated(*args, None)
+
+
 def dispatch(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: float, group_size: Optional[int],
              norm_before_gate: bool, activation: str, cast_mode: str, offset: float = 0.0) -> Tensor:
     """``gated_rms_norm`` past its argument checks, for a caller that has made them
@@ -454,13 +465,22 @@ def dispatch(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: f
                 cast_mode == "input")
         if torch.compiler.is_compiling() or _tracing_state() is not None:
             return _fwd_op(*args)[0]
-        if not needs_grad(x, gate, weight):
-            return _fwd_impl(*args)[0]  # nothing to differentiate: no autograd node at all
-        # eager, as the plain norms: Function.apply's Python only unwraps the tensors a finished
-        # torch.func transform left behind; without them its C++ apply is called directly
-        if _needs_function_apply(x, gate, weight):
-            return _GatedFunction.apply(*args, None)
-        return _apply_gated(*args, None)
+        launchers = _launchers or _kernels()
+        unwrap = _needs_function_apply(x, gate, weight)
+        if (_cuda_launch.ENABLED and (x.is_cuda or _cuda_launch.cpu_stub) and not unwrap
+                and _direct.plain_launches()):
+            # as the plain norms (_norm._run_kernels): the C++ operator allocates, launches and
+            # records the node where it has a plan for this kind of call; else the Python path,
+            # and its launch's plan
+            y, family = _cuda_launch.gated_forward(x, *args[1:])
+            if y is not None:
+                launchers.LAUNCHES["gated_fwd"] += 1  # counted as the Python path counts its launches
+                return y
+            if family is not None:
+                y, record = _cuda_launch.recorded(launchers, _eager, args, unwrap)
+                _cuda_launch.learn_gated_forward(family, record, x)
+                return y
+        return _eager(args, unwrap)
     if x.shape[-1] == 0:
         return x.new_empty(x.shape, dtype=output_dtype(x.dtype, gate, weight, norm_before_gate, cast_mode))
     if _autocasting(x.device.type):
