@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .ops import gated_rms_norm, layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 from .ops.gated_rms_norm import check_settings, dispatch, gated_rms_norm_ref
-from .ops._module_calls import kernels_for_module, kernels_settled, settle
+from .ops._module_calls import gated_settled, kernels_for_module, kernels_settled, settle, settle_gated
 from .ops._norm import CAST_MODES, _any_autocast, selected_backend
 from .ops.layer_norm import torch_layer_norm_computes
 from .ops.rms_norm import _kernel_call_for_module, settle_on_cpu
@@ -299,11 +299,20 @@ class FusedGatedRMSNorm(nn.Module):
             nn.init.constant_(self.weight, 1.0 - self.offset)
 
     variance_epsilon = _VARIANCE_EPSILON
-
+    # what the last call through the C++ launch operator settled for the next ones
+    # (``_module_calls.settle_gated``), or None
+    _settled = None
 
     def forward(self, hidden_states: Tensor, gate: Optional[Tensor] = None) -> Tensor:
         weight = self._parameters["weight"] if "weight" in self._parameters else self.weight
         x = hidden_states
+        settled = self._settled
+        if settled is not None:
+            # a call like the last one the operator took: straight to it
+            settings = (self.group_size, self.norm_before_gate, self.activation, self.cast_mode)
+            y = gated_settled(settled, x, gate, weight, self.eps, self.offset, settings)
+            if y is not None:
+                return y
         if (
             isinstance(x, Tensor) and not x.is_cuda and selected_backend() != "triton" and not _any_autocast()
             and (gate is None or gate.shape == x.shape) and x.shape[-1:] == (self.hidden_size,)
@@ -321,8 +330,14 @@ class FusedGatedRMSNorm(nn.Module):
         ):
             # this module's settings were checked when it was built, its inputs just now: past
             # the op's per-call checks, which cost as much host time as a small call's kernels
-            return dispatch(x, gate, weight, self.eps, self.group_size, self.norm_before_gate, self.activation,
-                            self.cast_mode, self.offset)
+            y = dispatch(x, gate, weight, self.eps, self.group_size, self.norm_before_gate, self.activation,
+                         self.cast_mode, self.offset)
+            if not torch.compiler.is_compiling():  # (a traced graph would hold the assignment)
+                now = settle_gated(x, gate, weight, (self.group_size, self.norm_before_gate, self.activation,
+                                                     self.cast_mode))
+                if now != settled:
+                    self._settled = now
+            return y
         return gated_rms_norm(  # says what is wrong
             x, gate, weight, self.eps, group_size=self.group_size,
             norm_before_gate=self.norm_before_gate, activation=self.activation, cast_mode=self.cast_mode,

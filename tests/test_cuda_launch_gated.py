@@ -225,6 +225,80 @@ _CHILD = textwrap.dedent('''
             gated_rms_norm(x, z, w, **settings)
         assert [t.data_ptr() for t in packed[:3]] == [t.data_ptr() for t in (x, z, w)] and len(packed) == 4
         print("gated operator second derivatives checked")
+
+        # A module's calls once one has gone to the operator: straight there with the family that
+        # call settled (_module_calls.gated_settled), the general way (dispatch) not asked, with
+        # the reference's numbers; whatever changed since sends a call the general way.
+        import copy
+        from hf_rmsnorm import FusedGatedRMSNorm, modules
+
+        general = []
+        real_dispatch = modules.dispatch
+
+        def counted(*args, **kwargs):
+            general.append(1)
+            return real_dispatch(*args, **kwargs)
+
+        def through(module, x, z):
+            """(y, calls the general way took, the operator's gated forwards) for one call"""
+            calls, launches = len(general), C.launch_counts(gated=True)[0]
+            y = module(x, z)
+            return y, len(general) - calls, C.launch_counts(gated=True)[0] - launches
+
+        modules.dispatch = counted
+        torch.manual_seed(2)
+        m = FusedGatedRMSNorm(256, eps=1e-5, group_size=64)
+        with torch.no_grad():
+            m.weight.normal_()
+        x, z = torch.randn(16, 256, requires_grad=True), torch.randn(16, 256, requires_grad=True)
+        settings = dict(eps=1e-5, group_size=64, norm_before_gate=False, activation="silu", cast_mode="input")
+        python_launches(x, z, m.weight, settings, torch.randn(16, 256))  # the plans, from the functional calls
+        run(x, z, m.weight, settings, torch.randn(16, 256))
+        assert m._settled is None
+        _, taken, _ = through(m, x, z)
+        assert taken == 1 and m._settled is not None
+        y_ref = gated_rms_norm_ref(x.detach().double(), z.detach().double(), m.weight.detach().double(), eps=1e-5,
+                                   group_size=64).float()
+        stub["write"] = lambda function, values: ctypes.memmove(values[3], y_ref.data_ptr(), y_ref.numel() * 4)
+        y, taken, launched = through(m, x, z)
+        stub["write"] = None
+        assert (taken, launched) == (0, 1) and torch.equal(y, y_ref) and y.grad_fn.name() == "HFGatedNormBackward"
+        with torch.no_grad():
+            y, taken, launched = through(m, x, z)
+        assert (taken, launched) == (0, 1) and y.grad_fn is None
+
+        def general_way(module, x, z):
+            y, taken, launched = through(module, x, z)
+            assert taken == 1, "the settled call took it"
+            return y, launched
+
+        general_way(m, torch.randn(256, 16).t(), z)  # x no view lays out in rows
+        python_launches(x, None, m.weight, settings, torch.randn(16, 256))  # the stub's view of its kernels
+        general_way(m, x, None)  # no gate: another family
+        assert through(m, x, None)[1:] == (0, 1)  # which is now the settled one
+        general_way(m, x, z)
+        C.ENABLED = False
+        assert general_way(m, x, z)[1] == 0 and m._settled is None  # off: settles nothing
+        C.ENABLED = True
+        general_way(m, x, z)
+        os.environ["HF_RMSNORM_BACKEND"] = "torch"
+        assert through(m, x, z)[2] == 0  # the operator asks the backend: the torch path serves, settled as it was
+        os.environ["HF_RMSNORM_BACKEND"] = "triton"
+        assert through(m, x, z)[1:] == (0, 1)
+        m.norm_before_gate = True  # a setting changed: another family, found the general way
+        python_launches(x, z, m.weight, dict(settings, norm_before_gate=True), torch.randn(16, 256))
+        general_way(m, x, z)
+        assert m._settled[2][1] is True and through(m, x, z)[1:] == (0, 1)
+        m.norm_before_gate = False
+        general_way(m, x, z)
+        twin = copy.deepcopy(m)  # a copy holds a copy of this process's token: it settles afresh
+        general_way(twin, x, z)
+        assert through(twin, x, z)[1:] == (0, 1)
+        launches = C.launch_counts(gated=True)[0]
+        torch.compile(m, backend="eager", fullgraph=True)(x, z)  # through the custom op, not the operator
+        assert C.launch_counts(gated=True)[0] == launches
+        modules.dispatch = real_dispatch
+        print("gated operator settled module calls checked")
 ''')
 
 
@@ -240,3 +314,4 @@ def test_the_gated_operator_launches_as_triton_would_and_its_node_passes_the_for
     assert "gated operator launches checked: 7" in stdout, stdout
     assert "gated operator bypasses checked" in stdout, stdout
     assert "gated operator second derivatives checked" in stdout, stdout
+    assert "gated operator settled module calls checked" in stdout, stdout

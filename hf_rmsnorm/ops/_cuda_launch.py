@@ -204,12 +204,22 @@ def gated_forward(x, gate, weight, eps: float, offset: float, size: int, norm_be
     the launchers); the caller then calls :func:`learn_gated_forward`."""
     if _gated_op is None and ops() is None:
         return None, None
-    key = ("gated", x.shape[-1], size, x.dtype, gate.dtype if gate is not None else None,
-           weight.dtype if weight is not None else None, norm_before_gate, sigmoid, cast_input, x.get_device())
+    key = _gated_key(x, gate, weight, size, norm_before_gate, sigmoid, cast_input)
     family = _FAMILIES.get(key)
     if family is None:
         family = _new_gated_family(key, gate, weight)
     return _gated_op(x, gate, weight, eps, offset, family), family
+
+
+def _gated_key(x, gate, weight, size: int, norm_before_gate: bool, sigmoid: bool, cast_input: bool) -> tuple:
+    return ("gated", x.shape[-1], size, x.dtype, gate.dtype if gate is not None else None,
+            weight.dtype if weight is not None else None, norm_before_gate, sigmoid, cast_input, x.get_device())
+
+
+def gated_family_of_call(x, gate, weight, size: int, norm_before_gate: bool, sigmoid: bool,
+                         cast_input: bool) -> Optional[int]:
+    """The gated family :func:`gated_forward` has made for this kind of call, or None."""
+    return _FAMILIES.get(_gated_key(x, gate, weight, size, norm_before_gate, sigmoid, cast_input))
 
 
 def _new_gated_family(key, gate, weight) -> int:

@@ -1,12 +1,14 @@
 """A ``FusedRMSNorm`` / ``FusedLayerNorm`` call past the functional op's per-call checks: on
 the kernels with only what can change between calls asked (``kernels_for_module``), and, once a
 call has gone through a C++ operator, straight to that operator with what the call settled
-(``settle``, ``rms_norm.settle_on_cpu``, ``kernels_settled``). ``modules.py`` calls these; the
-general way (``_norm.normalize``) takes whatever they leave.
+(``settle``, ``rms_norm.settle_on_cpu``, ``kernels_settled``); a ``FusedGatedRMSNorm``'s alike
+(``settle_gated``, ``gated_settled``). ``modules.py`` calls these; the general way
+(``_norm.normalize``, ``gated_rms_norm.dispatch``) takes whatever they leave.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -18,6 +20,10 @@ from ._norm import (
     _use_triton, transforms_active,
 )
 
+
+# the gated op's module (the package exports its function under the same name): its launchers'
+# globals are set on their first call
+_gated = importlib.import_module(".gated_rms_norm", __package__)
 
 # A module's settled call (``settle``, ``kernels_settled``) holds this process's object: the C++
 # launch operator's family ids are this process's own, and a copied or unpickled module holds a
@@ -70,6 +76,38 @@ def kernels_settled(settled: tuple, x: Tensor, weight: Optional[Tensor], bias: O
     y = cuda_launch._norm_op(x, weight, bias, eps, offset, settled[0])
     if y is not None:
         _norm._launchers.LAUNCHES["norm_fwd"] += 1  # counted as the Python path counts its launches
+    return y
+
+
+def settle_gated(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], settings: tuple) -> Optional[tuple]:
+    """As :func:`settle`, for a ``FusedGatedRMSNorm`` whose call ``gated_rms_norm.dispatch``
+    has just run with ``settings`` (group size or None, norm_before_gate, activation,
+    cast_mode): (the operator's gated family, ``_SETTLED``, ``settings``), or None."""
+    cuda_launch = _gated._cuda_launch  # imported with the gated launchers, on their first call
+    if cuda_launch is None or not cuda_launch.ENABLED or not (x.is_cuda or cuda_launch.cpu_stub):
+        return None
+    size, before, activation, cast_mode = settings
+    family = cuda_launch.gated_family_of_call(x, gate, weight, size or x.shape[-1], before, activation == "sigmoid",
+                                              cast_mode == "input")
+    return None if family is None else (family, _SETTLED, settings)
+
+
+def gated_settled(settled: tuple, x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: float,
+                  offset: float, settings: tuple) -> Optional[Tensor]:
+    """As :func:`kernels_settled`, for a ``FusedGatedRMSNorm``: its call straight to the C++
+    launch operator's gated norm with the family ``settle_gated`` found, or None where the
+    general way must take it (torch.compile, torch.jit.trace, a transform, Triton's launch hooks,
+    the operator off, the module's settings changed; the operator checks the tensors and
+    ``HF_RMSNORM_BACKEND``). The gated norm ignores autocast, so autocast is not asked."""
+    if (torch.compiler.is_compiling() or _tracing_state() is not None or settled[1] is not _SETTLED
+            or settled[2] != settings):
+        return None
+    cuda_launch = _gated._cuda_launch
+    if not cuda_launch.ENABLED or transforms_active() or not _gated._direct.plain_launches():
+        return None
+    y = cuda_launch._gated_op(x, gate, weight, eps, offset, settled[0])
+    if y is not None:
+        _gated._launchers.LAUNCHES["gated_fwd"] += 1  # counted as the Python path counts its launches
     return y
 
 
