@@ -309,8 +309,7 @@ class FusedGatedRMSNorm(nn.Module):
         settled = self._settled
         if settled is not None:
             # a call like the last one the operator took: straight to it
-            settings = (self.group_size, self.norm_before_gate, self.activation, self.cast_mode)
-            y = gated_settled(settled, x, gate, weight, self.eps, self.offset, settings)
+            y = gated_settled(settled, x, gate, weight, self.eps, self.offset, self._kernel_settings())
             if y is not None:
                 return y
         if (
@@ -333,8 +332,7 @@ class FusedGatedRMSNorm(nn.Module):
             y = dispatch(x, gate, weight, self.eps, self.group_size, self.norm_before_gate, self.activation,
                          self.cast_mode, self.offset)
             if not torch.compiler.is_compiling():  # (a traced graph would hold the assignment)
-                now = settle_gated(x, gate, weight, (self.group_size, self.norm_before_gate, self.activation,
-                                                     self.cast_mode))
+                now = settle_gated(x, gate, weight, self._kernel_settings())
                 if now != settled:
                     self._settled = now
             return y
@@ -343,6 +341,10 @@ class FusedGatedRMSNorm(nn.Module):
             norm_before_gate=self.norm_before_gate, activation=self.activation, cast_mode=self.cast_mode,
             offset=self.offset,
         )
+
+    def _kernel_settings(self) -> tuple:
+        """The settings a settled call was found for (eps and offset are passed with each call)."""
+        return self.group_size, self.norm_before_gate, self.activation, self.cast_mode
 
     def extra_repr(self) -> str:
         parts = [f"{self.hidden_size}", f"eps={self.eps}"]

@@ -41,6 +41,26 @@ def run_with_compiled_kernels(tmp_path, source: str) -> str:
     return proc.stdout
 
 
+def run_operator_child(tmp_path, child: str) -> str:
+    """``child`` (a script template with ``{scripts}`` and ``{tests}`` for the repository's
+    folders, which it puts on its path for ``benchmark_cpu`` and ``launch_stub``) run with the
+    kernels compiled (``run_with_compiled_kernels``); its stdout. Skips where the C++ launch
+    operator cannot be tested here: no Triton, a Triton whose launchers it does not pack for, no
+    C++ compiler."""
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    from hf_rmsnorm.ops import _cpu_kernel
+    from hf_rmsnorm.ops._direct import _DIRECT_TRITON
+
+    if not _DIRECT_TRITON:
+        pytest.skip("the C++ launch packs the parameters of Triton 3.6-3.9's launchers")
+    if _cpu_kernel._compiler() is None:
+        pytest.skip("no C++ compiler here to build the operator with")
+    root = Path(__file__).resolve().parents[1]
+    return run_with_compiled_kernels(tmp_path, child.format(scripts=str(root / "scripts"), tests=str(root / "tests")))
+
+
 def direct_launch_agrees(monkeypatch, kernels, run, what) -> None:
     """``run()`` (a list of tensors) launched through Triton's own launch, then directly
     (``_direct``): the very same bits, the direct call (after one that fills its cache) without

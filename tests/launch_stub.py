@@ -57,3 +57,40 @@ def triton_kinds(bound):
 def as_float32(value: float) -> float:
     """``value`` as a float parameter is packed (4 bytes) and read back."""
     return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def decode_launches(calls, n_args: dict) -> list:
+    """Triton's launcher calls (``benchmark_cpu._NoLaunch.calls``) as dicts, and each compiled
+    kernel's parameter kinds set for the stub (``stub["by_function"]``). ``n_args``: kernel name
+    -> (leading arguments, pointers among them)."""
+    launches = []
+    for launcher, args in calls:
+        count, n_ptrs = n_args[launcher.name]
+        bound = list(args[9:9 + count])
+        kinds, kept = triton_kinds(bound)
+        kept_index = [i for i in range(count) if kept[i]]
+        stub["by_function"][args[4]] = ["ptr" if i < n_ptrs else k for i, k in zip(kept_index, kinds)] + ["u64", "u64"]
+        launches.append(dict(name=launcher.name, function=args[4], grid=args[:3], meta=args[5], bound=bound,
+                             kept_index=kept_index, n_ptrs=n_ptrs))
+    return launches
+
+
+def assert_launched_as(ours: dict, theirs: dict, same_pointers, what) -> None:
+    """The operator's launch ``ours`` (a stub call) is Triton's ``theirs`` (from
+    :func:`decode_launches`): grid, block, shared memory, no stream or extra, null scratch
+    pointers, every kept parameter; a pointer in ``same_pointers`` the same address, any other
+    (a fresh tensor in each) alike in 16-byte alignment. ``what`` names the case in a failure."""
+    warps, ctas, shared = theirs["meta"]
+    assert ours["grid"] == theirs["grid"] and ours["block"] == (32 * warps, 1, 1), (theirs["name"], ours, what)
+    assert ours["shared"] == shared and ctas == 1 and ours["stream"] is None and ours["extra"] is None, what
+    values, scratch = ours["values"][:-2], ours["values"][-2:]
+    assert scratch == [0, 0] and len(values) == len(theirs["kept_index"]), what
+    for i, v in zip(theirs["kept_index"], values):
+        e = theirs["bound"][i]
+        if i < theirs["n_ptrs"]:
+            e = e if type(e) is int else e.data_ptr()  # the direct launch hands Triton's launcher ints
+            assert (v == e) if i in same_pointers else (v % 16 == e % 16 == 0), (theirs["name"], i, what)
+        elif type(e) is float:
+            assert v == as_float32(e), (theirs["name"], i, v, e, what)
+        else:
+            assert v == e, (theirs["name"], i, v, e, what)

@@ -14,14 +14,11 @@ on a GPU is the GPU suite's part (``test_gpu.py::test_cpp_launch_computes_the_sa
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import pytest
 
-from conftest import run_with_compiled_kernels
+from conftest import run_operator_child
 from hf_rmsnorm.ops import _cpu_kernel
-
-ROOT = Path(__file__).resolve().parents[1]
 
 _CHILD = textwrap.dedent('''
     import ctypes, math, os, sys
@@ -29,7 +26,7 @@ _CHILD = textwrap.dedent('''
     sys.path[:0] = [{scripts!r}, {tests!r}]
     import torch
     from benchmark_cpu import _NoLaunch, triton_without_gpu
-    from launch_stub import ADDRESS, as_float32, stub, triton_kinds
+    from launch_stub import ADDRESS, as_float32, assert_launched_as, decode_launches, stub, triton_kinds
 
     with triton_without_gpu():
         from hf_rmsnorm.ops import _cuda_launch as C, _module_calls, _norm, layer_norm, rms_norm
@@ -222,17 +219,8 @@ _CHILD = textwrap.dedent('''
             _NoLaunch.calls = []
             torch.autograd.grad(call(kind, x, w, b, with_bias, offset), params, dy)
             calls, _NoLaunch.calls = _NoLaunch.calls, None
-            launches = []
-            for launcher, args in calls:
-                n_args, n_ptrs = N_ARGS[launcher.name]
-                bound = list(args[9:9 + n_args])
-                kinds, kept = triton_kinds(bound)
-                kept_index = [i for i in range(n_args) if kept[i]]
-                stub["by_function"][args[4]] = ["ptr" if i < n_ptrs else k for i, k in zip(kept_index, kinds)] + ["u64", "u64"]
-                launches.append(dict(name=launcher.name, function=args[4], grid=args[:3], meta=args[5], bound=bound,
-                                     kept_index=kept_index))
             C.cpu_stub = True
-            return launches
+            return decode_launches(calls, N_ARGS)
 
         backward_cases = [
             ("layer", inputs(16, 1024, dtype=torch.float32), True, 0.0),
@@ -270,23 +258,8 @@ _CHILD = textwrap.dedent('''
             assert [c["function"] for c in stub["calls"]] == [l["function"] for l in python], (kind, attempt)
             assert C.launch_counts() == [counts[0] + 1, counts[1] + 1, counts[2] + 1]
             for ours, theirs in zip(stub["calls"], python):
-                warps, ctas, shared = theirs["meta"]
-                assert ours["grid"] == theirs["grid"] and ours["block"] == (32 * warps, 1, 1), (theirs["name"], ours)
-                assert ours["shared"] == shared and ctas == 1 and ours["stream"] is None
-                values, scratch = ours["values"][:-2], ours["values"][-2:]
-                assert scratch == [0, 0] and len(values) == len(theirs["kept_index"])
-                n_ptrs = N_ARGS[theirs["name"]][1]
-                for i, v in zip(theirs["kept_index"], values):
-                    e = theirs["bound"][i]
-                    if i < n_ptrs:
-                        e = e if type(e) is int else e.data_ptr()  # the direct launch hands Triton's launcher ints
-                        # the same tensors where both hold them (x, weight, dy); fresh ones alike in alignment
-                        same = theirs["name"] == "_norm_bwd_kernel" and i in (0, 1, 2)
-                        assert (v == e) if same else (v % 16 == e % 16 == 0), (theirs["name"], i)
-                    elif type(e) is float:
-                        assert v == as_float32(e), (theirs["name"], i, v, e)
-                    else:
-                        assert v == e, (theirs["name"], i, v, e)
+                # the same tensors where both hold them (the backward's x, weight, dy); fresh ones alike in alignment
+                assert_launched_as(ours, theirs, (0, 1, 2) if theirs["name"] == "_norm_bwd_kernel" else (), kind)
             bwd_values, sum_values = stub["calls"][1]["values"], stub["calls"][2]["values"]
             assert sum_values[0] == bwd_values[4]  # the sums read the partials the backward wrote
             assert grads[0].data_ptr() == bwd_values[3]
@@ -515,14 +488,7 @@ _CHILD = textwrap.dedent('''
 
 
 def test_the_operator_launches_as_triton_would_and_its_node_passes_the_forwards_tensors(tmp_path):
-    pytest.importorskip("triton")
-    from hf_rmsnorm.ops._direct import _DIRECT_TRITON
-
-    if not _DIRECT_TRITON:
-        pytest.skip("the C++ launch packs the parameters of Triton 3.6-3.9's launchers")
-    if _cpu_kernel._compiler() is None:
-        pytest.skip("no C++ compiler here to build the operator with")
-    stdout = run_with_compiled_kernels(tmp_path, _CHILD.format(scripts=str(ROOT / "scripts"), tests=str(ROOT / "tests")))
+    stdout = run_operator_child(tmp_path, _CHILD)
     assert "operator launches checked: 11" in stdout, stdout
     assert "operator numbers checked" in stdout, stdout
     assert "operator bypasses checked" in stdout, stdout

@@ -8,14 +8,8 @@ wrote. In a child process with the kernels compiled for sm_90 and launches stubb
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
-import pytest
-
-from conftest import run_with_compiled_kernels
-from hf_rmsnorm.ops import _cpu_kernel
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_operator_child
 
 _CHILD = textwrap.dedent('''
     import ctypes, os, sys
@@ -23,7 +17,7 @@ _CHILD = textwrap.dedent('''
     sys.path[:0] = [{scripts!r}, {tests!r}]
     import torch
     from benchmark_cpu import _NoLaunch, triton_without_gpu
-    from launch_stub import ADDRESS, as_float32, stub, triton_kinds
+    from launch_stub import ADDRESS, assert_launched_as, decode_launches, stub
 
     with triton_without_gpu():
         from hf_rmsnorm.ops import _cuda_launch as C, _triton_gated as T
@@ -72,16 +66,7 @@ _CHILD = textwrap.dedent('''
             run(x, z, w, settings, dy)
             calls, _NoLaunch.calls = _NoLaunch.calls, None
             C.cpu_stub = True
-            launches = []
-            for launcher, args in calls:
-                n_args, n_ptrs = N_ARGS[launcher.name]
-                bound = list(args[9:9 + n_args])
-                kinds, kept = triton_kinds(bound)
-                kept_index = [i for i in range(n_args) if kept[i]]
-                stub["by_function"][args[4]] = ["ptr" if i < n_ptrs else k for i, k in zip(kept_index, kinds)] + ["u64", "u64"]
-                launches.append(dict(name=launcher.name, function=args[4], grid=args[:3], meta=args[5], bound=bound,
-                                     kept_index=kept_index, n_ptrs=n_ptrs))
-            return launches
+            return decode_launches(calls, N_ARGS)
 
         def reference(x, z, w, settings, dy):
             """The float64 reference's y, rstd per group row, and gradients, in the dtypes the
@@ -143,22 +128,9 @@ _CHILD = textwrap.dedent('''
             assert [c["function"] for c in stub["calls"]] == [fwd_fn, bwd_fn]
             assert y.grad_fn.name() == "HFGatedNormBackward"
             for ours, theirs in zip(stub["calls"], python):
-                warps, ctas, shared = theirs["meta"]
-                assert ours["grid"] == theirs["grid"] and ours["block"] == (32 * warps, 1, 1), (theirs["name"], ours)
-                assert ours["shared"] == shared and ctas == 1 and ours["stream"] is None and ours["extra"] is None
-                values, scratch = ours["values"][:-2], ours["values"][-2:]
-                assert scratch == [0, 0] and len(values) == len(theirs["kept_index"])
                 # the inputs the call was given are the same memory in both; fresh outputs alike in alignment
                 same = (0, 1, 2) if theirs["name"] == "_gated_fwd_kernel" else (0, 1, 2, 3)
-                for i, v in zip(theirs["kept_index"], values):
-                    e = theirs["bound"][i]
-                    if i < theirs["n_ptrs"]:
-                        e = e if type(e) is int else e.data_ptr()
-                        assert (v == e) if i in same else (v % 16 == e % 16 == 0), (theirs["name"], i, settings)
-                    elif type(e) is float:
-                        assert v == as_float32(e), (theirs["name"], i, v, e)
-                    else:
-                        assert v == e, (theirs["name"], i, v, e, settings)
+                assert_launched_as(ours, theirs, same, settings)
             fwd_values, bwd_values = (c["values"] for c in stub["calls"])
             assert fwd_values[4] == bwd_values[4], "the backward reads the forward's rstd"
             assert torch.equal(y, y_ref), (y.float() - y_ref.float()).abs().max()
@@ -303,14 +275,7 @@ _CHILD = textwrap.dedent('''
 
 
 def test_the_gated_operator_launches_as_triton_would_and_its_node_passes_the_forwards_tensors(tmp_path):
-    pytest.importorskip("triton")
-    from hf_rmsnorm.ops._direct import _DIRECT_TRITON
-
-    if not _DIRECT_TRITON:
-        pytest.skip("the C++ launch packs the parameters of Triton 3.6-3.9's launchers")
-    if _cpu_kernel._compiler() is None:
-        pytest.skip("no C++ compiler here to build the operator with")
-    stdout = run_with_compiled_kernels(tmp_path, _CHILD.format(scripts=str(ROOT / "scripts"), tests=str(ROOT / "tests")))
+    stdout = run_operator_child(tmp_path, _CHILD)
     assert "gated operator launches checked: 7" in stdout, stdout
     assert "gated operator bypasses checked" in stdout, stdout
     assert "gated operator second derivatives checked" in stdout, stdout

@@ -194,7 +194,7 @@ def forward(torch_impl, x, weight, bias, eps: float, offset: float, is_rms: bool
     key = _family_key(torch_impl, x, weight, bias, is_rms, rounding)
     family = _FAMILIES.get(key)
     if family is None:
-        family = _new_family(key, weight, bias)
+        family = _new_family(key, _norm_family, weight, bias)
     return _norm_op(x, weight, bias, eps, offset, family), family
 
 
@@ -207,7 +207,7 @@ def gated_forward(x, gate, weight, eps: float, offset: float, size: int, norm_be
     key = _gated_key(x, gate, weight, size, norm_before_gate, sigmoid, cast_input)
     family = _FAMILIES.get(key)
     if family is None:
-        family = _new_gated_family(key, gate, weight)
+        family = _new_family(key, _gated_family, gate, weight)
     return _gated_op(x, gate, weight, eps, offset, family), family
 
 
@@ -222,18 +222,14 @@ def gated_family_of_call(x, gate, weight, size: int, norm_before_gate: bool, sig
     return _FAMILIES.get(_gated_key(x, gate, weight, size, norm_before_gate, sigmoid, cast_input))
 
 
-def _new_gated_family(key, gate, weight) -> int:
+def _gated_family(key, gate, weight) -> tuple:
+    """(the operator's new gated family for ``key``, its _FAMILY_REF entry)."""
     from .gated_rms_norm import output_dtype
 
     _, n, size, x_dtype, z_dtype, w_dtype, before, sigmoid, cast_input, device = key
-    with _LOCK:
-        family = _FAMILIES.get(key)
-        if family is None:
-            y_dtype = output_dtype(x_dtype, gate, weight, before, "input" if cast_input else "float32")
-            family = _ops.new_gated_family(x_dtype, z_dtype, w_dtype, y_dtype, n, size, device)
-            _FAMILY_REF.append((None, (size, before, sigmoid, cast_input), None, None, y_dtype))
-            _FAMILIES[key] = family
-    return family
+    y_dtype = output_dtype(x_dtype, gate, weight, before, "input" if cast_input else "float32")
+    return (_ops.new_gated_family(x_dtype, z_dtype, w_dtype, y_dtype, n, size, device),
+            (None, (size, before, sigmoid, cast_input), None, None, y_dtype))
 
 
 def _family_key(torch_impl, x, weight, bias, is_rms: bool, rounding: int) -> tuple:
@@ -246,19 +242,27 @@ def family_of_call(torch_impl, x, weight, bias, is_rms: bool, rounding: int) -> 
     return _FAMILIES.get(_family_key(torch_impl, x, weight, bias, is_rms, rounding))
 
 
-def _new_family(key, weight, bias) -> int:
+def _norm_family(key, weight, bias) -> tuple:
+    """(the operator's new family for ``key``, its _FAMILY_REF entry)."""
     from . import _norm, _triton_norm
 
     n, x_dtype, w_dtype, b_dtype, is_rms, rounding, device, torch_impl = key
     cast_mode = _norm.CAST_MODES[rounding]
+    # fwd_tiles's choice of tiles depends on the row count only through this threshold
+    threshold = _triton_norm._MIN_FWD_PROGRAMS * _triton_norm._FWD_ROWS
+    y_dtype = _norm.output_dtype(x_dtype, weight, bias, cast_mode)
+    return (_ops.new_family(x_dtype, w_dtype, b_dtype, y_dtype, n, device, is_rms, rounding, threshold),
+            (torch_impl, cast_mode, is_rms, rounding, y_dtype))
+
+
+def _new_family(key, make, *args) -> int:
+    """The family for ``key``, made once by ``make(key, *args)`` (:func:`_norm_family`,
+    :func:`_gated_family`): under the lock, so that _FAMILY_REF's index stays the operator's id."""
     with _LOCK:
         family = _FAMILIES.get(key)
         if family is None:
-            # fwd_tiles's choice of tiles depends on the row count only through this threshold
-            threshold = _triton_norm._MIN_FWD_PROGRAMS * _triton_norm._FWD_ROWS
-            y_dtype = _norm.output_dtype(x_dtype, weight, bias, cast_mode)
-            family = _ops.new_family(x_dtype, w_dtype, b_dtype, y_dtype, n, device, is_rms, rounding, threshold)
-            _FAMILY_REF.append((torch_impl, cast_mode, is_rms, rounding, y_dtype))
+            family, ref = make(key, *args)
+            _FAMILY_REF.append(ref)
             _FAMILIES[key] = family
     return family
 

@@ -127,10 +127,28 @@ std::optional<std::array<at::Tensor, 3>> backward_launches(int64_t family, const
 using Backward = std::vector<at::Tensor>(const at::Tensor &, const at::Tensor &, const OptTensor &, const OptTensor &,
                                          const OptTensor &, const at::Tensor &, double, double, int64_t, int64_t);
 
-struct NormBackward : public torch::autograd::Node {
-    SavedVariable x_, w_, b_, mean_, rstd_;
+// What both operators' nodes keep besides their tensors.
+struct LaunchNode : public torch::autograd::Node {
     double eps_ = 0, offset_ = 0;
     int64_t family_ = 0;
+};
+
+// A new node of type N recorded as y's grad_fn, its edges to the inputs x, a, b (an absent one's
+// edge invalid); the caller saves the tensors its backward reads.
+template <class N, class A, class B>
+auto record_node(at::Tensor &y, const at::Tensor &x, const A &a, const B &b, double eps, double offset,
+                 int64_t family) {
+    auto node = make_node<N>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, a, b));
+    node->eps_ = eps;
+    node->offset_ = offset;
+    node->family_ = family;
+    torch::autograd::set_history(y, node);
+    return node;
+}
+
+struct NormBackward : public LaunchNode {
+    SavedVariable x_, w_, b_, mean_, rstd_;
 
     std::string name() const override { return "HFNormBackward"; }
 
@@ -174,17 +192,12 @@ at::Tensor norm(const at::Tensor &x, const OptTensor &w, const OptTensor &b, dou
     const double floats[2] = {eps, offset};
     launch(*plan, kForward, ptrs, ints, floats, programs_for(*plan, m), stream);
     if (!torch::autograd::compute_requires_grad(x, w, b)) return y;
-    auto node = make_node<NormBackward>();
-    node->set_next_edges(torch::autograd::collect_next_edges(x, w, b));
+    auto node = record_node<NormBackward>(y, x, w, b, eps, offset, family);
     node->x_ = SavedVariable(x, false);
     node->w_ = SavedVariable(w.has_value() ? *w : at::Tensor(), false);
     node->b_ = SavedVariable(b.has_value() ? *b : at::Tensor(), false);
     node->mean_ = SavedVariable(mean, false);
     node->rstd_ = SavedVariable(rstd, false);
-    node->eps_ = eps;
-    node->offset_ = offset;
-    node->family_ = family;
-    torch::autograd::set_history(y, node);
     return y;
 }
 
@@ -284,10 +297,8 @@ std::optional<std::array<at::Tensor, 3>> gated_backward_launches(int64_t family,
 using GatedBackward = std::vector<at::Tensor>(const at::Tensor &, const at::Tensor &, const OptTensor &,
                                               const OptTensor &, const at::Tensor &, double, double, int64_t, int64_t);
 
-struct GatedNormBackward : public torch::autograd::Node {
+struct GatedNormBackward : public LaunchNode {
     SavedVariable x_, z_, w_, rstd_;
-    double eps_ = 0, offset_ = 0;
-    int64_t family_ = 0;
 
     std::string name() const override { return "HFGatedNormBackward"; }
 
@@ -334,16 +345,11 @@ at::Tensor gated_norm(const at::Tensor &x, const OptTensor &z, const OptTensor &
     launch(*plan, kGatedForward, ptrs, ints, floats, groups * programs_for(*plan, m), stream);
     const at::Tensor zt = f.has_z ? *z : at::Tensor(), wt = f.has_w ? *w : at::Tensor();
     if (!torch::autograd::compute_requires_grad(x, zt, wt)) return y;
-    auto node = make_node<GatedNormBackward>();
-    node->set_next_edges(torch::autograd::collect_next_edges(x, zt, wt));
+    auto node = record_node<GatedNormBackward>(y, x, zt, wt, eps, offset, family);
     node->x_ = SavedVariable(x, false);
     node->z_ = SavedVariable(zt, false);
     node->w_ = SavedVariable(wt, false);
     node->rstd_ = SavedVariable(rstd, false);
-    node->eps_ = eps;
-    node->offset_ = offset;
-    node->family_ = family;
-    torch::autograd::set_history(y, node);
     return y;
 }
 
