@@ -34,6 +34,8 @@
 #                                                  # the HF classes eager and compiled), in $OUT/kernels_gated.md
 #   STEPS=gatedprof bash scripts/gpu_check.sh     # not in the default set: our gated calls kernel by kernel and
 #                                                  # their host time (profile_norms.py), in $OUT/gated_profile/
+#   STEPS=gemmprobe bash scripts/gpu_check.sh     # not in the default set: Llama-1B's GEMMs timed alone on what each
+#                                                  # variant's linears multiplied (probe_gemm_data.py), in $OUT/gemm_probe/
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick=""
@@ -115,13 +117,16 @@ step gated 90 "$PY" scripts/benchmark_kernels.py $quick --gated --out "$OUT" --n
 # backward kernel) and host time, at Qwen3.5's heads and Mamba2's 8 groups
 [ -z "$quick" ] && step gatedprof 60 "$PY" scripts/profile_norms.py --shapes 262144x128,16384x8192 --iters 20 \
   --providers "hf_rmsnorm gated: gate after,hf_rmsnorm gated: gate before in 8 groups" --out "$OUT/gated_profile"
+# the Llama rows' matmul gap (run 17): the same GEMMs on each variant's own tensors, timed alone
+# (three 1B models built and warmed up in turn, then 3 rounds of 126 do_bench calls: ≈ 60 s)
+step gemmprobe 120 "$PY" scripts/probe_gemm_data.py $quick --out "$OUT/gemm_probe"
 # token-by-token generation: a few rows a norm call, so the norms' host time decides
 step generate 150 "$PY" scripts/benchmark_generation.py $quick --out "$OUT/generate"
 
 echo
 grep -E "^(FAILED|ERROR)|passed|failed|skipped" "$OUT/tests.log" 2>/dev/null | cut -c1-400
-for f in gated_profile/profile kernels_gated generate/generation cpp/kernels_cpp cpp/training direct/training trainprof/training tune_gpt2/tuning tuning host_probe profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
-  [ -f "$OUT/$f.md" ] && sed -n '/^# /p;/^copy/p;/^torch/p;/^|/p;/^- /p;/^`do_bench`/p;/^CUDA-graph/p;/against the Identity row/p' "$OUT/$f.md"
+for f in gemm_probe/gemm_probe gated_profile/profile kernels_gated generate/generation cpp/kernels_cpp cpp/training direct/training trainprof/training tune_gpt2/tuning tuning host_probe profile kernels_fp32 kernels_bf16_fp32w kernels_bf16 training; do
+  [ -f "$OUT/$f.md" ] && sed -n '/^# /p;/^copy/p;/^torch/p;/^|/p;/^- /p;/^`do_bench`/p;/^CUDA-graph/p;/against the Identity row/p;/^× /p' "$OUT/$f.md"
 done
 cat "$OUT/steps.txt" 2>/dev/null
 exit $status

@@ -629,20 +629,22 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_the_tables(tmp_path):
         pytest.skip("a GPU is present: the dry run would time the real kernels")
     out = tmp_path / "gpu"
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OUT": str(out),
-           "STEPS": "tests,bench,training,mixed,fp32,tune,trainprof,direct,cpp,cppkernels,gated,generate", "PYTHON": sys.executable}
+           "STEPS": "tests,bench,training,mixed,fp32,tune,trainprof,direct,cpp,cppkernels,gated,gemmprobe,generate", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--quick"], capture_output=True, text=True,
                           cwd=ROOT, timeout=900, env=env)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-2000:])
     steps = (out / "steps.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in steps] == [
         f"== {s}" for s in ("tests", "bench", "training", "mixed", "fp32", "tune", "trainprof", "direct", "cpp", "cppkernels",
-                             "gated", "generate")]
+                             "gated", "gemmprobe", "generate")]
     assert all(": exit 0 in" in line for line in steps), steps
     for name in ("kernels_bf16", "kernels_bf16_fp32w", "kernels_fp32", "training", "tuning", "trainprof/training", "direct/training",
-                 "cpp/training", "cpp/kernels_cpp", "kernels_gated", "generate/generation"):
+                 "cpp/training", "cpp/kernels_cpp", "kernels_gated", "generate/generation",
+                 "gemm_probe/gemm_probe"):
         assert (out / f"{name}.json").is_file() and (out / f"{name}.md").is_file(), name
     assert (out / "all.tgz").is_file()
     assert "| llama-1b |" in proc.stdout and "== generate: exit 0" in proc.stdout.splitlines()[-1]
+    assert "| **the layer** | all |" in proc.stdout
     assert "| hf_rmsnorm gated: gate after |" in proc.stdout
     assert "| gpt2-medium | fp32 | 1 | 8 + 4 | rmsnorm |" in proc.stdout
     assert "| gpt2-medium | bf16 params | rmsnorm+triton |" in proc.stdout
