@@ -213,6 +213,14 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _tracing_state = torch._C._get_tracing_state
 
 
+# Whether torch.export traces (torch >= 2.7 says so). The program it records is one graph for
+# every later call, with gradients or without, and its trace sees parameters that do not require
+# grad: a choice by ``needs_grad`` would bake in the torch path's in-place work (an affine written
+# with out=, which autograd refuses; a buffer modified that autograd saved) and break the
+# program's calls with gradients. Under export the torch path is the plain composition.
+exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
 def needs_grad(*tensors: Optional[Tensor]) -> bool:
     """Whether autograd will differentiate through a call on ``tensors`` (None entries ignored).
     A loop, not ``any`` over a generator: asked once per norm call (0.3 against 0.8 µs, CI CPU)."""

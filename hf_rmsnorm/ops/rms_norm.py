@@ -17,7 +17,8 @@ from torch import Tensor
 
 from . import _cpu_kernel
 from ._norm import (
-    _PLAIN_TENSORS, ROUNDING, _tracing_state, affine_torch, backward_by_autograd, cast, compute_dtype, needs_grad, normalize, output_dtype,
+    _PLAIN_TENSORS, ROUNDING, _tracing_state, affine_torch, backward_by_autograd, cast, compute_dtype, exporting, needs_grad,
+    normalize, output_dtype,
     rounding_dtype, transformed, transforms_active, wanted_gradients_as_graph, weight_plus_offset,
 )
 
@@ -38,7 +39,8 @@ def rms_norm_ref(
     multiply by the weight in the promoted dtype (Llama). ``cast_mode="weight"``: the same but
     cast to the weight's dtype (T5).
     """
-    if x.is_cpu and not transformed():
+    # torch.export: its program must serve calls with gradients and without (see exporting)
+    if x.is_cpu and not transformed() and not exporting():
         compiled = _compiled_kernel(x, weight, bias, cast_mode)
         if compiled is not None:
             op, flags = compiled  # with its own autograd node, in C++
