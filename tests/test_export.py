@@ -8,79 +8,34 @@ import copy
 import pytest
 import torch
 
-from hf_rmsnorm import FusedGatedRMSNorm, FusedLayerNorm, FusedRMSNorm, patch_model
-from reference import gated_fp64, norm_fp64
+from hf_rmsnorm import patch_model
+from module_cases import CASES, assert_matches_fp64, call, inputs, make
 
 if not hasattr(torch.compiler, "is_exporting"):
     pytest.skip(f"torch {torch.__version__} does not say when torch.export traces (torch.compiler.is_exporting, 2.7+)",
                 allow_module_level=True)
 
-N, GROUP = 32, 8
-
-
-def _randomized(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if name == "weight" else 0.0))
-    return module
-
-
-# name -> (module, its float64 definition of (x, gate, params))
-CASES = {
-    "rmsnorm": (lambda: FusedRMSNorm(N), lambda x, z, p: norm_fp64("rms", x, p["weight"])),
-    "rmsnorm+bias (exact conversion)": (lambda: FusedRMSNorm(N, bias=True),
-                                        lambda x, z, p: norm_fp64("rms", x, p["weight"], p["bias"])),
-    "rmsnorm, Gemma's offset": (lambda: FusedRMSNorm(N, offset=1.0), lambda x, z, p: norm_fp64("rms", x, p["weight"], offset=1.0)),
-    "layernorm": (lambda: FusedLayerNorm(N), lambda x, z, p: norm_fp64("layer", x, p["weight"], p["bias"], eps=1e-5)),
-    "gated, Mamba2's order in groups": (lambda: FusedGatedRMSNorm(N, group_size=GROUP),
-                                        lambda x, z, p: gated_fp64(x, z, p["weight"], 1e-6, GROUP, False, "silu")),
-    "gated, Qwen3-Next's order": (lambda: FusedGatedRMSNorm(N, norm_before_gate=True),
-                                  lambda x, z, p: gated_fp64(x, z, p["weight"], 1e-6, None, True, "silu")),
-}
-
 
 class _Call(torch.nn.Module):
-    """The norm as a model's layer calls it: on x, and on the gate where it takes one."""
-
     def __init__(self, norm):
         super().__init__()
         self.norm = norm
 
     def forward(self, x, gate):
-        return self.norm(x, gate) if isinstance(self.norm, FusedGatedRMSNorm) else self.norm(x)
-
-
-def _close(got, want, dtype, what):
-    """fp32: a tight tolerance; bf16: the format's few roundings (the kernels round once or
-    twice a value; a weight gradient's fp32 sum once), relative to the tensor's largest value."""
-    rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (2**-6, 2**-6 * want.abs().max().item())
-    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+        return call(self.norm, x, gate)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", list(CASES))
 def test_an_exported_module_computes_its_function_with_and_without_gradients(case, dtype, backend):
-    make, definition = CASES[case]
-    g = torch.Generator().manual_seed(1)
-    x, gate, dy = (torch.randn(3, 5, N, generator=g).to(dtype) for _ in range(3))
-    program = torch.export.export(_Call(_randomized(make()).to(dtype)), (x, gate)).module()
-    params = dict(program.named_parameters())
-    params = {k.removeprefix("norm."): v for k, v in params.items()}
+    x, gate, dy = inputs(dtype)
+    program = torch.export.export(_Call(make(case, dtype)), (x, gate)).module()
+    params = {k.removeprefix("norm."): v for k, v in program.named_parameters()}
     xs, zs = x.clone().requires_grad_(True), gate.clone().requires_grad_(True)
     y = program(xs, zs)
     y.backward(dy)
-    x64, z64 = x.double().requires_grad_(True), gate.double().requires_grad_(True)
-    p64 = {k: v.detach().double().requires_grad_(True) for k, v in params.items()}
-    truth = definition(x64, z64, p64)
-    truth.backward(dy.double())
-    _close(y.detach(), truth.detach(), dtype, f"{case}, y")
-    pairs = [("x", xs.grad, x64.grad)] + [(k, v.grad, p64[k].grad) for k, v in params.items()]
-    if "gated" in case:
-        pairs.append(("gate", zs.grad, z64.grad))
-    for what, got, want in pairs:
-        assert got is not None, f"{case}: no gradient reached {what}"
-        _close(got, want, dtype, f"{case}, d{what}")
+    grads = {"x": xs.grad, "gate": zs.grad, **{k: v.grad for k, v in params.items()}}
+    assert_matches_fp64(case, dtype, y, grads, x, gate, params, dy)
     with torch.no_grad():
         torch.testing.assert_close(program(x, gate), y.detach(), rtol=0, atol=0)
 

@@ -117,7 +117,19 @@ def _use_triton(x: Tensor, device_type: str, weight: Optional[Tensor], bias: Opt
         and (bias is None or bias.dtype in _KERNEL_DTYPES)
         and 0 < x.shape[-1] <= _MAX_FUSED_N
         and not transformed()  # the kernels' autograd has no forward mode and no functorch rules
+        and kernel_tensors(x, weight, bias)
     )
+
+
+def kernel_tensors(*tensors: Optional[Tensor]) -> bool:
+    """Whether the kernels may take ``tensors`` (None entries ignored): plain tensors, or anything
+    while torch.compile or torch.export traces (fake tensors; the kernels' custom op has a fake
+    implementation). An eager subclass goes the torch way: a DTensor (tensor parallelism) splits
+    torch's ops by sharding rules of its own, and has none for the kernels' op."""
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TENSORS:
+            return torch.compiler.is_compiling()
+    return True
 
 
 # Device types torch's autocast knows. A constant set, not torch.amp.is_autocast_available:
@@ -219,6 +231,23 @@ _tracing_state = torch._C._get_tracing_state
 # with out=, which autograd refuses; a buffer modified that autograd saved) and break the
 # program's calls with gradients. Under export the torch path is the plain composition.
 exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def hand_written_ok(*tensors: Optional[Tensor]) -> bool:
+    """Whether the CPU torch path's hand-written pieces (the compiled kernel, the closed-form
+    backward, work done in place) may serve a call on ``tensors`` (None entries ignored): not
+    under a transform or torch.export (``transformed``, ``exporting``), and on plain tensors. A
+    subclass (DTensor, a wrapper) dispatches torch's ops by rules of its own, which cover the
+    composition's ops but not every in-place one (DTensor has none for ``unsqueeze_``). Under
+    torch.compile, yes: its fake tensors stand for plain ones, and it traces these pieces."""
+    if transformed() or exporting():
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TENSORS:
+            return False
+    return True
 
 
 def needs_grad(*tensors: Optional[Tensor]) -> bool:

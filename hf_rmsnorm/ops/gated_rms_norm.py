@@ -32,7 +32,7 @@ from torch import Tensor
 from . import _cpu_kernel
 from ._norm import (
     _C_APPLY, _KERNEL_DTYPES, _PLAIN_TENSORS, _apply_norm, _autocasting, _elsewhere, _memory, _needs_function_apply,
-    _rows, _tracing_state, _use_triton, cast, exporting, needs_grad, transforms_active, weight_plus_offset,
+    _rows, _tracing_state, _use_triton, cast, hand_written_ok, kernel_tensors, needs_grad, transforms_active, weight_plus_offset,
 )
 
 ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
@@ -76,7 +76,7 @@ def gated_rms_norm_ref(
             fwd, _, flags = compiled
             return fwd(x, gate, weight, eps, offset, size, flags, False)[0]
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if not grad and not transforms and not exporting():  # (exporting: as rms_norm_ref)
+    if not grad and hand_written_ok(x, gate, weight):
         return _in_place(x, gate, weight, eps, offset, size, norm_before_gate, activation, cast_mode, compute)
     return _composite(x, gate, weight, eps, offset, size, norm_before_gate, activation, cast_mode, compute)
 
@@ -403,7 +403,8 @@ def gradients_as_graph(dy, x, gate, weight, eps, offset, size, before, sigmoid, 
 def _kernels_take(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor]) -> bool:
     # rows wider than the plain norms' kernel limit (65536) take the torch path, and with them
     # any group a program could not hold in registers
-    return _use_triton(x, x.device.type, weight, None) and (gate is None or gate.dtype in _KERNEL_DTYPES)
+    return (_use_triton(x, x.device.type, weight, None) and (gate is None or gate.dtype in _KERNEL_DTYPES)
+            and kernel_tensors(gate))
 
 
 def gated_rms_norm(

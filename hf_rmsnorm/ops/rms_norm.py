@@ -17,9 +17,9 @@ from torch import Tensor
 
 from . import _cpu_kernel
 from ._norm import (
-    _PLAIN_TENSORS, ROUNDING, _tracing_state, affine_torch, backward_by_autograd, cast, compute_dtype, exporting, needs_grad,
+    _PLAIN_TENSORS, ROUNDING, _tracing_state, affine_torch, backward_by_autograd, cast, compute_dtype, hand_written_ok, needs_grad,
     normalize, output_dtype,
-    rounding_dtype, transformed, transforms_active, wanted_gradients_as_graph, weight_plus_offset,
+    rounding_dtype, transforms_active, wanted_gradients_as_graph, weight_plus_offset,
 )
 
 
@@ -39,8 +39,7 @@ def rms_norm_ref(
     multiply by the weight in the promoted dtype (Llama). ``cast_mode="weight"``: the same but
     cast to the weight's dtype (T5).
     """
-    # torch.export: its program must serve calls with gradients and without (see exporting)
-    if x.is_cpu and not transformed() and not exporting():
+    if x.is_cpu and hand_written_ok(x, weight, bias):
         compiled = _compiled_kernel(x, weight, bias, cast_mode)
         if compiled is not None:
             op, flags = compiled  # with its own autograd node, in C++

@@ -1,0 +1,62 @@
+"""The fused modules, one of each kind a model gets, with their float64 definitions: what the
+tests of tracing and distribution (torch.export, DTensor) run through those paths and check
+against float64, forward and every gradient."""
+
+import torch
+
+from hf_rmsnorm import FusedGatedRMSNorm, FusedLayerNorm, FusedRMSNorm
+from reference import gated_fp64, norm_fp64
+
+N, GROUP = 32, 8
+
+# name -> (a module of N features, its float64 definition of (x, gate, {parameter name: value}))
+CASES = {
+    "rmsnorm": (lambda: FusedRMSNorm(N), lambda x, z, p: norm_fp64("rms", x, p["weight"])),
+    "rmsnorm+bias (exact conversion)": (lambda: FusedRMSNorm(N, bias=True),
+                                        lambda x, z, p: norm_fp64("rms", x, p["weight"], p["bias"])),
+    "rmsnorm, Gemma's offset": (lambda: FusedRMSNorm(N, offset=1.0), lambda x, z, p: norm_fp64("rms", x, p["weight"], offset=1.0)),
+    "layernorm": (lambda: FusedLayerNorm(N), lambda x, z, p: norm_fp64("layer", x, p["weight"], p["bias"], eps=1e-5)),
+    "gated, Mamba2's order in groups": (lambda: FusedGatedRMSNorm(N, group_size=GROUP),
+                                        lambda x, z, p: gated_fp64(x, z, p["weight"], 1e-6, GROUP, False, "silu")),
+    "gated, Qwen3-Next's order": (lambda: FusedGatedRMSNorm(N, norm_before_gate=True),
+                                  lambda x, z, p: gated_fp64(x, z, p["weight"], 1e-6, None, True, "silu")),
+}
+
+
+def make(case: str, dtype) -> torch.nn.Module:
+    """The case's module in ``dtype``, its parameters random (weights near 1, biases near 0)."""
+    module = CASES[case][0]().to(dtype)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if name == "weight" else 0.0))
+    return module
+
+
+def call(norm, x, gate):
+    """The norm as a model's layer calls it: on x, and on the gate where it takes one."""
+    return norm(x, gate) if isinstance(norm, FusedGatedRMSNorm) else norm(x)
+
+
+def inputs(dtype, seed=1):
+    """(x, gate, dy) of shape (3, 5, N) in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(3, 5, N, generator=g).to(dtype) for _ in range(3))
+
+
+def assert_matches_fp64(case, dtype, y, grads: dict, x, gate, params: dict, dy):
+    """y and the gradients (``grads``: "x", "gate" and each parameter's name -> what the call
+    gave) against the case's float64 definition at the same inputs and parameter values: fp32 to
+    a tight tolerance, bf16 to the format's few roundings (the kernels round a value once or
+    twice, a weight gradient's fp32 sum once), relative to the tensor's largest value."""
+    x64, z64 = x.double().requires_grad_(True), gate.double().requires_grad_(True)
+    p64 = {k: v.detach().double().requires_grad_(True) for k, v in params.items()}
+    truth = CASES[case][1](x64, z64, p64)
+    truth.backward(dy.double())
+    want = {"x": x64.grad, **{k: v.grad for k, v in p64.items()}}
+    if z64.grad is not None:  # the gated norms
+        want["gate"] = z64.grad
+    for what, expected, got in [("y", truth.detach(), y)] + [(f"d{k}", v, grads.get(k)) for k, v in want.items()]:
+        assert got is not None, f"{case}: no {what}"
+        rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (2**-6, 2**-6 * expected.abs().max().item())
+        torch.testing.assert_close(got.detach().double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{case}, {what}: {m}")
