@@ -60,3 +60,31 @@ def assert_matches_fp64(case, dtype, y, grads: dict, x, gate, params: dict, dy):
         assert got is not None, f"{case}: no {what}"
         rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (2**-6, 2**-6 * expected.abs().max().item())
         torch.testing.assert_close(got.detach().double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{case}, {what}: {m}")
+
+
+class Calling(torch.nn.Module):
+    """A model's layer around the norm: what torch.export takes (x and the gate as inputs)."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, gate):
+        return call(self.norm, x, gate)
+
+
+def export_and_check(case, dtype, device="cpu"):
+    """Export the case's module (in a ``Calling``) and check the program against float64: called
+    with gradients, every gradient; then without, the same y. Returns the ExportedProgram."""
+    x, gate, dy = (t.to(device) for t in inputs(dtype))
+    exported = torch.export.export(Calling(make(case, dtype).to(device)), (x, gate))
+    program = exported.module()
+    params = {k.removeprefix("norm."): v for k, v in program.named_parameters()}
+    xs, zs = x.clone().requires_grad_(True), gate.clone().requires_grad_(True)
+    y = program(xs, zs)
+    y.backward(dy)
+    grads = {"x": xs.grad, "gate": zs.grad, **{k: v.grad for k, v in params.items()}}
+    assert_matches_fp64(case, dtype, y, grads, x, gate, params, dy)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x, gate), y.detach(), rtol=0, atol=0)
+    return exported

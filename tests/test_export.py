@@ -9,35 +9,17 @@ import pytest
 import torch
 
 from hf_rmsnorm import patch_model
-from module_cases import CASES, assert_matches_fp64, call, inputs, make
+from module_cases import CASES, export_and_check
 
 if not hasattr(torch.compiler, "is_exporting"):
     pytest.skip(f"torch {torch.__version__} does not say when torch.export traces (torch.compiler.is_exporting, 2.7+)",
                 allow_module_level=True)
 
 
-class _Call(torch.nn.Module):
-    def __init__(self, norm):
-        super().__init__()
-        self.norm = norm
-
-    def forward(self, x, gate):
-        return call(self.norm, x, gate)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", list(CASES))
 def test_an_exported_module_computes_its_function_with_and_without_gradients(case, dtype, backend):
-    x, gate, dy = inputs(dtype)
-    program = torch.export.export(_Call(make(case, dtype)), (x, gate)).module()
-    params = {k.removeprefix("norm."): v for k, v in program.named_parameters()}
-    xs, zs = x.clone().requires_grad_(True), gate.clone().requires_grad_(True)
-    y = program(xs, zs)
-    y.backward(dy)
-    grads = {"x": xs.grad, "gate": zs.grad, **{k: v.grad for k, v in params.items()}}
-    assert_matches_fp64(case, dtype, y, grads, x, gate, params, dy)
-    with torch.no_grad():
-        torch.testing.assert_close(program(x, gate), y.detach(), rtol=0, atol=0)
+    export_and_check(case, dtype)
 
 
 @pytest.mark.parametrize("target", ["rmsnorm", "layernorm"])

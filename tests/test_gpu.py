@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import FNS, cpp_launch_or_skip, direct_launch_agrees
 from hf_rmsnorm import FusedLayerNorm, FusedRMSNorm
 from hf_rmsnorm.ops import layer_norm, rms_norm
-from module_cases import CASES, assert_matches_fp64, call, inputs, make
+from module_cases import CASES, export_and_check
 from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_torch_same_dtype, second_order
 
 pytestmark = pytest.mark.gpu
@@ -582,26 +582,5 @@ def test_an_exported_module_on_cuda_holds_the_kernels_and_runs_with_and_without_
     calling it with gradients gives float64's numbers (tests/test_export.py has the CPU side)."""
     if not hasattr(torch.compiler, "is_exporting"):
         pytest.skip("torch.export's programs serve both modes from torch 2.7 (torch.compiler.is_exporting)")
-    dtype = torch.bfloat16
-    x, gate, dy = (t.cuda() for t in inputs(dtype))
-    norm = make(case, dtype).cuda()
-
-    class Call(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm = norm
-
-        def forward(self, x, gate):
-            return call(self.norm, x, gate)
-
-    exported = torch.export.export(Call(), (x, gate))
+    exported = export_and_check(case, torch.bfloat16, "cuda")
     assert any(str(n.target).startswith("hf_rmsnorm.") for n in exported.graph.nodes if n.op == "call_function"), case
-    program = exported.module()
-    params = {k.removeprefix("norm."): v for k, v in program.named_parameters()}
-    xs, zs = x.clone().requires_grad_(True), gate.clone().requires_grad_(True)
-    y = program(xs, zs)
-    y.backward(dy)
-    grads = {"x": xs.grad, "gate": zs.grad, **{k: v.grad for k, v in params.items()}}
-    assert_matches_fp64(case, dtype, y, grads, x, gate, params, dy)
-    with torch.no_grad():
-        torch.testing.assert_close(program(x, gate), y.detach(), rtol=0, atol=0)
