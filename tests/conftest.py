@@ -41,12 +41,23 @@ def run_with_compiled_kernels(tmp_path, source: str) -> str:
     return proc.stdout
 
 
+# What every child of the C++ launch operator's tests starts with: the operator on, the
+# repository's scripts and tests on the path, the stubbed launch's tools.
+_OPERATOR_CHILD_PRELUDE = """\
+import ctypes, math, os, sys
+os.environ["HF_RMSNORM_CPP_LAUNCH"] = "1"
+sys.path[:0] = [{scripts!r}, {tests!r}]
+import torch
+from benchmark_cpu import _NoLaunch, triton_without_gpu
+from launch_stub import ADDRESS, as_float32, assert_launched_as, decode_launches, install, stub, triton_kinds
+"""
+
+
 def run_operator_child(tmp_path, child: str) -> str:
-    """``child`` (a script template with ``{scripts}`` and ``{tests}`` for the repository's
-    folders, which it puts on its path for ``benchmark_cpu`` and ``launch_stub``) run with the
-    kernels compiled (``run_with_compiled_kernels``); its stdout. Skips where the C++ launch
-    operator cannot be tested here: no Triton, a Triton whose launchers it does not pack for, no
-    C++ compiler."""
+    """``child`` (a script template, ``{{`` and ``}}`` for braces) run after
+    ``_OPERATOR_CHILD_PRELUDE`` with the kernels compiled (``run_with_compiled_kernels``); its
+    stdout. Skips where the C++ launch operator cannot be tested here: no Triton, a Triton whose
+    launchers it does not pack for, no C++ compiler."""
     from pathlib import Path
 
     pytest.importorskip("triton")
@@ -58,7 +69,8 @@ def run_operator_child(tmp_path, child: str) -> str:
     if _cpu_kernel._compiler() is None:
         pytest.skip("no C++ compiler here to build the operator with")
     root = Path(__file__).resolve().parents[1]
-    return run_with_compiled_kernels(tmp_path, child.format(scripts=str(root / "scripts"), tests=str(root / "tests")))
+    source = (_OPERATOR_CHILD_PRELUDE + child).format(scripts=str(root / "scripts"), tests=str(root / "tests"))
+    return run_with_compiled_kernels(tmp_path, source)
 
 
 def direct_launch_agrees(monkeypatch, kernels, run, what) -> None:

@@ -36,6 +36,14 @@ callback = LAUNCH(launched)
 ADDRESS = ctypes.cast(callback, P).value  # what the operator's set_launch_function takes
 
 
+def install(launch_module):
+    """The C++ launch operator (``_cuda_launch``'s library) with this stub as its launch function."""
+    ops = launch_module.ops()
+    assert ops is not None, launch_module.unavailable_reason()
+    ops.set_launch_function(ADDRESS)
+    return ops
+
+
 def triton_kinds(bound):
     """Triton's rule: an absent tensor and an integer equal to 1 become constants and are not
     passed; a pointer is 8 bytes, an integer 4 in int32's range else 8, a float 4."""

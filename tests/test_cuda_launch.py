@@ -21,22 +21,13 @@ from conftest import run_operator_child
 from hf_rmsnorm.ops import _cpu_kernel
 
 _CHILD = textwrap.dedent('''
-    import ctypes, math, os, sys
-    os.environ["HF_RMSNORM_CPP_LAUNCH"] = "1"
-    sys.path[:0] = [{scripts!r}, {tests!r}]
-    import torch
-    from benchmark_cpu import _NoLaunch, triton_without_gpu
-    from launch_stub import ADDRESS, as_float32, assert_launched_as, decode_launches, stub, triton_kinds
-
     with triton_without_gpu():
         from hf_rmsnorm.ops import _cuda_launch as C, _module_calls, _norm, layer_norm, rms_norm
         from hf_rmsnorm.ops.layer_norm import layer_norm_ref
         from hf_rmsnorm.ops.rms_norm import rms_norm_ref
         from triton import knobs
 
-        ops = C.ops()
-        assert ops is not None, C.unavailable_reason()
-        ops.set_launch_function(ADDRESS)
+        ops = install(C)
 
         def inputs(m, n, dtype=torch.bfloat16, w_dtype=None, start=0, lead=()):
             flat = torch.randn(start + math.prod(lead) * m * n, dtype=dtype)

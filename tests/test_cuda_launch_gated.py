@@ -12,20 +12,11 @@ import textwrap
 from conftest import run_operator_child
 
 _CHILD = textwrap.dedent('''
-    import ctypes, os, sys
-    os.environ["HF_RMSNORM_CPP_LAUNCH"] = "1"
-    sys.path[:0] = [{scripts!r}, {tests!r}]
-    import torch
-    from benchmark_cpu import _NoLaunch, triton_without_gpu
-    from launch_stub import ADDRESS, assert_launched_as, decode_launches, stub
-
     with triton_without_gpu():
         from hf_rmsnorm.ops import _cuda_launch as C, _triton_gated as T
         from hf_rmsnorm.ops.gated_rms_norm import gated_rms_norm, gated_rms_norm_ref
 
-        ops = C.ops()
-        assert ops is not None, C.unavailable_reason()
-        ops.set_launch_function(ADDRESS)
+        ops = install(C)
         # the kernels' leading arguments: (count, pointers) each
         N_ARGS = {{"_gated_fwd_kernel": (13, 5), "_gated_bwd_kernel": (17, 8)}}
 

@@ -122,13 +122,19 @@ def _use_triton(x: Tensor, device_type: str, weight: Optional[Tensor], bias: Opt
 
 
 def kernel_tensors(*tensors: Optional[Tensor]) -> bool:
-    """Whether the kernels may take ``tensors`` (None entries ignored): plain tensors, or anything
-    while torch.compile or torch.export traces (fake tensors; the kernels' custom op has a fake
-    implementation). An eager subclass goes the torch way: a DTensor (tensor parallelism) splits
-    torch's ops by sharding rules of its own, and has none for the kernels' op."""
+    """Whether the kernels may take ``tensors`` (None entries ignored): anything while
+    torch.compile or torch.export traces (fake tensors; the kernels' custom op has a fake
+    implementation), else plain tensors. An eager subclass goes the torch way: a DTensor (tensor
+    parallelism) splits torch's ops by sharding rules of its own, and has none for the kernels' op."""
+    # is_compiling first: torch 2.6's dynamo cannot trace the frozenset test (it breaks the graph)
+    return torch.compiler.is_compiling() or plain_tensors(*tensors)
+
+
+def plain_tensors(*tensors: Optional[Tensor]) -> bool:
+    """Whether every one of ``tensors`` (None entries ignored) is a plain tensor or parameter."""
     for t in tensors:
         if t is not None and type(t) not in _PLAIN_TENSORS:
-            return torch.compiler.is_compiling()
+            return False
     return True
 
 
@@ -242,12 +248,7 @@ def hand_written_ok(*tensors: Optional[Tensor]) -> bool:
     torch.compile, yes: its fake tensors stand for plain ones, and it traces these pieces."""
     if transformed() or exporting():
         return False
-    if torch.compiler.is_compiling():
-        return True
-    for t in tensors:
-        if t is not None and type(t) not in _PLAIN_TENSORS:
-            return False
-    return True
+    return torch.compiler.is_compiling() or plain_tensors(*tensors)
 
 
 def needs_grad(*tensors: Optional[Tensor]) -> bool:
