@@ -7,6 +7,10 @@ imported, hence here, before any test module runs. Nothing here touches a device
 
 import importlib.util
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,10 +32,6 @@ def run_with_compiled_kernels(tmp_path, source: str) -> str:
     """Run ``source`` as a Python script in a child process without TRITON_INTERPRET (the
     kernels defined compiled, e.g. for ``benchmark_cpu.triton_without_gpu``), from the
     repository's root; its stdout, after asserting it exited 0 (its output's end in the message)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = tmp_path / "child.py"
     script.write_text(source)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -58,8 +58,6 @@ def run_operator_child(tmp_path, child: str) -> str:
     ``_OPERATOR_CHILD_PRELUDE`` with the kernels compiled (``run_with_compiled_kernels``); its
     stdout. Skips where the C++ launch operator cannot be tested here: no Triton, a Triton whose
     launchers it does not pack for, no C++ compiler."""
-    from pathlib import Path
-
     pytest.importorskip("triton")
     from hf_rmsnorm.ops import _cpu_kernel
     from hf_rmsnorm.ops._direct import _DIRECT_TRITON
@@ -110,6 +108,24 @@ def cpp_launch_or_skip(monkeypatch):
         pytest.skip(f"the C++ launch operator is unavailable: {_cuda_launch.unavailable_reason()}")
     monkeypatch.setattr(_cuda_launch, "ENABLED", True)
     return _cuda_launch
+
+
+def run_torchrun_child(child: Path, backend: str, tmp_path) -> list:
+    """Run ``child`` in two CPU processes under torchrun (gloo) with ``HF_RMSNORM_BACKEND=backend``
+    (``triton``: the interpreter, the path CUDA tensors take); fail with the children's own
+    messages if it fails, else return rank 0's "ok ..." lines."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    if backend == "triton" and not (HAS_TRITON and INTERPRETING):
+        pytest.skip("Triton on CPU tensors needs triton and TRITON_INTERPRET=1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_RMSNORM_BACKEND": backend}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(child)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    # the children's own messages (a traceback, a library's abort), not torchrun's notices
+    said = "\n".join(line for line in proc.stderr.splitlines() if line and not line.startswith("W"))
+    assert proc.returncode == 0, f"exit {proc.returncode}, {len(proc.stdout.splitlines())} check(s) done:\n{said[:4000]}"
+    return [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
 
 
 def needs_interpreter(what: str) -> None:

@@ -6,15 +6,11 @@ the kernels' custom op: the norms must take the composition for them (``_norm.ha
 ``_norm.kernel_tensors``). The checks themselves are
 in ``dtensor_child.py``, against float64."""
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import HAS_TRITON, INTERPRETING
+from conftest import run_torchrun_child
 from module_cases import CASES
 
 HERE = Path(__file__).resolve().parent
@@ -24,16 +20,5 @@ HERE = Path(__file__).resolve().parent
 def test_modules_on_replicated_and_sequence_sharded_dtensors_match_float64(backend, tmp_path):
     """``auto``: the CPU path; ``triton`` (the interpreter): the path CUDA tensors take, where a
     DTensor must not reach the kernels (``_norm.kernel_tensors``)."""
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed")
-    if backend == "triton" and not (HAS_TRITON and INTERPRETING):
-        pytest.skip("Triton on CPU tensors needs triton and TRITON_INTERPRET=1")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_RMSNORM_BACKEND": backend}
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(HERE / "dtensor_child.py")],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-    # the children's own messages (a traceback, a library's abort), not torchrun's notices
-    said = "\n".join(line for line in proc.stderr.splitlines() if line and not line.startswith("W"))
-    assert proc.returncode == 0, f"exit {proc.returncode}, {len(proc.stdout.splitlines())} case(s) done:\n{said[:4000]}"
-    done = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
-    assert len(done) == len(CASES) * 2 * 2, proc.stdout  # each case in fp32 and bf16, replicated and sharded
+    done = run_torchrun_child(HERE / "dtensor_child.py", backend, tmp_path)
+    assert len(done) == len(CASES) * 2 * 2, done  # each case in fp32 and bf16, replicated and sharded
