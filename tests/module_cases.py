@@ -38,10 +38,10 @@ def call(norm, x, gate):
     return norm(x, gate) if isinstance(norm, FusedGatedRMSNorm) else norm(x)
 
 
-def inputs(dtype, seed=1):
-    """(x, gate, dy) of shape (3, 5, N) in ``dtype``."""
+def inputs(dtype, seed=1, rows=(3, 5)):
+    """(x, gate, dy) of shape (*rows, N) in ``dtype``."""
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(3, 5, N, generator=g).to(dtype) for _ in range(3))
+    return tuple(torch.randn(*rows, N, generator=g).to(dtype) for _ in range(3))
 
 
 def assert_matches_fp64(case, dtype, y, grads: dict, x, gate, params: dict, dy):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_torchrun_child
+from conftest import run_child
 from module_cases import CASES
 
 HERE = Path(__file__).resolve().parent
@@ -20,5 +20,5 @@ HERE = Path(__file__).resolve().parent
 def test_modules_on_replicated_and_sequence_sharded_dtensors_match_float64(backend, tmp_path):
     """``auto``: the CPU path; ``triton`` (the interpreter): the path CUDA tensors take, where a
     DTensor must not reach the kernels (``_norm.kernel_tensors``)."""
-    done = run_torchrun_child(HERE / "dtensor_child.py", backend, tmp_path)
+    done = run_child(HERE / "dtensor_child.py", backend, tmp_path, processes=2)
     assert len(done) == len(CASES) * 2 * 2, done  # each case in fp32 and bf16, replicated and sharded

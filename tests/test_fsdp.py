@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_torchrun_child
+from conftest import run_child
 
 HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_a_patched_model_trains_under_fully_shard_as_in_one_process(backend, tmp_path):
-    done = run_torchrun_child(HERE / "fsdp_child.py", backend, tmp_path)
+    done = run_child(HERE / "fsdp_child.py", backend, tmp_path, processes=2)
     assert len(done) == 2 * 3, done  # gpt2 and llama: fp32, bf16, refused once sharded

@@ -171,12 +171,15 @@ def _normalized(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     c = xc.dtype
     # eps + norm²/N in one op: at one token each op on the (M, 1) statistics costs as much
     # as the arithmetic on the row, so four small ops are the difference to HF's module
-    if type(norm) is Tensor:
+    if torch.compiler.is_compiling() or type(norm) is not Tensor:
+        # Tracing (dynamo would record the store into _EPS as a side effect of the traced
+        # function, which it refuses inside the autograd.Function's forward), fake tensors and
+        # other subclasses: a fresh one of their kind, never cached
+        eps_t = torch.tensor(eps, dtype=c)
+    else:
         eps_t = _EPS.get((eps, c))
         if eps_t is None:
             eps_t = _EPS[(eps, c)] = torch.tensor(eps, dtype=c)
-    else:  # fake tensors (tracing) and other subclasses: a fresh one of their kind, never cached
-        eps_t = torch.tensor(eps, dtype=c)
     rstd = torch.addcmul(eps_t, norm, norm, value=1.0 / max(x.shape[-1], 1)).rsqrt_()
     return _scaled(x, rstd, xc), rstd
 

@@ -1,0 +1,31 @@
+"""Run by tests/test_compile_first.py in a fresh process: torch.compile (fullgraph, dynamo with
+AOTAutograd) of each fused module *before anything of this package has run eagerly*, forward
+and backward against float64, at a first shape and then at another (dynamo then recompiles
+with dynamic sizes). A process that compiles first is what a user's training script is; a test
+process has usually run the same norms eagerly before and filled their caches, which hid a
+store into one (a traced tensor put into a module-level dict inside the autograd.Function's
+forward: dynamo refuses it). Prints "ok <case>" per case; a mismatch raises."""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from module_cases import CASES, Calling, assert_matches_fp64, inputs, make  # noqa: E402
+
+for case in CASES:
+    for dtype in (torch.float32, torch.bfloat16):
+        torch._dynamo.reset()
+        wrapper = Calling(make(case, dtype))
+        compiled = torch.compile(wrapper, fullgraph=True, backend="aot_eager")  # fullgraph: a break raises
+        for rows in ((3, 5), (2, 7)):  # the second: recompiled with dynamic sizes
+            x, gate, dy = inputs(dtype, rows=rows)
+            xs, zs = x.clone().requires_grad_(True), gate.clone().requires_grad_(True)
+            y = compiled(xs, zs)
+            y.backward(dy)
+            params = {k.removeprefix("norm."): v for k, v in wrapper.named_parameters()}
+            grads = {"x": xs.grad, "gate": zs.grad, **{k: v.grad for k, v in params.items()}}
+            assert_matches_fp64(case, dtype, y, grads, x, gate, params, dy)
+            wrapper.zero_grad(set_to_none=True)
+        print(f"ok {case}, {dtype}", flush=True)
