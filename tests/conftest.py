@@ -113,8 +113,8 @@ def cpp_launch_or_skip(monkeypatch):
 def run_child(child: Path, backend: str, tmp_path, processes: int = 1) -> list:
     """Run ``child`` in a fresh Python process, or in ``processes`` CPU processes under torchrun
     (gloo), with ``HF_RMSNORM_BACKEND=backend`` (``triton``: the interpreter, the path CUDA
-    tensors take); fail with the children's own messages if it fails, else return (rank 0's)
-    "ok ..." lines."""
+    tensors take); fail with the children's own messages if it fails, skip where it printed
+    "skip <reason>", else return (rank 0's) "ok ..." lines."""
     launcher = [sys.executable]
     if processes > 1:
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -128,6 +128,9 @@ def run_child(child: Path, backend: str, tmp_path, processes: int = 1) -> list:
     # the children's own messages (a traceback, a library's abort), not torchrun's notices
     said = "\n".join(line for line in proc.stderr.splitlines() if line and not line.startswith("W"))
     assert proc.returncode == 0, f"exit {proc.returncode}, {len(proc.stdout.splitlines())} check(s) done:\n{said[-4000:]}"
+    for line in proc.stdout.splitlines():
+        if line.startswith("skip "):
+            pytest.skip(line.removeprefix("skip "))
     return [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
 
 

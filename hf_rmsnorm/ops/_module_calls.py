@@ -126,8 +126,9 @@ def kernels_for_module(torch_impl, x: Tensor, weight: Optional[Tensor], bias: Op
     ``_use_triton`` raises is the one the general path would raise. The module has checked x's
     last dimension against its own shape."""
     rounding = ROUNDING.get(cast_mode)
-    if (rounding is None or type(x) not in _PLAIN_TENSORS or x.dtype not in _KERNEL_DTYPES or _any_autocast()
-            or torch.compiler.is_compiling()):
+    # is_compiling first: torch 2.6's dynamo cannot trace the frozenset test (it breaks the graph)
+    if (torch.compiler.is_compiling() or rounding is None or type(x) not in _PLAIN_TENSORS
+            or x.dtype not in _KERNEL_DTYPES or _any_autocast()):
         return None
     n = x.shape[-1]
     device = x.get_device()
