@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -158,6 +159,15 @@ def training_function(config: dict, args) -> list[dict]:
         cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
     )
     log = accelerator.print
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        # e.g. an FSDP or DeepSpeed config without GPUs: Accelerate then sets up no process
+        # group, and every process would train alone and write the same output files
+        raise SystemExit(
+            f"launched as {launched} processes, but Accelerate joined {accelerator.num_processes} "
+            f"(distributed type {accelerator.distributed_type.value}): FSDP and DeepSpeed need GPUs. On CPUs use "
+            "recipes/configs/cpu_2proc.yaml, or torchrun --nproc_per_node N recipes/finetune.py --cpu."
+        )
     train_texts, eval_texts = load_texts(args)
     runs = []
     for spec in config["models"]:
@@ -274,12 +284,9 @@ def _run_variant(accelerator, args, base, task, variant, train_set, eval_set, sl
     recovery = (after_finetune - after_conversion) / cost if abs(cost) > 1e-6 * max(abs(before), 1e-12) else None
 
     out_dir = Path(args.output_dir) / "models" / slug / variant
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(out_dir, safe_serialization=True)
-        if report is not None:
-            _write_conversion_block(out_dir, report, target, args)
+    save_model(accelerator, model, out_dir)
+    if accelerator.is_main_process and report is not None:
+        _write_conversion_block(out_dir, report, target, args)
     accelerator.wait_for_everyone()
     metrics = {
         "eval_before_conversion": before,
@@ -317,6 +324,23 @@ def _save_checkpoint(accelerator, path: Path, step, curve, step_times, step_toke
     accelerator.wait_for_everyone()
 
 
+def save_model(accelerator, model, out_dir: Path) -> None:
+    """The fine-tuned model, whole, as a transformers checkpoint. Every process takes part:
+    under FSDP2 (and DeepSpeed ZeRO-3) the weights are sharded, and gathering them is a
+    collective; the main process alone asking for them would wait forever for the others.
+    FSDP2's DTensors are gathered with torch's own call (the one Accelerate makes for FSDP2),
+    whatever set them up; anything else goes through Accelerate."""
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    accelerator.wait_for_everyone()
+
+
 def _write_conversion_block(out_dir: Path, report, target, args):
     config = json.loads((out_dir / "config.json").read_text())
     config["hf_rmsnorm"] = {
@@ -338,6 +362,7 @@ def write_outputs(runs: list[dict], out: Path, accelerator_state: dict):
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not accelerator_state["cpu"] else "CPU",
         "num_processes": accelerator_state["num_processes"],
+        "distributed_type": accelerator_state["distributed_type"],
         "mixed_precision": accelerator_state["mixed_precision"],
         "torch": torch.__version__, "transformers": transformers.__version__, "hf_rmsnorm": hf_rmsnorm.__version__,
         "peak_memory": "torch.cuda.max_memory_allocated" if torch.cuda.is_available() and not accelerator_state["cpu"] else "process RSS (CPU)",
@@ -345,7 +370,8 @@ def write_outputs(runs: list[dict], out: Path, accelerator_state: dict):
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"runs": runs, "environment": env}, indent=2) + "\n")
     lines = [
-        f"# Fine-tune results — {env['device']}, {env['num_processes']} process(es), mixed precision {env['mixed_precision']}",
+        f"# Fine-tune results — {env['device']}, {env['num_processes']} process(es) ({env['distributed_type']}), "
+        f"mixed precision {env['mixed_precision']}",
         "", f"torch {env['torch']}, transformers {env['transformers']}, hf_rmsnorm {env['hf_rmsnorm']}; {env['date']}.", "",
         "| model | variant | metric | before conversion | after conversion | after fine-tune | recovery | tokens/s | step ms (median) | peak memory MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -444,7 +470,9 @@ def main(argv=None):
 
     state = AcceleratorState()
     if state.is_main_process:
-        table = write_outputs(runs, Path(args.output_dir), {"cpu": args.cpu or not torch.cuda.is_available(), "num_processes": state.num_processes, "mixed_precision": str(state.mixed_precision)})
+        accelerator_state = {"cpu": args.cpu or not torch.cuda.is_available(), "num_processes": state.num_processes,
+                             "distributed_type": state.distributed_type.value, "mixed_precision": str(state.mixed_precision)}
+        table = write_outputs(runs, Path(args.output_dir), accelerator_state)
         print(table)
         print(f"\nwrote {args.output_dir}/results.json, results.md, results.png")
 

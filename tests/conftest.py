@@ -110,11 +110,12 @@ def cpp_launch_or_skip(monkeypatch):
     return _cuda_launch
 
 
-def run_child(child: Path, backend: str, tmp_path, processes: int = 1) -> list:
+def run_child(child: Path, backend: str, tmp_path, processes: int = 1, timeout: int = 300) -> list:
     """Run ``child`` in a fresh Python process, or in ``processes`` CPU processes under torchrun
     (gloo), with ``HF_RMSNORM_BACKEND=backend`` (``triton``: the interpreter, the path CUDA
     tensors take); fail with the children's own messages if it fails, skip where it printed
-    "skip <reason>", else return (rank 0's) "ok ..." lines."""
+    "skip <reason>", else return (rank 0's) "ok ..." lines. ``timeout``: seconds, for a child
+    that hangs (a collective some ranks never join); the children here take 5-30 s."""
     launcher = [sys.executable]
     if processes > 1:
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -124,7 +125,7 @@ def run_child(child: Path, backend: str, tmp_path, processes: int = 1) -> list:
     if backend == "triton" and not (HAS_TRITON and INTERPRETING):
         pytest.skip("Triton on CPU tensors needs triton and TRITON_INTERPRET=1")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_RMSNORM_BACKEND": backend}
-    proc = subprocess.run([*launcher, str(child)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    proc = subprocess.run([*launcher, str(child)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=timeout)
     # the children's own messages (a traceback, a library's abort), not torchrun's notices
     said = "\n".join(line for line in proc.stderr.splitlines() if line and not line.startswith("W"))
     assert proc.returncode == 0, f"exit {proc.returncode}, {len(proc.stdout.splitlines())} check(s) done:\n{said[-4000:]}"

@@ -4,19 +4,25 @@ Accelerate) trains as the same patched model does in one process: each rank take
 batch, and the loss, every gradient and the loss after an SGD step must be the one process's.
 FSDP frees each block's gathered weights after its forward and gathers them again for the
 backward, so this is where a fused module that held on to a weight of its own would show.
-Also FSDP's bf16 mixed precision, and patch_model refusing an already sharded model. Prints
+Also the recipe's save of the sharded model (recipes/finetune.py's save_model), FSDP's bf16
+mixed precision, and patch_model refusing an already sharded model. Prints
 "ok <what>" per check; a mismatch raises."""
 
 import copy
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from accelerate import Accelerator
+from safetensors.torch import load_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "recipes")]
+from finetune import save_model  # noqa: E402
 from tiny_models import build  # noqa: E402
 
 from hf_rmsnorm import patch_model  # noqa: E402
@@ -51,6 +57,8 @@ def full(t):
 
 def main():
     dist.init_process_group("gloo")
+    accelerator = Accelerator(cpu=True)  # joins the group above
+    tmp = os.getcwd()  # the test's tmp_path
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     say = (lambda what: print(f"ok {what}", flush=True)) if rank == 0 else (lambda what: None)
@@ -89,6 +97,16 @@ def main():
             after = mean_over_ranks(sharded(input_ids=mine, labels=mine).loss)
         torch.testing.assert_close(after, one_after, msg=lambda m: f"{name}, loss after a step: {m}")
         say(f"{name} fp32")
+
+        # The recipe's save (every rank gathers; the main process writes): the one process's weights
+        out = Path(tmp) / name
+        save_model(accelerator, sharded, out)
+        if rank == 0:
+            saved, want = load_file(out / "model.safetensors"), one.state_dict()
+            assert saved and saved.keys() <= want.keys(), f"{name}: saved {sorted(saved)}"
+            for k, v in saved.items():
+                torch.testing.assert_close(v, want[k], msg=lambda m: f"{name}, saved {k}: {m}")
+        say(f"{name} saved whole by the recipe")
 
         # bf16 compute, fp32 master weights and gradient reduction (Accelerate's mixed_precision: bf16).
         # The patched model against the unpatched one under the same policy, at bf16's tolerance.

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "finetune.py"
@@ -97,6 +98,26 @@ def test_accelerate_launch_with_two_mpi_processes(env, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in (tmp_path / "results.md").read_text()
     assert all(math.isfinite(r["metrics"]["eval_after_finetune"]) for r in _runs(tmp_path))
+
+
+def test_processes_accelerate_does_not_join_are_refused(env, tmp_path):
+    """An FSDP config without GPUs: Accelerate sets up no process group, so each of the
+    launched processes would train alone and all would write the same files. The recipe says
+    so and exits before any work (on a GPU machine this config runs; see configs/fsdp.yaml)."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("accelerate is not installed")
+    if torch.cuda.is_available():
+        pytest.skip("with GPUs Accelerate runs FSDP")
+    config = tmp_path / "fsdp_cpu.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\nnum_processes: 2\n"
+                      "mixed_precision: 'no'\nfsdp_config:\n  fsdp_version: 2\n")
+    out = tmp_path / "out"
+    proc = _recipe(env, "--model", "offline:tiny-gpt2", "--quiet", "--output-dir", out,
+                   launcher=(accelerate, "launch", "--config_file", config), timeout=300)
+    assert proc.returncode != 0
+    assert "launched as 2 processes, but Accelerate joined 1" in proc.stderr, proc.stderr[-3000:]
+    assert "pretraining" not in proc.stdout and not out.exists()
 
 
 def test_kill_and_resume_reaches_the_same_loss(env, tmp_path):
