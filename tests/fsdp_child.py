@@ -4,8 +4,9 @@ Accelerate) trains as the same patched model does in one process: each rank take
 batch, and the loss, every gradient and the loss after an SGD step must be the one process's.
 FSDP frees each block's gathered weights after its forward and gathers them again for the
 backward, so this is where a fused module that held on to a weight of its own would show.
-Also the recipe's save of the sharded model (recipes/finetune.py's save_model), FSDP's bf16
-mixed precision, and patch_model refusing an already sharded model. Prints
+Also the recipe's save of the sharded model (recipes/finetune.py's save_model), keep_centered
+(Adam steps and the weights saved after them: the one process's), FSDP's bf16 mixed precision,
+and patch_model refusing an already sharded model. Prints
 "ok <what>" per check; a mismatch raises."""
 
 import copy
@@ -107,6 +108,36 @@ def main():
             for k, v in saved.items():
                 torch.testing.assert_close(v, want[k], msg=lambda m: f"{name}, saved {k}: {m}")
         say(f"{name} saved whole by the recipe")
+
+        # keep_centered (gpt2's writers; llama has none): Adam steps, the loss of each and the
+        # weights saved after them, against the one process's
+        def adam_steps(model, batch, n=3):
+            # eps well above the rounding noise of a gradient that is zero in exact arithmetic
+            # (attention's key bias): Adam's default would scale that noise to full-size steps
+            opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-4)
+            losses = []
+            for _ in range(n):
+                loss = model(input_ids=batch, labels=batch).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(mean_over_ranks(loss) if batch is mine else loss.detach())
+            return torch.stack(losses)
+
+        one = copy.deepcopy(base)
+        patch_model(one, keep_centered=True)
+        one_losses = adam_steps(one, ids)
+        sharded = copy.deepcopy(base)
+        patch_model(sharded, keep_centered=True)
+        losses = adam_steps(shard(sharded, block, mesh), mine)
+        torch.testing.assert_close(losses, one_losses, msg=lambda m: f"{name}, keep_centered losses: {m}")
+        out = Path(tmp) / f"{name}-centred"
+        save_model(accelerator, sharded, out)
+        if rank == 0:
+            saved, want = load_file(out / "model.safetensors"), one.state_dict()
+            for k, v in saved.items():
+                torch.testing.assert_close(v, want[k], msg=lambda m: f"{name}, keep_centered, saved {k}: {m}")
+        say(f"{name} keep_centered")
 
         # bf16 compute, fp32 master weights and gradient reduction (Accelerate's mixed_precision: bf16).
         # The patched model against the unpatched one under the same policy, at bf16's tolerance.

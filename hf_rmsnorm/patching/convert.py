@@ -224,13 +224,42 @@ def centre_writer_(module: nn.Module) -> None:
 
 def _keep_centred(module: nn.Module) -> list:
     """Hooks that make a converted model train exactly like the LayerNorm original: the
-    writer's gradients are centred (the LayerNorm model's gradient is the centred part of the
-    RMSNorm model's, since LN(x) = RMS(Cx)), and its weights are re-centred before each
-    forward (Adam's elementwise step does not keep them centred; the LayerNorms never saw the
-    difference). The weights stay exactly exportable to the original architecture."""
-    hooks = [getattr(module, name).register_hook(lambda g, dim=dim: g - g.mean(dim, keepdim=True)) for name, dim in output_params(module).items()]
-    hooks.append(module.register_forward_pre_hook(lambda mod, args: _recentre_(mod)))
-    return hooks
+    writer's output is centred, so it computes with C W and C b, and autograd hands its
+    parameters the centred gradient (the LayerNorm model's gradient is the centred part of the
+    RMSNorm model's, since LN(x) = RMS(Cx)); and its weights are re-centred before each forward
+    (Adam's elementwise step does not keep them centred; the LayerNorms never saw the
+    difference), so that they stay exactly exportable to the original architecture.
+
+    The centring acts on the output, not on hooks of the parameters: FSDP2 (``fully_shard``)
+    hands the module other tensors than the parameters patch_model saw (gathered copies, made
+    per forward), whose gradients a hook on the originals never sees. Under FSDP2 the in-place
+    re-centring reaches only the gathered copy; the sharded weights keep the mean Adam adds,
+    which the centred output ignores and the module's state_dict leaves out
+    (``_centred_state``), so that what is saved is what was trained."""
+    return [module.register_forward_pre_hook(lambda mod, args: _recentre_(mod)),
+            module.register_forward_hook(_centre_output),
+            module.register_state_dict_post_hook(_centred_state)]
+
+
+def _centre_output(module, args, output):
+    # The mean is small here (the weights were centred before this forward, or under FSDP2 off
+    # by Adam's drift), so unlike a stream start's (_centred) it is subtracted in the output's
+    # own dtype: one rounding, two passes over the output
+    if not isinstance(output, torch.Tensor):
+        return None
+    return output - output.mean(-1, keepdim=True, dtype=torch.float32).to(output.dtype)
+
+
+@torch.no_grad()
+def _centred_state(module, state_dict, prefix, local_metadata) -> None:
+    """The writer's parameters in its state_dict, centred (sharded ones too: DTensor's mean
+    gathers across the shards); left as they are where the state_dict holds the parameters
+    themselves (``keep_vars=True``), whose identity the caller wants."""
+    for name, dim in output_params(module).items():
+        key = prefix + name
+        value = state_dict.get(key)
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            state_dict[key] = value - value.mean(dim, keepdim=True, dtype=torch.float32).to(value.dtype)
 
 
 @torch.no_grad()

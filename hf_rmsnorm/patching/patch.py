@@ -199,9 +199,10 @@ def patch_model(
         allow_approximate: with ``target="rmsnorm"``, also turn the LayerNorms that cannot be
             converted exactly (post-LN models: BERT, BART, ...) into RMSNorms with the same
             weight and bias; they are reported as approximate with the measured deviation.
-        keep_centered: keep the centred stream writers centred while training (their weights
-            are re-projected before each forward), so that a fine-tuned converted model stays
-            exactly exportable to the original LayerNorm architecture.
+        keep_centered: keep the centred stream writers centred while training (their outputs
+            are centred, which centres their gradients, and their weights are re-projected
+            before each forward and in the state_dict), so that a fine-tuned converted model
+            trains as the LayerNorm original and stays exactly exportable to its architecture.
         probe_inputs: the keyword arguments of one forward call used to verify a conversion
             (default: a small batch built from the model's config and signature).
         probe_autocast: also probe each norm under ``torch.autocast(device, probe_autocast)``
