@@ -24,7 +24,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "recipes")]
 from finetune import save_model  # noqa: E402
-from tiny_models import build  # noqa: E402
+from tiny_models import adam_losses, build  # noqa: E402
 
 from hf_rmsnorm import patch_model  # noqa: E402
 
@@ -111,25 +111,12 @@ def main():
 
         # keep_centered (gpt2's writers; llama has none): Adam steps, the loss of each and the
         # weights saved after them, against the one process's
-        def adam_steps(model, batch, n=3):
-            # eps well above the rounding noise of a gradient that is zero in exact arithmetic
-            # (attention's key bias): Adam's default would scale that noise to full-size steps
-            opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-4)
-            losses = []
-            for _ in range(n):
-                loss = model(input_ids=batch, labels=batch).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                losses.append(mean_over_ranks(loss) if batch is mine else loss.detach())
-            return torch.stack(losses)
-
         one = copy.deepcopy(base)
         patch_model(one, keep_centered=True)
-        one_losses = adam_steps(one, ids)
+        one_losses = adam_losses(one, ids, steps=3)
         sharded = copy.deepcopy(base)
         patch_model(sharded, keep_centered=True)
-        losses = adam_steps(shard(sharded, block, mesh), mine)
+        losses = adam_losses(shard(sharded, block, mesh), mine, steps=3, reduce=mean_over_ranks)
         torch.testing.assert_close(losses, one_losses, msg=lambda m: f"{name}, keep_centered losses: {m}")
         out = Path(tmp) / f"{name}-centred"
         save_model(accelerator, sharded, out)

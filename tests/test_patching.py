@@ -14,7 +14,7 @@ from torch import nn
 from hf_rmsnorm import FusedGatedRMSNorm, FusedLayerNorm, FusedRMSNorm, PatchReport, patch_model, unpatch_model
 from conftest import HAS_TRITON, INTERPRETING
 from reference import rel_err
-from tiny_models import MODELS, build, norm_modules, run
+from tiny_models import MODELS, adam_losses, build, norm_modules, run
 
 TRITON_SUBSET = ["gpt2", "llama", "gemma", "t5", "cohere", "olmo"]
 TRAIN_SUBSET = ["gpt2", "llama", "gemma2", "t5", "bloom", "olmo", "phimoe"]  # phimoe: keep_centered on 3-D expert weights
@@ -649,6 +649,46 @@ def test_peft_before_or_after_patching(monkeypatch):
         torch.testing.assert_close(run(model, inputs), ref, rtol=1e-5, atol=1e-5)
         unpatch_model(model)
         assert not any(isinstance(m, FusedRMSNorm) for m in model.modules())
+
+
+def _lora(peft):
+    # the stream writers (c_proj) among the targets: their adapters write into the stream too
+    return peft.LoraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, init_lora_weights=False)
+
+
+def test_lora_then_keep_centered_trains_as_the_layernorm_model(monkeypatch):
+    """PEFT first, then patch_model: the probe batch is built through the PeftModel (its
+    forward takes **kwargs), the conversion is exact, and the adapters on the stream writers
+    (lora_B) are centred with the writers, so LoRA fine-tuning follows the unconverted
+    model's loss curve."""
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    base, inputs = build("gpt2")
+    torch.manual_seed(0)
+    reference = peft.get_peft_model(copy.deepcopy(base), _lora(peft))
+    torch.manual_seed(0)
+    model = peft.get_peft_model(copy.deepcopy(base), _lora(peft))
+    report = patch_model(model, keep_centered=True)
+    assert report.count("exact") == 5, report
+    assert any(".lora_B." in w for w in report.conversion["writers"]), report.conversion
+    ids = inputs["input_ids"]
+    for m in (model, reference):
+        m.eval()  # get_peft_model leaves the model training; dropout would make the stream's mean random
+    curve, expected = adam_losses(model, ids), adam_losses(reference, ids)
+    assert expected[-1] < expected[0]
+    torch.testing.assert_close(curve, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_added_after_keep_centered_is_refused_at_the_forward(monkeypatch):
+    """Patching first and wrapping the writers afterwards would leave the adapters' output
+    uncentred: the forward says so instead of training a different model."""
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    model, inputs = build("gpt2")
+    patch_model(model, keep_centered=True)
+    model = peft.get_peft_model(model, _lora(peft))
+    with pytest.raises(RuntimeError, match=r"stream writer transformer\.h\.0\.attn\.c_proj is no longer.*peft\.tuners.*Wrap first, then patch"):
+        model(input_ids=inputs["input_ids"])
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "olmo"])

@@ -201,3 +201,20 @@ def randomize_for_conversion(model, seed=0):
             if isinstance(m, torch.nn.Embedding):
                 m.weight.add_((0.2 + 0.05 * torch.randn(m.weight.shape[0], 1, generator=g)).to(m.weight.dtype))
     return model
+
+
+def adam_losses(model, ids, steps: int = 4, reduce=None) -> torch.Tensor:
+    """The causal-LM loss on ``ids`` at each of ``steps`` Adam steps (lr 1e-2) over the
+    trainable parameters, each through ``reduce`` (e.g. the mean over ranks) where given. eps
+    sits well above the rounding noise of a gradient that is zero in exact arithmetic
+    (attention's key bias), which Adam's default would scale up to full-size steps, so that
+    runs that only add in another order stay comparable."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2, eps=1e-4)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(reduce(loss) if reduce is not None else loss.detach())
+    return torch.stack(losses)

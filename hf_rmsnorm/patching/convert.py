@@ -25,6 +25,7 @@ import copy
 import warnings
 import dataclasses
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -222,7 +223,7 @@ def centre_writer_(module: nn.Module) -> None:
         p.copy_((p64 - p64.mean(dim, keepdim=True)).to(p.dtype))
 
 
-def _keep_centred(module: nn.Module) -> list:
+def _keep_centred(module: nn.Module, root: nn.Module, name: str) -> list:
     """Hooks that make a converted model train exactly like the LayerNorm original: the
     writer's output is centred, so it computes with C W and C b, and autograd hands its
     parameters the centred gradient (the LayerNorm model's gradient is the centred part of the
@@ -235,8 +236,19 @@ def _keep_centred(module: nn.Module) -> list:
     per forward), whose gradients a hook on the originals never sees. Under FSDP2 the in-place
     re-centring reaches only the gathered copy; the sharded weights keep the mean Adam adds,
     which the centred output ignores and the module's state_dict leaves out
-    (``_centred_state``), so that what is saved is what was trained."""
-    return [module.register_forward_pre_hook(lambda mod, args: _recentre_(mod)),
+    (``_centred_state``), so that what is saved is what was trained.
+
+    Each forward first checks that the writer is still the module at ``name`` in ``root``: a
+    wrapper put there afterwards (PEFT's LoRA layer, a quantized replacement) adds to the
+    stream what these hooks do not centre, and the model would quietly stop training as the
+    LayerNorm original."""
+    root_ref = weakref.ref(root)
+
+    def before(mod, args):
+        _check_in_place(root_ref, name, mod)
+        _recentre_(mod)
+
+    return [module.register_forward_pre_hook(before),
             module.register_forward_hook(_centre_output),
             module.register_state_dict_post_hook(_centred_state)]
 
@@ -260,6 +272,24 @@ def _centred_state(module, state_dict, prefix, local_metadata) -> None:
         value = state_dict.get(key)
         if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
             state_dict[key] = value - value.mean(dim, keepdim=True, dtype=torch.float32).to(value.dtype)
+
+
+def _check_in_place(root_ref, name: str, module: nn.Module) -> None:
+    root = root_ref()
+    if root is None:
+        return
+    try:
+        now = root.get_submodule(name)
+    except AttributeError:
+        now = None
+    if now is not module:
+        raise RuntimeError(
+            f"keep_centered: the stream writer {name} is no longer the module patch_model centred; "
+            f"{f'{type(now).__module__}.{type(now).__qualname__}' if now is not None else 'nothing'} sits there now (a PEFT adapter, a quantized layer?). "
+            "What it adds to the stream is not kept centred, so the model would no longer train as the LayerNorm "
+            "original. Wrap first, then patch: patch_model(get_peft_model(model, config), keep_centered=True) finds "
+            "and centres the adapters' writers too (or unpatch_model, wrap, patch again)."
+        )
 
 
 @torch.no_grad()
@@ -644,7 +674,7 @@ class _Conversion:
             self.backups[name] = {p: getattr(module, p).detach().clone() for p in output_params(module)}
             centre_writer_(module)
             if self.keep_centered:
-                hooks += _keep_centred(module)
+                hooks += _keep_centred(module, self.model, name)
         return hooks
 
     def undo_centring(self) -> None:

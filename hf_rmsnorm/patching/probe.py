@@ -47,7 +47,7 @@ def probe_inputs(model: nn.Module, batch: int = 2, length: int = 12, seed: int =
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError(f"{type(model).__name__} has no config to build a probe input from; pass probe_inputs={{...}} to convert it")
-    params = inspect.signature(model.forward).parameters
+    params = _forward_parameters(model)
     param = next(iter(model.parameters()))
     g = torch.Generator().manual_seed(seed)
     inputs = {}
@@ -69,6 +69,18 @@ def probe_inputs(model: nn.Module, batch: int = 2, length: int = 12, seed: int =
     if not inputs:
         raise ValueError(f"cannot build a probe input for {type(model).__name__}; pass probe_inputs={{...}} to convert it")
     return {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+
+
+def _forward_parameters(model: nn.Module):
+    """The parameters of the model's forward; through a wrapper whose forward hands ``**kwargs``
+    on to the model it wraps (PEFT's ``PeftModel``, ``get_base_model()``), the wrapped one's."""
+    params = inspect.signature(model.forward).parameters
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        inner = get_base()
+        if isinstance(inner, nn.Module) and inner is not model:
+            return _forward_parameters(inner)
+    return params
 
 
 class ProbeError(RuntimeError):
