@@ -677,6 +677,10 @@ def test_lora_then_keep_centered_trains_as_the_layernorm_model(monkeypatch):
     curve, expected = adam_losses(model, ids), adam_losses(reference, ids)
     assert expected[-1] < expected[0]
     torch.testing.assert_close(curve, expected, rtol=1e-5, atol=1e-5)
+    # merged, each base layer stands where its wrapper stood, with the adapter folded in: still
+    # the writer, still centred, and the merged models agree
+    merged, merged_reference = model.merge_and_unload(), reference.merge_and_unload()
+    torch.testing.assert_close(run(merged, {"input_ids": ids}), run(merged_reference, {"input_ids": ids}), rtol=1e-5, atol=1e-5)
 
 
 def test_lora_added_after_keep_centered_is_refused_at_the_forward(monkeypatch):
@@ -687,7 +691,7 @@ def test_lora_added_after_keep_centered_is_refused_at_the_forward(monkeypatch):
     model, inputs = build("gpt2")
     patch_model(model, keep_centered=True)
     model = peft.get_peft_model(model, _lora(peft))
-    with pytest.raises(RuntimeError, match=r"stream writer transformer\.h\.0\.attn\.c_proj is no longer.*peft\.tuners.*Wrap first, then patch"):
+    with pytest.raises(RuntimeError, match=r"stream writer transformer\.h\.0\.attn\.c_proj now runs inside a peft\.tuners.*Wrap first, then patch"):
         model(input_ids=inputs["input_ids"])
 
 

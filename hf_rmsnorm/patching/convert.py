@@ -238,10 +238,9 @@ def _keep_centred(module: nn.Module, root: nn.Module, name: str) -> list:
     which the centred output ignores and the module's state_dict leaves out
     (``_centred_state``), so that what is saved is what was trained.
 
-    Each forward first checks that the writer is still the module at ``name`` in ``root``: a
-    wrapper put there afterwards (PEFT's LoRA layer, a quantized replacement) adds to the
-    stream what these hooks do not centre, and the model would quietly stop training as the
-    LayerNorm original."""
+    Each forward first checks that the writer has not been wrapped at ``name`` in ``root``: a
+    wrapper put there afterwards (PEFT's LoRA layer) adds to the stream what these hooks do
+    not centre, and the model would quietly stop training as the LayerNorm original."""
     root_ref = weakref.ref(root)
 
     def before(mod, args):
@@ -275,20 +274,23 @@ def _centred_state(module, state_dict, prefix, local_metadata) -> None:
 
 
 def _check_in_place(root_ref, name: str, module: nn.Module) -> None:
+    """Raise where the writer now runs inside a wrapper put at its name. (A module put there
+    instead of it never calls these hooks; one that moved, as PEFT's merge_and_unload puts the
+    merged base layer where its wrapper was, is still the stream's writer and centred.)"""
     root = root_ref()
     if root is None:
         return
     try:
         now = root.get_submodule(name)
     except AttributeError:
-        now = None
-    if now is not module:
+        return
+    if now is not module and any(m is module for m in now.modules()):
         raise RuntimeError(
-            f"keep_centered: the stream writer {name} is no longer the module patch_model centred; "
-            f"{f'{type(now).__module__}.{type(now).__qualname__}' if now is not None else 'nothing'} sits there now (a PEFT adapter, a quantized layer?). "
-            "What it adds to the stream is not kept centred, so the model would no longer train as the LayerNorm "
-            "original. Wrap first, then patch: patch_model(get_peft_model(model, config), keep_centered=True) finds "
-            "and centres the adapters' writers too (or unpatch_model, wrap, patch again)."
+            f"keep_centered: the stream writer {name} now runs inside a "
+            f"{type(now).__module__}.{type(now).__qualname__} put in its place after patching (a PEFT adapter?). "
+            "What the wrapper adds to the stream is not kept centred, so the model would no longer train as the "
+            "LayerNorm original. Wrap first, then patch: patch_model(get_peft_model(model, config), keep_centered=True) "
+            "finds and centres the adapters' writers too (or unpatch_model, wrap, patch again)."
         )
 
 
