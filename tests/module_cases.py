@@ -88,3 +88,26 @@ def export_and_check(case, dtype, device="cpu"):
     with torch.no_grad():
         torch.testing.assert_close(program(x, gate), y.detach(), rtol=0, atol=0)
     return exported
+
+
+def trace_and_check(case, dtype, traced_with_grad: bool, device="cpu"):
+    """torch.jit.trace the case's module (in a ``Calling``), with x requiring grad or not, and
+    replay the trace against float64: at the traced shape and at another, with gradients, then
+    without. A trace records the ops one call ran and replays them for every later call,
+    whatever it sees then."""
+    norm = make(case, dtype).to(device)
+    wrapper = Calling(norm)
+    x, gate, _ = (t.to(device) for t in inputs(dtype))
+    with torch.set_grad_enabled(traced_with_grad):
+        traced = torch.jit.trace(wrapper, (x.clone().requires_grad_(traced_with_grad), gate), check_trace=False)
+    params = dict(norm.named_parameters())
+    for rows in ((3, 5), (2, 7)):
+        x, gate, dy = (t.to(device) for t in inputs(dtype, seed=2, rows=rows))
+        xs, zs = x.clone().requires_grad_(True), gate.clone().requires_grad_(True)
+        y = traced(xs, zs)
+        y.backward(dy)
+        grads = {"x": xs.grad, "gate": zs.grad, **{k: v.grad for k, v in params.items()}}
+        assert_matches_fp64(case, dtype, y, grads, x, gate, params, dy)
+        norm.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch.testing.assert_close(traced(x, gate), y.detach(), rtol=0, atol=0)

@@ -76,7 +76,8 @@ def gated_rms_norm_ref(
             fwd, _, flags = compiled
             return fwd(x, gate, weight, eps, offset, size, flags, False)[0]
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if not grad and hand_written_ok(x, gate, weight):
+    # Not while torch.jit.trace records: it would replay the in-place work under autograd
+    if not grad and hand_written_ok(x, gate, weight) and _tracing_state() is None:
         return _in_place(x, gate, weight, eps, offset, size, norm_before_gate, activation, cast_mode, compute)
     return _composite(x, gate, weight, eps, offset, size, norm_before_gate, activation, cast_mode, compute)
 

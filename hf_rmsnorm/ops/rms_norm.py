@@ -44,9 +44,13 @@ def rms_norm_ref(
         if compiled is not None:
             op, flags = compiled  # with its own autograd node, in C++
             return op(x, weight, bias, eps, offset, flags, cast_mode)
-        if needs_grad(x, weight, bias):
-            return _RMSNormCPU.apply(x, weight, bias, eps, offset, cast_mode)
-        return affine_torch(_normalized(x, eps)[0], x.dtype, weight, bias, offset, cast_mode, overwrite=True)
+        # Not while torch.jit.trace records: its trace holds an autograd.Function's forward ops
+        # without its backward, and replays work done in place or with out= under autograd
+        # when later called with gradients (which fails), whatever the traced call needed
+        if _tracing_state() is None:
+            if needs_grad(x, weight, bias):
+                return _RMSNormCPU.apply(x, weight, bias, eps, offset, cast_mode)
+            return affine_torch(_normalized(x, eps)[0], x.dtype, weight, bias, offset, cast_mode, overwrite=True)
     return _rms_norm_composite(x, weight, bias, eps, offset, cast_mode)
 
 
