@@ -680,7 +680,15 @@ def test_lora_then_keep_centered_trains_as_the_layernorm_model(monkeypatch):
     # merged, each base layer stands where its wrapper stood, with the adapter folded in: still
     # the writer, still centred, and the merged models agree
     merged, merged_reference = model.merge_and_unload(), reference.merge_and_unload()
-    torch.testing.assert_close(run(merged, {"input_ids": ids}), run(merged_reference, {"input_ids": ids}), rtol=1e-5, atol=1e-5)
+    want = run(merged_reference, {"input_ids": ids})
+    torch.testing.assert_close(run(merged, {"input_ids": ids}), want, rtol=1e-5, atol=1e-5)
+    # the patch record is the PeftModel's: unpatching the merged model alone says so, and
+    # unpatching the PeftModel gives a plain LayerNorm GPT-2 computing the unconverted function
+    with pytest.raises(ValueError, match="patched as part of a larger model.*unpatch_model\\(peft_model\\)"):
+        unpatch_model(merged)
+    unpatch_model(model)
+    assert not any(isinstance(m, (FusedRMSNorm, FusedLayerNorm, FusedGatedRMSNorm)) for m in merged.modules())
+    torch.testing.assert_close(run(merged, {"input_ids": ids}), want, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_added_after_keep_centered_is_refused_at_the_forward(monkeypatch):

@@ -341,6 +341,13 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     return ``model``."""
     found = _find_state(model)
     if found is None:
+        if any(isinstance(m, FUSED_MODULES) for m in model.modules()):
+            # the record lives on the model patch_model was given, which this one sits inside
+            raise ValueError(
+                f"unpatch_model: {type(model).__name__} holds hf_rmsnorm's fused norms, but was patched as part of "
+                "a larger model (the PeftModel that wrapped it, before merge_and_unload?). Call unpatch_model on the "
+                "model that was patched: unpatch_model(peft_model), then peft_model.merge_and_unload()."
+            )
         raise ValueError(f"unpatch_model: {type(model).__name__} was not patched by hf_rmsnorm (nothing to undo).")
     _, owner, state = found
     _restore(owner, state["originals"])
