@@ -703,6 +703,32 @@ def test_lora_added_after_keep_centered_is_refused_at_the_forward(monkeypatch):
         model(input_ids=inputs["input_ids"])
 
 
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_a_keep_centered_model_pickles_and_its_copy_keeps_itself_centred(how, tmp_path, monkeypatch):
+    """torch.save(model) of a keep_centered model (its hooks are module-level functions), and a
+    deep copy: the copy computes the same, keeps its own writers centred through Adam steps,
+    and refuses an adapter put on one of its own writers (the check is the copy's, not the
+    original's)."""
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    model, inputs = build("gpt2")
+    patch_model(model, keep_centered=True)
+    if how == "torch.save":
+        torch.save(model, tmp_path / "model.pt")
+        copied = torch.load(tmp_path / "model.pt", weights_only=False)
+    else:
+        copied = copy.deepcopy(model)
+    torch.testing.assert_close(run(copied, inputs), run(model, inputs), rtol=0, atol=0)
+    adam_losses(copied, inputs["input_ids"], steps=3)
+    run(copied, inputs)  # re-centred before this forward
+    writer = copied.transformer.h[0].mlp.c_proj.weight
+    assert writer.double().mean(-1).abs().max() < 1e-6
+    wrapped = peft.get_peft_model(copied, _lora(peft))
+    with pytest.raises(RuntimeError, match="now runs inside a peft"):
+        wrapped(input_ids=inputs["input_ids"])
+    run(model, inputs)  # the original, unwrapped, still runs
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama", "olmo"])
 def test_probe_under_autocast_keeps_the_same_swaps(name):
     """On the CPU autocast leaves norms alone, so the swaps must agree with and without it

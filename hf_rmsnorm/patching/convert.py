@@ -24,8 +24,8 @@ import contextlib
 import copy
 import warnings
 import dataclasses
+import functools
 import math
-import weakref
 from typing import Optional
 
 import torch
@@ -238,19 +238,21 @@ def _keep_centred(module: nn.Module, root: nn.Module, name: str) -> list:
     which the centred output ignores and the module's state_dict leaves out
     (``_centred_state``), so that what is saved is what was trained.
 
-    Each forward first checks that the writer has not been wrapped in its parent's slot: a
-    wrapper put there afterwards (PEFT's LoRA layer) adds to the stream what these hooks do
-    not centre, and the model would quietly stop training as the LayerNorm original."""
+    Each forward of the writer's parent first checks that the writer has not been wrapped in
+    its slot: a wrapper put there afterwards (PEFT's LoRA layer) adds to the stream what these
+    hooks do not centre, and the model would quietly stop training as the LayerNorm original.
+    Every hook is a module-level function (or a partial of one), so that a patched model still
+    pickles (torch.save(model)) and its deep copies check themselves."""
     parent_name, _, slot = name.rpartition(".")
-    parent_ref = weakref.ref(root.get_submodule(parent_name))
-
-    def before(mod, args):
-        _check_in_place(parent_ref, slot, mod, name)
-        _recentre_(mod)
-
-    return [module.register_forward_pre_hook(before),
+    parent = root.get_submodule(parent_name)
+    return [module.register_forward_pre_hook(_recentre_hook),
             module.register_forward_hook(_centre_output),
-            module.register_state_dict_post_hook(_centred_state)]
+            module.register_state_dict_post_hook(_centred_state),
+            parent.register_forward_pre_hook(functools.partial(_check_slot, slot, name))]
+
+
+def _recentre_hook(module, args) -> None:
+    _recentre_(module)
 
 
 def _centre_output(module, args, output):
@@ -274,14 +276,16 @@ def _centred_state(module, state_dict, prefix, local_metadata) -> None:
             state_dict[key] = value - value.mean(dim, keepdim=True, dtype=torch.float32).to(value.dtype)
 
 
-def _check_in_place(parent_ref, slot: str, module: nn.Module, name: str) -> None:
-    """Raise where the writer now runs inside a wrapper put in its slot of its parent. (A
-    module put there instead of it never calls these hooks; one that moved, as PEFT's
-    merge_and_unload puts the merged base layer where its wrapper was, is still the stream's
-    writer and centred.) A slot, not a path from the root: 0.1 µs a writer a forward against get_submodule's 8 (CI CPU)."""
-    parent = parent_ref()
-    now = parent._modules.get(slot) if parent is not None else module
-    if now is not module and now is not None and any(m is module for m in now.modules()):
+def _check_slot(slot: str, name: str, parent: nn.Module, args) -> None:
+    """Raise where the writer in ``parent``'s ``slot`` now runs inside a wrapper put there.
+    (A module put there instead of it never reaches the stream through these hooks; one that
+    moved, as PEFT's merge_and_unload puts the merged base layer where its wrapper stood, is
+    still the stream's writer and centred.) Writers are known by their output hook, which
+    unpatch_model removes with the rest."""
+    now = parent._modules.get(slot)
+    if now is None or _centre_output in now._forward_hooks.values():
+        return
+    if any(_centre_output in m._forward_hooks.values() for m in now.modules()):
         raise RuntimeError(
             f"keep_centered: the stream writer {name} now runs inside a "
             f"{type(now).__module__}.{type(now).__qualname__} put in its place after patching (a PEFT adapter?). "
