@@ -244,6 +244,9 @@ def convert_checkpoint(
     source = _read_source(src, allow_pickle, trust_remote_code)
     if dst.resolve() == src.resolve():
         raise ConversionError("OUT is IN: write the conversion to a new directory.")
+    if src.resolve().is_relative_to(dst.resolve()):
+        # --force replaces OUT as a whole: the input inside it would go with it
+        raise ConversionError(f"IN is inside OUT ({dst}): replacing OUT would delete the input; write the conversion to a new directory.")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
         raise ConversionError(f"{dst} exists and is not empty; pass --force to replace it.")
     parent = dst.resolve().parent

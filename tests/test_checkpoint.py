@@ -283,6 +283,10 @@ def test_output_rules(tmp_path, capsys):
     blocked.write_text("")
     assert _cli(src, blocked / "out") == 2 and "not writable" in capsys.readouterr().err
     assert _cli(src, src) == 2 and "OUT is IN" in capsys.readouterr().err
+    # OUT an ancestor of IN: --force would replace OUT, and the input with it
+    before = sorted(p.name for p in src.iterdir())
+    assert _cli(src, tmp_path, "--force") == 2 and "IN is inside OUT" in capsys.readouterr().err
+    assert sorted(p.name for p in src.iterdir()) == before
 
 
 def test_a_layernorm_model_type_outside_the_table_is_converted_when_loaded(tmp_path, capsys):
