@@ -260,7 +260,9 @@ def _centre_output(module, args, output):
     # by Adam's drift), so unlike a stream start's (_centred) it is subtracted in the output's
     # own dtype: one rounding, two passes over the output
     if not isinstance(output, torch.Tensor):
-        return None
+        # every writer output_params knows returns the stream's addend itself
+        raise TypeError(f"keep_centered: the stream writer {type(module).__name__} returned a {type(output).__name__}, "
+                        "not a tensor, so its output cannot be centred; patch without keep_centered.")
     return output - output.mean(-1, keepdim=True, dtype=torch.float32).to(output.dtype)
 
 
