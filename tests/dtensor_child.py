@@ -1,7 +1,7 @@
 """Run by tests/test_dtensor.py under torchrun: 2 CPU processes (gloo). The fused modules on
-DTensors as tensor parallelism hands them: parameters replicated, activations replicated or
-sharded along the sequence (sequence parallelism), against float64 definitions, forward with
-and without gradients and every gradient. Prints "ok <case>" per case; a mismatch raises."""
+DTensors as tensor parallelism hands them: parameters replicated, activations replicated,
+sharded along the sequence (sequence parallelism) or along the hidden dim, against float64
+definitions, forward with and without gradients and every gradient. Prints "ok <case>" per case; a mismatch raises."""
 
 import os
 import sys
@@ -20,7 +20,9 @@ def main():
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for case in CASES:
         for dtype in (torch.float32, torch.bfloat16):
-            for placement in (Replicate(), Shard(1)):  # Shard(1): the sequence (5 rows: 3 and 2)
+            # Shard(1): the sequence (5 rows: 3 and 2); Shard(2): the hidden dim the norm
+            # normalises (its mean a partial sum across the ranks), 16 features each
+            for placement in (Replicate(), Shard(1), Shard(2)):
                 norm = make(case, dtype)
                 distribute_module(norm, mesh)  # every parameter a replicated DTensor
                 x, gate, dy = inputs(dtype)

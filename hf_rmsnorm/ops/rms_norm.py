@@ -17,8 +17,8 @@ from torch import Tensor
 
 from . import _cpu_kernel
 from ._norm import (
-    _PLAIN_TENSORS, ROUNDING, _tracing_state, affine_torch, backward_by_autograd, cast, compute_dtype, hand_written_ok, needs_grad,
-    normalize, output_dtype,
+    _PLAIN_TENSORS, ROUNDING, _tracing_state, affine_torch, backward_by_autograd, cast, compute_dtype, exporting, hand_written_ok,
+    needs_grad, normalize, output_dtype, plain_tensors,
     rounding_dtype, transforms_active, wanted_gradients_as_graph, weight_plus_offset,
 )
 
@@ -61,14 +61,28 @@ def _rms_norm_composite(x, weight, bias, eps, offset, cast_mode):
     same_dtype = weight is None or weight.dtype == x.dtype
     if cast_mode == "float32" and bias is None and offset == 0.0 and same_dtype:
         # torch's kernel computes exactly this (fp32 statistics and affine, one rounding)
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return _torch_rms_norm(x, weight, eps)
     if x.dtype == torch.float32 and all(p is None or p.dtype == torch.float32 for p in (weight, bias)):
         # all fp32: no rounding to order, so every cast mode is torch's kernel plus the bias
-        y = F.rms_norm(x, (x.shape[-1],), weight + offset if offset and weight is not None else weight, eps)
+        y = _torch_rms_norm(x, weight + offset if offset and weight is not None else weight, eps)
         return y + bias if bias is not None else y
     xc = x.to(compute_dtype(x))
-    n = F.rms_norm(xc, (x.shape[-1],), None, eps)
+    n = _torch_rms_norm(xc, None, eps)
     return affine_torch(n, x.dtype, weight, bias, offset, cast_mode)
+
+
+def _torch_rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    """``F.rms_norm`` over the last dim (x and weight of one dtype, or no weight): torch's own,
+    except for an eager tensor subclass, which gets the same arithmetic out of place (fp32
+    statistics and affine, one rounding). torch's composition adds eps in place, and DTensor
+    refuses that where tensor parallelism shards the normalised dim (the mean is then a partial
+    sum to reduce). Under torch.compile and torch.export, torch's own: tracing tensors are
+    subclasses too (is_compiling first: torch 2.6's dynamo cannot trace the type test)."""
+    if torch.compiler.is_compiling() or exporting() or plain_tensors(x, weight):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    xc = x.to(compute_dtype(x))
+    y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    return (y if weight is None else y * weight.to(xc.dtype)).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
