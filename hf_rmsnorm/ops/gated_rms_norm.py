@@ -92,7 +92,10 @@ def _composite(x, gate, weight, eps, offset, size, norm_before_gate, activation,
     # the composition, not F.rms_norm: on the CPU torch composes that of the same ops, and its
     # autograd took 2-3 µs more a small training call (benchmarks/NOTES.md, session 34)
     groups = h.unflatten(-1, (n_cols // size, size))
-    n = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)
+    # the mean as a sum over the group's size: a DTensor sharded along the hidden dim reduces a
+    # sum with SUM, which every backend has (torch 2.6 reduces a sharded mean with AVG, which
+    # gloo lacks)
+    n = (groups * torch.rsqrt(groups.pow(2).sum(-1, keepdim=True) / size + eps)).flatten(-2)
     if cast_mode == "input":
         m = cast(n, x.dtype)
         if weight is not None:

@@ -81,7 +81,9 @@ def _torch_rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     if torch.compiler.is_compiling() or exporting() or plain_tensors(x, weight):
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xc = x.to(compute_dtype(x))
-    y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    # the mean as a sum over N: a sharded sum reduces with SUM, which every backend has
+    # (torch 2.6's DTensor reduces a sharded mean with AVG, which gloo lacks)
+    y = xc * torch.rsqrt(xc.pow(2).sum(-1, keepdim=True) / x.shape[-1] + eps)
     return (y if weight is None else y * weight.to(xc.dtype)).to(x.dtype)
 
 
