@@ -12,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from module_cases import CASES, Calling, assert_matches_fp64, inputs, make  # noqa: E402
+from module_cases import CASES, Calling, inputs, make, run_and_check  # noqa: E402
 
 for case in CASES:
     for dtype in (torch.float32, torch.bfloat16):
@@ -20,12 +20,7 @@ for case in CASES:
         wrapper = Calling(make(case, dtype))
         compiled = torch.compile(wrapper, fullgraph=True, backend="aot_eager")  # fullgraph: a break raises
         for rows in ((3, 5), (2, 7)):  # the second: recompiled with dynamic sizes
-            x, gate, dy = inputs(dtype, rows=rows)
-            xs, zs = x.clone().requires_grad_(True), gate.clone().requires_grad_(True)
-            y = compiled(xs, zs)
-            y.backward(dy)
             params = {k.removeprefix("norm."): v for k, v in wrapper.named_parameters()}
-            grads = {"x": xs.grad, "gate": zs.grad, **{k: v.grad for k, v in params.items()}}
-            assert_matches_fp64(case, dtype, y, grads, x, gate, params, dy)
+            run_and_check(case, dtype, compiled, params, *inputs(dtype, rows=rows))
             wrapper.zero_grad(set_to_none=True)
         print(f"ok {case}, {dtype}", flush=True)

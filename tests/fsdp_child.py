@@ -52,6 +52,14 @@ def sgd_step(model):
             p.grad = None
 
 
+def assert_saved(out: Path, want: dict, what: str) -> None:
+    """The checkpoint written to ``out`` holds ``want``'s values (a state_dict) for its keys."""
+    saved = load_file(out / "model.safetensors")
+    assert saved and saved.keys() <= want.keys(), f"{what}: saved {sorted(saved)}"
+    for k, v in saved.items():
+        torch.testing.assert_close(v, want[k], msg=lambda m: f"{what}, saved {k}: {m}")
+
+
 def full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -103,10 +111,7 @@ def main():
         out = Path(tmp) / name
         save_model(accelerator, sharded, out)
         if rank == 0:
-            saved, want = load_file(out / "model.safetensors"), one.state_dict()
-            assert saved and saved.keys() <= want.keys(), f"{name}: saved {sorted(saved)}"
-            for k, v in saved.items():
-                torch.testing.assert_close(v, want[k], msg=lambda m: f"{name}, saved {k}: {m}")
+            assert_saved(out, one.state_dict(), name)
         say(f"{name} saved whole by the recipe")
 
         # keep_centered (gpt2's writers; llama has none): Adam steps, the loss of each and the
@@ -121,9 +126,7 @@ def main():
         out = Path(tmp) / f"{name}-centred"
         save_model(accelerator, sharded, out)
         if rank == 0:
-            saved, want = load_file(out / "model.safetensors"), one.state_dict()
-            for k, v in saved.items():
-                torch.testing.assert_close(v, want[k], msg=lambda m: f"{name}, keep_centered, saved {k}: {m}")
+            assert_saved(out, one.state_dict(), f"{name}, keep_centered")
         say(f"{name} keep_centered")
 
         # bf16 compute, fp32 master weights and gradient reduction (Accelerate's mixed_precision: bf16).

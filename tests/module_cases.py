@@ -73,6 +73,18 @@ class Calling(torch.nn.Module):
         return call(self.norm, x, gate)
 
 
+def run_and_check(case, dtype, fn, params: dict, x, gate, dy):
+    """``fn(x, gate)`` called on copies of x and the gate that require grad, then its backward
+    with ``dy``: y and every gradient (``params``: name -> the parameter ``fn`` reads) against
+    the case's float64 definition. Returns y."""
+    xs, zs = x.clone().requires_grad_(True), gate.clone().requires_grad_(True)
+    y = fn(xs, zs)
+    y.backward(dy)
+    grads = {"x": xs.grad, "gate": zs.grad, **{k: v.grad for k, v in params.items()}}
+    assert_matches_fp64(case, dtype, y, grads, x, gate, params, dy)
+    return y
+
+
 def export_and_check(case, dtype, device="cpu"):
     """Export the case's module (in a ``Calling``) and check the program against float64: called
     with gradients, every gradient; then without, the same y. Returns the ExportedProgram."""
@@ -80,11 +92,7 @@ def export_and_check(case, dtype, device="cpu"):
     exported = torch.export.export(Calling(make(case, dtype).to(device)), (x, gate))
     program = exported.module()
     params = {k.removeprefix("norm."): v for k, v in program.named_parameters()}
-    xs, zs = x.clone().requires_grad_(True), gate.clone().requires_grad_(True)
-    y = program(xs, zs)
-    y.backward(dy)
-    grads = {"x": xs.grad, "gate": zs.grad, **{k: v.grad for k, v in params.items()}}
-    assert_matches_fp64(case, dtype, y, grads, x, gate, params, dy)
+    y = run_and_check(case, dtype, program, params, x, gate, dy)
     with torch.no_grad():
         torch.testing.assert_close(program(x, gate), y.detach(), rtol=0, atol=0)
     return exported
@@ -103,11 +111,7 @@ def trace_and_check(case, dtype, traced_with_grad: bool, device="cpu"):
     params = dict(norm.named_parameters())
     for rows in ((3, 5), (2, 7)):
         x, gate, dy = (t.to(device) for t in inputs(dtype, seed=2, rows=rows))
-        xs, zs = x.clone().requires_grad_(True), gate.clone().requires_grad_(True)
-        y = traced(xs, zs)
-        y.backward(dy)
-        grads = {"x": xs.grad, "gate": zs.grad, **{k: v.grad for k, v in params.items()}}
-        assert_matches_fp64(case, dtype, y, grads, x, gate, params, dy)
+        y = run_and_check(case, dtype, traced, params, x, gate, dy)
         norm.zero_grad(set_to_none=True)
         with torch.no_grad():
             torch.testing.assert_close(traced(x, gate), y.detach(), rtol=0, atol=0)
