@@ -138,7 +138,7 @@ def _norm_kinds(meta_model) -> dict[str, str]:
 
 def _plan(source: _Source, meta_model, target: str, allow_approximate: bool):
     """(writers {module: {parameter: its output-feature dim}}, metadata block) for this checkpoint."""
-    from .patching.convert import output_params
+    from .patching.centring import output_params
 
     model_type = getattr(source.config, "model_type", None)
     kinds = _norm_kinds(meta_model)

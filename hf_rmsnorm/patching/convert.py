@@ -24,7 +24,6 @@ import contextlib
 import copy
 import warnings
 import dataclasses
-import functools
 import math
 from typing import Optional
 
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from ..ops import _cpu_kernel
+from .centring import _is_hidden, add_start_hooks, centre_writer_, keep_centred, output_params
 from .discovery import NormSpec, build_fused
 from .probe import ProbeError, compare_outputs, describe_error, float64_inputs, model_outputs, random_outputs, run_probe
 
@@ -56,37 +56,12 @@ CENTRED_ATTR = "_hf_rmsnorm_centred_input"
 # ------------------------------------------------------------------------------------ writers
 
 
-def output_params(module: nn.Module) -> dict[str, int]:
-    """{parameter name: the dimension that indexes the module's output features} for the
-    parameters that make a module's output (its weight and bias): Linear, GPT-2's Conv1D, and
-    transformers' mixture-of-experts modules, which hold every expert's down-projection as one
-    3-D parameter (experts x out x in, or x in x out when ``is_transposed``) and its bias as
-    experts x out. Empty for anything else."""
-    if isinstance(module, nn.Linear):
-        return {"weight": 0, **({"bias": 0} if module.bias is not None else {})}
-    weight = getattr(module, "weight", None)
-    if type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2:
-        return {"weight": 1, **({"bias": 0} if getattr(module, "bias", None) is not None else {})}  # stored (in, out)
-    down = getattr(module, "down_proj", None)
-    transposed = getattr(module, "is_transposed", None)  # set by transformers' use_experts_implementation
-    if isinstance(down, nn.Parameter) and down.dim() == 3 and isinstance(transposed, bool):
-        bias = getattr(module, "down_proj_bias", None)
-        return {"down_proj": 2 if transposed else 1, **({"down_proj_bias": 1} if isinstance(bias, nn.Parameter) else {})}
-    return {}
-
-
 def _out_features(module: nn.Module) -> Optional[int]:
     params = output_params(module)
     if not params:
         return None
     name, dim = next(iter(params.items()))
     return getattr(module, name).shape[dim]
-
-
-def _is_hidden(x) -> bool:
-    """Hidden states, as a block takes them: a floating tensor (the first list of blocks in a
-    model can be a list of embedding tables taking ids, as MarkupLM's xpath embeddings)."""
-    return isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
 def _shift(x: torch.Tensor, shifts: dict, outputs: dict, name: str) -> torch.Tensor:
@@ -214,115 +189,7 @@ def _shared_parameters(model: nn.Module) -> set[int]:
     return {k for k, count in holders.items() if count > 1}
 
 
-@torch.no_grad()
-def centre_writer_(module: nn.Module) -> None:
-    """W <- C W and b <- b - mean(b) over the output features, in float64, cast back."""
-    for name, dim in output_params(module).items():
-        p = getattr(module, name)
-        p64 = p.double()
-        p.copy_((p64 - p64.mean(dim, keepdim=True)).to(p.dtype))
-
-
-def _keep_centred(module: nn.Module, root: nn.Module, name: str) -> list:
-    """Hooks that make a converted model train exactly like the LayerNorm original: the
-    writer's output is centred, so it computes with C W and C b, and autograd hands its
-    parameters the centred gradient (the LayerNorm model's gradient is the centred part of the
-    RMSNorm model's, since LN(x) = RMS(Cx)); and its weights are re-centred before each forward
-    (Adam's elementwise step does not keep them centred; the LayerNorms never saw the
-    difference), so that they stay exactly exportable to the original architecture.
-
-    The centring acts on the output, not on hooks of the parameters: FSDP2 (``fully_shard``)
-    hands the module other tensors than the parameters patch_model saw (gathered copies, made
-    per forward), whose gradients a hook on the originals never sees. Under FSDP2 the in-place
-    re-centring reaches only the gathered copy; the sharded weights keep the mean Adam adds,
-    which the centred output ignores and the module's state_dict leaves out
-    (``_centred_state``), so that what is saved is what was trained.
-
-    Each forward of the writer's parent first checks that the writer has not been wrapped in
-    its slot: a wrapper put there afterwards (PEFT's LoRA layer) adds to the stream what these
-    hooks do not centre, and the model would quietly stop training as the LayerNorm original.
-    Every hook is a module-level function (or a partial of one), so that a patched model still
-    pickles (torch.save(model)) and its deep copies check themselves."""
-    parent_name, _, slot = name.rpartition(".")
-    parent = root.get_submodule(parent_name)
-    return [module.register_forward_pre_hook(_recentre_hook),
-            module.register_forward_hook(_centre_output),
-            module.register_state_dict_post_hook(_centred_state),
-            parent.register_forward_pre_hook(functools.partial(_check_slot, slot, name))]
-
-
-def _recentre_hook(module, args) -> None:
-    _recentre_(module)
-
-
-def _centre_output(module, args, output):
-    # The mean is small here (the weights were centred before this forward, or under FSDP2 off
-    # by Adam's drift), so unlike a stream start's (_centred) it is subtracted in the output's
-    # own dtype: one rounding, two passes over the output
-    if not isinstance(output, torch.Tensor):
-        # every writer output_params knows returns the stream's addend itself
-        raise TypeError(f"keep_centered: the stream writer {type(module).__name__} returned a {type(output).__name__}, "
-                        "not a tensor, so its output cannot be centred; patch without keep_centered.")
-    return output - output.mean(-1, keepdim=True, dtype=torch.float32).to(output.dtype)
-
-
-@torch.no_grad()
-def _centred_state(module, state_dict, prefix, local_metadata) -> None:
-    """The writer's parameters in its state_dict, centred (sharded ones too: DTensor's mean
-    gathers across the shards); left as they are where the state_dict holds the parameters
-    themselves (``keep_vars=True``), whose identity the caller wants."""
-    for name, dim in output_params(module).items():
-        key = prefix + name
-        value = state_dict.get(key)
-        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-            state_dict[key] = value - value.mean(dim, keepdim=True, dtype=torch.float32).to(value.dtype)
-
-
-def _check_slot(slot: str, name: str, parent: nn.Module, args) -> None:
-    """Raise where the writer in ``parent``'s ``slot`` now runs inside a wrapper put there.
-    (A module put there instead of it never reaches the stream through these hooks; one that
-    moved, as PEFT's merge_and_unload puts the merged base layer where its wrapper stood, is
-    still the stream's writer and centred.) Writers are known by their output hook, which
-    unpatch_model removes with the rest."""
-    now = parent._modules.get(slot)
-    if now is None or _centre_output in now._forward_hooks.values():
-        return
-    if any(_centre_output in m._forward_hooks.values() for m in now.modules()):
-        raise RuntimeError(
-            f"keep_centered: the stream writer {name} now runs inside a "
-            f"{type(now).__module__}.{type(now).__qualname__} put in its place after patching (a PEFT adapter?). "
-            "What the wrapper adds to the stream is not kept centred, so the model would no longer train as the "
-            "LayerNorm original. Wrap first, then patch: patch_model(get_peft_model(model, config), keep_centered=True) "
-            "finds and centres the adapters' writers too (or unpatch_model, wrap, patch again)."
-        )
-
-
-@torch.no_grad()
-def _recentre_(module: nn.Module) -> None:
-    """Per-step re-projection (keep_centered), in place: the mean in fp32, no float64 copy of
-    the weight on every forward (the weight is centred already, up to one optimizer step)."""
-    for name, dim in output_params(module).items():
-        p = getattr(module, name)
-        p.sub_(p.mean(dim, keepdim=True, dtype=torch.float32).to(p.dtype))
-
-
-# ----------------------------------------------------------------------- run-time centring
-
-
-def _centred(x: torch.Tensor) -> torch.Tensor:
-    # in at least fp32: in bf16, x - mean(x) cancels catastrophically when the mean dominates
-    # (embedding tables often have one); the small centred values then round well
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    return (xf - xf.mean(-1, keepdim=True)).to(x.dtype)
-
-
-def _centre_first_input(module, args, kwargs):
-    """Forward pre-hook: subtract the per-position mean of the block's hidden states."""
-    if args and _is_hidden(args[0]):
-        return (_centred(args[0]), *args[1:]), kwargs
-    if _is_hidden(kwargs.get("hidden_states")):
-        return args, {**kwargs, "hidden_states": _centred(kwargs["hidden_states"])}
-    return None
+# ------------------------------------------------------------- stream starts, centring measured
 
 
 def block_lists(model: nn.Module) -> dict[str, str]:
@@ -334,10 +201,6 @@ def block_lists(model: nn.Module) -> dict[str, str]:
         if not any(name.startswith(f"{c}.") for c in chosen):
             chosen[name] = f"{name}.{next(iter(module._modules))}"
     return chosen
-
-
-def add_start_hooks(model: nn.Module, starts: list[str]) -> list:
-    return [model.get_submodule(s).register_forward_pre_hook(_centre_first_input, with_kwargs=True) for s in starts]
 
 
 def _centring_ratio(x: torch.Tensor) -> float:
@@ -679,7 +542,7 @@ class _Conversion:
             self.backups[name] = {p: getattr(module, p).detach().clone() for p in output_params(module)}
             centre_writer_(module)
             if self.keep_centered:
-                hooks += _keep_centred(module, self.model, name)
+                hooks += keep_centred(module, self.model, name)
         return hooks
 
     def undo_centring(self) -> None:
