@@ -1,0 +1,108 @@
+"""patch_model with PEFT: LoRA before or after patching (fused swaps), and the exact conversion
+of a PeftModel: the adapters on the stream writers centred with them, keep_centered training
+as the unconverted model, merging and unpatching, adapters added after patching refused, and
+keep_centered models that pickle and deep-copy."""
+
+import copy
+
+import pytest
+import torch
+
+from hf_rmsnorm import FusedGatedRMSNorm, FusedLayerNorm, FusedRMSNorm, patch_model, unpatch_model
+from tiny_models import adam_losses, build, run
+
+
+def test_peft_before_or_after_patching(monkeypatch):
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    for order in ("patch_first", "peft_first"):
+        model, inputs = build("llama")
+        ref = run(model, inputs)
+        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=True)
+        if order == "patch_first":
+            patch_model(model)
+            model = peft.get_peft_model(model, config)
+        else:
+            model = peft.get_peft_model(model, config)
+            patch_model(model)
+        torch.testing.assert_close(run(model, inputs), ref, rtol=1e-5, atol=1e-5)
+        unpatch_model(model)
+        assert not any(isinstance(m, FusedRMSNorm) for m in model.modules())
+
+
+def _lora(peft):
+    # the stream writers (c_proj) among the targets: their adapters write into the stream too
+    return peft.LoraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, init_lora_weights=False)
+
+
+def test_lora_then_keep_centered_trains_as_the_layernorm_model(monkeypatch):
+    """PEFT first, then patch_model: the probe batch is built through the PeftModel (its
+    forward takes **kwargs), the conversion is exact, and the adapters on the stream writers
+    (lora_B) are centred with the writers, so LoRA fine-tuning follows the unconverted
+    model's loss curve."""
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    base, inputs = build("gpt2")
+    torch.manual_seed(0)
+    reference = peft.get_peft_model(copy.deepcopy(base), _lora(peft))
+    torch.manual_seed(0)
+    model = peft.get_peft_model(copy.deepcopy(base), _lora(peft))
+    report = patch_model(model, keep_centered=True)
+    assert report.count("exact") == 5, report
+    assert any(".lora_B." in w for w in report.conversion["writers"]), report.conversion
+    ids = inputs["input_ids"]
+    for m in (model, reference):
+        m.eval()  # get_peft_model leaves the model training; dropout would make the stream's mean random
+    curve, expected = adam_losses(model, ids), adam_losses(reference, ids)
+    assert expected[-1] < expected[0]
+    torch.testing.assert_close(curve, expected, rtol=1e-5, atol=1e-5)
+    # merged, each base layer stands where its wrapper stood, with the adapter folded in: still
+    # the writer, still centred, and the merged models agree
+    merged, merged_reference = model.merge_and_unload(), reference.merge_and_unload()
+    want = run(merged_reference, {"input_ids": ids})
+    torch.testing.assert_close(run(merged, {"input_ids": ids}), want, rtol=1e-5, atol=1e-5)
+    # the patch record is the PeftModel's: unpatching the merged model alone says so, and
+    # unpatching the PeftModel gives a plain LayerNorm GPT-2 computing the unconverted function
+    with pytest.raises(ValueError, match="patched as part of a larger model.*unpatch_model\\(peft_model\\)"):
+        unpatch_model(merged)
+    unpatch_model(model)
+    assert not any(isinstance(m, (FusedRMSNorm, FusedLayerNorm, FusedGatedRMSNorm)) for m in merged.modules())
+    torch.testing.assert_close(run(merged, {"input_ids": ids}), want, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_added_after_keep_centered_is_refused_at_the_forward(monkeypatch):
+    """Patching first and wrapping the writers afterwards would leave the adapters' output
+    uncentred: the forward says so instead of training a different model."""
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    model, inputs = build("gpt2")
+    patch_model(model, keep_centered=True)
+    model = peft.get_peft_model(model, _lora(peft))
+    with pytest.raises(RuntimeError, match=r"stream writer transformer\.h\.0\.attn\.c_proj now runs inside a peft\.tuners.*Wrap first, then patch"):
+        model(input_ids=inputs["input_ids"])
+
+
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_a_keep_centered_model_pickles_and_its_copy_keeps_itself_centred(how, tmp_path, monkeypatch):
+    """torch.save(model) of a keep_centered model (its hooks are module-level functions), and a
+    deep copy: the copy computes the same, keeps its own writers centred through Adam steps,
+    and refuses an adapter put on one of its own writers (the check is the copy's, not the
+    original's)."""
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    model, inputs = build("gpt2")
+    patch_model(model, keep_centered=True)
+    if how == "torch.save":
+        torch.save(model, tmp_path / "model.pt")
+        copied = torch.load(tmp_path / "model.pt", weights_only=False)
+    else:
+        copied = copy.deepcopy(model)
+    torch.testing.assert_close(run(copied, inputs), run(model, inputs), rtol=0, atol=0)
+    adam_losses(copied, inputs["input_ids"], steps=3)
+    run(copied, inputs)  # re-centred before this forward
+    writer = copied.transformer.h[0].mlp.c_proj.weight
+    assert writer.double().mean(-1).abs().max() < 1e-6
+    wrapped = peft.get_peft_model(copied, _lora(peft))
+    with pytest.raises(RuntimeError, match="now runs inside a peft"):
+        wrapped(input_ids=inputs["input_ids"])
+    run(model, inputs)  # the original, unwrapped, still runs
