@@ -3,7 +3,7 @@ exact LayerNorm -> RMSNorm conversion of pre-LN models."""
 
 __version__ = "0.1.0"
 
-from .checkpoint import convert_checkpoint, from_pretrained  # noqa: E402
+from .checkpoint import convert_checkpoint, from_pretrained, save_pretrained  # noqa: E402
 from .modules import FusedGatedRMSNorm, FusedLayerNorm, FusedRMSNorm  # noqa: E402
 from .patching import PatchReport, patch_model, unpatch_model  # noqa: E402
 
@@ -16,5 +16,6 @@ __all__ = [
     "FusedGatedRMSNorm",
     "convert_checkpoint",
     "from_pretrained",
+    "save_pretrained",
     "__version__",
 ]

@@ -26,7 +26,7 @@ import torch
 
 from . import __version__
 from .patching.architectures import ARCHITECTURES, matches, relative_name
-from .patching.patch import TARGETS
+from .patching.patch import TARGETS, _patch, unpatch_model
 
 CONFIG = "config.json"
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -253,6 +253,11 @@ def convert_checkpoint(
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConversionError(f"cannot write to {parent}: it does not exist or is not writable.")
 
+    if not to_original and (source.config_dict.get("hf_rmsnorm") or {}).get("writers_centred") is False:
+        raise ConversionError(
+            f"{src} was fine-tuned converted without keep_centered (its hf_rmsnorm block says the stream writers are not "
+            "centred): converting it again would change the model. Load it with hf_rmsnorm.from_pretrained."
+        )
     meta_model = build_meta(source.config, trust_remote_code)
     prefix = meta_model.base_model_prefix
     expected = {relative_name(n, prefix): tuple(p.shape) for n, p in meta_model.state_dict().items()}
@@ -294,7 +299,7 @@ def convert_checkpoint(
                     dim = writers[module][leaf]
                     centred = t64 - t64.mean(dim, keepdim=True)
                     if to_original:
-                        if (t64.mean(dim).abs().max() > 1e-3 * t64.abs().max().clamp_min(1e-30)).item():
+                        if not _is_centred(tensor, dim):
                             raise ConversionError(
                                 f"{key} is no longer centred (fine-tuned without keep_centered?): the checkpoint cannot be "
                                 "exported exactly to the original architecture."
@@ -360,6 +365,14 @@ def convert_checkpoint(
     return block
 
 
+def _is_centred(t: torch.Tensor, dim: int) -> bool:
+    """Whether a writer's output parameter is centred over its output dim up to its dtype's
+    rounding: centred in a wider type and rounded, each value moves by at most eps/2 of the
+    largest, and so does their mean. A writer trained without keep_centered is off by more."""
+    t64 = t.detach().double()
+    return bool((t64.mean(dim).abs().max() <= torch.finfo(t.dtype).eps * t64.abs().max()).item())
+
+
 def _report_text(src, block, writers, to_original) -> str:
     counts = {}
     for kind in block.get("modules", {}).values():
@@ -420,8 +433,6 @@ def from_pretrained(path, model_class=None, probe_inputs=None, **kwargs):
     its ``hf_rmsnorm`` block says. ``probe_inputs`` (one forward call's keyword arguments)
     verify the conversion where the batch built from the config does not fit the model, as
     in ``patch_model``. Other keyword arguments go to ``from_pretrained``."""
-    from .patching import patch_model
-
     path = Path(path)
     if not (path / CONFIG).is_file():
         raise ConversionError(f"{path} has no config.json: not a Hugging Face model directory.")
@@ -432,8 +443,85 @@ def from_pretrained(path, model_class=None, probe_inputs=None, **kwargs):
     cls = model_class or architecture_class(config_dict.get("architectures"))
     model = cls.from_pretrained(path, **kwargs)
     target = block["target"] if block["target"] in TARGETS else "layernorm"
-    report = patch_model(
-        model, target=target, allow_approximate=bool(block.get("allow_approximate")) and target == "rmsnorm", probe_inputs=probe_inputs
-    )
+    as_trained = block.get("writers_centred") is False
+    report = _patch(model, target, None, None, True, False, bool(block.get("allow_approximate")) and target == "rmsnorm", False,
+                    probe_inputs, None, writers_as_loaded=as_trained)
+    saved = block.get("stream_writers")
+    if as_trained and saved is not None and sorted(saved) != sorted((report.conversion or {}).get("writers", [])):
+        unpatch_model(model)
+        raise ConversionError(
+            f"{path}: the stream writers measured now ({len((report.conversion or {}).get('writers', []))}) are not the "
+            f"{len(saved)} the model was fine-tuned with (its hf_rmsnorm block), so it cannot be loaded as it was trained."
+        )
     model.hf_rmsnorm_report = report
     return model
+
+
+def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **kwargs) -> dict:
+    """Save a patched transformers model as a checkpoint of its original architecture (its
+    state_dict keys are the original modules' keys) whose ``config.json`` carries the
+    ``hf_rmsnorm`` block :func:`from_pretrained` needs to load it as it ran; returns the block.
+
+    The block records the patch (target, every module's change, the stream writers, the
+    run-time centring) and whether the writers are still centred, measured on the weights
+    written. They are after an exact conversion, and after fine-tuning with
+    ``keep_centered=True``: plain transformers then computes the same function (unless norms
+    were approximated). Fine-tuned converted without keep_centered they are not: the weights
+    then describe an RMSNorm model whose LayerNorm reading is a different model, and only
+    ``hf_rmsnorm.from_pretrained`` loads what was trained (and ``convert_checkpoint`` refuses
+    to convert it again). ``state_dict`` (one gathered from FSDP shards, say) and the other
+    keyword arguments go to the model's own ``save_pretrained``. Written to a temporary
+    directory beside ``save_directory`` and moved in at the end."""
+    from .patching.centring import output_params
+    from .patching.patch import _find_state
+
+    found = _find_state(model)
+    if found is None or not hasattr(model, "save_pretrained"):
+        what = "is not a transformers model" if found is not None else "was not patched by hf_rmsnorm (or was patched as part of a larger model)"
+        raise ValueError(f"hf_rmsnorm.save_pretrained: {type(model).__name__} {what}; save it with its own save_pretrained.")
+    if any(c.__name__ == "PeftModel" for c in type(model).__mro__):
+        raise ValueError(
+            "hf_rmsnorm.save_pretrained: a PeftModel saves its adapters alone. Trained with keep_centered, "
+            "unpatch_model(peft_model) then peft_model.merge_and_unload().save_pretrained(...) writes a plain checkpoint "
+            "of the original architecture; hf_rmsnorm.from_pretrained loads it converted again."
+        )
+    prefix, _, state = found
+    report = state["report"]
+    full = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
+    conversion = report.conversion or {}
+    converted = report.count("exact") + report.count("approximate")  # the writers are centred only then
+    writers = [full(w) for w in conversion.get("writers", [])] if converted else []
+    weights = state_dict if state_dict is not None else model.state_dict()
+    centred = all(
+        _is_centred(weights[f"{w}.{p}"] if f"{w}.{p}" in weights else getattr(model.get_submodule(w), p), dim)
+        for w in writers for p, dim in output_params(model.get_submodule(w)).items()
+    )
+    block = {
+        "version": __version__, "target": state["target"], "allow_approximate": report.count("approximate") > 0,
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "modules": {full(e["name"]): e["change"] for e in report}, "stream_writers": writers,
+        "runtime_centring": [full(s) for s in conversion.get("runtime_centring", [])] if writers else [],
+        "writers_centred": centred,
+    }
+    dst = Path(save_directory)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        model.save_pretrained(tmp, state_dict=state_dict, **kwargs)
+        config_dict = json.loads((tmp / CONFIG).read_text())
+        config_dict["hf_rmsnorm"] = block
+        (tmp / CONFIG).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        if not dst.exists():
+            tmp.rename(dst)
+            return block
+        # into an existing directory, as transformers saves: its other files stay, weight
+        # files of an earlier save that this one does not write go
+        new = {f.name for f in tmp.iterdir()}
+        for old in dst.iterdir():
+            if old.is_file() and old.name not in new and (old.name.startswith(("model", "pytorch_model")) and old.suffix in (".safetensors", ".bin", ".json")):
+                old.unlink()
+        for f in tmp.iterdir():
+            os.replace(f, dst / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return block

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -284,10 +285,7 @@ def _run_variant(accelerator, args, base, task, variant, train_set, eval_set, sl
     recovery = (after_finetune - after_conversion) / cost if abs(cost) > 1e-6 * max(abs(before), 1e-12) else None
 
     out_dir = Path(args.output_dir) / "models" / slug / variant
-    save_model(accelerator, model, out_dir)
-    if accelerator.is_main_process and report is not None:
-        _write_conversion_block(out_dir, report, target, args)
-    accelerator.wait_for_everyone()
+    save_model(accelerator, model, out_dir, patched=report is not None)
     metrics = {
         "eval_before_conversion": before,
         "eval_after_conversion": after_conversion,
@@ -324,12 +322,14 @@ def _save_checkpoint(accelerator, path: Path, step, curve, step_times, step_toke
     accelerator.wait_for_everyone()
 
 
-def save_model(accelerator, model, out_dir: Path) -> None:
-    """The fine-tuned model, whole, as a transformers checkpoint. Every process takes part:
-    under FSDP2 (and DeepSpeed ZeRO-3) the weights are sharded, and gathering them is a
-    collective; the main process alone asking for them would wait forever for the others.
-    FSDP2's DTensors are gathered with torch's own call (the one Accelerate makes for FSDP2),
-    whatever set them up; anything else goes through Accelerate."""
+def save_model(accelerator, model, out_dir: Path, patched: bool) -> None:
+    """The fine-tuned model, whole, as a transformers checkpoint; a patched one with the
+    block ``hf_rmsnorm.from_pretrained`` needs to load it as it trained (``save_pretrained``:
+    converted and fine-tuned without --keep-centered, its LayerNorm reading is another model).
+    Every process takes part: under FSDP2 (and DeepSpeed ZeRO-3) the weights are sharded, and
+    gathering them is a collective; the main process alone asking for them would wait forever
+    for the others. FSDP2's DTensors are gathered with torch's own call (the one Accelerate
+    makes for FSDP2), whatever set them up; anything else goes through Accelerate."""
     if any(type(p).__name__ == "DTensor" for p in model.parameters()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -337,17 +337,10 @@ def save_model(accelerator, model, out_dir: Path) -> None:
     else:
         state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+        unwrapped = accelerator.unwrap_model(model)
+        save = functools.partial(hf_rmsnorm.save_pretrained, unwrapped) if patched else unwrapped.save_pretrained
+        save(out_dir, state_dict=state_dict, safe_serialization=True)
     accelerator.wait_for_everyone()
-
-
-def _write_conversion_block(out_dir: Path, report, target, args):
-    config = json.loads((out_dir / "config.json").read_text())
-    config["hf_rmsnorm"] = {
-        "version": hf_rmsnorm.__version__, "target": target, "allow_approximate": bool(args.allow_approximate),
-        "modules": {e["name"]: e["change"] for e in report}, "fine_tuned": True, "keep_centered": bool(args.keep_centered),
-    }
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # -------------------------------------------------------------------------------- outputs

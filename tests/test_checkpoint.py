@@ -364,3 +364,85 @@ def test_a_model_that_masks_at_random_is_verified_on_the_same_draws(tmp_path):
     assert max(block["verification"]["max_rel_diff"].values()) <= 1e-5, block["verification"]
     converted = hf_rmsnorm.from_pretrained(tmp_path / "out").eval()
     assert converted.hf_rmsnorm_report.count("exact") == 5 and converted.hf_rmsnorm_report.verification["random_outputs"]
+
+
+# ------------------------------------------------------------- saving a patched, fine-tuned model
+
+
+def _fine_tune(model, inputs, steps=5):
+    """A few Adam steps that move every weight (the mean square of the model's output)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        out = model(**inputs)
+        (out.logits if hasattr(out, "logits") else out.last_hidden_state).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,kwargs", [("gpt2", {}), ("gpt2", {"keep_centered": True}), ("bert", {"allow_approximate": True}),
+                                         ("llama", {}), ("gpt_neox", {"target": "layernorm"})],
+                         ids=["converted", "keep_centered", "approximate", "rmsnorm-native", "fused-layernorm"])
+def test_save_pretrained_then_from_pretrained_is_the_fine_tuned_model(name, kwargs, tmp_path):
+    """A patched model fine-tuned and saved with hf_rmsnorm.save_pretrained loads back as the
+    model that was trained. Converted and trained without keep_centered, its writers leave
+    the centre: the LayerNorm reading of its weights (plain transformers) is then another
+    model, the block says so, and from_pretrained keeps the writers as saved."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    model, inputs = build(name)
+    hf_rmsnorm.patch_model(model, **kwargs)
+    want = run(_fine_tune(model, inputs), inputs)
+    block = hf_rmsnorm.save_pretrained(model, tmp_path / "ft")
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["hf_rmsnorm"] == block
+    # the approximate conversion centres bert's writers too (its LayerNorms never saw their mean)
+    uncentred = name == "bert" or (name == "gpt2" and not kwargs)
+    assert block["writers_centred"] is not uncentred
+    assert bool(block["stream_writers"]) is (name in ("gpt2", "bert")), block
+    loaded = hf_rmsnorm.from_pretrained(tmp_path / "ft").eval()
+    assert [(e["name"], e["change"]) for e in loaded.hf_rmsnorm_report] == list(block["modules"].items())
+    _close(run(loaded, inputs), want)
+    cls = AutoModelForCausalLM if hasattr(model, "lm_head") else AutoModel
+    plain = run(cls.from_pretrained(tmp_path / "ft").eval(), inputs)
+    if uncentred:
+        assert max(rel_err(plain[k], want[k]) for k in want) > 1e-3  # the LayerNorm reading is another model
+    else:
+        _close(plain, want)
+    if uncentred and name == "gpt2":
+        assert "keep their saved values" in loaded.hf_rmsnorm_report.note
+        # converting it again, or back to the original architecture, would change it
+        with pytest.raises(ConversionError, match="fine-tuned converted without keep_centered"):
+            convert_checkpoint(tmp_path / "ft", tmp_path / "again")
+        with pytest.raises(ConversionError, match="is no longer centred"):
+            convert_checkpoint(tmp_path / "ft", tmp_path / "back", to_original=True)
+        assert not (tmp_path / "again").exists() and not (tmp_path / "back").exists()
+
+
+def test_save_pretrained_into_an_earlier_save_and_its_refusals(tmp_path):
+    """Saving over a sharded earlier save leaves no stale shard and keeps the other files;
+    an unpatched model, a PeftModel, and a block whose writers differ from the measured ones
+    are refused with what to do."""
+    model, inputs = build("gpt2")
+    out = tmp_path / "m"
+    model.save_pretrained(out, max_shard_size="20KB")
+    (out / "tokenizer.json").write_text("{}")
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    with pytest.raises(ValueError, match="was not patched by hf_rmsnorm.*its own save_pretrained"):
+        hf_rmsnorm.save_pretrained(model, out)
+    hf_rmsnorm.patch_model(model)
+    want = run(_fine_tune(model, inputs), inputs)
+    hf_rmsnorm.save_pretrained(model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+    assert not list(tmp_path.glob(".m.tmp-*"))
+    _close(run(hf_rmsnorm.from_pretrained(out).eval(), inputs), want)
+    config = json.loads((out / "config.json").read_text())
+    config["hf_rmsnorm"]["stream_writers"] = config["hf_rmsnorm"]["stream_writers"][1:]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="are not the 3 the model was fine-tuned with"):
+        hf_rmsnorm.from_pretrained(out)
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(build("gpt2")[0], peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    hf_rmsnorm.patch_model(wrapped)
+    with pytest.raises(ValueError, match="a PeftModel saves its adapters alone"):
+        hf_rmsnorm.save_pretrained(wrapped, tmp_path / "p")
+    assert not (tmp_path / "p").exists()

@@ -63,9 +63,12 @@ def test_offline_default_writes_all_outputs_with_finite_numbers(env, tmp_path):
     assert math.isfinite(approx["metrics"]["recovery"])
     assert (tmp_path / "results.md").read_text().count("| offline:") == 6
     assert (tmp_path / "results.png").stat().st_size > 10_000
-    # the fine-tuned converted model reloads with its conversion
-    model = hf_rmsnorm.from_pretrained(tmp_path / "models" / "tiny-gpt2" / "rmsnorm")
-    assert model.hf_rmsnorm_report.count("exact") == 5
+    # the fine-tuned converted model reloads with its conversion, as trained: without
+    # --keep-centered its writers left the centre, and they are kept as saved
+    saved = tmp_path / "models" / "tiny-gpt2" / "rmsnorm"
+    assert json.loads((saved / "config.json").read_text())["hf_rmsnorm"]["writers_centred"] is False
+    model = hf_rmsnorm.from_pretrained(saved)
+    assert model.hf_rmsnorm_report.count("exact") == 5 and "keep their saved values" in model.hf_rmsnorm_report.note
     assert isinstance(model.transformer.ln_f, hf_rmsnorm.FusedRMSNorm)
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
@@ -146,7 +149,7 @@ def test_bf16_gradient_accumulation_and_checkpointing_flags(env, tmp_path):
     run = _runs(tmp_path)[0]
     assert all(math.isfinite(c["eval_loss"]) for c in run["curve"])
     config = json.loads((tmp_path / "models" / "tiny-gpt2" / "rmsnorm" / "config.json").read_text())
-    assert config["hf_rmsnorm"]["keep_centered"] is True
+    assert config["hf_rmsnorm"]["writers_centred"] is True  # kept centred while training
 
 
 def _json_without_text(tmp_path):

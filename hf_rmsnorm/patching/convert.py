@@ -452,7 +452,7 @@ def _not_converted(report, layer_norms, why: str) -> None:
 class _Conversion:
     """The exact conversion of one model, in the order patch_model needs it: planned at
     construction (nothing changed), then ``apply`` (centre writers, start hooks), ``verify``
-    (raise if not exact), and on failure ``undo_centring``."""
+    (raise if not exact), ``finish``, and on failure ``undo_centring``."""
 
     def __init__(self, model, planned: dict, report, probe: Optional[dict], allow_approximate: bool, keep_centered: bool, strict: bool):
         self.model, self.report, self.strict, self.keep_centered = model, report, strict, keep_centered
@@ -553,7 +553,19 @@ class _Conversion:
                     getattr(module, p).copy_(value)
         self.backups.clear()
 
-    def drop_backups(self) -> None:
+    def finish(self, writers_as_loaded: bool) -> None:
+        """Drop the backups of the verified conversion, or (``writers_as_loaded``, a checkpoint
+        fine-tuned converted without keep_centered) put them back: the verification has shown
+        the structure exact for the loaded weights, and the writers as loaded are what the
+        fine-tuned RMSNorm model trained with."""
+        if writers_as_loaded and self.backups:
+            self.undo_centring()
+            for fqn in self.plan.exact:
+                _update(self.report, fqn, reason="RMSNorm as fine-tuned: the stream writers were trained converted, without "
+                        "keep_centered, and keep their saved values, so its input is no longer centred")
+            self.report.note = (f"{self.report.note} The {len(self.plan.writers)} stream writers keep their saved values "
+                                "(fine-tuned without keep_centered): this is the fine-tuned RMSNorm model, which plain "
+                                "transformers, reading its LayerNorms, does not compute.")
         self.backups.clear()
 
     def verify(self) -> None:
@@ -604,4 +616,4 @@ class _Conversion:
                             "rounding the model itself amplifies")
             if self.strict:
                 raise RuntimeError(message + '; the model was restored. Use target="layernorm" or exclude=[...] for that module.')
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(message, stacklevel=4)

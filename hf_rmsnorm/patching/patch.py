@@ -209,6 +209,16 @@ def patch_model(
             (e.g. ``torch.bfloat16`` for a model that trains under AMP on a GPU) and keep a
             swap only if it matches there too.
     """
+    return _patch(model, target, include, exclude, strict, dry_run, allow_approximate, keep_centered, probe_inputs, probe_autocast)
+
+
+def _patch(model, target, include, exclude, strict, dry_run, allow_approximate, keep_centered, probe_inputs, probe_autocast,
+           writers_as_loaded: bool = False) -> PatchReport:
+    """patch_model's work. ``writers_as_loaded`` serves ``hf_rmsnorm.from_pretrained`` of a
+    checkpoint fine-tuned converted without keep_centered: the conversion is measured and
+    verified as usual (which proves it exact for these weights read as the LayerNorm model),
+    then the stream writers get back the values they were loaded with, so the model is the
+    fine-tuned RMSNorm model that was saved, not the LayerNorm model its weights describe."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_model expects a torch.nn.Module, got {type(model).__name__}.")
     if target not in TARGETS:
@@ -223,7 +233,7 @@ def patch_model(
         prefix, _, state = found
         where = f" (at {prefix})" if prefix else ""
         note = f"already patched{where} with target={state['target']}: nothing changed. Call unpatch_model(model) first to patch again."
-        warnings.warn(f"patch_model: {type(model).__name__} {note}", stacklevel=2)
+        warnings.warn(f"patch_model: {type(model).__name__} {note}", stacklevel=3)
         return PatchReport(type(model).__name__, target, note=note)
 
     report = PatchReport(type(model).__name__, target, dry_run=dry_run)
@@ -261,7 +271,7 @@ def patch_model(
             conversion.undo_centring()
         raise
     if conversion is not None:
-        conversion.drop_backups()
+        conversion.finish(writers_as_loaded)
     if originals:
         model.__dict__[_STATE_ATTR] = {"target": target, "originals": originals, "report": report, "hooks": hooks}
     return report
