@@ -446,13 +446,15 @@ def from_pretrained(path, model_class=None, probe_inputs=None, **kwargs):
     as_trained = block.get("writers_centred") is False
     report = _patch(model, target, None, None, True, False, bool(block.get("allow_approximate")) and target == "rmsnorm", False,
                     probe_inputs, None, writers_as_loaded=as_trained)
-    saved = block.get("stream_writers")
-    if as_trained and saved is not None and sorted(saved) != sorted((report.conversion or {}).get("writers", [])):
-        unpatch_model(model)
-        raise ConversionError(
-            f"{path}: the stream writers measured now ({len((report.conversion or {}).get('writers', []))}) are not the "
-            f"{len(saved)} the model was fine-tuned with (its hf_rmsnorm block), so it cannot be loaded as it was trained."
-        )
+    measured = report.conversion or {}
+    for key, what in (("stream_writers", "writers"), ("runtime_centring", "runtime_centring")):
+        saved, now = block.get(key), measured.get(what, [])
+        if as_trained and saved is not None and sorted(saved) != sorted(now):
+            unpatch_model(model)
+            raise ConversionError(
+                f"{path}: the {key.replace('_', ' ')} measured now ({len(now)}: {', '.join(now[:3]) or '-'}...) are not the "
+                f"{len(saved)} the model was fine-tuned with (its hf_rmsnorm block), so it cannot be loaded as it was trained."
+            )
     model.hf_rmsnorm_report = report
     return model
 

@@ -431,14 +431,18 @@ def test_save_pretrained_into_an_earlier_save_and_its_refusals(tmp_path):
         hf_rmsnorm.save_pretrained(model, out)
     hf_rmsnorm.patch_model(model)
     want = run(_fine_tune(model, inputs), inputs)
-    hf_rmsnorm.save_pretrained(model, out)
+    block = hf_rmsnorm.save_pretrained(model, out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
     assert not list(tmp_path.glob(".m.tmp-*"))
     _close(run(hf_rmsnorm.from_pretrained(out).eval(), inputs), want)
     config = json.loads((out / "config.json").read_text())
     config["hf_rmsnorm"]["stream_writers"] = config["hf_rmsnorm"]["stream_writers"][1:]
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConversionError, match="are not the 3 the model was fine-tuned with"):
+    with pytest.raises(ConversionError, match="stream writers measured now \\(4: .*are not the 3 the model was fine-tuned with"):
+        hf_rmsnorm.from_pretrained(out)
+    config["hf_rmsnorm"]["stream_writers"], config["hf_rmsnorm"]["runtime_centring"] = block["stream_writers"], []
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="runtime centring measured now \\(1: transformer.h.0...\\) are not the 0"):
         hf_rmsnorm.from_pretrained(out)
     peft = pytest.importorskip("peft")
     wrapped = peft.get_peft_model(build("gpt2")[0], peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
