@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -471,9 +472,11 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
     were approximated). Fine-tuned converted without keep_centered they are not: the weights
     then describe an RMSNorm model whose LayerNorm reading is a different model, and only
     ``hf_rmsnorm.from_pretrained`` loads what was trained (and ``convert_checkpoint`` refuses
-    to convert it again). ``state_dict`` (one gathered from FSDP shards, say) and the other
-    keyword arguments go to the model's own ``save_pretrained``. Written to a temporary
-    directory beside ``save_directory`` and moved in at the end."""
+    to convert it again). A patched ``PeftModel`` is saved once its adapters are merged
+    (``peft_model.merge_and_unload()``): the merged model, whole, under the original names.
+    ``state_dict`` (one gathered from FSDP shards, say) and the other keyword arguments go to
+    the model's own ``save_pretrained``. Written to a temporary directory beside
+    ``save_directory`` and moved in at the end."""
     from .patching.centring import output_params
     from .patching.patch import _find_state
 
@@ -481,26 +484,34 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
     if found is None or not hasattr(model, "save_pretrained"):
         what = "is not a transformers model" if found is not None else "was not patched by hf_rmsnorm (or was patched as part of a larger model)"
         raise ValueError(f"hf_rmsnorm.save_pretrained: {type(model).__name__} {what}; save it with its own save_pretrained.")
-    if any(c.__name__ == "PeftModel" for c in type(model).__mro__):
-        raise ValueError(
-            "hf_rmsnorm.save_pretrained: a PeftModel saves its adapters alone. Trained with keep_centered, "
-            "unpatch_model(peft_model) then peft_model.merge_and_unload().save_pretrained(...) writes a plain checkpoint "
-            "of the original architecture; hf_rmsnorm.from_pretrained loads it converted again."
-        )
     prefix, _, state = found
     report = state["report"]
-    full = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
+    saved_model, rename = model, (lambda name: name)
+    if any(c.__name__ == "PeftModel" for c in type(model).__mro__):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+            raise ValueError(
+                "hf_rmsnorm.save_pretrained: the PeftModel still holds its adapters (its own save_pretrained writes them "
+                "alone). Merge them first, peft_model.merge_and_unload(), then hf_rmsnorm.save_pretrained(peft_model) "
+                "writes the merged model, whole, with its conversion."
+            )
+        # merged, each base layer stands where its adapter wrapper stood, under the original name
+        saved_model = model.get_base_model()
+        rename = lambda name: re.sub(r"\.base_layer(?=\.|$)", "", name.removeprefix("base_model.model."))  # noqa: E731
+    full = (lambda name: rename(f"{prefix}.{name}")) if prefix else rename
     conversion = report.conversion or {}
     converted = report.count("exact") + report.count("approximate")  # the writers are centred only then
-    writers = [full(w) for w in conversion.get("writers", [])] if converted else []
-    weights = state_dict if state_dict is not None else model.state_dict()
+    # an adapter's lora_B wrote into the stream beside its base layer; merged, it is part of it
+    writers = list(dict.fromkeys(full(w) for w in conversion.get("writers", []) if ".lora_" not in w)) if converted else []
+    weights = state_dict if state_dict is not None else saved_model.state_dict()
     centred = all(
-        _is_centred(weights[f"{w}.{p}"] if f"{w}.{p}" in weights else getattr(model.get_submodule(w), p), dim)
-        for w in writers for p, dim in output_params(model.get_submodule(w)).items()
+        _is_centred(weights[f"{w}.{p}"] if f"{w}.{p}" in weights else getattr(saved_model.get_submodule(w), p), dim)
+        for w in writers for p, dim in output_params(saved_model.get_submodule(w)).items()
     )
     block = {
         "version": __version__, "target": state["target"], "allow_approximate": report.count("approximate") > 0,
-        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "model_type": getattr(getattr(saved_model, "config", None), "model_type", None),
         "modules": {full(e["name"]): e["change"] for e in report}, "stream_writers": writers,
         "runtime_centring": [full(s) for s in conversion.get("runtime_centring", [])] if writers else [],
         "writers_centred": centred,
@@ -509,7 +520,7 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
-        model.save_pretrained(tmp, state_dict=state_dict, **kwargs)
+        saved_model.save_pretrained(tmp, state_dict=state_dict, **kwargs)
         config_dict = json.loads((tmp / CONFIG).read_text())
         config_dict["hf_rmsnorm"] = block
         (tmp / CONFIG).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
