@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import importlib.util
 import json
 import os
 import statistics
@@ -169,6 +170,12 @@ def training_function(config: dict, args) -> list[dict]:
             f"(distributed type {accelerator.distributed_type.value}): FSDP and DeepSpeed need GPUs. On CPUs use "
             "recipes/configs/cpu_2proc.yaml, or torchrun --nproc_per_node N recipes/finetune.py --cpu."
         )
+    if args.lora_rank and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise SystemExit(
+            f"--lora-rank under {accelerator.distributed_type.value} is not supported by this recipe: the adapters "
+            "are merged for the saved model on each process, which needs the whole model there. Use DDP "
+            "(recipes/configs/multi_gpu.yaml) or one GPU."
+        )
     train_texts, eval_texts = load_texts(args)
     runs = []
     for spec in config["models"]:
@@ -201,6 +208,8 @@ def _run_variant(accelerator, args, base, task, variant, train_set, eval_set, sl
         teacher.requires_grad_(False)
     eval_loader = accelerator.prepare(DataLoader(eval_set, batch_size=args.per_device_batch_size))
     before = evaluate(model, eval_loader, task, accelerator, teacher)
+    if args.lora_rank:
+        model = _with_lora(model, args)
     target, report = None, None
     if variant != "baseline":
         target = "layernorm" if variant == "layernorm" else "rmsnorm"
@@ -213,10 +222,12 @@ def _run_variant(accelerator, args, base, task, variant, train_set, eval_set, sl
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    lr = args.learning_rate or (5e-4 if task == "causal-lm" else 2e-5)  # a tiny LM from scratch-ish vs a pretrained encoder
+    # a tiny LM from scratch-ish vs a pretrained encoder; LoRA's adapters take larger steps
+    lr = args.learning_rate or (1e-3 if args.lora_rank else 5e-4 if task == "causal-lm" else 2e-5)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     # eps 1e-6: at the teacher the distillation gradient is rounding noise, which Adam's
     # default eps (1e-8) would normalise into full-size steps away from it
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, eps=1e-6)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, eps=1e-6)
     train_loader = DataLoader(train_set, batch_size=args.per_device_batch_size, shuffle=False)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
 
@@ -295,11 +306,27 @@ def _run_variant(accelerator, args, base, task, variant, train_set, eval_set, sl
         "tokens_per_second_per_process": per_process,
         "step_time_ms_median": 1e3 * statistics.median(times) if times else None,
         "peak_memory_bytes": peak,
+        "trainable_parameters": sum(p.numel() for p in trainable),
     }
     log(f"   {variant}: {metric_name(task)} {before:.4f} -> {after_conversion:.4f} (converted) -> {after_finetune:.4f} (fine-tuned); "
         f"{total:.0f} tokens/s")
-    return {"model": spec, "task": task, "variant": variant, "target": target, "metric": metric_name(task), "metrics": metrics,
+    return {"model": spec, "task": task, "variant": variant, "target": target, "lora_rank": args.lora_rank, "metric": metric_name(task), "metrics": metrics,
             "curve": curve, "report": report.summary() if report is not None else None}
+
+
+def _with_lora(model, args):
+    """LoRA adapters on the model's linear layers, put on before patching: the conversion then
+    finds the adapters on the stream writers (their lora_B writes into the stream too) and
+    centres them with their base layers, and --keep-centered keeps them centred. Only the
+    adapters train."""
+    import peft
+
+    targets = args.lora_target_modules
+    config = peft.LoraConfig(
+        r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, lora_dropout=args.dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+    )
+    return peft.get_peft_model(model, config)
 
 
 def _find_checkpoint(arg, root: Path):
@@ -330,15 +357,24 @@ def save_model(accelerator, model, out_dir: Path, patched: bool) -> None:
     gathering them is a collective; the main process alone asking for them would wait forever
     for the others. FSDP2's DTensors are gathered with torch's own call (the one Accelerate
     makes for FSDP2), whatever set them up; anything else goes through Accelerate."""
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+    unwrapped = accelerator.unwrap_model(model)
+    lora = hasattr(unwrapped, "merge_and_unload")  # a PeftModel (--lora-rank)
+    if lora:
+        # the adapters folded into their base layers, on every process (each holds the whole
+        # model; LoRA is refused under FSDP and DeepSpeed): it trains no further
+        unwrapped.merge_and_unload()
+        state_dict = None
+    elif any(type(p).__name__ == "DTensor" for p in model.parameters()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        save = functools.partial(hf_rmsnorm.save_pretrained, unwrapped) if patched else unwrapped.save_pretrained
+        if patched:
+            save = functools.partial(hf_rmsnorm.save_pretrained, unwrapped)
+        else:
+            save = (unwrapped.get_base_model() if lora else unwrapped).save_pretrained
         save(out_dir, state_dict=state_dict, safe_serialization=True)
     accelerator.wait_for_everyone()
 
@@ -364,10 +400,10 @@ def write_outputs(runs: list[dict], out: Path, accelerator_state: dict):
     (out / "results.json").write_text(json.dumps({"runs": runs, "environment": env}, indent=2) + "\n")
     lines = [
         f"# Fine-tune results — {env['device']}, {env['num_processes']} process(es) ({env['distributed_type']}), "
-        f"mixed precision {env['mixed_precision']}",
+        f"mixed precision {env['mixed_precision']}" + (f", LoRA rank {runs[0]['lora_rank']} (only the adapters train)" if runs and runs[0]["lora_rank"] else ""),
         "", f"torch {env['torch']}, transformers {env['transformers']}, hf_rmsnorm {env['hf_rmsnorm']}; {env['date']}.", "",
-        "| model | variant | metric | before conversion | after conversion | after fine-tune | recovery | tokens/s | step ms (median) | peak memory MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | variant | metric | before conversion | after conversion | after fine-tune | recovery | tokens/s | step ms (median) | peak memory MiB | trained parameters |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         m = r["metrics"]
@@ -375,7 +411,8 @@ def write_outputs(runs: list[dict], out: Path, accelerator_state: dict):
         step_ms = "—" if m["step_time_ms_median"] is None else f"{m['step_time_ms_median']:.1f}"
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['metric']} | {m['eval_before_conversion']:.4f} | {m['eval_after_conversion']:.4f} | "
-            f"{m['eval_after_finetune']:.4f} | {rec} | {m['tokens_per_second']:.0f} | {step_ms} | {m['peak_memory_bytes'] / 2**20:.0f} |"
+            f"{m['eval_after_finetune']:.4f} | {rec} | {m['tokens_per_second']:.0f} | {step_ms} | {m['peak_memory_bytes'] / 2**20:.0f} | "
+            f"{m['trainable_parameters']:,} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(runs, out / "results.png")
@@ -418,11 +455,14 @@ def main(argv=None):
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--allow-approximate", action="store_true", help="rmsnorm variant: convert post-LN models approximately")
     parser.add_argument("--keep-centered", action="store_true", help="rmsnorm variant: keep the model exactly exportable while training")
+    parser.add_argument("--lora-rank", type=int, default=0, help="fine-tune LoRA adapters of this rank, nothing else (0: every weight)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: 2 x rank)")
+    parser.add_argument("--lora-target-modules", default="all-linear", help="'all-linear' or comma-separated module names")
     parser.add_argument("--max-steps", type=int, default=60)
     parser.add_argument("--eval-steps", type=int, default=20)
     parser.add_argument("--per-device-batch-size", type=int, default=8)
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=None, help="default: 5e-4 for causal LM, 2e-5 for encoders")
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: 5e-4 for causal LM, 2e-5 for encoders, 1e-3 with LoRA")
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout for fine-tuning (0: conversions stay exact while training)")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--max-eval-texts", type=int, default=128)
@@ -448,6 +488,10 @@ def main(argv=None):
         parser.error("--eval-steps, --per-device-batch-size and --gradient-accumulation-steps must be positive")
     if (args.allow_approximate or args.keep_centered) and "rmsnorm" not in variants:
         parser.error("--allow-approximate and --keep-centered apply to the rmsnorm variant, which --variants leaves out")
+    if args.lora_rank < 0:
+        parser.error(f"--lora-rank must be 0 (no LoRA) or positive, got {args.lora_rank}")
+    if args.lora_rank and importlib.util.find_spec("peft") is None:
+        parser.error("--lora-rank needs peft: pip install peft (or the package's [recipes] extra)")
     if args.stop_after_steps and not args.checkpointing_steps:
         parser.error("--stop-after-steps needs --checkpointing-steps (there would be nothing to resume from)")
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():

@@ -152,6 +152,36 @@ def test_bf16_gradient_accumulation_and_checkpointing_flags(env, tmp_path):
     assert config["hf_rmsnorm"]["writers_centred"] is True  # kept centred while training
 
 
+def test_lora_trains_the_adapters_alone_and_keep_centered_follows_the_baseline(env, tmp_path):
+    """--lora-rank: adapters on every linear layer but the head train, nothing else. Put on
+    before patching, the writers' adapters are centred with them, so with --keep-centered the
+    converted model follows the baseline's eval curve, and both saved models (the adapters
+    merged) compute the same function, in plain transformers too."""
+    import hf_rmsnorm
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    proc = _recipe(env, *TINY, "--variants", "baseline,rmsnorm", "--max-steps", 4, "--eval-steps", 2, "--lora-rank", 4,
+                   "--keep-centered", "--output-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LoRA rank 4" in (tmp_path / "results.md").read_text()
+    runs = {r["variant"]: r for r in _runs(tmp_path)}
+    base, conv = runs["baseline"], runs["rmsnorm"]
+    assert base["metrics"]["eval_after_finetune"] < base["metrics"]["eval_before_conversion"]
+    for a, b in zip(base["curve"], conv["curve"]):
+        assert abs(a["eval_loss"] - b["eval_loss"]) <= 1e-5 * a["eval_loss"], (a, b)
+    saved = tmp_path / "models" / "tiny-gpt2"
+    plain = {v: AutoModelForCausalLM.from_pretrained(saved / v).eval() for v in runs}
+    # rank 4 x (inputs + outputs) per adapted layer: GPT-2's linear layers are Conv1D, the head is not adapted
+    adapted = [m.weight.shape for m in plain["baseline"].modules() if isinstance(m, Conv1D)]
+    assert all(r["metrics"]["trainable_parameters"] == sum(4 * (i + o) for i, o in adapted) for r in runs.values())
+    assert json.loads((saved / "rmsnorm" / "config.json").read_text())["hf_rmsnorm"]["writers_centred"] is True
+    ids = torch.tensor([[5, 17, 99, 3, 42, 8]])
+    want = plain["baseline"](ids).logits
+    torch.testing.assert_close(plain["rmsnorm"](ids).logits, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hf_rmsnorm.from_pretrained(saved / "rmsnorm").eval()(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
 def _json_without_text(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps({"body": f"sentence number {i} is long enough to use"}) + "\n" for i in range(30)))
@@ -165,6 +195,7 @@ BAD = [
     ("approximate without rmsnorm", lambda p: ["--variants", "baseline", "--allow-approximate"], "apply to the rmsnorm variant"),
     ("unknown variant", lambda p: ["--variants", "baseline,fp8"], "--variants takes"),
     ("stop without checkpoints", lambda p: ["--stop-after-steps", 2], "needs --checkpointing-steps"),
+    ("negative LoRA rank", lambda p: ["--lora-rank", -1], "--lora-rank must be 0 (no LoRA) or positive"),
 ]
 
 
