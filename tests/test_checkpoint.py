@@ -388,8 +388,6 @@ def test_save_pretrained_then_from_pretrained_is_the_fine_tuned_model(name, kwar
     model that was trained. Converted and trained without keep_centered, its writers leave
     the centre: the LayerNorm reading of its weights (plain transformers) is then another
     model, the block says so, and from_pretrained keeps the writers as saved."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
     model, inputs = build(name)
     hf_rmsnorm.patch_model(model, **kwargs)
     want = run(_fine_tune(model, inputs), inputs)
@@ -402,8 +400,7 @@ def test_save_pretrained_then_from_pretrained_is_the_fine_tuned_model(name, kwar
     loaded = hf_rmsnorm.from_pretrained(tmp_path / "ft").eval()
     assert [(e["name"], e["change"]) for e in loaded.hf_rmsnorm_report] == list(block["modules"].items())
     _close(run(loaded, inputs), want)
-    cls = AutoModelForCausalLM if hasattr(model, "lm_head") else AutoModel
-    plain = run(cls.from_pretrained(tmp_path / "ft").eval(), inputs)
+    plain = run(type(model).from_pretrained(tmp_path / "ft").eval(), inputs)
     if uncentred:
         assert max(rel_err(plain[k], want[k]) for k in want) > 1e-3  # the LayerNorm reading is another model
     else:
