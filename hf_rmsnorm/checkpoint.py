@@ -254,6 +254,7 @@ def convert_checkpoint(
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConversionError(f"cannot write to {parent}: it does not exist or is not writable.")
 
+    saved_patched = bool((source.config_dict.get("hf_rmsnorm") or {}).get("keep_writers"))
     if not to_original and (source.config_dict.get("hf_rmsnorm") or {}).get("writers_centred") is False:
         raise ConversionError(
             f"{src} was fine-tuned converted without keep_centered (its hf_rmsnorm block says the stream writers are not "
@@ -270,6 +271,10 @@ def convert_checkpoint(
         block = dict(block, target="original")
     else:
         writers, block = _plan(source, meta_model, target, allow_approximate)
+        if saved_patched:
+            # saved from a patched model: its writers are what it computed with, centred on
+            # disk below only where that changes nothing; loaded, they stay as written
+            block["keep_writers"] = True
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
     try:
@@ -299,12 +304,12 @@ def convert_checkpoint(
                     t64 = tensor.double()
                     dim = writers[module][leaf]
                     centred = t64 - t64.mean(dim, keepdim=True)
-                    if to_original:
-                        if not _is_centred(tensor, dim):
-                            raise ConversionError(
-                                f"{key} is no longer centred (fine-tuned without keep_centered?): the checkpoint cannot be "
-                                "exported exactly to the original architecture."
-                            )
+                    if (to_original or saved_patched) and not _is_centred(tensor, dim):
+                        raise ConversionError(
+                            f"{key} is no longer centred (fine-tuned without keep_centered?): the checkpoint cannot be "
+                            + ("exported exactly to the original architecture." if to_original else
+                               "converted again without changing the model it was saved from; load it with hf_rmsnorm.from_pretrained.")
+                        )
                     tensor = centred.to(tensor.dtype)
                     centred_params.add((module, leaf))
                 if DTYPES[dtype] is not None and tensor.is_floating_point():
@@ -444,7 +449,7 @@ def from_pretrained(path, model_class=None, probe_inputs=None, **kwargs):
     cls = model_class or architecture_class(config_dict.get("architectures"))
     model = cls.from_pretrained(path, **kwargs)
     target = block["target"] if block["target"] in TARGETS else "layernorm"
-    as_trained = block.get("writers_centred") is False
+    as_trained = bool(block.get("keep_writers"))  # saved from a patched model: its writers are what it computed with
     report = _patch(model, target, None, None, True, False, bool(block.get("allow_approximate")) and target == "rmsnorm", False,
                     probe_inputs, None, writers_as_loaded=as_trained)
     measured = report.conversion or {}
@@ -514,7 +519,7 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
         "model_type": getattr(getattr(saved_model, "config", None), "model_type", None),
         "modules": {full(e["name"]): e["change"] for e in report}, "stream_writers": writers,
         "runtime_centring": [full(s) for s in conversion.get("runtime_centring", [])] if writers else [],
-        "writers_centred": centred,
+        "writers_centred": centred, "keep_writers": True,
     }
     dst = Path(save_directory)
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -441,3 +441,30 @@ def test_save_pretrained_into_an_earlier_save_and_its_refusals(tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConversionError, match="runtime centring measured now \\(1: transformer.h.0...\\) are not the 0"):
         hf_rmsnorm.from_pretrained(out)
+
+
+def test_any_save_of_a_patched_model_loads_as_it_ran(tmp_path):
+    """patch_model puts an hf_rmsnorm block on the model's config, so its own save_pretrained
+    (what a Trainer checkpoint or push_to_hub writes) loads back through hf_rmsnorm.from_pretrained
+    as the model that ran, fine-tuned or not. convert_checkpoint converts such a save only
+    where centring its writers changes nothing; unpatch_model takes the block off."""
+    model, inputs = build("gpt2")
+    hf_rmsnorm.patch_model(model)
+    model.save_pretrained(tmp_path / "patched")
+    untrained = run(model, inputs)
+    want = run(_fine_tune(model, inputs), inputs)
+    model.save_pretrained(tmp_path / "ft")
+    block = json.loads((tmp_path / "ft" / "config.json").read_text())["hf_rmsnorm"]
+    assert block["target"] == "rmsnorm" and block["keep_writers"] is True
+    loaded = hf_rmsnorm.from_pretrained(tmp_path / "ft").eval()
+    assert "keep their saved values" in loaded.hf_rmsnorm_report.note
+    _close(run(loaded, inputs), want)
+    with pytest.raises(ConversionError, match="no longer centred.*converted again without changing the model"):
+        convert_checkpoint(tmp_path / "ft", tmp_path / "conv")
+    assert not (tmp_path / "conv").exists()
+    assert convert_checkpoint(tmp_path / "patched", tmp_path / "conv")["keep_writers"] is True
+    _close(run(hf_rmsnorm.from_pretrained(tmp_path / "conv").eval(), inputs), untrained)
+    hf_rmsnorm.unpatch_model(model)
+    assert "hf_rmsnorm" not in model.config.__dict__
+    model.save_pretrained(tmp_path / "unpatched")
+    assert "hf_rmsnorm" not in json.loads((tmp_path / "unpatched" / "config.json").read_text())

@@ -35,6 +35,7 @@ from .report import FUSED, NOT_SELECTED, SKIPPED, PatchReport
 
 TARGETS = ("layernorm", "rmsnorm")
 _STATE_ATTR = "_hf_rmsnorm_state"
+CONFIG_BLOCK = "hf_rmsnorm"  # the config attribute, and the key in config.json, saying how the model was patched
 _Patterns = Optional[Union[str, Sequence[str]]]
 
 
@@ -179,7 +180,9 @@ def patch_model(
     probe_autocast: Optional[torch.dtype] = None,
 ) -> PatchReport:
     """Swap the normalization modules of ``model`` (in place) for fused ones and return a
-    :class:`PatchReport` saying, per module, what changed and why.
+    :class:`PatchReport` saying, per module, what changed and why. A transformers model's
+    config gets an ``hf_rmsnorm`` block (``unpatch_model`` takes it off), so that any save of
+    the model loads back as it runs through ``hf_rmsnorm.from_pretrained``.
 
     Args:
         model: any ``nn.Module`` (a transformers model, a PEFT model, ...), not yet wrapped by
@@ -273,8 +276,26 @@ def _patch(model, target, include, exclude, strict, dry_run, allow_approximate, 
     if conversion is not None:
         conversion.finish(writers_as_loaded)
     if originals:
-        model.__dict__[_STATE_ATTR] = {"target": target, "originals": originals, "report": report, "hooks": hooks}
+        model.__dict__[_STATE_ATTR] = {"target": target, "originals": originals, "report": report, "hooks": hooks,
+                                       "config_block": _tag_config(model, target, report)}
     return report
+
+
+def _tag_config(model: nn.Module, target: str, report: PatchReport):
+    """Put an ``hf_rmsnorm`` block on the model's transformers config, so that every save of the
+    model — its own save_pretrained, a Trainer checkpoint, push_to_hub — says how to load it
+    as it runs: ``hf_rmsnorm.from_pretrained`` patches it again and keeps the stream writers
+    as saved (centred, unless fine-tuned without keep_centered; either way what the model
+    computed). Returns ``(config, the block it held before)`` for unpatch_model."""
+    from .. import __version__
+
+    config = getattr(model, "config", None)
+    if config is None or not callable(getattr(config, "to_dict", None)):
+        return None
+    before = config.__dict__.get(CONFIG_BLOCK)
+    block = {"version": __version__, "target": target, "allow_approximate": report.count("approximate") > 0, "keep_writers": True}
+    setattr(config, CONFIG_BLOCK, block)
+    return config, before
 
 
 def _plan(model, report, include_p, exclude_p, strict, probe_autocast) -> dict:
@@ -363,5 +384,11 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     _restore(owner, state["originals"])
     for handle in state.get("hooks", ()):
         handle.remove()  # run-time centring and keep_centered projections
+    if state.get("config_block"):
+        config, before = state["config_block"]
+        if before is None:
+            config.__dict__.pop(CONFIG_BLOCK, None)
+        else:
+            setattr(config, CONFIG_BLOCK, before)
     del owner.__dict__[_STATE_ATTR]
     return model
