@@ -434,9 +434,13 @@ def _verify(src: Path, out: Path, source: _Source, block: dict) -> dict:
 
 
 def from_pretrained(path, model_class=None, probe_inputs=None, **kwargs):
-    """Load a checkpoint written by ``convert_checkpoint`` and run it converted: the model
-    class named in its config (or ``model_class``, e.g. ``AutoModelForCausalLM``), patched as
-    its ``hf_rmsnorm`` block says. ``probe_inputs`` (one forward call's keyword arguments)
+    """Load a checkpoint written by ``convert_checkpoint``, or saved from a patched model, and
+    run it as its ``hf_rmsnorm`` block says: the model class named in its config (or
+    ``model_class``, e.g. ``AutoModelForCausalLM``), patched with the block's target. Saved from
+    a patched model (``keep_writers``), the stream writers keep their saved values once the
+    conversion is verified, so a model fine-tuned converted without keep_centered comes back
+    as it trained; where that needs a conversion that cannot be made here, it raises rather
+    than load a different model. ``probe_inputs`` (one forward call's keyword arguments)
     verify the conversion where the batch built from the config does not fit the model, as
     in ``patch_model``. Other keyword arguments go to ``from_pretrained``."""
     path = Path(path)
@@ -452,10 +456,20 @@ def from_pretrained(path, model_class=None, probe_inputs=None, **kwargs):
     as_trained = bool(block.get("keep_writers"))  # saved from a patched model: its writers are what it computed with
     report = _patch(model, target, None, None, True, False, bool(block.get("allow_approximate")) and target == "rmsnorm", False,
                     probe_inputs, None, writers_as_loaded=as_trained)
+    converted = report.count("exact") + report.count("approximate")
+    if as_trained and converted != block.get("converted_norms", converted) and not block.get("writers_centred"):
+        why = next((e["reason"] for e in report if e["reason"].startswith("kept as LayerNorm")), "")
+        unpatch_model(model)
+        raise ConversionError(
+            f"{path} was saved from a model with {block['converted_norms']} norms converted to RMSNorm and its stream "
+            f"writers kept as they were (fine-tuned without keep_centered?); loading it as it ran needs the same "
+            f"conversion, but {converted} were converted here{': ' + why if why else ''}. Loaded otherwise it would be a "
+            "different model."
+        )
     measured = report.conversion or {}
     for key, what in (("stream_writers", "writers"), ("runtime_centring", "runtime_centring")):
         saved, now = block.get(key), measured.get(what, [])
-        if as_trained and saved is not None and sorted(saved) != sorted(now):
+        if as_trained and converted and saved is not None and sorted(saved) != sorted(now):
             unpatch_model(model)
             raise ConversionError(
                 f"{path}: the {key.replace('_', ' ')} measured now ({len(now)}: {', '.join(now[:3]) or '-'}...) are not the "
@@ -519,7 +533,7 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
         "model_type": getattr(getattr(saved_model, "config", None), "model_type", None),
         "modules": {full(e["name"]): e["change"] for e in report}, "stream_writers": writers,
         "runtime_centring": [full(s) for s in conversion.get("runtime_centring", [])] if writers else [],
-        "writers_centred": centred, "keep_writers": True,
+        "writers_centred": centred, "keep_writers": True, "converted_norms": converted,
     }
     dst = Path(save_directory)
     dst.parent.mkdir(parents=True, exist_ok=True)

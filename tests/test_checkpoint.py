@@ -468,3 +468,26 @@ def test_any_save_of_a_patched_model_loads_as_it_ran(tmp_path):
     assert "hf_rmsnorm" not in model.config.__dict__
     model.save_pretrained(tmp_path / "unpatched")
     assert "hf_rmsnorm" not in json.loads((tmp_path / "unpatched" / "config.json").read_text())
+
+
+def test_a_fine_tuned_save_that_cannot_be_converted_here_is_refused(tmp_path, monkeypatch):
+    """Loaded where the conversion cannot be measured (the float64 copy does not fit), a model
+    fine-tuned converted without keep_centered would come back as its LayerNorm reading, a
+    different model: from_pretrained refuses, saying why. One whose writers were measured
+    centred when saved loads (its LayerNorm reading is the same function)."""
+    import hf_rmsnorm.patching.convert as convert
+
+    model, inputs = build("gpt2")
+    hf_rmsnorm.patch_model(model)
+    _fine_tune(model, inputs)
+    model.save_pretrained(tmp_path / "ft")
+    centred, _ = build("gpt2")
+    hf_rmsnorm.patch_model(centred)
+    hf_rmsnorm.save_pretrained(centred, tmp_path / "centred")
+    monkeypatch.setattr(convert, "available_bytes", lambda device: 1024)
+    with pytest.raises(ConversionError, match=r"saved from a model with 5 norms converted.*but 0 were converted here: kept as "
+                                              r"LayerNorm \(fused\): the exact conversion measures on a float64 copy"):
+        hf_rmsnorm.from_pretrained(tmp_path / "ft")
+    loaded = hf_rmsnorm.from_pretrained(tmp_path / "centred").eval()
+    assert loaded.hf_rmsnorm_report.count("exact") == 0
+    _close(run(loaded, inputs), run(centred, inputs))

@@ -293,7 +293,8 @@ def _tag_config(model: nn.Module, target: str, report: PatchReport):
     if config is None or not callable(getattr(config, "to_dict", None)):
         return None
     before = config.__dict__.get(CONFIG_BLOCK)
-    block = {"version": __version__, "target": target, "allow_approximate": report.count("approximate") > 0, "keep_writers": True}
+    block = {"version": __version__, "target": target, "allow_approximate": report.count("approximate") > 0,
+             "converted_norms": report.count("exact") + report.count("approximate"), "keep_writers": True}
     setattr(config, CONFIG_BLOCK, block)
     return config, before
 
