@@ -491,3 +491,21 @@ def test_a_fine_tuned_save_that_cannot_be_converted_here_is_refused(tmp_path, mo
     loaded = hf_rmsnorm.from_pretrained(tmp_path / "centred").eval()
     assert loaded.hf_rmsnorm_report.count("exact") == 0
     _close(run(loaded, inputs), run(centred, inputs))
+
+
+def test_a_trainer_checkpoint_of_a_patched_model_loads_as_trained(tmp_path):
+    """transformers' Trainer fine-tunes a converted model and writes its checkpoint with the
+    model's own save_pretrained: hf_rmsnorm.from_pretrained of that checkpoint is the trained model."""
+    import transformers
+
+    model, inputs = build("gpt2")
+    hf_rmsnorm.patch_model(model)
+    ids = inputs["input_ids"]
+    rows = [{"input_ids": row, "labels": row} for row in ids] * 4
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+                                          save_strategy="steps", save_steps=3, report_to=[], use_cpu=True, logging_strategy="no")
+    transformers.Trainer(model=model, args=args, train_dataset=rows).train()
+    want = run(model.eval(), inputs)
+    loaded = hf_rmsnorm.from_pretrained(tmp_path / "checkpoint-3").eval()
+    assert "keep their saved values" in loaded.hf_rmsnorm_report.note
+    _close(run(loaded, inputs), want)
