@@ -27,7 +27,8 @@ import torch
 
 from . import __version__
 from .patching.architectures import ARCHITECTURES, matches, relative_name
-from .patching.patch import TARGETS, _patch, unpatch_model
+from .patching.centring import is_centred
+from .patching.patch import CONFIG_BLOCK, TARGETS, patch_model, unpatch_model
 
 CONFIG = "config.json"
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -304,7 +305,7 @@ def convert_checkpoint(
                     t64 = tensor.double()
                     dim = writers[module][leaf]
                     centred = t64 - t64.mean(dim, keepdim=True)
-                    if (to_original or saved_patched) and not _is_centred(tensor, dim):
+                    if (to_original or saved_patched) and not is_centred(tensor, dim):
                         raise ConversionError(
                             f"{key} is no longer centred (fine-tuned without keep_centered?): the checkpoint cannot be "
                             + ("exported exactly to the original architecture." if to_original else
@@ -369,14 +370,6 @@ def convert_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return block
-
-
-def _is_centred(t: torch.Tensor, dim: int) -> bool:
-    """Whether a writer's output parameter is centred over its output dim up to its dtype's
-    rounding: centred in a wider type and rounded, each value moves by at most eps/2 of the
-    largest, and so does their mean. A writer trained without keep_centered is off by more."""
-    t64 = t.detach().double()
-    return bool((t64.mean(dim).abs().max() <= torch.finfo(t.dtype).eps * t64.abs().max()).item())
 
 
 def _report_text(src, block, writers, to_original) -> str:
@@ -452,20 +445,14 @@ def from_pretrained(path, model_class=None, probe_inputs=None, **kwargs):
         raise ConversionError(f"{path} was not written by hf_rmsnorm (no hf_rmsnorm block in config.json); load it with transformers.")
     cls = model_class or architecture_class(config_dict.get("architectures"))
     model = cls.from_pretrained(path, **kwargs)
+    if getattr(model, "config", None) is not None:
+        setattr(model.config, CONFIG_BLOCK, block)  # as loaded, also where a config= argument replaced the file's
     target = block["target"] if block["target"] in TARGETS else "layernorm"
-    as_trained = bool(block.get("keep_writers"))  # saved from a patched model: its writers are what it computed with
-    report = _patch(model, target, None, None, True, False, bool(block.get("allow_approximate")) and target == "rmsnorm", False,
-                    probe_inputs, None, writers_as_loaded=as_trained)
-    converted = report.count("exact") + report.count("approximate")
-    if as_trained and converted != block.get("converted_norms", converted) and not block.get("writers_centred"):
-        why = next((e["reason"] for e in report if e["reason"].startswith("kept as LayerNorm")), "")
-        unpatch_model(model)
-        raise ConversionError(
-            f"{path} was saved from a model with {block['converted_norms']} norms converted to RMSNorm and its stream "
-            f"writers kept as they were (fine-tuned without keep_centered?); loading it as it ran needs the same "
-            f"conversion, but {converted} were converted here{': ' + why if why else ''}. Loaded otherwise it would be a "
-            "different model."
-        )
+    # a block saved from a patched model (keep_writers) is on the loaded config: patch_model
+    # keeps the writers as loaded, and refuses where it cannot convert what the model had
+    report = patch_model(model, target=target, allow_approximate=bool(block.get("allow_approximate")) and target == "rmsnorm",
+                         probe_inputs=probe_inputs)
+    as_trained, converted = bool(block.get("keep_writers")), report.count("exact") + report.count("approximate")
     measured = report.conversion or {}
     for key, what in (("stream_writers", "writers"), ("runtime_centring", "runtime_centring")):
         saved, now = block.get(key), measured.get(what, [])
@@ -525,7 +512,7 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
     writers = list(dict.fromkeys(full(w) for w in conversion.get("writers", []) if ".lora_" not in w)) if converted else []
     weights = state_dict if state_dict is not None else saved_model.state_dict()
     centred = all(
-        _is_centred(weights[f"{w}.{p}"] if f"{w}.{p}" in weights else getattr(saved_model.get_submodule(w), p), dim)
+        is_centred(weights[f"{w}.{p}"] if f"{w}.{p}" in weights else getattr(saved_model.get_submodule(w), p), dim)
         for w in writers for p, dim in output_params(saved_model.get_submodule(w)).items()
     )
     block = {

@@ -446,8 +446,10 @@ def test_save_pretrained_into_an_earlier_save_and_its_refusals(tmp_path):
 def test_any_save_of_a_patched_model_loads_as_it_ran(tmp_path):
     """patch_model puts an hf_rmsnorm block on the model's config, so its own save_pretrained
     (what a Trainer checkpoint or push_to_hub writes) loads back through hf_rmsnorm.from_pretrained
-    as the model that ran, fine-tuned or not. convert_checkpoint converts such a save only
-    where centring its writers changes nothing; unpatch_model takes the block off."""
+    as the model that ran, fine-tuned or not; loaded by transformers, patch_model honours the
+    block (and refuses keep_centered on its uncentred writers). convert_checkpoint converts
+    such a save only where centring its writers changes nothing; unpatch_model takes the
+    block off."""
     model, inputs = build("gpt2")
     hf_rmsnorm.patch_model(model)
     model.save_pretrained(tmp_path / "patched")
@@ -459,11 +461,20 @@ def test_any_save_of_a_patched_model_loads_as_it_ran(tmp_path):
     loaded = hf_rmsnorm.from_pretrained(tmp_path / "ft").eval()
     assert "keep their saved values" in loaded.hf_rmsnorm_report.note
     _close(run(loaded, inputs), want)
+    # loaded by transformers, the config carries the block, and patch_model honours it
+    plain = type(model).from_pretrained(tmp_path / "ft").eval()
+    with pytest.raises(ValueError, match="keep_centered would centre transformer.h.0.attn.c_proj.weight .and 7 more.*changes the model"):
+        hf_rmsnorm.patch_model(plain, keep_centered=True)
+    assert not isinstance(plain.transformer.ln_f, hf_rmsnorm.FusedRMSNorm)  # left as it was
+    hf_rmsnorm.patch_model(plain)
+    _close(run(plain, inputs), want)
     with pytest.raises(ConversionError, match="no longer centred.*converted again without changing the model"):
         convert_checkpoint(tmp_path / "ft", tmp_path / "conv")
     assert not (tmp_path / "conv").exists()
     assert convert_checkpoint(tmp_path / "patched", tmp_path / "conv")["keep_writers"] is True
-    _close(run(hf_rmsnorm.from_pretrained(tmp_path / "conv").eval(), inputs), untrained)
+    loaded = hf_rmsnorm.from_pretrained(tmp_path / "conv").eval()
+    assert "keep their saved values" not in loaded.hf_rmsnorm_report.note  # centred: nothing to say
+    _close(run(loaded, inputs), untrained)
     hf_rmsnorm.unpatch_model(model)
     assert "hf_rmsnorm" not in model.config.__dict__
     model.save_pretrained(tmp_path / "unpatched")
@@ -485,8 +496,8 @@ def test_a_fine_tuned_save_that_cannot_be_converted_here_is_refused(tmp_path, mo
     hf_rmsnorm.patch_model(centred)
     hf_rmsnorm.save_pretrained(centred, tmp_path / "centred")
     monkeypatch.setattr(convert, "available_bytes", lambda device: 1024)
-    with pytest.raises(ConversionError, match=r"saved from a model with 5 norms converted.*but 0 were converted here: kept as "
-                                              r"LayerNorm \(fused\): the exact conversion measures on a float64 copy"):
+    with pytest.raises(ValueError, match=r"saved from a patched model with 5 norms converted.*but 0 would be converted here: "
+                                         r"kept as LayerNorm \(fused\): the exact conversion measures on a float64 copy"):
         hf_rmsnorm.from_pretrained(tmp_path / "ft")
     loaded = hf_rmsnorm.from_pretrained(tmp_path / "centred").eval()
     assert loaded.hf_rmsnorm_report.count("exact") == 0

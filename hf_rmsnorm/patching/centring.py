@@ -33,6 +33,14 @@ def output_params(module: nn.Module) -> dict[str, int]:
     return {}
 
 
+def is_centred(t: torch.Tensor, dim: int) -> bool:
+    """Whether a writer's output parameter is centred over its output dim up to its dtype's
+    rounding: centred in a wider type and rounded, each value moves by at most eps/2 of the
+    largest, and so does their mean. A writer trained without keep_centered is off by more."""
+    t64 = t.detach().double()
+    return bool((t64.mean(dim).abs().max() <= torch.finfo(t.dtype).eps * t64.abs().max()).item())
+
+
 def _is_hidden(x) -> bool:
     """Hidden states, as a block takes them: a floating tensor (the first list of blocks in a
     model can be a list of embedding tables taking ids, as MarkupLM's xpath embeddings)."""

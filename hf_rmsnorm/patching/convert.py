@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..ops import _cpu_kernel
-from .centring import _is_hidden, add_start_hooks, centre_writer_, keep_centred, output_params
+from .centring import _is_hidden, add_start_hooks, centre_writer_, is_centred, keep_centred, output_params
 from .discovery import NormSpec, build_fused
 from .probe import ProbeError, compare_outputs, describe_error, float64_inputs, model_outputs, random_outputs, run_probe
 
@@ -554,18 +554,28 @@ class _Conversion:
         self.backups.clear()
 
     def finish(self, writers_as_loaded: bool) -> None:
-        """Drop the backups of the verified conversion, or (``writers_as_loaded``, a checkpoint
-        fine-tuned converted without keep_centered) put them back: the verification has shown
-        the structure exact for the loaded weights, and the writers as loaded are what the
-        fine-tuned RMSNorm model trained with."""
+        """Drop the backups of the verified conversion, or (``writers_as_loaded``: the model was
+        loaded from a save of a patched model) put them back: the verification has shown the
+        structure exact for the loaded weights, and the writers as loaded are what that model
+        computed with, centred or (fine-tuned converted without keep_centered) not."""
         if writers_as_loaded and self.backups:
-            self.undo_centring()
-            for fqn in self.plan.exact:
-                _update(self.report, fqn, reason="RMSNorm as fine-tuned: the stream writers were trained converted, without "
-                        "keep_centered, and keep their saved values, so its input is no longer centred")
-            self.report.note = (f"{self.report.note} The {len(self.plan.writers)} stream writers keep their saved values "
-                                "(fine-tuned without keep_centered): this is the fine-tuned RMSNorm model, which plain "
-                                "transformers, reading its LayerNorms, does not compute.")
+            off = [f"{name}.{p}" for name, saved in self.backups.items()
+                   for p, dim in output_params(self.model.get_submodule(name)).items() if not is_centred(saved[p], dim)]
+            if off and self.keep_centered:
+                raise ValueError(
+                    f"patch_model: keep_centered would centre {off[0]} (and {len(off) - 1} more), which the checkpoint this "
+                    "model was loaded from saved uncentred (fine-tuned converted without keep_centered): that changes the "
+                    "model. Patch it without keep_centered to run it as it was saved."
+                )
+            if not self.keep_centered:
+                self.undo_centring()
+            if off:
+                for fqn in self.plan.exact:
+                    _update(self.report, fqn, reason="RMSNorm as fine-tuned: the stream writers were trained converted, without "
+                            "keep_centered, and keep their saved values, so its input is no longer centred")
+                self.report.note = (f"{self.report.note} The {len(self.plan.writers)} stream writers keep their saved values "
+                                    "(fine-tuned without keep_centered): this is the fine-tuned RMSNorm model, which plain "
+                                    "transformers, reading its LayerNorms, does not compute.")
         self.backups.clear()
 
     def verify(self) -> None:

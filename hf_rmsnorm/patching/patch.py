@@ -212,16 +212,6 @@ def patch_model(
             (e.g. ``torch.bfloat16`` for a model that trains under AMP on a GPU) and keep a
             swap only if it matches there too.
     """
-    return _patch(model, target, include, exclude, strict, dry_run, allow_approximate, keep_centered, probe_inputs, probe_autocast)
-
-
-def _patch(model, target, include, exclude, strict, dry_run, allow_approximate, keep_centered, probe_inputs, probe_autocast,
-           writers_as_loaded: bool = False) -> PatchReport:
-    """patch_model's work. ``writers_as_loaded`` serves ``hf_rmsnorm.from_pretrained`` of a
-    checkpoint fine-tuned converted without keep_centered: the conversion is measured and
-    verified as usual (which proves it exact for these weights read as the LayerNorm model),
-    then the stream writers get back the values they were loaded with, so the model is the
-    fine-tuned RMSNorm model that was saved, not the LayerNorm model its weights describe."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_model expects a torch.nn.Module, got {type(model).__name__}.")
     if target not in TARGETS:
@@ -256,6 +246,9 @@ def _patch(model, target, include, exclude, strict, dry_run, allow_approximate, 
         replacements.update(conversion.replacements)
     if dry_run:
         return report
+    saved = _saved_block(model) if conversion is not None else None
+    if saved is not None:
+        _check_saved_conversion(model, saved, report, len(conversion.replacements))
 
     by_id = {id(planned[fqn][0]): new for fqn, new in replacements.items()}
     originals: dict[str, nn.Module] = {}
@@ -266,6 +259,7 @@ def _patch(model, target, include, exclude, strict, dry_run, allow_approximate, 
         _walk(model, "", lambda fqn, module: by_id.get(id(module)), {}, originals)
         if conversion is not None:
             conversion.verify()
+            conversion.finish(writers_as_loaded=saved is not None)
     except Exception:
         _restore(model, originals)  # strict: the model is left exactly as it was
         for h in hooks:
@@ -273,12 +267,34 @@ def _patch(model, target, include, exclude, strict, dry_run, allow_approximate, 
         if conversion is not None:
             conversion.undo_centring()
         raise
-    if conversion is not None:
-        conversion.finish(writers_as_loaded)
     if originals:
         model.__dict__[_STATE_ATTR] = {"target": target, "originals": originals, "report": report, "hooks": hooks,
                                        "config_block": _tag_config(model, target, report)}
     return report
+
+
+def _saved_block(model: nn.Module) -> Optional[dict]:
+    """The block of a checkpoint saved from a patched model, which ``model`` was loaded from
+    (its config carries it, ``keep_writers`` set; see ``_tag_config``): its stream writers are
+    what that model computed with, and the conversion keeps them as loaded."""
+    block = getattr(getattr(model, "config", None), CONFIG_BLOCK, None)
+    return block if isinstance(block, dict) and block.get("keep_writers") else None
+
+
+def _check_saved_conversion(model: nn.Module, saved: dict, report: PatchReport, converted: int) -> None:
+    """A checkpoint saved from a patched model whose writers are not known to be centred (the
+    model was fine-tuned converted without keep_centered, or nobody measured) is that model
+    only with the same norms converted: refuse, changing nothing, where fewer or more are."""
+    expected = saved.get("converted_norms")
+    if expected is None or expected == converted or saved.get("writers_centred"):
+        return
+    why = next((e["reason"] for e in report if e["reason"].startswith("kept as LayerNorm")), "")
+    raise ValueError(
+        f"patch_model: {type(model).__name__} was loaded from a checkpoint saved from a patched model with {expected} "
+        f"norms converted to RMSNorm and its stream writers kept as they were (fine-tuned without keep_centered?); "
+        f"running it as it ran needs the same conversion, but {converted} would be converted here"
+        f"{': ' + why if why else ''}. Converted otherwise, or not at all, it would be a different model."
+    )
 
 
 def _tag_config(model: nn.Module, target: str, report: PatchReport):
