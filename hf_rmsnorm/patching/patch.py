@@ -289,6 +289,8 @@ def _check_saved_conversion(model: nn.Module, saved: dict, report: PatchReport, 
     if expected is None or expected == converted or saved.get("writers_centred"):
         return
     why = next((e["reason"] for e in report if e["reason"].startswith("kept as LayerNorm")), "")
+    if saved.get("allow_approximate") and not report.count("approximate"):
+        why = "it converted approximately: pass allow_approximate=True"
     raise ValueError(
         f"patch_model: {type(model).__name__} was loaded from a checkpoint saved from a patched model with {expected} "
         f"norms converted to RMSNorm and its stream writers kept as they were (fine-tuned without keep_centered?); "

@@ -44,6 +44,13 @@ def _audio_samples(config, frames: int) -> int:
 def probe_inputs(model: nn.Module, batch: int = 2, length: int = 12, seed: int = 0) -> dict:
     """A probe batch for the model's forward: token ids, pixel values, audio features or raw
     audio (and decoder ids for encoder-decoders), chosen from its signature and config."""
+    wrapped = _features_wrapper(model)
+    if wrapped is not None:
+        name, inner = wrapped
+        features = probe_inputs(inner, batch, length, seed)
+        if "input_ids" in features:  # the pooling after the transformer reads the mask
+            features["attention_mask"] = torch.ones_like(features["input_ids"])
+        return {name: features}
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError(f"{type(model).__name__} has no config to build a probe input from; pass probe_inputs={{...}} to convert it")
@@ -69,6 +76,20 @@ def probe_inputs(model: nn.Module, batch: int = 2, length: int = 12, seed: int =
     if not inputs:
         raise ValueError(f"cannot build a probe input for {type(model).__name__}; pass probe_inputs={{...}} to convert it")
     return {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+
+
+def _features_wrapper(model: nn.Module) -> Optional[tuple[str, nn.Module]]:
+    """sentence-transformers' ``SentenceTransformer``, whose forward takes one dict of features
+    (a tokenizer's output) and runs it through its modules, the first holding the transformers
+    model (``auto_model``): (the forward's argument name, that model), else None."""
+    if not any(c.__name__ == "SentenceTransformer" for c in type(model).__mro__):
+        return None
+    first = next(iter(model.children()), None)
+    inner = getattr(first, "auto_model", None)
+    params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    if not isinstance(inner, nn.Module) or not params:
+        return None
+    return params[0].name, inner
 
 
 def _forward_parameters(model: nn.Module):
@@ -135,7 +156,8 @@ def _raised(batch: dict, exc: BaseException) -> str:
 def float64_inputs(inputs: dict) -> dict:
     """The batch with its floating tensors in float64 (ids, masks and non-tensor arguments
     such as ``use_cache=False`` as they are)."""
-    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+    return {k: float64_inputs(v) if isinstance(v, dict) else v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in inputs.items()}
 
 
 # the seed of every probe forward's random draws (``model_outputs``)
@@ -151,7 +173,8 @@ def model_outputs(model: nn.Module, inputs: dict, seed: int = PROBE_SEED) -> dic
                       for t in model.parameters() if t.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        return _tensors(model(**inputs), "")
+        # a dict argument is copied: sentence-transformers adds its outputs to the features dict it is given
+        return _tensors(model(**{k: dict(v) if isinstance(v, dict) else v for k, v in inputs.items()}), "")
 
 
 def random_outputs(model: nn.Module, inputs: dict, outputs: dict) -> list[str]:

