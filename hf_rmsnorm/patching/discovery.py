@@ -334,6 +334,9 @@ def _not_a_last_dim_norm(module: nn.Module) -> Optional[str]:
     # every input a caller may pass counts, optional ones too: Mamba2's gated norm is called
     # as norm(x, gate) though its gate defaults to None. Two are probed as (hidden_states, gate).
     inputs = [_shown(p) for p in params]
+    if len(inputs) == 1 and "dict" in str(next(iter(params)).annotation).lower():
+        # sentence-transformers' Normalize: the L2 norm of a sentence embedding, in a features dict
+        return f"its forward takes a dict ({inputs[0]}), not a tensor: not a norm of hidden states"
     if len(inputs) > 2 or (len(inputs) == 2 and _gate_input(module) is None):
         return (f"its forward takes {len(inputs)} inputs ({', '.join(inputs)}): a conditioned norm; "
                 "the fused kernels normalise one tensor, or one with a gate")
