@@ -451,7 +451,7 @@ def from_pretrained(path, model_class=None, probe_inputs=None, **kwargs):
     # a block saved from a patched model (keep_writers) is on the loaded config: patch_model
     # keeps the writers as loaded, and refuses where it cannot convert what the model had
     report = patch_model(model, target=target, allow_approximate=bool(block.get("allow_approximate")) and target == "rmsnorm",
-                         probe_inputs=probe_inputs)
+                         include=block.get("include"), exclude=block.get("exclude"), probe_inputs=probe_inputs)
     as_trained, converted = bool(block.get("keep_writers")), report.count("exact") + report.count("approximate")
     measured = report.conversion or {}
     for key, what in (("stream_writers", "writers"), ("runtime_centring", "runtime_centring")):
@@ -522,6 +522,8 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
         "runtime_centring": [full(s) for s in conversion.get("runtime_centring", [])] if writers else [],
         "writers_centred": centred, "keep_writers": True, "converted_norms": converted,
     }
+    tag = getattr(getattr(saved_model, "config", None), CONFIG_BLOCK, None) or {}  # patch_model's (_tag_config)
+    block.update({k: tag[k] for k in ("include", "exclude") if k in tag})
     dst = Path(save_directory)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))

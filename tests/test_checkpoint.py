@@ -520,3 +520,22 @@ def test_a_trainer_checkpoint_of_a_patched_model_loads_as_trained(tmp_path):
     loaded = hf_rmsnorm.from_pretrained(tmp_path / "checkpoint-3").eval()
     assert "keep their saved values" in loaded.hf_rmsnorm_report.note
     _close(run(loaded, inputs), want)
+
+
+@pytest.mark.parametrize("save", ["model", "hf_rmsnorm"])
+def test_a_partly_patched_fine_tuned_save_reloads_with_the_same_selection(save, tmp_path):
+    """Patched with exclude=..., fine-tuned and saved: the block records the selection,
+    from_pretrained patches with it, and patch_model on the plain load without it is refused
+    (converting the excluded norm too would be another model) with what to pass."""
+    model, inputs = build("gpt2")
+    report = hf_rmsnorm.patch_model(model, exclude="*.ln_f")
+    assert report.count("exact") == 4
+    want = run(_fine_tune(model, inputs), inputs)
+    model.save_pretrained(tmp_path) if save == "model" else hf_rmsnorm.save_pretrained(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["hf_rmsnorm"]["exclude"] == ["*.ln_f"]
+    loaded = hf_rmsnorm.from_pretrained(tmp_path).eval()
+    assert loaded.hf_rmsnorm_report.count("exact") == 4
+    _close(run(loaded, inputs), want)
+    plain = type(model).from_pretrained(tmp_path).eval()
+    with pytest.raises(ValueError, match=r"with 4 norms converted.*but 5 would be.*exclude=\['\*\.ln_f'\]: pass the same"):
+        hf_rmsnorm.patch_model(plain)

@@ -269,7 +269,7 @@ def patch_model(
         raise
     if originals:
         model.__dict__[_STATE_ATTR] = {"target": target, "originals": originals, "report": report, "hooks": hooks,
-                                       "config_block": _tag_config(model, target, report)}
+                                       "config_block": _tag_config(model, target, report, include_p, exclude_p)}
     return report
 
 
@@ -291,6 +291,8 @@ def _check_saved_conversion(model: nn.Module, saved: dict, report: PatchReport, 
     why = next((e["reason"] for e in report if e["reason"].startswith("kept as LayerNorm")), "")
     if saved.get("allow_approximate") and not report.count("approximate"):
         why = "it converted approximately: pass allow_approximate=True"
+    elif saved.get("include") or saved.get("exclude"):
+        why = f"it was patched with include={saved.get('include')}, exclude={saved.get('exclude')}: pass the same"
     raise ValueError(
         f"patch_model: {type(model).__name__} was loaded from a checkpoint saved from a patched model with {expected} "
         f"norms converted to RMSNorm and its stream writers kept as they were (fine-tuned without keep_centered?); "
@@ -299,7 +301,7 @@ def _check_saved_conversion(model: nn.Module, saved: dict, report: PatchReport, 
     )
 
 
-def _tag_config(model: nn.Module, target: str, report: PatchReport):
+def _tag_config(model: nn.Module, target: str, report: PatchReport, include: tuple, exclude: tuple):
     """Put an ``hf_rmsnorm`` block on the model's transformers config, so that every save of the
     model — its own save_pretrained, a Trainer checkpoint, push_to_hub — says how to load it
     as it runs: ``hf_rmsnorm.from_pretrained`` patches it again and keeps the stream writers
@@ -313,6 +315,7 @@ def _tag_config(model: nn.Module, target: str, report: PatchReport):
     before = config.__dict__.get(CONFIG_BLOCK)
     block = {"version": __version__, "target": target, "allow_approximate": report.count("approximate") > 0,
              "converted_norms": report.count("exact") + report.count("approximate"), "keep_writers": True}
+    block.update({k: list(v) for k, v in (("include", include), ("exclude", exclude)) if v})
     setattr(config, CONFIG_BLOCK, block)
     return config, before
 
