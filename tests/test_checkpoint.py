@@ -466,6 +466,9 @@ def test_any_save_of_a_patched_model_loads_as_it_ran(tmp_path):
     with pytest.raises(ValueError, match="keep_centered would centre transformer.h.0.attn.c_proj.weight .and 7 more.*changes the model"):
         hf_rmsnorm.patch_model(plain, keep_centered=True)
     assert not isinstance(plain.transformer.ln_f, hf_rmsnorm.FusedRMSNorm)  # left as it was
+    with pytest.warns(UserWarning, match="with target='layernorm' it runs as the LayerNorm reading"):
+        hf_rmsnorm.patch_model(plain, target="layernorm")
+    hf_rmsnorm.unpatch_model(plain)
     hf_rmsnorm.patch_model(plain)
     _close(run(plain, inputs), want)
     with pytest.raises(ConversionError, match="no longer centred.*converted again without changing the model"):

@@ -246,9 +246,15 @@ def patch_model(
         replacements.update(conversion.replacements)
     if dry_run:
         return report
-    saved = _saved_block(model) if conversion is not None else None
-    if saved is not None:
+    saved = _saved_block(model)
+    if saved is not None and conversion is not None:
         _check_saved_conversion(model, saved, report, len(conversion.replacements))
+    elif saved is not None and saved.get("converted_norms") and not saved.get("writers_centred"):
+        warnings.warn(
+            f"patch_model: {type(model).__name__} was loaded from a checkpoint saved from a patched model with "
+            f"{saved['converted_norms']} norms converted to RMSNorm; with target='layernorm' it runs as the LayerNorm "
+            "reading of those weights, which is another model if it was fine-tuned converted without keep_centered. "
+            "target='rmsnorm' runs it as it was saved.", stacklevel=2)
 
     by_id = {id(planned[fqn][0]): new for fqn, new in replacements.items()}
     originals: dict[str, nn.Module] = {}
