@@ -220,7 +220,9 @@ def _run_variant(accelerator, args, base, task, variant, train_set, eval_set, sl
         log(f"   {variant}: {report.summary()}")
     after_conversion = evaluate(model, eval_loader, task, accelerator, teacher)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers renamed it (5.2x), keeping the old name, deprecated, for a while
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     model.train()
     # a tiny LM from scratch-ish vs a pretrained encoder; LoRA's adapters take larger steps
     lr = args.learning_rate or (1e-3 if args.lora_rank else 5e-4 if task == "causal-lm" else 2e-5)
