@@ -626,4 +626,4 @@ class _Conversion:
                             "rounding the model itself amplifies")
             if self.strict:
                 raise RuntimeError(message + '; the model was restored. Use target="layernorm" or exclude=[...] for that module.')
-            warnings.warn(message, stacklevel=4)
+            warnings.warn(message, stacklevel=3)

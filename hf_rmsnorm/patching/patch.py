@@ -226,7 +226,7 @@ def patch_model(
         prefix, _, state = found
         where = f" (at {prefix})" if prefix else ""
         note = f"already patched{where} with target={state['target']}: nothing changed. Call unpatch_model(model) first to patch again."
-        warnings.warn(f"patch_model: {type(model).__name__} {note}", stacklevel=3)
+        warnings.warn(f"patch_model: {type(model).__name__} {note}", stacklevel=2)
         return PatchReport(type(model).__name__, target, note=note)
 
     report = PatchReport(type(model).__name__, target, dry_run=dry_run)
