@@ -27,8 +27,8 @@ import torch
 
 from . import __version__
 from .patching.architectures import ARCHITECTURES, matches, relative_name
-from .patching.centring import is_centred
-from .patching.patch import CONFIG_BLOCK, TARGETS, patch_model, unpatch_model
+from .patching.centring import is_centred, output_params
+from .patching.patch import CONFIG_BLOCK, TARGETS, _find_state, patch_model, unpatch_model
 
 CONFIG = "config.json"
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -140,8 +140,6 @@ def _norm_kinds(meta_model) -> dict[str, str]:
 
 def _plan(source: _Source, meta_model, target: str, allow_approximate: bool):
     """(writers {module: {parameter: its output-feature dim}}, metadata block) for this checkpoint."""
-    from .patching.centring import output_params
-
     model_type = getattr(source.config, "model_type", None)
     kinds = _norm_kinds(meta_model)
     layer_norms = [n for n, k in kinds.items() if k == "layer"]
@@ -351,7 +349,7 @@ def convert_checkpoint(
         if DTYPES[dtype] is not None:
             config_dict["dtype"] = dtype
         if not to_original:
-            config_dict["hf_rmsnorm"] = block
+            config_dict[CONFIG_BLOCK] = block
         (tmp / CONFIG).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         for item in src.iterdir():  # tokenizer, processor, generation config: unchanged
             if item.is_file() and item.name not in _WEIGHT_FILES | {CONFIG, REPORT} and not item.name.endswith((".safetensors", ".bin")):
@@ -483,9 +481,6 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
     ``state_dict`` (one gathered from FSDP shards, say) and the other keyword arguments go to
     the model's own ``save_pretrained``. Written to a temporary directory beside
     ``save_directory`` and moved in at the end."""
-    from .patching.centring import output_params
-    from .patching.patch import _find_state
-
     found = _find_state(model)
     if found is None or not hasattr(model, "save_pretrained"):
         what = "is not a transformers model" if found is not None else "was not patched by hf_rmsnorm (or was patched as part of a larger model)"
@@ -530,7 +525,7 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
     try:
         saved_model.save_pretrained(tmp, state_dict=state_dict, **kwargs)
         config_dict = json.loads((tmp / CONFIG).read_text())
-        config_dict["hf_rmsnorm"] = block
+        config_dict[CONFIG_BLOCK] = block
         (tmp / CONFIG).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         if not dst.exists():
             tmp.rename(dst)
