@@ -400,9 +400,12 @@ def write_outputs(runs: list[dict], out: Path, accelerator_state: dict):
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"runs": runs, "environment": env}, indent=2) + "\n")
+    title = f"# Fine-tune results — {env['device']}, {env['num_processes']} process(es)"
+    title += f" ({env['distributed_type']})" if env["distributed_type"] != "NO" else ""  # NO: one process, no wrapper
+    title += f", mixed precision {env['mixed_precision']}"
+    title += f", LoRA rank {runs[0]['lora_rank']} (only the adapters train)" if runs and runs[0]["lora_rank"] else ""
     lines = [
-        f"# Fine-tune results — {env['device']}, {env['num_processes']} process(es) ({env['distributed_type']}), "
-        f"mixed precision {env['mixed_precision']}" + (f", LoRA rank {runs[0]['lora_rank']} (only the adapters train)" if runs and runs[0]["lora_rank"] else ""),
+        title,
         "", f"torch {env['torch']}, transformers {env['transformers']}, hf_rmsnorm {env['hf_rmsnorm']}; {env['date']}.", "",
         "| model | variant | metric | before conversion | after conversion | after fine-tune | recovery | tokens/s | step ms (median) | peak memory MiB | trained parameters |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
