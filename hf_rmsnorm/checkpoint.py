@@ -485,6 +485,12 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
     if found is None or not hasattr(model, "save_pretrained"):
         what = "is not a transformers model" if found is not None else "was not patched by hf_rmsnorm (or was patched as part of a larger model)"
         raise ValueError(f"hf_rmsnorm.save_pretrained: {type(model).__name__} {what}; save it with its own save_pretrained.")
+    if any(c.__name__ == "SentenceTransformer" for c in type(model).__mro__):
+        raise ValueError(
+            "hf_rmsnorm.save_pretrained: save a SentenceTransformer with its own save(): the hf_rmsnorm block patch_model "
+            "put on its transformers config goes with it, and SentenceTransformer(path) then patch_model(model) runs it "
+            "as it was saved."
+        )
     prefix, _, state = found
     report = state["report"]
     saved_model, rename = model, (lambda name: name)

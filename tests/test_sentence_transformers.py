@@ -8,6 +8,7 @@ import importlib.resources
 import pytest
 import torch
 
+import hf_rmsnorm
 from hf_rmsnorm import FusedRMSNorm, patch_model, unpatch_model
 from tiny_models import VOCAB, build
 
@@ -78,6 +79,9 @@ def test_minilm_fine_tuned_approximate_saves_and_patches_back_as_trained(minilm,
         optimizer.zero_grad()
     trained = _encode(minilm)
     assert torch.nn.functional.cosine_similarity(trained, reference).min() > cosine.min()
+    with pytest.raises(ValueError, match="save a SentenceTransformer with its own save"):
+        hf_rmsnorm.save_pretrained(minilm, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
     minilm.save(str(tmp_path / "saved"))
     loaded = st.SentenceTransformer(str(tmp_path / "saved"), device="cpu")
     assert not torch.allclose(_encode(loaded), trained, atol=1e-4)  # its LayerNorm reading is another model
