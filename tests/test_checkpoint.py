@@ -463,6 +463,7 @@ def test_any_save_of_a_patched_model_loads_as_it_ran(tmp_path):
     _close(run(loaded, inputs), want)
     # loaded by transformers, the config carries the block, and patch_model honours it
     plain = type(model).from_pretrained(tmp_path / "ft").eval()
+    assert "the stream writers would keep their saved values" in hf_rmsnorm.patch_model(plain, dry_run=True).note
     with pytest.raises(ValueError, match="keep_centered would centre transformer.h.0.attn.c_proj.weight .and 7 more.*changes the model"):
         hf_rmsnorm.patch_model(plain, keep_centered=True)
     assert not isinstance(plain.transformer.ln_f, hf_rmsnorm.FusedRMSNorm)  # left as it was

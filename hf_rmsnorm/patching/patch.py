@@ -244,9 +244,12 @@ def patch_model(
     if target == "rmsnorm":
         conversion = _Conversion(model, planned, report, probe_inputs, allow_approximate, keep_centered, strict)
         replacements.update(conversion.replacements)
-    if dry_run:
-        return report
     saved = _saved_block(model)
+    if dry_run:
+        if saved is not None and conversion is not None:
+            report.note = (f"{report.note or ''} Loaded from a save of a patched model: the stream writers would keep their "
+                           "saved values.").strip()
+        return report
     if saved is not None and conversion is not None:
         _check_saved_conversion(model, saved, report, len(conversion.replacements))
     elif saved is not None and saved.get("converted_norms") and not saved.get("writers_centred"):
