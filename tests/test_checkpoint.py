@@ -485,6 +485,26 @@ def test_any_save_of_a_patched_model_loads_as_it_ran(tmp_path):
     assert "hf_rmsnorm" not in json.loads((tmp_path / "unpatched" / "config.json").read_text())
 
 
+def test_the_block_goes_on_the_patched_model_alone(tmp_path):
+    """transformers' models built from one config object share it: the patched one gets a
+    config of its own for the block, so the other, unpatched, does not save its LayerNorm
+    weights as a converted model's; unpatch_model gives the original config back."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    patched, plain = GPT2LMHeadModel(config), GPT2LMHeadModel(config)
+    assert patched.config is plain.config
+    hf_rmsnorm.patch_model(patched)
+    assert patched.config is not config and patched.transformer.config is patched.config
+    assert "hf_rmsnorm" not in config.__dict__
+    plain.save_pretrained(tmp_path / "plain")
+    assert "hf_rmsnorm" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    patched.save_pretrained(tmp_path / "patched")
+    assert json.loads((tmp_path / "patched" / "config.json").read_text())["hf_rmsnorm"]["keep_writers"] is True
+    hf_rmsnorm.unpatch_model(patched)
+    assert patched.config is config and patched.transformer.config is config
+
+
 def test_a_fine_tuned_save_that_cannot_be_converted_here_is_refused(tmp_path, monkeypatch):
     """Loaded where the conversion cannot be measured (the float64 copy does not fit), a model
     fine-tuned converted without keep_centered would come back as its LayerNorm reading, a

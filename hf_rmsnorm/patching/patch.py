@@ -9,6 +9,7 @@ the module tree) so that ``unpatch_model`` can put them back.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import warnings
 from typing import Optional, Sequence, Union
@@ -311,23 +312,31 @@ def _check_saved_conversion(model: nn.Module, saved: dict, report: PatchReport, 
 
 
 def _tag_config(model: nn.Module, target: str, report: PatchReport, include: tuple, exclude: tuple):
-    """Put an ``hf_rmsnorm`` block on the model's transformers config, so that every save of the
-    model — its own save_pretrained, a Trainer checkpoint, push_to_hub — says how to load it
-    as it runs: ``hf_rmsnorm.from_pretrained`` patches it again and keeps the stream writers
-    as saved (centred, unless fine-tuned without keep_centered; either way what the model
-    computed). Returns ``(config, the block it held before)`` for unpatch_model."""
+    """Give the model a config of its own carrying an ``hf_rmsnorm`` block, so that every save
+    of the model — its own save_pretrained, a Trainer checkpoint, push_to_hub — says how to
+    load it as it runs: ``hf_rmsnorm.from_pretrained`` patches it again and keeps the stream
+    writers as saved (centred, unless fine-tuned without keep_centered; either way what the
+    model computed). A copy, put wherever the model's modules hold the config: models built
+    from one config object share it, and a block on a model left unpatched would make its
+    LayerNorm weights load as a converted model's. Returns what unpatch_model restores."""
     from .. import __version__
 
     config = getattr(model, "config", None)
     if config is None or not callable(getattr(config, "to_dict", None)):
         return None
-    before = config.__dict__.get(CONFIG_BLOCK)
     block = {"version": __version__, "target": target, "allow_approximate": report.count("approximate") > 0,
              "converted_norms": report.count("exact") + report.count("approximate"), "keep_writers": True}
     block.update({k: list(v) for k, v in (("include", include), ("exclude", exclude)) if v})
-    setattr(config, CONFIG_BLOCK, block)
-    return config, before
-
+    holders = [m for m in model.modules() if m.__dict__.get("config") is config]
+    if not holders:  # reached some other way: the block goes on that config itself
+        before = config.__dict__.get(CONFIG_BLOCK)
+        setattr(config, CONFIG_BLOCK, block)
+        return {"config": config, "before": before}
+    own = copy.copy(config)
+    setattr(own, CONFIG_BLOCK, block)
+    for m in holders:
+        m.__dict__["config"] = own
+    return {"config": config, "holders": holders}
 
 def _plan(model, report, include_p, exclude_p, strict, probe_autocast) -> dict:
     """Match every norm-like module (nothing is changed yet): ``{fqn: (module, spec, fused)}``
@@ -415,11 +424,13 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     _restore(owner, state["originals"])
     for handle in state.get("hooks", ()):
         handle.remove()  # run-time centring and keep_centered projections
-    if state.get("config_block"):
-        config, before = state["config_block"]
-        if before is None:
-            config.__dict__.pop(CONFIG_BLOCK, None)
+    tagged = state.get("config_block")
+    for m in (tagged or {}).get("holders", ()):
+        m.__dict__["config"] = tagged["config"]  # the config the model had, as it was
+    if tagged and "before" in tagged:
+        if tagged["before"] is None:
+            tagged["config"].__dict__.pop(CONFIG_BLOCK, None)
         else:
-            setattr(config, CONFIG_BLOCK, before)
+            setattr(tagged["config"], CONFIG_BLOCK, tagged["before"])
     del owner.__dict__[_STATE_ATTR]
     return model
