@@ -299,6 +299,10 @@ def _check_saved_conversion(model: nn.Module, saved: dict, report: PatchReport, 
     if expected is None or expected == converted or saved.get("writers_centred"):
         return
     why = next((e["reason"] for e in report if e["reason"].startswith("kept as LayerNorm")), "")
+    if "float64 copy" in why:
+        # converting on disk is no way out here: it refuses writers that are not centred
+        why = (why.split("; convert the checkpoint on disk")[0] + "; patch it where that copy fits, e.g. loaded on the "
+               "CPU (device_map='cpu'), and move the patched model to its device afterwards")
     if saved.get("allow_approximate") and not report.count("approximate"):
         why = "it converted approximately: pass allow_approximate=True"
     elif saved.get("include") or saved.get("exclude"):
