@@ -354,6 +354,8 @@ def convert_checkpoint(
         for item in src.iterdir():  # tokenizer, processor, generation config: unchanged
             if item.is_file() and item.name not in _WEIGHT_FILES | {CONFIG, REPORT} and not item.name.endswith((".safetensors", ".bin")):
                 shutil.copy2(item, tmp / item.name)
+        for sub in _module_folders(src):  # a sentence-transformers model's pooling, dense layers...
+            shutil.copytree(src / sub, tmp / sub)
         (tmp / REPORT).write_text(_report_text(src, block, writers, to_original))
 
         if verify and not to_original:
@@ -368,6 +370,19 @@ def convert_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return block
+
+
+def _module_folders(src: Path) -> list[str]:
+    """The folders a sentence-transformers model's ``modules.json`` names for the modules after
+    its transformer (which sits at the top, the weights this conversion rewrites): copied as
+    they are, so that the output loads as that model. Other folders (checkpoints, logs) are not
+    the model's and are left behind."""
+    try:
+        modules = json.loads((src / "modules.json").read_text())
+    except (OSError, ValueError):
+        return []
+    paths = [m.get("path") for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
+    return [p for p in paths if isinstance(p, str) and p and (src / p).is_dir() and (src / p).resolve().parent == src.resolve()]
 
 
 def _report_text(src, block, writers, to_original) -> str:

