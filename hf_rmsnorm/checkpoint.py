@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from . import __version__
+from .modules import FUSED_MODULES
 from .patching.architectures import ARCHITECTURES, matches, relative_name
 from .patching.centring import is_centred, output_params
 from .patching.patch import CONFIG_BLOCK, TARGETS, _find_state, patch_model, unpatch_model
@@ -483,10 +484,10 @@ def from_pretrained(path, model_class=None, probe_inputs=None, **kwargs):
     return model
 
 
-def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **kwargs) -> dict:
-    """Save a patched transformers model as a checkpoint of its original architecture (its
-    state_dict keys are the original modules' keys) whose ``config.json`` carries the
-    ``hf_rmsnorm`` block :func:`from_pretrained` needs to load it as it ran; returns the block.
+def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **kwargs) -> Optional[dict]:
+    """Save a transformers model — patched or not, wrapped by PEFT or not — as a checkpoint of
+    its original architecture, whole; a patched one with the ``hf_rmsnorm`` block
+    :func:`from_pretrained` needs to load it as it ran. Returns the block (None unpatched).
 
     The block records the patch (target, every module's change, the stream writers, the
     run-time centring) and whether the writers are still centred, measured on the weights
@@ -495,45 +496,48 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
     were approximated). Fine-tuned converted without keep_centered they are not: the weights
     then describe an RMSNorm model whose LayerNorm reading is a different model, and only
     ``hf_rmsnorm.from_pretrained`` loads what was trained (and ``convert_checkpoint`` refuses
-    to convert it again). A patched ``PeftModel`` is saved once its adapters are merged
-    (``peft_model.merge_and_unload()``): the merged model, whole, under the original names.
-    ``state_dict`` (one gathered from FSDP shards, say) and the other keyword arguments go to
-    the model's own ``save_pretrained``. Written to a temporary directory beside
-    ``save_directory`` and moved in at the end."""
-    found = _find_state(model)
-    if found is None or not hasattr(model, "save_pretrained"):
-        what = "is not a transformers model" if found is not None else "was not patched by hf_rmsnorm (or was patched as part of a larger model)"
-        raise ValueError(f"hf_rmsnorm.save_pretrained: {type(model).__name__} {what}; save it with its own save_pretrained.")
+    to convert it again). A ``PeftModel`` is saved with its LoRA adapters folded into their
+    base layers, under the original names, without changing the model (or as it is, once
+    ``merge_and_unload()`` has merged them). ``state_dict`` (the model's own keys, gathered
+    from FSDP shards, say) and the other keyword arguments go to the model's own
+    ``save_pretrained``. Written to a temporary directory beside ``save_directory`` and moved
+    in at the end."""
     if any(c.__name__ == "SentenceTransformer" for c in type(model).__mro__):
         raise ValueError(
             "hf_rmsnorm.save_pretrained: save a SentenceTransformer with its own save(): the hf_rmsnorm block patch_model "
             "put on its transformers config goes with it, and SentenceTransformer(path) then patch_model(model) runs it "
             "as it was saved."
         )
-    prefix, _, state = found
-    report = state["report"]
+    if not hasattr(model, "save_pretrained"):
+        raise ValueError(f"hf_rmsnorm.save_pretrained: {type(model).__name__} is not a transformers model; save its state_dict.")
     saved_model, rename = model, (lambda name: name)
     if any(c.__name__ == "PeftModel" for c in type(model).__mro__):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
-            raise ValueError(
-                "hf_rmsnorm.save_pretrained: the PeftModel still holds its adapters (its own save_pretrained writes them "
-                "alone). Merge them first, peft_model.merge_and_unload(), then hf_rmsnorm.save_pretrained(peft_model) "
-                "writes the merged model, whole, with its conversion."
-            )
-        # merged, each base layer stands where its adapter wrapper stood, under the original name
+        # merged or not, each base layer stands (or will) where its adapter wrapper stood, under the original name
         saved_model = model.get_base_model()
         rename = lambda name: re.sub(r"\.base_layer(?=\.|$)", "", name.removeprefix("base_model.model."))  # noqa: E731
+        state_dict = _merged_lora_state_dict(model, state_dict if state_dict is not None else model.state_dict(), rename)
+    found = _find_state(model)
+    if found is None:
+        if any(isinstance(m, FUSED_MODULES) for m in model.modules()):
+            raise ValueError(f"hf_rmsnorm.save_pretrained: {type(model).__name__} was patched as part of a larger model; save that one.")
+        _save_into(saved_model, Path(save_directory), None, state_dict, kwargs)
+        return None
+    prefix, _, state = found
+    report = state["report"]
     full = (lambda name: rename(f"{prefix}.{name}")) if prefix else rename
     conversion = report.conversion or {}
     converted = report.count("exact") + report.count("approximate")  # the writers are centred only then
     # an adapter's lora_B wrote into the stream beside its base layer; merged, it is part of it
     writers = list(dict.fromkeys(full(w) for w in conversion.get("writers", []) if ".lora_" not in w)) if converted else []
     weights = state_dict if state_dict is not None else saved_model.state_dict()
+
+    def writer(name):  # unmerged, the layer is inside its adapter's wrapper
+        module = saved_model.get_submodule(name)
+        return getattr(module, "base_layer", module)
+
     centred = all(
-        is_centred(weights[f"{w}.{p}"] if f"{w}.{p}" in weights else getattr(saved_model.get_submodule(w), p), dim)
-        for w in writers for p, dim in output_params(saved_model.get_submodule(w)).items()
+        is_centred(weights[f"{w}.{p}"] if f"{w}.{p}" in weights else getattr(writer(w), p), dim)
+        for w in writers for p, dim in output_params(writer(w)).items()
     )
     block = {
         "version": __version__, "target": state["target"], "allow_approximate": report.count("approximate") > 0,
@@ -544,19 +548,26 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
     }
     tag = getattr(getattr(saved_model, "config", None), CONFIG_BLOCK, None) or {}  # patch_model's (_tag_config)
     block.update({k: tag[k] for k in ("include", "exclude") if k in tag})
-    dst = Path(save_directory)
+    _save_into(saved_model, Path(save_directory), block, state_dict, kwargs)
+    return block
+
+
+def _save_into(model, dst: Path, block: Optional[dict], state_dict: Optional[dict], kwargs: dict) -> None:
+    """``model.save_pretrained`` into a temporary directory beside ``dst``, ``block`` put in its
+    config.json, then moved in: into an existing directory as transformers saves (its other
+    files stay; weight files of an earlier save that this one does not write go)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
-        saved_model.save_pretrained(tmp, state_dict=state_dict, **kwargs)
+        model.save_pretrained(tmp, state_dict=state_dict, **kwargs)
         config_dict = json.loads((tmp / CONFIG).read_text())
-        config_dict[CONFIG_BLOCK] = block
+        config_dict.pop(CONFIG_BLOCK, None)  # an unpatched model's config may carry a loaded one
+        if block is not None:
+            config_dict[CONFIG_BLOCK] = block
         (tmp / CONFIG).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         if not dst.exists():
             tmp.rename(dst)
-            return block
-        # into an existing directory, as transformers saves: its other files stay, weight
-        # files of an earlier save that this one does not write go
+            return
         new = {f.name for f in tmp.iterdir()}
         for old in dst.iterdir():
             if old.is_file() and old.name not in new and (old.name.startswith(("model", "pytorch_model")) and old.suffix in (".safetensors", ".bin", ".json")):
@@ -565,4 +576,32 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
             os.replace(f, dst / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return block
+
+
+def _merged_lora_state_dict(peft_model, state_dict: dict, rename) -> dict:
+    """``state_dict`` (a PeftModel's keys) with each LoRA adapter folded into its base layer,
+    W + scaling · B A (transposed where the layer stores W as (in, out): GPT-2's Conv1D), in
+    float32, under the original names (``rename``); the model itself is left as it is. Only
+    plain LoRA on weight matrices, one adapter active: anything else is for PEFT's own
+    ``merge_and_unload()``, after which the state dict holds no adapter to fold."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = {k: v for k, v in state_dict.items() if ".lora_" not in k}
+    for name, layer in peft_model.named_modules():
+        if not isinstance(layer, LoraLayer) or getattr(layer, "merged", False):
+            continue
+        adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+        unsupported = (len(adapters) != 1 or adapters[0] in getattr(layer, "lora_variant", {})
+                       or getattr(layer, "lora_bias", {}).get(adapters[0]) or f"{name}.base_layer.weight" not in merged)
+        if unsupported:
+            raise ValueError(
+                f"hf_rmsnorm.save_pretrained: {name} holds an adapter this save cannot fold (not one plain LoRA adapter on "
+                "a weight matrix: DoRA, a LoRA bias, several adapters, an embedding). Merge it with PEFT first, "
+                "peft_model.merge_and_unload(), then save."
+            )
+        a = adapters[0]
+        w = merged[f"{name}.base_layer.weight"]
+        delta = state_dict[f"{name}.lora_B.{a}.weight"].float() @ state_dict[f"{name}.lora_A.{a}.weight"].float()
+        delta = (delta.T if layer.fan_in_fan_out else delta) * layer.scaling[a]
+        merged[f"{name}.base_layer.weight"] = (w.float() + delta.to(w.device)).to(w.dtype)
+    return {rename(k): v for k, v in merged.items()}

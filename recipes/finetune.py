@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import importlib.util
 import json
 import os
@@ -170,12 +169,6 @@ def training_function(config: dict, args) -> list[dict]:
             f"(distributed type {accelerator.distributed_type.value}): FSDP and DeepSpeed need GPUs. On CPUs use "
             "recipes/configs/cpu_2proc.yaml, or torchrun --nproc_per_node N recipes/finetune.py --cpu."
         )
-    if args.lora_rank and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-        raise SystemExit(
-            f"--lora-rank under {accelerator.distributed_type.value} is not supported by this recipe: the adapters "
-            "are merged for the saved model on each process, which needs the whole model there. Use DDP "
-            "(recipes/configs/multi_gpu.yaml) or one GPU."
-        )
     train_texts, eval_texts = load_texts(args)
     runs = []
     for spec in config["models"]:
@@ -298,7 +291,7 @@ def _run_variant(accelerator, args, base, task, variant, train_set, eval_set, sl
     recovery = (after_finetune - after_conversion) / cost if abs(cost) > 1e-6 * max(abs(before), 1e-12) else None
 
     out_dir = Path(args.output_dir) / "models" / slug / variant
-    save_model(accelerator, model, out_dir, patched=report is not None)
+    save_model(accelerator, model, out_dir)
     metrics = {
         "eval_before_conversion": before,
         "eval_after_conversion": after_conversion,
@@ -351,33 +344,23 @@ def _save_checkpoint(accelerator, path: Path, step, curve, step_times, step_toke
     accelerator.wait_for_everyone()
 
 
-def save_model(accelerator, model, out_dir: Path, patched: bool) -> None:
-    """The fine-tuned model, whole, as a transformers checkpoint; a patched one with the
-    block ``hf_rmsnorm.from_pretrained`` needs to load it as it trained (``save_pretrained``:
-    converted and fine-tuned without --keep-centered, its LayerNorm reading is another model).
-    Every process takes part: under FSDP2 (and DeepSpeed ZeRO-3) the weights are sharded, and
-    gathering them is a collective; the main process alone asking for them would wait forever
-    for the others. FSDP2's DTensors are gathered with torch's own call (the one Accelerate
-    makes for FSDP2), whatever set them up; anything else goes through Accelerate."""
-    unwrapped = accelerator.unwrap_model(model)
-    lora = hasattr(unwrapped, "merge_and_unload")  # a PeftModel (--lora-rank)
-    if lora:
-        # the adapters folded into their base layers, on every process (each holds the whole
-        # model; LoRA is refused under FSDP and DeepSpeed): it trains no further
-        unwrapped.merge_and_unload()
-        state_dict = None
-    elif any(type(p).__name__ == "DTensor" for p in model.parameters()):
+def save_model(accelerator, model, out_dir: Path) -> None:
+    """The fine-tuned model, whole, as a transformers checkpoint (``hf_rmsnorm.save_pretrained``):
+    a patched one with the block ``hf_rmsnorm.from_pretrained`` needs to load it as it trained
+    (converted and fine-tuned without --keep-centered, its LayerNorm reading is another model),
+    LoRA adapters folded into their base layers. Every process takes part: under FSDP2 (and
+    DeepSpeed ZeRO-3) the weights are sharded, and gathering them is a collective; the main
+    process alone asking for them would wait forever for the others. FSDP2's DTensors are
+    gathered with torch's own call (the one Accelerate makes for FSDP2), whatever set them up;
+    anything else goes through Accelerate."""
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        if patched:
-            save = functools.partial(hf_rmsnorm.save_pretrained, unwrapped)
-        else:
-            save = (unwrapped.get_base_model() if lora else unwrapped).save_pretrained
-        save(out_dir, state_dict=state_dict, safe_serialization=True)
+        hf_rmsnorm.save_pretrained(accelerator.unwrap_model(model), out_dir, state_dict=state_dict, safe_serialization=True)
     accelerator.wait_for_everyone()
 
 

@@ -113,7 +113,7 @@ def main():
 
         # The recipe's save (every rank gathers; the main process writes): the one process's weights
         out = Path(tmp) / name
-        save_model(accelerator, sharded, out, patched=True)
+        save_model(accelerator, sharded, out)
         if rank == 0:  # a step without keep_centered moves gpt2's writers off centre (llama has none)
             assert_saved(out, one.state_dict(), name, centred=name != "gpt2")
         say(f"{name} saved whole by the recipe")
@@ -128,10 +128,31 @@ def main():
         losses = adam_losses(shard(sharded, block, mesh), mine, steps=3, reduce=mean_over_ranks)
         torch.testing.assert_close(losses, one_losses, msg=lambda m: f"{name}, keep_centered losses: {m}")
         out = Path(tmp) / f"{name}-centred"
-        save_model(accelerator, sharded, out, patched=True)
+        save_model(accelerator, sharded, out)
         if rank == 0:
             assert_saved(out, one.state_dict(), f"{name}, keep_centered", centred=True)
         say(f"{name} keep_centered")
+
+        if name == "gpt2":
+            # LoRA first, then the patch, then sharded (as --lora-rank): the losses of a few
+            # Adam steps, and the model saved whole with the adapters folded in, as one process's
+            import peft
+
+            lora = peft.LoraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, init_lora_weights=False)
+            twins = []
+            for _ in range(2):
+                torch.manual_seed(0)  # the same random adapters in both
+                twins.append(peft.get_peft_model(copy.deepcopy(base), lora).eval())  # eval: no dropout on the stream
+                patch_model(twins[-1])
+            one, sharded = twins
+            one_losses = adam_losses(one, ids, steps=3)
+            losses = adam_losses(shard(sharded, block, mesh), mine, steps=3, reduce=mean_over_ranks)
+            torch.testing.assert_close(losses, one_losses, msg=lambda m: f"{name}, LoRA losses: {m}")
+            out = Path(tmp) / f"{name}-lora"
+            save_model(accelerator, sharded, out)
+            if rank == 0:  # the adapters on the writers move them off centre
+                assert_saved(out, one.merge_and_unload().state_dict(), f"{name}, LoRA", centred=False)
+            say(f"{name} LoRA saved whole")
 
         # bf16 compute, fp32 master weights and gradient reduction (Accelerate's mixed_precision: bf16).
         # The patched model against the unpatched one under the same policy, at bf16's tolerance.

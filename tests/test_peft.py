@@ -109,30 +109,46 @@ def test_a_keep_centered_model_pickles_and_its_copy_keeps_itself_centred(how, tm
     run(model, inputs)  # the original, unwrapped, still runs
 
 
-@pytest.mark.parametrize("order,keep", [("lora_first", True), ("lora_first", False), ("patch_first", False)])
-def test_a_merged_lora_model_saves_whole_and_loads_as_trained(order, keep, tmp_path, monkeypatch):
-    """hf_rmsnorm.save_pretrained of a patched PeftModel, once merged: the merged model under
-    the original names, the writers' adapters folded into them. With keep_centered they stay
-    centred; otherwise the adapters move them, and from_pretrained keeps them as saved.
-    Either way the loaded model computes what the trained, merged one did."""
+@pytest.mark.parametrize("order,keep", [("lora_first", True), ("lora_first", False), ("patch_first", False), ("unpatched", False)])
+def test_a_lora_model_saves_whole_and_loads_as_trained(order, keep, tmp_path, monkeypatch):
+    """hf_rmsnorm.save_pretrained of a trained PeftModel: the adapters folded into their base
+    layers (W + scaling B A, without changing the model), under the original names, as PEFT's
+    merge_and_unload() gives; and the same once merged. With keep_centered the writers stay
+    centred; otherwise the adapters move them, and from_pretrained keeps them as saved. Either
+    way the loaded model computes what the trained one did; unpatched, it is a plain save."""
     peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
     monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
     model, inputs = build("gpt2")
     if order == "lora_first":
         model = peft.get_peft_model(model, _lora(peft))
         patch_model(model, keep_centered=keep)
     else:
-        patch_model(model)
+        if order == "patch_first":
+            patch_model(model)
         model = peft.get_peft_model(model, _lora(peft))
     model.eval()  # no dropout on the stream
     adam_losses(model, inputs["input_ids"])
-    with pytest.raises(ValueError, match=r"still holds its adapters.*merge_and_unload\(\), then hf_rmsnorm.save_pretrained"):
-        hf_rmsnorm.save_pretrained(model, tmp_path / "unmerged")
-    assert not (tmp_path / "unmerged").exists()
-    want = run(model.merge_and_unload(), inputs)
-    block = hf_rmsnorm.save_pretrained(model, tmp_path / "merged")
+    run(model, inputs)  # keep_centered re-centres the writers before a forward: after the last step, now
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    block = hf_rmsnorm.save_pretrained(model, tmp_path / "unmerged")
+    after = model.state_dict()  # left as it was: the adapters unmerged, every weight the same
+    assert after.keys() == weights.keys() and all(torch.equal(after[k], v) for k, v in weights.items())
+    assert any(".lora_B." in k for k in after)
+    merged = model.merge_and_unload()
+    reference = run(merged, inputs)
+    again = hf_rmsnorm.save_pretrained(model, tmp_path / "merged")
+    assert again == block
+    if order == "unpatched":
+        assert block is None
+        for saved in ("unmerged", "merged"):
+            loaded = AutoModelForCausalLM.from_pretrained(tmp_path / saved).eval()
+            torch.testing.assert_close(run(loaded, inputs), reference, rtol=1e-5, atol=1e-5)
+        return
     assert block["writers_centred"] is keep
     assert block["stream_writers"] == [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
     assert list(block["modules"]) == ["transformer.h.0.ln_1", "transformer.h.0.ln_2", "transformer.h.1.ln_1", "transformer.h.1.ln_2", "transformer.ln_f"]
-    loaded = hf_rmsnorm.from_pretrained(tmp_path / "merged").eval()
-    torch.testing.assert_close(run(loaded, inputs), want, rtol=1e-5, atol=1e-5)
+    for saved in ("unmerged", "merged"):
+        loaded = hf_rmsnorm.from_pretrained(tmp_path / saved).eval()
+        torch.testing.assert_close(run(loaded, inputs), reference, rtol=1e-5, atol=1e-5)
