@@ -544,7 +544,7 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
         "model_type": getattr(getattr(saved_model, "config", None), "model_type", None),
         "modules": {full(e["name"]): e["change"] for e in report}, "stream_writers": writers,
         "runtime_centring": [full(s) for s in conversion.get("runtime_centring", [])] if writers else [],
-        "writers_centred": centred, "keep_writers": True, "converted_norms": converted,
+        "writers_centred": centred, "keep_writers": converted > 0, "converted_norms": converted,
     }
     tag = getattr(getattr(saved_model, "config", None), CONFIG_BLOCK, None) or {}  # patch_model's (_tag_config)
     block.update({k: tag[k] for k in ("include", "exclude") if k in tag})

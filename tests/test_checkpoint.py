@@ -483,6 +483,22 @@ def test_any_save_of_a_patched_model_loads_as_it_ran(tmp_path):
     assert "hf_rmsnorm" not in json.loads((tmp_path / "unpatched" / "config.json").read_text())
 
 
+def test_a_fine_tuned_fused_layernorm_save_still_converts_exactly(tmp_path):
+    """Patched with target='layernorm' (nothing converted) and fine-tuned, the weights are a
+    LayerNorm model's: patched again with the default target, the saved model converts as any
+    LayerNorm model does (writers centred), computing what it computed."""
+    model, inputs = build("gpt2")
+    hf_rmsnorm.patch_model(model, target="layernorm")
+    want = run(_fine_tune(model, inputs), inputs)
+    model.save_pretrained(tmp_path)
+    block = json.loads((tmp_path / "config.json").read_text())["hf_rmsnorm"]
+    assert block["target"] == "layernorm" and block["keep_writers"] is False
+    plain = type(model).from_pretrained(tmp_path).eval()
+    report = hf_rmsnorm.patch_model(plain)
+    assert report.count("exact") == 5 and "keep their saved values" not in report.note
+    _close(run(plain, inputs), want)
+
+
 def test_the_block_goes_on_the_patched_model_alone(tmp_path):
     """transformers' models built from one config object share it: the patched one gets a
     config of its own for the block, so the other, unpatched, does not save its LayerNorm

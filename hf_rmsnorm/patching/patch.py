@@ -328,8 +328,10 @@ def _tag_config(model: nn.Module, target: str, report: PatchReport, include: tup
     config = getattr(model, "config", None)
     if config is None or not callable(getattr(config, "to_dict", None)):
         return None
+    converted = report.count("exact") + report.count("approximate")
+    # with nothing converted the weights are still the LayerNorm model's, to be converted as any
     block = {"version": __version__, "target": target, "allow_approximate": report.count("approximate") > 0,
-             "converted_norms": report.count("exact") + report.count("approximate"), "keep_writers": True}
+             "converted_norms": converted, "keep_writers": converted > 0}
     block.update({k: list(v) for k, v in (("include", include), ("exclude", exclude)) if v})
     holders = [m for m in model.modules() if m.__dict__.get("config") is config]
     if not holders:  # reached some other way: the block goes on that config itself
