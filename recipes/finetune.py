@@ -321,7 +321,10 @@ def _with_lora(model, args):
         r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, lora_dropout=args.dropout,
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
     )
-    return peft.get_peft_model(model, config)
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as exc:  # e.g. target modules the model does not have: PEFT's message says which
+        raise SystemExit(f"--lora-target-modules {targets}: {exc}") from exc
 
 
 def _find_checkpoint(arg, root: Path):

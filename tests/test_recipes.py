@@ -182,6 +182,16 @@ def test_lora_trains_the_adapters_alone_and_keep_centered_follows_the_baseline(e
     torch.testing.assert_close(hf_rmsnorm.from_pretrained(saved / "rmsnorm").eval()(ids).logits, want, rtol=1e-4, atol=1e-4)
 
 
+def test_lora_on_modules_the_model_lacks_stops_with_peft_s_reason(env, tmp_path):
+    """Which modules a model has is known once it is loaded: the recipe stops there, with
+    PEFT's message under the option's name, and writes no results."""
+    proc = _recipe(env, *TINY, "--variants", "rmsnorm", "--max-steps", 2, "--lora-rank", 2, "--lora-target-modules", "q_proj",
+                   "--output-dir", tmp_path)
+    assert proc.returncode != 0
+    assert "--lora-target-modules q_proj:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "results.json").exists()
+
+
 def _json_without_text(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps({"body": f"sentence number {i} is long enough to use"}) + "\n" for i in range(30)))
