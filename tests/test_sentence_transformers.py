@@ -32,7 +32,10 @@ def _tiny_gpt2_sentence_transformer(path):
     tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0", pad_token="w0").save_pretrained(path)
-    from sentence_transformers.models import Pooling, Transformer
+    try:  # sentence-transformers 6 moved them, keeping the old path, deprecated
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    except ImportError:
+        from sentence_transformers.models import Pooling, Transformer
 
     return st.SentenceTransformer(modules=[Transformer(str(path)), Pooling(32)], device="cpu")
 
