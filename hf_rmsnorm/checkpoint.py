@@ -64,6 +64,9 @@ def _read_source(src: Path, allow_pickle: bool, trust_remote_code: bool) -> _Sou
         if inner:  # an older sentence-transformers layout: the transformer in a folder of its own
             raise ConversionError(f"{src} has no config.json at the top: a sentence-transformers folder whose transformer is in "
                                   f"{src / inner[0]}; convert that folder.")
+        if (src / "adapter_config.json").is_file():
+            raise ConversionError(f"{src} holds PEFT adapters alone (adapter_config.json), not a model: convert the base model, "
+                                  "or save the adapted model whole with hf_rmsnorm.save_pretrained(peft_model, dir) and convert that.")
         raise ConversionError(f"{src} has no config.json: not a Hugging Face model directory.")
     try:
         config_dict = json.loads((src / CONFIG).read_text())
