@@ -60,14 +60,7 @@ def _read_source(src: Path, allow_pickle: bool, trust_remote_code: bool) -> _Sou
     if not src.is_dir():
         raise ConversionError(f"{src} is not a directory; pass a Hugging Face model directory (from save_pretrained).")
     if not (src / CONFIG).is_file():
-        inner = [p for p in _module_folders(src) if (src / p / CONFIG).is_file()]
-        if inner:  # an older sentence-transformers layout: the transformer in a folder of its own
-            raise ConversionError(f"{src} has no config.json at the top: a sentence-transformers folder whose transformer is in "
-                                  f"{src / inner[0]}; convert that folder.")
-        if (src / "adapter_config.json").is_file():
-            raise ConversionError(f"{src} holds PEFT adapters alone (adapter_config.json), not a model: convert the base model, "
-                                  "or save the adapted model whole with hf_rmsnorm.save_pretrained(peft_model, dir) and convert that.")
-        raise ConversionError(f"{src} has no config.json: not a Hugging Face model directory.")
+        raise _no_config(src)
     try:
         config_dict = json.loads((src / CONFIG).read_text())
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
@@ -98,6 +91,18 @@ def _read_source(src: Path, allow_pickle: bool, trust_remote_code: bool) -> _Sou
         if not shard.is_file():
             raise ConversionError(f"{shard} is listed in the index but missing.")
     return _Source(config, config_dict, shards, index, pickle)
+
+
+def _no_config(src: Path) -> ConversionError:
+    """What a folder without config.json is instead of a model folder, and what to do."""
+    inner = [p for p in _module_folders(src) if (src / p / CONFIG).is_file()]
+    if inner:  # an older sentence-transformers layout: the transformer in a folder of its own
+        return ConversionError(f"{src} has no config.json at the top: a sentence-transformers folder whose transformer is in "
+                               f"{src / inner[0]}; use that folder.")
+    if (src / "adapter_config.json").is_file():
+        return ConversionError(f"{src} holds PEFT adapters alone (adapter_config.json), not a model: use the base model, "
+                               "or save the adapted model whole with hf_rmsnorm.save_pretrained(peft_model, dir) and use that.")
+    return ConversionError(f"{src} has no config.json: not a Hugging Face model directory.")
 
 
 def architecture_class(architectures):
@@ -459,7 +464,7 @@ def from_pretrained(path, model_class=None, probe_inputs=None, **kwargs):
     in ``patch_model``. Other keyword arguments go to ``from_pretrained``."""
     path = Path(path)
     if not (path / CONFIG).is_file():
-        raise ConversionError(f"{path} has no config.json: not a Hugging Face model directory.")
+        raise _no_config(path)
     config_dict = json.loads((path / CONFIG).read_text())
     block = config_dict.get("hf_rmsnorm")
     if block is None:

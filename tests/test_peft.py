@@ -154,14 +154,15 @@ def test_a_lora_model_saves_whole_and_loads_as_trained(order, keep, tmp_path, mo
         torch.testing.assert_close(run(loaded, inputs), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_an_adapter_folder_is_refused_by_the_conversion_saying_what_to_convert(tmp_path):
+def test_an_adapter_folder_is_refused_saying_what_to_use(tmp_path):
     """PEFT's own save writes the adapters alone (adapter_config.json, no config.json): no
-    model to convert, and the refusal says what to convert instead."""
+    model to convert or load, and the refusal says what to use instead."""
     peft = pytest.importorskip("peft")
     from hf_rmsnorm.checkpoint import ConversionError, convert_checkpoint
 
     model = peft.get_peft_model(build("gpt2")[0], _lora(peft))
     model.save_pretrained(tmp_path / "adapters")
-    with pytest.raises(ConversionError, match="holds PEFT adapters alone.*hf_rmsnorm.save_pretrained"):
-        convert_checkpoint(tmp_path / "adapters", tmp_path / "out")
+    for load in (lambda: convert_checkpoint(tmp_path / "adapters", tmp_path / "out"), lambda: hf_rmsnorm.from_pretrained(tmp_path / "adapters")):
+        with pytest.raises(ConversionError, match="holds PEFT adapters alone.*hf_rmsnorm.save_pretrained"):
+            load()
     assert not (tmp_path / "out").exists()

@@ -124,5 +124,5 @@ def test_a_converted_sentence_transformer_folder_loads_as_one(minilm, tmp_path):
     old.mkdir()
     (old / "modules.json").write_text('[{"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"}]')
     (tmp_path / "in").rename(old / "0_Transformer")
-    with pytest.raises(ConversionError, match="a sentence-transformers folder whose transformer is in .*0_Transformer; convert that folder"):
+    with pytest.raises(ConversionError, match="a sentence-transformers folder whose transformer is in .*0_Transformer; use that folder"):
         convert_checkpoint(old, tmp_path / "out2")
