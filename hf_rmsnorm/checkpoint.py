@@ -518,6 +518,9 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
         )
     if not hasattr(model, "save_pretrained"):
         raise ValueError(f"hf_rmsnorm.save_pretrained: {type(model).__name__} is not a transformers model; save its state_dict.")
+    if kwargs.get("push_to_hub"):  # it would push the temporary directory, under that directory's name
+        raise ValueError("hf_rmsnorm.save_pretrained does not push: save here, then upload the folder "
+                         "(huggingface_hub.upload_folder), or call model.push_to_hub, whose save carries the block too.")
     saved_model, rename = model, (lambda name: name)
     if any(c.__name__ == "PeftModel" for c in type(model).__mro__):
         # merged or not, each base layer stands (or will) where its adapter wrapper stood, under the original name

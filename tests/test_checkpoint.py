@@ -426,6 +426,9 @@ def test_save_pretrained_into_an_earlier_save_and_its_refusals(tmp_path):
     assert len(list(out.glob("model-*.safetensors"))) > 1
     hf_rmsnorm.patch_model(model)
     want = run(_fine_tune(model, inputs), inputs)
+    with pytest.raises(ValueError, match="does not push: save here, then upload the folder"):
+        hf_rmsnorm.save_pretrained(model, tmp_path / "pushed", push_to_hub=True)
+    assert not (tmp_path / "pushed").exists()
     block = hf_rmsnorm.save_pretrained(model, out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
     assert not list(tmp_path.glob(".m.tmp-*"))
