@@ -449,13 +449,40 @@ def _not_converted(report, layer_norms, why: str) -> None:
     report.note = f"nothing converted: {why}."
 
 
+_KEEP_CENTERED_CONFLICT = ("patch_model: keep_centered would centre {}, which the checkpoint this model was loaded from saved "
+                           "uncentred (fine-tuned converted without keep_centered): that changes the model. Patch it without "
+                           "keep_centered to run it as it was saved.")
+
+
+def _recorded_plan(model: nn.Module, saved: Optional[dict], layer_norms: dict, allow_approximate: bool):
+    """(plan, approximate names) from the record of a checkpoint saved from a patched model
+    (``hf_rmsnorm.save_pretrained``'s block: the modules it converted, its stream writers and
+    run-time centring), where every name is one of this model's; else None. A loaded copy runs
+    with what the saved model ran with, so where the float64 measurement cannot be made the
+    record serves instead (said as such in the report)."""
+    if not saved or not saved.get("keep_writers") or not {"modules", "stream_writers", "runtime_centring"} <= saved.keys():
+        return None
+    exact = [n for n, change in saved["modules"].items() if change == "exact"]
+    approximate = [n for n, change in saved["modules"].items() if change == "approximate"]
+    if (approximate and not allow_approximate) or not set(exact + approximate) <= set(layer_norms):
+        return None
+    try:
+        for name in (*saved["stream_writers"], *saved["runtime_centring"]):
+            model.get_submodule(name)
+    except AttributeError:
+        return None
+    return ConversionPlan(list(saved["stream_writers"]), list(saved["runtime_centring"]), {}, exact, {}), approximate
+
+
 class _Conversion:
     """The exact conversion of one model, in the order patch_model needs it: planned at
     construction (nothing changed), then ``apply`` (centre writers, start hooks), ``verify``
     (raise if not exact), ``finish``, and on failure ``undo_centring``."""
 
-    def __init__(self, model, planned: dict, report, probe: Optional[dict], allow_approximate: bool, keep_centered: bool, strict: bool):
+    def __init__(self, model, planned: dict, report, probe: Optional[dict], allow_approximate: bool, keep_centered: bool, strict: bool,
+                 saved: Optional[dict] = None):
         self.model, self.report, self.strict, self.keep_centered = model, report, strict, keep_centered
+        self.recorded: Optional[str] = None  # why the plan is the saved record's, not measured
         self.replacements: dict[str, nn.Module] = {}
         self.backups: dict[str, dict] = {}
         layer_norms = {
@@ -472,8 +499,21 @@ class _Conversion:
         if not layer_norms:
             return
         shortfall = float64_copy_shortfall(model)
-        if shortfall:  # refused up front: an out-of-memory kill would say nothing
+        recorded = _recorded_plan(model, saved, layer_norms, allow_approximate) if shortfall else None
+        if shortfall and recorded is None:  # refused up front: an out-of-memory kill would say nothing
             return _not_converted(report, layer_norms, shortfall)
+        probe_note = None
+        if recorded is not None:
+            (self.plan, self.approximate), self.recorded = recorded, shortfall
+        else:
+            probe_note = self._measure(model, planned, layer_norms, probe, allow_approximate)
+            if self.plan is None:
+                return
+        self._describe(planned, layer_norms, probe_note)
+
+    def _measure(self, model, planned, layer_norms, probe, allow_approximate) -> Optional[str]:
+        """The plan measured on the probe batch (None where it cannot be: the report says why)."""
+        report = self.report
         was_training = model.training
         model.eval()  # dropout would make the stream's mean random
         # Nothing is changed yet when a probe fails. A batch the user gave that does not run is
@@ -494,6 +534,11 @@ class _Conversion:
         finally:
             model.train(was_training)
         self.approximate = [n for n in layer_norms if n not in self.plan.exact] if allow_approximate else []
+        return probe_note
+
+    def _describe(self, planned, layer_norms, probe_note) -> None:
+        """The replacements, and every LayerNorm's report entry and the note, for the plan."""
+        report = self.report
         for fqn in self.plan.exact + self.approximate:
             module, spec, _ = planned[fqn]
             self.replacements[fqn] = build_fused(dataclasses.replace(spec, kind="rms"), module, (layer_norms[fqn],))
@@ -530,6 +575,14 @@ class _Conversion:
             report.note = "; ".join(note) + "."
         if probe_note:
             report.note = f"{probe_note}; {report.note}"
+        if self.recorded:
+            for fqn in layer_norms:
+                change = "exact" if fqn in self.plan.exact else "approximate" if fqn in self.approximate else None
+                why = f"as the checkpoint it was loaded from records ({change}), not measured here" if change else \
+                    "kept as LayerNorm (fused): the checkpoint it was loaded from did not convert it"
+                _update(report, fqn, reason=why)
+            report.note = (f"rebuilt from the record of the checkpoint it was loaded from (hf_rmsnorm.save_pretrained's block), "
+                           f"its stream writers as saved, neither measured nor verified here: {self.recorded}.")
         report.conversion = {"writers": self.plan.writers, "runtime_centring": self.plan.starts}
 
     def apply(self) -> list:
@@ -537,6 +590,13 @@ class _Conversion:
         if not self.plan or not self.replacements:
             return []
         hooks = add_start_hooks(self.model, self.plan.starts)
+        if self.recorded:  # the writers stay as loaded; keep_centered may only keep them so
+            for name in self.plan.writers:
+                module = self.model.get_submodule(name)
+                if self.keep_centered and not all(is_centred(getattr(module, p), d) for p, d in output_params(module).items()):
+                    raise ValueError(_KEEP_CENTERED_CONFLICT.format(name))
+                hooks += keep_centred(module, self.model, name) if self.keep_centered else []
+            return hooks
         for name in self.plan.writers:
             module = self.model.get_submodule(name)
             self.backups[name] = {p: getattr(module, p).detach().clone() for p in output_params(module)}
@@ -562,11 +622,7 @@ class _Conversion:
             off = [f"{name}.{p}" for name, saved in self.backups.items()
                    for p, dim in output_params(self.model.get_submodule(name)).items() if not is_centred(saved[p], dim)]
             if off and self.keep_centered:
-                raise ValueError(
-                    f"patch_model: keep_centered would centre {off[0]} (and {len(off) - 1} more), which the checkpoint this "
-                    "model was loaded from saved uncentred (fine-tuned converted without keep_centered): that changes the "
-                    "model. Patch it without keep_centered to run it as it was saved."
-                )
+                raise ValueError(_KEEP_CENTERED_CONFLICT.format(f"{off[0]} (and {len(off) - 1} more)"))
             if not self.keep_centered:
                 self.undo_centring()
             if off:
@@ -581,7 +637,7 @@ class _Conversion:
     def verify(self) -> None:
         """Outputs against the unconverted model's, and the centring of every converted
         norm's input, on the probe batch."""
-        if not self.plan or not self.replacements:
+        if not self.plan or not self.replacements or self.recorded:  # a record is no measurement: the note says so
             return
         was_training = self.model.training
         self.model.eval()

@@ -242,17 +242,17 @@ def patch_model(
         )
     replacements = {fqn: new for fqn, (_, _, new) in planned.items()}
     conversion = None
-    if target == "rmsnorm":
-        conversion = _Conversion(model, planned, report, probe_inputs, allow_approximate, keep_centered, strict)
-        replacements.update(conversion.replacements)
     saved = _saved_block(model)
+    if target == "rmsnorm":
+        conversion = _Conversion(model, planned, report, probe_inputs, allow_approximate, keep_centered, strict, saved)
+        replacements.update(conversion.replacements)
     if dry_run:
         if saved is not None and conversion is not None:
             report.note = (f"{report.note or ''} Loaded from a save of a patched model: the stream writers would keep their "
                            "saved values.").strip()
         return report
     if saved is not None and conversion is not None:
-        _check_saved_conversion(model, saved, report, len(conversion.replacements))
+        _check_saved_conversion(model, saved, report, len(conversion.replacements), allow_approximate)
     elif saved is not None and saved.get("converted_norms") and not saved.get("writers_centred"):
         warnings.warn(
             f"patch_model: {type(model).__name__} was loaded from a checkpoint saved from a patched model with "
@@ -291,7 +291,7 @@ def _saved_block(model: nn.Module) -> Optional[dict]:
     return block if isinstance(block, dict) and block.get("keep_writers") else None
 
 
-def _check_saved_conversion(model: nn.Module, saved: dict, report: PatchReport, converted: int) -> None:
+def _check_saved_conversion(model: nn.Module, saved: dict, report: PatchReport, converted: int, allow_approximate: bool) -> None:
     """A checkpoint saved from a patched model whose writers are not known to be centred (the
     model was fine-tuned converted without keep_centered, or nobody measured) is that model
     only with the same norms converted: refuse, changing nothing, where fewer or more are."""
@@ -303,7 +303,7 @@ def _check_saved_conversion(model: nn.Module, saved: dict, report: PatchReport, 
         # converting on disk is no way out here: it refuses writers that are not centred
         why = (why.split("; convert the checkpoint on disk")[0] + "; patch it where that copy fits, e.g. loaded on the "
                "CPU (device_map='cpu'), and move the patched model to its device afterwards")
-    if saved.get("allow_approximate") and not report.count("approximate"):
+    if saved.get("allow_approximate") and not allow_approximate:
         why = "it converted approximately: pass allow_approximate=True"
     elif saved.get("include") or saved.get("exclude"):
         why = f"it was patched with include={saved.get('include')}, exclude={saved.get('exclude')}: pass the same"
