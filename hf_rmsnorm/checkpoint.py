@@ -266,8 +266,9 @@ def convert_checkpoint(
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConversionError(f"cannot write to {parent}: it does not exist or is not writable.")
 
-    saved_patched = bool((source.config_dict.get("hf_rmsnorm") or {}).get("keep_writers"))
-    if not to_original and (source.config_dict.get("hf_rmsnorm") or {}).get("writers_centred") is False:
+    prior = source.config_dict.get(CONFIG_BLOCK)  # an earlier conversion's, or a patched model's save's
+    saved_patched = bool((prior or {}).get("keep_writers"))
+    if not to_original and (prior or {}).get("writers_centred") is False:
         raise ConversionError(
             f"{src} was fine-tuned converted without keep_centered (its hf_rmsnorm block says the stream writers are not "
             "centred): converting it again would change the model. Load it with hf_rmsnorm.from_pretrained."
@@ -276,7 +277,7 @@ def convert_checkpoint(
     prefix = meta_model.base_model_prefix
     expected = {relative_name(n, prefix): tuple(p.shape) for n, p in meta_model.state_dict().items()}
     if to_original:
-        block = source.config_dict.get("hf_rmsnorm")
+        block = prior
         if block is None:
             raise ConversionError(f"{src} is not an hf_rmsnorm conversion (its config.json has no hf_rmsnorm block).")
         writers, _ = _plan(source, meta_model, "rmsnorm", False)
@@ -358,7 +359,7 @@ def convert_checkpoint(
             (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
         config_dict = dict(source.config_dict)
-        config_dict.pop("hf_rmsnorm", None)
+        config_dict.pop(CONFIG_BLOCK, None)
         if DTYPES[dtype] is not None:
             config_dict["dtype"] = dtype
         if not to_original:
@@ -373,7 +374,7 @@ def convert_checkpoint(
 
         if verify and not to_original:
             block["verification"] = _verify(src, tmp, source, block)
-            config_dict["hf_rmsnorm"] = block
+            config_dict[CONFIG_BLOCK] = block
             (tmp / CONFIG).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
 
         if dst.exists():
@@ -466,7 +467,7 @@ def from_pretrained(path, model_class=None, probe_inputs=None, **kwargs):
     if not (path / CONFIG).is_file():
         raise _no_config(path)
     config_dict = json.loads((path / CONFIG).read_text())
-    block = config_dict.get("hf_rmsnorm")
+    block = config_dict.get(CONFIG_BLOCK)
     if block is None:
         raise ConversionError(f"{path} was not written by hf_rmsnorm (no hf_rmsnorm block in config.json); load it with transformers.")
     cls = model_class or architecture_class(config_dict.get("architectures"))

@@ -315,10 +315,13 @@ def float64_copy_shortfall(model: nn.Module) -> Optional[str]:
         if free is not None and size > free:
             return (
                 f"the exact conversion measures on a float64 copy of the model ({size / 2**30:.1f} GiB on {device}), "
-                f"more than the {free / 2**30:.1f} GiB free there; convert the checkpoint on disk instead "
-                "(scripts/convert_checkpoint.py, shard by shard), or patch where the copy fits"
+                f"more than the {free / 2**30:.1f} GiB free there"
             )
     return None
+
+
+# what to do about a shortfall, where the conversion is then not made
+_SHORTFALL_ADVICE = "; convert the checkpoint on disk instead (scripts/convert_checkpoint.py, shard by shard), or patch where the copy fits"
 
 
 def plan_conversion(model: nn.Module, layer_norms: dict[str, int], inputs: dict, specs: dict[str, NormSpec],
@@ -482,7 +485,8 @@ class _Conversion:
     def __init__(self, model, planned: dict, report, probe: Optional[dict], allow_approximate: bool, keep_centered: bool, strict: bool,
                  saved: Optional[dict] = None):
         self.model, self.report, self.strict, self.keep_centered = model, report, strict, keep_centered
-        self.recorded: Optional[str] = None  # why the plan is the saved record's, not measured
+        self.shortfall: Optional[str] = None  # why the float64 measurement cannot be made here
+        self.recorded = False  # the plan is then the saved record's, not measured
         self.replacements: dict[str, nn.Module] = {}
         self.backups: dict[str, dict] = {}
         layer_norms = {
@@ -498,13 +502,13 @@ class _Conversion:
         self.plan = None
         if not layer_norms:
             return
-        shortfall = float64_copy_shortfall(model)
-        recorded = _recorded_plan(model, saved, layer_norms, allow_approximate) if shortfall else None
-        if shortfall and recorded is None:  # refused up front: an out-of-memory kill would say nothing
-            return _not_converted(report, layer_norms, shortfall)
+        self.shortfall = float64_copy_shortfall(model)
+        recorded = _recorded_plan(model, saved, layer_norms, allow_approximate) if self.shortfall else None
+        if self.shortfall and recorded is None:  # refused up front: an out-of-memory kill would say nothing
+            return _not_converted(report, layer_norms, self.shortfall + _SHORTFALL_ADVICE)
         probe_note = None
         if recorded is not None:
-            (self.plan, self.approximate), self.recorded = recorded, shortfall
+            (self.plan, self.approximate), self.recorded = recorded, True
         else:
             probe_note = self._measure(model, planned, layer_norms, probe, allow_approximate)
             if self.plan is None:
@@ -542,6 +546,18 @@ class _Conversion:
         for fqn in self.plan.exact + self.approximate:
             module, spec, _ = planned[fqn]
             self.replacements[fqn] = build_fused(dataclasses.replace(spec, kind="rms"), module, (layer_norms[fqn],))
+        report.conversion = {"writers": self.plan.writers, "runtime_centring": self.plan.starts}
+        if self.recorded:
+            for fqn in layer_norms:
+                change = "exact" if fqn in self.plan.exact else "approximate" if fqn in self.approximate else None
+                if change:
+                    _update(report, fqn, change=change, new="FusedRMSNorm",
+                            reason=f"as the checkpoint it was loaded from records ({change}), not measured here")
+                else:
+                    _update(report, fqn, reason="kept as LayerNorm (fused): the checkpoint it was loaded from did not convert it")
+            report.note = (f"rebuilt from the record of the checkpoint it was loaded from (hf_rmsnorm.save_pretrained's block), "
+                           f"its stream writers as saved, neither measured nor verified here: {self.shortfall}.")
+            return
         for fqn in layer_norms:
             ratio = self.plan.centring.get(fqn, math.inf)
             if fqn in self.plan.exact:
@@ -575,15 +591,6 @@ class _Conversion:
             report.note = "; ".join(note) + "."
         if probe_note:
             report.note = f"{probe_note}; {report.note}"
-        if self.recorded:
-            for fqn in layer_norms:
-                change = "exact" if fqn in self.plan.exact else "approximate" if fqn in self.approximate else None
-                why = f"as the checkpoint it was loaded from records ({change}), not measured here" if change else \
-                    "kept as LayerNorm (fused): the checkpoint it was loaded from did not convert it"
-                _update(report, fqn, reason=why)
-            report.note = (f"rebuilt from the record of the checkpoint it was loaded from (hf_rmsnorm.save_pretrained's block), "
-                           f"its stream writers as saved, neither measured nor verified here: {self.recorded}.")
-        report.conversion = {"writers": self.plan.writers, "runtime_centring": self.plan.starts}
 
     def apply(self) -> list:
         """Centre the writers (keeping backups until verified) and hook the stream starts."""
@@ -591,11 +598,9 @@ class _Conversion:
             return []
         hooks = add_start_hooks(self.model, self.plan.starts)
         if self.recorded:  # the writers stay as loaded; keep_centered may only keep them so
-            for name in self.plan.writers:
-                module = self.model.get_submodule(name)
-                if self.keep_centered and not all(is_centred(getattr(module, p), d) for p, d in output_params(module).items()):
-                    raise ValueError(_KEEP_CENTERED_CONFLICT.format(name))
-                hooks += keep_centred(module, self.model, name) if self.keep_centered else []
+            if self.keep_centered:
+                self._uncentred({name: None for name in self.plan.writers})
+                hooks += [h for name in self.plan.writers for h in keep_centred(self.model.get_submodule(name), self.model, name)]
             return hooks
         for name in self.plan.writers:
             module = self.model.get_submodule(name)
@@ -604,6 +609,19 @@ class _Conversion:
             if self.keep_centered:
                 hooks += keep_centred(module, self.model, name)
         return hooks
+
+    def _uncentred(self, loaded: dict) -> list[str]:
+        """The writers' parameters that were loaded uncentred (``loaded``: {writer: {parameter:
+        its loaded value}}, or None where the module still holds it), as "writer.parameter";
+        with keep_centered, which would centre them and so change the model, refused."""
+        off = []
+        for name, values in loaded.items():
+            module = self.model.get_submodule(name)
+            off += [f"{name}.{p}" for p, dim in output_params(module).items()
+                    if not is_centred(values[p] if values is not None else getattr(module, p), dim)]
+        if off and self.keep_centered:
+            raise ValueError(_KEEP_CENTERED_CONFLICT.format(f"{off[0]} (and {len(off) - 1} more)"))
+        return off
 
     def undo_centring(self) -> None:
         with torch.no_grad():
@@ -619,10 +637,7 @@ class _Conversion:
         structure exact for the loaded weights, and the writers as loaded are what that model
         computed with, centred or (fine-tuned converted without keep_centered) not."""
         if writers_as_loaded and self.backups:
-            off = [f"{name}.{p}" for name, saved in self.backups.items()
-                   for p, dim in output_params(self.model.get_submodule(name)).items() if not is_centred(saved[p], dim)]
-            if off and self.keep_centered:
-                raise ValueError(_KEEP_CENTERED_CONFLICT.format(f"{off[0]} (and {len(off) - 1} more)"))
+            off = self._uncentred(self.backups)
             if not self.keep_centered:
                 self.undo_centring()
             if off:

@@ -252,7 +252,7 @@ def patch_model(
                            "saved values.").strip()
         return report
     if saved is not None and conversion is not None:
-        _check_saved_conversion(model, saved, report, len(conversion.replacements), allow_approximate)
+        _check_saved_conversion(model, saved, report, conversion, allow_approximate)
     elif saved is not None and saved.get("converted_norms") and not saved.get("writers_centred"):
         warnings.warn(
             f"patch_model: {type(model).__name__} was loaded from a checkpoint saved from a patched model with "
@@ -291,17 +291,17 @@ def _saved_block(model: nn.Module) -> Optional[dict]:
     return block if isinstance(block, dict) and block.get("keep_writers") else None
 
 
-def _check_saved_conversion(model: nn.Module, saved: dict, report: PatchReport, converted: int, allow_approximate: bool) -> None:
+def _check_saved_conversion(model: nn.Module, saved: dict, report: PatchReport, conversion: _Conversion, allow_approximate: bool) -> None:
     """A checkpoint saved from a patched model whose writers are not known to be centred (the
     model was fine-tuned converted without keep_centered, or nobody measured) is that model
     only with the same norms converted: refuse, changing nothing, where fewer or more are."""
-    expected = saved.get("converted_norms")
+    expected, converted = saved.get("converted_norms"), len(conversion.replacements)
     if expected is None or expected == converted or saved.get("writers_centred"):
         return
     why = next((e["reason"] for e in report if e["reason"].startswith("kept as LayerNorm")), "")
-    if "float64 copy" in why:
+    if conversion.shortfall and not conversion.recorded:
         # converting on disk is no way out here: it refuses writers that are not centred
-        why = (why.split("; convert the checkpoint on disk")[0] + "; patch it where that copy fits, e.g. loaded on the "
+        why = (f"kept as LayerNorm (fused): {conversion.shortfall}; patch it where that copy fits, e.g. loaded on the "
                "CPU (device_map='cpu'), and move the patched model to its device afterwards")
     if saved.get("allow_approximate") and not allow_approximate:
         why = "it converted approximately: pass allow_approximate=True"
