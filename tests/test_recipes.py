@@ -153,10 +153,11 @@ def test_bf16_gradient_accumulation_and_checkpointing_flags(env, tmp_path):
 
 
 def test_lora_trains_the_adapters_alone_and_keep_centered_follows_the_baseline(env, tmp_path):
-    """--lora-rank: adapters on every linear layer but the head train, nothing else. Put on
-    before patching, the writers' adapters are centred with them, so with --keep-centered the
-    converted model follows the baseline's eval curve, and both saved models (the adapters
-    merged) compute the same function, in plain transformers too."""
+    """--lora-rank: adapters on every linear layer but the head train, nothing else (the saved
+    baseline, its adapters merged, differs from the pretrained model in the adapted layers
+    alone). Put on before patching, the writers' adapters are centred with them, so with
+    --keep-centered the converted model follows the baseline's eval curve, and both saved
+    models compute the same function, in plain transformers too."""
     import hf_rmsnorm
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
@@ -167,7 +168,6 @@ def test_lora_trains_the_adapters_alone_and_keep_centered_follows_the_baseline(e
     assert "LoRA rank 4" in (tmp_path / "results.md").read_text()
     runs = {r["variant"]: r for r in _runs(tmp_path)}
     base, conv = runs["baseline"], runs["rmsnorm"]
-    assert base["metrics"]["eval_after_finetune"] < base["metrics"]["eval_before_conversion"]
     for a, b in zip(base["curve"], conv["curve"]):
         assert abs(a["eval_loss"] - b["eval_loss"]) <= 1e-5 * a["eval_loss"], (a, b)
     saved = tmp_path / "models" / "tiny-gpt2"
@@ -175,6 +175,13 @@ def test_lora_trains_the_adapters_alone_and_keep_centered_follows_the_baseline(e
     # rank 4 x (inputs + outputs) per adapted layer: GPT-2's linear layers are Conv1D, the head is not adapted
     adapted = [m.weight.shape for m in plain["baseline"].modules() if isinstance(m, Conv1D)]
     assert all(r["metrics"]["trainable_parameters"] == sum(4 * (i + o) for i, o in adapted) for r in runs.values())
+    # (a loss going down in 4 steps is no test of that: the eval loss of this tiny decoder,
+    # pretrained at run time on the interpreter's own docstrings, moved by +-2e-4 either way)
+    [pretrained] = Path(env["HF_RMSNORM_CACHE"]).glob("tiny-gpt2-bytes-*")
+    before = AutoModelForCausalLM.from_pretrained(pretrained).state_dict()
+    after = plain["baseline"].state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {f"{n}.weight" for n, m in plain["baseline"].named_modules() if isinstance(m, Conv1D)}, sorted(moved)
     assert json.loads((saved / "rmsnorm" / "config.json").read_text())["hf_rmsnorm"]["writers_centred"] is True
     ids = torch.tensor([[5, 17, 99, 3, 42, 8]])
     want = plain["baseline"](ids).logits
