@@ -350,6 +350,10 @@ def convert_checkpoint(
             )
             block["note"] = f"{block['note']}; {note}" if block.get("note") else note
             block["not_centred_on_disk"] = missing
+        if "runtime_centring" in block and not (to_original or saved_patched):
+            # the writers centred here, named as in the class built for the plan: what a load
+            # where the float64 measurement does not fit rebuilds the conversion from (patching/recorded.py)
+            block["stream_writers"] = [_absolute(meta_model, w) or w for w in writers]
         if len(shard_names) == 1 and shard_names[0] != SAFE_SINGLE:
             (tmp / shard_names[0]).rename(tmp / SAFE_SINGLE)
             weight_map = {k: SAFE_SINGLE for k in weight_map}
@@ -422,8 +426,8 @@ def _verify(src: Path, out: Path, source: _Source, block: dict) -> dict:
     """Load the input, the output run converted, and the output in plain transformers (only
     when the model fits in memory three times over) and compare their outputs on a probe
     batch, by STYLE.md's rule against the float64 input."""
-    from .patching.convert import EXACT_TOLERANCE, available_bytes, float64_default, to_float64_
-    from .patching.probe import ProbeError, compare_outputs, describe_error, float64_inputs, model_outputs, random_outputs, run_probe
+    from .patching.convert import available_bytes, float64_default, to_float64_
+    from .patching.probe import EXACT_TOLERANCE, ProbeError, compare_outputs, describe_error, float64_inputs, model_outputs, random_outputs, run_probe
 
     size = sum(s.stat().st_size for s in source.shards)
     if 3 * size > available_bytes(torch.device("cpu")):

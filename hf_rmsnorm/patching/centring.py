@@ -1,7 +1,8 @@
 """Centring the residual stream (convert.py's steps 2 and 3, DESIGN.md §2): which parameters
 make a stream writer's output (``output_params``), centring them once (``centre_writer_``),
 keeping them centred while the converted model trains (``keep_centred``, patch_model's
-``keep_centered``), and centring a stream's start at run time (``add_start_hooks``). Every hook
+``keep_centered``), centring a stream's start at run time (``add_start_hooks``), and measuring
+how centred a module's input is (``input_centring``). Every hook
 here is a module-level function, or a partial of one, so that a patched model pickles."""
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import functools
 
 import torch
 from torch import nn
+
+from .probe import model_outputs
 
 # ------------------------------------------------------------------------ writers' parameters
 
@@ -166,3 +169,34 @@ def _centre_first_input(module, args, kwargs):
 
 def add_start_hooks(model: nn.Module, starts: list[str]) -> list:
     return [model.get_submodule(s).register_forward_pre_hook(_centre_first_input, with_kwargs=True) for s in starts]
+
+
+# ------------------------------------------------------------------ measuring a stream's mean
+
+
+def centring_ratio(x: torch.Tensor) -> float:
+    """max |mean| / rms over the positions of x, in float64."""
+    x = x.detach().double()
+    return (x.mean(-1).abs() / x.pow(2).mean(-1).sqrt().clamp_min(1e-300)).max().item()
+
+
+def input_centring(model: nn.Module, names: list[str], inputs: dict, dtypes: dict | None = None) -> dict[str, float]:
+    """max |mean| / rms of each named module's input over the probe batch (and, into
+    ``dtypes`` when given, the dtype each input came in: its rounding bounds the ratio of a
+    stream that is centred in exact arithmetic)."""
+    ratios, handles = {}, []
+    for name in names:
+
+        def hook(mod, args, name=name):
+            ratios[name] = max(ratios.get(name, 0.0), centring_ratio(args[0]))
+            if dtypes is not None:
+                dtypes[name] = args[0].dtype
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model_outputs(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return ratios

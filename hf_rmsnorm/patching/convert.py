@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from ..ops import _cpu_kernel
-from .centring import _is_hidden, add_start_hooks, centre_writer_, is_centred, keep_centred, output_params
+from .centring import _is_hidden, add_start_hooks, centre_writer_, centring_ratio, input_centring, is_centred, keep_centred, output_params
 from .discovery import NormSpec, build_fused
-from .probe import ProbeError, compare_outputs, describe_error, float64_inputs, model_outputs, random_outputs, run_probe
+from .probe import EXACT_TOLERANCE, ProbeError, compare_outputs, describe_error, float64_inputs, model_outputs, random_outputs, run_probe
+from .recorded import Record, describe_centring, read_record, verify_centring
 
 # |mean| / rms of a norm's input at or below this (in float64) counts as centred
 _CENTRED_FP64 = 1e-6
@@ -44,13 +45,6 @@ _CENTRED_FP64 = 1e-6
 # weights: 5e-5..3e-3 for tiny ELECTRA / RoBERTa as initialised, 1e-9 for a BERT with its
 # q/k/v scaled by 1e-6. The final verification backs this up.
 _INVARIANT_FP64 = 1e-10
-# Verification (STYLE.md's rule): the converted model's error against the float64 original
-# must be within 2x the original's own error in its dtype, plus this (relative to the output).
-# The converted model pays one rounding more than the original: every centred weight is
-# rounded back to the model's dtype (2^-24 relative per weight in fp32, 2^-9 in bf16), which
-# the original's own error does not include; the atol covers it.
-EXACT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 5e-6, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-CENTRED_ATTR = "_hf_rmsnorm_centred_input"
 
 
 # ------------------------------------------------------------------------------------ writers
@@ -98,7 +92,7 @@ def _shifted_forward(model64: nn.Module, inputs: dict, outputs_of: list[str], in
         def hook(mod, args):
             if args and _is_hidden(args[0]):
                 read.append(args[0])
-                ratios[name] = max(ratios.get(name, 0.0), _centring_ratio(args[0]))
+                ratios[name] = max(ratios.get(name, 0.0), centring_ratio(args[0]))
 
         return hook
 
@@ -203,30 +197,6 @@ def block_lists(model: nn.Module) -> dict[str, str]:
     return chosen
 
 
-def _centring_ratio(x: torch.Tensor) -> float:
-    """max |mean| / rms over the positions of x, in float64."""
-    x = x.detach().double()
-    return (x.mean(-1).abs() / x.pow(2).mean(-1).sqrt().clamp_min(1e-300)).max().item()
-
-
-def input_centring(model: nn.Module, names: list[str], inputs: dict) -> dict[str, float]:
-    """max |mean| / rms of each named module's input over the probe batch."""
-    ratios, handles = {}, []
-    for name in names:
-
-        def hook(mod, args, name=name):
-            ratios[name] = max(ratios.get(name, 0.0), _centring_ratio(args[0]))
-
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model_outputs(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return ratios
-
-
 # ------------------------------------------------------------------------------------- plan
 
 
@@ -322,6 +292,8 @@ def float64_copy_shortfall(model: nn.Module) -> Optional[str]:
 
 # what to do about a shortfall, where the conversion is then not made
 _SHORTFALL_ADVICE = "; convert the checkpoint on disk instead (scripts/convert_checkpoint.py, shard by shard), or patch where the copy fits"
+# ... where the checkpoint's record of a conversion cannot serve instead
+_LOAD_ADVICE = "; patch it where the copy fits (e.g. loaded on the CPU), then move it to its device"
 
 
 def plan_conversion(model: nn.Module, layer_norms: dict[str, int], inputs: dict, specs: dict[str, NormSpec],
@@ -457,36 +429,17 @@ _KEEP_CENTERED_CONFLICT = ("patch_model: keep_centered would centre {}, which th
                            "keep_centered to run it as it was saved.")
 
 
-def _recorded_plan(model: nn.Module, saved: Optional[dict], layer_norms: dict, allow_approximate: bool):
-    """(plan, approximate names) from the record of a checkpoint saved from a patched model
-    (``hf_rmsnorm.save_pretrained``'s block: the modules it converted, its stream writers and
-    run-time centring), where every name is one of this model's; else None. A loaded copy runs
-    with what the saved model ran with, so where the float64 measurement cannot be made the
-    record serves instead (said as such in the report)."""
-    if not saved or not saved.get("keep_writers") or not {"modules", "stream_writers", "runtime_centring"} <= saved.keys():
-        return None
-    exact = [n for n, change in saved["modules"].items() if change == "exact"]
-    approximate = [n for n, change in saved["modules"].items() if change == "approximate"]
-    if (approximate and not allow_approximate) or not set(exact + approximate) <= set(layer_norms):
-        return None
-    try:
-        for name in (*saved["stream_writers"], *saved["runtime_centring"]):
-            model.get_submodule(name)
-    except AttributeError:
-        return None
-    return ConversionPlan(list(saved["stream_writers"]), list(saved["runtime_centring"]), {}, exact, {}), approximate
-
-
 class _Conversion:
     """The exact conversion of one model, in the order patch_model needs it: planned at
     construction (nothing changed), then ``apply`` (centre writers, start hooks), ``verify``
     (raise if not exact), ``finish``, and on failure ``undo_centring``."""
 
     def __init__(self, model, planned: dict, report, probe: Optional[dict], allow_approximate: bool, keep_centered: bool, strict: bool,
-                 saved: Optional[dict] = None):
-        self.model, self.report, self.strict, self.keep_centered = model, report, strict, keep_centered
+                 block: Optional[dict] = None):
+        self.model, self.report, self.strict, self.keep_centered, self.probe = model, report, strict, keep_centered, probe
         self.shortfall: Optional[str] = None  # why the float64 measurement cannot be made here
-        self.recorded = False  # the plan is then the saved record's, not measured
+        self.record: Optional[Record] = None  # the plan is then the checkpoint's record (block), not measured
+        self.off: list[str] = []  # the record's writers loaded uncentred
         self.replacements: dict[str, nn.Module] = {}
         self.backups: dict[str, dict] = {}
         layer_norms = {
@@ -503,17 +456,32 @@ class _Conversion:
         if not layer_norms:
             return
         self.shortfall = float64_copy_shortfall(model)
-        recorded = _recorded_plan(model, saved, layer_norms, allow_approximate) if self.shortfall else None
-        if self.shortfall and recorded is None:  # refused up front: an out-of-memory kill would say nothing
-            return _not_converted(report, layer_norms, self.shortfall + _SHORTFALL_ADVICE)
         probe_note = None
-        if recorded is not None:
-            (self.plan, self.approximate), self.recorded = recorded, True
+        if self.shortfall:  # refused up front unless the checkpoint's record serves: an out-of-memory kill would say nothing
+            self.record, why = read_record(model, block, layer_norms, allow_approximate)
+            if self.record is not None:
+                why = self._check_record()
+            if self.record is None or why:
+                return _not_converted(report, layer_norms, self.shortfall + (f"; {why}{_LOAD_ADVICE}" if why else _SHORTFALL_ADVICE))
+            r = self.record
+            self.plan, self.approximate = ConversionPlan(r.writers, r.starts, {}, r.exact, {}), r.approximate
         else:
             probe_note = self._measure(model, planned, layer_norms, probe, allow_approximate)
             if self.plan is None:
                 return
         self._describe(planned, layer_norms, probe_note)
+
+    def _check_record(self) -> str:
+        """Why the writers are not as the record leaves them ("" where they are): a conversion
+        on disk centred them, so weights off the centre changed since (a LayerNorm model
+        fine-tuned in plain transformers, which keeps the block) and are another model's. A
+        patched model's save may hold them uncentred (fine-tuned without keep_centered): that
+        is the model it saved, which the float64-free check below cannot verify."""
+        self.off = self._off_centre({w: None for w in self.record.writers if w not in self.record.centre_now})
+        if self.off and self.record.on_disk:
+            return (f"{self.off[0]} (and {len(self.off) - 1} more) is not centred as its conversion on disk left it: the "
+                    "weights changed since (fine-tuned as a LayerNorm model?), so that conversion's record no longer describes them")
+        return ""
 
     def _measure(self, model, planned, layer_norms, probe, allow_approximate) -> Optional[str]:
         """The plan measured on the probe batch (None where it cannot be: the report says why)."""
@@ -547,7 +515,7 @@ class _Conversion:
             module, spec, _ = planned[fqn]
             self.replacements[fqn] = build_fused(dataclasses.replace(spec, kind="rms"), module, (layer_norms[fqn],))
         report.conversion = {"writers": self.plan.writers, "runtime_centring": self.plan.starts}
-        if self.recorded:
+        if self.record is not None:
             for fqn in layer_norms:
                 change = "exact" if fqn in self.plan.exact else "approximate" if fqn in self.approximate else None
                 if change:
@@ -555,8 +523,15 @@ class _Conversion:
                             reason=f"as the checkpoint it was loaded from records ({change}), not measured here")
                 else:
                     _update(report, fqn, reason="kept as LayerNorm (fused): the checkpoint it was loaded from did not convert it")
-            report.note = (f"rebuilt from the record of the checkpoint it was loaded from (hf_rmsnorm.save_pretrained's block), "
-                           f"its stream writers as saved, neither measured nor verified here: {self.shortfall}.")
+            r, n = self.record, len(self.plan.writers)
+            if r.on_disk:
+                what = f"its conversion on disk (convert_checkpoint's block): {n - len(r.centre_now)} stream writers centred there"
+                what += f" and {len(r.centre_now)} here (stored in another layout on disk)" if r.centre_now else ""
+            else:
+                what = ("the checkpoint it was loaded from (hf_rmsnorm.save_pretrained's block): its stream writers as saved, "
+                        + ("not centred (fine-tuned without keep_centered)" if self.off else "centred"))
+            starts = f"; stream start centred at run time at: {', '.join(self.plan.starts)}" if self.plan.starts else ""
+            report.note = f"rebuilt from the record of {what}{starts}; not measured in float64 here: {self.shortfall}."
             return
         for fqn in layer_norms:
             ratio = self.plan.centring.get(fqn, math.inf)
@@ -597,31 +572,29 @@ class _Conversion:
         if not self.plan or not self.replacements:
             return []
         hooks = add_start_hooks(self.model, self.plan.starts)
-        if self.recorded:  # the writers stay as loaded; keep_centered may only keep them so
-            if self.keep_centered:
-                self._uncentred({name: None for name in self.plan.writers})
-                hooks += [h for name in self.plan.writers for h in keep_centred(self.model.get_submodule(name), self.model, name)]
-            return hooks
-        for name in self.plan.writers:
+        self._refuse_keep_centered(self.off)  # a record's writers stay as loaded; keep_centered may only keep them so
+        for name in self.plan.writers if self.record is None else self.record.centre_now:
             module = self.model.get_submodule(name)
             self.backups[name] = {p: getattr(module, p).detach().clone() for p in output_params(module)}
             centre_writer_(module)
-            if self.keep_centered:
-                hooks += keep_centred(module, self.model, name)
+        if self.keep_centered:
+            hooks += [h for name in self.plan.writers for h in keep_centred(self.model.get_submodule(name), self.model, name)]
         return hooks
 
-    def _uncentred(self, loaded: dict) -> list[str]:
+    def _off_centre(self, loaded: dict) -> list[str]:
         """The writers' parameters that were loaded uncentred (``loaded``: {writer: {parameter:
-        its loaded value}}, or None where the module still holds it), as "writer.parameter";
-        with keep_centered, which would centre them and so change the model, refused."""
+        its loaded value}}, or None where the module still holds it), as "writer.parameter"."""
         off = []
         for name, values in loaded.items():
             module = self.model.get_submodule(name)
             off += [f"{name}.{p}" for p, dim in output_params(module).items()
                     if not is_centred(values[p] if values is not None else getattr(module, p), dim)]
+        return off
+
+    def _refuse_keep_centered(self, off: list[str]) -> None:
+        """keep_centered would centre the writers ``off`` the centre, and so change the model."""
         if off and self.keep_centered:
             raise ValueError(_KEEP_CENTERED_CONFLICT.format(f"{off[0]} (and {len(off) - 1} more)"))
-        return off
 
     def undo_centring(self) -> None:
         with torch.no_grad():
@@ -637,7 +610,8 @@ class _Conversion:
         structure exact for the loaded weights, and the writers as loaded are what that model
         computed with, centred or (fine-tuned converted without keep_centered) not."""
         if writers_as_loaded and self.backups:
-            off = self._uncentred(self.backups)
+            off = self._off_centre(self.backups)
+            self._refuse_keep_centered(off)
             if not self.keep_centered:
                 self.undo_centring()
             if off:
@@ -652,8 +626,10 @@ class _Conversion:
     def verify(self) -> None:
         """Outputs against the unconverted model's, and the centring of every converted
         norm's input, on the probe batch."""
-        if not self.plan or not self.replacements or self.recorded:  # a record is no measurement: the note says so
+        if not self.plan or not self.replacements:
             return
+        if self.record is not None:
+            return self._verify_record()
         was_training = self.model.training
         self.model.eval()
         try:
@@ -698,3 +674,21 @@ class _Conversion:
             if self.strict:
                 raise RuntimeError(message + '; the model was restored. Use target="layernorm" or exclude=[...] for that module.')
             warnings.warn(message, stacklevel=3)
+
+    def _verify_record(self) -> None:
+        """A rebuilt record, checked in the model's own dtype (``verify_centring``) where its
+        writers are centred; with writers fine-tuned off the centre, the norms read the
+        uncentred stream they were trained on, and nothing here can check it."""
+        exact = [n for n in self.plan.exact if n in self.replacements]
+        found = verify_centring(self.model, exact, self.probe) if exact and not self.off else {}
+        failure, note = describe_centring(found, "its writers were fine-tuned off the centre" if self.off else "it converted approximately")
+        self.report.note += f" {note}"
+        if found:
+            self.report.verification = found
+        for fqn, r in found.get("input_centring", {}).items():
+            _update(self.report, fqn, reason=f"as the checkpoint it was loaded from records (exact); its input measured centred "
+                                             f"here (|mean|/rms {r:.0e} in {found['dtypes'][fqn]})")
+        if failure and self.strict:
+            raise RuntimeError(f"{failure}; the model was restored. Load it where the float64 copy fits to have it measured.")
+        if failure:
+            warnings.warn(failure, stacklevel=3)

@@ -242,9 +242,11 @@ def patch_model(
         )
     replacements = {fqn: new for fqn, (_, _, new) in planned.items()}
     conversion = None
-    saved = _saved_block(model)
+    block = getattr(getattr(model, "config", None), CONFIG_BLOCK, None)  # a checkpoint's record, which hf_rmsnorm wrote
+    saved = block if isinstance(block, dict) and block.get("keep_writers") else None  # ... saving a patched model
     if target == "rmsnorm":
-        conversion = _Conversion(model, planned, report, probe_inputs, allow_approximate, keep_centered, strict, saved)
+        conversion = _Conversion(model, planned, report, probe_inputs, allow_approximate, keep_centered, strict,
+                                 block if isinstance(block, dict) else None)
         replacements.update(conversion.replacements)
     if dry_run:
         if saved is not None and conversion is not None:
@@ -283,14 +285,6 @@ def patch_model(
     return report
 
 
-def _saved_block(model: nn.Module) -> Optional[dict]:
-    """The block of a checkpoint saved from a patched model, which ``model`` was loaded from
-    (its config carries it, ``keep_writers`` set; see ``_tag_config``): its stream writers are
-    what that model computed with, and the conversion keeps them as loaded."""
-    block = getattr(getattr(model, "config", None), CONFIG_BLOCK, None)
-    return block if isinstance(block, dict) and block.get("keep_writers") else None
-
-
 def _check_saved_conversion(model: nn.Module, saved: dict, report: PatchReport, conversion: _Conversion, allow_approximate: bool) -> None:
     """A checkpoint saved from a patched model whose writers are not known to be centred (the
     model was fine-tuned converted without keep_centered, or nobody measured) is that model
@@ -299,7 +293,7 @@ def _check_saved_conversion(model: nn.Module, saved: dict, report: PatchReport, 
     if expected is None or expected == converted or saved.get("writers_centred"):
         return
     why = next((e["reason"] for e in report if e["reason"].startswith("kept as LayerNorm")), "")
-    if conversion.shortfall and not conversion.recorded:
+    if conversion.shortfall and conversion.record is None:
         # converting on disk is no way out here: it refuses writers that are not centred
         why = (f"kept as LayerNorm (fused): {conversion.shortfall}; patch it where that copy fits, e.g. loaded on the "
                "CPU (device_map='cpu'), and move the patched model to its device afterwards")

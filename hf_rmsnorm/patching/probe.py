@@ -160,6 +160,13 @@ def float64_inputs(inputs: dict) -> dict:
             for k, v in inputs.items()}
 
 
+# Verification (STYLE.md's rule): the converted model's error against the float64 original
+# must be within 2x the original's own error in its dtype, plus this (relative to the output).
+# The converted model pays one rounding more than the original: every centred weight is
+# rounded back to the model's dtype (2^-24 relative per weight in fp32, 2^-9 in bf16), which
+# the original's own error does not include; the atol covers it.
+EXACT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 5e-6, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
 # the seed of every probe forward's random draws (``model_outputs``)
 PROBE_SEED = 0
 
