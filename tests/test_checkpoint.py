@@ -691,10 +691,11 @@ def test_a_record_that_no_longer_describes_the_weights_is_not_used(tmp_path, mon
 
 def test_a_record_is_read_by_the_names_of_the_class_that_loads_it(tmp_path, monkeypatch):
     """The record names the modules of the class it was written for (GPT2LMHeadModel's
-    ``transformer.h.0``); loaded as the base model (GPT2Model's ``h.0``) it is the same
-    conversion. Where the record names no writers (an older one; a model type outside the
-    architecture table, converted when loaded), the load says so instead of advising a
-    conversion on disk."""
+    ``transformer.h.0``); loaded as the base model (GPT2Model's ``h.0``), or wrapped by PEFT
+    (``base_model.model.transformer.h.0``), it is the same conversion. Where the record names
+    no writers (an older one; a model type outside the architecture table, converted when
+    loaded), the load says so instead of advising a conversion on disk."""
+    import peft
     from transformers import AutoModel
 
     src, out = tmp_path / "in", tmp_path / "out"
@@ -704,8 +705,58 @@ def test_a_record_is_read_by_the_names_of_the_class_that_loads_it(tmp_path, monk
     base = hf_rmsnorm.from_pretrained(out, model_class=AutoModel).eval()
     assert base.hf_rmsnorm_report.count("exact") == 5 and base.hf_rmsnorm_report.conversion["runtime_centring"] == ["h.0"]
     _close(run(base, inputs), run(model.transformer, inputs))
+    lora = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
+    wrapped = peft.get_peft_model(type(model).from_pretrained(out), lora).eval()
+    want = run(wrapped, inputs)
+    report = hf_rmsnorm.patch_model(wrapped)
+    assert report.count("exact") == 5 and "Verified on a probe batch" in report.note, report.note
+    assert report.conversion["runtime_centring"] == ["base_model.model.transformer.h.0"]
+    _close(run(wrapped, inputs), want)
     config = json.loads((out / "config.json").read_text())
     del config["hf_rmsnorm"]["stream_writers"]
     (out / "config.json").write_text(json.dumps(config))
     report = hf_rmsnorm.from_pretrained(out).hf_rmsnorm_report
     assert report.count("exact") == 0 and "its checkpoint's conversion on disk names no stream writers" in report.note, report.note
+
+
+def test_a_model_that_fits_in_memory_once_is_checked_as_it_will_load(tmp_path, monkeypatch, capsys):
+    """The check after writing compares IN and OUT where the model fits in memory three times
+    over. Where it fits once (a big model on a big CPU machine), OUT is loaded converted alone
+    and checked as it will be where it runs: here the float64 copy does not fit either, so the
+    record in the model's dtype. A record the weights do not bear out (its start centring lost)
+    fails the conversion with nothing left behind; a model that fits not even once is said
+    unverified."""
+    import hf_rmsnorm.checkpoint as checkpoint
+    import hf_rmsnorm.patching.convert as convert
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    model, inputs = _save("gpt2", src)
+    size = (src / "model.safetensors").stat().st_size
+    monkeypatch.setattr(convert, "available_bytes", lambda device: 2 * size)  # once, not thrice; float64 takes 2.25x
+    capsys.readouterr()
+    assert _cli(src, out) == 0
+    printed = capsys.readouterr()
+    block = json.loads((out / "config.json").read_text())["hf_rmsnorm"]
+    assert set(block["verification"]["loaded_converted"]["input_centring"]) == set(block["modules"])  # all five exact
+    assert "rebuilt from the record" in block["verification"]["note"] and "Verified on a probe batch" in block["verification"]["note"]
+    assert "verification (the model loaded converted, not compared with the input): rebuilt" in printed.out
+    assert "NOT VERIFIED" not in printed.err
+
+    plan = checkpoint._plan
+
+    def without_start(*args):
+        writers, planned = plan(*args)
+        return writers, dict(planned, runtime_centring=[])
+
+    monkeypatch.setattr(checkpoint, "_plan", without_start)
+    assert _cli(src, tmp_path / "bad") == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after transformers' progress bars
+    assert err.startswith("hf-rmsnorm convert: verification failed: patch_model: the conversion its checkpoint records failed "
+                          "verification: transformer.h.0.ln_1's input"), err
+    assert not (tmp_path / "bad").exists()
+    _no_leftovers(tmp_path, tmp_path / "bad")
+    monkeypatch.setattr(checkpoint, "_plan", plan)
+    monkeypatch.setattr(convert, "available_bytes", lambda device: size)
+    assert _cli(src, tmp_path / "small") == 0
+    assert "NOT VERIFIED: the model (0.0 GiB) does not fit in memory" in capsys.readouterr().err
+    _close(run(hf_rmsnorm.from_pretrained(tmp_path / "small"), inputs), run(model, inputs))

@@ -33,18 +33,27 @@ class Record:
     on_disk: bool  # convert_checkpoint's record (writers centred on disk), not a patched model's save
 
 
-def resolve(model: nn.Module, name: str) -> Optional[str]:
-    """``name`` as one of the model's module names: as recorded, or relative to or under the
-    base model's prefix (a record names the modules of the class it was written with, e.g.
-    GPT2LMHeadModel's ``transformer.h.0.ln_1``, which a GPT2Model holds as ``h.0.ln_1``)."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    for candidate in dict.fromkeys((name, relative_name(name, prefix), f"{prefix}.{name}" if prefix else name)):
-        try:
-            model.get_submodule(candidate)
-            return candidate
-        except AttributeError:
-            continue
-    return None
+def resolver(model: nn.Module):
+    """A function giving a recorded module name as one of the model's: as recorded, else the
+    one module whose name ends with it, or with it relative to the base model. A record names
+    the modules of the class it was written with (GPT2LMHeadModel's ``transformer.h.0.ln_1``),
+    which a GPT2Model holds as ``h.0.ln_1``, a PeftModel as ``base_model.model.transformer...``
+    and a sentence-transformers model as ``0.auto_model.h.0.ln_1``. None where no single module
+    fits."""
+    names = [n for n, _ in model.named_modules() if n]
+    exact = set(names)
+    prefixes = {p for m in model.modules() if isinstance(p := getattr(m, "base_model_prefix", None), str) and p}
+
+    def resolve(name: str) -> Optional[str]:
+        if name in exact:
+            return name
+        for tail in dict.fromkeys((name, *(relative_name(name, p) for p in prefixes))):
+            found = [n for n in names if n == tail or n.endswith(f".{tail}")]
+            if len(found) == 1:
+                return found[0]
+        return None
+
+    return resolve
 
 
 def read_record(model: nn.Module, block: Optional[dict], layer_norms: dict, allow_approximate: bool) -> tuple[Optional[Record], str]:
@@ -67,9 +76,9 @@ def read_record(model: nn.Module, block: Optional[dict], layer_norms: dict, allo
         return None, "its checkpoint converted approximately: pass allow_approximate=True"
     on_disk = not block.get("keep_writers")
     later = list(block.get("not_centred_on_disk") or ()) if on_disk else []
-    names = {}
+    names, resolve = {}, resolver(model)
     for name in (*wanted["exact"], *wanted["approximate"], *block["stream_writers"], *later, *block["runtime_centring"]):
-        names[name] = resolve(model, name)
+        names[name] = resolve(name)
         if names[name] is None:
             return None, f"the conversion its checkpoint records names {name}, which this {type(model).__name__} does not have"
     unknown = [names[n] for n in (*wanted["exact"], *wanted["approximate"]) if names[n] not in layer_norms]
@@ -128,4 +137,4 @@ def describe_centring(found: dict, unchecked: str) -> tuple[Optional[str], str]:
                      if unreached else "") + ".")
 
 
-__all__ = ["Record", "describe_centring", "read_record", "resolve", "verify_centring"]
+__all__ = ["Record", "describe_centring", "read_record", "resolver", "verify_centring"]
