@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import importlib.util
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -40,8 +42,11 @@ VARIANTS = ("baseline", "layernorm", "rmsnorm")
 # ----------------------------------------------------------------------------------- data
 
 
-def load_texts(args) -> tuple[list[str], list[str]]:
-    """(train, eval) texts: the stdlib corpus, a `datasets` name, or local text/JSON files."""
+def load_texts(args) -> tuple[list[str], list[str], dict]:
+    """(train, eval) texts: the stdlib corpus, a `datasets` name, or local text/JSON files;
+    and what the results say of them. The offline corpus is the interpreter's own docstrings,
+    which differ between Python versions (and so does the tiny decoder pretrained on them): the
+    digest of the texts tells runs on the same data from runs on other data."""
     if args.dataset is None:
         texts = offline.stdlib_corpus()
     else:
@@ -60,7 +65,10 @@ def load_texts(args) -> tuple[list[str], list[str]]:
         texts = [t for t in ds[args.text_column] if isinstance(t, str) and len(t.strip()) >= 20]
     if len(texts) < 20:
         raise SystemExit(f"--dataset: only {len(texts)} usable texts; need at least 20")
-    return [t for i, t in enumerate(texts) if i % 10], [t for i, t in enumerate(texts) if not i % 10][: args.max_eval_texts]
+    train, evals = [t for i, t in enumerate(texts) if i % 10], [t for i, t in enumerate(texts) if not i % 10][: args.max_eval_texts]
+    source = args.dataset or f"the standard-library docstrings of Python {platform.python_version()}"
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    return train, evals, {"source": source, "texts": len(texts), "sha256": digest, "train_texts": len(train), "eval_texts": len(evals)}
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -155,7 +163,7 @@ def metric_name(task):
 # ------------------------------------------------------------------------------ training
 
 
-def training_function(config: dict, args) -> list[dict]:
+def training_function(config: dict, args) -> tuple[list[dict], dict]:
     accelerator = Accelerator(
         cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
     )
@@ -169,7 +177,7 @@ def training_function(config: dict, args) -> list[dict]:
             f"(distributed type {accelerator.distributed_type.value}): FSDP and DeepSpeed need GPUs. On CPUs use "
             "recipes/configs/cpu_2proc.yaml, or torchrun --nproc_per_node N recipes/finetune.py --cpu."
         )
-    train_texts, eval_texts = load_texts(args)
+    train_texts, eval_texts, data = load_texts(args)
     runs = []
     for spec in config["models"]:
         set_seed(args.seed)
@@ -187,7 +195,7 @@ def training_function(config: dict, args) -> list[dict]:
         for variant in config["variants"]:
             runs.append(_run_variant(accelerator, args, base, task, variant, train_set, eval_set, slug, spec, log))
             accelerator.free_memory()
-    return runs
+    return runs, data
 
 
 def _run_variant(accelerator, args, base, task, variant, train_set, eval_set, slug, spec, log) -> dict:
@@ -370,7 +378,7 @@ def save_model(accelerator, model, out_dir: Path) -> None:
 # -------------------------------------------------------------------------------- outputs
 
 
-def write_outputs(runs: list[dict], out: Path, accelerator_state: dict):
+def write_outputs(runs: list[dict], out: Path, accelerator_state: dict, data: dict):
     import datetime
 
     import transformers
@@ -382,6 +390,7 @@ def write_outputs(runs: list[dict], out: Path, accelerator_state: dict):
         "distributed_type": accelerator_state["distributed_type"],
         "mixed_precision": accelerator_state["mixed_precision"],
         "torch": torch.__version__, "transformers": transformers.__version__, "hf_rmsnorm": hf_rmsnorm.__version__,
+        "python": platform.python_version(), "data": data,
         "peak_memory": "torch.cuda.max_memory_allocated" if torch.cuda.is_available() and not accelerator_state["cpu"] else "process RSS (CPU)",
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -392,7 +401,8 @@ def write_outputs(runs: list[dict], out: Path, accelerator_state: dict):
     title += f", LoRA rank {runs[0]['lora_rank']} (only the adapters train)" if runs and runs[0]["lora_rank"] else ""
     lines = [
         title,
-        "", f"torch {env['torch']}, transformers {env['transformers']}, hf_rmsnorm {env['hf_rmsnorm']}; {env['date']}.", "",
+        "", f"torch {env['torch']}, transformers {env['transformers']}, hf_rmsnorm {env['hf_rmsnorm']}, Python {env['python']}; "
+        f"data: {data['source']}, {data['texts']} texts (sha256 {data['sha256']}); {env['date']}.", "",
         "| model | variant | metric | before conversion | after conversion | after fine-tune | recovery | tokens/s | step ms (median) | peak memory MiB | trained parameters |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -493,14 +503,14 @@ def main(argv=None):
     if args.dataset is None and models == list(OFFLINE_MODELS) and not args.allow_approximate:
         args.allow_approximate = True  # the offline encoder is post-LN: its rmsnorm variant is the approximate path
 
-    runs = training_function({"models": models, "variants": variants}, args)
+    runs, data = training_function({"models": models, "variants": variants}, args)
     from accelerate.state import AcceleratorState
 
     state = AcceleratorState()
     if state.is_main_process:
         accelerator_state = {"cpu": args.cpu or not torch.cuda.is_available(), "num_processes": state.num_processes,
                              "distributed_type": state.distributed_type.value, "mixed_precision": str(state.mixed_precision)}
-        table = write_outputs(runs, Path(args.output_dir), accelerator_state)
+        table = write_outputs(runs, Path(args.output_dir), accelerator_state, data)
         print(table)
         print(f"\nwrote {args.output_dir}/results.json, results.md, results.png")
 

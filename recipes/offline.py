@@ -35,6 +35,11 @@ def stdlib_corpus(min_chars: int = 40) -> list[str]:
         except ImportError:
             continue
         objects = [module] + [getattr(module, a) for a in sorted(dir(module)) if not a.startswith("_")]
+        # only what the module itself defines: a package's submodules are its attributes once
+        # something has imported them, and a host may replace a function (pytest replaces
+        # threading.excepthook), so with those the corpus, and the decoder pretrained on it,
+        # would depend on what the process did before (the recipe's imports, a test runner's)
+        objects = [obj for obj in objects if obj is module or getattr(obj, "__module__", None) == module.__name__]
         for obj in objects:
             doc = inspect.getdoc(obj) if callable(obj) or inspect.ismodule(obj) else None
             if not doc:

@@ -2,9 +2,11 @@
 kill-and-resume, the exact variant's equality and the approximate one's recovery, and bad
 input failing before any training."""
 
+import hashlib
 import json
 import math
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -63,6 +65,16 @@ def test_offline_default_writes_all_outputs_with_finite_numbers(env, tmp_path):
     assert math.isfinite(approx["metrics"]["recovery"])
     assert (tmp_path / "results.md").read_text().count("| offline:") == 6
     assert (tmp_path / "results.png").stat().st_size > 10_000
+    # the offline corpus is this interpreter's docstrings: the results say which, and which texts
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import offline
+
+    texts = offline.stdlib_corpus()
+    data = json.loads((tmp_path / "results.json").read_text())["environment"]["data"]
+    assert data == {"source": f"the standard-library docstrings of Python {platform.python_version()}", "texts": len(texts),
+                    "sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16], "train_texts": len(texts) - (len(texts) + 9) // 10,
+                    "eval_texts": 16}
+    assert f"{len(texts)} texts (sha256 {data['sha256']})" in (tmp_path / "results.md").read_text()
     # the fine-tuned converted model reloads with its conversion, as trained: without
     # --keep-centered its writers left the centre, and they are kept as saved
     saved = tmp_path / "models" / "tiny-gpt2" / "rmsnorm"
