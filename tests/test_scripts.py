@@ -628,17 +628,19 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_the_tables(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the dry run would time the real kernels")
     out = tmp_path / "gpu"
+    # tune left out: the quick sweep is test_tune_kernels_quick_sweeps_around_the_shipped_configuration's,
+    # at one shape either way, and took 4 of this test's 6.5 minutes on a slow 2-core machine
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OUT": str(out),
-           "STEPS": "tests,bench,training,mixed,fp32,tune,trainprof,direct,cpp,cppkernels,gated,gemmprobe,generate", "PYTHON": sys.executable}
+           "STEPS": "tests,bench,training,mixed,fp32,trainprof,direct,cpp,cppkernels,gated,gemmprobe,generate", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--quick"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=900, env=env)
+                          cwd=ROOT, timeout=1800, env=env)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-2000:])
     steps = (out / "steps.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in steps] == [
-        f"== {s}" for s in ("tests", "bench", "training", "mixed", "fp32", "tune", "trainprof", "direct", "cpp", "cppkernels",
+        f"== {s}" for s in ("tests", "bench", "training", "mixed", "fp32", "trainprof", "direct", "cpp", "cppkernels",
                              "gated", "gemmprobe", "generate")]
     assert all(": exit 0 in" in line for line in steps), steps
-    for name in ("kernels_bf16", "kernels_bf16_fp32w", "kernels_fp32", "training", "tuning", "trainprof/training", "direct/training",
+    for name in ("kernels_bf16", "kernels_bf16_fp32w", "kernels_fp32", "training", "trainprof/training", "direct/training",
                  "cpp/training", "cpp/kernels_cpp", "kernels_gated", "generate/generation",
                  "gemm_probe/gemm_probe"):
         assert (out / f"{name}.json").is_file() and (out / f"{name}.md").is_file(), name
