@@ -49,3 +49,16 @@ def test_readme_cpu_table_is_the_committed_cpu_run():
             shape, mode = column.split(" ")
             expected = " / ".join(ratios[(case, dtype, shape, mode.rstrip("."))] for dtype in ("fp32", "bf16"))
             assert cell == expected, (case, column)
+
+
+def test_recipe_readme_tables_are_the_committed_runs():
+    """recipes/README.md shows each committed run's table whole: its title, its versions and
+    data line, and its rows, as the run's results.md has them."""
+    readme = (ROOT / "recipes" / "README.md").read_text()
+    runs = sorted((ROOT / "recipes" / "results").glob("*/results.md"))
+    assert runs
+    for md in runs:
+        title, _, versions, _, *table = md.read_text().splitlines()
+        shown = readme.index(title.replace("# ", "### ", 1))  # the README nests it one level down
+        assert readme[shown:].splitlines()[2] == versions, md
+        assert "\n".join(line for line in table if line.startswith("|")) in readme, md
