@@ -478,7 +478,10 @@ def from_pretrained(path, model_class=None, probe_inputs=None, **kwargs):
     a patched model (``keep_writers``), the stream writers keep their saved values once the
     conversion is verified, so a model fine-tuned converted without keep_centered comes back
     as it trained; where that needs a conversion that cannot be made here, it raises rather
-    than load a different model. ``probe_inputs`` (one forward call's keyword arguments)
+    than load a different model. Where the model's float64 copy, which the conversion is
+    measured on, does not fit (a big model on a GPU), the conversion the block records is
+    rebuilt and checked in the model's own dtype instead (``patching/recorded.py``; the report
+    says so). ``probe_inputs`` (one forward call's keyword arguments)
     verify the conversion where the batch built from the config does not fit the model, as
     in ``patch_model``. Other keyword arguments go to ``from_pretrained``."""
     path = Path(path)
