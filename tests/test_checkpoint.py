@@ -705,6 +705,10 @@ def test_a_record_is_read_by_the_names_of_the_class_that_loads_it(tmp_path, monk
     base = hf_rmsnorm.from_pretrained(out, model_class=AutoModel).eval()
     assert base.hf_rmsnorm_report.count("exact") == 5 and base.hf_rmsnorm_report.conversion["runtime_centring"] == ["h.0"]
     _close(run(base, inputs), run(model.transformer, inputs))
+    part = type(model).from_pretrained(out).eval()  # a selection: the final norm left a LayerNorm, as it computes the same
+    report = hf_rmsnorm.patch_model(part, exclude="*.ln_f")
+    assert report.count("exact") == 4 and "Verified on a probe batch" in report.note, report
+    _close(run(part, inputs), run(model, inputs), model, inputs)
     lora = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
     wrapped = peft.get_peft_model(type(model).from_pretrained(out), lora).eval()
     want = run(wrapped, inputs)

@@ -81,12 +81,12 @@ def read_record(model: nn.Module, block: Optional[dict], layer_norms: dict, allo
         names[name] = resolve(name)
         if names[name] is None:
             return None, f"the conversion its checkpoint records names {name}, which this {type(model).__name__} does not have"
-    unknown = [names[n] for n in (*wanted["exact"], *wanted["approximate"]) if names[n] not in layer_norms]
-    if unknown:
-        return None, f"the conversion its checkpoint records converts {unknown[0]}, which is not one of the LayerNorms patched here"
+    # the norms patched here (include / exclude may leave some out: with the writers centred,
+    # a norm left a LayerNorm computes the same; with writers trained off the centre, patch.py
+    # refuses a count other than the saved one)
+    here = {change: [names[n] for n in wanted[change] if names[n] in layer_norms] for change in wanted}
     return Record(writers=[names[n] for n in (*block["stream_writers"], *later)], starts=[names[n] for n in block["runtime_centring"]],
-                  exact=[names[n] for n in wanted["exact"]], approximate=[names[n] for n in wanted["approximate"]],
-                  centre_now=[names[n] for n in later], on_disk=on_disk), ""
+                  exact=here["exact"], approximate=here["approximate"], centre_now=[names[n] for n in later], on_disk=on_disk), ""
 
 
 def verify_centring(model: nn.Module, names: list[str], probe: Optional[dict]) -> dict:
