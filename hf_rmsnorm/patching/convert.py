@@ -488,15 +488,13 @@ class _Conversion:
         report = self.report
         was_training = model.training
         model.eval()  # dropout would make the stream's mean random
-        # Nothing is changed yet when a probe fails. A batch the user gave that does not run is
-        # a mistake to report; one built here that does not fit, or a model that cannot run in
+        # Nothing is changed yet when a probe fails. A batch the user gave that does not run
+        # raises (run_probe); one built here that does not fit, or a model that cannot run in
         # float64, only means that the conversion cannot be verified, so it is not made.
         try:
             try:
                 self.inputs, self.before, probe_note = run_probe(model, probe)
             except ProbeError as exc:
-                if probe is not None:
-                    raise ValueError(f"patch_model: probe_inputs do not run through {type(model).__name__}: {exc}") from exc.__cause__
                 return _not_converted(report, layer_norms, str(exc))
             try:
                 specs = {fqn: planned[fqn][1] for fqn in layer_norms}

@@ -125,7 +125,9 @@ def run_probe(model: nn.Module, inputs: Optional[dict] = None) -> tuple[dict, di
     the batch ``probe_inputs`` builds or, when that one raises in a model that also takes text,
     the text alone: a vision-language model wants image tokens placed to match its images (and
     image sizes, grids), which no generic batch knows, while its text path runs on token ids.
-    Raises ProbeError with the model's own error."""
+    Raises ProbeError with the model's own error; ValueError where the batch was the caller's
+    (patch_model's ``probe_inputs``): a batch given that does not run is a mistake to report,
+    while one built here only means that nothing can be verified on it."""
     candidates = [inputs] if inputs is not None else []
     if inputs is None:
         try:
@@ -146,6 +148,8 @@ def run_probe(model: nn.Module, inputs: Optional[dict] = None) -> tuple[dict, di
             continue
         note = None if first is None else f"probed on {', '.join(batch)} alone: {_raised(candidates[0], first)}"
         return batch, outputs, note
+    if inputs is not None:
+        raise ValueError(f"patch_model: probe_inputs do not run through {type(model).__name__}: {_raised(inputs, first)}") from first
     raise ProbeError(_raised(candidates[0], first)) from first
 
 
