@@ -189,6 +189,14 @@ def backend(request, monkeypatch):
 
 
 @pytest.fixture
+def torch_backend(monkeypatch):
+    """The torch reference ops: for the conversion and checkpoint tests, which are about what a
+    model computes, not about the kernels (interpreted, their many small norms take minutes).
+    Used by the modules that need it throughout: ``pytestmark = pytest.mark.usefixtures("torch_backend")``."""
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+
+
+@pytest.fixture
 def gated_runs():
     """Runs of a gated-norm kernel during the test, forward and backward: Triton launches (the
     C++ launch operator's among them: it counts its forwards there, its backwards in its own

@@ -34,9 +34,7 @@ ATOL = {torch.float64: 1e-10, torch.float32: 5e-6, torch.bfloat16: 2e-2}
 TOLERANCE = ATOL  # for the raw-stream outputs, compared once centred
 
 
-@pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 def build(name, dtype=torch.float32):
