@@ -80,8 +80,10 @@ def test_a_conversion_on_disk_loads_converted_where_it_cannot_be_measured(name, 
     assert set(report.verification["input_centring"]) == exact and not report.verification["unreached"]
     assert all(r <= 5e-6 for r in report.verification["input_centring"].values()), report.verification
     _close(run(loaded, inputs), run(model, inputs), model, inputs)
-    if name == "phimoe":
-        assert block["not_centred_on_disk"] and "centred there and" in report.note
+    if name == "phimoe":  # transformers 5 holds the experts as 3-D parameters, saved per expert: centred at load;
+        # transformers 4 holds and saves an nn.Linear per expert: centred on disk
+        in_3d = any(p.dim() == 3 for n, p in model.named_parameters() if ".experts." in n)
+        assert bool(block.get("not_centred_on_disk")) == in_3d == ("centred there and" in report.note), (in_3d, block, report.note)
 
 
 def test_a_conversion_on_disk_loaded_in_bfloat16_where_it_cannot_be_measured(tmp_path, monkeypatch):
