@@ -210,3 +210,78 @@ def test_a_planted_non_centred_writer_in_a_random_forward_fails_verification(mon
     monkeypatch.setattr(convert, "plan_conversion", plan_missing_a_writer)
     with pytest.raises(RuntimeError, match="exact conversion failed verification.*hidden depend on random draws"):
         patch_model(model, probe_inputs=inputs)
+
+
+def _padded_batch(vocab, side):
+    """A tokenizer's padded batch: rows of 12, 9 and 5 tokens, padded on ``side``."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, vocab, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    for row, length in enumerate((12, 9, 5)):
+        pad = slice(0, 12 - length) if side == "left" else slice(length, 12)
+        mask[row, pad] = 0
+        ids[row, pad] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", ["bloom", "gpt_neox", "opt", "phi", "gpt2"])
+def test_a_padded_probe_batch_converts_as_an_unpadded_one(name, side):
+    """A tokenizer's padded batch as probe_inputs. With left padding a row's first queries see
+    only padding, and the float64 copy's attention (SDPA on the CPU) gives NaN there, which
+    spreads over the row: these models had been converted wrongly (outputs off by 0.6-11x their
+    size) while the report said exact. Now: the same changes and the same weights as with the
+    unpadded ids, the same outputs on the padded batch, and the function of the original: on
+    the ids all attended, within the verification's bound of a float64 run (a float64 run of the
+    padded batch itself is NaN, eager attention included)."""
+    model, _ = build_tiny(name)
+    randomize_for_conversion(model)
+    model.eval()
+    reference, twin = copy.deepcopy(model), copy.deepcopy(model)
+    probe = _padded_batch(model.config.vocab_size, side)
+    mask = probe["attention_mask"].clone()
+    ids = {"input_ids": probe["input_ids"]}
+    report = patch_model(model, probe_inputs=probe)
+    plain = patch_model(twin, probe_inputs=ids)
+    assert [e["change"] for e in report] == [e["change"] for e in plain] and report.count("exact") >= 3, str(report)
+    assert torch.equal(probe["attention_mask"], mask)  # the caller's batch as it was
+    assert "padding attended" in report.note
+    theirs = twin.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in model.state_dict().items())
+    out, same = run(model, probe), run(twin, probe)
+    assert all(torch.equal(out[k], same[k]) for k in same)
+    out, want, truth = run(model, ids), run(reference, ids), float64_truth(reference, ids)
+    for key in truth:
+        assert rel_err(out[key], truth[key]) <= 2 * rel_err(want[key], truth[key]) + ATOL[torch.float32], key
+
+
+def test_a_probe_batch_with_non_finite_float64_outputs_keeps_the_layernorms_and_says_why():
+    """NaN in the float64 truth would make every measurement pass (NaN compares false with
+    every bound): the model is left with its LayerNorms fused, and the report says why."""
+    model, inputs = build("gpt2")
+
+    def nan_in_float64(module, args, output):
+        return output * float("nan") if output[0].dtype == torch.float64 else output
+
+    model.transformer.h[1].mlp.register_forward_hook(nan_in_float64)
+    ref, state = run(model, inputs), copy.deepcopy(model.state_dict())
+    report = patch_model(model, probe_inputs=inputs)
+    assert report.count("exact") == 0 and report.count("fused") == 5, str(report)
+    assert all("outputs on the probe batch are not finite (logits" in e["reason"] for e in report), str(report)
+    _unchanged(model, state, inputs, ref)
+
+
+def test_a_non_finite_value_is_never_within_a_bound():
+    """The two measures every check of the conversion compares with a bound."""
+    from hf_rmsnorm.patching.centring import centring_ratio
+    from hf_rmsnorm.patching.discovery import _rel_err
+
+    x = torch.randn(4, 8, dtype=torch.float64)
+    nan = x.clone()
+    nan[1, 2] = float("nan")
+    inf = x.clone()
+    inf[2, 3] = float("inf")
+    assert _rel_err(x, x) == 0.0 and centring_ratio(x - x.mean(-1, keepdim=True)) < 1e-15
+    for bad in (nan, inf):
+        assert _rel_err(bad, x) == float("inf") and _rel_err(x, bad) == float("inf") and _rel_err(bad, bad) == float("inf")
+        assert centring_ratio(bad) == float("inf")

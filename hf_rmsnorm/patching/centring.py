@@ -8,6 +8,7 @@ here is a module-level function, or a partial of one, so that a patched model pi
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import nn
@@ -175,9 +176,11 @@ def add_start_hooks(model: nn.Module, starts: list[str]) -> list:
 
 
 def centring_ratio(x: torch.Tensor) -> float:
-    """max |mean| / rms over the positions of x, in float64."""
+    """max |mean| / rms over the positions of x, in float64; inf where x is not finite (NaN,
+    which ``max`` would pass over, says nothing about centring)."""
     x = x.detach().double()
-    return (x.mean(-1).abs() / x.pow(2).mean(-1).sqrt().clamp_min(1e-300)).max().item()
+    ratio = (x.mean(-1).abs() / x.pow(2).mean(-1).sqrt().clamp_min(1e-300)).max().item()
+    return math.inf if math.isnan(ratio) else ratio
 
 
 def input_centring(model: nn.Module, names: list[str], inputs: dict, dtypes: dict | None = None) -> dict[str, float]:

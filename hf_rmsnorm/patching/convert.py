@@ -313,6 +313,12 @@ def _measure(model: nn.Module, model64: nn.Module, layer_norms: dict[str, int], 
             truth = model_outputs(model64, inputs64)
     except Exception as exc:  # e.g. a kernel or a dtype the model hard-codes, float32 only
         raise ProbeError(f"the exact conversion measures on a float64 copy of the model, whose forward does not run in float64: {describe_error(exc)}") from exc
+    # NaN or inf in the truth would leave every measurement below without meaning
+    broken = [k for k, v in truth.items() if not bool(torch.isfinite(v).all())]
+    if broken:
+        raise ProbeError(f"the exact conversion measures on a float64 copy of the model, whose outputs on the probe batch are not "
+                         f"finite ({', '.join(broken[:3])}): nothing can be measured on them; pass probe_inputs on which the "
+                         "model gives finite outputs in float64")
     # The measurement below needs LayerNorms that are exactly blind to their input's mean,
     # in float64. Some HF ones compute in float32 inside (OLMo, Cohere) and would leave
     # float32 rounding in a writer's shift gradient, which then has to be told apart from a

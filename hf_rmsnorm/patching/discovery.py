@@ -271,11 +271,14 @@ def _randomised(module: nn.Module) -> nn.Module:
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor, centre: bool = False) -> float:
-    """max |got - want| / max |want|, in float64; ``centre`` first removes each row's mean."""
+    """max |got - want| / max |want|, in float64; ``centre`` first removes each row's mean. inf
+    where either is not finite: NaN would compare false with every bound (and ``max`` would pass
+    over it), an error no check may accept."""
     got, want = got.detach().double(), want.detach().double().to(got.device)
     if centre:
         got, want = got - got.mean(-1, keepdim=True), want - want.mean(-1, keepdim=True)
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+    err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+    return math.inf if math.isnan(err) else err
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):

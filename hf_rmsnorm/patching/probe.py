@@ -128,6 +128,9 @@ def run_probe(model: nn.Module, inputs: Optional[dict] = None) -> tuple[dict, di
     Raises ProbeError with the model's own error; ValueError where the batch was the caller's
     (patch_model's ``probe_inputs``): a batch given that does not run is a mistake to report,
     while one built here only means that nothing can be verified on it."""
+    padded = False
+    if inputs is not None:
+        inputs, padded = attended(inputs)
     candidates = [inputs] if inputs is not None else []
     if inputs is None:
         try:
@@ -147,10 +150,33 @@ def run_probe(model: nn.Module, inputs: Optional[dict] = None) -> tuple[dict, di
             first = first or exc
             continue
         note = None if first is None else f"probed on {', '.join(batch)} alone: {_raised(candidates[0], first)}"
+        if padded:
+            note = ("probed with the batch's padding attended (its attention masks set to ones: a row whose first "
+                    "positions see only padding gives NaN in float64 attention, and the centring holds at every position)")
         return batch, outputs, note
     if inputs is not None:
         raise ValueError(f"patch_model: probe_inputs do not run through {type(model).__name__}: {_raised(inputs, first)}") from first
     raise ProbeError(_raised(candidates[0], first)) from first
+
+
+def attended(inputs: dict) -> tuple[dict, bool]:
+    """(the batch with its padding attended, whether it had any): every 2-D attention mask
+    (``attention_mask``, ``decoder_attention_mask``, ..., in a sentence-transformers features
+    dict too) that masks a position becomes ones. With left padding a row's first queries see
+    only masked keys, and SDPA's float64 attention (on the CPU) returns NaN there, which the
+    next layer spreads over the row (a zero attention weight times NaN is NaN): the float64
+    measurement and its verification would then see nothing. A padded token is a token like
+    any other to the conversion, which centres the stream at every position."""
+    out, padded = {}, False
+    for key, value in inputs.items():
+        if isinstance(value, dict):
+            value, inner = attended(value)
+            padded = padded or inner
+        elif (key.endswith("attention_mask") and isinstance(value, torch.Tensor) and value.dim() == 2
+              and not bool(value.all())):
+            value, padded = torch.ones_like(value), True
+        out[key] = value
+    return out, padded
 
 
 def _raised(batch: dict, exc: BaseException) -> str:
