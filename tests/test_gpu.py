@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import FNS, cpp_launch_or_skip, direct_launch_agrees
 from hf_rmsnorm import FusedLayerNorm, FusedRMSNorm
 from hf_rmsnorm.ops import layer_norm, rms_norm
-from module_cases import CASES, export_and_check
+from module_cases import CASES, export_and_check, onnx_export_and_check
 from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_torch_same_dtype, second_order
 
 pytestmark = pytest.mark.gpu
@@ -584,3 +584,15 @@ def test_an_exported_module_on_cuda_holds_the_kernels_and_runs_with_and_without_
         pytest.skip("torch.export's programs serve both modes from torch 2.7 (torch.compiler.is_exporting)")
     exported = export_and_check(case, torch.bfloat16, "cuda")
     assert any(str(n.target).startswith("hf_rmsnorm.") for n in exported.graph.nodes if n.op == "call_function"), case
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize("case", ["rmsnorm", "layernorm", "gated, Mamba2's order in groups"])
+def test_a_module_exported_to_onnx_on_cuda_holds_standard_operators_only(case, dynamo, tmp_path):
+    """torch.onnx.export on CUDA, where eager calls and torch.export take the kernels: the
+    ONNX graph holds the torch composition, and ONNX Runtime computes the float64 definition
+    (tests/test_onnx.py has the CPU side, every case, the kernels interpreted; three cases here
+    keep gpu_check's test step inside its limit)."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed here (its wheels can travel in .whl/)")
+    pytest.importorskip("onnxscript", reason="onnxscript is not installed here (its wheels can travel in .whl/)")
+    onnx_export_and_check(case, dynamo, tmp_path / "module.onnx", "cuda")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -125,9 +126,42 @@ def kernel_tensors(*tensors: Optional[Tensor]) -> bool:
     """Whether the kernels may take ``tensors`` (None entries ignored): anything while
     torch.compile or torch.export traces (fake tensors; the kernels' custom op has a fake
     implementation), else plain tensors. An eager subclass goes the torch way: a DTensor (tensor
-    parallelism) splits torch's ops by sharding rules of its own, and has none for the kernels' op."""
+    parallelism) splits torch's ops by sharding rules of its own, and has none for the kernels' op.
+    Not while torch.onnx.export traces: ONNX has no operator for the kernels' custom op, so the
+    exported graph holds the torch composition (standard ONNX operators)."""
     # is_compiling first: torch 2.6's dynamo cannot trace the frozenset test (it breaks the graph)
-    return torch.compiler.is_compiling() or plain_tensors(*tensors)
+    if torch.compiler.is_compiling():
+        # dynamo folds is_dynamo_compiling to True, so it never traces the ONNX question (which it
+        # would answer False); torch.onnx.export's default exporter traces without dynamo
+        # (non-strict torch.export), where is_compiling is True as well
+        return torch.compiler.is_dynamo_compiling() or not onnx_exporting()
+    return plain_tensors(*tensors)
+
+
+def onnx_exporting() -> bool:
+    """Whether torch.onnx.export traces. torch.onnx is imported only when something uses it
+    (``import torch`` does not), and a process that has not imported it exports nothing to ONNX."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
+def torchscript_onnx_export() -> bool:
+    """Whether torch.onnx.export's TorchScript exporter (``dynamo=False``, which optimum and older
+    code use) traces: it records with torch.jit.trace, so it is asked only while a trace records
+    (one C call otherwise)."""
+    return _tracing_state() is not None and onnx_exporting()
+
+
+def records_kernels() -> Optional[bool]:
+    """For a call the kernels take: None in an eager call; while torch.compile, torch.export or
+    torch.jit.trace records, whether the kernels' custom op is what it records: not for
+    torch.onnx's TorchScript exporter (ONNX has no such operator; the torch composition then).
+    Its default exporter never gets here (``kernel_tensors`` turned it to the torch path)."""
+    if torch.compiler.is_compiling():
+        return True
+    if _tracing_state() is None:
+        return None
+    return not onnx_exporting()
 
 
 def plain_tensors(*tensors: Optional[Tensor]) -> bool:
@@ -242,11 +276,12 @@ exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 def hand_written_ok(*tensors: Optional[Tensor]) -> bool:
     """Whether the CPU torch path's hand-written pieces (the compiled kernel, the closed-form
     backward, work done in place) may serve a call on ``tensors`` (None entries ignored): not
-    under a transform or torch.export (``transformed``, ``exporting``), and on plain tensors. A
+    under a transform, torch.export or torch.onnx.export's TorchScript exporter (which would
+    record the compiled kernel's operator: ONNX has none), and on plain tensors. A
     subclass (DTensor, a wrapper) dispatches torch's ops by rules of its own, which cover the
     composition's ops but not every in-place one (DTensor has none for ``unsqueeze_``). Under
     torch.compile, yes: its fake tensors stand for plain ones, and it traces these pieces."""
-    if transformed() or exporting():
+    if transformed() or exporting() or torchscript_onnx_export():
         return False
     return torch.compiler.is_compiling() or plain_tensors(*tensors)
 
@@ -585,15 +620,19 @@ def normalize(
 
 def _dispatch(torch_impl, x, device_type, weight, bias, eps, offset, is_rms, cast_mode, autocasting):
     if not _use_triton(x, device_type, weight, bias):
-        if autocasting:
-            # The policy is decided above (or deliberately ignored by modules that replace code
-            # which autocast does not touch); none of torch_impl's ops may re-cast. The kernels
-            # need no such guard (autocast casts no custom op or autograd.Function input), and
-            # entering it costs ≈ 3 µs of host time per norm.
-            with torch.autocast(device_type, enabled=False):
-                return torch_impl(x, weight, bias, eps, offset, cast_mode)
-        return torch_impl(x, weight, bias, eps, offset, cast_mode)
+        return _torch_path(torch_impl, x, weight, bias, eps, offset, cast_mode, autocasting)
     return _run_kernels(torch_impl, x, weight, bias, float(eps), float(offset), is_rms, ROUNDING[cast_mode])
+
+
+def _torch_path(torch_impl, x, weight, bias, eps, offset, cast_mode, autocasting):
+    if autocasting:
+        # The policy is decided above (or deliberately ignored by modules that replace code
+        # which autocast does not touch); none of torch_impl's ops may re-cast. The kernels
+        # need no such guard (autocast casts no custom op or autograd.Function input), and
+        # entering it costs ≈ 3 µs of host time per norm.
+        with torch.autocast(x.device.type, enabled=False):
+            return torch_impl(x, weight, bias, eps, offset, cast_mode)
+    return torch_impl(x, weight, bias, eps, offset, cast_mode)
 
 
 def _run_kernels(torch_impl, x, weight, bias, eps: float, offset: float, is_rms: bool, rounding: int) -> Tensor:
@@ -609,11 +648,14 @@ def _run_kernels(torch_impl, x, weight, bias, eps: float, offset: float, is_rms:
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     args = (weight, bias, eps, offset, is_rms, rounding)
-    if torch.compiler.is_compiling() or _tracing_state() is not None:
+    recording = records_kernels()
+    if recording:
         # traceable and opaque to the compiler; it takes the rows as ``_rows`` lays them out.
         # Also what torch.jit.trace records: one operator its trace replays (the launchers, run
         # while it records, would see x's sizes as tensors, and no operator of theirs is recorded)
         return _norm_fwd_op(_rows(x), *args)[0].view(x.shape)
+    if recording is not None:  # torch.onnx's TorchScript exporter
+        return _torch_path(torch_impl, x, weight, bias, eps, offset, CAST_MODES[rounding], _autocasting(x.device.type))
     if _launchers is None:
         _import_launchers()
     if (_cuda_launch.ENABLED and (x.is_cuda or _cuda_launch.cpu_stub) and not _needs_function_apply(x, weight, bias)

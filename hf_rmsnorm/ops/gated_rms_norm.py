@@ -32,7 +32,8 @@ from torch import Tensor
 from . import _cpu_kernel
 from ._norm import (
     _C_APPLY, _KERNEL_DTYPES, _PLAIN_TENSORS, _apply_norm, _autocasting, _elsewhere, _memory, _needs_function_apply,
-    _rows, _tracing_state, _use_triton, cast, hand_written_ok, kernel_tensors, needs_grad, transforms_active, weight_plus_offset,
+    _rows, _tracing_state, _use_triton, cast, hand_written_ok, kernel_tensors, needs_grad, records_kernels, transforms_active,
+    weight_plus_offset,
 )
 
 ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
@@ -465,10 +466,11 @@ def dispatch(x: Tensor, gate: Optional[Tensor], weight: Optional[Tensor], eps: f
     """``gated_rms_norm`` past its argument checks, for a caller that has made them
     (``FusedGatedRMSNorm``: about 5 µs of host time a call, as much as a small kernel takes)."""
     size = group_size or x.shape[-1]
-    if x.shape[-1] and _kernels_take(x, gate, weight):
+    # (not under torch.onnx's TorchScript exporter, which records what runs: records_kernels False)
+    if x.shape[-1] and _kernels_take(x, gate, weight) and (recording := records_kernels()) is not False:
         args = (x, gate, weight, float(eps), float(offset), size, norm_before_gate, activation == "sigmoid",
                 cast_mode == "input")
-        if torch.compiler.is_compiling() or _tracing_state() is not None:
+        if recording:
             return _fwd_op(*args)[0]
         launchers = _launchers or _kernels()
         unwrap = _needs_function_apply(x, gate, weight)

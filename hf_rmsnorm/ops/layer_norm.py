@@ -15,7 +15,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._norm import affine_torch, cast, compute_dtype, normalize
+from ._norm import _tracing_state, affine_torch, cast, compute_dtype, normalize
 
 
 def torch_layer_norm_computes(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], offset: float,
@@ -38,12 +38,15 @@ def layer_norm_ref(
 ) -> Tensor:
     """Plain-torch LayerNorm with the kernels' semantics (see ``rms_norm_ref`` for the cast
     modes); ``cast_mode="float32"`` with ``offset=0`` is exactly ``F.layer_norm``."""
+    # The width as a constant while torch.jit.trace records: torch.onnx's TorchScript exporter
+    # needs layer_norm's shape constant, and a recorded x.shape[-1] is not where other dims vary
+    shape = (x.shape[-1],) if _tracing_state() is None else (int(x.shape[-1]),)
     if torch_layer_norm_computes(x, weight, bias, offset, cast_mode):
         # torch's kernel, fastest on the CPU. Not for fp32 parameters with half inputs: its
         # mixed-dtype CPU backward loses precision there (caught by tests/test_ops.py).
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        return F.layer_norm(x, shape, weight, bias, eps)
     xc = cast(x, compute_dtype(x))
-    n = F.layer_norm(xc, (x.shape[-1],), None, None, eps)
+    n = F.layer_norm(xc, shape, None, None, eps)
     return affine_torch(n, x.dtype, weight, bias, offset, cast_mode)
 
 

@@ -19,7 +19,7 @@ from . import _cpu_kernel
 from ._norm import (
     _PLAIN_TENSORS, ROUNDING, _tracing_state, affine_torch, backward_by_autograd, cast, compute_dtype, exporting, hand_written_ok,
     needs_grad, normalize, output_dtype, plain_tensors,
-    rounding_dtype, transforms_active, wanted_gradients_as_graph, weight_plus_offset,
+    rounding_dtype, torchscript_onnx_export, transforms_active, wanted_gradients_as_graph, weight_plus_offset,
 )
 
 
@@ -77,8 +77,10 @@ def _torch_rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     statistics and affine, one rounding). torch's composition adds eps in place, and DTensor
     refuses that where tensor parallelism shards the normalised dim (the mean is then a partial
     sum to reduce). Under torch.compile and torch.export, torch's own: tracing tensors are
-    subclasses too (is_compiling first: torch 2.6's dynamo cannot trace the type test)."""
-    if torch.compiler.is_compiling() or exporting() or plain_tensors(x, weight):
+    subclasses too (is_compiling first: torch 2.6's dynamo cannot trace the type test). The same
+    arithmetic for torch.onnx's TorchScript exporter, which has no ``aten::rms_norm`` (its opsets
+    stop at 20; ONNX's RMSNormalization is opset 23)."""
+    if torch.compiler.is_compiling() or exporting() or (plain_tensors(x, weight) and not torchscript_onnx_export()):
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xc = x.to(compute_dtype(x))
     # the mean as a sum over N: a sharded sum reduces with SUM, which every backend has
@@ -148,8 +150,10 @@ def _kernel_call_for_module(x: Tensor, weight: Optional[Tensor], bias: Optional[
     token the checks cost as much as the kernel. The parameters' device, length and contiguity
     (and x's being non-empty) are left to the operator, which checks them on every call
     (``_cpu_rms_norm_op.cpp``) and raises where they do not hold; the module then goes its
-    general way, which checks them all and says what was wrong or runs torch ops."""
-    if not x.is_cpu or torch.compiler.is_compiling() or transforms_active():
+    general way, which checks them all and says what was wrong or runs torch ops. Not for
+    torch.onnx.export's TorchScript exporter, which records what runs (ONNX has no operator for
+    the kernel's): ``rms_norm_ref`` gives it the composition."""
+    if not x.is_cpu or torch.compiler.is_compiling() or transforms_active() or torchscript_onnx_export():
         return None
     flags = _flags_of(x, weight, bias, cast_mode)
     if (flags is None or type(x) not in _PLAIN_TENSORS or (weight is not None and type(weight) not in _PLAIN_TENSORS)
