@@ -520,3 +520,28 @@ def test_a_model_where_no_linear_writes_the_stream_keeps_its_layernorms(pooled):
     assert all(e["change"] == "fused" and "not centred" in e["reason"] for e in report), str(report)
     for k, got in run(model, inputs).items():
         torch.testing.assert_close(got, ref[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("name", ["gpt2", "bloom"])
+def test_patching_without_gradients_converts_as_with_them(name, mode):
+    """patch_model called under torch.no_grad() or torch.inference_mode(), the probe batch made
+    there too (as in an inference script; ids made in inference mode are inference tensors, which
+    autograd may not save): the measurement differentiates the float64 copy, and
+    had found no writer there, converting nothing with "post-LN?" as the reason. Now the same
+    changes and weights as patched with gradients, the original's function against float64, and
+    a model that still trains."""
+    model, inputs = build(name)
+    twin, reference = copy.deepcopy(model), copy.deepcopy(model)
+    with getattr(torch, mode)():
+        report = patch_model(model, probe_inputs={k: v.clone() for k, v in inputs.items()})
+    usual = patch_model(twin, probe_inputs=inputs)
+    assert report.count("exact") == PRE_LN[name] and [e["change"] for e in report] == [e["change"] for e in usual], str(report)
+    theirs = twin.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in model.state_dict().items())
+    out, want, truth = run(model, inputs), run(reference, inputs), float64_truth(reference, inputs)
+    for key in truth:
+        assert rel_err(out[key], truth[key]) <= 2 * rel_err(want[key], truth[key]) + ATOL[torch.float32], key
+    model.train()
+    model(**inputs).logits.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
