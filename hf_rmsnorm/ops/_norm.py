@@ -139,8 +139,7 @@ def kernel_tensors(*tensors: Optional[Tensor]) -> bool:
 
 
 def onnx_exporting() -> bool:
-    """Whether torch.onnx.export traces. torch.onnx is imported only when something uses it
-    (``import torch`` does not), and a process that has not imported it exports nothing to ONNX."""
+    """Whether torch.onnx.export traces (a process that never imported torch.onnx does not)."""
     onnx = sys.modules.get("torch.onnx")
     return onnx is not None and onnx.is_in_onnx_export()
 

@@ -301,10 +301,8 @@ def plan_conversion(model: nn.Module, layer_norms: dict[str, int], inputs: dict,
     """Measure, on a float64 copy of ``model``, which of ``layer_norms`` ({name: width}, each
     computing what ``specs[name]`` says) read a stream that centring its writers (and its
     start) makes zero-mean. With ``only_for_exact``, the plan centres only the writers and
-    starts that those norms read (the rest would change nothing but the raw stream). The
-    measurement differentiates the copy's outputs, so it runs with gradients whatever the
-    caller's mode: patched under ``torch.no_grad()`` or ``torch.inference_mode()``, it had
-    measured no writer and converted nothing, saying the model looked post-LN."""
+    starts that those norms read (the rest would change nothing but the raw stream). It
+    differentiates the copy, so with gradients in any caller's mode (``torch.no_grad()``, ...)."""
     with float64_default(), torch.inference_mode(False), torch.enable_grad():
         return _measure(model, float64_copy(model), layer_norms, float64_inputs(inputs), specs, only_for_exact)
 
