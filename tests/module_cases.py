@@ -121,21 +121,26 @@ def onnx_export_and_check(case, dynamo: bool, path, device="cpu"):
     """Export the case's module (fp32, in a ``Calling``) on ``device`` with torch.onnx (its
     default exporter, or with ``dynamo=False`` its TorchScript one), at one shape with the leading
     dims dynamic; run the file in ONNX Runtime (CPU) at another shape and check it against the
-    float64 definition. Also asserts that every node is one of ONNX's standard operators (ONNX
-    has none for the kernels' custom op)."""
-    import onnx
-    import onnxruntime
-
+    float64 definition (``onnx_session`` asserts ONNX's standard operators only)."""
     module = Calling(make(case, torch.float32).to(device)).eval()
     x, gate, _ = (t.to(device) for t in inputs(torch.float32))
     rows = {0: "batch", 1: "sequence"}
     torch.onnx.export(module, (x, gate), str(path), input_names=["x", "gate"], dynamic_axes={"x": rows, "gate": rows},
                       dynamo=dynamo, verbose=False)
-    foreign = {f"{n.domain}::{n.op_type}" for n in onnx.load(str(path)).graph.node if n.domain not in ("", "ai.onnx")}
-    assert not foreign, f"{case}: operators outside ONNX's standard set: {sorted(foreign)}"
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnx_session(path)
     x, gate, _ = inputs(torch.float32, seed=2, rows=(2, 7))
     (got,) = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (x, gate))})
     params = {k.removeprefix("norm."): v.detach().cpu().double() for k, v in module.named_parameters()}
     want = CASES[case][1](x.double(), gate.double(), params)
     torch.testing.assert_close(torch.from_numpy(got).double(), want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{case}: {m}")
+
+
+def onnx_session(path):
+    """The ONNX file at ``path`` in an ONNX Runtime session (CPU), after asserting that every
+    node is one of ONNX's standard operators (ONNX has none for the kernels' custom op)."""
+    import onnx
+    import onnxruntime
+
+    foreign = {f"{n.domain}::{n.op_type}" for n in onnx.load(str(path)).graph.node if n.domain not in ("", "ai.onnx")}
+    assert not foreign, f"{path.name}: operators outside ONNX's standard set: {sorted(foreign)}"
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
