@@ -135,6 +135,24 @@ def onnx_export_and_check(case, dynamo: bool, path, device="cpu"):
     torch.testing.assert_close(torch.from_numpy(got).double(), want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{case}: {m}")
 
 
+def aoti_package_and_check(case, path, device="cpu"):
+    """Export the case's module (fp32, in a ``Calling``) on ``device`` with its leading dims
+    dynamic, compile the program to an AOTInductor package at ``path``, and run the package at
+    another shape against the float64 definition. Returns the ExportedProgram and the package's
+    inputs and float64 outputs (for a run elsewhere)."""
+    module = Calling(make(case, torch.float32).to(device)).eval()
+    x, gate, _ = (t.to(device) for t in inputs(torch.float32))
+    dims = {0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("sequence", min=2, max=64)}
+    program = torch.export.export(module, (x, gate), dynamic_shapes=(dims, dims))
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    x, gate, _ = (t.to(device) for t in inputs(torch.float32, seed=2, rows=(2, 7)))
+    params = {k.removeprefix("norm."): v.detach().cpu().double() for k, v in module.named_parameters()}
+    want = CASES[case][1](x.cpu().double(), gate.cpu().double(), params)
+    got = torch._inductor.aoti_load_package(str(path))(x, gate)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{case}: {m}")
+    return program, (x, gate), want
+
+
 def onnx_session(path):
     """The ONNX file at ``path`` in an ONNX Runtime session (CPU), after asserting that every
     node is one of ONNX's standard operators (ONNX has none for the kernels' custom op)."""

@@ -49,3 +49,41 @@ def test_an_exported_patched_gpt2_trains_as_the_unpatched_model(target):
                                    msg=lambda m: f"{target}, {name}: {m}")
     with torch.no_grad():
         torch.testing.assert_close(program(**inputs).logits, logits.detach(), rtol=0, atol=0)
+
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["compiled", "triton"], indirect=True)
+def test_an_aoti_package_of_a_fused_module_computes_its_function(backend, tmp_path, launches):
+    """Deployment through AOTInductor (torch.export, then ``aoti_compile_and_package``): the
+    RMSNorm an exact conversion makes, exported with dynamic leading dims and compiled to a
+    package, gives float64's numbers at another shape. Where the kernels serve (the interpreter
+    here, as CUDA tensors) the program holds their custom op, which the package calls back into
+    this process for (the kernel runs); on the CPU it holds torch's ops alone, so the package
+    runs in a process that never imports hf_rmsnorm. (A module, not a patched model: the model's
+    export is checked above, and each package costs a C++ compile.)"""
+    import subprocess
+    import sys
+
+    from hf_rmsnorm.ops import _cpu_kernel
+    from module_cases import aoti_package_and_check
+
+    if _cpu_kernel._compiler() is None:
+        pytest.skip("AOTInductor compiles C++: no compiler here")
+    before = launches()
+    program, (x, gate), want = aoti_package_and_check("rmsnorm+bias (exact conversion)", tmp_path / "norm.pt2")
+    held = {str(node.target) for node in program.graph.nodes if "hf_rmsnorm" in str(node.target)}
+    assert held == ({"hf_rmsnorm.norm_fwd.default"} if backend == "triton" else set())
+    assert launches() - before == (1 if backend == "triton" else 0)  # the package's call (export traces fakes)
+    if backend == "triton":
+        return
+    torch.save((x, gate), tmp_path / "inputs.pt")
+    child = ("import sys, torch\n"
+             "y = torch._inductor.aoti_load_package(sys.argv[1])(*torch.load(sys.argv[2]))\n"
+             "assert 'hf_rmsnorm' not in sys.modules\n"
+             "torch.save(y, sys.argv[3])\n")
+    proc = subprocess.run([sys.executable, "-c", child, str(tmp_path / "norm.pt2"), str(tmp_path / "inputs.pt"),
+                           str(tmp_path / "y.pt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt").double(), want, rtol=1e-4, atol=1e-5)

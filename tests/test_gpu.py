@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import FNS, cpp_launch_or_skip, direct_launch_agrees
 from hf_rmsnorm import FusedLayerNorm, FusedRMSNorm
 from hf_rmsnorm.ops import layer_norm, rms_norm
-from module_cases import CASES, export_and_check, onnx_export_and_check
+from module_cases import CASES, aoti_package_and_check, export_and_check, onnx_export_and_check
 from reference import assert_close_to_fp64, fwd_bwd, norm_fp64, norm_torch_same_dtype, second_order
 
 pytestmark = pytest.mark.gpu
@@ -584,6 +584,17 @@ def test_an_exported_module_on_cuda_holds_the_kernels_and_runs_with_and_without_
         pytest.skip("torch.export's programs serve both modes from torch 2.7 (torch.compiler.is_exporting)")
     exported = export_and_check(case, torch.bfloat16, "cuda")
     assert any(str(n.target).startswith("hf_rmsnorm.") for n in exported.graph.nodes if n.op == "call_function"), case
+
+
+def test_an_aoti_package_on_cuda_calls_the_kernels_and_computes_the_function(tmp_path):
+    """AOTInductor on CUDA (torch.export, then ``aoti_compile_and_package``): the program holds the
+    kernels' custom op, the package calls back into this process for it, and at another shape
+    gives float64's numbers (tests/test_export.py has the CPU side). One case: each package is a
+    C++ compile, and gpu_check's test step has a limit."""
+    if not hasattr(torch.compiler, "is_exporting"):
+        pytest.skip("torch.export's programs serve both modes from torch 2.7 (torch.compiler.is_exporting)")
+    program, _, _ = aoti_package_and_check("rmsnorm+bias (exact conversion)", tmp_path / "norm.pt2", "cuda")
+    assert {str(n.target) for n in program.graph.nodes if "hf_rmsnorm" in str(n.target)} == {"hf_rmsnorm.norm_fwd.default"}
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
