@@ -255,6 +255,14 @@ def convert_checkpoint(
         raise ConversionError("--allow-approximate only applies to --target rmsnorm.")
     shard_limit = _parse_size(max_shard_size)
     source = _read_source(src, allow_pickle, trust_remote_code)
+    quantization = source.config_dict.get("quantization_config")
+    if quantization:  # its shards hold integer codes and their scales, not the weights the plan centres
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+        raise ConversionError(
+            f"{src} is a quantized checkpoint (config.json's quantization_config, quant_method {method}): its weights are stored "
+            "quantized, which no centring changes exactly, so it cannot be converted. The full-precision checkpoint converts (to "
+            "run unquantized); a quantized model's norms are fused as they are by patch_model, which keeps its LayerNorms, saying why."
+        )
     if dst.resolve() == src.resolve():
         raise ConversionError("OUT is IN: write the conversion to a new directory.")
     if src.resolve().is_relative_to(dst.resolve()):

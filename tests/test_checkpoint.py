@@ -222,12 +222,20 @@ def _no_config(src):
     (src / "config.json").unlink()
 
 
+def _quantized(src):
+    """As a quantized model's save_pretrained writes it (bitsandbytes, ...): its config says so."""
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (src / "config.json").write_text(json.dumps(config))
+
+
 BAD = [
     ("missing input", lambda src: src.rename(src.with_name("gone")), "no such directory"),
     ("no config.json", _no_config, "has no config.json"),
     ("unknown model type", _unknown_type, "config.json"),
     ("truncated shard", _truncate, "corrupt or truncated"),
     ("mismatched shapes", _wrong_shape, "but the config implies"),
+    ("quantized checkpoint", _quantized, "is a quantized checkpoint (config.json's quantization_config, quant_method bitsandbytes)"),
 ]
 
 

@@ -18,12 +18,34 @@ from .probe import model_outputs
 # ------------------------------------------------------------------------ writers' parameters
 
 
+def stored_quantized(module: nn.Module) -> bool:
+    """Whether a module keeps its weight quantized, in integers (bitsandbytes' 8-bit layers:
+    int8; its 4-bit ones: two values packed in each uint8). Centring cannot change such a weight
+    exactly (C W, rounded again to the levels of each row's or block's scale, is not centred),
+    so ``output_params`` names none of its parameters: nothing centres it, and the stream it
+    writes cannot be centred."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and not (weight.is_floating_point() or weight.is_complex())
+
+
+# what to do where layers that write a stream keep quantized weights (measured or recorded alike)
+QUANTIZED_ADVICE = "; target='layernorm' keeps every LayerNorm as it is, fused"
+
+
+def quantized_why(model: nn.Module, names: list[str]) -> str:
+    """Why the streams that ``names`` (layers of a stream's width, weights ``stored_quantized``) may write stay uncentred."""
+    layer = model.get_submodule(names[0])
+    return (f"{len(names)} layers that may write the stream keep their weights quantized ({type(layer).__name__}, {layer.weight.dtype}: "
+            f"e.g. {names[0]}), which no centring changes exactly, so the streams they write stay uncentred{QUANTIZED_ADVICE}")
+
 def output_params(module: nn.Module) -> dict[str, int]:
     """{parameter name: the dimension that indexes the module's output features} for the
     parameters that make a module's output (its weight and bias): Linear, GPT-2's Conv1D, and
     transformers' mixture-of-experts modules, which hold every expert's down-projection as one
     3-D parameter (experts x out x in, or x in x out when ``is_transposed``) and its bias as
-    experts x out. Empty for anything else."""
+    experts x out. Empty for anything else, and for a weight ``stored_quantized``."""
+    if stored_quantized(module):
+        return {}
     if isinstance(module, nn.Linear):
         return {"weight": 0, **({"bias": 0} if module.bias is not None else {})}
     weight = getattr(module, "weight", None)

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from ..ops import _cpu_kernel
-from .centring import _is_hidden, add_start_hooks, centre_writer_, centring_ratio, input_centring, is_centred, keep_centred, output_params
+from .centring import (QUANTIZED_ADVICE, _is_hidden, add_start_hooks, centre_writer_, centring_ratio, input_centring, is_centred,
+                       keep_centred, output_params, quantized_why, stored_quantized)
 from .discovery import NormSpec, build_fused
 from .probe import EXACT_TOLERANCE, ProbeError, compare_outputs, describe_error, float64_inputs, model_outputs, random_outputs, run_probe
 from .recorded import Record, describe_centring, read_record, verify_centring
@@ -207,6 +208,7 @@ class ConversionPlan:
     centring: dict[str, float]  # |mean|/rms of each LayerNorm's input after centring (fp64)
     exact: list[str]
     truth: dict  # the original model's outputs on the probe batch, in float64
+    quantized: list = dataclasses.field(default_factory=list)  # layers of a stream's width, weights quantized
 
 
 def _float64_tensors(model: nn.Module) -> list:
@@ -336,6 +338,8 @@ def _measure(model: nn.Module, model64: nn.Module, layer_norms: dict[str, int], 
         n for n, m in model64.named_modules()
         if _out_features(m) in widths and not any(id(getattr(m, p)) in shared for p in output_params(m))
     ]
+    # layers that may write a stream but keep their weights quantized, which nothing centres
+    quantized = [n for n, m in model64.named_modules() if stored_quantized(m) and getattr(m, "out_features", None) in widths]
     lists = block_lists(model64)
     as_they_are: dict[str, float] = {}
     invariant = shift_invariant(model64, inputs64, candidates, list(lists.values()), list(layer_norms), as_they_are)
@@ -353,7 +357,7 @@ def _measure(model: nn.Module, model64: nn.Module, layer_norms: dict[str, int], 
     if only_for_exact and exact and kept and writers and any(_moved(as_they_are.get(n), centring.get(n)) for n in kept):
         writers, starts, centring = _only_what_exact_norms_read(model, model64, writers, starts, exact, centring, inputs64)
     del model64
-    return ConversionPlan(writers, starts, centring, exact, truth)
+    return ConversionPlan(writers, starts, centring, exact, truth, quantized)
 
 
 def _moved(before: Optional[float], after: Optional[float]) -> bool:
@@ -469,7 +473,8 @@ class _Conversion:
             if self.record is not None:
                 why = self._check_record()
             if self.record is None or why:
-                return _not_converted(report, layer_norms, self.shortfall + (f"; {why}{_LOAD_ADVICE}" if why else _SHORTFALL_ADVICE))
+                advice = "" if why.endswith(QUANTIZED_ADVICE) else _LOAD_ADVICE if why else _SHORTFALL_ADVICE
+                return _not_converted(report, layer_norms, self.shortfall + (f"; {why}" if why else "") + advice)
             r = self.record
             self.plan, self.approximate = ConversionPlan(r.writers, r.starts, {}, r.exact, {}), r.approximate
         else:
@@ -484,6 +489,9 @@ class _Conversion:
         fine-tuned in plain transformers, which keeps the block) and are another model's. A
         patched model's save may hold them uncentred (fine-tuned without keep_centered): that
         is the model it saved, which the float64-free check below cannot verify."""
+        quantized = [w for w in self.record.writers if stored_quantized(self.model.get_submodule(w))]
+        if quantized:  # loaded with a quantization_config: the record's centring does not survive it
+            return quantized_why(self.model, quantized)
         self.off = self._off_centre({w: None for w in self.record.writers if w not in self.record.centre_now})
         if self.off and self.record.on_disk:
             return (f"{self.off[0]} (and {len(self.off) - 1} more) is not centred as its conversion on disk left it: the "
@@ -549,14 +557,14 @@ class _Conversion:
                 reason = "kept as LayerNorm (fused): the probe batch does not reach it, so nothing shows its input centred"
                 _update(report, fqn, reason=reason)
             else:
-                reason = (
-                    f"kept as LayerNorm (fused): its input is not centred (|mean|/rms {ratio:.2g}) even with the stream "
-                    "writers centred: something other than a LayerNorm also reads its stream (a post-LN block, a projection "
-                    "of raw hidden states), or it normalises something else (embeddings, heads); allow_approximate=True converts it anyway"
-                )
-                _update(report, fqn, reason=reason)
+                why = quantized_why(self.model, self.plan.quantized) if self.plan.quantized else (
+                    "something other than a LayerNorm also reads its stream (a post-LN block, a projection of raw hidden "
+                    "states), or it normalises something else (embeddings, heads)")
+                _update(report, fqn, reason=f"kept as LayerNorm (fused): its input is not centred (|mean|/rms {ratio:.2g}) even with "
+                        f"the stream writers centred: {why}; allow_approximate=True converts it anyway")
         if not self.replacements:
-            report.note = "no LayerNorm reads a stream that can be centred (post-LN?): nothing converted."
+            report.note = (f"{quantized_why(self.model, self.plan.quantized)}: nothing converted." if self.plan.quantized
+                           else "no LayerNorm reads a stream that can be centred (post-LN?): nothing converted.")
             if not self.plan.centring:
                 report.note = "the probe batch reaches no LayerNorm: nothing converted."
         else:
