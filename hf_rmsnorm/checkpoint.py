@@ -165,7 +165,7 @@ def _plan(source: _Source, meta_model, target: str, allow_approximate: bool):
         prefix = meta_model.base_model_prefix
         if arch is None:
             # not in the table: the weights are copied as they are, and hf_rmsnorm.from_pretrained
-            # converts in memory at load time, where the writers are measured (convert.py)
+            # converts in memory at load time, where the writers are measured (measure.py)
             block["note"] = f"model_type {model_type!r} is not in the architecture table: converted when loaded, not on disk"
         elif refusal is not None:
             block["note"] = f"not converted exactly: {refusal}"
@@ -437,7 +437,7 @@ def _verify(src: Path, out: Path, source: _Source, block: dict) -> dict:
     load the output converted alone: ``from_pretrained`` checks the conversion as it would on
     the machine that runs it (in float64 where that copy fits, else the record in the model's
     dtype), and a record these weights do not bear out fails here rather than there."""
-    from .patching.convert import available_bytes, float64_default, to_float64_
+    from .patching.measure import available_bytes, float64_default, to_float64_
     from .patching.probe import EXACT_TOLERANCE, ProbeError, compare_outputs, describe_error, float64_inputs, model_outputs, random_outputs, run_probe
 
     size = sum(s.stat().st_size for s in source.shards)

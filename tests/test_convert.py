@@ -12,7 +12,7 @@ import transformers
 
 from hf_rmsnorm import FusedLayerNorm, FusedRMSNorm, patch_model, unpatch_model
 from hf_rmsnorm.ops import _cpu_kernel
-from hf_rmsnorm.patching import convert
+from hf_rmsnorm.patching import convert, measure
 from reference import rel_err
 from tiny_models import build as build_tiny
 from tiny_models import VOCAB, float64_truth, randomize_for_conversion, randomize_norms, run
@@ -260,7 +260,7 @@ def test_a_conversion_whose_float64_copy_would_not_fit_keeps_the_layernorms_with
     ref = run(model, inputs)
     state = copy.deepcopy(model.state_dict())
     need = 8 * sum(p.numel() for p in model.parameters()) * 9 // 8  # the copy and its 1/8 margin
-    monkeypatch.setattr(convert, "available_bytes", lambda device: need // 2)
+    monkeypatch.setattr(measure, "available_bytes", lambda device: need // 2)
     report = patch_model(model)
     assert report.count("exact") == 0 and report.count("fused") == 5
     assert all("float64 copy of the model" in e["reason"] and "convert_checkpoint.py" in e["reason"] for e in report)
@@ -274,7 +274,7 @@ def test_a_conversion_whose_float64_copy_would_not_fit_keeps_the_layernorms_with
 def test_the_float64_copy_keeps_ties_and_leaves_the_model_alone():
     model, _ = build("gpt2", dtype=torch.bfloat16)
     state = copy.deepcopy(model.state_dict())
-    model64 = convert.float64_copy(model)
+    model64 = measure.float64_copy(model)
     assert all(t.dtype == torch.float64 for t in (*model64.parameters(), *model64.buffers()) if t.is_floating_point())
     assert model64.transformer.wte.weight is model64.lm_head.weight  # tied: one tensor
     assert not any(p.requires_grad for p in model64.parameters())
@@ -477,8 +477,8 @@ def test_the_writers_are_cut_down_only_where_a_norm_that_stays_was_reached(monke
     embeddings) is reached by no writer, so there is nothing to cut and it is not run; in the
     Hiera-like toy it is."""
     calls = []
-    real = convert._only_what_exact_norms_read
-    monkeypatch.setattr(convert, "_only_what_exact_norms_read", lambda *a: calls.append(1) or real(*a))
+    real = measure._only_what_exact_norms_read
+    monkeypatch.setattr(measure, "_only_what_exact_norms_read", lambda *a: calls.append(1) or real(*a))
     model, _ = build("bloom")
     report = patch_model(model)
     assert report.count("exact") == PRE_LN["bloom"] and not calls

@@ -105,7 +105,7 @@ def test_a_conversion_on_disk_loaded_quantized_where_it_cannot_be_measured_is_no
     quantization, so the record is not rebuilt. The model runs as its LayerNorm reading (the
     writers centred before quantization: what plain transformers loads), fused, saying why."""
     from hf_rmsnorm.checkpoint import convert_checkpoint
-    import hf_rmsnorm.patching.convert as convert
+    import hf_rmsnorm.patching.measure as measure
 
     model, inputs = build("gpt2")
     randomize_for_conversion(model)
@@ -114,7 +114,7 @@ def test_a_conversion_on_disk_loaded_quantized_where_it_cannot_be_measured_is_no
     plain = _bitsandbytes_model(tmp_path / "converted", 8)  # plain transformers: no patch, the LayerNorms
     with torch.no_grad():
         want = plain(**inputs).logits
-    monkeypatch.setattr(convert, "available_bytes", lambda device: 1024)
+    monkeypatch.setattr(measure, "available_bytes", lambda device: 1024)
     from transformers import BitsAndBytesConfig
 
     loaded = hf_rmsnorm.from_pretrained(tmp_path / "converted", quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")

@@ -21,9 +21,9 @@ pytestmark = pytest.mark.usefixtures("torch_backend")
 
 def _no_float64_copy(monkeypatch):
     """A machine where the float64 copy the conversion is measured on does not fit (a big model on a GPU)."""
-    import hf_rmsnorm.patching.convert as convert
+    import hf_rmsnorm.patching.measure as measure
 
-    monkeypatch.setattr(convert, "available_bytes", lambda device: 1024)
+    monkeypatch.setattr(measure, "available_bytes", lambda device: 1024)
 
 
 @pytest.mark.parametrize("name,kwargs", [("gpt2", {}), ("gpt2", {"keep_centered": True}), ("bert", {"allow_approximate": True})],
@@ -191,12 +191,12 @@ def test_a_model_that_fits_in_memory_once_is_checked_as_it_will_load(tmp_path, m
     fails the conversion with nothing left behind; a model that fits not even once is said
     unverified."""
     import hf_rmsnorm.checkpoint as checkpoint
-    import hf_rmsnorm.patching.convert as convert
+    import hf_rmsnorm.patching.measure as measure
 
     src, out = tmp_path / "in", tmp_path / "out"
     model, inputs = _save("gpt2", src)
     size = (src / "model.safetensors").stat().st_size
-    monkeypatch.setattr(convert, "available_bytes", lambda device: 2 * size)  # once, not thrice; float64 takes 2.25x
+    monkeypatch.setattr(measure, "available_bytes", lambda device: 2 * size)  # once, not thrice; float64 takes 2.25x
     capsys.readouterr()
     assert _cli(src, out) == 0
     printed = capsys.readouterr()
@@ -220,7 +220,7 @@ def test_a_model_that_fits_in_memory_once_is_checked_as_it_will_load(tmp_path, m
     assert not (tmp_path / "bad").exists()
     _no_leftovers(tmp_path, tmp_path / "bad")
     monkeypatch.setattr(checkpoint, "_plan", plan)
-    monkeypatch.setattr(convert, "available_bytes", lambda device: size)
+    monkeypatch.setattr(measure, "available_bytes", lambda device: size)
     assert _cli(src, tmp_path / "small") == 0
     assert "NOT VERIFIED: the model (0.0 GiB) does not fit in memory" in capsys.readouterr().err
     _close(run(hf_rmsnorm.from_pretrained(tmp_path / "small"), inputs), run(model, inputs))

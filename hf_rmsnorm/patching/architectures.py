@@ -2,7 +2,7 @@
 residual stream, which LayerNorms read it, and where each stream starts.
 
 ``patch_model`` does not need it: it measures all of this on the model itself
-(``convert.py``). The table is what lets a checkpoint be converted on disk, tensor by tensor,
+(``measure.py``). The table is what lets a checkpoint be converted on disk, tensor by tensor,
 without instantiating the model (``checkpoint.py``). Every entry was derived by that
 measurement on a tiny model of the family, and ``tests/test_architectures.py`` re-derives it
 on every run, so the table cannot drift from what the model computes.

@@ -190,8 +190,8 @@ def patch_model(
             DDP / FSDP / DeepSpeed / torch.compile.
         target: ``"rmsnorm"`` (default): every LayerNorm that reads the residual stream of a
             pre-LN model becomes an RMSNorm computing the same function (the stream writers are
-            centred, see ``convert.py``, measured on a float64 copy of the model; where that
-            does not fit, a model loaded from a checkpoint hf_rmsnorm wrote is converted as its
+            centred, see ``convert.py``, as measured on a float64 copy of the model by ``measure.py``;
+            where that does not fit, a model loaded from a checkpoint hf_rmsnorm wrote is converted as its
             record says and checked in its own dtype, see ``recorded.py``, and any other is
             left unconverted, saying why); every other norm keeps its function on the fused
             kernels. ``"layernorm"``: no conversion, every norm keeps its function (LayerNorm ->

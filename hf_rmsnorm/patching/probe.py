@@ -1,7 +1,7 @@
 """The probe batch a conversion is measured and verified on: built from a model's config and
 forward signature (``probe_inputs``), run through the model (``run_probe``, which falls back to
 a vision-language model's text alone), and the outputs compared with the original's and with a
-float64 truth (``compare_outputs``). ``convert.py`` and ``checkpoint.py`` use it.
+float64 truth (``compare_outputs``). ``measure.py``, ``convert.py`` and ``checkpoint.py`` use it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The conversion a checkpoint records, for where it cannot be measured (DESIGN.md §2.4).
 
-convert.py measures the exact conversion on a float64 copy of the model. Where that copy does
+measure.py measures the exact conversion on a float64 copy of the model. Where that copy does
 not fit (a big model on a GPU: the very models converted on disk, shard by shard, for want of
 memory), a model loaded from a checkpoint hf_rmsnorm wrote still carries the record of its
 conversion in its config's ``hf_rmsnorm`` block: which norms were converted, which stream
