@@ -123,3 +123,37 @@ def test_a_conversion_on_disk_loaded_quantized_where_it_cannot_be_measured_is_no
     assert "keep their weights quantized (Linear8bitLt, torch.int8" in report.note and "move it to its device" not in report.note, report.note
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_on_a_patched_4bit_model_trains_as_on_the_unpatched_one(tmp_path):
+    """QLoRA: a LayerNorm model loaded in 4 bits, prepared for k-bit training, LoRA adapters on,
+    then patched. Three AdamW steps (dropout off, the same batch) give the unpatched model's
+    losses and adapters, and the quantized codes stay as loaded."""
+    peft = pytest.importorskip("peft")
+    model, inputs = build("gpt2")
+    randomize_for_conversion(model)
+    model.save_pretrained(tmp_path / "full")
+    model = peft.prepare_model_for_kbit_training(_bitsandbytes_model(tmp_path / "full", 4), use_gradient_checkpointing=False)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["c_attn", "c_proj"], init_lora_weights=False))
+    reference = copy.deepcopy(model)
+    codes = {k: v.clone() for k, v in model.state_dict().items() if not v.is_floating_point()}
+    report = hf_rmsnorm.patch_model(model, probe_inputs=inputs)
+    assert report.count("fused") >= 4 and not any("post-LN" in e["reason"] for e in report), report
+    ids = inputs["input_ids"]
+    losses = {}
+    for name, m in (("patched", model), ("reference", reference)):
+        m.eval()  # dropout off: the two runs see the same function
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(3):
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.setdefault(name, []).append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses["patched"]), torch.tensor(losses["reference"]), rtol=1e-5, atol=0)
+    assert losses["patched"][-1] < losses["patched"][0]
+    trained = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, trained[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in codes.items())
