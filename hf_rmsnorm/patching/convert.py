@@ -201,11 +201,11 @@ class _Conversion:
                 reason = "kept as LayerNorm (fused): the probe batch does not reach it, so nothing shows its input centred"
                 _update(report, fqn, reason=reason)
             else:
-                why = quantized_why(self.model, self.plan.quantized) if self.plan.quantized else (
-                    "something other than a LayerNorm also reads its stream (a post-LN block, a projection of raw hidden "
-                    "states), or it normalises something else (embeddings, heads)")
-                _update(report, fqn, reason=f"kept as LayerNorm (fused): its input is not centred (|mean|/rms {ratio:.2g}) even with "
-                        f"the stream writers centred: {why}; allow_approximate=True converts it anyway")
+                why = f": {quantized_why(self.model, self.plan.quantized)}" if self.plan.quantized else (
+                    " even with the stream writers centred: something other than a LayerNorm also reads its stream (a post-LN "
+                    "block, a projection of raw hidden states), or it normalises something else (embeddings, heads)")
+                _update(report, fqn, reason=f"kept as LayerNorm (fused): its input is not centred (|mean|/rms {ratio:.2g}){why}; "
+                        "allow_approximate=True converts it anyway")
         if not self.replacements:
             report.note = (f"{quantized_why(self.model, self.plan.quantized)}: nothing converted." if self.plan.quantized
                            else "no LayerNorm reads a stream that can be centred (post-LN?): nothing converted.")
