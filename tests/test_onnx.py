@@ -47,10 +47,12 @@ def test_a_patched_model_exported_to_onnx_gives_the_unpatched_models_logits(name
     """GPT-2 converted exactly (its tied embedding centred at run time) or fused as LayerNorm,
     BLOOM converted (its embedding LayerNorm kept, the mean taken off after it), Llama's RMSNorm
     fused: the exported graph, run at a longer sequence than the traced one, gives the unpatched
-    model's logits. (torch.onnx's default exporter: its TorchScript one fails on transformers 5's
-    masking for the unpatched models too.)"""
+    model's logits. (torch.onnx's dynamo exporter, the default from torch 2.9: its TorchScript one
+    fails on transformers 5's masking for the unpatched models too.)"""
     from tiny_models import build, randomize_for_conversion
 
+    if not hasattr(torch.compiler, "is_exporting"):
+        pytest.skip(f"torch {torch.__version__}'s ONNX exporter fails on the unpatched models too (transformers' masking under vmap)")
     model, _ = build(name)
     randomize_for_conversion(model)
     model.eval()
@@ -70,7 +72,7 @@ def test_a_patched_model_exported_to_onnx_gives_the_unpatched_models_logits(name
     axes = {0: "batch", 1: "sequence"}
     path = tmp_path / "model.onnx"
     torch.onnx.export(Logits(model).eval(), batch(8), str(path), input_names=["input_ids", "attention_mask"],
-                      dynamic_axes={"input_ids": axes, "attention_mask": axes}, verbose=False)
+                      dynamic_axes={"input_ids": axes, "attention_mask": axes}, dynamo=True, verbose=False)
     session = onnx_session(path)
     ids, mask = batch(13)
     (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})

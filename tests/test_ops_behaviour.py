@@ -277,7 +277,9 @@ def test_triton_backend_without_triton_says_how_to_install(monkeypatch):
     ("3.10.0+git1a2b3c", "3.0.0", False),
 ])
 def test_interpreter_version_rule(triton_version, numpy_version, broken):
-    problem = _norm.interpreter_problem(triton_version, numpy_version)
+    from hf_rmsnorm.ops._triton_norm import interpreter_problem
+
+    problem = interpreter_problem(triton_version, numpy_version)
     if broken:
         assert f"Triton {triton_version}" in problem and f"NumPy {numpy_version}" in problem
         assert "triton>=3.7 or numpy<2.4" in problem

@@ -38,24 +38,6 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def interpreter_problem(triton_version: str, numpy_version: str) -> Optional[str]:
-    """Why Triton's interpreter cannot run these kernels with these versions, or None.
-
-    Before Triton 3.7 the interpreter turns a program id into a Python int with ``int()`` of a
-    one-element NumPy array, which NumPy 2.4 refuses: the backward kernel's loop over its tiles
-    (``range(pid, ..., programs)``) then fails deep inside Triton with "only 0-dimensional
-    arrays can be converted to Python scalars". Compiled kernels on a GPU are not affected."""
-    from packaging.version import Version  # only asked under TRITON_INTERPRET=1
-
-    if Version(triton_version).release < (3, 7) and Version(numpy_version).release >= (2, 4):
-        return (
-            f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run these kernels with "
-            f"NumPy {numpy_version}: it converts one-element arrays with int(), which NumPy 2.4 refuses. "
-            "Install triton>=3.7 or numpy<2.4, or unset HF_RMSNORM_BACKEND=triton to take the torch path."
-        )
-    return None
-
-
 def selected_backend() -> str:
     """The value of ``HF_RMSNORM_BACKEND`` (default ``auto``), validated.
 
@@ -133,9 +115,13 @@ def kernel_tensors(*tensors: Optional[Tensor]) -> bool:
     if torch.compiler.is_compiling():
         # dynamo folds is_dynamo_compiling to True, so it never traces the ONNX question (which it
         # would answer False); torch.onnx.export's default exporter traces without dynamo
-        # (non-strict torch.export), where is_compiling is True as well
-        return torch.compiler.is_dynamo_compiling() or not onnx_exporting()
+        # (non-strict torch.export), where is_compiling is True as well. torch 2.6's dynamo
+        # exporter does not say it is ONNX's: there every non-strict trace takes the composition
+        return torch.compiler.is_dynamo_compiling() or not (onnx_exporting() or _EXPORT_UNSAID)
     return plain_tensors(*tensors)
+
+
+_EXPORT_UNSAID = not hasattr(torch.compiler, "is_exporting")  # torch < 2.7
 
 
 def onnx_exporting() -> bool:
@@ -264,12 +250,20 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _tracing_state = torch._C._get_tracing_state
 
 
+def _non_strict_tracing() -> bool:
+    """torch 2.6's stand-in for ``is_exporting``: torch.export's non-strict trace (which
+    torch.onnx.export's dynamo exporter uses) runs the Python code under is_compiling, without
+    dynamo. Its strict trace (2.6's default for torch.export itself) is dynamo's, as
+    torch.compile's, and goes unseen."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_dynamo_compiling()
+
+
 # Whether torch.export traces (torch >= 2.7 says so). The program it records is one graph for
 # every later call, with gradients or without, and its trace sees parameters that do not require
 # grad: a choice by ``needs_grad`` would bake in the torch path's in-place work (an affine written
 # with out=, which autograd refuses; a buffer modified that autograd saved) and break the
 # program's calls with gradients. Under export the torch path is the plain composition.
-exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+exporting = getattr(torch.compiler, "is_exporting", None) or _non_strict_tracing
 
 
 def hand_written_ok(*tensors: Optional[Tensor]) -> bool:

@@ -16,13 +16,33 @@ from __future__ import annotations
 
 import collections
 import functools
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ._direct import launch as _launch  # a module global: tests replace it to record launches
-from ._norm import _interpreting, interpreter_problem
+from ._norm import _interpreting
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> Optional[str]:
+    """Why Triton's interpreter cannot run these kernels with these versions, or None.
+
+    Before Triton 3.7 the interpreter turns a program id into a Python int with ``int()`` of a
+    one-element NumPy array, which NumPy 2.4 refuses: the backward kernel's loop over its tiles
+    (``range(pid, ..., programs)``) then fails deep inside Triton with "only 0-dimensional
+    arrays can be converted to Python scalars". Compiled kernels on a GPU are not affected."""
+    from packaging.version import Version  # only asked under TRITON_INTERPRET=1
+
+    if Version(triton_version).release < (3, 7) and Version(numpy_version).release >= (2, 4):
+        return (
+            f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run these kernels with "
+            f"NumPy {numpy_version}: it converts one-element arrays with int(), which NumPy 2.4 refuses. "
+            "Install triton>=3.7 or numpy<2.4, or unset HF_RMSNORM_BACKEND=triton to take the torch path."
+        )
+    return None
+
 
 if _interpreting():  # decided here once: Triton picks the interpreter when a kernel is defined
     import numpy
