@@ -104,6 +104,9 @@ def _use_triton(x: Tensor, device_type: str, weight: Optional[Tensor], bias: Opt
     )
 
 
+_EXPORT_UNSAID = not hasattr(torch.compiler, "is_exporting")  # torch < 2.7: see ``exporting``
+
+
 def kernel_tensors(*tensors: Optional[Tensor]) -> bool:
     """Whether the kernels may take ``tensors`` (None entries ignored): anything while
     torch.compile or torch.export traces (fake tensors; the kernels' custom op has a fake
@@ -119,9 +122,6 @@ def kernel_tensors(*tensors: Optional[Tensor]) -> bool:
         # exporter does not say it is ONNX's: there every non-strict trace takes the composition
         return torch.compiler.is_dynamo_compiling() or not (onnx_exporting() or _EXPORT_UNSAID)
     return plain_tensors(*tensors)
-
-
-_EXPORT_UNSAID = not hasattr(torch.compiler, "is_exporting")  # torch < 2.7
 
 
 def onnx_exporting() -> bool:

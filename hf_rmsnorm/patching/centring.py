@@ -38,6 +38,7 @@ def quantized_why(model: nn.Module, names: list[str]) -> str:
     return (f"{len(names)} layers that may write the stream keep their weights quantized ({type(layer).__name__}, {layer.weight.dtype}: "
             f"e.g. {names[0]}), which no centring changes exactly, so the streams they write stay uncentred{QUANTIZED_ADVICE}")
 
+
 def output_params(module: nn.Module) -> dict[str, int]:
     """{parameter name: the dimension that indexes the module's output features} for the
     parameters that make a module's output (its weight and bias): Linear, GPT-2's Conv1D, and
