@@ -190,6 +190,7 @@ class _Conversion:
             starts = f"; stream start centred at run time at: {', '.join(self.plan.starts)}" if self.plan.starts else ""
             report.note = f"rebuilt from the record of {what}{starts}; not measured in float64 here: {self.shortfall}."
             return
+        quantized = quantized_why(self.model, self.plan.quantized) if self.plan.quantized else None  # one text for all
         for fqn in layer_norms:
             ratio = self.plan.centring.get(fqn, math.inf)
             if fqn in self.plan.exact:
@@ -201,13 +202,13 @@ class _Conversion:
                 reason = "kept as LayerNorm (fused): the probe batch does not reach it, so nothing shows its input centred"
                 _update(report, fqn, reason=reason)
             else:
-                why = f": {quantized_why(self.model, self.plan.quantized)}" if self.plan.quantized else (
+                why = f": {quantized}" if quantized else (
                     " even with the stream writers centred: something other than a LayerNorm also reads its stream (a post-LN "
                     "block, a projection of raw hidden states), or it normalises something else (embeddings, heads)")
                 _update(report, fqn, reason=f"kept as LayerNorm (fused): its input is not centred (|mean|/rms {ratio:.2g}){why}; "
                         "allow_approximate=True converts it anyway")
         if not self.replacements:
-            report.note = (f"{quantized_why(self.model, self.plan.quantized)}: nothing converted." if self.plan.quantized
+            report.note = (f"{quantized}: nothing converted." if quantized
                            else "no LayerNorm reads a stream that can be centred (post-LN?): nothing converted.")
             if not self.plan.centring:
                 report.note = "the probe batch reaches no LayerNorm: nothing converted."
