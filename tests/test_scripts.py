@@ -537,7 +537,7 @@ def test_profile_splits_our_host_time_into_our_python_and_the_launcher(launches,
     from hf_rmsnorm.ops import _cuda_launch, _direct, _triton_norm
 
     kernel = _triton_norm._norm_bwd_kernel
-    step = make_step("hf_rmsnorm LayerNorm", 64, 96, "fwd+bwd", torch.bfloat16, torch.bfloat16, torch.device("cpu"))
+    step = make_step("hf_rmsnorm LayerNorm", 8, 32, "fwd+bwd", torch.bfloat16, torch.bfloat16, torch.device("cpu"))
     monkeypatch.setattr(_cuda_launch, "ENABLED", True)  # the default on CUDA
     with launches_stubbed():
         # the Python path's launches stubbed: the C++ operator, which would launch the real
