@@ -120,6 +120,7 @@ def test_a_failed_build_says_why_and_leaves_nothing_behind(fresh_build, monkeypa
 
 
 @pytest.mark.skipif(_cpu_kernel.op() is None, reason="no C++ compiler here to build with")
+@pytest.mark.slow
 def test_the_build_is_cached_and_loaded_without_compiling_again(fresh_build, monkeypatch):
     assert _cpu_kernel.op() is not None
     built = [p.name for p in fresh_build.iterdir()]
@@ -180,6 +181,7 @@ def test_an_installed_package_carries_every_header_its_sources_include():
         assert (ops / name).is_file() and any(fnmatch.fnmatch(name, pat) for pat in patterns), name
 
 
+@pytest.mark.slow
 def test_the_sources_build_without_warnings(tmp_path):
     """-Wall -Wextra -Werror, with and without OpenMP: the C file and the operator stay clean
     (torch's headers are system headers there). The operator has no OpenMP in it: it is built
@@ -358,6 +360,7 @@ def test_activation_checkpointing_and_saved_tensor_hooks_see_the_kernels_node(re
 
 
 @pytest.mark.skipif(_cpu_kernel.op() is None, reason="no C++ compiler here to build with")
+@pytest.mark.slow
 def test_a_cached_library_that_does_not_load_is_built_again(fresh_build, monkeypatch):
     """A damaged file in the cache (or one built against a newer C library, in a cache shared
     between machines) is replaced by a fresh build, once; the kernel then serves."""
@@ -403,6 +406,7 @@ def test_a_library_without_its_operators_is_said_and_the_torch_ops_serve(fresh_b
     _assert_the_torch_ops_serve(compiled_calls)
 
 
+@pytest.mark.slow
 def test_the_namespace_macro_is_expanded_before_torch_stringises_it(tmp_path):
     """Up to torch 2.10, TORCH_LIBRARY(ns, m) stringised ``ns`` as written, so the operators'
     schemas, defined in a namespace named by the macro HF_RMSNORM_NS, went to a namespace called

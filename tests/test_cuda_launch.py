@@ -478,6 +478,7 @@ _CHILD = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_the_operator_launches_as_triton_would_and_its_node_passes_the_forwards_tensors(tmp_path):
     stdout = run_operator_child(tmp_path, _CHILD)
     assert "operator launches checked: 11" in stdout, stdout
@@ -512,6 +513,7 @@ def test_the_environment_rejects_other_values(monkeypatch):
 
 
 @pytest.mark.skipif(_cpu_kernel._compiler() is None, reason="no C++ compiler here to build with")
+@pytest.mark.slow
 def test_the_operator_compiles_without_warnings(tmp_path):
     """-Wall -Wextra -Werror with torch's headers as system headers: its own warnings only."""
     pytest.importorskip("triton")

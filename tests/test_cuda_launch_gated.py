@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
+
 from conftest import run_operator_child
 
 _CHILD = textwrap.dedent('''
@@ -265,6 +267,7 @@ _CHILD = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_the_gated_operator_launches_as_triton_would_and_its_node_passes_the_forwards_tensors(tmp_path):
     stdout = run_operator_child(tmp_path, _CHILD)
     assert "gated operator launches checked: 7" in stdout, stdout

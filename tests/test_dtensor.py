@@ -18,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.slow
 def test_modules_on_replicated_and_sharded_dtensors_match_float64(backend, tmp_path):
     """``auto``: the CPU path; ``triton`` (the interpreter): the path CUDA tensors take, where a
     DTensor must not reach the kernels (``_norm.kernel_tensors``)."""

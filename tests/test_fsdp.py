@@ -15,6 +15,7 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.slow
 def test_a_patched_model_trains_under_fully_shard_as_in_one_process(backend, tmp_path):
     done = run_child(HERE / "fsdp_child.py", backend, tmp_path, processes=2)
     # gpt2 and llama: fp32, saved, keep_centered, bf16, refused once sharded; gpt2: LoRA saved whole

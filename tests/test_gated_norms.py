@@ -160,6 +160,7 @@ def test_a_norm_that_names_groups_but_is_no_grouped_rms_norm_says_so():
 
 
 @pytest.mark.parametrize("name", list(CLASSES))
+@pytest.mark.slow
 def test_patch_model_swaps_each_and_keeps_its_function(name, backend, gated_runs):
     """Through patch_model, each instance verified with its own parameters (Kimi's gate defaults
     to None but is needed: a call without it raises, and is no evidence against the match). The

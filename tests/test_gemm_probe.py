@@ -82,6 +82,7 @@ def test_gemm_calls_compute_the_three_gemms_of_a_linear():
     assert [pg.gemm_shape(entry, gm) for gm in pg.GEMMS] == ["6×3×4", "6×4×3", "3×4×6"]
 
 
+@pytest.mark.slow
 def test_probe_quick_writes_json_and_markdown(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)], capture_output=True, text=True,
                           cwd=ROOT, timeout=600)

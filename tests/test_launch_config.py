@@ -200,6 +200,7 @@ def test_backward_register_cap_only_where_measured():
     [("rms", 1100, True, 2, 1, 4), ("layer", 1100, True, 2, 1, 4), ("layer", 4100, True, 1, 8, 16), ("rms", 4100, False, 2, 1, 32),
      ("layer", 1000, True, 2, 4, 4), ("layer", 1000, False, 2, 1, 4), ("rms", 1000, True, 2, 1, 4)],
 )
+@pytest.mark.slow
 def test_mixed_precision_parameters_share_their_loads_between_rows(kind, n, bias, block_m, tiles, bwd_warps, monkeypatch, launches):
     """bf16 rows with an fp32 weight (and bias), through the public function: the forward puts
     two rows in a tile (1100 columns; RMSNorm to 8192), or, for LayerNorm past 4096 columns,
@@ -240,6 +241,7 @@ def test_mixed_precision_parameters_share_their_loads_between_rows(kind, n, bias
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 @pytest.mark.parametrize("p_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.slow
 def test_pipelined_backward_through_the_public_function(kind, p_dtype, monkeypatch, launches):
     """bf16 rows of 4100 columns (an 8192-wide one-row tile) take the pipelined backward (3
     stages) for LayerNorm and RMSNorm with a bias, parameters bf16 or fp32 (the mixed-precision

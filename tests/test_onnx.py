@@ -47,6 +47,7 @@ class Logits(torch.nn.Module):
 @pytest.mark.parametrize("backend", ["triton", "compiled"], indirect=True)
 @pytest.mark.parametrize("name,target", [("gpt2", "rmsnorm"), ("gpt2", "layernorm"), ("bloom", "rmsnorm"),
                                          ("llama", "rmsnorm")])
+@pytest.mark.slow
 def test_a_patched_model_exported_to_onnx_gives_the_unpatched_models_logits(name, target, backend, tmp_path):
     """GPT-2 converted exactly (its tied embedding centred at run time) or fused as LayerNorm,
     BLOOM converted (its embedding LayerNorm kept, the mean taken off after it), Llama's RMSNorm

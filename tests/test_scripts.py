@@ -37,6 +37,7 @@ def test_benchmark_kernels_quick_writes_json_and_markdown(tmp_path):
     assert markdown.strip() in proc.stdout
 
 
+@pytest.mark.slow
 def test_benchmark_kernels_gated_times_the_gated_norms_over_their_own_floor(tmp_path):
     """--gated: ours and the HF classes (Qwen3-Next's gate after the norm, Mamba2's before it in
     groups) on the gated shapes, each byte of the gate counted; every gradient taken, the HF
@@ -349,6 +350,7 @@ def test_kernel_kinds_of_typical_gpu_kernel_names():
         assert kernel_kind(name) == kind, name
 
 
+@pytest.mark.slow
 def test_benchmark_training_times_only_the_rows_asked_for(tmp_path):
     script = str(ROOT / "scripts" / "benchmark_training.py")
     proc = subprocess.run([sys.executable, script, "--quick", "--models", "gpt2-medium", "--variants", "layernorm",
@@ -420,6 +422,7 @@ def test_kernels_compile_for_hopper_vectorised_and_without_spills():
     assert pipelined == 19
 
 
+@pytest.mark.slow
 def test_tune_kernels_quick_sweeps_around_the_shipped_configuration(tmp_path):
     """Under the interpreter: every candidate runs, the shipped tile comes first in each group
     and the table says which one was fastest; on the shape asked for (``--shapes``, here fewer
@@ -523,6 +526,7 @@ def test_forward_steps_with_and_without_autograd_recording(mode, recorded, launc
     assert (y.grad_fn is not None) == recorded and launches() == 1
 
 
+@pytest.mark.slow
 def test_profile_splits_our_host_time_into_our_python_and_the_launcher(launches, monkeypatch):
     """profile_norms.py's stubbed host time, run here on CPU tensors (the GPU run does the same
     after the real calls): this package's forward and backward issue every launch, each a

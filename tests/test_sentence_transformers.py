@@ -60,6 +60,7 @@ def _encode(model):
     return model.encode(SENTENCES, convert_to_tensor=True)
 
 
+@pytest.mark.slow
 def test_minilm_fine_tuned_approximate_saves_and_patches_back_as_trained(minilm, tmp_path):
     reference = _encode(minilm)
     report = patch_model(minilm, target="layernorm")
@@ -96,6 +97,7 @@ def test_minilm_fine_tuned_approximate_saves_and_patches_back_as_trained(minilm,
     torch.testing.assert_close(_encode(loaded), trained, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_converted_sentence_transformer_folder_loads_as_one(minilm, tmp_path):
     """convert_checkpoint of a sentence-transformers folder (its transformer at the top) also
     copies the module folders its modules.json names (the pooling): the output loads as the
