@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..ops import _cpu_kernel
-from .centring import (QUANTIZED_ADVICE, add_start_hooks, centre_writer_, input_centring, is_centred, keep_centred, output_params,
+from .centring import (add_start_hooks, centre_writer_, input_centring, is_centred, keep_centred, output_params,
                        quantized_why, stored_quantized)
 from .discovery import build_fused
 from .measure import ConversionPlan, float64_copy_shortfall, plan_conversion
@@ -114,10 +114,10 @@ class _Conversion:
         probe_note = None
         if self.shortfall:  # refused up front unless the checkpoint's record serves: an out-of-memory kill would say nothing
             self.record, why = read_record(model, block, layer_norms, allow_approximate)
+            advice = _LOAD_ADVICE if why else _SHORTFALL_ADVICE
             if self.record is not None:
-                why = self._check_record()
+                why, advice = self._check_record()
             if self.record is None or why:
-                advice = "" if why.endswith(QUANTIZED_ADVICE) else _LOAD_ADVICE if why else _SHORTFALL_ADVICE
                 return _not_converted(report, layer_norms, self.shortfall + (f"; {why}" if why else "") + advice)
             r = self.record
             self.plan, self.approximate = ConversionPlan(r.writers, r.starts, {}, r.exact, {}), r.approximate
@@ -127,20 +127,24 @@ class _Conversion:
                 return
         self._describe(planned, layer_norms, probe_note)
 
-    def _check_record(self) -> str:
-        """Why the writers are not as the record leaves them ("" where they are): a conversion
-        on disk centred them, so weights off the centre changed since (a LayerNorm model
-        fine-tuned in plain transformers, which keeps the block) and are another model's. A
-        patched model's save may hold them uncentred (fine-tuned without keep_centered): that
-        is the model it saved, which the float64-free check below cannot verify."""
+    def _check_record(self) -> tuple[str, str]:
+        """(why the writers are not as the record leaves them, what to do about it), both ""
+        where they are: a conversion on disk centred them, so weights off the centre changed
+        since (a LayerNorm model fine-tuned in plain transformers, which keeps the block) and
+        are another model's. A patched model's save may hold them uncentred (fine-tuned without
+        keep_centered): that is the model it saved, which the float64-free check below cannot
+        verify."""
         quantized = [w for w in self.record.writers if stored_quantized(self.model.get_submodule(w))]
-        if quantized:  # loaded with a quantization_config: the record's centring does not survive it
-            return quantized_why(self.model, quantized)
+        if quantized:
+            # loaded with a quantization_config: the record's centring does not survive it, and no
+            # other load helps (the reason ends with what does)
+            return quantized_why(self.model, quantized), ""
         self.off = self._off_centre({w: None for w in self.record.writers if w not in self.record.centre_now})
         if self.off and self.record.on_disk:
             return (f"{self.off[0]} (and {len(self.off) - 1} more) is not centred as its conversion on disk left it: the "
-                    "weights changed since (fine-tuned as a LayerNorm model?), so that conversion's record no longer describes them")
-        return ""
+                    "weights changed since (fine-tuned as a LayerNorm model?), so that conversion's record no longer describes "
+                    "them"), _LOAD_ADVICE
+        return "", ""
 
     def _measure(self, model, planned, layer_norms, probe, allow_approximate) -> Optional[str]:
         """The plan measured on the probe batch (None where it cannot be: the report says why)."""
