@@ -1,5 +1,5 @@
 """Models whose linear layers keep their weights quantized (bitsandbytes' 8- and 4-bit layers,
-QLoRA's base models). The exact conversion centres the layers that write the residual stream,
+QLoRA's base models; torchao's tensor subclasses). The exact conversion centres the layers that write the residual stream,
 which a quantized weight cannot be (C W, rounded again to the levels of its scales, is not
 centred): patch_model must leave such weights untouched, keep the LayerNorms they feed (fused,
 the model's function unchanged) and say that quantization is why, not blame the model's layout.
@@ -43,8 +43,8 @@ def _quantize_writers(model):
     return model
 
 
-def _assert_kept_because_quantized(report, layer_type: str, dtype: str):
-    assert report.count("exact") == 0 and report.count("fused") == len(report) == 5, report
+def _assert_kept_because_quantized(report, layer_type: str, dtype: str, norms: int = 5):
+    assert report.count("exact") == 0 and report.count("fused") == len(report) == norms, report
     for entry in report:
         assert entry["new"] == "FusedLayerNorm", entry
         assert f"keep their weights quantized ({layer_type}, {dtype}" in entry["reason"], entry["reason"]
@@ -97,6 +97,29 @@ def test_a_bitsandbytes_model_keeps_its_layernorms_fused_its_codes_untouched(bit
     assert before and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_torchao_model_keeps_its_layernorms_fused_its_weights_untouched():
+    """torchao's weight-only int8 (``quantize_``): the weights become a tensor subclass that
+    reports the float dtype it stands for and has no mean; patch_model raised NotImplementedError
+    from centring one. BLOOM: its linear layers write the stream (GPT-2's Conv1D is no
+    nn.Linear, which quantize_ takes)."""
+    quantization = pytest.importorskip("torchao.quantization", reason="torchao is not installed (pip install -e '.[dev]')")
+    model, inputs = build("bloom")
+    randomize_for_conversion(model)
+    model.eval()
+    quantization.quantize_(model, quantization.Int8WeightOnlyConfig())
+    layer = model.get_submodule("transformer.h.0.self_attention.dense")
+    names, _ = layer.weight.__tensor_flatten__()  # the codes and scales inside the subclass
+    stored = {n: getattr(layer.weight, n).clone() for n in names}
+    kind = type(layer.weight).__name__
+    want = run(copy.deepcopy(model), inputs)
+    report = hf_rmsnorm.patch_model(model, probe_inputs=inputs)
+    _assert_kept_because_quantized(report, "Linear", kind, norms=6)  # the embedding's LayerNorm too
+    assert type(layer.weight).__name__ == kind and all(torch.equal(getattr(layer.weight, n), v) for n, v in stored.items())
+    got = run(model, inputs)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
 def test_a_conversion_on_disk_loaded_quantized_where_it_cannot_be_measured_is_not_rebuilt(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .probe import model_outputs
 
@@ -19,13 +20,26 @@ from .probe import model_outputs
 
 
 def stored_quantized(module: nn.Module) -> bool:
-    """Whether a module keeps its weight quantized, in integers (bitsandbytes' 8-bit layers:
-    int8; its 4-bit ones: two values packed in each uint8). Centring cannot change such a weight
-    exactly (C W, rounded again to the levels of each row's or block's scale, is not centred),
-    so ``output_params`` names none of its parameters: nothing centres it, and the stream it
-    writes cannot be centred."""
+    """Whether a module keeps its weight quantized: in integers (bitsandbytes' 8-bit layers:
+    int8; its 4-bit ones: two values packed in each uint8), or in a tensor subclass that wraps
+    its storage (torchao's and optimum-quanto's quantized weights, which report the float dtype
+    they stand for). Centring cannot change such a weight exactly (C W, rounded again to the
+    levels of each row's or block's scale, is not centred; a wrapper may not even have the
+    mean), so ``output_params`` names none of its parameters: nothing centres it, and the
+    stream it writes cannot be centred. A DTensor (a sharded weight) is no quantization."""
     weight = getattr(module, "weight", None)
-    return isinstance(weight, torch.Tensor) and not (weight.is_floating_point() or weight.is_complex())
+    if not isinstance(weight, torch.Tensor):
+        return False
+    return not (weight.is_floating_point() or weight.is_complex()) or _wrapped_storage(weight)
+
+
+def _wrapped_storage(t: torch.Tensor) -> bool:
+    return is_traceable_wrapper_subclass(t) and type(t).__name__ != "DTensor"
+
+
+def _stored_as(weight: torch.Tensor) -> str:
+    """How a ``stored_quantized`` weight is kept: its subclass, or its integer dtype."""
+    return type(weight).__name__ if _wrapped_storage(weight) else str(weight.dtype)
 
 
 # what to do where layers that write a stream keep quantized weights (measured or recorded alike)
@@ -35,7 +49,7 @@ QUANTIZED_ADVICE = "; target='layernorm' keeps every LayerNorm as it is, fused"
 def quantized_why(model: nn.Module, names: list[str]) -> str:
     """Why the streams that ``names`` (layers of a stream's width, weights ``stored_quantized``) may write stay uncentred."""
     layer = model.get_submodule(names[0])
-    return (f"{len(names)} layers that may write the stream keep their weights quantized ({type(layer).__name__}, {layer.weight.dtype}: "
+    return (f"{len(names)} layers that may write the stream keep their weights quantized ({type(layer).__name__}, {_stored_as(layer.weight)}: "
             f"e.g. {names[0]}), which no centring changes exactly, so the streams they write stay uncentred{QUANTIZED_ADVICE}")
 
 
