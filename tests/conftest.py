@@ -259,10 +259,6 @@ def launches():
 
 
 def pytest_collection_modifyitems(config, items):
-    # the tests marked slow first (stable otherwise): pytest-xdist hands tests out in this order,
-    # so the long ones start early and both CI workers finish together, instead of one waiting
-    # on a 3-minute test collected last
-    items[:] = sorted(items, key=lambda item: item.get_closest_marker("slow") is None)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; run scripts/gpu_check.sh on one")
