@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import inspect
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -98,7 +99,14 @@ def tiny_decoder(texts: list[str], steps: int = 150, seed: int = 0, log=print):
             log(f"  pretraining step {step}: loss {loss.item():.3f}")
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     model.save_pretrained(tmp)
-    tmp.rename(path) if not path.exists() else None
+    try:
+        tmp.rename(path)  # atomic: another process sees the folder whole or not at all
+    except OSError:
+        # another run on this cache finished the same pretraining first (a rename onto a folder
+        # with files in it fails): theirs serves, this copy goes (it is the same model)
+        if not (path / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return model
 
 

@@ -85,6 +85,34 @@ def test_offline_default_writes_all_outputs_with_finite_numbers(env, tmp_path):
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
+def test_a_run_that_pretrains_the_tiny_decoder_second_keeps_the_cached_copy(tmp_path, monkeypatch):
+    """Two runs on one fresh cache pretrain the same tiny decoder at once: the one that finishes
+    second finds the folder there, keeps it and leaves none of its own copy behind (it stayed
+    in the cache as a temporary folder; a rename racing the other run's raised)."""
+    from transformers import GPT2LMHeadModel
+
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import offline
+
+    monkeypatch.setenv("HF_RMSNORM_CACHE", str(tmp_path))
+    texts = ["a few words to learn", "and a few more of them"] * 4
+    save = GPT2LMHeadModel.save_pretrained
+
+    def the_other_run_finishes_first(model, folder, *args, **kwargs):
+        save(model, folder.with_name(folder.name.split(".tmp-")[0]), *args, **kwargs)
+        save(model, folder, *args, **kwargs)
+
+    monkeypatch.setattr(GPT2LMHeadModel, "save_pretrained", the_other_run_finishes_first)
+    model = offline.tiny_decoder(texts, steps=2, log=lambda line: None)
+    (cached,) = tmp_path.iterdir()
+    assert ".tmp" not in cached.name
+    monkeypatch.setattr(GPT2LMHeadModel, "save_pretrained", save)
+    lines = []
+    again = offline.tiny_decoder(texts, steps=2, log=lines.append)
+    assert lines == [f"using the cached pretrained tiny decoder {cached}"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
+
+
 def test_two_processes_follow_one_process(env, tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     if torchrun is None:
