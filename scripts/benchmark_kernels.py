@@ -475,7 +475,9 @@ def main(argv=None) -> int:
                     if "graph_gbps" in r:
                         r["graph_frac_copy"] = r["graph_gbps"] / copy_gbps
                 except Exception as exc:  # one provider failing must not lose the others' numbers
-                    r = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+                    # the whole message on one line: torch.compile's first line ("backend='inductor'
+                    # raised:") says nothing of the cause
+                    r = {"error": " ".join(f"{type(exc).__name__}: {exc}".split())[:600]}
                     result["errors"][f"{name} {m}x{n} {mode}"] = r["error"]
                 per.setdefault(f"{m}x{n}", {})[mode] = r
                 if device.type == "cuda":

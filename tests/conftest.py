@@ -28,6 +28,21 @@ from hf_rmsnorm.ops import layer_norm, rms_norm  # noqa: E402  (after TRITON_INT
 FNS = {"rms": rms_norm, "layer": layer_norm}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _inductor_cache_of_this_worker(tmp_path_factory):
+    """torch.compile's cache in a folder of this test process, which the scripts it runs as
+    subprocesses inherit, instead of the user's shared /tmp/torchinductor_<user>: a CI run saw
+    the benchmark's torch.compile of HF's RMSNorm fail ("BackendCompilerFailed") while the other
+    worker compiled the same graph, and neither a user's cache nor the other worker's compiles
+    belong in a test's result. Left alone where the variable is set."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        yield
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("torchinductor"))
+    yield
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+
+
 def run_with_compiled_kernels(tmp_path, source: str) -> str:
     """Run ``source`` as a Python script in a child process without TRITON_INTERPRET (the
     kernels defined compiled, e.g. for ``benchmark_cpu.triton_without_gpu``), from the

@@ -27,6 +27,7 @@ def test_benchmark_kernels_quick_writes_json_and_markdown(tmp_path):
     assert result["modes"] == ["fwd", "fwd+bwd"]
     ours = [p for p in result["results"] if p.startswith("hf_rmsnorm")]
     assert len(ours) == 3 and "torch F.layer_norm" in result["results"] and "HF eager RMSNorm" in result["results"]
+    assert not result["errors"], (result["errors"], proc.stderr[-3000:])
     for name, per in result["results"].items():
         for m, n in result["shapes"]:
             for mode in result["modes"]:
