@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,19 +29,23 @@ from hf_rmsnorm.ops import layer_norm, rms_norm  # noqa: E402  (after TRITON_INT
 FNS = {"rms": rms_norm, "layer": layer_norm}
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _inductor_cache_of_this_worker(tmp_path_factory):
-    """torch.compile's cache in a folder of this test process, which the scripts it runs as
-    subprocesses inherit, instead of the user's shared /tmp/torchinductor_<user>: a CI run saw
-    the benchmark's torch.compile of HF's RMSNorm fail ("BackendCompilerFailed") while the other
-    worker compiled the same graph, and neither a user's cache nor the other worker's compiles
-    belong in a test's result. Left alone where the variable is set."""
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        yield
-        return
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("torchinductor"))
-    yield
-    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+def pytest_configure(config):
+    """torch.compile's cache in a folder of this test session (its xdist workers and the scripts
+    they run inherit it), removed at the end, instead of the machine's /tmp/torchinductor_<user>.
+    Two CI runs failed on a compiled library a killed earlier run had left there half-written
+    ("invalid ELF header": inductor writes it in place), and nothing another run compiled
+    belongs in a test's result. Set here, before any test module is imported: inductor sets the
+    variable itself on its first compile. Left alone where it is set already."""
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        config._inductor_cache = tempfile.mkdtemp(prefix="hf_rmsnorm-tests-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = config._inductor_cache
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_inductor_cache", None)
+    if folder:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_with_compiled_kernels(tmp_path, source: str) -> str:
