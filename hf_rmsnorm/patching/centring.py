@@ -23,10 +23,11 @@ def stored_quantized(module: nn.Module) -> bool:
     """Whether a module keeps its weight quantized: in integers (bitsandbytes' 8-bit layers:
     int8; its 4-bit ones: two values packed in each uint8), or in a tensor subclass that wraps
     its storage (torchao's quantized weights, which report the float dtype they stand for;
-    optimum-quanto's are such subclasses too, untested). Centring cannot change such a weight exactly (C W, rounded again to the
-    levels of each row's or block's scale, is not centred; a wrapper may not even have the
-    mean), so ``output_params`` names none of its parameters: nothing centres it, and the
-    stream it writes cannot be centred. A DTensor (a sharded weight) is no quantization."""
+    optimum-quanto's are such subclasses too, untested). Centring cannot change such a weight
+    exactly (C W, rounded again to the levels of each row's or block's scale, is not centred; a
+    wrapper may not even have the mean), so ``output_params`` names none of its parameters:
+    nothing centres it, and the stream it writes cannot be centred. A DTensor (a sharded
+    weight) is no quantization."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return False
