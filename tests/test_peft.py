@@ -10,7 +10,7 @@ import torch
 
 import hf_rmsnorm
 from hf_rmsnorm import FusedGatedRMSNorm, FusedLayerNorm, FusedRMSNorm, patch_model, unpatch_model
-from tiny_models import adam_losses, build, run
+from tiny_models import adam_losses, build, randomize_for_conversion, run
 
 
 def test_peft_before_or_after_patching(monkeypatch):
@@ -166,3 +166,68 @@ def test_an_adapter_folder_is_refused_saying_what_to_use(tmp_path):
         with pytest.raises(ConversionError, match="holds PEFT adapters alone.*hf_rmsnorm.save_pretrained"):
             load()
     assert not (tmp_path / "out").exists()
+
+
+def _norm_tuning(peft, kind):
+    """PEFT configs that train copies of the norms: LoRA with the norms in modules_to_save, and
+    LN tuning (each norm wrapped with a trainable copy)."""
+    norms = ["ln_1", "ln_f"]
+    if kind == "modules_to_save":
+        return peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, modules_to_save=norms)
+    return peft.LNTuningConfig(target_modules=norms)
+
+
+def _fused(model):
+    return [n for n, m in model.named_modules() if isinstance(m, (FusedRMSNorm, FusedLayerNorm, FusedGatedRMSNorm))]
+
+
+@pytest.mark.parametrize("kind", ["modules_to_save", "ln_tuning"])
+@pytest.mark.parametrize("order", ["patch_first", "peft_first"])
+def test_trained_copies_of_the_norms_survive_unpatching(order, kind, monkeypatch):
+    """PEFT wrappers that train copies of the norms (modules_to_save, LN tuning), around a
+    converted GPT-2: patching leaves every module in its mode (a PeftModel around a model in
+    eval mode is itself in train mode; patch_model had put all of it in train mode, dropout
+    on), the wrapped model trains as its unpatched twin, and unpatching, before or after
+    merge_and_unload, keeps the wrappers and the trained copies: the model computes what it
+    trained to, with LayerNorms."""
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    base, inputs = build("gpt2")
+    randomize_for_conversion(base)
+    torch.manual_seed(0)
+    twin = peft.get_peft_model(copy.deepcopy(base), _norm_tuning(peft, kind))
+    torch.manual_seed(0)
+    if order == "patch_first":
+        patch_model(base)
+        model = peft.get_peft_model(base, _norm_tuning(peft, kind))
+    else:
+        model = peft.get_peft_model(base, _norm_tuning(peft, kind))
+        modes = {n: m.training for n, m in model.named_modules()}
+        assert modes[""] and not modes["base_model.model"]
+        patch_model(model)
+        assert {n: m.training for n, m in model.named_modules() if n in modes} == modes
+    assert not any(m.training for n, m in model.named_modules() if n in _fused(model))
+    torch.testing.assert_close(run(model, inputs), run(twin, inputs), rtol=1e-5, atol=1e-5)
+
+    def step(m):
+        trainable = [p for p in m.parameters() if p.requires_grad]
+        assert trainable
+        m(**inputs).logits.pow(2).mean().backward()
+        torch.optim.SGD(trainable, lr=0.5).step()
+
+    untrained = run(twin, inputs)
+    step(model)
+    step(twin)
+    trained = run(twin, inputs)
+    assert (trained["logits"] - untrained["logits"]).abs().max() > 1e-2
+    torch.testing.assert_close(run(model, inputs), trained, rtol=1e-5, atol=1e-5)
+    wrapper = type(model.base_model.model.transformer.ln_f)
+    if order == "patch_first":  # the record is the inner model's: it unpatches merged too
+        merged = copy.deepcopy(model).merge_and_unload()  # a trained copy stands where the fused norm stood
+        unpatch_model(merged)
+        assert not _fused(merged)
+        torch.testing.assert_close(run(merged, inputs), trained, rtol=1e-5, atol=1e-5)
+    unpatch_model(model)
+    assert not _fused(model) and type(model.base_model.model.transformer.ln_f) is wrapper
+    torch.testing.assert_close(run(model, inputs), trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(model.merge_and_unload(), inputs), trained, rtol=1e-5, atol=1e-5)

@@ -36,7 +36,7 @@ from .centring import (add_start_hooks, centre_writer_, input_centring, is_centr
                        quantized_why, stored_quantized)
 from .discovery import build_fused
 from .measure import ConversionPlan, float64_copy_shortfall, plan_conversion
-from .probe import EXACT_TOLERANCE, ProbeError, compare_outputs, model_outputs, random_outputs, run_probe
+from .probe import EXACT_TOLERANCE, ProbeError, compare_outputs, evaluating, model_outputs, random_outputs, run_probe
 from .recorded import Record, describe_centring, read_record, verify_centring
 
 # what to do about a shortfall, where the conversion is then not made
@@ -149,12 +149,10 @@ class _Conversion:
     def _measure(self, model, planned, layer_norms, probe, allow_approximate) -> Optional[str]:
         """The plan measured on the probe batch (None where it cannot be: the report says why)."""
         report = self.report
-        was_training = model.training
-        model.eval()  # dropout would make the stream's mean random
         # Nothing is changed yet when a probe fails. A batch the user gave that does not run
         # raises (run_probe); one built here that does not fit, or a model that cannot run in
         # float64, only means that the conversion cannot be verified, so it is not made.
-        try:
+        with evaluating(model):  # dropout would make the stream's mean random
             try:
                 self.inputs, self.before, probe_note = run_probe(model, probe)
             except ProbeError as exc:
@@ -164,8 +162,6 @@ class _Conversion:
                 self.plan = plan_conversion(model, layer_norms, self.inputs, specs, only_for_exact=not allow_approximate)
             except ProbeError as exc:
                 return _not_converted(report, layer_norms, str(exc))
-        finally:
-            model.train(was_training)
         self.approximate = [n for n in layer_norms if n not in self.plan.exact] if allow_approximate else []
         return probe_note
 
@@ -292,16 +288,11 @@ class _Conversion:
             return
         if self.record is not None:
             return self._verify_record()
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                after = model_outputs(self.model, self.inputs)
+        with evaluating(self.model), torch.no_grad():
+            after = model_outputs(self.model, self.inputs)
             random = random_outputs(self.model, self.inputs, after)
             exact = [n for n in self.plan.exact if n in self.replacements]
             ratios = input_centring(self.model, exact, self.inputs)
-        finally:
-            self.model.train(was_training)
         dtype = next(iter(self.before.values())).dtype
         tolerance = EXACT_TOLERANCE.get(dtype, 1e-4)
         err, excess, stream_outputs = compare_outputs(self.before, after, self.plan.truth, tolerance, random)

@@ -192,6 +192,7 @@ def build_fused(spec: NormSpec | GatedSpec, module: nn.Module, shape: tuple) -> 
         new.weight = weight
     if bias is not None:
         new.bias = bias
+    new.train(module.training)  # a model in eval mode stays so, all through
     hook = module.__dict__.get("_hf_hook")
     if hook is not None:
         _attach_without_init(new, hook)

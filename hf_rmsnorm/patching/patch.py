@@ -406,8 +406,33 @@ def _plan(model, report, include_p, exclude_p, strict, probe_autocast) -> dict:
 
 
 def _restore(model: nn.Module, originals: dict) -> None:
-    for fqn, module in originals.items():
-        model.set_submodule(fqn, module)
+    """Put an original module back wherever a fused module now sits at or below the path it
+    was patched at: the fused module patch_model put there, or a copy of it (PEFT's
+    modules_to_save and LN tuning wrap a norm with trained copies, ``merge_and_unload`` puts
+    such a copy in the norm's place), which gets a copy of the original. Either way the
+    module put back holds the fused module's parameters as they are now (trained, or
+    reassigned, as by ``load_state_dict(assign=True)``) and its train/eval mode. A fused
+    module anywhere else is the user's own and stays."""
+    used: set[int] = set()
+
+    def original_for(fqn: str, module: nn.Module) -> Optional[nn.Module]:
+        if not isinstance(module, FUSED_MODULES):
+            return None
+        at = [k for k in originals if fqn == k or fqn.startswith(k + ".")]
+        if not at:
+            return None
+        original = originals[max(at, key=len)]
+        if id(original) in used:  # a second fused module from one original: a copy, sharing nothing
+            tensors = [*original.parameters(recurse=False), *original.buffers(recurse=False)]
+            original = copy.deepcopy(original, {id(t): t for t in tensors})
+        used.add(id(original))
+        for name in original._parameters:
+            if name in module._parameters:
+                original._parameters[name] = module._parameters[name]
+        original.train(module.training)
+        return original
+
+    _walk(model, "", original_for, {}, {})
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:

@@ -6,6 +6,7 @@ float64 truth (``compare_outputs``). ``measure.py``, ``convert.py`` and ``checkp
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from typing import Optional
@@ -14,6 +15,21 @@ import torch
 from torch import nn
 
 from .discovery import _rel_err
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """``model.eval()`` while the probe runs (dropout would make its outputs random), then every
+    module back in its own mode. The root's flag does not tell its children's: a PeftModel
+    wrapping a model in eval mode is itself in train mode, and a part kept frozen in eval
+    while the rest trains is a common recipe; ``model.train(was_training)`` changed both."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _config_value(config, name):

@@ -20,7 +20,7 @@ from torch import nn
 
 from .architectures import relative_name
 from .centring import input_centring
-from .probe import EXACT_TOLERANCE, ProbeError, run_probe
+from .probe import EXACT_TOLERANCE, ProbeError, evaluating, run_probe
 
 
 @dataclasses.dataclass
@@ -99,17 +99,13 @@ def verify_centring(model: nn.Module, names: list[str], probe: Optional[dict]) -
     uncentred ones 0.2-0.7 of their rms in tiny random models). Returns {"input_centring":
     {name: ratio}, "dtypes": {name: dtype}, "tolerance": {name: the dtype's}, "unreached":
     [names]} or, where no probe batch runs, {"skipped": why}."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         try:
             inputs, _, _ = run_probe(model, probe)  # a probe the user gave that does not run raises
         except ProbeError as exc:
             return {"skipped": str(exc)}
         dtypes: dict = {}
         ratios = input_centring(model, names, inputs, dtypes)
-    finally:
-        model.train(was_training)
     return {"input_centring": ratios, "dtypes": {n: str(d).replace("torch.", "") for n, d in dtypes.items()},
             "tolerance": {n: EXACT_TOLERANCE.get(d, 1e-4) for n, d in dtypes.items()}, "unreached": [n for n in names if n not in ratios]}
 
