@@ -536,7 +536,8 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
     ``hf_rmsnorm.from_pretrained`` loads what was trained (and ``convert_checkpoint`` refuses
     to convert it again). A ``PeftModel`` is saved with its LoRA adapters folded into their
     base layers, under the original names, without changing the model (or as it is, once
-    ``merge_and_unload()`` has merged them). ``state_dict`` (the model's own keys, gathered
+    ``merge_and_unload()`` has merged them); a norm or head trained as a copy (``modules_to_save``,
+    LN tuning) is saved as the copy that runs. ``state_dict`` (the model's own keys, gathered
     from FSDP shards, say) and the other keyword arguments go to the model's own
     ``save_pretrained``. Written to a temporary directory beside ``save_directory`` and moved
     in at the end."""
@@ -555,7 +556,7 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
     if any(c.__name__ == "PeftModel" for c in type(model).__mro__):
         # merged or not, each base layer stands (or will) where its adapter wrapper stood, under the original name
         saved_model = model.get_base_model()
-        rename = lambda name: re.sub(r"\.base_layer(?=\.|$)", "", name.removeprefix("base_model.model."))  # noqa: E731
+        rename = _peft_names(model)
         state_dict = _merged_lora_state_dict(model, state_dict if state_dict is not None else model.state_dict(), rename)
     found = _find_state(model)
     if found is None:
@@ -563,13 +564,14 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
             raise ValueError(f"hf_rmsnorm.save_pretrained: {type(model).__name__} was patched as part of a larger model; save that one.")
         _save_into(saved_model, Path(save_directory), None, state_dict, kwargs)
         return None
-    prefix, _, state = found
+    prefix, owner, state = found
     report = state["report"]
     full = (lambda name: rename(f"{prefix}.{name}")) if prefix else rename
     conversion = report.conversion or {}
-    converted = report.count("exact") + report.count("approximate")  # the writers are centred only then
+    modules = _saved_changes(owner, state, full)
+    converted = sum(change in ("exact", "approximate") for change in modules.values())  # the writers are centred only then
     # an adapter's lora_B wrote into the stream beside its base layer; merged, it is part of it
-    writers = list(dict.fromkeys(full(w) for w in conversion.get("writers", []) if ".lora_" not in w)) if converted else []
+    writers = [w for w in dict.fromkeys(full(w) for w in conversion.get("writers", []) if ".lora_" not in w) if w] if converted else []
     weights = state_dict if state_dict is not None else saved_model.state_dict()
 
     def writer(name):  # unmerged, the layer is inside its adapter's wrapper
@@ -583,14 +585,34 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
     block = {
         "version": __version__, "target": state["target"], "allow_approximate": report.count("approximate") > 0,
         "model_type": getattr(getattr(saved_model, "config", None), "model_type", None),
-        "modules": {full(e["name"]): e["change"] for e in report}, "stream_writers": writers,
-        "runtime_centring": [full(s) for s in conversion.get("runtime_centring", [])] if writers else [],
+        "modules": modules, "stream_writers": writers,
+        "runtime_centring": [full(s) for s in conversion.get("runtime_centring", []) if full(s)] if writers else [],
         "writers_centred": centred, "keep_writers": converted > 0, "converted_norms": converted,
     }
     tag = getattr(getattr(saved_model, "config", None), CONFIG_BLOCK, None) or {}  # patch_model's (_tag_config)
     block.update({k: tag[k] for k in ("include", "exclude") if k in tag})
     _save_into(saved_model, Path(save_directory), block, state_dict, kwargs)
     return block
+
+
+def _saved_changes(owner, state: dict, full) -> dict[str, str]:
+    """{saved name: change} of the norms the save holds, in the model's order. A report entry
+    names the path a module was patched at; PEFT may since have moved it (LN tuning's merge
+    swaps the tuned copy into its base layer's place) or run a copy of it (modules_to_save),
+    so each module the save holds takes the entry of the fused module it is, or else of the
+    norm whose saved name it has. A copy that does not run is not saved (``full`` gives None)."""
+    entries = {e["name"]: e for e in state["report"]}
+    installed = {id(m): entries[fqn] for fqn, m in state.get("installed", {}).items() if fqn in entries}
+    by_name: dict = {}
+    for e in state["report"]:
+        by_name.setdefault(full(e["name"]), e)
+    modules: dict = {}
+    for path, m in owner.named_modules(remove_duplicate=False):
+        name = full(path) if path else None
+        entry = (installed.get(id(m)) or by_name.get(name)) if isinstance(m, FUSED_MODULES) else entries.get(path)
+        if name is not None and entry is not None:
+            modules.setdefault(name, entry["change"])
+    return modules
 
 
 def _save_into(model, dst: Path, block: Optional[dict], state_dict: Optional[dict], kwargs: dict) -> None:
@@ -619,6 +641,53 @@ def _save_into(model, dst: Path, block: Optional[dict], state_dict: Optional[dic
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _peft_names(peft_model):
+    """``rename(name)``: a PeftModel's module or state-dict name -> its name in the base model
+    as merge_and_unload() leaves it, or None for a copy that does not run (and is not saved).
+    LoRA's base layers stand where their wrappers stood; a norm (or head) trained as a copy,
+    in ``modules_to_save`` or by LN tuning, is saved as the copy that runs. Any other PEFT
+    layer (IA3, LoHa, trainable tokens, ...) is refused: its weights would be left out of the
+    save, silently."""
+    from peft.tuners.ln_tuning.layer import LNTuningLayer
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import other
+
+    copies = getattr(other, "AuxiliaryTrainingWrapper", other.ModulesToSaveWrapper)
+    runs = {}  # wrapper's name -> the name, under it, of what its forward runs
+    for name, layer in peft_model.named_modules():
+        if isinstance(layer, other.ModulesToSaveWrapper):
+            base, held, passthrough = "original_module", "modules_to_save", False
+        elif isinstance(layer, LNTuningLayer):  # merged, its base layer is the tuned copy
+            base, held, passthrough = "base_layer", "ln_tuning_layers", layer.merged
+        elif isinstance(layer, LoraLayer) or not isinstance(layer, (BaseTunerLayer, copies)):
+            continue  # LoRA is folded by _merged_lora_state_dict
+        else:
+            raise ValueError(
+                f"hf_rmsnorm.save_pretrained: {name} is a {type(layer).__module__}.{type(layer).__qualname__}, which this "
+                "save cannot fold (it folds LoRA, modules_to_save and LN tuning). Merge it with PEFT first, "
+                "peft_model.merge_and_unload(), then save."
+            )
+        active = [] if passthrough or layer.disable_adapters else [a for a in layer.active_adapters if a in getattr(layer, held)]
+        if len(active) > 1:
+            raise ValueError(f"hf_rmsnorm.save_pretrained: {name} has several active adapters ({active}). Merge "
+                             "with PEFT first, peft_model.merge_and_unload(), then save.")
+        runs[name] = f"{held}.{active[0]}" if active else base
+    wrappers = sorted(runs, key=len, reverse=True)
+
+    def rename(name: str) -> Optional[str]:
+        for w in wrappers:
+            if name.startswith(w + "."):
+                rest = name[len(w) + 1:]
+                if rest != runs[w] and not rest.startswith(runs[w] + "."):
+                    return None
+                name = w + rest[len(runs[w]):]
+                break
+        return re.sub(r"\.base_layer(?=\.|$)", "", name.removeprefix("base_model.model."))
+
+    return rename
+
+
 def _merged_lora_state_dict(peft_model, state_dict: dict, rename) -> dict:
     """``state_dict`` (a PeftModel's keys) with each LoRA adapter folded into its base layer,
     W + scaling · B A (transposed where the layer stores W as (in, out): GPT-2's Conv1D), in
@@ -645,4 +714,4 @@ def _merged_lora_state_dict(peft_model, state_dict: dict, rename) -> dict:
         delta = state_dict[f"{name}.lora_B.{a}.weight"].float() @ state_dict[f"{name}.lora_A.{a}.weight"].float()
         delta = (delta.T if layer.fan_in_fan_out else delta) * layer.scaling[a]
         merged[f"{name}.base_layer.weight"] = (w.float() + delta.to(w.device)).to(w.dtype)
-    return {rename(k): v for k, v in merged.items()}
+    return {rename(k): v for k, v in merged.items() if rename(k) is not None}

@@ -183,14 +183,17 @@ def _fused(model):
 
 @pytest.mark.parametrize("kind", ["modules_to_save", "ln_tuning"])
 @pytest.mark.parametrize("order", ["patch_first", "peft_first"])
-def test_trained_copies_of_the_norms_survive_unpatching(order, kind, monkeypatch):
+def test_trained_copies_of_the_norms_save_and_survive_unpatching(order, kind, tmp_path, monkeypatch):
     """PEFT wrappers that train copies of the norms (modules_to_save, LN tuning), around a
     converted GPT-2: patching leaves every module in its mode (a PeftModel around a model in
     eval mode is itself in train mode; patch_model had put all of it in train mode, dropout
-    on), the wrapped model trains as its unpatched twin, and unpatching, before or after
-    merge_and_unload, keeps the wrappers and the trained copies: the model computes what it
-    trained to, with LayerNorms."""
+    on), the wrapped model trains as its unpatched twin, hf_rmsnorm.save_pretrained saves the
+    copies that run under the norms' own names (it had saved the wrappers' keys, which no
+    model loads), and unpatching, before or after merge_and_unload, keeps the wrappers and the
+    trained copies: the model computes what it trained to, with LayerNorms."""
     peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
     monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
     base, inputs = build("gpt2")
     randomize_for_conversion(base)
@@ -221,6 +224,17 @@ def test_trained_copies_of_the_norms_survive_unpatching(order, kind, monkeypatch
     trained = run(twin, inputs)
     assert (trained["logits"] - untrained["logits"]).abs().max() > 1e-2
     torch.testing.assert_close(run(model, inputs), trained, rtol=1e-5, atol=1e-5)
+    saves = {"unmerged": hf_rmsnorm.save_pretrained(model, tmp_path / "unmerged")}
+    if kind == "ln_tuning":  # merged, LN tuning swaps the tuned copy into the base layer's place
+        model.merge_adapter()
+        saves["merged"] = hf_rmsnorm.save_pretrained(model, tmp_path / "merged")
+        torch.testing.assert_close(run(model, inputs), trained, rtol=1e-5, atol=1e-5)
+        model.unmerge_adapter()
+    for saved, block in saves.items():
+        assert list(block["modules"]) == [f"transformer.h.{i}.{n}" for i in range(2) for n in ("ln_1", "ln_2")] + ["transformer.ln_f"]
+        assert block["converted_norms"] == 5 and block["writers_centred"]
+        for loaded in (hf_rmsnorm.from_pretrained(tmp_path / saved), AutoModelForCausalLM.from_pretrained(tmp_path / saved)):
+            torch.testing.assert_close(run(loaded.eval(), inputs), trained, rtol=1e-5, atol=1e-5)
     wrapper = type(model.base_model.model.transformer.ln_f)
     if order == "patch_first":  # the record is the inner model's: it unpatches merged too
         merged = copy.deepcopy(model).merge_and_unload()  # a trained copy stands where the fused norm stood
@@ -231,3 +245,15 @@ def test_trained_copies_of_the_norms_survive_unpatching(order, kind, monkeypatch
     assert not _fused(model) and type(model.base_model.model.transformer.ln_f) is wrapper
     torch.testing.assert_close(run(model, inputs), trained, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(run(model.merge_and_unload(), inputs), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_a_peft_layer_the_save_cannot_fold_is_refused_before_writing(tmp_path):
+    """IA3's scales (like any PEFT layer but LoRA, modules_to_save and LN tuning) would have
+    been left out of the save, leaving the base model without saying so: refused, naming the
+    layer and what to do, with nothing written."""
+    peft = pytest.importorskip("peft")
+    model, _ = build("gpt2")
+    model = peft.get_peft_model(model, peft.IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]))
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn is a peft\.tuners\.ia3\..*cannot fold.*merge_and_unload\(\)"):
+        hf_rmsnorm.save_pretrained(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

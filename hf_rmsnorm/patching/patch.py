@@ -284,6 +284,7 @@ def patch_model(
         raise
     if originals:
         model.__dict__[_STATE_ATTR] = {"target": target, "originals": originals, "report": report, "hooks": hooks,
+                                       "installed": {fqn: by_id[id(m)] for fqn, m in originals.items()},
                                        "config_block": _tag_config(model, target, report, include_p, exclude_p)}
     return report
 
