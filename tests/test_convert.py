@@ -545,3 +545,27 @@ def test_patching_without_gradients_converts_as_with_them(name, mode):
     model.train()
     model(**inputs).logits.square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_hidden_states_before_the_final_norm_lose_only_their_mean(monkeypatch):
+    """output_hidden_states=True on a converted GPT-2: every hidden state before the final norm
+    is the original's with its per-position mean taken off (float64 reference), the last one,
+    after ln_f, the original's; a probe that asks for them has the report name them."""
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    model, inputs = build_tiny("gpt2")
+    randomize_for_conversion(model)
+    asked = dict(inputs, output_hidden_states=True)
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(**asked).hidden_states
+    report = patch_model(model, probe_inputs=asked)
+    assert report.count("exact") == 5
+    assert report.verification["outputs_exposing_the_stream"] == ["hidden_states.0", "hidden_states.1"]
+    assert "hidden_states.0, hidden_states.1 expose the raw residual stream" in report.note
+    with torch.no_grad():
+        got = model(**asked).hidden_states
+    assert len(got) == len(want) == 3
+    for i, (g, w) in enumerate(zip(got, want)):
+        if i < len(want) - 1:
+            assert w.mean(-1).abs().max() > 0.05  # the mean taken off is not nothing
+            w = w - w.mean(-1, keepdim=True)
+        assert rel_err(g, w) < 1e-5, i
