@@ -554,6 +554,13 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
                          "(huggingface_hub.upload_folder), or call model.push_to_hub, whose save carries the block too.")
     saved_model, rename = model, (lambda name: name)
     if any(c.__name__ == "PeftModel" for c in type(model).__mro__):
+        if getattr(model, "_is_prompt_learning", False):
+            raise ValueError(
+                "hf_rmsnorm.save_pretrained: a prompt-learning PeftModel (prompt, prefix or p-tuning) has no whole-model "
+                "form: its virtual tokens are not weights of the base architecture. Save the adapter with "
+                "peft_model.save_pretrained(dir); the base model stays as it was loaded (it trained frozen), and "
+                "PeftModel.from_pretrained(base, dir) then patch_model runs it as it ran."
+            )
         # merged or not, each base layer stands (or will) where its adapter wrapper stood, under the original name
         saved_model = model.get_base_model()
         rename = _peft_names(model)

@@ -257,3 +257,34 @@ def test_a_peft_layer_the_save_cannot_fold_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn is a peft\.tuners\.ia3\..*cannot fold.*merge_and_unload\(\)"):
         hf_rmsnorm.save_pretrained(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prompt_tuning_trains_as_unconverted_and_its_save_is_refused_saying_what_to_do(tmp_path, monkeypatch):
+    """Prompt tuning on a converted GPT-2: the virtual tokens enter the stream at its start,
+    which is centred at run time, so the converted model trains them as the unconverted one.
+    There is no whole model to save (the tokens are not weights of GPT-2): the save is
+    refused, writing nothing, and what it advises (PEFT's adapter save, loaded on the base
+    model as loaded, then patched) runs as trained."""
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    base, inputs = build("gpt2")
+    randomize_for_conversion(base)
+    config = lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)  # noqa: E731
+    torch.manual_seed(0)
+    twin = peft.get_peft_model(copy.deepcopy(base), config())
+    torch.manual_seed(0)
+    model = peft.get_peft_model(copy.deepcopy(base), config())
+    assert patch_model(model).count("exact") == 5
+    ids = inputs["input_ids"]
+    curve = adam_losses(model, ids)
+    assert curve[-1] < curve[0]
+    torch.testing.assert_close(curve, adam_losses(twin, ids), rtol=1e-5, atol=1e-5)
+    trained = run(twin, inputs)
+    torch.testing.assert_close(run(model, inputs), trained, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"prompt-learning PeftModel .* no whole-model form.*peft_model\.save_pretrained\(dir\)"):
+        hf_rmsnorm.save_pretrained(model, tmp_path / "whole")
+    assert not (tmp_path / "whole").exists()
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
+    patch_model(loaded)
+    torch.testing.assert_close(run(loaded, inputs), trained, rtol=1e-5, atol=1e-5)
