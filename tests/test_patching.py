@@ -169,6 +169,27 @@ def test_unpatching_an_unpatched_model_is_a_clear_error():
         unpatch_model(build("gpt2")[0])
 
 
+def test_unpatching_keeps_parameters_reassigned_since_and_each_module_mode(monkeypatch):
+    """Parameters put on the fused modules after patching (load_state_dict(assign=True), as
+    loaders that build on the meta device do) are the ones the originals get back; before, the
+    originals came back with the parameters they had at patching time. Every module keeps its
+    train/eval mode through patching and unpatching, a model whose parts differ included."""
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    model, inputs = build("llama")
+    other, _ = build("llama", seed=1)  # other weights, the norms' included
+    model.train()
+    model.model.layers[1].eval()  # a part kept in eval mode while the rest trains
+    modes = {n: m.training for n, m in model.named_modules()}
+    patch_model(model)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    model.load_state_dict(other.state_dict(), assign=True)
+    unpatch_model(model)
+    assert not any(isinstance(m, FusedRMSNorm) for m in model.modules())
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    model.eval()
+    torch.testing.assert_close(run(model, inputs), run(other, inputs), rtol=0, atol=0)
+
+
 def test_dry_run_reports_without_changing_anything():
     model, _ = build("t5")
     report = patch_model(model, dry_run=True)
