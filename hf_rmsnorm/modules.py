@@ -75,7 +75,7 @@ class _FusedNorm(nn.Module):
                 raise ValueError(f"normalized_shape must be a positive int or a tuple of them, or None, got {normalized_shape!r}.")
         if cast_mode not in CAST_MODES:
             raise ValueError(f"cast_mode must be one of {CAST_MODES}, got {cast_mode!r}.")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:  # NaN too
             raise ValueError(f"eps must be a non-negative number, got {eps!r}.")
         if offset and not elementwise_affine:
             raise ValueError("offset is added to the weight; it needs elementwise_affine=True.")

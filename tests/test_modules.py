@@ -261,6 +261,7 @@ def test_extra_repr_is_readable():
         (lambda: FusedRMSNorm(8, elementwise_affine=False, offset=1.0), "needs elementwise_affine=True"),
         (lambda: FusedLayerNorm(8, eps=-1e-5), "eps must be a non-negative number"),
         (lambda: FusedRMSNorm(8, eps="1e-6"), "eps must be a non-negative number"),
+        (lambda: FusedRMSNorm(8, eps=float("nan")), "eps must be a non-negative number, got nan"),
     ],
 )
 def test_bad_construction_is_a_clear_error(ctor, message):

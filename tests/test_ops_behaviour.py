@@ -323,6 +323,7 @@ BAD_INPUTS = [
     ("integer weight", dict(weight=torch.ones(4, dtype=torch.int32)), TypeError, "weight must be floating point"),
     ("weight on another device", dict(weight=torch.ones(4, device="meta")), ValueError, "weight is on meta but x is on cpu"),
     ("negative eps", dict(eps=-1.0), ValueError, "eps must be a non-negative number"),
+    ("NaN eps", dict(eps=float("nan")), ValueError, "eps must be a non-negative number, got nan"),
     ("unknown cast mode", dict(cast_mode="bf16"), ValueError, r"cast_mode must be one of \('float32', 'input', 'weight'\)"),
     ("weight cast mode without weight", dict(weight=None, cast_mode="weight"), ValueError, "rounds to the weight's dtype"),
     ("offset without weight", dict(weight=None, offset=1.0), ValueError, "offset is added to the weight"),

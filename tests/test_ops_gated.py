@@ -196,6 +196,7 @@ def test_torch_compile_fullgraph_traces_the_custom_op(backend, gated_runs):
     (lambda x, g, w: gated_rms_norm(x, g, w, activation="gelu"), "activation must be one of ('silu', 'sigmoid'), got 'gelu'"),
     (lambda x, g, w: gated_rms_norm(x, g, w, cast_mode="weight"), "cast_mode must be one of ('input', 'float32')"),
     (lambda x, g, w: gated_rms_norm(x, g, w, eps=-1.0), "eps must be a non-negative number"),
+    (lambda x, g, w: gated_rms_norm(x, g, w, eps=float("nan")), "eps must be a non-negative number, got nan"),
     (lambda x, g, w: gated_rms_norm(x.long(), g, w), "x must be a floating-point tensor"),
     (lambda x, g, w: gated_rms_norm(x, g.long(), w), "gate must be a floating-point tensor or None, got dtype torch.int64"),
 ])

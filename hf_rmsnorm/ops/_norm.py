@@ -221,7 +221,7 @@ def check_inputs(
                 f"{name}: {pname} is on {p.device} but x is on {x.device}; "
                 f"move them to the same device (e.g. {pname}.to(x.device))."
             )
-    if not isinstance(eps, (int, float)) or eps < 0:
+    if not isinstance(eps, (int, float)) or not eps >= 0:  # NaN too
         raise ValueError(f"{name}: eps must be a non-negative number, got {eps!r}.")
     if offset and weight is None:
         raise ValueError(f"{name}: offset is added to the weight, but weight is None; pass a weight or offset=0.")

@@ -213,7 +213,7 @@ _UNSEEN = object()
 def check_settings(name: str, hidden: int, eps, group_size, activation, cast_mode, offset=0.0,
                    has_weight: bool = True) -> None:
     """One clear error per way the settings can be wrong (shared with ``FusedGatedRMSNorm``)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:  # NaN too
         raise ValueError(f"{name}: eps must be a non-negative number, got {eps!r}.")
     if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
         raise ValueError(f"{name}: offset must be a finite number, got {offset!r}.")
