@@ -191,6 +191,7 @@ class Run:
 
     def __init__(self, variant, model, precision, device, summary):
         self.variant, self.model, self.device, self.summary = variant, model, device, summary
+        self.patch_s = None  # patch_model's wall time, seconds (prepare sets it where it patched)
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         self.autocast = precision != "bf16 params"
         self.times = []  # ms of each timed step
@@ -284,10 +285,13 @@ def prepare(name, table, precision, variant, batch, device, warmup):
     """Build, patch and warm up one variant; None where there is nothing to time (the
     ``rmsnorm`` variant of a model without LayerNorms is the ``layernorm`` one)."""
     model = build(name, table, precision, device)
+    start = time.perf_counter()
     summary = apply_variant(model, variant, batch)
+    patch_s = time.perf_counter() - start
     if converts_nothing(variant, summary):
         return None
     run = Run(variant, model, precision, device, summary)
+    run.patch_s = patch_s if summary else None
     for _ in range(warmup):  # compiles the kernels and creates the optimizer state
         run.step(batch)
     if device.type == "cuda":
@@ -462,6 +466,10 @@ def _time_together(name, table, precision, variants, batch, device, warmup, step
             # how many variants took their steps in turn; 1 and not together: its group did not fit at once
             "timed_with": len(runs), "did_not_fit_together": not together,
             "tokens_per_second": batch.numel() / (ms / 1e3), "peak_memory_bytes": run.peak_bytes(), "report": run.summary,
+            # patch_model's wall time, probes and conversion included (None: not patched). On a
+            # GPU the first variant patched in a process also compiles the Triton kernels its
+            # probes run (Triton's cache is cold on a fresh machine); later ones find them built
+            "patch_seconds": run.patch_s,
             # the GPU's clock and power while this row's steps ran ({} off CUDA or without NVML)
             "gpu_while_timed": sampler.summary(run.spans),
             **({"kernel_us_per_step": kernels} if profile_steps else {}),

@@ -80,7 +80,7 @@ step() {
 
 PEERS="torch F.layer_norm,torch F.rms_norm,HF eager RMSNorm"
 OURS="hf_rmsnorm RMSNorm,hf_rmsnorm RMSNorm+bias,hf_rmsnorm LayerNorm"
-step tests 240 "$PY" -m pytest tests/test_gpu.py tests/test_gpu_gated.py -q -rfEs -p no:cacheprovider
+step tests 240 "$PY" -m pytest tests/test_gpu.py tests/test_gpu_gated.py -q -rfEs --durations=15 -p no:cacheprovider
 step bench 95 "$PY" scripts/benchmark_kernels.py $quick --out "$OUT" --name kernels_bf16 ${BENCH_PROVIDERS:+--providers "$BENCH_PROVIDERS"}
 # 20 steps a row: with 10, one GPT-2-medium bf16 row's median moved by up to 0.13x between
 # repeats on one machine (run 12); with 20 the step took 61 s after the GPU tests and ran past

@@ -116,6 +116,9 @@ def test_benchmark_training_quick_writes_json_and_markdown(tmp_path):
         assert ("llama-1b", precision, "rmsnorm") not in rows  # nothing to convert in an RMSNorm model
     gpt2_rms = next(r for r in result["results"] if r["model"] == "gpt2-medium" and r["variant"] == "rmsnorm")
     assert " 5 exact" in gpt2_rms["report"]
+    # patch_model's own time, for the rows that patch
+    assert all((r["patch_seconds"] is None) == (r["variant"] in ("as shipped", "norms -> Identity")) for r in result["results"])
+    assert all(r["patch_seconds"] > 0 for r in result["results"] if r["patch_seconds"] is not None)
     assert all(0 < r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"] and r["steps"] == 2 for r in result["results"])
     # the collector's time inside the timed steps: never more than the slowest step itself
     assert all(0 <= r["gc_ms_per_step"] <= r["gc_ms_max"] <= r["step_ms_max"] for r in result["results"])
