@@ -4,6 +4,7 @@ as the unconverted model, merging and unpatching, adapters added after patching 
 keep_centered models that pickle and deep-copy."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -288,3 +289,53 @@ def test_prompt_tuning_trains_as_unconverted_and_its_save_is_refused_saying_what
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
     patch_model(loaded)
     torch.testing.assert_close(run(loaded, inputs), trained, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["forward", "merged", "deepcopy", "torch.save"])
+def test_an_adapter_trained_on_the_original_put_on_the_converted_model_warns(how, tmp_path, monkeypatch):
+    """A LoRA adapter trained on the LayerNorm GPT-2, loaded onto the converted model: its
+    updates to the stream writers are not centred, so the converted model computes something
+    else (logits off by more than their own size), which had gone unsaid. One warning, with
+    what to do, on the first forward through the adapter or where PEFT merges it, in copies
+    of the model too; none for a fresh adapter (nothing off the centre yet), none where the
+    adapter goes on before patching (then exact), none once unpatched."""
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    base, inputs = build("gpt2")
+    randomize_for_conversion(base)
+    config = lambda init: peft.LoraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, init_lora_weights=init)  # noqa: E731
+    torch.manual_seed(0)
+    trained = peft.get_peft_model(copy.deepcopy(base), config(False))
+    trained.save_pretrained(tmp_path / "adapter")
+    want = run(trained, inputs)
+    message = (r"stream writer transformer\.h\.0\.attn\.c_proj (now runs inside a peft\.tuners\.lora\..*|was put back .*merged)"
+               r".*converted norms .* no longer see a centred stream.*put it on before patching")
+
+    model = copy.deepcopy(base)
+    patch_model(model)
+    if how == "deepcopy":
+        model = copy.deepcopy(model)
+    elif how == "torch.save":
+        torch.save(model, tmp_path / "model.pt")
+        model = torch.load(tmp_path / "model.pt", weights_only=False)
+    with pytest.warns(UserWarning, match=message) as caught:
+        adapted = peft.PeftModel.from_pretrained(model, tmp_path / "adapter")
+        got = run(adapted.merge_and_unload() if how == "merged" else adapted, inputs)
+    assert sum("hf_rmsnorm" in str(w.message) for w in caught) == 1
+    assert (got["logits"] - want["logits"]).abs().max() > want["logits"].abs().max()
+
+    def quiet(make):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="hf_rmsnorm")
+            return run(make(), inputs)
+
+    fresh = copy.deepcopy(base)
+    patch_model(fresh)
+    quiet(lambda: peft.get_peft_model(fresh, config(True)))
+    before = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
+    patch_model(before)
+    torch.testing.assert_close(quiet(lambda: before), want, rtol=1e-5, atol=1e-5)
+    undone = copy.deepcopy(base)
+    patch_model(undone)
+    unpatch_model(undone)
+    torch.testing.assert_close(quiet(lambda: peft.PeftModel.from_pretrained(undone, tmp_path / "adapter")), want, rtol=1e-5, atol=1e-5)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .probe import model_outputs
+from .probe import EXACT_TOLERANCE, model_outputs
 
 # ------------------------------------------------------------------------ writers' parameters
 
@@ -185,6 +186,102 @@ def _mean_in_fp32(t: torch.Tensor, dim: int) -> torch.Tensor:
     """The mean over ``dim`` (kept), accumulated in fp32 and given in t's dtype: keep_centered's
     means are small (one optimizer step's drift), so no float64 copy is needed for them."""
     return t.mean(dim, keepdim=True, dtype=torch.float32).to(t.dtype)
+
+
+# ------------------------------------------------------- what is put in a writer's place later
+
+# on a centred writer's parent: {slot: (the writer, its dotted name, the model's shared state)},
+# so that deep copies and pickles of a converted model carry their own
+_WATCHED = "_hf_rmsnorm_writer_slots"
+_REGISTRATION_HOOK = None
+
+
+class WriterWatch:
+    """What ``watch_writers`` returns: ``remove()`` stops the watch (unpatch_model), like a hook
+    handle; unpickled in another process, it puts the registration hook back."""
+
+    def __init__(self, slots: list):
+        self.slots = slots  # [(parent, slot)]
+        _install_registration_hook()
+
+    def remove(self) -> None:
+        for parent, slot in self.slots:
+            parent.__dict__.get(_WATCHED, {}).pop(slot, None)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        _install_registration_hook()
+
+
+def watch_writers(root: nn.Module, names: list[str]) -> WriterWatch:
+    """Watch the slots of the centred writers of a model converted without keep_centered. The
+    conversion is exact for the writers it centred; a module put in one's place afterwards (a
+    PEFT adapter loaded onto the converted model, trained on the original) may write an
+    uncentred stream, and the converted norms then compute something else than the LayerNorm
+    original with that change. torch tells every module assignment to one registration hook:
+    a wrapper put in a writer's slot has what it writes measured on its first forward, a
+    writer put back (PEFT's merge_and_unload) has its weights checked, and either warns where
+    they are off the centre, once a model. Nothing runs per forward."""
+    slots, shared = [], {"warned": False}
+    for name in names:
+        parent_name, _, slot = name.rpartition(".")
+        parent = root.get_submodule(parent_name)
+        parent.__dict__.setdefault(_WATCHED, {})[slot] = (root.get_submodule(name), name, shared)
+        slots.append((parent, slot))
+    return WriterWatch(slots)
+
+
+def _install_registration_hook() -> None:
+    global _REGISTRATION_HOOK
+    if _REGISTRATION_HOOK is None:
+        _REGISTRATION_HOOK = nn.modules.module.register_module_module_registration_hook(_slot_assigned)
+
+
+_OFF_CENTRE_ADVICE = (
+    "the converted norms (RMSNorm) no longer see a centred stream, so this model computes something other than the "
+    "LayerNorm original with the same change. For an adapter trained on the original model: put it on before patching "
+    "(PeftModel.from_pretrained(model, dir), then patch_model(peft_model)), or unpatch_model(model) first. Training a new "
+    "adapter on the converted model trains the RMSNorm model; patch_model(..., keep_centered=True) keeps it the "
+    "LayerNorm one."
+)
+
+
+def _slot_assigned(parent: nn.Module, slot: str, module):
+    """torch's module registration hook, for every module assignment in the process: one dict
+    lookup unless the slot is a watched writer's."""
+    watched = parent.__dict__.get(_WATCHED)
+    if not watched or slot not in watched or module is None:
+        return None
+    writer, name, shared = watched[slot]
+    if shared["warned"]:
+        return None
+    if module is writer:
+        off = [p for p, dim in output_params(writer).items() if not is_centred(getattr(writer, p), dim)]
+        if off:
+            _warn(shared, f"the stream writer {name} was put back in its place after patching with its {' and '.join(off)} "
+                          "off the centre (an adapter merged into it?)", stacklevel=4)
+    else:
+        holder: dict = {}
+        holder["handle"] = module.register_forward_hook(functools.partial(_measure_once, name, type(module), shared, holder))
+    return None
+
+
+def _measure_once(name: str, cls: type, shared: dict, holder: dict, module, args, output) -> None:
+    """Forward hook on what was put in a writer's place: on its first forward, warn where its
+    output is not centred to its dtype's rounding, then remove itself."""
+    handle = holder.pop("handle", None)
+    if handle is not None:
+        handle.remove()
+    if not shared["warned"] and isinstance(output, torch.Tensor) and output.is_floating_point():
+        ratio = centring_ratio(output)
+        if ratio > EXACT_TOLERANCE.get(output.dtype, 1e-4):
+            _warn(shared, f"the stream writer {name} now runs inside a {cls.__module__}.{cls.__qualname__} put in its "
+                          f"place after patching, whose output has |mean|/rms {ratio:.2g} on this forward", stacklevel=3)
+
+
+def _warn(shared: dict, what: str, stacklevel: int) -> None:
+    shared["warned"] = True  # once a model: an adapter usually wraps every writer alike
+    warnings.warn(f"hf_rmsnorm: {what} (and any other writer changed likewise): {_OFF_CENTRE_ADVICE}", stacklevel=stacklevel)
 
 
 # ----------------------------------------------------------------------- run-time centring

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..ops import _cpu_kernel
 from .centring import (add_start_hooks, centre_writer_, input_centring, is_centred, keep_centred, output_params,
-                       quantized_why, stored_quantized)
+                       quantized_why, stored_quantized, watch_writers)
 from .discovery import build_fused
 from .measure import ConversionPlan, float64_copy_shortfall, plan_conversion
 from .probe import EXACT_TOLERANCE, ProbeError, compare_outputs, evaluating, model_outputs, random_outputs, run_probe
@@ -97,6 +97,7 @@ class _Conversion:
         self.off: list[str] = []  # the record's writers loaded uncentred
         self.replacements: dict[str, nn.Module] = {}
         self.backups: dict[str, dict] = {}
+        self.watch = None  # centring.WriterWatch of the centred writers (without keep_centered)
         layer_norms = {
             fqn: math.prod(new.normalized_shape)
             for fqn, (_, spec, new) in planned.items()
@@ -237,6 +238,9 @@ class _Conversion:
             centre_writer_(module)
         if self.keep_centered:
             hooks += [h for name in self.plan.writers for h in keep_centred(self.model.get_submodule(name), self.model, name)]
+        elif self.plan.writers and not self.off:  # writers loaded off the centre: the fine-tuned RMSNorm model
+            self.watch = watch_writers(self.model, self.plan.writers)
+            hooks.append(self.watch)
         return hooks
 
     def _off_centre(self, loaded: dict) -> list[str]:
@@ -272,6 +276,8 @@ class _Conversion:
             self._refuse_keep_centered(off)
             if not self.keep_centered:
                 self.undo_centring()
+            if off and self.watch is not None:
+                self.watch.remove()  # the fine-tuned RMSNorm model: its writers are off the centre by design
             if off:
                 for fqn in self.plan.exact:
                     _update(self.report, fqn, reason="RMSNorm as fine-tuned: the stream writers were trained converted, without "
