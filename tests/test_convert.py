@@ -569,3 +569,18 @@ def test_hidden_states_before_the_final_norm_lose_only_their_mean(monkeypatch):
             assert w.mean(-1).abs().max() > 0.05  # the mean taken off is not nothing
             w = w - w.mean(-1, keepdim=True)
         assert rel_err(g, w) < 1e-5, i
+
+
+def test_the_watch_on_a_converted_writers_slot_never_breaks_an_assignment_or_a_forward(monkeypatch):
+    """What is put in a centred writer's place is measured once (test_peft.py); one whose output
+    or weights cannot be read (on the meta device) still assigns and runs, unmeasured."""
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    model, _ = build_tiny("gpt2")
+    randomize_for_conversion(model)
+    patch_model(model)
+    block = model.transformer.h[0].attn
+    writer = block.c_proj
+    block.c_proj = copy.deepcopy(writer).to("meta")
+    assert block.c_proj(torch.randn(2, 3, 32, device="meta")).device.type == "meta"
+    block.c_proj = writer.to("meta")  # put back with weights that cannot be read
+    assert block.c_proj is writer
