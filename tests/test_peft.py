@@ -339,3 +339,26 @@ def test_an_adapter_trained_on_the_original_put_on_the_converted_model_warns(how
     patch_model(undone)
     unpatch_model(undone)
     torch.testing.assert_close(quiet(lambda: peft.PeftModel.from_pretrained(undone, tmp_path / "adapter")), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_classifier_saves_with_its_trained_head(tmp_path, monkeypatch):
+    """LoRA for sequence classification puts the new head in modules_to_save: the save had
+    written the wrapper's keys, and the reloaded classifier got a freshly initialised head.
+    Converted GPT-2 classifier, one step: hf_rmsnorm.from_pretrained and plain transformers
+    both load what was trained."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
+    config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64, num_labels=3, pad_token_id=0)
+    torch.manual_seed(0)
+    base = randomize_for_conversion(AutoModelForSequenceClassification.from_config(config).eval())
+    model = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True))
+    assert patch_model(model).count("exact") == 5
+    inputs = {"input_ids": torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))}
+    model(**inputs).logits.pow(2).mean().backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+    trained = run(model, inputs)
+    hf_rmsnorm.save_pretrained(model, tmp_path / "saved")
+    for load in (hf_rmsnorm.from_pretrained, AutoModelForSequenceClassification.from_pretrained):
+        torch.testing.assert_close(run(load(tmp_path / "saved").eval(), inputs), trained, rtol=1e-4, atol=1e-4)
