@@ -291,14 +291,15 @@ def test_prompt_tuning_trains_as_unconverted_and_its_save_is_refused_saying_what
     torch.testing.assert_close(run(loaded, inputs), trained, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("how", ["forward", "merged", "deepcopy", "torch.save"])
+@pytest.mark.parametrize("how", ["forward", "merged", "deepcopy", "torch.save", "second adapter"])
 def test_an_adapter_trained_on_the_original_put_on_the_converted_model_warns(how, tmp_path, monkeypatch):
     """A LoRA adapter trained on the LayerNorm GPT-2, loaded onto the converted model: its
     updates to the stream writers are not centred, so the converted model computes something
     else (logits off by more than their own size), which had gone unsaid. One warning, with
     what to do, on the first forward through the adapter or where PEFT merges it, in copies
-    of the model too; none for a fresh adapter (nothing off the centre yet), none where the
-    adapter goes on before patching (then exact), none once unpatched."""
+    of the model too, and as a second adapter of a PeftModel converted with a fresh one; none
+    for a fresh adapter (nothing off the centre yet), none where the adapter goes on before
+    patching (then exact), none once unpatched."""
     peft = pytest.importorskip("peft")
     monkeypatch.setenv("HF_RMSNORM_BACKEND", "torch")
     base, inputs = build("gpt2")
@@ -308,10 +309,13 @@ def test_an_adapter_trained_on_the_original_put_on_the_converted_model_warns(how
     trained = peft.get_peft_model(copy.deepcopy(base), config(False))
     trained.save_pretrained(tmp_path / "adapter")
     want = run(trained, inputs)
-    message = (r"stream writer transformer\.h\.0\.attn\.c_proj (now runs inside a peft\.tuners\.lora\..*|was put back .*merged)"
-               r".*converted norms .* no longer see a centred stream.*put it on before patching")
+    message = {
+        "merged": r"stream writer transformer\.h\.0\.attn\.c_proj was put back .*merged",
+        "second adapter": r"put beside the stream writer .*h\.0\.attn\.c_proj\.lora_B\.default after patching \(another adapter",
+    }.get(how, r"stream writer transformer\.h\.0\.attn\.c_proj now runs inside a peft\.tuners\.lora\.") + (
+        r".*converted norms .* no longer see a centred stream.*put it on before patching")
 
-    model = copy.deepcopy(base)
+    model = peft.get_peft_model(copy.deepcopy(base), config(True)) if how == "second adapter" else copy.deepcopy(base)
     patch_model(model)
     if how == "deepcopy":
         model = copy.deepcopy(model)
@@ -319,7 +323,12 @@ def test_an_adapter_trained_on_the_original_put_on_the_converted_model_warns(how
         torch.save(model, tmp_path / "model.pt")
         model = torch.load(tmp_path / "model.pt", weights_only=False)
     with pytest.warns(UserWarning, match=message) as caught:
-        adapted = peft.PeftModel.from_pretrained(model, tmp_path / "adapter")
+        if how == "second adapter":
+            model.load_adapter(tmp_path / "adapter", adapter_name="original")
+            model.set_adapter("original")
+            adapted = model
+        else:
+            adapted = peft.PeftModel.from_pretrained(model, tmp_path / "adapter")
         got = run(adapted.merge_and_unload() if how == "merged" else adapted, inputs)
     assert sum("hf_rmsnorm" in str(w.message) for w in caught) == 1
     assert (got["logits"] - want["logits"]).abs().max() > want["logits"].abs().max()

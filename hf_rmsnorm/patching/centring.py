@@ -248,11 +248,21 @@ _OFF_CENTRE_ADVICE = (
 
 def _slot_assigned(parent: nn.Module, slot: str, module):
     """torch's module registration hook, for every module assignment in the process: one dict
-    lookup unless the slot is a watched writer's."""
+    lookup unless the slot is a watched writer's, or a new one beside it in a ModuleDict (a
+    second adapter's lora_B next to the one a PeftModel was converted with)."""
     watched = parent.__dict__.get(_WATCHED)
-    if not watched or slot not in watched or module is None:
+    if not watched or module is None:
         return None
-    writer, name, shared = watched[slot]
+    cls = f"{type(module).__module__}.{type(module).__qualname__}"
+    if slot in watched:
+        writer, name, shared = watched[slot]
+        what = f"the stream writer {name} now runs inside a {cls} put in its place after patching"
+    elif isinstance(parent, nn.ModuleDict):
+        _, sibling, shared = next(iter(watched.values()))
+        writer = None
+        what = f"a {cls} put beside the stream writer {sibling} after patching (another adapter?)"
+    else:
+        return None
     if shared["warned"]:
         return None
     if module is writer:
@@ -265,11 +275,11 @@ def _slot_assigned(parent: nn.Module, slot: str, module):
                           "off the centre (an adapter merged into it?)", stacklevel=4)
     else:
         holder: dict = {}
-        holder["handle"] = module.register_forward_hook(functools.partial(_measure_once, name, type(module), shared, holder))
+        holder["handle"] = module.register_forward_hook(functools.partial(_measure_once, what, shared, holder))
     return None
 
 
-def _measure_once(name: str, cls: type, shared: dict, holder: dict, module, args, output) -> None:
+def _measure_once(what: str, shared: dict, holder: dict, module, args, output) -> None:
     """Forward hook on what was put in a writer's place: on its first forward, warn where its
     output is not centred to its dtype's rounding, then remove itself."""
     handle = holder.pop("handle", None)
@@ -281,8 +291,7 @@ def _measure_once(name: str, cls: type, shared: dict, holder: dict, module, args
         except Exception:  # noqa: BLE001 - an output it cannot read (meta, traced): a check must not break the forward
             return
         if ratio > EXACT_TOLERANCE.get(output.dtype, 1e-4):
-            _warn(shared, f"the stream writer {name} now runs inside a {cls.__module__}.{cls.__qualname__} put in its "
-                          f"place after patching, whose output has |mean|/rms {ratio:.2g} on this forward", stacklevel=3)
+            _warn(shared, f"{what}, whose output has |mean|/rms {ratio:.2g} on this forward", stacklevel=3)
 
 
 def _warn(shared: dict, what: str, stacklevel: int) -> None:
