@@ -1,7 +1,10 @@
 """patch_model with PEFT: LoRA before or after patching (fused swaps), and the exact conversion
 of a PeftModel: the adapters on the stream writers centred with them, keep_centered training
 as the unconverted model, merging and unpatching, adapters added after patching refused, and
-keep_centered models that pickle and deep-copy."""
+keep_centered models that pickle and deep-copy. Then what PEFT puts around the norms and
+heads (modules_to_save, LN tuning, a classifier's head): trained, saved whole and unpatched as
+trained; PEFT layers a whole save cannot hold (IA3, prompt tuning) refused; and an adapter
+trained on the original, put on a converted model later, warned about."""
 
 import copy
 import warnings
