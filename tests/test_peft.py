@@ -240,11 +240,11 @@ def test_trained_copies_of_the_norms_save_and_survive_unpatching(order, kind, tm
         for loaded in (hf_rmsnorm.from_pretrained(tmp_path / saved), AutoModelForCausalLM.from_pretrained(tmp_path / saved)):
             torch.testing.assert_close(run(loaded.eval(), inputs), trained, rtol=1e-5, atol=1e-5)
     wrapper = type(model.base_model.model.transformer.ln_f)
-    if order == "patch_first":  # the record is the inner model's: it unpatches merged too
-        merged = copy.deepcopy(model).merge_and_unload()  # a trained copy stands where the fused norm stood
-        unpatch_model(merged)
-        assert not _fused(merged)
-        torch.testing.assert_close(run(merged, inputs), trained, rtol=1e-5, atol=1e-5)
+    copied = copy.deepcopy(model)
+    merged = copied.merge_and_unload()  # a trained copy stands where the fused norm stood
+    unpatch_model(merged if order == "patch_first" else copied)  # the record is the inner model's, or the PeftModel's
+    assert not _fused(merged)
+    torch.testing.assert_close(run(merged, inputs), trained, rtol=1e-5, atol=1e-5)
     unpatch_model(model)
     assert not _fused(model) and type(model.base_model.model.transformer.ln_f) is wrapper
     torch.testing.assert_close(run(model, inputs), trained, rtol=1e-5, atol=1e-5)

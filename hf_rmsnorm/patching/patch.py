@@ -406,20 +406,22 @@ def _plan(model, report, include_p, exclude_p, strict, probe_autocast) -> dict:
     return planned
 
 
-def _restore(model: nn.Module, originals: dict) -> None:
-    """Put an original module back wherever a fused module now sits at or below the path it
-    was patched at: the fused module patch_model put there, or a copy of it (PEFT's
-    modules_to_save and LN tuning wrap a norm with trained copies, ``merge_and_unload`` puts
-    such a copy in the norm's place), which gets a copy of the original. Either way the
-    module put back holds the fused module's parameters as they are now (trained, or
-    reassigned, as by ``load_state_dict(assign=True)``) and its train/eval mode. A fused
-    module anywhere else is the user's own and stays."""
+def _restore(model: nn.Module, originals: dict, installed: Optional[dict] = None) -> None:
+    """Put an original module back wherever a fused module patch_model put in (``installed``,
+    {path: module}) now sits, moved or not (PEFT's merge_and_unload moves a norm's trained copy
+    out of its modules_to_save wrapper), and wherever a copy of one sits at or below the path
+    it was patched at (PEFT's modules_to_save and LN tuning wrap a norm with trained copies of
+    it; merged, such a copy stands in the norm's place): a copy gets a copy of the original.
+    Either way the module put back holds the fused module's parameters as they are now
+    (trained, or reassigned, as by ``load_state_dict(assign=True)``) and its train/eval mode.
+    A fused module anywhere else is the user's own and stays."""
     used: set[int] = set()
+    patched_as = {id(m): fqn for fqn, m in (installed or {}).items()}
 
     def original_for(fqn: str, module: nn.Module) -> Optional[nn.Module]:
         if not isinstance(module, FUSED_MODULES):
             return None
-        at = [k for k in originals if fqn == k or fqn.startswith(k + ".")]
+        at = [patched_as[id(module)]] if id(module) in patched_as else [k for k in originals if fqn == k or fqn.startswith(k + ".")]
         if not at:
             return None
         original = originals[max(at, key=len)]
@@ -450,7 +452,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
             )
         raise ValueError(f"unpatch_model: {type(model).__name__} was not patched by hf_rmsnorm (nothing to undo).")
     _, owner, state = found
-    _restore(owner, state["originals"])
+    _restore(owner, state["originals"], state.get("installed"))
     for handle in state.get("hooks", ()):
         handle.remove()  # run-time centring and keep_centered projections
     tagged = state.get("config_block")
