@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Optional
 import torch
 
 from . import __version__
+from ._peft_save import merged_lora_state_dict, peft_names
 from .modules import FUSED_MODULES
 from .patching.architectures import ARCHITECTURES, matches, relative_name
 from .patching.centring import is_centred, output_params
@@ -563,8 +563,8 @@ def save_pretrained(model, save_directory, state_dict: Optional[dict] = None, **
             )
         # merged or not, each base layer stands (or will) where its adapter wrapper stood, under the original name
         saved_model = model.get_base_model()
-        rename = _peft_names(model)
-        state_dict = _merged_lora_state_dict(model, state_dict if state_dict is not None else model.state_dict(), rename)
+        rename = peft_names(model)
+        state_dict = merged_lora_state_dict(model, state_dict if state_dict is not None else model.state_dict(), rename)
     found = _find_state(model)
     if found is None:
         if any(isinstance(m, FUSED_MODULES) for m in model.modules()):
@@ -646,79 +646,3 @@ def _save_into(model, dst: Path, block: Optional[dict], state_dict: Optional[dic
             os.replace(f, dst / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _peft_names(peft_model):
-    """``rename(name)``: a PeftModel's module or state-dict name -> its name in the base model
-    as merge_and_unload() leaves it, or None for a copy that does not run (and is not saved).
-    LoRA's base layers stand where their wrappers stood; a norm (or head) trained as a copy,
-    in ``modules_to_save`` or by LN tuning, is saved as the copy that runs. Any other PEFT
-    layer (IA3, LoHa, trainable tokens, ...) is refused: its weights would be left out of the
-    save, silently."""
-    from peft.tuners.ln_tuning.layer import LNTuningLayer
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import other
-
-    copies = getattr(other, "AuxiliaryTrainingWrapper", other.ModulesToSaveWrapper)
-    runs = {}  # wrapper's name -> the name, under it, of what its forward runs
-    for name, layer in peft_model.named_modules():
-        if isinstance(layer, other.ModulesToSaveWrapper):
-            base, held, passthrough = "original_module", "modules_to_save", False
-        elif isinstance(layer, LNTuningLayer):  # merged, its base layer is the tuned copy
-            base, held, passthrough = "base_layer", "ln_tuning_layers", layer.merged
-        elif isinstance(layer, LoraLayer) or not isinstance(layer, (BaseTunerLayer, copies)):
-            continue  # LoRA is folded by _merged_lora_state_dict
-        else:
-            raise ValueError(
-                f"hf_rmsnorm.save_pretrained: {name} is a {type(layer).__module__}.{type(layer).__qualname__}, which this "
-                "save cannot fold (it folds LoRA, modules_to_save and LN tuning). Merge it with PEFT first, "
-                "peft_model.merge_and_unload(), then save."
-            )
-        active = [] if passthrough or layer.disable_adapters else [a for a in layer.active_adapters if a in getattr(layer, held)]
-        if len(active) > 1:
-            raise ValueError(f"hf_rmsnorm.save_pretrained: {name} has several active adapters ({active}). Merge "
-                             "with PEFT first, peft_model.merge_and_unload(), then save.")
-        runs[name] = f"{held}.{active[0]}" if active else base
-    wrappers = sorted(runs, key=len, reverse=True)
-
-    def rename(name: str) -> Optional[str]:
-        for w in wrappers:
-            if name.startswith(w + "."):
-                rest = name[len(w) + 1:]
-                if rest != runs[w] and not rest.startswith(runs[w] + "."):
-                    return None
-                name = w + rest[len(runs[w]):]
-                break
-        return re.sub(r"\.base_layer(?=\.|$)", "", name.removeprefix("base_model.model."))
-
-    return rename
-
-
-def _merged_lora_state_dict(peft_model, state_dict: dict, rename) -> dict:
-    """``state_dict`` (a PeftModel's keys) with each LoRA adapter folded into its base layer,
-    W + scaling · B A (transposed where the layer stores W as (in, out): GPT-2's Conv1D), in
-    float32, under the original names (``rename``); the model itself is left as it is. Only
-    plain LoRA on weight matrices, one adapter active: anything else is for PEFT's own
-    ``merge_and_unload()``, after which the state dict holds no adapter to fold."""
-    from peft.tuners.lora import LoraLayer
-
-    merged = {k: v for k, v in state_dict.items() if ".lora_" not in k}
-    for name, layer in peft_model.named_modules():
-        if not isinstance(layer, LoraLayer) or getattr(layer, "merged", False):
-            continue
-        adapters = [a for a in layer.active_adapters if a in layer.lora_A]
-        unsupported = (len(adapters) != 1 or adapters[0] in getattr(layer, "lora_variant", {})
-                       or getattr(layer, "lora_bias", {}).get(adapters[0]) or f"{name}.base_layer.weight" not in merged)
-        if unsupported:
-            raise ValueError(
-                f"hf_rmsnorm.save_pretrained: {name} holds an adapter this save cannot fold (not one plain LoRA adapter on "
-                "a weight matrix: DoRA, a LoRA bias, several adapters, an embedding). Merge it with PEFT first, "
-                "peft_model.merge_and_unload(), then save."
-            )
-        a = adapters[0]
-        w = merged[f"{name}.base_layer.weight"]
-        delta = state_dict[f"{name}.lora_B.{a}.weight"].float() @ state_dict[f"{name}.lora_A.{a}.weight"].float()
-        delta = (delta.T if layer.fan_in_fan_out else delta) * layer.scaling[a]
-        merged[f"{name}.base_layer.weight"] = (w.float() + delta.to(w.device)).to(w.dtype)
-    return {rename(k): v for k, v in merged.items() if rename(k) is not None}
