@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ def stored_quantized(module: nn.Module) -> bool:
 
 
 def _wrapped_storage(t: torch.Tensor) -> bool:
-    return is_traceable_wrapper_subclass(t) and type(t).__name__ != "DTensor"
+    return is_traceable_wrapper_subclass(t) and not is_dtensor(t)
 
 
 def _stored_as(weight: torch.Tensor) -> str:
@@ -82,6 +83,18 @@ def is_centred(t: torch.Tensor, dim: int) -> bool:
     largest, and so does their mean. A writer trained without keep_centered is off by more."""
     t64 = t.detach().double()
     return bool((t64.mean(dim).abs().max() <= torch.finfo(t.dtype).eps * t64.abs().max()).item())
+
+
+def off_centre(module: nn.Module, values: Optional[dict] = None) -> list[str]:
+    """The writer's output parameters that are not ``is_centred``, each read from ``values``
+    ({parameter name: tensor}, e.g. the values it was loaded with) where given there."""
+    values = values or {}
+    return [p for p, dim in output_params(module).items() if not is_centred(values[p] if p in values else getattr(module, p), dim)]
+
+
+def is_dtensor(t) -> bool:
+    """A DTensor (a sharded tensor), known by its class name, without importing torch.distributed."""
+    return type(t).__name__ == "DTensor"
 
 
 def _is_hidden(x) -> bool:
@@ -267,7 +280,7 @@ def _slot_assigned(parent: nn.Module, slot: str, module):
         return None
     if module is writer:
         try:
-            off = [p for p, dim in output_params(writer).items() if not is_centred(getattr(writer, p), dim)]
+            off = off_centre(writer)
         except Exception:  # noqa: BLE001 - weights it cannot read (meta, offloaded): a check must not break the assignment
             return None
         if off:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..ops import _cpu_kernel
-from .centring import (add_start_hooks, centre_writer_, input_centring, is_centred, keep_centred, output_params,
+from .centring import (add_start_hooks, centre_writer_, input_centring, keep_centred, off_centre, output_params,
                        quantized_why, stored_quantized, watch_writers)
 from .discovery import build_fused
 from .measure import ConversionPlan, float64_copy_shortfall, plan_conversion
@@ -246,12 +246,7 @@ class _Conversion:
     def _off_centre(self, loaded: dict) -> list[str]:
         """The writers' parameters that were loaded uncentred (``loaded``: {writer: {parameter:
         its loaded value}}, or None where the module still holds it), as "writer.parameter"."""
-        off = []
-        for name, values in loaded.items():
-            module = self.model.get_submodule(name)
-            off += [f"{name}.{p}" for p, dim in output_params(module).items()
-                    if not is_centred(values[p] if values is not None else getattr(module, p), dim)]
-        return off
+        return [f"{name}.{p}" for name, values in loaded.items() for p in off_centre(self.model.get_submodule(name), values)]
 
     def _refuse_keep_centered(self, off: list[str]) -> None:
         """keep_centered would centre the writers ``off`` the centre, and so change the model."""

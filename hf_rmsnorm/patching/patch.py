@@ -31,6 +31,7 @@ from .discovery import (
     model_name_of,
     probe_shapes,
 )
+from .centring import is_dtensor
 from .convert import _Conversion
 from .report import FUSED, NOT_SELECTED, SKIPPED, PatchReport
 
@@ -69,7 +70,7 @@ def _refuse_wrapped_or_unmaterialised(model: nn.Module) -> None:
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise TypeError("patch_model got a torch.compile'd model; patch first, then call torch.compile(model).")
     for name, p in model.named_parameters():
-        if hasattr(p, "ds_id") or type(p).__name__ == "DTensor":
+        if hasattr(p, "ds_id") or is_dtensor(p):
             raise TypeError(f"parameter {name} is sharded (DeepSpeed ZeRO-3 / FSDP). {before}")
 
 
